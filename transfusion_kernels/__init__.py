@@ -1,0 +1,39 @@
+"""transfusion-kernels: fused kernels for Transfusion-style multimodal models.
+
+Every op has a readable PyTorch ``reference`` backend and fast ``triton`` / ``cuda`` backends,
+chosen per call (``backend=``), per block (``use_backend``) or per process
+(``TRANSFUSION_KERNELS_BACKEND``).
+"""
+from transfusion_kernels.backends import (
+    BackendUnavailableError,
+    available_backends,
+    use_backend,
+)
+from transfusion_kernels.masks import HybridMask
+from transfusion_kernels.attention import hybrid_attention
+from transfusion_kernels.timestep import TimestepMLP, patch_timestep_embedding, timestep_embedding
+from transfusion_kernels.diffusion import (
+    DiffusionSchedule,
+    add_noise,
+    ddim_step,
+    ddpm_step,
+    diffusion_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DiffusionSchedule",
+    "HybridMask",
+    "TimestepMLP",
+    "add_noise",
+    "available_backends",
+    "ddim_step",
+    "ddpm_step",
+    "diffusion_loss",
+    "hybrid_attention",
+    "patch_timestep_embedding",
+    "timestep_embedding",
+    "use_backend",
+]
