@@ -137,6 +137,7 @@ class Op:
     def __init__(self, name: str, impls: dict[str, str]):
         self.name = name
         self.impls = impls
+        self._modules: dict[str, object] = {}
 
     def resolve(self, backend: str | None, device: torch.device) -> str:
         name = requested_backend(backend)
@@ -161,4 +162,6 @@ class Op:
         return name
 
     def module(self, backend: str):
-        return importlib.import_module(self.impls[backend])
+        if backend not in self._modules:
+            self._modules[backend] = importlib.import_module(self.impls[backend])
+        return self._modules[backend]

@@ -1,0 +1,166 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.layouts import LAYOUTS, naive_dense, random_layout
+from transfusion_kernels.masks import HybridMask
+
+
+def build(cu, spans):
+    return HybridMask.from_spans(
+        torch.tensor(cu, dtype=torch.int32), torch.tensor(spans, dtype=torch.int32).reshape(-1, 2)
+    )
+
+
+def check_tables(mask: HybridMask, dense: torch.Tensor, bm: int, bn: int, exact: bool):
+    """Every claim the tile tables make, checked against the dense mask."""
+    nq, nk = dense.shape
+    for t, (kv_lo, kv_hi, full_lo, full_hi) in enumerate(mask.query_tiles(bm).tolist()):
+        rows = dense[t * bm:(t + 1) * bm]
+        seen = rows.any(0).nonzero().flatten()
+        if seen.numel():
+            assert kv_lo <= seen.min() and seen.max() < kv_hi
+        if full_lo < full_hi:
+            assert rows[:, full_lo:full_hi].all()
+        if exact:  # min/max over the tile's intervals
+            assert kv_lo == int(mask.kv_start[t * bm:(t + 1) * bm].min())
+            assert kv_hi == int(mask.kv_end[t * bm:(t + 1) * bm].max())
+    for t, (q_lo, q_hi, f_lo, f_hi) in enumerate(mask.key_tiles(bn).tolist()):
+        cols = dense[:, t * bn:(t + 1) * bn]
+        seers = cols.any(1).nonzero().flatten()
+        if seers.numel():
+            assert q_lo <= seers.min() and seers.max() < q_hi
+        if f_lo < f_hi:
+            assert cols[f_lo:f_hi].all()
+        if exact:
+            full = cols.all(1).nonzero().flatten()
+            if full.numel():
+                assert (f_lo, f_hi) == (int(full.min()), int(full.max()) + 1)
+            else:
+                assert f_lo >= f_hi
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layouts_match_naive_rule(name):
+    cu, spans = LAYOUTS[name]
+    mask = build(cu, spans)
+    dense = naive_dense(cu, spans)
+    assert torch.equal(mask.to_dense(), dense)
+    assert mask.kv_start.dtype == mask.kv_end.dtype == torch.int32
+    assert mask.visible_pairs() == int(dense.sum())
+    for bm, bn in ((16, 16), (64, 32), (32, 128)):
+        check_tables(mask, dense, bm, bn, exact=True)
+
+
+def test_causal_is_spans_free_transfusion():
+    cu = [0, 5, 9, 20]
+    mask = HybridMask.causal(torch.tensor(cu, dtype=torch.int32))
+    assert torch.equal(mask.to_dense(), naive_dense(cu, []))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 150), seed=st.integers(0, 2**31 - 1), bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]))
+def test_random_layouts(n, seed, bm, bn):
+    cu, spans = random_layout(torch.Generator().manual_seed(seed), n)
+    mask = build(cu, spans)
+    dense = naive_dense(cu, spans)
+    assert torch.equal(mask.to_dense(), dense)
+    check_tables(mask, dense, bm, bn, exact=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(nq=st.integers(1, 100), nk=st.integers(1, 100), seed=st.integers(0, 2**31 - 1))
+def test_arbitrary_intervals_tables_are_conservative(nq, nk, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, nk + 1, (nq,), generator=g)
+    b = torch.randint(0, nk + 1, (nq,), generator=g)
+    s, e = torch.minimum(a, b).int(), torch.maximum(a, b).int()
+    mask = HybridMask.from_intervals(s, e, num_keys=nk)
+    dense = mask.to_dense()
+    naive = torch.tensor([[s[i] <= j < e[i] for j in range(nk)] for i in range(nq)], dtype=torch.bool)
+    assert torch.equal(dense, naive)
+    check_tables(mask, dense, 16, 16, exact=mask.monotone)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cached_mask(bidirectional):
+    cache, new = [5, 0, 12], [3, 4, 1]
+    mask = HybridMask.cached(cache, new, bidirectional=bidirectional)
+    nk = sum(cache) + sum(new)
+    expect = torch.zeros(sum(new), nk, dtype=torch.bool)
+    q = k0 = 0
+    for c, n in zip(cache, new):
+        for j in range(n):
+            expect[q, k0:k0 + c + (n if bidirectional else j + 1)] = True
+            q += 1
+        k0 += c + n
+    assert torch.equal(mask.to_dense(), expect)
+    assert mask.monotone
+    check_tables(mask, expect, 16, 16, exact=True)
+
+
+def test_cached_image_chunk_equals_rows_of_full_mask():
+    """Denoising an image at the end of a prefix: the chunk's rows of the Transfusion mask."""
+    prefix, n_img = 11, 9
+    full = build([0, prefix + n_img], [(prefix, prefix + n_img)])
+    chunk = HybridMask.cached([prefix], [n_img], bidirectional=True)
+    assert torch.equal(chunk.to_dense(), full.to_dense()[prefix:])
+
+
+def test_flex_block_mask_matches():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    cu, spans = LAYOUTS["several_documents"]
+    mask = build(cu, spans)
+    bm = mask.to_flex_block_mask(block_size=16)
+    q, k, v = (torch.randn(1, 2, 127, 16) for _ in range(3))
+    out = flex.flex_attention(q, k, v, block_mask=bm)
+    dense = mask.to_dense()
+    s = (q @ k.transpose(-1, -2)) / 4.0
+    ref = torch.softmax(s.masked_fill(~dense, float("-inf")), -1) @ v
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+BAD = {
+    "cu_not_zero": ([1, 10], [], "cu_seqlens\\[0\\] must be 0"),
+    "cu_decreasing": ([0, 10, 5], [], "cu_seqlens\\[2\\] = 5 < cu_seqlens\\[1\\] = 10"),
+    "span_negative": ([0, 10], [(-1, 3)], "image_spans\\[0\\].*starts before 0"),
+    "span_past_end": ([0, 10], [(5, 11)], "image_spans\\[0\\].*ends after"),
+    "span_empty": ([0, 10], [(1, 3), (5, 5)], "image_spans\\[1\\].*empty"),
+    "span_unsorted": ([0, 10], [(5, 7), (1, 3)], "image_spans\\[1\\].*sorted"),
+    "span_overlap": ([0, 10], [(1, 5), (4, 7)], "image_spans\\[1\\].*non-overlapping"),
+    "span_crosses_document": ([0, 5, 10], [(3, 7)], "image_spans\\[0\\].*crosses a document"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_names_the_element(case):
+    cu, spans, msg = BAD[case]
+    with pytest.raises(ValueError, match=msg):
+        build(cu, spans)
+
+
+def test_bad_dtype_and_device():
+    with pytest.raises(ValueError, match="cu_seqlens must be an int32"):
+        HybridMask.from_spans(torch.tensor([0, 4]), torch.zeros(0, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="image_spans must be an int32"):
+        HybridMask.from_spans(torch.tensor([0, 4], dtype=torch.int32), torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="image_spans must have shape"):
+        HybridMask.from_spans(torch.tensor([0, 4], dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    meta = torch.zeros(1, 2, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="image_spans is on meta"):
+        HybridMask.from_spans(torch.tensor([0, 4], dtype=torch.int32), meta)
+    with pytest.raises(ValueError, match="query 1: interval \\[3, 2\\)"):
+        HybridMask.from_intervals(torch.tensor([0, 3], dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_lens\\[1\\] = -2"):
+        HybridMask.cached([1, -2], [1, 1])
+
+
+def test_metadata_is_linear_memory():
+    """32k tokens: the mask and its tables are O(N); nothing N x N is built."""
+    n = 32768
+    spans = [(s, s + 1024) for s in range(100, n - 1100, 2048)]
+    mask = build([0, n // 2, n], [s for s in spans if (s[0] < n // 2) == (s[1] <= n // 2)])
+    assert mask.kv_start.numel() == n
+    assert mask.query_tiles(128).shape == (n // 128, 4)
+    assert mask.key_tiles(64).shape == (n // 64, 4)
