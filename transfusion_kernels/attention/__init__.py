@@ -68,7 +68,8 @@ def _backward(ctx, dout, dlse):
     dq, dk, dv = _attention_bwd(
         dout.contiguous(), q, k, v, out, lse, kv_start, kv_end, tables, ctx.blocks, ctx.scale, ctx.backend
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    # One entry per input, nested like the inputs (tables and blocks are lists).
+    return dq, dk, dv, None, None, [None] * len(tables), [None] * len(ctx.blocks), None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
