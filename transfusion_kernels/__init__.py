@@ -37,3 +37,7 @@ __all__ = [
     "timestep_embedding",
     "use_backend",
 ]
+
+from transfusion_kernels import backends as _backends
+
+_backends.preload_all()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -128,6 +129,11 @@ def requested_backend(backend: str | None = None) -> str:
     return name
 
 
+@lru_cache(maxsize=None)
+def _module_exists(path: str) -> bool:
+    return importlib.util.find_spec(path) is not None
+
+
 class Op:
     """One public op: its name and where each backend's implementation lives.
 
@@ -138,17 +144,22 @@ class Op:
         self.name = name
         self.impls = impls
         self._modules: dict[str, object] = {}
+        _OPS.append(self)
+
+    def has(self, backend: str) -> bool:
+        """Whether this op has an implementation for ``backend`` (its module exists)."""
+        return backend in self.impls and _module_exists(self.impls[backend])
 
     def resolve(self, backend: str | None, device: torch.device) -> str:
         name = requested_backend(backend)
         if name == "auto":
             order = ("cuda", "triton") if device.type == "cuda" else ()
             for cand in order:
-                if cand in self.impls and _info(cand, device).available:
+                if self.has(cand) and _info(cand, device).available:
                     return cand
             return "reference"
-        if name not in self.impls:
-            have = ", ".join(self.impls)
+        if not self.has(name):
+            have = ", ".join(b for b in self.impls if self.has(b))
             raise BackendUnavailableError(
                 f"{self.name} has no {name!r} implementation (it has: {have}); "
                 f"pass backend='reference' or backend='auto'"
@@ -165,3 +176,22 @@ class Op:
         if backend not in self._modules:
             self._modules[backend] = importlib.import_module(self.impls[backend])
         return self._modules[backend]
+
+    def preload(self) -> None:
+        """Import every backend module that can load, so that torch.compile finds them in a
+        dict (it cannot trace an import)."""
+        for backend in self.impls:
+            usable = backend == "reference" or (
+                backend == "triton" and _triton_import_error() is None
+            ) or (backend == "cuda" and load_extension()[1] is None)
+            if usable and self.has(backend):
+                self.module(backend)
+
+
+_OPS: list[Op] = []
+
+
+def preload_all() -> None:
+    """Called once at the end of ``import transfusion_kernels``, after every op registered."""
+    for op in _OPS:
+        op.preload()
