@@ -1,7 +1,13 @@
 import hashlib
+import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter; triton reads this when a kernel is
+# defined, so it must be set before any test module imports transfusion_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
