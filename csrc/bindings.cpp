@@ -1,0 +1,153 @@
+// Python bindings of the CUDA kernels: transfusion_kernels._C.
+//
+// The module is torch-independent: tensors arrive as raw device pointers (tensor.data_ptr()),
+// the stream as an integer (torch.cuda.current_stream().cuda_stream), sizes as integers. The
+// Python wrappers (transfusion_kernels/*/cuda.py) check shapes, dtypes and devices and allocate
+// the outputs. Importing the module does not touch the CUDA driver, so it imports on machines
+// without a GPU; device_count() / cuda_status() say whether kernels can run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime_api.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "diffusion/affine_step.h"
+
+namespace py = pybind11;
+
+#ifndef TK_CUDA_ARCHS
+#define TK_CUDA_ARCHS ""
+#endif
+#ifndef TK_NVCC_VERSION
+#define TK_NVCC_VERSION ""
+#endif
+#ifndef TK_HOST_COMPILER
+#define TK_HOST_COMPILER ""
+#endif
+#ifndef TK_BUILD_TYPE
+#define TK_BUILD_TYPE ""
+#endif
+#ifndef TK_SOURCE_HASH
+#define TK_SOURCE_HASH ""
+#endif
+
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  }
+}
+
+tk::DType parse_dtype(const std::string& name) {
+  if (name == "float32") return tk::DType::kFloat32;
+  if (name == "float16") return tk::DType::kFloat16;
+  if (name == "bfloat16") return tk::DType::kBFloat16;
+  throw std::invalid_argument("dtype must be 'float32', 'float16' or 'bfloat16', got '" + name + "'");
+}
+
+template <typename T>
+T* as_ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+py::list split_archs(const std::string& s) {
+  py::list out;
+  size_t start = 0;
+  while (start < s.size()) {
+    size_t end = s.find(',', start);
+    if (end == std::string::npos) end = s.size();
+    if (end > start) out.append("sm_" + s.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+
+void diffusion_affine_step(uintptr_t out, uintptr_t sample, uintptr_t model_output, uintptr_t coef,
+                           uintptr_t noise, uintptr_t noise_out, int64_t numel, int64_t rows,
+                           const std::string& dtype, uint64_t seed, bool draw_noise,
+                           std::optional<double> clip_range, uintptr_t stream) {
+  if (out == 0 || sample == 0 || coef == 0) {
+    if (numel != 0) throw std::invalid_argument("out, sample and coef must be non-null device pointers");
+  }
+  if (numel < 0) throw std::invalid_argument("numel must be >= 0");
+  if (numel > 0 && (rows <= 0 || numel % rows != 0)) {
+    throw std::invalid_argument("rows must be positive and divide numel (got numel=" + std::to_string(numel) +
+                                ", rows=" + std::to_string(rows) + ")");
+  }
+  if (draw_noise && noise != 0) throw std::invalid_argument("pass either noise or draw_noise=True, not both");
+  if (!draw_noise && noise_out != 0) throw std::invalid_argument("noise_out is only written when draw_noise=True");
+  if (clip_range && !(*clip_range >= 0.0)) throw std::invalid_argument("clip_range must be >= 0");
+  const tk::DType dt = parse_dtype(dtype);
+  if (numel == 0) return;
+
+  tk::AffineStepArgs args{};
+  args.out = as_ptr<void>(out);
+  args.sample = as_ptr<const void>(sample);
+  args.model_output = as_ptr<const void>(model_output);
+  args.coef = as_ptr<const float>(coef);
+  args.noise = as_ptr<const void>(noise);
+  args.noise_out = as_ptr<void>(noise_out);
+  args.numel = numel;
+  args.row_len = numel / rows;
+  args.seed = seed;
+  args.draw_noise = draw_noise;
+  args.clip = clip_range.has_value();
+  args.clip_range = clip_range ? static_cast<float>(*clip_range) : 0.0f;
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = tk::affine_step(args, dt, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check_cuda(err, "diffusion_affine_step launch");
+}
+
+py::dict cuda_status() {
+  py::dict d;
+  int count = 0, driver = 0, runtime = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    count = 0;
+    cudaGetLastError();  // clear it: the next call may succeed once a driver appears
+  }
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+  if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) runtime = 0;
+  d["device_count"] = count;
+  d["error"] = err == cudaSuccess ? py::object(py::none())
+                                  : py::object(py::str(std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err)));
+  d["driver_version"] = driver;    // e.g. 13000 for CUDA 13.0; 0 when no driver is installed
+  d["runtime_version"] = runtime;  // the CUDA runtime linked into this module
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "transfusion-kernels CUDA kernels (torch-independent; pointers and streams as integers)";
+
+  m.def("build_info", [] {
+    py::dict d;
+    d["archs"] = split_archs(TK_CUDA_ARCHS);
+    d["nvcc_version"] = TK_NVCC_VERSION;
+    d["cuda_runtime_version"] = CUDART_VERSION;
+    d["host_compiler"] = TK_HOST_COMPILER;
+    d["build_type"] = TK_BUILD_TYPE;
+    d["source_hash"] = TK_SOURCE_HASH;
+    return d;
+  }, "What this module was compiled for: SASS targets, nvcc version, CUDA runtime version, host compiler, "
+     "build type, hash of the csrc/ sources it was built from.");
+
+  m.def("cuda_status", &cuda_status,
+        "Query the CUDA driver: dict(device_count, error, driver_version, runtime_version). Never raises.");
+  m.def("device_count", [] { return cuda_status()["device_count"]; },
+        "Number of CUDA devices the module's runtime sees (0 when there is no driver or device).");
+
+  m.def("diffusion_affine_step", &diffusion_affine_step, py::arg("out"), py::arg("sample"), py::arg("model_output"),
+        py::arg("coef"), py::arg("noise"), py::arg("noise_out"), py::arg("numel"), py::arg("rows"), py::arg("dtype"),
+        py::arg("seed"), py::arg("draw_noise"), py::arg("clip_range"), py::arg("stream"),
+        "Fused affine diffusion step on `stream` (see csrc/diffusion/affine_step.h). Pointers are device "
+        "addresses (0 for an absent model_output / noise / noise_out); coef is fp32 [rows, 6].");
+}

@@ -1,0 +1,49 @@
+// Sinusoidal timestep embedding, column by column, as diffusers' get_timestep_embedding:
+//   half   = dim / 2
+//   freq_k = exp(-ln(max_period) * k / (half - downscale_freq_shift))      k = 0 .. half-1
+//   arg_k  = scale * (t * freq_k)
+//   emb    = [sin(arg), cos(arg)]  (flip_sin_to_cos: [cos(arg), sin(arg)]), zero pad if dim is odd
+// Every step is a float32 operation in the same order as diffusers (no fused multiply-add is
+// possible: no step adds), so the arguments match it bit for bit and only sin/cos may differ
+// by an ulp. neg_log_max_period is float(-ln(max_period)) computed once on the host
+// (sinusoid_neg_log_period), as diffusers multiplies a float32 tensor by that Python float.
+#pragma once
+
+#include <math.h>
+
+#include "host_device.cuh"
+
+namespace tk {
+
+struct SinusoidParams {
+  int dim;
+  float neg_log_max_period;   // float(-ln(max_period))
+  float freq_denominator;     // float(half - downscale_freq_shift)
+  float scale;
+  bool flip_sin_to_cos;
+};
+
+inline SinusoidParams make_sinusoid_params(int dim, bool flip_sin_to_cos, double downscale_freq_shift,
+                                           double scale, double max_period) {
+  return SinusoidParams{dim, static_cast<float>(-log(max_period)),
+                        static_cast<float>(static_cast<float>(dim / 2) - static_cast<float>(downscale_freq_shift)),
+                        static_cast<float>(scale), flip_sin_to_cos};
+}
+
+TK_HD float sinusoid_freq(const SinusoidParams& p, int k) {
+  const float exponent = (p.neg_log_max_period * static_cast<float>(k)) / p.freq_denominator;
+  return expf(exponent);
+}
+
+// Column `col` (0 <= col < dim) of the embedding of timestep t.
+TK_HD float sinusoid_value(const SinusoidParams& p, float t, int col) {
+  const int half = p.dim / 2;
+  if (col >= 2 * half) return 0.0f;  // odd dim: zero pad
+  const bool first = col < half;
+  const int k = first ? col : col - half;
+  const float arg = p.scale * (t * sinusoid_freq(p, k));
+  const bool use_sin = first != p.flip_sin_to_cos;
+  return use_sin ? sinf(arg) : cosf(arg);
+}
+
+}  // namespace tk
