@@ -38,7 +38,6 @@ weights' dtypes.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -52,10 +51,8 @@ __all__ = ["TimestepMLP", "patch_timestep_embedding", "timestep_embedding"]
 _IMPLS = {
     "reference": "transfusion_kernels.timestep.reference",
     "triton": "transfusion_kernels.timestep.triton",
+    "cuda": "transfusion_kernels.timestep.cuda",  # counts once the module exists (Op.has)
 }
-# The CUDA backend joins once its module exists; until then 'auto' must not pick it on a GPU.
-if os.path.exists(os.path.join(os.path.dirname(__file__), "cuda.py")):
-    _IMPLS["cuda"] = "transfusion_kernels.timestep.cuda"
 _OP = Op("patch_timestep_embedding", _IMPLS)
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

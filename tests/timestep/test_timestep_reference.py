@@ -1,0 +1,304 @@
+"""The timestep API and its reference backend against diffusers and a float64 oracle; input
+validation; torch.compile and the custom-op registration."""
+import pytest
+import torch
+
+import transfusion_kernels as tk
+from tests.timestep.common import (
+    CONFIGS,
+    DEVICE,
+    FLOOR,
+    assert_rule,
+    grad_floor,
+    make_layout,
+    make_mlp,
+    patch_oracle,
+    sinusoid64,
+)
+
+diffusers_emb = pytest.importorskip("diffusers.models.embeddings")
+get_timestep_embedding = diffusers_emb.get_timestep_embedding
+TimestepEmbedding = diffusers_emb.TimestepEmbedding
+
+
+def timesteps_for(cfg, M, kind, gen):
+    """Integer steps in [0, 1000), or fractional ones; in [0, 1) when the config scales by 1000."""
+    if cfg[2] > 1:
+        return torch.rand(M, generator=gen).to(DEVICE)
+    if kind == "int64":
+        return torch.randint(0, 1000, (M,), generator=gen).to(DEVICE)
+    if kind == "int32":
+        return torch.randint(0, 1000, (M,), generator=gen, dtype=torch.int32).to(DEVICE)
+    t = torch.rand(M, generator=gen, dtype=torch.float64) * 1000
+    return t.to(DEVICE, torch.float32 if kind == "float32" else torch.float64)
+
+
+# ----------------------------------------------------------------------------- sinusoid
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("dim", [1, 7, 8, 33, 256])
+@pytest.mark.parametrize("kind", ["int64", "int32", "float32", "float64"])
+def test_timestep_embedding_equals_diffusers(cfg, dim, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    t = timesteps_for(cfg, 9, kind, gen)
+    ours = tk.timestep_embedding(t, dim, *cfg)
+    theirs = get_timestep_embedding(t, dim, *cfg)
+    assert ours.dtype == torch.float32 and ours.shape == (9, dim)
+    assert torch.equal(ours, theirs)
+    if dim % 2:
+        assert (ours[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[2] <= 1])
+def test_oracle_agrees_with_diffusers(cfg, seed):
+    """The float64 oracle used everywhere else is the same function (fp32 argument rounding at
+    t * freq <= 1000 rad bounds the difference)."""
+    t = timesteps_for(cfg, 16, "float64", torch.Generator().manual_seed(seed))
+    diff = (sinusoid64(t, 64, *cfg) - get_timestep_embedding(t, 64, *cfg).double()).abs().max()
+    assert diff < 2e-4
+
+
+def test_timestep_embedding_defaults_are_transfusion_style():
+    t = torch.tensor([3, 500])
+    assert torch.equal(tk.timestep_embedding(t, 16), get_timestep_embedding(t, 16, True, 0.0))
+
+
+def test_timestep_embedding_bad_input():
+    with pytest.raises(ValueError, match="t must be"):
+        tk.timestep_embedding(torch.zeros(2, 2), 8)
+    with pytest.raises(ValueError, match="dim"):
+        tk.timestep_embedding(torch.zeros(2), 0)
+
+
+# ----------------------------------------------------------------------------- TimestepMLP
+
+
+def test_timestep_mlp_is_diffusers_timestep_embedding(seed):
+    te = TimestepEmbedding(32, 48, out_dim=40).to(DEVICE)
+    mlp = tk.TimestepMLP.from_diffusers(te)
+    assert set(mlp.state_dict()) == set(te.state_dict()) == {
+        "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert (mlp.freq_dim, mlp.hidden_dim, mlp.out_dim) == (32, 48, 40)
+    s = torch.randn(5, 32, device=DEVICE)
+    assert torch.equal(mlp(s), te(s))
+    # a copy by default; copy=False shares the diffusers module's parameters
+    with torch.no_grad():
+        mlp.linear_1.weight.add_(1.0)
+    assert not torch.equal(mlp(s), te(s))
+    shared = tk.TimestepMLP.from_diffusers(te, copy=False)
+    assert shared.linear_1.weight is te.linear_1.weight
+    # and the state dict goes back the other way
+    te2 = TimestepEmbedding(32, 48, out_dim=40).to(DEVICE)
+    te2.load_state_dict(mlp.state_dict())
+    assert torch.equal(te2(s), mlp(s))
+
+
+def test_timestep_mlp_from_diffusers_rejects_other_variants():
+    with pytest.raises(ValueError, match="cond_proj"):
+        tk.TimestepMLP.from_diffusers(TimestepEmbedding(8, 16, cond_proj_dim=4))
+    with pytest.raises(ValueError, match="post_act"):
+        tk.TimestepMLP.from_diffusers(TimestepEmbedding(8, 16, post_act_fn="silu"))
+    with pytest.raises(ValueError, match="act"):
+        tk.TimestepMLP.from_diffusers(TimestepEmbedding(8, 16, act_fn="gelu"))
+
+
+def test_timestep_mlp_without_bias(seed):
+    te = TimestepEmbedding(16, 24, out_dim=32, sample_proj_bias=False)
+    mlp = tk.TimestepMLP.from_diffusers(te)
+    assert mlp.linear_1.bias is None and mlp.linear_2.bias is None
+    s = torch.randn(3, 16)
+    assert torch.equal(mlp(s), te(s))
+
+
+# ----------------------------------------------------------------------------- patch op
+
+
+def diffusers_patch(x, t, idx, te, freq_dim, cfg):
+    """What a diffusers-based model does eagerly: Timesteps, TimestepEmbedding, index add."""
+    s = get_timestep_embedding(t, freq_dim, *cfg)
+    e = s if te is None else te(s.to(te.linear_1.weight.dtype))
+    valid = (idx >= 0)[:, None]
+    return x + torch.where(valid, e.to(x.dtype)[idx.long().clamp(min=0)], 0)
+
+
+@pytest.mark.parametrize("layout", ["text", "image", "several", "empty", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_mlp", [True, False])
+def test_patch_reference_vs_diffusers(layout, dtype, with_mlp, seed):
+    gen = torch.Generator().manual_seed(seed)
+    P, D, M, F, H = 150, 64, 4, 32, 48
+    cfg = CONFIGS[seed % len(CONFIGS)]
+    freq_dim = F if with_mlp else D
+    t = timesteps_for(cfg, M, "float32", gen)
+    idx = make_layout(layout, P, M, gen).to(DEVICE)
+    x = torch.randn(P, D, device=DEVICE).to(dtype)
+    te = TimestepEmbedding(F, H, out_dim=D).to(DEVICE) if with_mlp else None
+    mlp = tk.TimestepMLP.from_diffusers(te) if with_mlp else None
+    dy = torch.randn(P, D, device=DEVICE).to(dtype)
+
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    y = tk.patch_timestep_embedding(xs[0], t, idx, mlp, freq_dim=freq_dim, flip_sin_to_cos=cfg[0],
+                                    downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3],
+                                    backend="reference")
+    assert y.dtype == dtype and y.shape == (P, D)
+    y_d = diffusers_patch(xs[1], t, idx, te, freq_dim, cfg)
+    w64 = None if te is None else [p.detach().double().requires_grad_() for p in mlp.weights()]
+    y64 = patch_oracle(xs[2].double(), t, idx, w64, freq_dim, cfg)
+    assert_rule("y", y, y64, y_d, FLOOR[dtype])
+
+    ours = torch.autograd.grad(y, [xs[0], *(mlp.parameters() if mlp else [])], dy)
+    theirs = torch.autograd.grad(y_d, [xs[1], *(te.parameters() if te else [])], dy)
+    oracle = torch.autograd.grad(y64, [xs[2], *(w64 or [])], dy.double())
+    assert torch.equal(ours[0], dy)  # dx = dy exactly
+    for name, g, b, o in zip(["w1", "b1", "w2", "b2"], ours[1:], theirs[1:], oracle[1:]):
+        assert g.dtype == torch.float32
+        assert_rule(name, g, o, b, grad_floor(o))
+
+
+def test_patch_gradients_with_bf16_weights_and_no_bias(seed):
+    gen = torch.Generator().manual_seed(seed)
+    P, D, M, F, H = 90, 32, 3, 16, 24
+    cfg = CONFIGS[0]
+    weights = [w.requires_grad_() for w in make_mlp(F, H, D, torch.bfloat16, bias=False) if w is not None]
+    w1, w2 = weights
+    t = timesteps_for(cfg, M, "int64", gen)
+    idx = make_layout("several", P, M, gen).to(DEVICE)
+    x = torch.randn(P, D, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(P, D, device=DEVICE, dtype=torch.bfloat16)
+    y = tk.patch_timestep_embedding(x, t, idx, (w1, None, w2, None), freq_dim=F, backend="reference")
+    g1, g2 = torch.autograd.grad(y, [w1, w2], dy)
+    assert g1.dtype == g2.dtype == torch.bfloat16
+    w64 = [w.detach().double().requires_grad_() for w in (w1, w2)]
+    y64 = patch_oracle(x.double(), t, idx, (w64[0], None, w64[1], None), F, cfg)
+    o1, o2 = torch.autograd.grad(y64, w64, dy.double())
+    # baseline: the same MLP run by PyTorch in bf16 (a bf16 diffusers module)
+    wl = [w.detach().clone().requires_grad_() for w in (w1, w2)]
+    s = get_timestep_embedding(t, F, *cfg).to(torch.bfloat16)
+    e = torch.nn.functional.silu(s @ wl[0].t()) @ wl[1].t()
+    yl = x + torch.where((idx >= 0)[:, None], e[idx.long().clamp(min=0)], 0)
+    b1, b2 = torch.autograd.grad(yl, wl, dy)
+    assert_rule("y", y, y64, yl, FLOOR[torch.bfloat16])
+    assert_rule("w1", g1, o1, b1, grad_floor(o1))
+    assert_rule("w2", g2, o2, b2, grad_floor(o2))
+
+
+def test_patch_no_images(seed):
+    """M == 0: every token is text; y == x."""
+    x = torch.randn(20, 16, device=DEVICE)
+    idx = torch.full((20,), -1, dtype=torch.int32, device=DEVICE)
+    mlp = make_mlp(8, 12, 16)
+    y = tk.patch_timestep_embedding(x, torch.zeros(0, device=DEVICE), idx, mlp, freq_dim=8, backend="reference")
+    assert torch.equal(y, x)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _good():
+    P, D, M, F, H = 10, 16, 3, 8, 12
+    return dict(
+        x=torch.randn(P, D),
+        timesteps=torch.tensor([1, 50, 999]),
+        image_index=torch.tensor([-1, 0, 0, 1, 1, 1, -1, 2, 2, -1], dtype=torch.int32),
+        mlp=make_mlp(F, H, D, device="cpu"),
+        freq_dim=F,
+    )
+
+
+def _with(**changes):
+    kw = _good()
+    for k, v in changes.items():
+        if k.startswith("mlp."):
+            i = ["w1", "b1", "w2", "b2"].index(k[4:])
+            kw["mlp"] = tuple(v if j == i else w for j, w in enumerate(kw["mlp"]))
+        else:
+            kw[k] = v
+    return kw
+
+
+BAD = {
+    "index out of range": (_with(image_index=torch.tensor([-1, 0, 0, 1, 1, 1, -1, 3, 2, -1], dtype=torch.int32)),
+                           "image_index"),
+    "index below -1": (_with(image_index=torch.tensor([-2, 0, 0, 1, 1, 1, -1, 2, 2, -1], dtype=torch.int32)),
+                       "image_index"),
+    "index int64": (_with(image_index=torch.tensor([-1, 0, 0, 1, 1, 1, -1, 2, 2, -1])), "image_index"),
+    "index length": (_with(image_index=torch.zeros(9, dtype=torch.int32)), "image_index"),
+    "x int": (_with(x=torch.zeros(10, 16, dtype=torch.int64)), "x"),
+    "x fp64": (_with(x=torch.zeros(10, 16, dtype=torch.float64)), "x"),
+    "x 3-D": (_with(x=torch.zeros(1, 10, 16)), "x"),
+    "timesteps 2-D": (_with(timesteps=torch.zeros(3, 1)), "timesteps"),
+    "timesteps bool": (_with(timesteps=torch.zeros(3, dtype=torch.bool)), "timesteps"),
+    "freq_dim != D without mlp": (_with(mlp=None, freq_dim=8), "freq_dim"),
+    "freq_dim != w1": (_with(freq_dim=12), "freq_dim"),
+    "w1 1-D": (_with(**{"mlp.w1": torch.zeros(12)}), "w1"),
+    "b1 shape": (_with(**{"mlp.b1": torch.zeros(13)}), "b1"),
+    "w2 shape": (_with(**{"mlp.w2": torch.zeros(15, 12)}), "w2"),
+    "b2 shape": (_with(**{"mlp.b2": torch.zeros(12)}), "b2"),
+    "w2 int": (_with(**{"mlp.w2": torch.zeros(16, 12, dtype=torch.int32)}), "w2"),
+    "mlp wrong type": (_with(mlp=torch.nn.Linear(8, 16)), "mlp"),
+    "mlp short tuple": (_with(mlp=(torch.zeros(12, 8),)), "mlp"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_value_error_naming_argument(case):
+    kw, name = BAD[case]
+    with pytest.raises(ValueError, match=name):
+        tk.patch_timestep_embedding(kw["x"], kw["timesteps"], kw["image_index"], kw["mlp"],
+                                    freq_dim=kw["freq_dim"], backend="reference")
+
+
+def test_unknown_or_missing_backend():
+    kw = _good()
+    args = (kw["x"], kw["timesteps"], kw["image_index"], kw["mlp"])
+    with pytest.raises(ValueError, match="unknown backend"):
+        tk.patch_timestep_embedding(*args, freq_dim=8, backend="fast")
+    with pytest.raises(tk.BackendUnavailableError):
+        tk.patch_timestep_embedding(*args, freq_dim=8, backend="cuda")
+
+
+# ----------------------------------------------------------------------------- compile / op registration
+
+
+def test_torch_compile_fullgraph(seed):
+    P, D, M, F, H = 40, 16, 3, 8, 12
+    gen = torch.Generator().manual_seed(seed)
+    mlp = tk.TimestepMLP(F, H, D)
+    weights = tuple(w.detach().clone().requires_grad_() for w in make_mlp(F, H, D, device="cpu"))
+    t = torch.tensor([3, 250, 999])
+    idx = make_layout("several", P, M, gen)
+
+    def f(x, t, idx, weights):
+        y = tk.patch_timestep_embedding(x, t, idx, mlp, freq_dim=F, backend="reference")
+        y = tk.patch_timestep_embedding(y, t, idx, weights, freq_dim=F, max_period=100.0)
+        return tk.patch_timestep_embedding(y, t, idx, None, freq_dim=D, flip_sin_to_cos=False)
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(P, D, requires_grad=True)
+    dy = torch.randn(P, D)
+    params = [x, *mlp.parameters(), *weights]
+    y_eager = f(x, t, idx, weights)
+    g_eager = torch.autograd.grad(y_eager, params, dy)
+    y_comp = compiled(x, t, idx, weights)
+    g_comp = torch.autograd.grad(y_comp, params, dy)
+    torch.testing.assert_close(y_comp, y_eager, rtol=0, atol=0)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_custom_op_registration():
+    kw = _good()
+    w1, b1, w2, b2 = (w.requires_grad_() for w in kw["mlp"])
+    x = kw["x"].requires_grad_()
+    cfg = (8, True, 0.0, 1.0, 10000.0, "reference")
+    ops = torch.ops.transfusion_kernels
+    torch.library.opcheck(ops.patch_timestep_embedding.default,
+                          (x, kw["timesteps"], kw["image_index"], w1, b1, w2, b2, *cfg))
+    torch.library.opcheck(ops.patch_timestep_embedding.default,
+                          (x, kw["timesteps"], kw["image_index"], None, None, None, None, 16, *cfg[1:]))
+    dy = torch.randn(10, 16)
+    torch.library.opcheck(ops.patch_timestep_segment_sum.default, (dy, kw["image_index"], 3, "reference"))
+    demb = torch.randn(3, 16)
+    torch.library.opcheck(ops.timestep_mlp_backward.default,
+                          (demb, kw["timesteps"], w1.detach(), b1.detach(), w2.detach(), *cfg))
