@@ -22,6 +22,11 @@ def _extension():
     return ext
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation (tests replace it to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _check_like(name: str, t: torch.Tensor, sample: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
@@ -41,6 +46,7 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
     ``noise=None`` draws ``philox.randn(seed, numel)`` in the kernel (rounded to sample.dtype,
     as the reference does); ``has_noise=False`` with ``noise=None`` draws nothing (every
     ``c[:, 5]`` is zero). Returns ``(out, drawn_noise_or_None)``."""
+    ext = _extension()
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
     if sample.dtype not in _DTYPE_NAMES:
@@ -77,10 +83,9 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
             raise TypeError(f"seed must be a python int when noise is drawn, got {type(seed).__name__}")
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    ext = _extension()
 
-    out = torch.empty_like(sample)
-    drawn = torch.empty_like(sample) if draw and return_noise else None
+    out = _empty(sample.shape, sample.dtype, sample.device)
+    drawn = _empty(sample.shape, sample.dtype, sample.device) if draw and return_noise else None
     if sample.numel() > 0:
         with torch.cuda.device(sample.device):
             ext.diffusion_affine_step(
