@@ -27,9 +27,8 @@ All three ops are ONE fused elementwise pass with per-row coefficients ``coef`` 
     out = c[r,2] * x0 + c[r,3] * sample + c[r,4] * model_output + c[r,5] * noise
 
 ``affine_step(sample, model_output, coef, noise, seed, clip_range, return_noise)
--> (out, drawn_noise_or_None)``; row r covers the flat elements ``[r*L, (r+1)*L)``. The
-reference and Triton modules also take ``has_noise=False`` (every ``c[:, 5]`` is zero: draw
-nothing); a backend without that keyword draws and multiplies by zero.
+-> (out, drawn_noise_or_None)``; row r covers the flat elements ``[r*L, (r+1)*L)``. Every
+backend also takes the keyword ``has_noise=False``: every ``c[:, 5]`` is zero, draw nothing.
 
 Loss backends: ``diffusion_loss(pred, target, image_index, compute_grad) -> (loss, dloss/dpred)``
 (reference and triton; the backward is that saved gradient times the upstream scalar).
@@ -38,8 +37,6 @@ Both are registered as ``torch.library.custom_op`` (``transfusion_kernels::diffu
 ``transfusion_kernels::diffusion_loss``) with fake implementations and autograd, so
 ``torch.compile(fullgraph=True)`` traces the public functions without graph breaks.
 """
-import functools
-import inspect
 from typing import Optional
 
 import torch
@@ -78,11 +75,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_has_noise(backend: str) -> bool:
-    return "has_noise" in inspect.signature(DDPM_STEP.module(backend).affine_step).parameters
-
-
 @torch.library.custom_op("transfusion_kernels::diffusion_affine_step", mutates_args=())
 def _affine_step_op(
     sample: torch.Tensor,
@@ -95,12 +87,10 @@ def _affine_step_op(
     has_noise: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = DDPM_STEP.module(backend).affine_step
     seed = seed % 2**64  # carried as a signed int64 through the op schema
-    if noise is None and not has_noise and _takes_has_noise(backend):
-        out, drawn = fn(sample, model_output, coef, None, seed, clip_range, return_noise, has_noise=False)
-    else:
-        out, drawn = fn(sample, model_output, coef, noise, seed, clip_range, return_noise)
+    out, drawn = DDPM_STEP.module(backend).affine_step(
+        sample, model_output, coef, noise, seed, clip_range, return_noise, has_noise=has_noise
+    )
     return out, (drawn if drawn is not None else sample.new_empty(0))
 
 
@@ -238,14 +228,14 @@ def _as_rows(t, device) -> torch.Tensor:
 
 def _check_prev_before(prev, t, name: str) -> None:
     if isinstance(prev, int) and isinstance(t, int):
-        ok = prev < t
+        ok = prev <= t
     elif torch.compiler.is_compiling():
         return
     else:
         device = t.device if isinstance(t, torch.Tensor) else prev.device
-        ok = bool((_as_rows(prev, device) < _as_rows(t, device)).all())
+        ok = bool((_as_rows(prev, device) <= _as_rows(t, device)).all())
     if not ok:
-        raise ValueError(f"{name} must be smaller than timestep (negative means the final, noise-free step)")
+        raise ValueError(f"{name} must not be larger than timestep (negative means the final, noise-free step)")
 
 
 def _check_seed(seed):
@@ -374,7 +364,7 @@ def ddpm_step(
         _check_prev_before(prev, t, "prev_timestep")
     device = next((x.device for x in (t, prev) if isinstance(x, torch.Tensor)), torch.device("cpu"))
     table = schedule.alphas_cumprod_on(device)
-    t_rows, prev_rows = _as_rows(t, device), _as_rows(prev, device)
+    t_rows, prev_rows = torch.broadcast_tensors(_as_rows(t, device), _as_rows(prev, device))
     coef = ddpm_coefs(
         gather_alphas(table, t_rows), gather_alphas(table, prev_rows), t_rows, prediction_type, variance_type
     )
@@ -420,9 +410,10 @@ def ddim_step(
     _check_prev_before(prev, t, "prev_timestep")
     device = next((x.device for x in (t, prev) if isinstance(x, torch.Tensor)), torch.device("cpu"))
     table = schedule.alphas_cumprod_on(device)
+    t_rows, prev_rows = torch.broadcast_tensors(_as_rows(t, device), _as_rows(prev, device))
     coef = ddim_coefs(
-        gather_alphas(table, _as_rows(t, device)),
-        gather_alphas(table, _as_rows(prev, device)),
+        gather_alphas(table, t_rows),
+        gather_alphas(table, prev_rows),
         prediction_type,
         float(eta),
         use_clipped_model_output,

@@ -144,7 +144,7 @@ def gather_alphas(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor
     return torch.where(t >= 0, vals, torch.ones_like(vals))
 
 
-def _x0_coefs(abar_t: torch.Tensor, prediction_type: str):
+def x0_coefs(abar_t: torch.Tensor, prediction_type: str):
     # x0 from (sample, model_output): eq. (15) of Ho et al. for epsilon; v = sqrt(a) eps - sqrt(1-a) x0.
     if prediction_type == "epsilon":
         return 1.0 / abar_t.sqrt(), -(1.0 - abar_t).sqrt() / abar_t.sqrt()
@@ -164,7 +164,7 @@ def ddpm_coefs(
     abar_t: torch.Tensor, abar_prev: torch.Tensor, t: torch.Tensor, prediction_type: str, variance_type: str
 ) -> torch.Tensor:
     """Posterior q(x_prev | x_t, x0) of Ho et al. eq. (6)-(7), with diffusers' variance options."""
-    c0, c1 = _x0_coefs(abar_t, prediction_type)
+    c0, c1 = x0_coefs(abar_t, prediction_type)
     beta_prod_t, beta_prod_prev = 1.0 - abar_t, 1.0 - abar_prev
     alpha = abar_t / abar_prev
     beta = 1.0 - alpha
@@ -190,7 +190,7 @@ def ddim_coefs(
 ) -> torch.Tensor:
     """DDIM (Song et al. eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s noise,
     with s = eta * sqrt(variance) as diffusers' DDIMScheduler._get_variance."""
-    c0, c1 = _x0_coefs(abar_t, prediction_type)
+    c0, c1 = x0_coefs(abar_t, prediction_type)
     beta_prod_t, beta_prod_prev = 1.0 - abar_t, 1.0 - abar_prev
     std = eta * ((beta_prod_prev / beta_prod_t) * (1.0 - abar_t / abar_prev)).sqrt()
     # >= 0 for eta <= 1 in exact arithmetic; the clamp only removes rounding below zero.

@@ -118,6 +118,11 @@ def _affine_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    # Every output is allocated here, so tests can poison it (fill with NaN).
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _tiles(R: int, L: int, target: int):
     block_l = min(triton.next_power_of_2(max(L, 1)), target)
     block_r = min(max(target // block_l, 1), triton.next_power_of_2(max(R, 1)))
@@ -136,9 +141,9 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
     R = sample.shape[0]
     if coef.shape != (R, 6) or coef.dtype != torch.float32 or not coef.is_contiguous():
         raise ValueError(f"coef must be a contiguous float32 tensor of shape ({R}, 6)")
-    out = torch.empty_like(sample)
+    out = _empty(sample.shape, sample.dtype, sample.device)
     draw = noise is None and has_noise
-    noise_out = torch.empty_like(sample) if (draw and return_noise) else None
+    noise_out = _empty(sample.shape, sample.dtype, sample.device) if (draw and return_noise) else None
     if sample.numel() == 0:
         return out, noise_out
     L = sample.numel() // R
@@ -204,14 +209,14 @@ def diffusion_loss(pred, target, image_index, compute_grad):
     """As ``reference.diffusion_loss``: (float32 loss, d loss / d pred or None)."""
     P, C = pred.shape
     w = patch_weights(image_index, C)
-    grad = torch.empty_like(pred) if compute_grad else None
+    grad = _empty(pred.shape, pred.dtype, pred.device) if compute_grad else None
     if P == 0:
         return torch.zeros((), dtype=torch.float32, device=pred.device), grad
     interp = triton_interpret()
     block_c = min(triton.next_power_of_2(C), 128 if not interp else 1024)
     block_p = max(1, min((4096 if interp else 2048) // block_c, triton.next_power_of_2(P)))
     nblocks = triton.cdiv(P, block_p)
-    partial = torch.empty(nblocks, dtype=torch.float32, device=pred.device)
+    partial = _empty((nblocks,), torch.float32, pred.device)
     _loss_kernel[(nblocks,)](
         pred, target, w, partial, grad if grad is not None else pred, P, C,
         GRAD=compute_grad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,

@@ -1,0 +1,128 @@
+"""Shared helpers of the diffusion tests: backends, the error rule, diffusers oracles.
+
+Error rule (DESIGN.md section 5): a kernel's max error against a float64 oracle must be at most
+twice the error of the same computation done by PyTorch (here: diffusers' own scheduler) in the
+input dtype, plus a small floor relative to the output's magnitude. NaN never passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the kernels' import: triton.jit picks the interpreter at decoration time
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import transfusion_kernels as tk  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _can_run(name: str) -> bool:
+    return tk.available_backends(DEVICE)[name].available
+
+
+BACKENDS = [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.skipif(not _can_run("triton"), reason="triton cannot run here")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not _can_run("cuda"), reason="cuda backend cannot run here")),
+]
+requires_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
+
+
+def poison_outputs(monkeypatch) -> None:
+    """Every buffer the Triton kernels write starts as NaN."""
+    from transfusion_kernels.diffusion import triton as tkt
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tkt, "_empty", nan_empty)
+
+
+def assert_rule(got, oracle, same_dtype, what: str = "") -> None:
+    got, oracle, same = got.detach().cpu().double(), oracle.detach().cpu().double(), same_dtype.detach().cpu().double()
+    assert got.shape == oracle.shape, (got.shape, oracle.shape)
+    err = (got - oracle).abs().max().item() if got.numel() else 0.0
+    ref = (same - oracle).abs().max().item() if got.numel() else 0.0
+    eps = torch.finfo(same_dtype.dtype).eps
+    floor = eps * max(1.0, oracle.abs().max().item() if got.numel() else 0.0)
+    assert err <= 2 * ref + floor, f"{what}: error {err:.3g} > 2 x {ref:.3g} (same-dtype torch) + {floor:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers oracles: run diffusers' own step per row; as the oracle in float64 (its float32
+# alphas_cumprod promoted, so the schedule is the same numbers), or as the same-dtype baseline.
+# ---------------------------------------------------------------------------------------------
+
+
+def to_oracle(sched):
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    if hasattr(sched, "one"):
+        sched.one = sched.one.double()
+    if hasattr(sched, "final_alpha_cumprod"):
+        sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
+    return sched
+
+
+@contextlib.contextmanager
+def ddpm_noise(noise):
+    """Make DDPMScheduler.step use ``noise`` for its variance draw (it has no variance_noise)."""
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        assert tuple(shape) == tuple(noise.shape)
+        return noise.to(dtype)
+
+    with mock.patch("diffusers.schedulers.scheduling_ddpm.randn_tensor", fake_randn):
+        yield
+
+
+def inference_steps_for(T: int, spacing: int) -> int:
+    """num_inference_steps n with T // n == spacing (DDIM's prev = t - T // n)."""
+    for n in range(1, T + 1):
+        if T // n == spacing:
+            return n
+    raise ValueError(f"no num_inference_steps gives spacing {spacing}")
+
+
+def diffusers_ddpm_rows(config: dict, model_output, sample, rows, noise, oracle: bool):
+    """diffusers DDPMScheduler.step per row; rows = [(t, prev)], prev < 0: last step."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**config)
+    if oracle:
+        to_oracle(sched)
+        model_output, sample, noise = model_output.double(), sample.double(), noise.double()
+    outs = []
+    for r, (t, prev) in enumerate(rows):
+        sched.set_timesteps(timesteps=[t, prev] if prev >= 0 else [t])
+        with ddpm_noise(noise[r : r + 1]):
+            outs.append(sched.step(model_output[r : r + 1], t, sample[r : r + 1]).prev_sample)
+    return torch.cat(outs)
+
+
+def diffusers_ddim_rows(config: dict, model_output, sample, rows, noise, eta, use_clipped, oracle: bool):
+    """diffusers DDIMScheduler.step per row; rows = [(t, spacing)]: prev = t - spacing."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**config)
+    if oracle:
+        to_oracle(sched)
+        model_output, sample, noise = model_output.double(), sample.double(), noise.double()
+    outs = []
+    for r, (t, spacing) in enumerate(rows):
+        sched.num_inference_steps = inference_steps_for(sched.config.num_train_timesteps, spacing)
+        out = sched.step(
+            model_output[r : r + 1], t, sample[r : r + 1], eta=eta, use_clipped_model_output=use_clipped,
+            variance_noise=noise[r : r + 1],
+        ).prev_sample
+        outs.append(out)
+    return torch.cat(outs)
