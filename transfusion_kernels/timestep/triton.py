@@ -121,6 +121,19 @@ def _hidden_kernel(t_ptr, freq_ptr, w1_ptr, b1_ptr, a_ptr, ds_ptr, M, H, F, half
 
 
 @triton.jit
+def _round_to(y, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE, round to nearest even. bf16 is rounded on the bits: the Triton interpreter's
+    fp32->bf16 cast truncates, and this keeps CPU tests and GPU runs bit-identical (a few integer
+    ops in a memory-bound kernel)."""
+    if DTYPE == tl.bfloat16:
+        u = y.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(DTYPE)
+
+
+@triton.jit
 def _add_kernel(x_ptr, idx_ptr, e_ptr, y_ptr, P, D, M, stride_x, stride_y,
                 BP: tl.constexpr, BD: tl.constexpr):
     rp = tl.program_id(0) * BP + tl.arange(0, BP)
@@ -134,7 +147,7 @@ def _add_kernel(x_ptr, idx_ptr, e_ptr, y_ptr, P, D, M, stride_x, stride_y,
     x = tl.load(x_ptr + rp64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     e = tl.load(e_ptr + idx.to(tl.int64)[:, None] * D + cols[None, :], mask=has[:, None] & cmask[None, :], other=0.0)
     y = x.to(tl.float32) + e
-    tl.store(y_ptr + rp64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rp64[:, None] * stride_y + cols[None, :], _round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
