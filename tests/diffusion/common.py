@@ -35,6 +35,7 @@ BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skipif(not _can_run("triton"), reason="triton cannot run here")),
     pytest.param("cuda", marks=pytest.mark.skipif(not _can_run("cuda"), reason="cuda backend cannot run here")),
 ]
+LOSS_BACKENDS = BACKENDS[:2]  # diffusion_loss has no CUDA C++ kernel
 requires_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
 
 

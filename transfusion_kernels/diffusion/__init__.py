@@ -146,14 +146,15 @@ def _(pred, target, image_index, compute_grad, backend):
 
 def _loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    ctx.target_dtype = inputs[1].dtype
+    ctx.has_grad = inputs[3]  # compute_grad: the public function asks for it whenever autograd needs it
 
 
 def _loss_backward(ctx, grad_loss, _grad_grad):
+    if not ctx.has_grad:
+        return None, None, None, None, None
     (unit,) = ctx.saved_tensors  # d loss / d pred, written by the forward pass
-    grad_pred = unit * grad_loss.to(unit.dtype) if unit.numel() else None
-    grad_target = (-grad_pred).to(ctx.target_dtype) if grad_pred is not None else None
-    return grad_pred, grad_target, None, None, None
+    grad_pred = (unit.float() * grad_loss).to(unit.dtype)
+    return grad_pred, -grad_pred, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
