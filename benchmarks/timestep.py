@@ -1,0 +1,253 @@
+"""Benchmark: patch timestep embedding (sinusoid + MLP once per image, added to every patch).
+
+Compared, forward and backward (gradients in x and the MLP weights):
+  eager      what a diffusers-based model does: Timesteps + TimestepEmbedding + a gather-add
+             (diffusers' own modules when importable, else the same ops from tk.timestep_embedding
+             and tk.TimestepMLP, which match them exactly; the JSON says which)
+  compiled   torch.compile of the reference math written as plain PyTorch
+  tk:<name>  tk.patch_timestep_embedding on each backend that can run here
+
+Eager and compiled run under torch.autocast(x.dtype) with fp32 weights, as in mixed-precision
+training; tk gets the same fp32 weights (it computes the embedding in fp32).
+
+The op is memory-bound: the forward must read x and write y (2 * P * D * itemsize bytes), the
+backward must read dy (P * D * itemsize; dx = dy is free). Achieved bandwidth is reported on that
+minimum traffic, next to a measured device copy of x (read + write) as the ceiling.
+
+    python benchmarks/timestep.py              # GPU: Transfusion sizes, JSON in benchmarks/results/
+    python benchmarks/timestep.py --smoke      # CPU: tiny shapes, reference backend, checks the harness
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import transfusion_kernels as tk  # noqa: E402
+from transfusion_kernels.timestep import _OP, reference  # noqa: E402
+
+# (P patches, D model width, M images); hidden = D, freq_dim = 256, as DiT / Transfusion.
+GPU_SIZES = [
+    (4096, 1024, 16),
+    (16384, 2048, 64),
+    (65536, 1024, 256),
+    (65536, 2048, 64),
+    (65536, 4096, 64),
+    (32768, 4096, 256),
+]
+SMOKE_SIZES = [(96, 32, 3), (200, 64, 5)]
+FREQ_DIM = 256
+SMOKE_FREQ_DIM = 16
+
+
+# ----------------------------------------------------------------------------- minimal helpers
+# (timing, environment and JSON; local because there is no shared benchmarks helper module yet)
+
+
+def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def environment(device: torch.device) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "transfusion_kernels", "benchmarks"],
+                                    cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    except Exception:
+        commit, dirty = None, None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "diffusers": version("diffusers"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit,
+        "dirty": dirty,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def eager_modules(freq_dim, D, device):
+    """(time_proj, time_embedding, source): diffusers' modules, or exact stand-ins."""
+    try:
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        return (Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0.0),
+                TimestepEmbedding(freq_dim, D, out_dim=D).to(device), "diffusers")
+    except ImportError:
+        proj = lambda t: tk.timestep_embedding(t, freq_dim, True, 0.0)  # noqa: E731
+        return proj, tk.TimestepMLP(freq_dim, D, D, device=device), "tk.timestep_embedding + tk.TimestepMLP"
+
+
+def gather_add(x, e, idx):
+    return x + torch.where((idx >= 0)[:, None], e.to(x.dtype)[idx.clamp(min=0).long()], 0)
+
+
+def reference_math(x, t, idx, w1, b1, w2, b2):
+    """The op in plain PyTorch (fp32 embedding, one rounding), for torch.compile."""
+    e = reference.embed(t, w1, b1, w2, b2, freq_dim=w1.shape[1], flip_sin_to_cos=True,
+                        downscale_freq_shift=0.0, scale=1.0, max_period=10000.0)
+    return (x.float() + reference.gather_rows(e, idx)).to(x.dtype)
+
+
+def make_case(P, D, M, freq_dim, dtype, device, gen):
+    """Inputs in a Transfusion-like layout: text runs between images of varying sizes."""
+    sizes = torch.rand(M, generator=gen) + 0.5
+    n_img = int(P * 0.9)
+    sizes = (sizes / sizes.sum() * n_img).long().clamp(min=1)
+    idx = torch.full((P,), -1, dtype=torch.int32)
+    gap = max(1, (P - int(sizes.sum())) // (M + 1))
+    pos = gap
+    for m, n in enumerate(sizes.tolist()):
+        n = min(n, P - pos)
+        idx[pos:pos + n] = m
+        pos += n + gap
+    x = torch.randn(P, D, generator=gen).to(device, dtype)
+    t = torch.randint(0, 1000, (M,), generator=gen).to(device)
+    return x, t, idx.to(device)
+
+
+def run_case(P, D, M, freq_dim, dtype, device, backends, compile_, warmup, reps, gen):
+    x, t, idx = make_case(P, D, M, freq_dim, dtype, device, gen)
+    dy = torch.randn(P, D, generator=gen).to(device, dtype)
+    time_proj, te, eager_source = eager_modules(freq_dim, D, device)
+    mlp = tk.TimestepMLP.from_diffusers(te, copy=False) if not isinstance(te, tk.TimestepMLP) else te
+    weights = list(mlp.parameters())
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    xb = x.element_size()
+
+    def eager(xr):
+        with autocast:
+            return gather_add(xr, te(time_proj(t)), idx)
+
+    compiled_fn = torch.compile(reference_math, dynamic=False) if compile_ else None
+    impls = {"eager": eager}
+    if compiled_fn is not None:
+        impls["compiled"] = lambda xr: compiled_fn(xr, t, idx, *mlp.weights())
+    for b in backends:
+        impls[f"tk:{b}"] = lambda xr, b=b: tk.patch_timestep_embedding(xr, t, idx, mlp, freq_dim=freq_dim, backend=b)
+
+    with torch.no_grad():
+        y_ref = reference_math(x, t, idx, *mlp.weights())
+    copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x), device, warmup, reps)
+    row = {"P": P, "D": D, "M": M, "H": D, "freq_dim": freq_dim, "dtype": str(dtype).replace("torch.", ""),
+           "image_patches": int((idx >= 0).sum()), "eager_source": eager_source,
+           "copy_ms": copy_ms, "copy_GBps": 2 * x.numel() * xb / copy_ms / 1e6, "impls": {}}
+    for name, fn in impls.items():
+        xr = x.detach().clone().requires_grad_()
+        fwd = time_ms(lambda: fn(xr), device, warmup, reps)  # builds the autograd graph, as in training
+        with torch.no_grad():
+            fwd_nograd = time_ms(lambda: fn(xr), device, warmup, reps)
+        y = fn(xr)
+        inputs = [xr, *weights]
+        bwd = time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), device, warmup, reps)
+        fwd_bytes, bwd_bytes = 2 * x.numel() * xb, x.numel() * xb
+        row["impls"][name] = {
+            "fwd_ms": fwd, "fwd_nograd_ms": fwd_nograd, "bwd_ms": bwd,
+            "fwd_GBps": fwd_bytes / fwd_nograd / 1e6, "bwd_GBps": bwd_bytes / bwd / 1e6,
+            "fwd_frac_of_copy": (fwd_bytes / fwd_nograd / 1e6) / row["copy_GBps"],
+            "max_abs_diff_vs_reference": (y.detach().float() - y_ref.float()).abs().max().item(),
+        }
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes with the reference backend")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--backends", default=None, help="comma list (default: every backend that can run here)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/timestep-<device>-<date>.json; "
+                                                "a temporary file for --smoke)")
+    args = ap.parse_args(argv)
+
+    if args.smoke:
+        device, sizes, freq_dim = torch.device("cpu"), SMOKE_SIZES, SMOKE_FREQ_DIM
+        warmup, reps = 2, args.reps or 3
+    else:
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device: run with --smoke on a CPU")
+        device, sizes, freq_dim = torch.device("cuda"), GPU_SIZES, FREQ_DIM
+        warmup, reps = 5, args.reps or 50
+    dtype = getattr(torch, args.dtype)
+    if args.backends:
+        backends = args.backends.split(",")
+    elif args.smoke:
+        backends = ["reference"]
+    else:
+        backends = [b for b, info in tk.available_backends(device).items() if info.available and _OP.has(b)]
+
+    gen = torch.Generator().manual_seed(0)
+    env = environment(device)
+    rows = []
+    for P, D, M in sizes:
+        row = run_case(P, D, M, freq_dim, dtype, device, backends, not args.no_compile, warmup, reps, gen)
+        rows.append(row)
+        for name, r in row["impls"].items():
+            print(f"P={P:6d} D={D:5d} M={M:4d} {name:14s} fwd {r['fwd_nograd_ms']:8.4f} ms "
+                  f"({r['fwd_GBps']:7.1f} GB/s, {100 * r['fwd_frac_of_copy']:5.1f}% of copy)  "
+                  f"fwd+graph {r['fwd_ms']:8.4f} ms  bwd {r['bwd_ms']:8.4f} ms  "
+                  f"max|diff| {r['max_abs_diff_vs_reference']:.2e}", flush=True)
+
+    out = args.out
+    if out is None:
+        if args.smoke:
+            out = os.path.join(tempfile.gettempdir(), "timestep-smoke.json")
+        else:
+            tag = env["device"].replace(" ", "_").replace("/", "_")
+            out = os.path.join(ROOT, "benchmarks", "results", f"timestep-{tag}-{env['date'][:19].replace(':', '')}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"benchmark": "patch_timestep_embedding", "env": env, "warmup": warmup, "reps": reps,
+                   "timing": "median; CUDA events on a GPU, perf_counter on a CPU", "rows": rows}, f, indent=1)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
