@@ -1,0 +1,323 @@
+"""The Triton interval-attention kernels against a float64 dense softmax.
+
+On a CPU the kernels run under the Triton interpreter (small shapes, small blocks); with CUDA
+the same tests run on the GPU with more heads, plus the larger GPU-only cases at the end.
+
+Tolerance rule (as in FlashAttention's tests): the kernel's max error against the float64 oracle
+must be at most twice the error of the same computation done by PyTorch in the input dtype
+(dense softmax attention), plus a small absolute floor. Every buffer the kernels write is
+allocated NaN-filled, so an element they forget to write fails the test.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the kernels' import: triton.jit picks the interpreter at decoration time
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+pytest.importorskip("triton")
+
+import transfusion_kernels as tk  # noqa: E402
+from transfusion_kernels.attention import reference  # noqa: E402
+from transfusion_kernels.attention import triton as tkt  # noqa: E402
+from tests.layouts import LAYOUTS, naive_dense, random_layout  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+HQ, HKV = (8, 2) if GPU else (4, 2)  # GQA 2:1 on the CPU, 4:1 on a GPU
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every kernel output starts as NaN."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tkt, "_empty", nan_empty)
+
+
+# ----------------------------------------------------------------------------------------------
+# oracle and comparison
+# ----------------------------------------------------------------------------------------------
+def dense_attention(q, k, v, allowed, scale):
+    """Softmax attention in the inputs' dtype, GQA by head repetition; empty rows give 0."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.einsum("ihd,jhd->hij", q, k) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return torch.einsum("hij,jhd->ihd", p, v), lse
+
+
+def assert_rule(name, got, oracle, same_dtype, floor):
+    got, oracle, same = got.double(), oracle.double(), same_dtype.double()
+    if name == "lse":  # -inf exactly where the oracle's row is empty
+        empty = oracle == float("-inf")
+        assert torch.equal(got == float("-inf"), empty), "lse: -inf rows differ from the empty rows"
+        got, oracle, same = got[~empty], oracle[~empty], same[~empty]
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or NaN)"
+    if got.numel() == 0:
+        return
+    err = (got - oracle).abs().max().item()
+    base = (same - oracle).abs().max().item()
+    assert err <= 2 * base + floor, f"{name}: kernel error {err:.3g} > 2 x torch {same_dtype.dtype} error {base:.3g} + {floor:g}"
+
+
+def make_inputs(nq, nk, hq, hkv, d, dtype):
+    q = torch.randn(nq, hq, d, device=DEVICE).to(dtype)
+    k = torch.randn(nk, hkv, d, device=DEVICE).to(dtype)
+    v = torch.randn(nk, hkv, d, device=DEVICE).to(dtype)
+    return q, k, v
+
+
+def run_triton(q, k, v, mask, dout, scale, config=None):
+    """Kernel outputs and gradients straight through the backend functions (prepare, forward,
+    backward); ``config`` overrides the block sizes."""
+    tables, blocks = tkt.prepare(mask, q, k, config)
+    args = (mask.kv_start, mask.kv_end, tables, blocks, scale)
+    out, lse = tkt.forward(q, k, v, *args)
+    grads = None if dout is None else tkt.backward(dout, q, k, v, out, lse, *args)
+    return out, lse, grads
+
+
+def check(mask, *, hq=HQ, hkv=HKV, d=64, dtype=torch.bfloat16, allowed=None, grads=True,
+          config=None, scale=None, inputs=None):
+    """Kernel vs float64 oracle vs same-dtype PyTorch: out, lse and (optionally) dq, dk, dv."""
+    allowed = mask.to_dense() if allowed is None else allowed.to(DEVICE)
+    scale = d ** -0.5 if scale is None else scale
+    q, k, v = inputs if inputs is not None else make_inputs(mask.num_queries, mask.num_keys, hq, hkv, d, dtype)
+    dout = torch.randn(q.shape, device=DEVICE).to(dtype) if grads else None
+    out, lse, kgrads = run_triton(q, k, v, mask, dout, scale, config)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale)
+    low_out, low_lse = dense_attention(*low_in, allowed, scale)
+    floor = FLOOR[dtype]
+    assert_rule("out", out, ref_out, low_out, floor)
+    assert_rule("lse", lse, ref_lse, low_lse, floor)
+    if grads:
+        ref_g = torch.autograd.grad(ref_out, ref_in, dout.double())
+        low_g = torch.autograd.grad(low_out, low_in, dout)
+        for name, g, rg, lg, x in zip(("dq", "dk", "dv"), kgrads, ref_g, low_g, (q, k, v)):
+            assert g.shape == x.shape and g.dtype == x.dtype, name
+            assert_rule(name, g, rg, lg, floor)
+    return out, lse, kgrads
+
+
+def spans_mask(cu, spans):
+    return tk.HybridMask.from_spans(
+        torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+        torch.tensor(spans, dtype=torch.int32, device=DEVICE).reshape(-1, 2),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# DESIGN.md section 5 layouts (lengths 1, 17, 63, 64, 65, 127, 129, 130)
+# ----------------------------------------------------------------------------------------------
+LAYOUT_CASES = [  # (layout, head dim, dtype, (hq, hkv)): every layout, both head dims, all dtypes
+    ("text_only", 64, torch.bfloat16, (HQ, HKV)),
+    ("single_token", 128, torch.float16, (HQ, HKV)),
+    ("image_only", 128, torch.bfloat16, (HQ, HKV)),
+    ("image_first", 64, torch.float16, (HQ, 1)),
+    ("image_last", 128, torch.float32, (HQ, HKV)),
+    ("several_images", 64, torch.bfloat16, (HQ, HKV)),
+    ("several_documents", 128, torch.bfloat16, (HKV, HKV)),
+    ("spans_cross_tiles", 64, torch.float16, (HQ, HKV)),
+]
+
+
+@pytest.mark.parametrize("name,d,dtype,heads", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
+def test_layouts(name, d, dtype, heads, seed):
+    cu, spans = LAYOUTS[name]
+    check(spans_mask(cu, spans), hq=heads[0], hkv=heads[1], d=d, dtype=dtype, allowed=naive_dense(cu, spans))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes_and_scale(dtype, seed):
+    cu, spans = LAYOUTS["several_images"]
+    check(spans_mask(cu, spans), d=64, dtype=dtype, scale=0.3)
+
+
+@pytest.mark.parametrize("d", [32, 96, 256] if not GPU else [16, 32, 80, 96, 256])
+def test_other_head_dims(d, seed):
+    """Head dims padded to a power of two inside the kernel (96 -> 128) and the 256 configs."""
+    cu, spans = [0, 50, 83], [(10, 30), (60, 83)]
+    check(spans_mask(cu, spans), hq=2, hkv=1, d=d, dtype=torch.bfloat16, allowed=naive_dense(cu, spans))
+
+
+def test_long_random_layout(seed):
+    """~1000 tokens, random documents and images (forward and backward)."""
+    gen = torch.Generator().manual_seed(seed)
+    cu, spans = random_layout(gen, 1000 if not GPU else 8192, max_docs=4, max_images=5)
+    mask = spans_mask(cu, spans)
+    allowed = naive_dense(cu, spans) if not GPU else None
+    check(mask, hq=2 if not GPU else HQ, hkv=1 if not GPU else HKV, d=64, dtype=torch.bfloat16, allowed=allowed)
+
+
+# ----------------------------------------------------------------------------------------------
+# block configurations: the same masks through other tile sizes (tables change with them)
+# ----------------------------------------------------------------------------------------------
+CONFIGS = [
+    tkt.Config(64, 64, 64, 64, 64, 64),  # tile edges at 63 / 64 / 65
+    tkt.Config(16, 32, 16, 32, 64, 16),  # BN > BM, dk/dv key tile smaller than its query step
+    tkt.Config(32, 32, 128, 16, 16, 64),  # one dk/dv key tile spans the whole 130-token layout
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c.blocks)))
+def test_block_configs(config, seed):
+    cu, spans = LAYOUTS["spans_cross_tiles"]
+    check(spans_mask(cu, spans), d=64, dtype=torch.float16, allowed=naive_dense(cu, spans), config=config)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling masks (Nq != Nk), empty rows, general intervals
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cache_lens,query_lens,bidirectional",
+    [
+        ([37], [16], True),  # an image chunk against a cached prefix plus itself
+        ([50], [1], False),  # one text query against its cache
+        ([7, 0, 33, 64], [4, 1, 2, 40], True),  # a batch with different cache lengths
+        ([7, 0, 33, 64], [4, 1, 2, 40], False),
+    ],
+    ids=["image_chunk", "single_query", "batch_bidirectional", "batch_causal"],
+)
+def test_sampling_masks(cache_lens, query_lens, bidirectional, seed):
+    mask = tk.HybridMask.cached(cache_lens, query_lens, bidirectional=bidirectional, device=DEVICE)
+    assert mask.num_queries != mask.num_keys
+    check(mask, d=64, dtype=torch.bfloat16)
+
+
+def test_empty_rows_and_unsorted_intervals(seed):
+    """Rows that see nothing (a whole tile of them too), intervals that are not monotone (the key
+    table is conservative there), and keys nobody sees (their dk, dv must be exactly 0)."""
+    n, nk = 90, 100
+    s = torch.randint(0, nk, (n,))
+    e = torch.minimum(s + torch.randint(0, 40, (n,)), torch.tensor(nk - 20))
+    e = torch.maximum(e, s)
+    s[40:72] = 5
+    e[40:72] = 5  # one full 32-query tile of empty rows
+    s[3], e[3] = 17, 17
+    mask = tk.HybridMask.from_intervals(s.int().to(DEVICE), e.int().to(DEVICE), num_keys=nk)
+    out, lse, (dq, dk, dv) = check(mask, d=64, dtype=torch.bfloat16)
+    assert torch.all(out[40:72] == 0) and torch.all(lse[:, 40:72] == float("-inf"))
+    assert torch.all(dq[40:72] == 0)
+    unseen = ~mask.to_dense().any(0)
+    assert unseen[nk - 20:].all()
+    assert torch.all(dk[unseen] == 0) and torch.all(dv[unseen] == 0)
+
+
+def test_keys_outside_the_tables_are_never_read(seed):
+    """Queries see only keys [40, 80): K/V rows outside are NaN and must not reach out, lse, dq,
+    nor the dk/dv of the keys that are seen (a key tile's program may load its own unseen rows)."""
+    nq, nk, d = 70, 120, 64
+    s = 40 + torch.arange(nq) * 30 // nq
+    e = torch.clamp(s + 1 + torch.arange(nq) % 25, max=80)
+    mask = tk.HybridMask.from_intervals(s.int().to(DEVICE), e.int().to(DEVICE), num_keys=nk)
+    q, k, v = make_inputs(nq, nk, HQ, HKV, d, torch.float16)
+    dirty_k, dirty_v = k.clone(), v.clone()
+    for t in (dirty_k, dirty_v):
+        t[:40] = float("nan")
+        t[80:] = float("nan")
+    dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
+    out, lse, (dq, dk, dv) = run_triton(q, dirty_k, dirty_v, mask, dout, d ** -0.5)
+    c_out, c_lse, (c_dq, c_dk, c_dv) = run_triton(q, k, v, mask, dout, d ** -0.5)
+    for got, want in ((out, c_out), (lse, c_lse), (dq, c_dq), (dk[40:80], c_dk[40:80]), (dv[40:80], c_dv[40:80])):
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_strided_inputs(seed):
+    """q, k, v as views into one packed qkv projection (row stride != heads * D), and a
+    non-contiguous dout: strides are passed to the kernels, not copied away."""
+    cu, spans = LAYOUTS["several_documents"]
+    mask = spans_mask(cu, spans)
+    n, d = mask.num_queries, 64
+    qkv = torch.randn(n, HQ + 2 * HKV, d, device=DEVICE).to(torch.float16)
+    q, k, v = qkv.split([HQ, HKV, HKV], dim=1)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out, lse, _ = check(mask, d=d, dtype=torch.float16, inputs=(q, k, v), allowed=naive_dense(cu, spans))
+    dout = torch.randn(HQ, n, d, device=DEVICE).to(torch.float16).transpose(0, 1)
+    grads = run_triton(q, k, v, mask, dout, d ** -0.5)[2]
+    grads_c = run_triton(q.contiguous(), k.contiguous(), v.contiguous(), mask, dout.contiguous(), d ** -0.5)[2]
+    for g, gc in zip(grads, grads_c):
+        torch.testing.assert_close(g, gc, rtol=0, atol=0)
+
+
+def test_matches_reference_backend(seed):
+    """Same answers as the package's reference backend (fp32 inputs, fp32 math in both)."""
+    cu, spans = LAYOUTS["spans_cross_tiles"]
+    mask = spans_mask(cu, spans)
+    q, k, v = make_inputs(mask.num_queries, mask.num_keys, HQ, HKV, 64, torch.float32)
+    dout = torch.randn(q.shape, device=DEVICE)
+    out, lse, grads = run_triton(q, k, v, mask, dout, 0.125)
+    tables, blocks = reference.prepare(mask, q, k)
+    args = (mask.kv_start, mask.kv_end, tables, blocks, 0.125)
+    r_out, r_lse = reference.forward(q, k, v, *args)
+    r_grads = reference.backward(dout, q, k, v, r_out, r_lse, *args)
+    torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-5)
+    for g, rg in zip(grads, r_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
+
+
+def test_through_dispatcher(seed):
+    """tk.hybrid_attention(..., backend="triton"): same results as the backend functions, and
+    autograd through the registered custom op gives the kernels' gradients."""
+    cu, spans = LAYOUTS["several_images"]
+    mask = spans_mask(cu, spans)
+    q, k, v = make_inputs(mask.num_queries, mask.num_keys, HQ, HKV, 64, torch.bfloat16)
+    dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
+    out, lse, grads = run_triton(q, k, v, mask, dout, 64 ** -0.5)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    d_out, d_lse = tk.hybrid_attention(qg, kg, vg, mask, return_lse=True, backend="triton")
+    torch.testing.assert_close(d_out, out, rtol=0, atol=0)
+    torch.testing.assert_close(d_lse, lse, rtol=0, atol=0)
+    with tk.use_backend("triton"):
+        d_grads = torch.autograd.grad(tk.hybrid_attention(qg, kg, vg, mask), (qg, kg, vg), dout)
+    for g, dg in zip(grads, d_grads):
+        torch.testing.assert_close(dg, g, rtol=0, atol=0)
+
+
+def test_bad_tables_are_rejected():
+    mask = tk.HybridMask.causal(torch.tensor([0, 40], dtype=torch.int32, device=DEVICE))
+    q, k, v = make_inputs(40, 40, 2, 1, 64, torch.float16)
+    tables, blocks = tkt.prepare(mask, q, k)
+    wrong = [mask.query_tiles(blocks[0] * 2).to(DEVICE)] + tables[1:]
+    with pytest.raises(ValueError, match="tables"):
+        tkt.forward(q, k, v, mask.kv_start, mask.kv_end, wrong, blocks, 0.125)
+    with pytest.raises(ValueError, match="head dim"):
+        tkt.pick_config(512, torch.float16, torch.device(DEVICE))
+    with pytest.raises(TypeError, match="float16"):
+        tkt.pick_config(64, torch.int8, torch.device(DEVICE))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: large shapes, every supported head dim and dtype
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_transfusion_mix(d, dtype, seed):
+    """4k tokens: two 2k documents with images of 256 and 1024 patches at odd offsets."""
+    cu = [0, 2048, 4096]
+    spans = [(5, 261), (300, 1324), (2048 + 77, 2048 + 333), (2048 + 900, 2048 + 1924)]
+    check(spans_mask(cu, spans), hq=16, hkv=4, d=d, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+def test_gpu_sampling_batch(seed):
+    mask = tk.HybridMask.cached([1000, 4097, 17, 2500], [256, 1, 300, 1024], bidirectional=True, device=DEVICE)
+    check(mask, hq=16, hkv=4, d=128, dtype=torch.bfloat16)
