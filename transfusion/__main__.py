@@ -1,0 +1,5 @@
+import sys
+
+from transfusion.cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""Checkpoints: a directory with safetensors weights, a JSON config and the tokenizer.
+
+::
+
+    config.json              Config (model, data, train) + format version
+    model.safetensors        model weights
+    ema.safetensors          EMA weights (when training keeps an EMA)
+    tokenizer.model          SentencePiece model (special tokens are derived from it)
+    optimizer.safetensors    optimizer tensors and RNG states      } only in training
+    trainer_state.json       step, data-iterator, scheduler state  } checkpoints
+    vae/                     the AutoencoderKL (when latents are not pixels)
+
+The whole directory is written under a temporary name and renamed into place, so a reader never
+sees a half-written checkpoint (a crash leaves the previous one, or a ``*.tmp-*`` directory).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def optimizer_to_flat(opt_state: dict):
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON metadata."""
+    tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
+    for idx, st in opt_state["state"].items():
+        meta["state"][str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v.detach().contiguous().cpu()
+                meta["state"][str(idx)][k] = "__tensor__"
+            else:
+                meta["state"][str(idx)][k] = v
+    return tensors, meta
+
+
+def optimizer_from_flat(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for idx, st in meta["state"].items():
+        state[int(idx)] = {k: (tensors[f"state.{idx}.{k}"] if v == "__tensor__" else v) for k, v in st.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path, *, model, config, tokenizer, ema: dict | None = None, trainer: dict | None = None,
+                    latents=None) -> Path:
+    """Write a checkpoint directory atomically. ``trainer`` (optional) holds
+    ``{"optimizer": state_dict, "scheduler": state_dict, "step": int, "data": dict, "rng": dict, ...}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    cfg = config.to_dict()
+    cfg["format_version"] = FORMAT_VERSION
+    _write_json(tmp / "config.json", cfg)
+    save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
+    tokenizer.save(tmp / "tokenizer.model")
+    if latents is not None and getattr(latents, "kind", "pixel") == "vae":
+        latents.save(tmp / "vae")
+    if trainer is not None:
+        tensors, meta = optimizer_to_flat(trainer["optimizer"])
+        for name, t in trainer.get("rng", {}).items():
+            tensors[f"rng.{name}"] = t.contiguous().cpu()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {k: v for k, v in trainer.items() if k not in ("optimizer", "rng")}
+        state["optimizer_meta"] = meta
+        _write_json(tmp / "trainer_state.json", state)
+    # swap into place: old -> .old, tmp -> path, drop .old
+    old = path.parent / f"{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def read_config(path):
+    from transfusion.config import Config
+
+    d = json.loads((Path(path) / "config.json").read_text())
+    version = d.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {version}, this version reads {FORMAT_VERSION}")
+    return Config.from_dict(d)
+
+
+def load_checkpoint(path, device="cpu", backend: str | None = None, use_ema: bool = True):
+    """Model (EMA weights when present and ``use_ema``), config and tokenizer of a checkpoint."""
+    from transfusion.model import TransfusionModel
+    from transfusion.tokenizer import Tokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    cfg = read_config(path)
+    tok = Tokenizer.load(path / "tokenizer.model")
+    model = TransfusionModel(cfg.model, backend=backend)
+    weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors")
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(device).eval(), cfg, tok
+
+
+def load_trainer_state(path):
+    """``(trainer_state_json, optimizer_state_dict, rng_tensors, ema_or_None)`` of a training checkpoint."""
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{path} has no trainer state (not a training checkpoint)")
+    state = json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    opt = optimizer_from_flat({k: v for k, v in tensors.items() if k.startswith("state.")}, state.pop("optimizer_meta"))
+    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
+    return state, opt, rng, ema

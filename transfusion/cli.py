@@ -1,0 +1,349 @@
+"""``transfusion`` command line: prepare, train, sample, caption, bench, demo."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backend_ctx(args):
+    import transfusion_kernels as tk
+
+    return tk.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+
+
+def _threads(args):
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+# -- prepare ---------------------------------------------------------------------------------
+def cmd_prepare(args) -> int:
+    from transfusion.prepare import prepare
+
+    p = prepare(args.out, image_size=args.image_size, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                vae=args.vae, holdout_fraction=args.holdout, seed=args.seed)
+    print(json.dumps(p.info, indent=2))
+    print(f"prepared {args.out}")
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------------
+def build_config(info: dict, args):
+    from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig
+
+    base = Config.from_json(Path(args.config).read_text()) if args.config else Config()
+    m, d, t = base.model.__dict__.copy(), base.data.__dict__.copy(), base.train.__dict__.copy()
+    m.update(vocab_size=info["vocab_size"], latent_channels=info["latent_channels"])
+    d.update(image_size=info["image_size"], holdout_fraction=info["holdout_fraction"],
+             latents="pixel" if info["latents"] == "pixel" else "vae")
+    for key, dest in (("dim", m), ("layers", m), ("heads", m), ("patch_size", m), ("image_encoder", m),
+                      ("docs_per_batch", d), ("steps", t), ("lr", t), ("seed", t), ("ema_decay", t),
+                      ("diffusion_weight", t), ("warmup_steps", t), ("save_every", t)):
+        v = getattr(args, key, None)
+        if v is not None:
+            dest[{"layers": "n_layers", "heads": "n_heads"}.get(key, key)] = v
+    if args.backend:
+        t["backend"] = args.backend
+    return Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t))
+
+
+def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: bool = True, time_limit=None,
+                 attention_block_tokens=None, latents=None, on_log=None):
+    import torch
+
+    from transfusion.data import MixedBatches
+    from transfusion.model import TransfusionModel
+    from transfusion.train import Trainer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
+    if attention_block_tokens is None and device.type == "cpu":
+        attention_block_tokens = 256  # see split_attention_blocks
+    model.attention_block_tokens = attention_block_tokens
+    batches = MixedBatches(prepared.train_latents, prepared.train_labels, prepared.corpus, prepared.tokenizer,
+                           cfg.data, cfg.model.patch_size, cfg.model.num_train_timesteps)
+    trainer = Trainer(model, cfg, prepared.tokenizer, batches, device=device, metrics_path=out / "metrics.jsonl",
+                      latents=latents)
+    ckpt = out / "checkpoint"
+    if resume and (ckpt / "trainer_state.json").is_file():
+        trainer.resume(ckpt)
+        print(f"resumed from {ckpt} at step {trainer.step}")
+    hist = trainer.fit(checkpoint_dir=ckpt, progress=progress, time_limit=time_limit, on_log=on_log)
+    return trainer, hist
+
+
+def cmd_train(args) -> int:
+    from transfusion.latents import make_latents
+    from transfusion.prepare import load_prepared
+
+    _threads(args)
+    prepared = load_prepared(args.data)
+    cfg = build_config(prepared.info, args)
+    device = _device(args.device)
+    latents = None
+    if prepared.info["latents"] == "vae":
+        latents = make_latents(str(Path(args.data) / "vae"), device=device)
+    with _backend_ctx(args):
+        trainer, hist = run_training(prepared, cfg, args.out, device=device, resume=args.resume,
+                                     progress=not args.no_progress, latents=latents)
+    if hist:
+        last = hist[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}, ddpm {last['ddpm_loss']:.4f})")
+    print(f"checkpoint: {Path(args.out) / 'checkpoint'}")
+    return 0
+
+
+# -- sampling --------------------------------------------------------------------------------
+def save_png(img, path, scale: int = 1) -> None:
+    """Save an image in [-1, 1] (``[C, H, W]``, C = 1 or 3) as PNG, upscaled by ``scale`` (nearest)."""
+    import numpy as np
+    from PIL import Image
+
+    x = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    if scale > 1:
+        x = x.repeat(scale, axis=1).repeat(scale, axis=2)
+    arr = x[0] if x.shape[0] == 1 else np.transpose(x[:3], (1, 2, 0))
+    Image.fromarray(arr).save(path)
+
+
+def image_grid(images, ncol: int, pad: int = 1):
+    """``[N, C, H, W]`` (same size) -> one ``[C, H', W']`` grid in [-1, 1], padded with -1."""
+    import torch
+
+    n, c, h, w = images.shape
+    nrow = (n + ncol - 1) // ncol
+    grid = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), -1.0)
+    for i, x in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x
+    return grid
+
+
+def load_png(path, size: int, channels: int):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from transfusion.prepare import resize_images
+
+    im = Image.open(path).convert("L" if channels == 1 else "RGB")
+    x = torch.tensor(np.asarray(im), dtype=torch.float32) / 127.5 - 1.0
+    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+    return resize_images(x[None], size)[0]
+
+
+def _load(args):
+    from transfusion.checkpoint import load_checkpoint
+    from transfusion.latents import make_latents
+
+    device = _device(args.device)
+    model, cfg, tok = load_checkpoint(args.checkpoint, device=device, backend=args.backend, use_ema=not args.no_ema)
+    latents = make_latents(cfg.data.latents, cfg.model.latent_channels, device, checkpoint_dir=args.checkpoint)
+    return model, cfg, tok, latents, device
+
+
+def _sample_cfg(args, cfg, latents):
+    from transfusion.sample import SampleConfig
+
+    size = args.image_size or cfg.data.image_size
+    lat = size // latents.downsample
+    return SampleConfig(steps=args.steps, sampler=args.sampler, eta=args.eta, cfg_scale=args.cfg_scale,
+                        image_size=(lat, lat), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        seed=args.seed, max_images=args.max_images, clip_sample=args.clip_sample)
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from transfusion.sample import generate
+
+    _threads(args)
+    model, cfg, tok, latents, device = _load(args)
+    scfg = _sample_cfg(args, cfg, latents)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = [args.prompt] * args.num_images
+    with _backend_ctx(args):
+        res = generate(model, tok, prompts, scfg, open_image=not args.free)
+    records, all_imgs = [], []
+    for i, r in enumerate(res):
+        segs, files = [], []
+        for j, (kind, v) in enumerate([s for s in r["segments"]]):
+            if kind == "image":
+                img = latents.decode(v[None].to(device))[0].cpu()
+                name = f"sample_{i:03d}_{len(files)}.png"
+                save_png(img, out / name, args.png_scale)
+                files.append(name)
+                all_imgs.append(img)
+                segs.append({"image": name})
+            else:
+                segs.append({"text": v})
+        text = " ".join(f"<image:{s['image']}>" if "image" in s else s["text"] for s in segs).strip()
+        records.append({"prompt": args.prompt, "text": text, "images": files, "segments": segs})
+    grid_name = None
+    shapes = {tuple(x.shape) for x in all_imgs}
+    if all_imgs and len(shapes) == 1:
+        grid_name = "grid.png"
+        save_png(image_grid(torch.stack(all_imgs), ncol=min(8, len(all_imgs))), out / grid_name, args.png_scale)
+    summary = {"checkpoint": str(args.checkpoint), "sampler": scfg.__dict__, "grid": grid_name, "samples": records}
+    (out / "samples.json").write_text(json.dumps(summary, indent=2))
+    for r in records:
+        print(r["text"])
+    print(f"wrote {len(all_imgs)} images and samples.json to {out}")
+    return 0
+
+
+def cmd_caption(args) -> int:
+    import torch
+
+    from transfusion.sample import caption
+
+    _threads(args)
+    model, cfg, tok, latents, device = _load(args)
+    scfg = _sample_cfg(args, cfg, latents)
+    size = cfg.data.image_size
+    imgs = torch.stack([load_png(p, size, getattr(latents, "in_channels", cfg.model.latent_channels)) for p in args.images])
+    z = latents.encode(imgs.to(device)) if latents.kind == "vae" else imgs.to(device)
+    with _backend_ctx(args):
+        caps = caption(model, tok, z, scfg)
+    for p, c in zip(args.images, caps):
+        print(f"{p}\t{c}")
+    return 0
+
+
+# -- bench / demo ----------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    if args.backend:
+        env["TRANSFUSION_KERNELS_BACKEND"] = args.backend
+    bench = root / "benchmarks"
+    if (bench / "__main__.py").is_file():
+        return subprocess.call([sys.executable, "-m", "benchmarks", *args.rest], cwd=root, env=env)
+    scripts = sorted(p for p in bench.glob("*.py") if not p.name.startswith("_")) if bench.is_dir() else []
+    if not scripts:
+        print(f"no benchmarks found under {bench}", file=sys.stderr)
+        return 1
+    rc = 0
+    for s in scripts:
+        print(f"== {s.name}", flush=True)
+        rc = subprocess.call([sys.executable, str(s), *args.rest], cwd=root, env=env) or rc
+    return rc
+
+
+def cmd_demo(args) -> int:
+    from transfusion.demo import run_demo
+
+    report = run_demo(args.out, backend=args.backend, threads=args.threads, steps=args.steps, quick=args.quick,
+                      progress=not args.no_progress)
+    return 0 if report["passed"] or args.quick else 2
+
+
+# -- parser ----------------------------------------------------------------------------------
+def _sampling_args(p):
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--clip-sample", action="store_true", help="clip the predicted clean image to [-1, 1]")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-images", type=int, default=1, help="images per generated sequence")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy text")
+    p.add_argument("--image-size", type=int, default=None, help="pixel size of generated images (default: trained size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="transfusion", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def add(name, help):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="kernel backend for every op (default: TRANSFUSION_KERNELS_BACKEND or auto)")
+        return p
+
+    p = add("prepare", "build the digits data set and tokenizer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=128)
+    p.add_argument("--tokenizer", default=None, help="use this SentencePiece .model instead of training one")
+    p.add_argument("--vae", default=None, help="local folder with a diffusers AutoencoderKL (default: pixel space)")
+    p.add_argument("--holdout", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_prepare)
+
+    p = add("train", "train a model on prepared data")
+    p.add_argument("--data", required=True, help="folder written by `transfusion prepare`")
+    p.add_argument("--out", required=True, help="run folder: checkpoint/ and metrics.jsonl")
+    p.add_argument("--config", default=None, help="JSON config (model/data/train sections) to start from")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
+    for name, typ in (("steps", int), ("lr", float), ("dim", int), ("layers", int), ("heads", int),
+                      ("patch-size", int), ("docs-per-batch", int), ("seed", int), ("ema-decay", float),
+                      ("diffusion-weight", float), ("warmup-steps", int), ("save-every", int)):
+        p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--image-encoder", choices=("linear", "unet"), default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_train)
+
+    p = add("sample", "generate images (and text) from a prompt")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--num-images", type=int, default=4, help="number of samples of the prompt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--free", action="store_true", help="let the model decide whether to open an image (default: BOI follows the prompt)")
+    p.add_argument("--png-scale", type=int, default=8, help="nearest-neighbour upscale of written PNGs")
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_sample)
+
+    p = add("caption", "caption images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_caption)
+
+    p = add("bench", "run the kernel benchmarks (python -m benchmarks)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmarks")
+    p.set_defaults(fn=cmd_bench)
+
+    p = add("demo", "prepare, train, sample and evaluate on the digits data (CPU, minutes)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2... see demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's setting)")
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test; quality bars not expected)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

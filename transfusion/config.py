@@ -1,0 +1,140 @@
+"""Configuration dataclasses: model, data and training. All JSON-serialisable."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    dim: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None: same as n_heads (no GQA)
+    ffn_hidden: int | None = None  # None: SwiGLU default 8/3 * dim rounded up to a multiple of 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # image side
+    latent_channels: int = 1
+    patch_size: int = 2
+    image_encoder: str = "linear"  # "linear" (k x k patches through a linear layer) or "unet"
+    unet_channels: tuple[int, int] = (32, 64)  # channels of the two U-Net levels
+    timestep_freq_dim: int = 128
+    # diffusion (the schedule the model is trained on)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.unet_channels = tuple(self.unet_channels)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        _check(self.dim % self.n_heads == 0, f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        _check((self.dim // self.n_heads) % 2 == 0, "head dim (dim / n_heads) must be even for rotary embeddings")
+        _check(self.n_heads % self.n_kv_heads == 0,
+               f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        _check(self.image_encoder in ("linear", "unet"),
+               f"image_encoder must be 'linear' or 'unet', got {self.image_encoder!r}")
+        _check(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
+        if self.image_encoder == "unet":
+            _check(self.patch_size in (1, 2, 4),
+                   f"the two-level U-Net downsamples by 1, 2 or 4; patch_size={self.patch_size}")
+            _check(len(self.unet_channels) == 2, f"unet_channels needs two entries, got {self.unet_channels}")
+        _check(self.timestep_freq_dim % 2 == 0, "timestep_freq_dim must be even")
+        _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+               f"unknown beta_schedule {self.beta_schedule!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 8  # digits are 8x8; 16 upsamples them (bilinear)
+    holdout_fraction: float = 0.2  # digits held out from training (for captioning evaluation)
+    text_fraction: float = 0.25  # documents that are text only
+    image_first_fraction: float = 0.2  # image-caption pairs with the image first (the paper: 20%)
+    image_first_max_timestep: int = 500  # noise cap for image-first pairs (the paper: t <= 500)
+    caption_dropout: float = 0.1  # caption-first pairs with the caption dropped (classifier-free guidance)
+    docs_per_batch: int = 64
+    latents: str = "pixel"  # "pixel" or a local folder with a diffusers AutoencoderKL
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("holdout_fraction", "text_fraction", "image_first_fraction", "caption_dropout"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"{name} must be in [0, 1], got {v}")
+        _check(self.docs_per_batch >= 1, f"docs_per_batch must be >= 1, got {self.docs_per_batch}")
+        _check(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    diffusion_weight: float = 1.0  # lambda in L = L_LM + lambda * L_DDPM
+    ema_decay: float | None = None  # None: no EMA
+    bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 elsewhere
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    backend: str | None = None  # kernel backend (None: tk default)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+               f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        def build(kind, sub):
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(sub) - names
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+            return kind(**sub)
+
+        return cls(
+            model=build(ModelConfig, d.get("model", {})),
+            data=build(DataConfig, d.get("data", {})),
+            train=build(TrainConfig, d.get("train", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))

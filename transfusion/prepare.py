@@ -1,0 +1,98 @@
+"""``transfusion prepare``: the built-in data set on disk.
+
+Writes ``tokenizer.model`` (SentencePiece trained on the corpus and captions, or a copy of a given
+``.model``), ``corpus.txt``, ``digits.safetensors`` (train / held-out images, their latents and
+labels) and ``prepare.json`` (the settings, so ``train`` can rebuild the configuration).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from transfusion.data import load_digits_split, text_corpus, tokenizer_training_text
+from transfusion.latents import PixelLatents, VAELatents
+from transfusion.tokenizer import Tokenizer
+
+
+@dataclass
+class Prepared:
+    tokenizer: Tokenizer
+    corpus: list
+    train_latents: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_latents: torch.Tensor
+    test_labels: torch.Tensor
+    train_images: torch.Tensor
+    info: dict
+
+
+def _encode(latents, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    if isinstance(latents, PixelLatents):
+        return images.clone()
+    x = images
+    if x.shape[1] != latents.in_channels:  # grayscale digits into an RGB autoencoder
+        x = x.expand(-1, latents.in_channels, -1, -1)
+    return torch.cat([latents.encode(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def prepare(out, *, image_size: int = 8, vocab_size: int = 128, tokenizer: str | None = None,
+            vae: str | None = None, holdout_fraction: float = 0.2, seed: int = 0) -> Prepared:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = text_corpus(seed)
+    if tokenizer:
+        tok = Tokenizer.load(tokenizer)
+    else:
+        tok = Tokenizer.train(tokenizer_training_text(seed), vocab_size=vocab_size)
+    tok.save(out / "tokenizer.model")
+    (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    data = load_digits_split(holdout_fraction, seed, image_size)
+    lat = VAELatents.from_folder(vae) if vae else PixelLatents(1)
+    if vae:
+        shutil.copytree(vae, out / "vae", dirs_exist_ok=True)
+    tensors = {
+        "train_images": data.train_images, "train_labels": data.train_labels,
+        "test_images": data.test_images, "test_labels": data.test_labels,
+        "train_latents": _encode(lat, data.train_images), "test_latents": _encode(lat, data.test_images),
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "digits.safetensors"))
+    info = {
+        "image_size": image_size, "latents": "vae" if vae else "pixel", "latent_channels": int(tensors["train_latents"].shape[1]),
+        "latent_size": list(tensors["train_latents"].shape[2:]), "vocab_size": tok.vocab_size,
+        "holdout_fraction": holdout_fraction, "seed": seed, "n_train": len(data.train_labels),
+        "n_test": len(data.test_labels), "corpus_lines": len(corpus),
+        "tokenizer": tokenizer or "trained (sentencepiece unigram)",
+    }
+    (out / "prepare.json").write_text(json.dumps(info, indent=2))
+    return load_prepared(out)
+
+
+def load_prepared(path) -> Prepared:
+    path = Path(path)
+    if not (path / "prepare.json").is_file():
+        raise FileNotFoundError(f"{path}: no prepare.json; run `transfusion prepare --out {path}` first")
+    t = load_file(str(path / "digits.safetensors"))
+    return Prepared(
+        tokenizer=Tokenizer.load(path / "tokenizer.model"),
+        corpus=(path / "corpus.txt").read_text().splitlines(),
+        train_latents=t["train_latents"], train_labels=t["train_labels"], train_images=t["train_images"],
+        test_images=t["test_images"], test_latents=t["test_latents"], test_labels=t["test_labels"],
+        info=json.loads((path / "prepare.json").read_text()),
+    )
+
+
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``[N, C, H, W]`` to ``size x size``: area averaging when shrinking (exactly undoes
+    a nearest-neighbour upscale by an integer factor), bilinear when growing."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if x.shape[-1] > size:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
