@@ -29,8 +29,10 @@ def main() -> int:
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and not args.no_triton_interpreter:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
+    if device.type == "cpu" and not args.no_triton_interpreter and "TRITON_INTERPRET" not in os.environ:
+        # Triton reads the variable when the package's kernels are defined (at import): restart.
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "transfusion_kernels.selfcheck", *sys.argv[1:]])
     import transfusion_kernels as tk
 
     torch.manual_seed(0)

@@ -68,8 +68,9 @@ def _backward(ctx, dout, dlse):
     dq, dk, dv = _attention_bwd(
         dout.contiguous(), q, k, v, out, lse, kv_start, kv_end, tables, ctx.blocks, ctx.scale, ctx.backend
     )
-    # One entry per input, nested like the inputs (tables and blocks are lists).
-    return dq, dk, dv, None, None, [None] * len(tables), [None] * len(ctx.blocks), None, None
+    # One entry per input, nested like the inputs: a list of Nones for the tensor list; the int
+    # list is a single leaf, except when empty (then an empty list).
+    return dq, dk, dv, None, None, [None] * len(tables), None if ctx.blocks else [], None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
