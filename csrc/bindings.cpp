@@ -15,6 +15,7 @@
 #include <string>
 
 #include "diffusion/affine_step.h"
+#include "timestep/timestep.h"
 
 namespace py = pybind11;
 
@@ -105,6 +106,71 @@ void diffusion_affine_step(uintptr_t out, uintptr_t sample, uintptr_t model_outp
   check_cuda(err, "diffusion_affine_step launch");
 }
 
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+void timestep_sinusoid(uintptr_t out, uintptr_t t, uintptr_t freq, int64_t num_images, int dim, bool flip_sin_to_cos,
+                       double downscale_freq_shift, double scale, double max_period, uintptr_t stream) {
+  require(num_images >= 0 && dim >= 0, "num_images and dim must be >= 0");
+  if (num_images == 0 || dim == 0) return;
+  require(out != 0 && t != 0 && (dim < 2 || freq != 0), "out, t and freq must be non-null device pointers");
+  const tk::SinusoidParams p = tk::make_sinusoid_params(dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = tk::timestep_sinusoid(as_ptr<float>(out), as_ptr<const float>(t), as_ptr<const float>(freq), num_images, p,
+                                as_stream(stream));
+  }
+  check_cuda(err, "timestep_sinusoid launch");
+}
+
+void timestep_add_rows(uintptr_t y, uintptr_t x, uintptr_t emb, uintptr_t image_index, int64_t rows, int64_t dim,
+                       const std::string& dtype, uintptr_t stream) {
+  require(rows >= 0 && dim >= 0, "rows and dim must be >= 0");
+  const tk::DType dt = parse_dtype(dtype);
+  if (rows == 0 || dim == 0) return;
+  require(y != 0 && x != 0 && image_index != 0, "y, x and image_index must be non-null device pointers");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = tk::timestep_add_rows(as_ptr<void>(y), as_ptr<const void>(x), as_ptr<const float>(emb),
+                                as_ptr<const int32_t>(image_index), rows, dim, dt, as_stream(stream));
+  }
+  check_cuda(err, "timestep_add_rows launch");
+}
+
+void timestep_segment_sum(uintptr_t demb, uintptr_t partial, uintptr_t dy, uintptr_t order, uintptr_t seg,
+                          uintptr_t piece_offsets, int64_t num_images, int64_t dim, int64_t max_pieces,
+                          int64_t piece_rows, const std::string& dtype, uintptr_t stream) {
+  require(num_images >= 0 && dim >= 0 && max_pieces >= 0, "num_images, dim and max_pieces must be >= 0");
+  require(piece_rows > 0, "piece_rows must be > 0");
+  const tk::DType dt = parse_dtype(dtype);
+  if (num_images == 0 || dim == 0) return;
+  require(demb != 0 && seg != 0 && piece_offsets != 0, "demb, seg and piece_offsets must be non-null device pointers");
+  require(max_pieces == 0 || (partial != 0 && dy != 0 && order != 0),
+          "partial, dy and order must be non-null device pointers");
+  tk::SegmentSumArgs a{};
+  a.demb = as_ptr<float>(demb);
+  a.partial = as_ptr<float>(partial);
+  a.dy = as_ptr<const void>(dy);
+  a.order = as_ptr<const int64_t>(order);
+  a.seg = as_ptr<const int64_t>(seg);
+  a.piece_offsets = as_ptr<const int64_t>(piece_offsets);
+  a.num_images = num_images;
+  a.dim = dim;
+  a.max_pieces = max_pieces;
+  a.piece_rows = piece_rows;
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = tk::timestep_segment_sum(a, dt, as_stream(stream));
+  }
+  check_cuda(err, "timestep_segment_sum launch");
+}
+
 py::dict cuda_status() {
   py::dict d;
   int count = 0, driver = 0, runtime = 0;
@@ -150,4 +216,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("seed"), py::arg("draw_noise"), py::arg("clip_range"), py::arg("stream"),
         "Fused affine diffusion step on `stream` (see csrc/diffusion/affine_step.h). Pointers are device "
         "addresses (0 for an absent model_output / noise / noise_out); coef is fp32 [rows, 6].");
+
+  m.def("timestep_sinusoid", &timestep_sinusoid, py::arg("out"), py::arg("t"), py::arg("freq"),
+        py::arg("num_images"), py::arg("dim"), py::arg("flip_sin_to_cos"), py::arg("downscale_freq_shift"),
+        py::arg("scale"), py::arg("max_period"), py::arg("stream"),
+        "fp32 out[M, dim] = sinusoidal embedding of fp32 t[M], frequencies from fp32 freq[dim // 2].");
+  m.def("timestep_add_rows", &timestep_add_rows, py::arg("y"), py::arg("x"), py::arg("emb"), py::arg("image_index"),
+        py::arg("rows"), py::arg("dim"), py::arg("dtype"), py::arg("stream"),
+        "y[p] = x[p] + emb[image_index[p]] (x, y [rows, dim] of dtype; emb fp32 [M, dim]; int32 index, -1 = none).");
+  m.def("timestep_segment_sum", &timestep_segment_sum, py::arg("demb"), py::arg("partial"), py::arg("dy"),
+        py::arg("order"), py::arg("seg"), py::arg("piece_offsets"), py::arg("num_images"), py::arg("dim"),
+        py::arg("max_pieces"), py::arg("piece_rows"), py::arg("dtype"), py::arg("stream"),
+        "Deterministic per-image row sums of dy (see csrc/timestep/timestep.h).");
 }

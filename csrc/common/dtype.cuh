@@ -59,6 +59,42 @@ TK_DEVICE void store_vec(T* __restrict__ p, const float (&in)[kVec<T>]) {
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
 }
 
+// N elements at p: one 16-byte access when N == kVec<T> (p 16-byte aligned), else N == 1.
+template <typename T, int N>
+TK_DEVICE void load_n(const T* __restrict__ p, float (&out)[N]) {
+  static_assert(N == 1 || N == kVec<T>, "N must be 1 or kVec<T>");
+  if constexpr (N == 1) {
+    out[0] = to_float(p[0]);
+  } else {
+    load_vec<T>(p, out);
+  }
+}
+
+template <typename T, int N>
+TK_DEVICE void store_n(T* __restrict__ p, const float (&in)[N]) {
+  static_assert(N == 1 || N == kVec<T>, "N must be 1 or kVec<T>");
+  if constexpr (N == 1) {
+    p[0] = from_float<T>(in[0]);
+  } else {
+    store_vec<T>(p, in);
+  }
+}
+
+// N fp32 values at p: float4 accesses when N % 4 == 0 (p 16-byte aligned).
+template <int N>
+TK_DEVICE void load_f32(const float* __restrict__ p, float (&out)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(p + i));
+      out[i] = v.x, out[i + 1] = v.y, out[i + 2] = v.z, out[i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = __ldg(p + i);
+  }
+}
+
 #endif  // __CUDACC__
 
 }  // namespace tk

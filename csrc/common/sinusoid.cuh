@@ -26,7 +26,7 @@ struct SinusoidParams {
 inline SinusoidParams make_sinusoid_params(int dim, bool flip_sin_to_cos, double downscale_freq_shift,
                                            double scale, double max_period) {
   return SinusoidParams{dim, static_cast<float>(-log(max_period)),
-                        static_cast<float>(static_cast<float>(dim / 2) - static_cast<float>(downscale_freq_shift)),
+                        static_cast<float>(static_cast<double>(dim / 2) - downscale_freq_shift),
                         static_cast<float>(scale), flip_sin_to_cos};
 }
 
@@ -35,15 +35,23 @@ TK_HD float sinusoid_freq(const SinusoidParams& p, int k) {
   return expf(exponent);
 }
 
-// Column `col` (0 <= col < dim) of the embedding of timestep t.
-TK_HD float sinusoid_value(const SinusoidParams& p, float t, int col) {
+// Column `col` of the embedding of timestep t, given freq_k of its column pair (k = col or
+// col - half): the layout part, shared by sinusoid_value and kernels that read a frequency table.
+TK_HD float sinusoid_from_freq(const SinusoidParams& p, float t, int col, float freq_k) {
   const int half = p.dim / 2;
   if (col >= 2 * half) return 0.0f;  // odd dim: zero pad
-  const bool first = col < half;
-  const int k = first ? col : col - half;
-  const float arg = p.scale * (t * sinusoid_freq(p, k));
-  const bool use_sin = first != p.flip_sin_to_cos;
+  const float arg = p.scale * (t * freq_k);
+  const bool use_sin = (col < half) != p.flip_sin_to_cos;
   return use_sin ? sinf(arg) : cosf(arg);
+}
+
+// Index k of the frequency that column `col` uses (only meaningful when col < 2 * half).
+TK_HD int sinusoid_freq_index(int dim, int col) { return col < dim / 2 ? col : col - dim / 2; }
+
+// Column `col` (0 <= col < dim) of the embedding of timestep t.
+TK_HD float sinusoid_value(const SinusoidParams& p, float t, int col) {
+  if (col >= 2 * (p.dim / 2)) return 0.0f;
+  return sinusoid_from_freq(p, t, col, sinusoid_freq(p, sinusoid_freq_index(p.dim, col)));
 }
 
 }  // namespace tk

@@ -18,25 +18,6 @@ TK_DEVICE Coef load_coef(const float* __restrict__ coef, int64_t row) {
   return k;
 }
 
-// N = kVec<T> (16-byte access, pointer aligned) or 1.
-template <typename T, int N>
-TK_DEVICE void load_n(const T* __restrict__ p, float (&out)[N]) {
-  if constexpr (N == 1) {
-    out[0] = to_float(p[0]);
-  } else {
-    load_vec<T>(p, out);
-  }
-}
-
-template <typename T, int N>
-TK_DEVICE void store_n(T* __restrict__ p, const float (&in)[N]) {
-  if constexpr (N == 1) {
-    p[0] = from_float<T>(in[0]);
-  } else {
-    store_vec<T>(p, in);
-  }
-}
-
 // Elements [e0, e0 + N), which may straddle row boundaries when row_len is not a multiple of N.
 template <typename T, int N, bool kDraw>
 TK_DEVICE void step_elements(const AffineStepArgs& a, int64_t e0) {
