@@ -1,0 +1,182 @@
+"""diffusers drop-ins: DDPM/DDIM schedulers whose ``step`` and ``add_noise`` run the fused kernels.
+
+    from transfusion_kernels.integrations.diffusers import FusedDDPMScheduler
+    pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
+
+They are subclasses of diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` with the same config, so
+``from_config``, ``from_pretrained``, ``set_timesteps`` and ``save_pretrained`` work unchanged.
+``step`` returns diffusers' output types and honours the config (``prediction_type``,
+``variance_type``, ``clip_sample``, ``clip_sample_range``, ``set_alpha_to_one``, timestep spacing).
+
+Differences from the stock schedulers:
+
+- Noise comes from the fused kernel's counter-based Philox stream: with ``generator=`` a 64-bit
+  seed is drawn from the generator (same generator state, same result; but not the same numbers
+  as ``torch.randn``); without one, the seed is drawn from torch's default generator. To reproduce
+  a stock run exactly pass the noise itself: ``variance_noise=`` (DDIM has it already; the fused
+  DDPM ``step`` accepts it too). A list of generators draws the noise as diffusers does.
+- ``pred_original_sample`` costs an extra pass over memory, so it is ``None`` unless
+  ``scheduler.compute_pred_original_sample = True``.
+- What the kernels do not cover falls back to diffusers' own ``step`` with a one-time warning:
+  ``thresholding=True``, ``variance_type`` ``learned`` / ``learned_range``, dtypes other than
+  float16/bfloat16/float32, DDIM ``eta`` outside [0, 1]. ``fixed_large_log`` uses
+  sigma = sqrt(beta_t), where diffusers 0.42's ``DDPMScheduler.step`` returns NaN.
+- ``scheduler.backend`` picks the kernel backend (None: ``tk.use_backend`` / the environment).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from transfusion_kernels import diffusion as tkd
+from transfusion_kernels.diffusion.schedule import x0_coefs
+
+__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_warned: set[tuple[str, str]] = set()
+
+
+def _seed_from(generator: torch.Generator) -> int:
+    draw = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator, device=generator.device)
+    return int(draw) % 2**64
+
+
+class _Fused:
+    """What both schedulers share: the schedule, noise/seed, x0, add_noise, the fallback."""
+
+    backend: str | None = None
+    compute_pred_original_sample: bool = False
+
+    @property
+    def fused_schedule(self) -> tkd.DiffusionSchedule:
+        sched = self.__dict__.get("_fused_schedule")
+        if sched is None:
+            sched = self.__dict__["_fused_schedule"] = tkd.DiffusionSchedule.from_diffusers(self)
+        return sched
+
+    def _fallback(self, reason: str) -> None:
+        key = (type(self).__name__, reason)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(
+                f"{type(self).__name__}: the fused kernels do not support {reason}; using diffusers' step",
+                stacklevel=3,
+            )
+
+    def _common_unsupported(self, model_output, sample) -> str | None:
+        if self.config.thresholding:
+            return "thresholding=True"
+        if sample.dtype not in _DTYPES:
+            return f"dtype {sample.dtype}"
+        if model_output.shape != sample.shape or model_output.dtype != sample.dtype:
+            return "a model_output whose shape or dtype differs from sample's"
+        return None
+
+    def _noise_and_seed(self, generator, variance_noise, sample):
+        if variance_noise is not None:
+            if generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise; leave one of them None.")
+            return variance_noise, None
+        if generator is None:
+            return None, None  # a fresh seed from torch's default generator
+        if isinstance(generator, (list, tuple)):  # per-sample generators: draw as diffusers does
+            return randn_tensor(sample.shape, generator=list(generator), device=sample.device, dtype=sample.dtype), None
+        return None, _seed_from(generator)
+
+    def _pred_original_sample(self, model_output, t: int, sample):
+        if not self.compute_pred_original_sample:
+            return None
+        abar = self.fused_schedule.alphas_cumprod[t : t + 1]
+        c0, c1 = (float(c) for c in x0_coefs(abar, self.config.prediction_type))
+        x0 = c0 * sample.float() + c1 * model_output.float()
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0.to(sample.dtype)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        x0 = original_samples
+        if isinstance(timesteps, int):
+            timesteps = torch.tensor(timesteps)
+        fused = (
+            isinstance(timesteps, torch.Tensor)
+            and not timesteps.dtype.is_floating_point
+            and x0.dtype in _DTYPES
+            and x0.dim() >= 1
+            and noise.shape == x0.shape
+            and noise.dtype == x0.dtype
+            and timesteps.numel() in (1, x0.shape[0])
+        )
+        if not fused:
+            return super().add_noise(original_samples, noise, timesteps)
+        t = timesteps.reshape(()) if timesteps.numel() == 1 else timesteps.reshape(-1)
+        return tkd.add_noise(x0, t, self.fused_schedule, noise=noise, backend=self.backend)[0]
+
+
+class FusedDDPMScheduler(_Fused, DDPMScheduler):
+    """``DDPMScheduler`` whose ``step`` and ``add_noise`` are one fused kernel each (module docstring)."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, variance_noise=None):
+        reason = self._common_unsupported(model_output, sample)
+        if reason is None and self.variance_type in ("learned", "learned_range"):
+            reason = f"variance_type={self.variance_type!r}"
+        if reason is not None:
+            if variance_noise is not None:
+                raise ValueError(f"variance_noise needs the fused step, which does not support {reason}")
+            self._fallback(reason)
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        t = int(timestep)
+        prev_t = int(self.previous_timestep(t))
+        noise, seed = self._noise_and_seed(generator, variance_noise, sample) if t > 0 else (None, None)
+        prev_sample = tkd.ddpm_step(
+            model_output, t, sample, self.fused_schedule, prev_timestep=prev_t,
+            prediction_type=self.config.prediction_type, variance_type=self.variance_type,
+            clip_sample=self.config.clip_sample, clip_sample_range=self.config.clip_sample_range,
+            noise=noise, seed=seed, backend=self.backend,
+        )
+        x0 = self._pred_original_sample(model_output, t, sample)
+        if not return_dict:
+            return (prev_sample, x0)
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class FusedDDIMScheduler(_Fused, DDIMScheduler):
+    """``DDIMScheduler`` whose ``step`` and ``add_noise`` are one fused kernel each (module docstring)."""
+
+    def step(
+        self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+        generator=None, variance_noise=None, return_dict: bool = True,
+    ):
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        reason = self._common_unsupported(model_output, sample)
+        if reason is None and not 0.0 <= eta <= 1.0:
+            reason = f"eta={eta}"
+        if reason is not None:
+            self._fallback(reason)
+            return super().step(
+                model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
+                generator=generator, variance_noise=variance_noise, return_dict=return_dict,
+            )
+        t = int(timestep)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        if prev_t < 0 and not self.config.set_alpha_to_one:
+            prev_t = 0  # final_alpha_cumprod is alphas_cumprod[0]
+        noise, seed = self._noise_and_seed(generator, variance_noise, sample) if eta > 0 else (None, None)
+        prev_sample = tkd.ddim_step(
+            model_output, t, sample, self.fused_schedule, prev_timestep=prev_t, eta=float(eta),
+            prediction_type=self.config.prediction_type, clip_sample=self.config.clip_sample,
+            clip_sample_range=self.config.clip_sample_range, use_clipped_model_output=use_clipped_model_output,
+            noise=noise, seed=seed, backend=self.backend,
+        )
+        x0 = self._pred_original_sample(model_output, t, sample)
+        if not return_dict:
+            return (prev_sample, x0)
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
