@@ -25,7 +25,8 @@ freq_dim == D). The config keywords are ``freq_dim`` (int), ``flip_sin_to_cos`` 
 
 ``forward(x, timesteps, image_index, w1, b1, w2, b2, **config) -> y``
     New tensor like x: ``x + emb[image_index]`` rounded once to x.dtype, emb in fp32.
-    The frequency table should come from ``reference.frequencies`` (diffusers' exact fp32 ops).
+    The sinusoid arguments must be diffusers' fp32 values: ``scale * (float(t) * freq[k])`` with
+    freq from ``reference.frequencies`` (or the same fp32 ops computed in-kernel).
 ``segment_sum(dy, image_index, num_images) -> demb``
     fp32 [num_images, D]: row m is the sum of dy over the rows p with image_index[p] == m (zero
     for an image without patches). Called only when an MLP weight needs a gradient.

@@ -20,7 +20,8 @@ Backward (only when an MLP weight needs a gradient; dx = dy needs no kernel):
 
 Sin/cos arguments are reduced to [-pi, pi] in the kernel (two-constant Cody-Waite) before
 tl.sin/tl.cos, so the result does not depend on how the backend lowers them for large
-arguments (timesteps reach 1000 rad). The frequency table is diffusers' own fp32 computation
+arguments (timesteps reach 1000 rad); the reduction is exact for |argument| < 2**16 * 2 pi
+(~4e5 rad) and degrades gracefully beyond. The frequency table is diffusers' own fp32 computation
 (reference.frequencies), cached per device, so arguments match diffusers bit for bit.
 """
 from __future__ import annotations
