@@ -129,9 +129,13 @@ def requested_backend(backend: str | None = None) -> str:
     return name
 
 
-@lru_cache(maxsize=None)
+_EXISTS: dict[str, bool] = {}  # a plain dict: torch.compile traces a lookup without warnings
+
+
 def _module_exists(path: str) -> bool:
-    return importlib.util.find_spec(path) is not None
+    if path not in _EXISTS:
+        _EXISTS[path] = importlib.util.find_spec(path) is not None
+    return _EXISTS[path]
 
 
 class Op:
