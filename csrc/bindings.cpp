@@ -11,9 +11,11 @@
 #include <cuda_runtime_api.h>
 
 #include <optional>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 
+#include "attention/attention.h"
 #include "diffusion/affine_step.h"
 #include "timestep/timestep.h"
 
@@ -171,6 +173,50 @@ void timestep_segment_sum(uintptr_t demb, uintptr_t partial, uintptr_t dy, uintp
   check_cuda(err, "timestep_segment_sum launch");
 }
 
+void attention_fwd(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start,
+                   uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
+                   std::tuple<int64_t, int64_t> q_strides, std::tuple<int64_t, int64_t> k_strides,
+                   std::tuple<int64_t, int64_t> v_strides, double scale, const std::string& dtype,
+                   uintptr_t stream) {
+  require(nq >= 0 && nk >= 0, "nq and nk must be >= 0");
+  require(hq > 0 && hkv > 0 && hq % hkv == 0, "hq must be a positive multiple of hkv");
+  require(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128");
+  const tk::DType dt = parse_dtype(dtype);
+  require(dt != tk::DType::kFloat32, "dtype must be 'float16' or 'bfloat16'");
+  for (int64_t st : {std::get<0>(q_strides), std::get<1>(q_strides), std::get<0>(k_strides), std::get<1>(k_strides),
+                     std::get<0>(v_strides), std::get<1>(v_strides)}) {
+    require(st % 8 == 0, "row and head strides must be multiples of 8 elements (16-byte copies)");
+  }
+  if (nq == 0) return;
+  require(out != 0 && lse != 0 && q != 0 && kv_start != 0 && kv_end != 0 && q_tiles != 0,
+          "out, lse, q, kv_start, kv_end and q_tiles must be non-null device pointers");
+  require(nk == 0 || (k != 0 && v != 0), "k and v must be non-null device pointers");
+  require(((q | k | v | out) & 15u) == 0, "q, k, v and out must be 16-byte aligned");
+  tk::AttentionFwdArgs a{};
+  a.out = as_ptr<void>(out);
+  a.lse = as_ptr<float>(lse);
+  a.q = as_ptr<const void>(q);
+  a.k = as_ptr<const void>(k);
+  a.v = as_ptr<const void>(v);
+  a.kv_start = as_ptr<const int32_t>(kv_start);
+  a.kv_end = as_ptr<const int32_t>(kv_end);
+  a.q_tiles = as_ptr<const int32_t>(q_tiles);
+  a.nq = nq;
+  a.nk = nk;
+  a.hq = hq;
+  a.hkv = hkv;
+  std::tie(a.q_row_stride, a.q_head_stride) = q_strides;
+  std::tie(a.k_row_stride, a.k_head_stride) = k_strides;
+  std::tie(a.v_row_stride, a.v_head_stride) = v_strides;
+  a.scale = static_cast<float>(scale);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = tk::attention_fwd(a, dt, head_dim, as_stream(stream));
+  }
+  check_cuda(err, "attention_fwd launch");
+}
+
 py::dict cuda_status() {
   py::dict d;
   int count = 0, driver = 0, runtime = 0;
@@ -228,4 +274,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("order"), py::arg("seg"), py::arg("piece_offsets"), py::arg("num_images"), py::arg("dim"),
         py::arg("max_pieces"), py::arg("piece_rows"), py::arg("dtype"), py::arg("stream"),
         "Deterministic per-image row sums of dy (see csrc/timestep/timestep.h).");
+
+  m.attr("ATTENTION_BLOCK_M") = tk::kAttentionBlockM;
+  m.attr("ATTENTION_BLOCK_N") = tk::kAttentionBlockN;
+  m.def("attention_fwd", &attention_fwd, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"), py::arg("hq"),
+        py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+        py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        "Interval-mask attention forward (fp16/bf16, head_dim 64/128): out [nq, hq, D] contiguous, lse [hq, nq] "
+        "fp32; q_tiles = HybridMask.query_tiles(ATTENTION_BLOCK_M); strides as (row, head) in elements.");
 }
