@@ -63,6 +63,12 @@ def load_extension():
     return _C, None
 
 
+@lru_cache(maxsize=None)
+def _cuda_status() -> dict:
+    ext, _ = load_extension()
+    return dict(ext.cuda_status())
+
+
 def _info(name: str, device: torch.device) -> BackendInfo:
     if name == "reference":
         return BackendInfo(name, True, "plain PyTorch, runs on any device")
@@ -85,6 +91,11 @@ def _info(name: str, device: torch.device) -> BackendInfo:
             return BackendInfo(name, False, f"the cuda backend needs CUDA tensors, got {device.type} tensors")
         if not torch.cuda.is_available():
             return BackendInfo(name, False, "no CUDA device is visible to torch")
+        status = _cuda_status()
+        if status["device_count"] == 0:
+            # The extension's statically linked runtime may need a newer driver than torch's.
+            return BackendInfo(name, False, f"the extension sees no CUDA device ({status['error']}); "
+                               "update the NVIDIA driver or rebuild with a matching CUDA toolkit")
         return BackendInfo(name, True, "compiled CUDA C++ kernels")
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
 
@@ -144,9 +155,10 @@ class Op:
     ``impls`` maps backend name -> module path; the module must define the functions the op's
     dispatcher calls (see each op's ``__init__.py``)."""
 
-    def __init__(self, name: str, impls: dict[str, str]):
+    def __init__(self, name: str, impls: dict[str, str], gpu_order: tuple[str, ...] = ("cuda", "triton")):
         self.name = name
         self.impls = impls
+        self.gpu_order = gpu_order  # what "auto" tries on a GPU, fastest first
         self._modules: dict[str, object] = {}
         _OPS.append(self)
 
@@ -157,8 +169,7 @@ class Op:
     def resolve(self, backend: str | None, device: torch.device) -> str:
         name = requested_backend(backend)
         if name == "auto":
-            order = ("cuda", "triton") if device.type == "cuda" else ()
-            for cand in order:
+            for cand in self.gpu_order if device.type == "cuda" else ():
                 if self.has(cand) and _info(cand, device).available:
                     return cand
             return "reference"

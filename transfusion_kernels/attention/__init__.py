@@ -23,6 +23,8 @@ ATTENTION = Op(
         "triton": "transfusion_kernels.attention.triton",
         "cuda": "transfusion_kernels.attention.cuda",
     },
+    # Triton first: it covers every head dim, dtype and the backward; the CUDA kernel is forward-only.
+    gpu_order=("triton", "cuda"),
 )
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
