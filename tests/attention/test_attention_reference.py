@@ -51,7 +51,7 @@ def test_layouts(name, seed):
 def test_chunking_does_not_change_results(seed, monkeypatch):
     cu, spans = LAYOUTS["several_documents"]
     mask = tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32), torch.tensor(spans, dtype=torch.int32))
-    check_against_dense(mask, naive_dense(cu, spans), chunk_elems=3 * 4 * 40, monkeypatch=monkeypatch)
+    check_against_dense(mask, naive_dense(cu, spans), chunk_elems=4 * 127 * 16, monkeypatch=monkeypatch)  # 16 queries a chunk
 
 
 def test_cached_prefix_and_empty_rows(seed):
