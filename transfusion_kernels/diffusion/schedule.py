@@ -84,7 +84,7 @@ class DiffusionSchedule:
         self.rescale_betas_zero_snr = bool(rescale_betas_zero_snr)
         self.betas = betas.to(torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float64)
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._cache: dict = {}
 
     @classmethod
     def from_diffusers(cls, scheduler_or_config) -> "DiffusionSchedule":
@@ -109,17 +109,25 @@ class DiffusionSchedule:
             rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
         )
 
+    def cached(self, key, build):
+        """``build()``, memoised on this schedule under ``key`` (not while torch.compile traces:
+        there the tensors are part of the graph). Holds coefficient tables, so repeated calls
+        with the same timesteps cost a lookup instead of a dozen small tensor ops."""
+        if torch.compiler.is_compiling():
+            return build()
+        value = self._cache.get(key)
+        if value is None:
+            if len(self._cache) >= 4096:  # a long run of distinct per-call keys: start over
+                self._cache.clear()
+            value = self._cache[key] = build()
+        return value
+
     def alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
         """``alphas_cumprod`` (float64) on ``device``, copied there once."""
         device = torch.device(device)
         if device.type == "cpu":
             return self.alphas_cumprod
-        if torch.compiler.is_compiling():
-            return self.alphas_cumprod.to(device)
-        table = self._on_device.get(device)
-        if table is None:
-            table = self._on_device[device] = self.alphas_cumprod.to(device)
-        return table
+        return self.cached(("alphas_cumprod", device), lambda: self.alphas_cumprod.to(device))
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,250 @@
+"""Benchmark: the fused diffusion ops (add_noise, DDPM step, DDIM step).
+
+Compared on each case:
+  diffusers   diffusers' eager DDPMScheduler / DDIMScheduler (.step with its own torch.randn
+              noise; add_noise after torch.randn_like), where diffusers is importable and the
+              case has one timestep per batch element (it has no per-patch timesteps)
+  compiled    torch.compile of the reference affine step with the same coefficients; its noise
+              comes from torch.randn_like inside the compiled function (inductor's own fused RNG:
+              compiling the reference's int64 Philox did not finish within 10 minutes on a CPU)
+  tk:<name>   the public op (tk.add_noise / tk.ddpm_step / tk.ddim_step) on each backend,
+              coefficient preparation included
+  kernel:<name>  the backend's affine_step alone, coefficients prepared once
+
+Every op is one memory-bound pass: add_noise reads x0 and writes x_t and the drawn noise, a step
+reads sample and model_output and writes x_prev (noise is drawn in the kernel). Achieved
+bandwidth = those bytes / median time, next to a measured device copy
+(``torch.empty_like(x).copy_(x)``: read + write) as the ceiling.
+
+    python benchmarks/diffusion.py            # GPU: latents and 64 MB+ tensors, JSON in benchmarks/results/
+    python benchmarks/diffusion.py --smoke    # CPU: tiny shapes on the reference, checks the harness
+
+Timing: ``triton.testing.do_bench`` medians on a GPU (L2 flushed between runs), perf_counter
+medians on a CPU. The helpers below are local: there is no shared benchmarks helper module yet.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import transfusion_kernels as tk  # noqa: E402
+from transfusion_kernels import diffusion as tkd  # noqa: E402
+from transfusion_kernels.diffusion import DDPM_STEP, reference  # noqa: E402
+
+# (name, shape, dtype, per_row): per_row = one timestep per row of a packed batch of patches
+GPU_CASES = [
+    ("latents 16x4x64x64", (16, 4, 64, 64), torch.float32, False),
+    ("latents 16x4x64x64", (16, 4, 64, 64), torch.bfloat16, False),
+    ("64 MB", (64, 4, 256, 256), torch.float32, False),
+    ("64 MB", (128, 4, 256, 256), torch.bfloat16, False),
+    ("256 MB", (256, 4, 256, 256), torch.float32, False),
+    ("packed patches 1M x 64 (128 MB)", (1 << 20, 64), torch.bfloat16, True),
+]
+SMOKE_CASES = [
+    ("latents 2x4x8x8", (2, 4, 8, 8), torch.float32, False),
+    ("packed patches 64 x 16", (64, 16), torch.bfloat16, True),
+]
+SEED = 1234
+
+
+# ----------------------------------------------------------------------------- minimal helpers
+
+
+def time_ms(fn, device: torch.device, reps: int) -> float:
+    """Median time of fn() in milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median"))
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def environment(device: torch.device) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except Exception:
+            return None
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "diffusers": version("diffusers"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--", "transfusion_kernels", "benchmarks")),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------- the cases
+
+
+def diffusers_baselines(x, m, t_rows, t_scalar, per_row):
+    """{op: fn} with diffusers' eager schedulers, or {} where it cannot run the case."""
+    try:
+        from diffusers import DDIMScheduler, DDPMScheduler
+    except ImportError:
+        return {}
+    ddpm = DDPMScheduler(clip_sample=True)
+    ddim = DDIMScheduler(clip_sample=True)
+    ddim.set_timesteps(50)
+    out = {"add_noise": lambda: ddpm.add_noise(x, torch.randn_like(x), t_rows)}
+    if not per_row:
+        out["ddpm_step"] = lambda: ddpm.step(m, t_scalar, x).prev_sample
+        out["ddim_step"] = lambda: ddim.step(m, t_scalar, x, eta=0.0).prev_sample
+    return out
+
+
+def run_case(name, shape, dtype, per_row, device, backends, compile_, reps, gen):
+    sched = tk.DiffusionSchedule()
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    m = torch.randn(shape, generator=gen).to(device, dtype)
+    R = shape[0]
+    t_rows = torch.randint(1, 1000, (R,), generator=gen).to(device)
+    t_scalar = 500  # DDIM with 50 steps visits it; DDPM: prev = 499
+    t_step = t_rows if per_row else t_scalar
+    prev_ddim = (t_rows - 20) if per_row else t_scalar - 20
+    n, item = x.numel(), x.element_size()
+
+    ops = {  # op: (public call with backend b, kernel-only call args, bytes moved)
+        "add_noise": (
+            lambda b: tk.add_noise(x, t_rows, sched, seed=SEED, backend=b),
+            (x, None, "add_noise", True),
+            3 * n * item,
+        ),
+        "ddpm_step": (
+            lambda b: tk.ddpm_step(m, t_step, x, sched, clip_sample=True, seed=SEED, backend=b),
+            (x, m, "ddpm_step", False),
+            3 * n * item,
+        ),
+        "ddim_step": (
+            lambda b: tk.ddim_step(m, t_step, x, sched, prev_timestep=prev_ddim, clip_sample=True, backend=b),
+            (x, m, "ddim_step", False),
+            3 * n * item,
+        ),
+    }
+    coefs = coefficients(sched, t_rows, t_step, prev_ddim, R, device)
+    baselines = diffusers_baselines(x, m, t_rows, t_scalar, per_row)
+    compiled = torch.compile(compiled_step, dynamic=False) if compile_ else None
+
+    copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x), device, reps)
+    copy_gbps = 2 * n * item / copy_ms / 1e6
+    row = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "per_row_timesteps": per_row,
+           "copy_ms": copy_ms, "copy_GBps": copy_gbps, "ops": {}}
+    for op, (public, (sample, mo, kind, ret_noise), nbytes) in ops.items():
+        coef, clip, has_noise = coefs[kind]
+        impls = {}
+        if op in baselines:
+            impls["diffusers"] = baselines[op]
+        if compiled is not None:
+            impls["compiled"] = lambda: compiled(sample, mo, coef, clip, has_noise, ret_noise)
+        for b in backends:
+            impls[f"tk:{b}"] = lambda b=b: public(b)
+            mod = DDPM_STEP.module(b)
+            impls[f"kernel:{b}"] = lambda mod=mod: mod.affine_step(
+                sample, mo, coef, None, SEED, clip, ret_noise, has_noise=has_noise
+            )
+        results = {}
+        with torch.no_grad():
+            for impl, fn in impls.items():
+                ms = time_ms(fn, device, reps)
+                gbps = nbytes / ms / 1e6
+                results[impl] = {"median_ms": ms, "GBps": gbps, "frac_of_copy": gbps / copy_gbps}
+                print(f"{name:32s} {row['dtype']:8s} {op:9s} {impl:18s} {ms:9.4f} ms {gbps:8.1f} GB/s "
+                      f"({100 * gbps / copy_gbps:5.1f}% of copy)", flush=True)
+        row["ops"][op] = {"bytes": nbytes, "impls": results}
+    return row
+
+
+def compiled_step(sample, model_output, coef, clip, has_noise, return_noise):
+    """The reference step with torch's RNG drawn inside, for torch.compile."""
+    noise = torch.randn_like(sample) if has_noise else None
+    out, _ = reference.affine_step(sample, model_output, coef, noise, 0, clip, False, has_noise=False)
+    return (out, noise) if return_noise else out
+
+
+def coefficients(sched, t_rows, t_step, prev_ddim, R, device):
+    """Per op: (coef [R, 6] float32, clip_range, has_noise), built as the public functions do."""
+    return {
+        "add_noise": (*tkd.add_noise_coef(t_rows, R, sched, device)[:1], None, True),
+        "ddpm_step": (tkd.ddpm_coef(t_step, R, sched, device)[0], 1.0, True),
+        "ddim_step": (tkd.ddim_coef(t_step, R, sched, device, prev_ddim)[0], 1.0, False),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes with the reference backend")
+    ap.add_argument("--backends", default=None, help="comma list (default: every backend that can run here)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/diffusion-<device>-<date>.json; "
+                                                "a temporary file for --smoke)")
+    args = ap.parse_args(argv)
+
+    if args.smoke:
+        device, cases, reps = torch.device("cpu"), SMOKE_CASES, args.reps or 5
+    else:
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device: run with --smoke on a CPU")
+        device, cases, reps = torch.device("cuda"), GPU_CASES, args.reps or 100
+    if args.backends:
+        backends = args.backends.split(",")
+    elif args.smoke:
+        backends = ["reference"]
+    else:
+        backends = [b for b, info in tk.available_backends(device).items() if info.available and DDPM_STEP.has(b)]
+
+    gen = torch.Generator().manual_seed(0)
+    env = environment(device)
+    rows = [run_case(*case, device, backends, not args.no_compile, reps, gen) for case in cases]
+
+    out = args.out
+    if out is None:
+        if args.smoke:
+            out = os.path.join(tempfile.gettempdir(), "diffusion-smoke.json")
+        else:
+            tag = env["device"].replace(" ", "_").replace("/", "_")
+            out = os.path.join(ROOT, "benchmarks", "results", f"diffusion-{tag}-{env['date'][:19].replace(':', '')}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"benchmark": "diffusion", "env": env, "reps": reps, "seed": SEED,
+                   "timing": "median; triton.testing.do_bench on a GPU, perf_counter on a CPU", "rows": rows},
+                  f, indent=1)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
