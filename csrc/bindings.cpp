@@ -10,6 +10,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <stdexcept>
@@ -173,20 +174,28 @@ void timestep_segment_sum(uintptr_t demb, uintptr_t partial, uintptr_t dy, uintp
   check_cuda(err, "timestep_segment_sum launch");
 }
 
-void attention_fwd(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start,
-                   uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
-                   std::tuple<int64_t, int64_t> q_strides, std::tuple<int64_t, int64_t> k_strides,
-                   std::tuple<int64_t, int64_t> v_strides, double scale, const std::string& dtype,
-                   uintptr_t stream) {
+using Strides = std::tuple<int64_t, int64_t>;  // (row, head) strides in elements
+
+// Checks shared by the attention entry points; returns the element type.
+tk::DType check_attention(int64_t nq, int64_t nk, int hq, int hkv, int head_dim, const std::string& dtype,
+                          std::initializer_list<Strides> strides) {
   require(nq >= 0 && nk >= 0, "nq and nk must be >= 0");
   require(hq > 0 && hkv > 0 && hq % hkv == 0, "hq must be a positive multiple of hkv");
   require(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128");
   const tk::DType dt = parse_dtype(dtype);
   require(dt != tk::DType::kFloat32, "dtype must be 'float16' or 'bfloat16'");
-  for (int64_t st : {std::get<0>(q_strides), std::get<1>(q_strides), std::get<0>(k_strides), std::get<1>(k_strides),
-                     std::get<0>(v_strides), std::get<1>(v_strides)}) {
-    require(st % 8 == 0, "row and head strides must be multiples of 8 elements (16-byte copies)");
+  for (const Strides& st : strides) {
+    require(std::get<0>(st) % 8 == 0 && std::get<1>(st) % 8 == 0,
+            "row and head strides must be multiples of 8 elements (16-byte copies)");
   }
+  return dt;
+}
+
+void attention_fwd_impl(bool sm90, uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
+                        uintptr_t kv_start, uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq,
+                        int hkv, int head_dim, Strides q_strides, Strides k_strides, Strides v_strides, double scale,
+                        const std::string& dtype, uintptr_t stream) {
+  const tk::DType dt = check_attention(nq, nk, hq, hkv, head_dim, dtype, {q_strides, k_strides, v_strides});
   if (nq == 0) return;
   require(out != 0 && lse != 0 && q != 0 && kv_start != 0 && kv_end != 0 && q_tiles != 0,
           "out, lse, q, kv_start, kv_end and q_tiles must be non-null device pointers");
@@ -212,9 +221,79 @@ void attention_fwd(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintp
   cudaError_t err;
   {
     py::gil_scoped_release release;
-    err = tk::attention_fwd(a, dt, head_dim, as_stream(stream));
+    err = sm90 ? tk::attention_fwd_sm90(a, dt, head_dim, as_stream(stream))
+               : tk::attention_fwd(a, dt, head_dim, as_stream(stream));
   }
-  check_cuda(err, "attention_fwd launch");
+  check_cuda(err, sm90 ? "attention_fwd_sm90 launch" : "attention_fwd launch");
+}
+
+void attention_fwd(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start,
+                   uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
+                   Strides q_strides, Strides k_strides, Strides v_strides, double scale, const std::string& dtype,
+                   uintptr_t stream) {
+  attention_fwd_impl(false, out, lse, q, k, v, kv_start, kv_end, q_tiles, nq, nk, hq, hkv, head_dim, q_strides,
+                     k_strides, v_strides, scale, dtype, stream);
+}
+
+void attention_fwd_sm90(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start,
+                        uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
+                        Strides q_strides, Strides k_strides, Strides v_strides, double scale,
+                        const std::string& dtype, uintptr_t stream) {
+  attention_fwd_impl(true, out, lse, q, k, v, kv_start, kv_end, q_tiles, nq, nk, hq, hkv, head_dim, q_strides,
+                     k_strides, v_strides, scale, dtype, stream);
+}
+
+void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, uintptr_t dout, uintptr_t q,
+                   uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kv_start, uintptr_t kv_end,
+                   uintptr_t q_tiles, uintptr_t k_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
+                   Strides q_strides, Strides k_strides, Strides v_strides, Strides o_strides, Strides do_strides,
+                   double scale, const std::string& dtype, uintptr_t stream) {
+  const tk::DType dt =
+      check_attention(nq, nk, hq, hkv, head_dim, dtype, {q_strides, k_strides, v_strides, o_strides, do_strides});
+  if (nk == 0 && nq == 0) return;
+  require(nk == 0 || (dk != 0 && dv != 0 && k != 0 && v != 0 && k_tiles != 0),
+          "dk, dv, k, v and k_tiles must be non-null device pointers");
+  require(nq == 0 || (dq != 0 && scratch != 0 && dout != 0 && q != 0 && out != 0 && lse != 0 && kv_start != 0 &&
+                      kv_end != 0 && q_tiles != 0),
+          "dq, scratch, dout, q, out, lse, kv_start, kv_end and q_tiles must be non-null device pointers");
+  require(((dq | dk | dv | dout | q | k | v | out) & 15u) == 0, "dq, dk, dv, dout, q, k, v and out must be 16-byte aligned");
+  tk::AttentionBwdArgs a{};
+  a.dq = as_ptr<void>(dq);
+  a.dk = as_ptr<void>(dk);
+  a.dv = as_ptr<void>(dv);
+  a.delta = as_ptr<float>(scratch);
+  a.lse2 = a.delta == nullptr ? nullptr : a.delta + static_cast<int64_t>(hq) * nq;
+  a.dout = as_ptr<const void>(dout);
+  a.q = as_ptr<const void>(q);
+  a.k = as_ptr<const void>(k);
+  a.v = as_ptr<const void>(v);
+  a.out = as_ptr<const void>(out);
+  a.lse = as_ptr<const float>(lse);
+  a.kv_start = as_ptr<const int32_t>(kv_start);
+  a.kv_end = as_ptr<const int32_t>(kv_end);
+  a.q_tiles = as_ptr<const int32_t>(q_tiles);
+  a.k_tiles = as_ptr<const int32_t>(k_tiles);
+  a.nq = nq;
+  a.nk = nk;
+  a.hq = hq;
+  a.hkv = hkv;
+  std::tie(a.q_row_stride, a.q_head_stride) = q_strides;
+  std::tie(a.k_row_stride, a.k_head_stride) = k_strides;
+  std::tie(a.v_row_stride, a.v_head_stride) = v_strides;
+  std::tie(a.o_row_stride, a.o_head_stride) = o_strides;
+  std::tie(a.do_row_stride, a.do_head_stride) = do_strides;
+  a.scale = static_cast<float>(scale);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = tk::attention_bwd(a, dt, head_dim, as_stream(stream));
+  }
+  check_cuda(err, "attention_bwd launch");
+}
+
+bool attention_sm90_supported(int device) {
+  py::gil_scoped_release release;
+  return tk::attention_sm90_supported(device);
 }
 
 py::dict cuda_status() {
@@ -277,10 +356,33 @@ PYBIND11_MODULE(_C, m) {
 
   m.attr("ATTENTION_BLOCK_M") = tk::kAttentionBlockM;
   m.attr("ATTENTION_BLOCK_N") = tk::kAttentionBlockN;
+  m.attr("ATTENTION_SM90_BLOCK_M") = tk::kAttentionSm90BlockM;
+  m.attr("ATTENTION_BWD_BLOCK_M") = tk::kAttentionBwdBlockM;
+  m.attr("ATTENTION_BWD_BLOCK_N") = tk::kAttentionBwdBlockN;
   m.def("attention_fwd", &attention_fwd, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"), py::arg("hq"),
         py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
         py::arg("scale"), py::arg("dtype"), py::arg("stream"),
-        "Interval-mask attention forward (fp16/bf16, head_dim 64/128): out [nq, hq, D] contiguous, lse [hq, nq] "
-        "fp32; q_tiles = HybridMask.query_tiles(ATTENTION_BLOCK_M); strides as (row, head) in elements.");
+        "Interval-mask attention forward on mma.sync (sm_80+; fp16/bf16, head_dim 64/128): out [nq, hq, D] "
+        "contiguous, lse [hq, nq] fp32; q_tiles = HybridMask.query_tiles(ATTENTION_BLOCK_M); strides as "
+        "(row, head) in elements.");
+  m.def("attention_fwd_sm90", &attention_fwd_sm90, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"), py::arg("hq"),
+        py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+        py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        "The same forward on wgmma with TMA loads (compute capability 9.0 and an sm_90a build only: see "
+        "attention_sm90_supported); q_tiles = HybridMask.query_tiles(ATTENTION_SM90_BLOCK_M).");
+  m.def("attention_sm90_supported", &attention_sm90_supported, py::arg("device"),
+        "Whether attention_fwd_sm90 can run on this CUDA device (compute capability 9.0, sm_90a code in this "
+        "build).");
+  m.def("attention_bwd", &attention_bwd, py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scratch"),
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("k_tiles"), py::arg("nq"),
+        py::arg("nk"), py::arg("hq"), py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"),
+        py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"), py::arg("do_strides"), py::arg("scale"),
+        py::arg("dtype"), py::arg("stream"),
+        "Interval-mask attention backward on mma.sync (fp16/bf16, head_dim 64/128): dq [nq, hq, D], dk, dv "
+        "[nk, hkv, D] contiguous (dk, dv summed over each kv head's query heads); scratch fp32 [2, hq, nq]; "
+        "lse fp32 [hq, nq] contiguous; q_tiles = HybridMask.query_tiles(ATTENTION_BWD_BLOCK_M), k_tiles = "
+        "HybridMask.key_tiles(ATTENTION_BWD_BLOCK_N).");
 }

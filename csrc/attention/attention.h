@@ -1,7 +1,16 @@
-// Interval-mask attention forward (FlashAttention-2 style) with mma.sync tensor-core tiles:
-// query i sees keys kv_start[i] <= j < kv_end[i]; q_tiles (transfusion_kernels/masks.py,
-// HybridMask.query_tiles(kAttentionBlockM)) bounds the key tiles each query tile visits and marks
-// the ones every query sees in full (no mask arithmetic there).
+// Interval-mask attention (FlashAttention-2 style) on tensor cores: query i sees keys
+// kv_start[i] <= j < kv_end[i]. The mask's tile tables (transfusion_kernels/masks.py,
+// HybridMask.query_tiles / key_tiles) bound the key tiles a query tile visits (and the query
+// tiles a key tile is seen by) and mark the ones seen in full (no mask arithmetic there).
+//
+//   attention_fwd       mma.sync m16n8k16 (sm_80+), q_tiles = query_tiles(kAttentionBlockM)
+//   attention_fwd_sm90  wgmma + TMA + mbarrier pipeline (sm_90a only),
+//                       q_tiles = query_tiles(kAttentionSm90BlockM)
+//   attention_bwd       mma.sync (sm_80+): delta = rowsum(dO * O), then dk/dv per key tile and
+//                       dq per query tile (deterministic: no atomics)
+//
+// fp16 / bf16, head_dim 64 or 128; rows and heads strided (multiples of 8 elements, 16-byte
+// aligned bases), unit stride along head_dim. GQA: query head h uses kv head h / (hq / hkv).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -11,8 +20,11 @@
 
 namespace tk {
 
-constexpr int kAttentionBlockM = 64;  // query rows per block (16 per warp, 4 warps)
-constexpr int kAttentionBlockN = 64;  // keys per step
+constexpr int kAttentionBlockM = 64;       // forward (mma.sync): query rows per block (16 per warp, 4 warps)
+constexpr int kAttentionBlockN = 64;       // forward (mma.sync): keys per step
+constexpr int kAttentionSm90BlockM = 128;  // forward (wgmma): query rows per block (64 per warpgroup, 2 warpgroups)
+constexpr int kAttentionBwdBlockM = 64;    // dq: query rows per block; table query_tiles(64)
+constexpr int kAttentionBwdBlockN = 64;    // dk/dv: keys per block; table key_tiles(64)
 
 struct AttentionFwdArgs {
   void* out;                // [nq, hq, D] T, contiguous
@@ -22,14 +34,49 @@ struct AttentionFwdArgs {
   const void* v;            // [nk, hkv, D] T
   const int32_t* kv_start;  // [nq]
   const int32_t* kv_end;    // [nq]
-  const int32_t* q_tiles;   // [ceil(nq / kAttentionBlockM), 4]: kv_lo, kv_hi, full_lo, full_hi
+  const int32_t* q_tiles;   // [ceil(nq / block_m), 4]: kv_lo, kv_hi, full_lo, full_hi
   int64_t nq, nk;
   int hq, hkv;
   int64_t q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;
   float scale;              // softmax scale (applied to q . k)
 };
 
+struct AttentionBwdArgs {
+  void* dq;                 // [nq, hq, D] T, contiguous
+  void* dk;                 // [nk, hkv, D] T, contiguous (summed over the kv head's query heads)
+  void* dv;                 // [nk, hkv, D] T, contiguous
+  float* delta;             // scratch [hq, nq] fp32: rowsum(dO * O)
+  float* lse2;              // scratch [hq, nq] fp32: lse * log2(e), +inf for rows that see nothing
+  const void* dout;         // [nq, hq, D] T, strided like q
+  const void* q;            // [nq, hq, D] T
+  const void* k;            // [nk, hkv, D] T
+  const void* v;            // [nk, hkv, D] T
+  const void* out;          // [nq, hq, D] T (the forward's output)
+  const float* lse;         // [hq, nq] fp32, contiguous (the forward's lse)
+  const int32_t* kv_start;  // [nq]
+  const int32_t* kv_end;    // [nq]
+  const int32_t* q_tiles;   // [ceil(nq / kAttentionBwdBlockM), 4]: query_tiles(kAttentionBwdBlockM)
+  const int32_t* k_tiles;   // [ceil(nk / kAttentionBwdBlockN), 4]: key_tiles(kAttentionBwdBlockN)
+  int64_t nq, nk;
+  int hq, hkv;
+  int64_t q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;
+  int64_t o_row_stride, o_head_stride, do_row_stride, do_head_stride;
+  float scale;
+};
+
 // fp16 / bf16, head_dim 64 or 128; anything else returns cudaErrorInvalidValue.
 cudaError_t attention_fwd(const AttentionFwdArgs& args, DType dtype, int head_dim, cudaStream_t stream);
+
+// The sm_90a forward. Needs a device of compute capability 9.0 and a build with sm_90a
+// (cudaErrorInvalidDeviceFunction otherwise) and the driver's cuTensorMapEncodeTiled
+// (cudaErrorNotSupported when the driver does not provide it); q_tiles at kAttentionSm90BlockM.
+cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, DType dtype, int head_dim, cudaStream_t stream);
+
+// Whether attention_fwd_sm90 can run on `device`: compute capability 9.0 and sm_90a code in
+// this build.
+bool attention_sm90_supported(int device);
+
+// dq, dk, dv (and the delta / lse2 scratch); fp16 / bf16, head_dim 64 or 128.
+cudaError_t attention_bwd(const AttentionBwdArgs& args, DType dtype, int head_dim, cudaStream_t stream);
 
 }  // namespace tk

@@ -2,6 +2,8 @@
 
 #include <math.h>
 
+#include "attention/layouts.cuh"
+#include "attention/tile_io.cuh"
 #include "common/interval_mask.cuh"
 #include "common/mma.cuh"
 
@@ -16,28 +18,12 @@ static_assert(kBM == 16 * kWarps, "one 16-row mma block per warp");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Shared tiles are [rows][D] of 16-bit elements in 16-byte chunks, the chunk index XOR-ed with
-// row % 8: the 8 rows one ldmatrix matrix reads (same logical chunk) land in 8 distinct banks.
-template <int D>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * D + ((chunk ^ (row & 7)) << 3);
-}
-
-// ROWS x D tile of global rows [r0, r0 + ROWS) (row r at g + r * row_stride). Rows outside
-// [lo, hi) are zero-filled and never read: padding past the end, and keys no query of the tile
-// sees, contribute exact zeros to P V (0 * garbage could be NaN).
+// K/V rows outside the query tile's [kv_lo, kv_hi) are zero-filled (attn::load_rows): keys no
+// query of the tile sees contribute exact zeros to P V.
 template <typename T, int D, int ROWS>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int64_t r0, int64_t lo,
                                           int64_t hi, int tid) {
-  constexpr int kChunks = D / 8;
-  static_assert(ROWS * kChunks % kThreads == 0, "whole copy rounds");
-#pragma unroll
-  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
-    const int i = tid + it * kThreads;
-    const int r = i / kChunks, c = i % kChunks;
-    const bool valid = lo <= r0 + r && r0 + r < hi;
-    cp_async_16(smem + swizzle<D>(r, c), g + (valid ? (r0 + r) * row_stride : 0) + c * 8, valid);
-  }
+  attn::load_rows<T, D, ROWS, kThreads>(smem, g, row_stride, r0, lo, hi, tid);
 }
 
 template <typename T, int D>
@@ -84,12 +70,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   // Q's A fragments: held in registers for D = 64; re-read from shared memory per step for
   // D = 128, where 32 more live registers would push the O, S and Q state into spills.
   constexpr bool kQInRegs = D <= 64;
-  const T* q_frag = q_s + (warp * 16 + lane % 16) * D;  // this lane's ldmatrix row of Q
-  const int q_swz = lane % 8;                           // == (warp * 16 + lane % 16) & 7
+  const attn::FragLane fl = attn::make_frag_lane<D>(lane);
   uint32_t qf[kQInRegs ? D / 16 : 1][4];
   if constexpr (kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], q_frag + (((2 * kk + lane / 16) ^ q_swz) << 3));
+    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], q_s + attn::frag_a<D>(fl, warp * 16, kk));
   }
 
   for (int n0 = n_begin; n0 < n_end; n0 += kBN) {
@@ -103,12 +88,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t qk[4];
-      if constexpr (!kQInRegs) ldmatrix_x4(qk, q_frag + (((2 * kk + lane / 16) ^ q_swz) << 3));
+      if constexpr (!kQInRegs) ldmatrix_x4(qk, q_s + attn::frag_a<D>(fl, warp * 16, kk));
       const uint32_t(&a_frag)[4] = kQInRegs ? qf[kk] : qk;
 #pragma unroll
       for (int np = 0; np < kBN / 16; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, k_s + swizzle<D>(np * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2));
+        ldmatrix_x4(b, k_s + attn::frag_b<D>(fl, np * 16, kk));
         mma_16816<T>(s[2 * np], a_frag, b[0], b[1]);
         mma_16816<T>(s[2 * np + 1], a_frag, b[2], b[3]);
       }
@@ -171,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, v_s + swizzle<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, 2 * dp + lane / 16));
+        ldmatrix_x4_trans(b, v_s + attn::frag_bt<D>(fl, kk * 16, dp));
         mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
         mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
       }

@@ -1,29 +1,364 @@
-"""The CUDA interval-attention forward (csrc/attention/) against a float64 dense softmax, with
-the same computation in the input dtype as the baseline of the 2x rule (as in FlashAttention's
-tests). Needs a CUDA device and the built extension; kernel outputs start NaN-filled."""
+"""The CUDA interval attention (csrc/attention/).
+
+Host tests (no GPU; g++ and numpy): the index math of csrc/attention/layouts.cuh, compiled with
+g++, drives an emulation of ldmatrix / mma.m16n8k16 (the mma.sync kernels' fragments) and of TMA's
+128-byte swizzle and wgmma's shared-memory descriptors (the sm_90a forward), and the split of
+every tile table row into masked and FULL steps is checked against the dense mask.
+
+GPU tests (need a CUDA device and the built extension): out, lse, dq, dk, dv against a float64
+dense softmax, with the same computation in the input dtype as the baseline of the 2x rule (as in
+FlashAttention's tests and tests/attention/test_attention_triton.py); kernel outputs start
+NaN-filled. The forward runs with both implementations where the device has them (wgmma on
+compute capability 9.0).
+"""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
+import numpy as np
 import pytest
 import torch
 
 import transfusion_kernels as tk
-from transfusion_kernels.backends import load_extension
+from tests.cuda.conftest import CSRC
 from tests.layouts import LAYOUTS, naive_dense, random_layout
+from transfusion_kernels.backends import load_extension
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(load_extension()[0] is None, reason="transfusion_kernels._C is not built"),
-]
+GPU = torch.cuda.is_available() and load_extension()[0] is not None
+gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device and the built transfusion_kernels._C")
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
+# ==============================================================================================
+# host: index math of csrc/attention/layouts.cuh
+# ==============================================================================================
+DRIVER = r"""
+#include <cstdio>
+#include <cstring>
+#include <cstdlib>
+#include "attention/layouts.cuh"
+using namespace tk::attn;
+
+template <int D> void frag() {
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < D / 8; ++c) std::printf("swz %d %d %d\n", r, c, swizzle<D>(r, c));
+  for (int lane = 0; lane < 32; ++lane) {
+    const FragLane f = make_frag_lane<D>(lane);
+    for (int r0 = 0; r0 < 64; r0 += 16)
+      for (int kk = 0; kk < D / 16; ++kk) {
+        std::printf("a %d %d %d %d %d\n", r0, kk, lane, frag_a<D>(f, r0, kk), frag_a<D>(r0, kk, lane));
+        std::printf("b %d %d %d %d %d\n", r0, kk, lane, frag_b<D>(f, r0, kk), frag_b<D>(r0, kk, lane));
+      }
+    for (int k0 = 0; k0 < 64; k0 += 16)
+      for (int np = 0; np < D / 16; ++np)
+        std::printf("bt %d %d %d %d %d\n", k0, np, lane, frag_bt<D>(f, k0, np), frag_bt<D>(k0, np, lane));
+  }
+}
+
+int main(int argc, char** argv) {
+  if (argc < 2) return 2;
+  if (!std::strcmp(argv[1], "frag")) {
+    if (std::atoi(argv[2]) == 64) frag<64>(); else frag<128>();
+  } else if (!std::strcmp(argv[1], "steps")) {  // stdin: lo hi full_lo full_hi B per line
+    int lo, hi, flo, fhi, b;
+    while (std::scanf("%d %d %d %d %d", &lo, &hi, &flo, &fhi, &b) == 5) {
+      const Steps s = make_steps(lo, hi, flo, fhi, b);
+      std::printf("%d %d %d %d\n", s.first, s.count, s.full_begin, s.full_end);
+    }
+  } else if (!std::strcmp(argv[1], "sw128")) {  // rows D
+    const int rows = std::atoi(argv[2]), d = std::atoi(argv[3]);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < d; ++c) std::printf("%u\n", sw128_offset(rows, r, c));
+  } else if (!std::strcmp(argv[1], "desc")) {  // kind base rows row0 kk
+    const unsigned base = static_cast<unsigned>(std::strtoul(argv[3], nullptr, 0));
+    const int rows = std::atoi(argv[4]), row0 = std::atoi(argv[5]), kk = std::atoi(argv[6]);
+    const unsigned long long d = !std::strcmp(argv[2], "k") ? desc_kmajor(base, rows, row0, kk)
+                                                            : desc_mnmajor(base, rows, kk);
+    std::printf("%llu\n", d);
+  } else {
+    return 2;
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++)")
+    tmp = tmp_path_factory.mktemp("attention_layouts")
+    src, exe = tmp / "layouts.cpp", tmp / "layouts"
+    src.write_text(DRIVER)
+    proc = subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+    def run(*args, stdin=None) -> str:
+        p = subprocess.run([str(exe), *map(str, args)], input=stdin, capture_output=True, text=True)
+        assert p.returncode == 0, (args, p.stderr)
+        return p.stdout
+
+    return run
+
+
+# ---- warp-level tensor-core emulation (PTX ISA: ldmatrix, mma.m16n8k16) ----------------------
+def ldmatrix_x4(smem, addrs, trans=False):
+    """regs[lane][j] = the 2 elements lane holds of matrix j; lane l addresses row l % 8 of
+    matrix l // 8 (8 contiguous elements). Without .trans lane t gets row t // 4, columns
+    2 (t % 4) and 2 (t % 4) + 1; with .trans the same of the transposed matrix."""
+    regs = np.zeros((32, 4, 2))
+    for j in range(4):
+        m = np.stack([smem[addrs[8 * j + i]: addrs[8 * j + i] + 8] for i in range(8)])
+        if trans:
+            m = m.T
+        for t in range(32):
+            regs[t, j] = m[t // 4, 2 * (t % 4): 2 * (t % 4) + 2]
+    return regs
+
+
+def mma_16816(a, b0, b1):
+    """C (16 x 8) fragments of A (16 x 16) @ B (16 x 8) from the A registers a[lane][0..3] and
+    the B registers b0[lane], b1[lane], in the layouts of csrc/common/mma.cuh."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for t in range(32):
+        g, c = t // 4, 2 * (t % 4)
+        A[g, c:c + 2], A[g + 8, c:c + 2], A[g, 8 + c:10 + c], A[g + 8, 8 + c:10 + c] = a[t]
+        B[c:c + 2, g], B[8 + c:10 + c, g] = b0[t], b1[t]
+    C = A @ B
+    return np.stack([np.concatenate([C[t // 4, 2 * (t % 4): 2 * (t % 4) + 2],
+                                     C[t // 4 + 8, 2 * (t % 4): 2 * (t % 4) + 2]]) for t in range(32)])
+
+
+def c_to_matrix(acc):
+    """[32 lanes][n8 blocks][4] accumulator fragments -> the 16 x (8 * blocks) matrix."""
+    out = np.zeros((16, 8 * acc.shape[1]))
+    for t in range(32):
+        g, c = t // 4, 2 * (t % 4)
+        for j in range(acc.shape[1]):
+            out[g, 8 * j + c: 8 * j + c + 2] = acc[t, j, :2]
+            out[g + 8, 8 * j + c: 8 * j + c + 2] = acc[t, j, 2:]
+    return out
+
+
+def c_to_a(acc, kk):
+    """Two adjacent C blocks (2 kk, 2 kk + 1) as the A operand of a k16 step, packed as the
+    kernels pack them: {c0 c1 of block 2kk, c2 c3 of 2kk, c0 c1 of 2kk + 1, c2 c3 of 2kk + 1}."""
+    return np.stack([np.stack([acc[t, 2 * kk, :2], acc[t, 2 * kk, 2:], acc[t, 2 * kk + 1, :2],
+                               acc[t, 2 * kk + 1, 2:]]) for t in range(32)])
+
+
+def parse_frag(text):
+    swz, offs = {}, {}
+    for line in text.splitlines():
+        f = line.split()
+        if f[0] == "swz":
+            swz[int(f[1]), int(f[2])] = int(f[3])
+        else:
+            kind, b0, k, lane, fast, ref = f[0], *map(int, f[1:])
+            assert fast == ref, f"{kind}: split offsets differ from the reference at {line}"
+            offs.setdefault((kind, b0, k), [0] * 32)[lane] = fast
+    return swz, offs
+
+
+def to_smem(x, swz, d):
+    """A [rows][D] tile stored as the kernels store it (attn::load_rows): chunk c of row r at
+    swizzle<D>(r, c)."""
+    smem = np.full(x.shape[0] * d, np.nan)
+    for r in range(x.shape[0]):
+        for c in range(d // 8):
+            smem[swz[r, c]: swz[r, c] + 8] = x[r, 8 * c: 8 * c + 8]
+    return smem
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_swizzle_is_a_permutation_and_conflict_free(layouts, d):
+    swz, _ = parse_frag(layouts("frag", d))
+    offsets = sorted(swz.values())
+    assert offsets == list(range(0, 64 * d, 8))
+    for c in range(d // 8):  # one ldmatrix matrix: 8 rows, same chunk -> 8 distinct 16-byte bank groups
+        for r0 in range(0, 64, 8):
+            banks = {(swz[r, c] * 2 // 16) % 8 for r in range(r0, r0 + 8)}
+            assert len(banks) == 8
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("cols", [32, 64])
+def test_mma_fragments_compute_the_products(layouts, d, cols, seed):
+    """Every product of the kernels from the three ldmatrix patterns: X Y^T (S = Q K^T,
+    S^T = K Q^T, dP = dO V^T, dP^T = V dO^T: frag_a on X, frag_b on Y) and P Z (O = P V,
+    dV = P^T dO, dK = dS^T Q, dQ = dS K: P packed from the C fragments, frag_bt on Z), for a
+    warp's 16 rows at every r0, Y / Z tiles of `cols` rows (the kernels' 32 / 64 steps)."""
+    rng = np.random.default_rng(seed)
+    swz, offs = parse_frag(layouts("frag", d))
+    x, y, z = rng.standard_normal((64, d)), rng.standard_normal((cols, d)), rng.standard_normal((cols, d))
+    xs, ys = to_smem(x, swz, d), to_smem(np.vstack([y, np.zeros((64 - cols, d))]), swz, d)
+    zs = to_smem(np.vstack([z, np.zeros((64 - cols, d))]), swz, d)
+    for r0 in range(0, 64, 16):
+        acc = np.zeros((32, cols // 8, 4))
+        for kk in range(d // 16):
+            a = ldmatrix_x4(xs, offs["a", r0, kk]).reshape(32, 4, 2)
+            for npair in range(cols // 16):
+                b = ldmatrix_x4(ys, offs["b", 16 * npair, kk])
+                acc[:, 2 * npair] += mma_16816(a, b[:, 0], b[:, 1])
+                acc[:, 2 * npair + 1] += mma_16816(a, b[:, 2], b[:, 3])
+        np.testing.assert_allclose(c_to_matrix(acc), x[r0:r0 + 16] @ y.T, rtol=1e-12, atol=1e-12)
+
+        out = np.zeros((32, d // 8, 4))
+        for kk in range(cols // 16):
+            pa = c_to_a(acc, kk)
+            for npair in range(d // 16):
+                b = ldmatrix_x4(zs, offs["bt", 16 * kk, npair], trans=True)
+                out[:, 2 * npair] += mma_16816(pa, b[:, 0], b[:, 1])
+                out[:, 2 * npair + 1] += mma_16816(pa, b[:, 2], b[:, 3])
+        np.testing.assert_allclose(c_to_matrix(out), (x[r0:r0 + 16] @ y.T) @ z, rtol=1e-10, atol=1e-10)
+
+
+# ---- sm_90a: TMA SWIZZLE_128B tiles read through wgmma descriptors --------------------------
+def tma_sw128(rows, row, col):
+    """Byte offset TMA (CU_TENSOR_MAP_SWIZZLE_128B, boxes of 64 x 16-bit columns, one box per
+    64-column panel, 1024-byte aligned) writes element (row, col) to: 16-byte chunk c of a
+    128-byte row r lands at chunk c ^ (r % 8)."""
+    panel, c = divmod(col, 64)
+    return panel * rows * 128 + row * 128 + (((c // 8) ^ (row % 8)) * 16) + (c % 8) * 2
+
+
+def swizzle_addr(addr):
+    """The 128-byte swizzle as wgmma applies it to an address (Swizzle<3,4,3>)."""
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+
+def decode(desc):
+    start, lbo, sbo = (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    assert desc >> 62 == 1, "128-byte swizzle mode"
+    assert (desc >> 49) & 7 == 0, "base offset 0 (1024-byte aligned atoms)"
+    return start, lbo, sbo
+
+
+def kmajor_reads(desc, mn):
+    """Byte address wgmma reads operand element (i, k), i < mn, k < 16, of a K-major 16-bit
+    operand: 8-row groups SBO apart, rows 128 bytes, the two 8-element halves of k adjacent
+    (PTX ISA / CUTLASS canonical layout ((8, m), (8, 2)) : ((8T, SBO), (1, T)))."""
+    start, _, sbo = decode(desc)
+    return {(i, k): swizzle_addr(start + (i % 8) * 128 + (i // 8) * sbo + (k // 8) * 16 + (k % 8) * 2)
+            for i in range(mn) for k in range(16)}
+
+
+def mnmajor_reads(desc, n):
+    """Same for an MN-major operand element (k, j), j < n: 64 contiguous elements per 128-byte
+    row, the next 64 LBO further; k rows 128 bytes apart, 8-row groups SBO apart."""
+    start, lbo, sbo = decode(desc)
+    return {(k, j): swizzle_addr(start + (j % 64) * 2 + (j // 64) * lbo + (k % 8) * 128 + (k // 8) * sbo)
+            for k in range(16) for j in range(n)}
+
+
+@pytest.mark.parametrize("rows,d", [(128, 64), (128, 128), (64, 128)])
+def test_sw128_offset_is_the_tma_layout(layouts, rows, d):
+    got = [int(x) for x in layouts("sw128", rows, d).split()]
+    assert got == [tma_sw128(rows, r, c) for r in range(rows) for c in range(d)]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_wgmma_descriptors_read_the_right_elements(layouts, d):
+    """S = Q K^T: the A descriptor of warpgroup g reads Q[64 g + i][16 kk + k], the B descriptor
+    K[n][16 kk + k]; O = P V: the B descriptor reads V[16 kk + k][j] (tiles of 128 rows as the
+    kernel lays them out: 1024-byte aligned bases, 64-column panels)."""
+    bm = bn = 128
+    q_base, k_base, v_base = 0x0400, 0x0400 + bm * d * 2, 0x0400 + bm * d * 2 + 2 * bn * d * 2 + bn * d * 2
+    where = {}
+    for base, rows in ((q_base, bm), (k_base, bn), (v_base, bn)):
+        for r in range(rows):
+            for c in range(d):
+                where[base + tma_sw128(rows, r, c)] = (base, r, c)
+    for kk in range(d // 16):
+        for g in range(2):
+            desc = int(layouts("desc", "k", q_base, bm, 64 * g, kk))
+            for (i, k), addr in kmajor_reads(desc, 64).items():
+                assert where[addr] == (q_base, 64 * g + i, 16 * kk + k)
+        desc = int(layouts("desc", "k", k_base, bn, 0, kk))
+        for (n, k), addr in kmajor_reads(desc, bn).items():
+            assert where[addr] == (k_base, n, 16 * kk + k)
+    for kk in range(bn // 16):
+        desc = int(layouts("desc", "mn", v_base, bn, 0, kk))
+        for (k, j), addr in mnmajor_reads(desc, d).items():
+            assert where[addr] == (v_base, 16 * kk + k, j)
+
+
+# ---- masked / FULL steps of the tile tables -------------------------------------------------
+def _step_cases():
+    gen = torch.Generator().manual_seed(0)
+    masks = [tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32), torch.tensor(sp, dtype=torch.int32).reshape(-1, 2))
+             for cu, sp in list(LAYOUTS.values()) + [random_layout(gen, 700, max_docs=4, max_images=5)]]
+    masks += [tk.HybridMask.cached([37], [16], True), tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], False),
+              tk.HybridMask.cached([300, 5, 129], [64, 65, 1], True)]
+    s = torch.randint(0, 230, (200,), generator=gen)
+    e = torch.maximum(torch.minimum(s + torch.randint(0, 90, (200,), generator=gen), torch.tensor(210)), s)
+    s[64:128], e[64:128] = 5, 5
+    masks.append(tk.HybridMask.from_intervals(s.int(), e.int(), num_keys=230))  # not monotone, empty rows
+    return masks
+
+
+STEP_MASKS = _step_cases()
+
+
+@pytest.mark.parametrize("mask", STEP_MASKS, ids=range(len(STEP_MASKS)))
+def test_steps_cover_the_tables_and_full_steps_are_full(layouts, mask):
+    """For the dq kernel (query tiles of 64, key steps of 32 and 64) and the dk/dv kernel (key
+    tiles of 64, query steps of 32 and 64): the steps cover every visible pair of the tile,
+    start no later than needed, and a FULL step's pairs are all visible (no mask needed)."""
+    dense = mask.to_dense().numpy()
+    nq, nk = dense.shape
+    cases = []  # (dense oriented tile rows x step axis, tile row range, table row, step block)
+    for step in (32, 64):
+        for t, row in enumerate(mask.query_tiles(64).tolist()):
+            cases.append((dense, (64 * t, min(64 * t + 64, nq)), row, step))
+        for t, row in enumerate(mask.key_tiles(64).tolist()):
+            cases.append((dense.T, (64 * t, min(64 * t + 64, nk)), row, step))
+    out = layouts("steps", stdin="".join(f"{lo} {hi} {flo} {fhi} {b}\n" for _, _, (lo, hi, flo, fhi), b in cases))
+    for (m, (r0, r1), (lo, hi, flo, fhi), b), line in zip(cases, out.splitlines(), strict=True):
+        first, count, fb, fe = map(int, line.split())
+        seen = np.flatnonzero(m[r0:r1].any(0))
+        if lo >= hi:
+            assert count == 0 and seen.size == 0
+            continue
+        assert count > 0 and first < lo + b and first + (count - 1) * b < hi, (first, count, lo, hi)
+        if seen.size:
+            assert first <= seen[0] and seen[-1] < first + count * b
+        n_full = max(fhi - flo, 0) // b
+        assert (fe - fb) == n_full * b and (n_full == 0 or fb == flo)
+        for i in range(count):
+            s0 = first + i * b
+            if fb <= s0 < fe:
+                assert 0 <= s0 and s0 + b <= m.shape[1] and m[r0:r1, s0:s0 + b].all(), (i, s0)
+
+
+# ==============================================================================================
+# GPU: the kernels against a float64 dense softmax
+# ==============================================================================================
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     from transfusion_kernels.attention import cuda as tkc
 
     monkeypatch.setattr(tkc, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+FWD_KERNELS = ["mma", "wgmma"]
+
+
+@pytest.fixture(params=FWD_KERNELS)
+def fwd_kernel(request, monkeypatch):
+    """Runs a GPU test with each forward implementation the device has."""
+    from transfusion_kernels.attention import cuda as tkc
+
+    if not GPU:
+        pytest.skip("needs a CUDA device and the built transfusion_kernels._C")
+    if request.param == "wgmma" and not tkc.sm90_supported("cuda"):
+        pytest.skip("the wgmma forward needs compute capability 9.0 and an sm_90a build")
+    monkeypatch.setenv(tkc.FWD_ENV, request.param)
+    return request.param
 
 
 def dense_attention(q, k, v, allowed, scale):
@@ -51,28 +386,42 @@ def assert_rule(name, got, oracle, same_dtype, floor):
     assert err <= 2 * base + floor, f"{name}: kernel error {err:.3g} > 2 x torch error {base:.3g} + {floor:g}"
 
 
-def run_cuda(q, k, v, mask, scale):
+def run_cuda(q, k, v, mask, scale, dout=None):
+    """Outputs (and gradients for dout) straight through the backend functions."""
     from transfusion_kernels.attention import cuda as tkc
 
     tables, blocks = tkc.prepare(mask, q, k)
-    return tkc.forward(q, k, v, mask.kv_start, mask.kv_end, tables, blocks, scale)
+    args = (mask.kv_start, mask.kv_end, tables, blocks, scale)
+    out, lse = tkc.forward(q, k, v, *args)
+    grads = None if dout is None else tkc.backward(dout, q, k, v, out, lse, *args)
+    return out, lse, grads
 
 
-def check(mask, *, hq=8, hkv=2, d=64, dtype=torch.bfloat16, allowed=None, scale=None, inputs=None):
+def check(mask, *, hq=8, hkv=2, d=64, dtype=torch.bfloat16, allowed=None, scale=None, inputs=None, grads=True):
     allowed = (mask.to_dense() if allowed is None else allowed).cuda()
     scale = d ** -0.5 if scale is None else scale
     if inputs is None:
         inputs = tuple(torch.randn(n, h, d, device="cuda").to(dtype)
                        for n, h in ((mask.num_queries, hq), (mask.num_keys, hkv), (mask.num_keys, hkv)))
     q, k, v = inputs
-    out, lse = run_cuda(q, k, v, mask, scale)
+    dout = torch.randn(q.shape, device="cuda").to(q.dtype) if grads else None
+    out, lse, kgrads = run_cuda(q, k, v, mask, scale, dout)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
-    ref_out, ref_lse = dense_attention(*(t.double() for t in (q, k, v)), allowed, scale)
-    low_out, low_lse = dense_attention(q, k, v, allowed, scale)
-    assert_rule("out", out, ref_out, low_out, FLOOR[q.dtype])
-    assert_rule("lse", lse, ref_lse, low_lse, FLOOR[q.dtype])
-    return out, lse
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale)
+    low_out, low_lse = dense_attention(*low_in, allowed, scale)
+    floor = FLOOR[q.dtype]
+    assert_rule("out", out, ref_out, low_out, floor)
+    assert_rule("lse", lse, ref_lse, low_lse, floor)
+    if grads:
+        ref_g = torch.autograd.grad(ref_out, ref_in, dout.double())
+        low_g = torch.autograd.grad(low_out, low_in, dout)
+        for name, g, rg, lg, x in zip(("dq", "dk", "dv"), kgrads, ref_g, low_g, (q, k, v)):
+            assert g.shape == x.shape and g.dtype == x.dtype and g.is_contiguous(), name
+            assert_rule(name, g, rg, lg, floor)
+    return out, lse, kgrads
 
 
 def spans_mask(cu, spans):
@@ -80,98 +429,208 @@ def spans_mask(cu, spans):
                                     torch.tensor(spans, dtype=torch.int32, device="cuda").reshape(-1, 2))
 
 
+# ---- the cases of tests/attention/test_attention_triton.py ----------------------------------
+@pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layouts(name, dtype, d, seed):
+def test_layouts(name, dtype, d, fwd_kernel, seed):
     cu, spans = LAYOUTS[name]
     check(spans_mask(cu, spans), d=d, dtype=dtype, allowed=naive_dense(cu, spans))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dtypes_and_scale(dtype, fwd_kernel, seed):
+    cu, spans = LAYOUTS["several_images"]
+    check(spans_mask(cu, spans), d=64, dtype=dtype, scale=0.3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2), (4, 1)])
 @pytest.mark.parametrize("d", [64, 128])
-def test_long_random_layouts_and_gqa(heads, d, seed):
+def test_long_random_layouts_and_gqa(heads, d, fwd_kernel, seed):
     gen = torch.Generator().manual_seed(seed)
     cu, spans = random_layout(gen, 3000, max_docs=4, max_images=5)
     check(spans_mask(cu, spans), hq=heads[0], hkv=heads[1], d=d, dtype=torch.float16)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "cache_lens,query_lens,bidirectional",
     [([37], [16], True), ([50], [1], False), ([7, 0, 33, 64], [4, 1, 2, 40], True),
-     ([300, 5, 129], [64, 65, 1], False)],
+     ([7, 0, 33, 64], [4, 1, 2, 40], False), ([300, 5, 129], [64, 65, 1], False)],
+    ids=["image_chunk", "single_query", "batch_bidirectional", "batch_causal", "batch_long_cache"],
 )
-def test_sampling_masks(cache_lens, query_lens, bidirectional, seed):
+def test_sampling_masks(cache_lens, query_lens, bidirectional, fwd_kernel, seed):
     mask = tk.HybridMask.cached(cache_lens, query_lens, bidirectional=bidirectional, device="cuda")
+    assert mask.num_queries != mask.num_keys
     check(mask, d=128, dtype=torch.bfloat16)
 
 
-def test_empty_rows_and_unsorted_intervals(seed):
+@pytest.mark.gpu
+def test_empty_rows_and_unsorted_intervals(fwd_kernel, seed):
+    """Rows that see nothing (a whole 64-query tile of them too), intervals that are not
+    monotone (the key table is conservative there), keys nobody sees (dk, dv exactly 0)."""
     gen = torch.Generator().manual_seed(seed)
     n, nk = 200, 230
     s = torch.randint(0, nk, (n,), generator=gen)
     e = torch.maximum(torch.minimum(s + torch.randint(0, 90, (n,), generator=gen), torch.tensor(nk - 20)), s)
     s[64:128] = 5
-    e[64:128] = 5  # one whole 64-query tile of empty rows
+    e[64:128] = 5
     s[3], e[3] = 17, 17
     mask = tk.HybridMask.from_intervals(s.int().cuda(), e.int().cuda(), num_keys=nk)
-    out, lse = check(mask, d=64, dtype=torch.float16)
+    out, lse, (dq, dk, dv) = check(mask, d=64, dtype=torch.float16)
     assert torch.all(out[64:128] == 0) and torch.all(lse[:, 64:128] == float("-inf"))
+    assert torch.all(dq[64:128] == 0) and torch.all(dq[3] == 0)
+    unseen = ~mask.to_dense().any(0)
+    assert unseen[nk - 20:].all()
+    assert torch.all(dk[unseen] == 0) and torch.all(dv[unseen] == 0)
 
 
-def test_keys_outside_the_intervals_are_never_used(seed):
-    """K/V rows nobody sees are NaN: they must not reach out or lse (zero-filled or skipped)."""
+@pytest.mark.gpu
+def test_keys_outside_the_intervals_are_never_used(fwd_kernel, seed):
+    """Queries see only keys [100, 200): K/V rows outside are NaN and must not reach out, lse,
+    dq, nor the dk/dv of the keys that are seen (a key tile's block loads its own unseen rows)."""
     nq, nk, d = 150, 300, 64
     s = 100 + torch.arange(nq) * 60 // nq
     e = torch.clamp(s + 1 + torch.arange(nq) % 70, max=200)
     mask = tk.HybridMask.from_intervals(s.int().cuda(), e.int().cuda(), num_keys=nk)
     q = torch.randn(nq, 4, d, device="cuda").half()
     k, v = torch.randn(nk, 2, d, device="cuda").half(), torch.randn(nk, 2, d, device="cuda").half()
-    clean = run_cuda(q, k, v, mask, d ** -0.5)
+    dout = torch.randn_like(q)
+    c_out, c_lse, (c_dq, c_dk, c_dv) = run_cuda(q, k, v, mask, d ** -0.5, dout)
     for t in (k, v):
         t[:100] = float("nan")
         t[200:] = float("nan")
-    dirty = run_cuda(q, k, v, mask, d ** -0.5)
-    for got, want in zip(dirty, clean):
+    out, lse, (dq, dk, dv) = run_cuda(q, k, v, mask, d ** -0.5, dout)
+    for got, want in ((out, c_out), (lse, c_lse), (dq, c_dq), (dk[100:200], c_dk[100:200]), (dv[100:200], c_dv[100:200])):
         assert torch.isfinite(want).all()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_strided_and_misaligned_inputs(seed):
+@pytest.mark.gpu
+def test_strided_and_misaligned_inputs(fwd_kernel, seed):
+    """q, k, v as views into one packed qkv projection and a transposed dout: strides go to the
+    kernels (same bits as contiguous copies); a base 2 bytes past a 16-byte boundary is copied."""
     cu, spans = LAYOUTS["several_documents"]
     mask = spans_mask(cu, spans)
     n, d = mask.num_queries, 64
     qkv = torch.randn(n, 8 + 2 * 2, d, device="cuda").to(torch.float16)
     q, k, v = qkv.split([8, 2, 2], dim=1)  # views: row stride 12 * D
-    out, _ = check(mask, d=d, inputs=(q, k, v), allowed=naive_dense(cu, spans))
-    out_c, _ = run_cuda(q.contiguous(), k.contiguous(), v.contiguous(), mask, d ** -0.5)
-    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    check(mask, d=d, dtype=torch.float16, inputs=(q, k, v), allowed=naive_dense(cu, spans))
+    dout = torch.randn(8, n, d, device="cuda").to(torch.float16).transpose(0, 1)
+    out, lse, grads = run_cuda(q, k, v, mask, d ** -0.5, dout)
+    c_out, c_lse, c_grads = run_cuda(q.contiguous(), k.contiguous(), v.contiguous(), mask, d ** -0.5, dout.contiguous())
+    for got, want in zip((out, lse, *grads), (c_out, c_lse, *c_grads)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     flat = torch.randn(1 + n * 8 * d, device="cuda").half()
     q_odd = flat[1:].view(n, 8, d)  # 2 bytes past a 16-byte boundary: copied before the kernel
-    check(mask, d=d, inputs=(q_odd, k, v), allowed=naive_dense(cu, spans))
+    check(mask, d=d, dtype=torch.float16, inputs=(q_odd, k, v), allowed=naive_dense(cu, spans))
 
 
-def test_public_op_forward_and_backward(seed):
-    """Through tk.hybrid_attention: the CUDA forward composes with the backward it delegates to."""
+@pytest.mark.gpu
+def test_deterministic(fwd_kernel, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cu, spans = random_layout(gen, 1500, max_docs=3, max_images=4)
+    mask = spans_mask(cu, spans)
+    q, k, v = (torch.randn(mask.num_queries, h, 128, device="cuda").bfloat16() for h in (8, 2, 2))
+    dout = torch.randn_like(q)
+    first = run_cuda(q, k, v, mask, 0.1, dout)
+    second = run_cuda(q, k, v, mask, 0.1, dout)
+    for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_through_dispatcher(fwd_kernel, seed):
+    """tk.hybrid_attention(..., backend="cuda"): the backend functions' results, and autograd
+    through the registered custom op gives the kernels' gradients."""
     cu, spans = LAYOUTS["spans_cross_tiles"]
     mask = spans_mask(cu, spans)
-    q, k, v = (torch.randn(mask.num_queries, h, 64, device="cuda").bfloat16().requires_grad_() for h in (8, 2, 2))
-    out = tk.hybrid_attention(q, k, v, mask, backend="cuda")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    allowed = naive_dense(cu, spans).cuda()
-    ref_out, _ = dense_attention(*ref_in, allowed, 64 ** -0.5)
-    low_out, _ = dense_attention(*low_in, allowed, 64 ** -0.5)
-    assert_rule("out", out.detach(), ref_out, low_out, FLOOR[torch.bfloat16])
-    ref_g = torch.autograd.grad(ref_out, ref_in, dout.double())
-    low_g = torch.autograd.grad(low_out, low_in, dout)
-    for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
-        assert_rule(name, g, rg, lg, FLOOR[torch.bfloat16])
+    q, k, v = (torch.randn(mask.num_queries, h, 64, device="cuda").bfloat16() for h in (8, 2, 2))
+    dout = torch.randn_like(q)
+    out, lse, grads = run_cuda(q, k, v, mask, 64 ** -0.5, dout)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    d_out, d_lse = tk.hybrid_attention(qg, kg, vg, mask, return_lse=True, backend="cuda")
+    torch.testing.assert_close(d_out, out, rtol=0, atol=0)
+    torch.testing.assert_close(d_lse, lse, rtol=0, atol=0)
+    d_grads = torch.autograd.grad(d_out, (qg, kg, vg), dout)
+    for g, dg in zip(grads, d_grads):
+        torch.testing.assert_close(dg, g, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@gpu
+def test_forward_kernels_agree(seed):
+    """Where both forwards run (compute capability 9.0), they agree to rounding."""
+    from transfusion_kernels.attention import cuda as tkc
+
+    if not tkc.sm90_supported("cuda"):
+        pytest.skip("the wgmma forward needs compute capability 9.0 and an sm_90a build")
+    gen = torch.Generator().manual_seed(seed)
+    cu, spans = random_layout(gen, 2000, max_docs=3, max_images=4)
+    mask = spans_mask(cu, spans)
+    for d in (64, 128):
+        q, k, v = (torch.randn(mask.num_queries, h, d, device="cuda").half() for h in (4, 2, 2))
+        results = {}
+        for impl in ("mma", "wgmma"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv(tkc.FWD_ENV, impl)
+                results[impl] = run_cuda(q, k, v, mask, d ** -0.5)[:2]
+        torch.testing.assert_close(results["mma"][0], results["wgmma"][0], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(results["mma"][1], results["wgmma"][1], rtol=1e-4, atol=1e-4)
+
+
+# ---- policy: what the kernels do not cover -------------------------------------------------
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 64), (torch.float16, 96)])
-def test_shapes_the_kernel_does_not_cover_still_run(dtype, d, seed):
+def test_shapes_the_kernels_do_not_cover(dtype, d, monkeypatch, seed):
+    """By default they run on the fallback backend (forward and backward); with the fallback
+    off they raise ValueError naming the dtype and head dim."""
+    from transfusion_kernels.attention import cuda as tkc
+
     cu, spans = LAYOUTS["several_images"]
-    check(spans_mask(cu, spans), d=d, dtype=dtype, allowed=naive_dense(cu, spans))
+    mask = spans_mask(cu, spans)
+    check(mask, d=d, dtype=dtype, allowed=naive_dense(cu, spans))
+    monkeypatch.setenv(tkc.FALLBACK_ENV, "0")
+    q = torch.randn(mask.num_queries, 2, d, device="cuda").to(dtype)
+    with pytest.raises(ValueError, match="head dim"):
+        tkc.prepare(mask, q, q[:, :1])
+
+
+@pytest.mark.gpu
+@gpu
+def test_bad_tables_are_rejected():
+    from transfusion_kernels.attention import cuda as tkc
+
+    mask = tk.HybridMask.causal(torch.tensor([0, 100], dtype=torch.int32, device="cuda"))
+    q, k = torch.randn(100, 2, 64, device="cuda").half(), torch.randn(100, 1, 64, device="cuda").half()
+    tables, blocks = tkc.prepare(mask, q, k)
+    wrong = [mask.query_tiles(32)] + tables[1:]
+    with pytest.raises(ValueError, match="tables"):
+        tkc.forward(q, k, k, mask.kv_start, mask.kv_end, wrong, blocks, 0.125)
+    with pytest.raises(ValueError, match="blocks"):
+        tkc.forward(q, k, k, mask.kv_start, mask.kv_end, tables, [96] + blocks[1:], 0.125)
+    out, lse = tkc.forward(q, k, k, mask.kv_start, mask.kv_end, tables, blocks, 0.125)
+    with pytest.raises(ValueError, match="tables"):
+        tkc.backward(q, q, k, k, out, lse, mask.kv_start, mask.kv_end, tables[:2] + [mask.key_tiles(32)], blocks, 0.125)
+
+
+# ---- GPU only: large shapes ----------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_transfusion_mix(d, dtype, fwd_kernel, seed):
+    """4k tokens: two 2k documents with images of 256 and 1024 patches at odd offsets."""
+    cu = [0, 2048, 4096]
+    spans = [(5, 261), (300, 1324), (2048 + 77, 2048 + 333), (2048 + 900, 2048 + 1924)]
+    check(spans_mask(cu, spans), hq=16, hkv=4, d=d, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_sampling_batch(fwd_kernel, seed):
+    mask = tk.HybridMask.cached([1000, 4097, 17, 2500], [256, 1, 300, 1024], bidirectional=True, device="cuda")
+    check(mask, hq=16, hkv=4, d=128, dtype=torch.bfloat16)

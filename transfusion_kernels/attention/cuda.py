@@ -1,17 +1,41 @@
 """CUDA C++ backend of hybrid attention (csrc/attention/), per the backend contract in
 ``transfusion_kernels/attention/__init__.py``.
 
-Forward: a FlashAttention-2 style kernel on tensor cores (mma.sync m16n8k16, fp32 accumulators)
-for fp16/bf16 and head dims 64 and 128: one block of 4 warps per (query tile of 64, query head),
-key steps of 64 bounded by the mask's query-tile table, FULL steps without mask arithmetic, K/V
-tiles copied with cp.async (V loads overlap Q K^T, the next K load overlaps P V).
+Kernels (fp16 / bf16, head dims 64 and 128, GQA, any row/head strides):
 
-The compiled extension has no backward kernel and no fp32 / other-head-dim forward yet; those
-run on the Triton backend when triton can run (its tile tables are built in ``prepare``), else
-on the reference backend. Both produce the same (out, lse) convention, so a forward from one
-and a backward from the other compose.
+* forward, two implementations of the same algorithm (FlashAttention-2 style online softmax over
+  the key tiles of each query tile's ``[kv_lo, kv_hi)``, FULL tiles without mask arithmetic):
+
+  - ``"wgmma"``: warpgroup MMA with TMA loads of K/V tiles and an mbarrier pipeline
+    (``attention_fwd_sm90.cu``), query tiles of 128 (``ATTENTION_SM90_BLOCK_M``). Runs on devices
+    of compute capability 9.0 (H100/H200) when the extension was built with sm_90a;
+  - ``"mma"``: mma.sync m16n8k16 with cp.async (``attention_fwd.cu``), query tiles of 64, on
+    every device from sm_80.
+
+  ``prepare`` picks ``"wgmma"`` where it can run, else ``"mma"``; the environment variable
+  ``TRANSFUSION_CUDA_ATTENTION_FWD`` (``auto`` | ``mma`` | ``wgmma``, read by ``prepare``) forces
+  one (``wgmma`` where it cannot run raises ``ValueError``). The choice travels to ``forward`` as
+  the forward table's block size, ``blocks[0]``.
+* backward on mma.sync (``attention_bwd.cu``): delta = rowsum(dO * O), then dk/dv per key tile
+  of 64 over the key table's query range (summed over the GQA group in registers) and dq per
+  query tile of 64: deterministic, no atomics.
+
+``tables`` = [forward query tiles, dq query tiles (64), dk/dv key tiles (64)]; ``blocks`` =
+[forward block_m, 64, 64].
+
+Inputs the kernels do not cover (float32, head dims other than 64 and 128): by default the
+whole op (``prepare``, ``forward`` and ``backward``) runs on the Triton backend when Triton can
+run on the device, else on the reference backend, with that backend's tables. Set
+``TRANSFUSION_CUDA_ATTENTION_FALLBACK=0`` (read at call time) to get a ``ValueError`` naming the
+unsupported dtype / head dim instead.
+
+Inputs whose base address or row/head strides are not 16-byte multiples are copied to a
+contiguous layout first (the kernels move 16-byte chunks). Outputs are newly allocated and
+contiguous.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -20,6 +44,8 @@ from transfusion_kernels.backends import BackendUnavailableError, _info, load_ex
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _HEAD_DIMS = (64, 128)
+FWD_ENV = "TRANSFUSION_CUDA_ATTENTION_FWD"
+FALLBACK_ENV = "TRANSFUSION_CUDA_ATTENTION_FALLBACK"
 
 
 def _extension():
@@ -34,68 +60,167 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _triton_module(device):
-    if _info("triton", torch.device(device)).available:
-        from transfusion_kernels.attention import triton as tkt
-
-        return tkt
-    return None
-
-
-def _kernel_supports(q) -> bool:
+# ----------------------------------------------------------------------------------------------
+# what runs where
+# ----------------------------------------------------------------------------------------------
+def kernel_supports(q: torch.Tensor) -> bool:
+    """Whether the compiled kernels cover q's dtype and head dim (fp16/bf16, D 64 or 128)."""
     return q.dtype in _DTYPE_NAMES and q.shape[-1] in _HEAD_DIMS
 
 
-def prepare(mask, q, k):
-    """tables = [query tiles for the CUDA forward, *Triton's tables]; blocks likewise."""
-    ext = _extension()
-    tables, blocks = [mask.query_tiles(ext.ATTENTION_BLOCK_M)], [ext.ATTENTION_BLOCK_M, ext.ATTENTION_BLOCK_N]
-    tkt = _triton_module(q.device)
-    if tkt is not None:
-        t_tables, t_blocks = tkt.prepare(mask, q, k)
-        tables += list(t_tables)
-        blocks += list(t_blocks)
-    return tables, blocks
-
-
 def _fallback(q):
-    """(module, takes_tables): where the work the kernels do not cover runs."""
-    tkt = _triton_module(q.device)
-    return (tkt, True) if tkt is not None else (reference, False)
+    """(module, takes_tables) for inputs the kernels do not cover, or ValueError by policy."""
+    if os.environ.get(FALLBACK_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        raise ValueError(
+            f"the cuda attention kernels need float16 or bfloat16 q/k/v with head dim 64 or 128, got {q.dtype} "
+            f"with head dim {q.shape[-1]} (set {FALLBACK_ENV}=1 to run such inputs on triton or reference)"
+        )
+    if _info("triton", torch.device(q.device)).available:
+        from transfusion_kernels.attention import triton as tkt
+
+        return tkt, True
+    return reference, False
+
+
+_SM90: dict[int, bool] = {}
+
+
+def sm90_supported(device) -> bool:
+    """Whether the wgmma forward can run on ``device`` (compute capability 9.0, sm_90a build)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM90:
+        with torch.cuda.device(index):
+            _SM90[index] = bool(_extension().attention_sm90_supported(index))
+    return _SM90[index]
+
+
+def forward_kernel(device) -> str:
+    """The forward implementation ``prepare`` picks for ``device``: "wgmma" or "mma"."""
+    choice = os.environ.get(FWD_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "mma", "wgmma"):
+        raise ValueError(f"{FWD_ENV} must be 'auto', 'mma' or 'wgmma', got {os.environ[FWD_ENV]!r}")
+    if choice == "mma":
+        return "mma"
+    ok = sm90_supported(device)
+    if choice == "wgmma" and not ok:
+        raise ValueError(
+            f"{FWD_ENV}=wgmma needs a device of compute capability 9.0 and an extension built for sm_90a; "
+            f"{torch.device(device)} cannot run it"
+        )
+    return "wgmma" if ok else "mma"
+
+
+# ----------------------------------------------------------------------------------------------
+# argument plumbing
+# ----------------------------------------------------------------------------------------------
+def _strides(t: torch.Tensor) -> tuple[int, int]:
+    """(row, head) strides in elements; a size-1 dimension's stride is never used: 0."""
+    return (0 if t.shape[0] == 1 else t.stride(0), 0 if t.shape[1] == 1 else t.stride(1))
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
-    """The kernel copies rows with 16-byte cp.async: base and row/head strides 16-byte aligned."""
-    if t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8:
+    """The kernels copy 16-byte chunks: base and row/head strides 16-byte aligned, unit last stride."""
+    rs, hs = _strides(t)
+    if t.numel() and (t.data_ptr() % 16 or rs % 8 or hs % 8 or t.stride(2) != 1):
         return t.contiguous()
     return t
 
 
+def _check_table(t: torch.Tensor, n: int, block: int, device, what: str) -> None:
+    rows = -(-n // block)
+    if t.dim() != 2 or t.shape[0] != rows or t.shape[1] != 4 or t.dtype != torch.int32 or t.device != device:
+        raise ValueError(
+            f"tables: {what} must be int32 [{rows}, 4] on {device} for {n} tokens and block {block}, got "
+            f"{t.dtype} {list(t.shape)} on {t.device}; build it with prepare(mask, q, k)"
+        )
+
+
+def _ints(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.int32).contiguous()
+
+
+def _stream(device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend contract
+# ----------------------------------------------------------------------------------------------
+def prepare(mask, q, k):
+    """Kernel inputs: tables [forward query tiles, dq query tiles, dk/dv key tiles] and their
+    block sizes; the fallback backend's tables for inputs the kernels do not cover."""
+    ext = _extension()
+    if not kernel_supports(q):
+        mod, takes_tables = _fallback(q)
+        return mod.prepare(mask, q, k) if takes_tables else ([], [])
+    fwd_bm = ext.ATTENTION_SM90_BLOCK_M if forward_kernel(q.device) == "wgmma" else ext.ATTENTION_BLOCK_M
+    blocks = [fwd_bm, ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]
+    tables = [mask.query_tiles(blocks[0]), mask.query_tiles(blocks[1]), mask.key_tiles(blocks[2])]
+    tables = [t.to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
+    return tables, blocks
+
+
 def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
     ext = _extension()
-    if not _kernel_supports(q):
+    if not kernel_supports(q):
         mod, takes_tables = _fallback(q)
-        if takes_tables:
-            return mod.forward(q, k, v, kv_start, kv_end, tables[1:], blocks[2:], scale)
-        return mod.forward(q, k, v, kv_start, kv_end, [], [], scale)
+        return mod.forward(q, k, v, kv_start, kv_end, *((tables, blocks) if takes_tables else ([], [])), scale)
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
+    if blocks[0] == ext.ATTENTION_SM90_BLOCK_M:
+        launch = ext.attention_fwd_sm90
+        if not sm90_supported(q.device):
+            raise ValueError(f"blocks[0] = {blocks[0]} selects the wgmma forward, which {q.device} cannot run")
+    elif blocks[0] == ext.ATTENTION_BLOCK_M:
+        launch = ext.attention_fwd
+    else:
+        raise ValueError(
+            f"blocks[0] must be {ext.ATTENTION_BLOCK_M} (mma forward) or {ext.ATTENTION_SM90_BLOCK_M} (wgmma "
+            f"forward), got {blocks[0]}; build tables and blocks with prepare(mask, q, k)"
+        )
+    _check_table(tables[0], nq, blocks[0], q.device, "tables[0] (forward query tiles)")
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     out = _empty((nq, hq, d), q.dtype, q.device)
     lse = _empty((hq, nq), torch.float32, q.device)
     if nq:
         with torch.cuda.device(q.device):
-            ext.attention_fwd(
+            launch(
                 out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                kv_start.data_ptr(), kv_end.data_ptr(), tables[0].data_ptr(), nq, nk, hq, hkv, d,
-                (q.stride(0), q.stride(1)), (k.stride(0), k.stride(1)), (v.stride(0), v.stride(1)),
-                float(scale), _DTYPE_NAMES[q.dtype], torch.cuda.current_stream(q.device).cuda_stream,
+                _ints(kv_start).data_ptr(), _ints(kv_end).data_ptr(), tables[0].data_ptr(), nq, nk, hq, hkv, d,
+                _strides(q), _strides(k), _strides(v), float(scale), _DTYPE_NAMES[q.dtype], _stream(q.device),
             )
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
-    mod, takes_tables = _fallback(q)
-    if takes_tables:
-        return mod.backward(dout, q, k, v, out, lse, kv_start, kv_end, tables[1:], blocks[2:], scale)
-    return mod.backward(dout, q, k, v, out, lse, kv_start, kv_end, [], [], scale)
+    ext = _extension()
+    if not kernel_supports(q):
+        mod, takes_tables = _fallback(q)
+        return mod.backward(dout, q, k, v, out, lse, kv_start, kv_end,
+                            *((tables, blocks) if takes_tables else ([], [])), scale)
+    nq, hq, d = q.shape
+    nk, hkv = k.shape[0], k.shape[1]
+    if list(blocks[1:3]) != [ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]:
+        raise ValueError(
+            f"blocks[1:3] must be [{ext.ATTENTION_BWD_BLOCK_M}, {ext.ATTENTION_BWD_BLOCK_N}], got {list(blocks[1:3])}; "
+            "build tables and blocks with prepare(mask, q, k)"
+        )
+    _check_table(tables[1], nq, blocks[1], q.device, "tables[1] (dq query tiles)")
+    _check_table(tables[2], nk, blocks[2], q.device, "tables[2] (dk/dv key tiles)")
+    q, k, v, out, dout = (_kernel_ready(t) for t in (q, k, v, out, dout))
+    lse = lse.to(torch.float32).contiguous()
+    dq = _empty((nq, hq, d), q.dtype, q.device)
+    dk = _empty((nk, hkv, d), k.dtype, k.device)
+    dv = _empty((nk, hkv, d), v.dtype, v.device)
+    scratch = torch.empty((2, hq, nq), dtype=torch.float32, device=q.device)  # delta, lse * log2(e)
+    if nq or nk:
+        with torch.cuda.device(q.device):
+            ext.attention_bwd(
+                dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), dout.data_ptr(), q.data_ptr(),
+                k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ints(kv_start).data_ptr(),
+                _ints(kv_end).data_ptr(), tables[1].data_ptr(), tables[2].data_ptr(), nq, nk, hq, hkv, d,
+                _strides(q), _strides(k), _strides(v), _strides(out), _strides(dout), float(scale),
+                _DTYPE_NAMES[q.dtype], _stream(q.device),
+            )
+    return dq, dk, dv
