@@ -16,7 +16,10 @@ function of ``(seed, element index)`` (``transfusion_kernels.philox``), drawn in
 the same seed gives the same output on every backend, up to float rounding. ``seed=None`` draws
 a fresh seed from torch's default generator, so results follow ``torch.manual_seed``. (Under
 ``torch.compile`` with ``seed=None`` the noise comes from ``torch.randn_like`` instead, which
-traces; pass a seed for Philox noise there.)
+traces; pass a seed for Philox noise there.) Tensor timesteps are range-checked with one host
+sync per call (not under torch.compile). Coefficients that depend on t alone come from a
+per-schedule table built once per device, and python-int steps are memoised, so a sampling loop
+pays a lookup, not a dozen small tensor ops, per step.
 
 Kernel contract (every backend module ``reference``, ``triton``, ``cuda`` implements it).
 All three ops are ONE fused elementwise pass with per-row coefficients ``coef`` (float32
