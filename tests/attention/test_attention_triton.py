@@ -167,9 +167,9 @@ def test_long_random_layout(seed):
 # block configurations: the same masks through other tile sizes (tables change with them)
 # ----------------------------------------------------------------------------------------------
 CONFIGS = [
-    tkt.Config(64, 64, 64, 64, 64, 64),  # tile edges at 63 / 64 / 65
-    tkt.Config(16, 32, 16, 32, 64, 16),  # BN > BM, dk/dv key tile smaller than its query step
-    tkt.Config(32, 32, 128, 16, 16, 64),  # one dk/dv key tile spans the whole 130-token layout
+    tkt.INTERPRET_CONFIG.with_blocks(64, 64, 64, 64, 64, 64),  # tile edges at 63 / 64 / 65
+    tkt.INTERPRET_CONFIG.with_blocks(16, 32, 16, 32, 64, 16),  # BN > BM, dk/dv key tile below its query step
+    tkt.INTERPRET_CONFIG.with_blocks(32, 32, 128, 16, 16, 64),  # one dk/dv key tile spans the whole layout
 ]
 
 

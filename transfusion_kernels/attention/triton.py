@@ -19,14 +19,17 @@ log, ``-inf`` for a query that sees nothing (its output and gradients are 0).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634
+# kernels may only read globals that are constexpr
+LOG2E = tl.constexpr(_LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,43 +37,53 @@ LN2 = 0.6931471805599453
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
-    """Block sizes (the tile tables depend on them) and launch parameters.
+    """Block sizes (the tile tables depend on them) and launch parameters of the three kernels.
 
     ``blocks`` order, as handed from ``prepare`` to ``forward``/``backward``:
     (fwd query tile, fwd key step, dk/dv key tile, dk/dv query step, dq query tile, dq key step).
     """
 
-    block_m: int
-    block_n: int
-    kv_block_n: int
-    kv_block_m: int
-    dq_block_m: int
-    dq_block_n: int
-    fwd_warps: int = 4
-    fwd_stages: int = 3
-    bwd_warps: int = 4
-    bwd_stages: int = 3
+    block_m: int  # forward: query tile (rows of mask.query_tiles)
+    block_n: int  # forward: key step
+    fwd_warps: int
+    fwd_stages: int
+    kv_block_n: int  # dk/dv: key tile (rows of mask.key_tiles)
+    kv_block_m: int  # dk/dv: query step
+    kv_warps: int
+    kv_stages: int
+    dq_block_m: int  # dq: query tile (rows of mask.query_tiles)
+    dq_block_n: int  # dq: key step
+    dq_warps: int
+    dq_stages: int
 
     @property
     def blocks(self) -> list[int]:
         return [self.block_m, self.block_n, self.kv_block_n, self.kv_block_m, self.dq_block_m, self.dq_block_n]
 
+    def with_blocks(self, *blocks: int) -> "Config":
+        """The same launch parameters with other block sizes (in ``blocks`` order)."""
+        if len(blocks) != 6 or any(b < 16 or b & (b - 1) for b in blocks):
+            raise ValueError(f"blocks must be 6 powers of two >= 16, got {list(blocks)}")
+        names = ("block_m", "block_n", "kv_block_n", "kv_block_m", "dq_block_m", "dq_block_n")
+        return dataclasses.replace(self, **dict(zip(names, blocks)))
+
 
 # Small blocks under the interpreter: fast enough on a CPU and every tile edge gets exercised.
-INTERPRET_CONFIG = Config(32, 16, 32, 16, 32, 16, 1, 1, 1, 1)
+INTERPRET_CONFIG = Config(32, 16, 1, 1, 32, 16, 1, 1, 32, 16, 1, 1)
 
-# GPU defaults per (padded head dim, element size), chosen for H100 (sm_90) and fine on A100:
-# forward BM=128/BN=64 for D<=128 as in FlashAttention-2; the backward uses narrow inner steps
-# (32) so the dk/dv and dq accumulators stay in registers; D=256 and fp32 halve the tiles.
+# GPU defaults per (padded head dim, element size), for H100 (sm_90; fine on A100). Forward
+# BM=128/BN=64 as in FlashAttention-2; the backward steps narrowly (32) through the loop so
+# k, v and the dk/dv accumulators (or q, do and dq) stay in registers. Each choice compiles for
+# sm_90a without register spills (checked with ptxas -v); fp32 (tests only) uses small tiles.
 GPU_CONFIGS: dict[tuple[int, int], Config] = {
-    (32, 2): Config(128, 64, 128, 32, 128, 32, 4, 3, 4, 4),
-    (64, 2): Config(128, 64, 128, 32, 128, 32, 4, 3, 4, 4),
-    (128, 2): Config(128, 64, 128, 32, 128, 32, 8, 3, 8, 3),
-    (256, 2): Config(64, 32, 64, 32, 64, 32, 8, 2, 8, 2),
-    (32, 4): Config(64, 32, 64, 32, 64, 32, 4, 2, 4, 2),
-    (64, 4): Config(64, 32, 64, 32, 64, 32, 4, 2, 4, 2),
-    (128, 4): Config(64, 32, 32, 32, 64, 32, 4, 2, 4, 2),
-    (256, 4): Config(32, 16, 32, 16, 32, 16, 4, 1, 4, 1),
+    (32, 2): Config(128, 64, 8, 3, 128, 32, 8, 3, 128, 64, 8, 3),
+    (64, 2): Config(128, 64, 8, 3, 128, 32, 8, 3, 128, 64, 8, 3),
+    (128, 2): Config(128, 64, 8, 3, 64, 32, 8, 3, 128, 32, 8, 3),
+    (256, 2): Config(64, 32, 8, 2, 32, 32, 8, 2, 32, 32, 4, 2),
+    (32, 4): Config(64, 32, 4, 2, 64, 32, 4, 2, 64, 32, 4, 2),
+    (64, 4): Config(64, 32, 4, 2, 64, 32, 4, 2, 64, 32, 4, 2),
+    (128, 4): Config(64, 32, 4, 2, 32, 32, 4, 2, 64, 32, 4, 2),
+    (256, 4): Config(32, 16, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
 }
 
 
@@ -86,22 +99,32 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Conf
     dp = _padded_head_dim(head_dim)
     if torch.device(device).type != "cuda":  # the interpreter
         return INTERPRET_CONFIG
-    return GPU_CONFIGS[(dp, 4 if dtype == torch.float32 else 2)]
+    return GPU_CONFIGS[(max(dp, 32), 4 if dtype == torch.float32 else 2)]
 
 
 def _launch_params(blocks: list[int], head_dim: int, dtype: torch.dtype, device: torch.device) -> Config:
     """The config for ``blocks``: the default one when they match it, else the same warps and
     stages with the given blocks (callers may pass their own block sizes through ``prepare``)."""
     cfg = pick_config(head_dim, dtype, device)
-    if list(blocks) == cfg.blocks:
-        return cfg
-    bm, bn, kbn, kbm, qbm, qbn = blocks
-    return Config(bm, bn, kbn, kbm, qbm, qbn, cfg.fwd_warps, cfg.fwd_stages, cfg.bwd_warps, cfg.bwd_stages)
+    return cfg if list(blocks) == cfg.blocks else cfg.with_blocks(*blocks)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+# Addressing: a per-head int64 base pointer plus int32 row offsets recomputed in every loop step
+# (row * stride + column). Loop-carried pointer tensors or hoisted offset tensors cost registers
+# and made the sm_90 build spill; I64 (constexpr) switches the row offsets to int64 when
+# N * row stride could pass 2**31.
+@triton.jit
+def _ptrs(base, rows, stride, offs_d, I64: tl.constexpr):
+    if I64:
+        p = base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    else:
+        p = base + rows[:, None] * stride + offs_d[None, :]
+    return p
+
+
 @triton.jit
 def _phases(lo, hi, full_lo, full_hi, B: tl.constexpr):
     """Split the visit range [lo, hi) into masked [start, f_start), FULL [f_start, f_end) (whole
@@ -133,6 +156,19 @@ def _load(ptrs, rows, lo, hi, offs_d, D: tl.constexpr, DP: tl.constexpr, CHECK_R
 
 
 @triton.jit
+def _cast(x, dtype, PREC: tl.constexpr):
+    """x.to(dtype). Under "upcast" the interpreter's fp32 -> bf16 conversion truncates; round to
+    nearest even by hand instead, as the GPU does, and keep the (bf16-exact) value in fp32."""
+    if PREC == "upcast":
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        y = b.to(tl.float32, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
 def _store(ptrs, x, row_ok, offs_d, D: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
     """Store an fp32 [rows, DP] tile in the buffer's dtype, skipping padded rows and columns."""
     y = _cast(x, ptrs.dtype.element_ty, PREC).to(ptrs.dtype.element_ty)
@@ -155,29 +191,13 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _cast(x, dtype, PREC: tl.constexpr):
-    """x.to(dtype). Under "upcast" the interpreter's fp32 -> bf16 conversion truncates; round to
-    nearest even by hand instead, as the GPU does, and keep the (bf16-exact) value in fp32."""
-    if PREC == "upcast":
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        y = b.to(tl.float32, bitcast=True)
-    else:
-        y = x.to(dtype)
-    return y
-
-
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s_vn,
+def _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, s_kn, s_vn,
                offs_n, offs_d, start, end, kv_lo, kv_hi, qk_scale,
                D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-               MASKED: tl.constexpr, PREC: tl.constexpr):
-    # loop-carried pointers (int64 base: N * stride may pass 2**31)
-    k_ptrs = k_base + start.to(tl.int64) * s_kn + k_rel
-    v_ptrs = v_base + start.to(tl.int64) * s_vn + v_rel
+               MASKED: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
     for n0 in range(start, end, BN):
         cols = n0 + offs_n
-        k = _load(k_ptrs, cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
+        k = _load(_ptrs(k_base, cols, s_kn, offs_d, I64), cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
         qk = _dot(q, tl.trans(k), None, PREC)
         if MASKED:
             vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
@@ -191,12 +211,10 @@ def _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s
         p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(v_ptrs, cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
+        v = _load(_ptrs(v_base, cols, s_vn, offs_d, I64), cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
         acc = acc * alpha[:, None]
         acc = _dot(_cast(p, v.dtype, PREC), v, acc, PREC)
         m_i = m_new
-        k_ptrs += BN * s_kn
-        v_ptrs += BN * s_vn
     return acc, l_i, m_i
 
 
@@ -205,10 +223,11 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB,
               s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_lh,
               Nq, n_tiles, qk_scale,
               GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
     h = tl.program_id(0)
     tile = n_tiles - 1 - tl.program_id(1)  # later (in causal masks: heavier) tiles first
-    kvh = h // GROUP
+    h64 = h.to(tl.int64)
+    kvh = (h // GROUP).to(tl.int64)
     kv_lo = tl.load(TAB + tile * 4)
     kv_hi = tl.load(TAB + tile * 4 + 1)
     full_lo = tl.load(TAB + tile * 4 + 2)
@@ -218,86 +237,41 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
-    q_ptrs = Q + h.to(tl.int64) * s_qh + offs_m.to(tl.int64)[:, None] * s_qn + offs_d[None, :]
-    q = _load(q_ptrs, offs_m, 0, Nq, offs_d, D, DP, True)
+    q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
     kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
     kve = tl.load(KVE + offs_m, mask=row_ok, other=0)  # padded rows: empty interval
-
-    k_base = K + kvh.to(tl.int64) * s_kh
-    v_base = V + kvh.to(tl.int64) * s_vh
-    k_rel = offs_n[:, None] * s_kn + offs_d[None, :]
-    v_rel = offs_n[:, None] * s_vn + offs_d[None, :]
+    k_base = K + kvh * s_kh
+    v_base = V + kvh * s_vh
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DP], tl.float32)
     start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s_vn,
-                               offs_n, offs_d, start, f_start, kv_lo, kv_hi, qk_scale,
-                               D, DP, BN, True, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s_vn,
-                               offs_n, offs_d, f_start, f_end, kv_lo, kv_hi, qk_scale,
-                               D, DP, BN, False, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s_vn,
-                               offs_n, offs_d, f_end, kv_hi, kv_lo, kv_hi, qk_scale,
-                               D, DP, BN, True, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
+                               start, f_start, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC, I64)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
+                               f_start, f_end, kv_lo, kv_hi, qk_scale, D, DP, BN, False, PREC, I64)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
+                               f_end, kv_hi, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC, I64)
 
     empty = l_i == 0.0  # the query sees no key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    o_ptrs = O + h.to(tl.int64) * s_oh + offs_m.to(tl.int64)[:, None] * s_on + offs_d[None, :]
-    _store(o_ptrs, out, row_ok, offs_d, D, DP, PREC)
-    tl.store(LSE + h.to(tl.int64) * s_lh + offs_m, lse, mask=row_ok)
+    _store(_ptrs(O + h64 * s_oh, offs_m, s_on, offs_d, I64), out, row_ok, offs_d, D, DP, PREC)
+    tl.store(LSE + h64 * s_lh + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
 def _bwd_delta(O, DO, DELTA, s_on, s_oh, s_don, s_doh, s_dh, Nq,
-               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
+               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, I64: tl.constexpr):
     """delta[h, i] = sum_d dout[i, h, d] * out[i, h, d] (fp32)."""
-    h = tl.program_id(0)
+    h64 = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, DP)
-    rows = offs_m.to(tl.int64)[:, None]
-    o = _load(O + h.to(tl.int64) * s_oh + rows * s_on + offs_d[None, :], offs_m, 0, Nq, offs_d, D, DP, True)
-    do = _load(DO + h.to(tl.int64) * s_doh + rows * s_don + offs_d[None, :], offs_m, 0, Nq, offs_d, D, DP, True)
+    o = _load(_ptrs(O + h64 * s_oh, offs_m, s_on, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
+    do = _load(_ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + h.to(tl.int64) * s_dh + offs_m, delta, mask=offs_m < Nq)
-
-
-@triton.jit
-def _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, KVS, KVE,
-                q_rel, do_rel, s_qn, s_don, offs_m, offs_d, start, end, Nq, qk_scale,
-                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
-                MASKED: tl.constexpr, PREC: tl.constexpr):
-    q_ptrs = q_base + start.to(tl.int64) * s_qn + q_rel
-    do_ptrs = do_base + start.to(tl.int64) * s_don + do_rel
-    for m0 in range(start, end, BM):
-        rows = m0 + offs_m
-        q = _load(q_ptrs, rows, 0, Nq, offs_d, D, DP, MASKED)
-        do = _load(do_ptrs, rows, 0, Nq, offs_d, D, DP, MASKED)
-        if MASKED:
-            ok = (rows >= 0) & (rows < Nq)
-            lse = tl.load(lse_base + rows, mask=ok, other=0.0)
-            # rows that see nothing have lse = -inf: flip it so that p = exp2(-inf) = 0
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-            delta = tl.load(delta_base + rows, mask=ok, other=0.0)
-            kvs = tl.load(KVS + rows, mask=ok, other=0)
-            kve = tl.load(KVE + rows, mask=ok, other=0)
-        else:
-            lse2 = tl.load(lse_base + rows) * LOG2E
-            delta = tl.load(delta_base + rows)
-        qkT = _dot(k, tl.trans(q), None, PREC)  # [BN, BM]
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            vis = (cols[:, None] >= kvs[None, :]) & (cols[:, None] < kve[None, :])
-            pT = tl.where(vis, pT, 0.0)
-        dv = _dot(_cast(pT, do.dtype, PREC), do, dv, PREC)
-        dpT = _dot(v, tl.trans(do), None, PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _dot(_cast(dsT, q.dtype, PREC), q, dk, PREC)
-        q_ptrs += BM * s_qn
-        do_ptrs += BM * s_don
-    return dk, dv
+    tl.store(DELTA + h64 * s_dh + offs_m, delta, mask=offs_m < Nq)
 
 
 @triton.jit
@@ -306,8 +280,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DK, DV,
                    s_dkn, s_dkh, s_dvn, s_dvh, s_lh,
                    Nq, Nk, qk_scale, scale,
                    GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
     kvh = tl.program_id(0)
+    kvh64 = kvh.to(tl.int64)
     tile = tl.program_id(1)  # early key tiles are seen by the most queries: start them first
     q_lo = tl.load(TAB + tile * 4)
     q_hi = tl.load(TAB + tile * 4 + 1)
@@ -317,47 +292,57 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DK, DV,
     cols = tile * BN + tl.arange(0, BN)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, DP)
-    col_ok = cols < Nk
-    cols64 = cols.to(tl.int64)[:, None]
-    k = _load(K + kvh.to(tl.int64) * s_kh + cols64 * s_kn + offs_d[None, :], cols, 0, Nk, offs_d, D, DP, True)
-    v = _load(V + kvh.to(tl.int64) * s_vh + cols64 * s_vn + offs_d[None, :], cols, 0, Nk, offs_d, D, DP, True)
+    # Rows past the end are clamped (not masked): their dk/dv rows are never stored, and no
+    # other row depends on them, so every load in the loop below is unpredicated.
+    kc = tl.minimum(cols, Nk - 1)
+    k = _load(_ptrs(K + kvh64 * s_kh, kc, s_kn, offs_d, I64), kc, 0, Nk, offs_d, D, DP, False)
+    v = _load(_ptrs(V + kvh64 * s_vh, kc, s_vn, offs_d, I64), kc, 0, Nk, offs_d, D, DP, False)
     dk = tl.zeros([BN, DP], tl.float32)
     dv = tl.zeros([BN, DP], tl.float32)
-    q_rel = offs_m[:, None] * s_qn + offs_d[None, :]
-    do_rel = offs_m[:, None] * s_don + offs_d[None, :]
+
+    # Query blocks: masked ones before f_start, FULL ones in [f_start, f_end), masked ones up to
+    # q_hi; one flat loop over (query head of the group, query block) with a per-block branch
+    # for the interval test (separate loops per phase and head made the sm_90 build spill).
     start, f_start, f_end = _phases(q_lo, q_hi, qf_lo, qf_hi, BM)
-
-    for g in range(GROUP):  # the query heads sharing this kv head
+    nb = (q_hi - start + BM - 1) // BM
+    for it in range(0, GROUP * nb):
+        g = it // nb
+        m0 = start + (it - g * nb) * BM
+        rows = m0 + offs_m
+        rc = tl.minimum(tl.maximum(rows, 0), Nq - 1)  # clamped: masked blocks may pass 0 or Nq
         h = (kvh * GROUP + g).to(tl.int64)
-        q_base = Q + h * s_qh
-        do_base = DO + h * s_doh
-        lse_base = LSE + h * s_lh
-        delta_base = DELTA + h * s_lh
-        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, KVS, KVE,
-                             q_rel, do_rel, s_qn, s_don, offs_m, offs_d, start, f_start, Nq, qk_scale,
-                             D, DP, BM, True, PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, KVS, KVE,
-                             q_rel, do_rel, s_qn, s_don, offs_m, offs_d, f_start, f_end, Nq, qk_scale,
-                             D, DP, BM, False, PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, KVS, KVE,
-                             q_rel, do_rel, s_qn, s_don, offs_m, offs_d, f_end, q_hi, Nq, qk_scale,
-                             D, DP, BM, True, PREC)
+        q = _load(_ptrs(Q + h * s_qh, rc, s_qn, offs_d, I64), rc, 0, Nq, offs_d, D, DP, False)
+        do = _load(_ptrs(DO + h * s_doh, rc, s_don, offs_d, I64), rc, 0, Nq, offs_d, D, DP, False)
+        lse = tl.load(LSE + h * s_lh + rc)
+        # rows that see nothing have lse = -inf: flip it so that p = exp2(-inf) = 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        delta = tl.load(DELTA + h * s_lh + rc)
+        qkT = _dot(k, tl.trans(q), None, PREC)  # [BN, BM]
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if (m0 < f_start) | (m0 >= f_end):  # PARTIAL block: interval test (clamped rows see nothing)
+            kvs = tl.load(KVS + rc)
+            kve = tl.load(KVE + rc)
+            vis = (cols[:, None] >= kvs[None, :]) & (cols[:, None] < kve[None, :]) & (rows == rc)[None, :]
+            pT = tl.where(vis, pT, 0.0)
+        dv = _dot(_cast(pT, do.dtype, PREC), do, dv, PREC)
+        dpT = _dot(v, tl.trans(do), None, PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(_cast(dsT, q.dtype, PREC), q, dk, PREC)
 
-    _store(DK + kvh.to(tl.int64) * s_dkh + cols64 * s_dkn + offs_d[None, :], dk * scale, col_ok, offs_d, D, DP, PREC)
-    _store(DV + kvh.to(tl.int64) * s_dvh + cols64 * s_dvn + offs_d[None, :], dv, col_ok, offs_d, D, DP, PREC)
+    col_ok = cols < Nk
+    _store(_ptrs(DK + kvh64 * s_dkh, cols, s_dkn, offs_d, I64), dk * scale, col_ok, offs_d, D, DP, PREC)
+    _store(_ptrs(DV + kvh64 * s_dvh, cols, s_dvn, offs_d, I64), dv, col_ok, offs_d, D, DP, PREC)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s_vn,
+def _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, s_kn, s_vn,
               offs_n, offs_d, start, end, kv_lo, kv_hi, qk_scale,
               D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-              MASKED: tl.constexpr, PREC: tl.constexpr):
-    k_ptrs = k_base + start.to(tl.int64) * s_kn + k_rel
-    v_ptrs = v_base + start.to(tl.int64) * s_vn + v_rel
+              MASKED: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
     for n0 in range(start, end, BN):
         cols = n0 + offs_n
-        k = _load(k_ptrs, cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
-        v = _load(v_ptrs, cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
+        k = _load(_ptrs(k_base, cols, s_kn, offs_d, I64), cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
+        v = _load(_ptrs(v_base, cols, s_vn, offs_d, I64), cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
         qk = _dot(q, tl.trans(k), None, PREC)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
@@ -366,8 +351,6 @@ def _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, k_rel, v_rel, s_
         dp = _dot(do, tl.trans(v), None, PREC)
         ds = p * (dp - delta[:, None])
         dq = _dot(_cast(ds, k.dtype, PREC), k, dq, PREC)
-        k_ptrs += BN * s_kn
-        v_ptrs += BN * s_vn
     return dq
 
 
@@ -376,10 +359,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DQ,
                  s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh, s_dqn, s_dqh, s_lh,
                  Nq, n_tiles, qk_scale, scale,
                  GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
     h = tl.program_id(0)
+    h64 = h.to(tl.int64)
+    kvh = (h // GROUP).to(tl.int64)
     tile = n_tiles - 1 - tl.program_id(1)
-    kvh = h // GROUP
     kv_lo = tl.load(TAB + tile * 4)
     kv_hi = tl.load(TAB + tile * 4 + 1)
     full_lo = tl.load(TAB + tile * 4 + 2)
@@ -389,29 +373,25 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DQ,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
-    rows64 = offs_m.to(tl.int64)[:, None]
-    h64 = h.to(tl.int64)
-    q = _load(Q + h64 * s_qh + rows64 * s_qn + offs_d[None, :], offs_m, 0, Nq, offs_d, D, DP, True)
-    do = _load(DO + h64 * s_doh + rows64 * s_don + offs_d[None, :], offs_m, 0, Nq, offs_d, D, DP, True)
+    q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
+    do = _load(_ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
     lse = tl.load(LSE + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: p = 0
     delta = tl.load(DELTA + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
     kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
     kve = tl.load(KVE + offs_m, mask=row_ok, other=0)
+    k_base = K + kvh * s_kh
+    v_base = V + kvh * s_vh
 
-    k_base = K + kvh.to(tl.int64) * s_kh
-    v_base = V + kvh.to(tl.int64) * s_vh
-    k_rel = offs_n[:, None] * s_kn + offs_d[None, :]
-    v_rel = offs_n[:, None] * s_vn + offs_d[None, :]
     dq = tl.zeros([BM, DP], tl.float32)
     start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
-    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s_vn,
-                   offs_n, offs_d, start, f_start, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC)
-    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s_vn,
-                   offs_n, offs_d, f_start, f_end, kv_lo, kv_hi, qk_scale, D, DP, BN, False, PREC)
-    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, k_rel, v_rel, s_kn, s_vn,
-                   offs_n, offs_d, f_end, kv_hi, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC)
-    _store(DQ + h64 * s_dqh + rows64 * s_dqn + offs_d[None, :], dq * scale, row_ok, offs_d, D, DP, PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
+                   start, f_start, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC, I64)
+    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
+                   f_start, f_end, kv_lo, kv_hi, qk_scale, D, DP, BN, False, PREC, I64)
+    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
+                   f_end, kv_hi, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC, I64)
+    _store(_ptrs(DQ + h64 * s_dqh, offs_m, s_dqn, offs_d, I64), dq * scale, row_ok, offs_d, D, DP, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,6 +443,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _needs_i64(*tensors: torch.Tensor) -> bool:
+    """Row offsets (row * row stride, rows up to N plus a block) no longer fit in int32."""
+    return any((t.shape[0] + 512) * abs(t.stride(0)) >= 2**31 for t in tensors)
+
+
 def _ints(kv_start: torch.Tensor, kv_end: torch.Tensor):
     return kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous()
 
@@ -493,9 +478,10 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
             q, k, v, out, lse, kvs, kve, tables[0],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            nq, n_tiles, float(scale) * LOG2E,
+            nq, n_tiles, float(scale) * _LOG2E,
             GROUP=hq // hkv, D=d, DP=_padded_head_dim(d), BM=cfg.block_m, BN=cfg.block_n,
-            PREC=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out),
+            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
         )
     return out, lse
 
@@ -516,17 +502,18 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
     dq = _empty((nq, hq, d), q.dtype, q.device)
     dk = _empty((nk, hkv, d), k.dtype, k.device)
     dv = _empty((nk, hkv, d), v.dtype, v.device)
+    i64 = _needs_i64(q, k, v, out, dout, dq, dk, dv)
     if hq == 0:
         return dq, dk, dv
     if nq == 0:  # nothing sees any key
         return dq, dk.zero_(), dv.zero_()
     delta = _empty((hq, nq), torch.float32, q.device)
-    qk_scale = float(scale) * LOG2E
+    qk_scale = float(scale) * _LOG2E
     with _device_guard(q):
         bm_delta = 64 if q.is_cuda else 32
         _bwd_delta[(hq, triton.cdiv(nq, bm_delta))](
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-            delta.stride(0), nq, D=d, DP=dp, BM=bm_delta,
+            delta.stride(0), nq, D=d, DP=dp, BM=bm_delta, I64=i64,
         )
         if nk > 0:
             _attn_bwd_dkdv[(hkv, triton.cdiv(nk, cfg.kv_block_n))](
@@ -534,8 +521,8 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 lse.stride(0), nq, nk, qk_scale, float(scale),
-                GROUP=group, D=d, DP=dp, BM=cfg.kv_block_m, BN=cfg.kv_block_n, PREC=prec,
-                num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
+                GROUP=group, D=d, DP=dp, BM=cfg.kv_block_m, BN=cfg.kv_block_n, PREC=prec, I64=i64,
+                num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
             )
         n_tiles = triton.cdiv(nq, cfg.dq_block_m)
         _attn_bwd_dq[(hq, n_tiles)](
@@ -543,7 +530,7 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
             nq, n_tiles, qk_scale, float(scale),
-            GROUP=group, D=d, DP=dp, BM=cfg.dq_block_m, BN=cfg.dq_block_n, PREC=prec,
-            num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
+            GROUP=group, D=d, DP=dp, BM=cfg.dq_block_m, BN=cfg.dq_block_n, PREC=prec, I64=i64,
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
     return dq, dk, dv

@@ -1,0 +1,142 @@
+"""Shared benchmark helpers: median timing, peak memory, environment record, JSON results.
+
+Every GPU run is saved as JSON under ``benchmarks/results/<device>-<date>/<name>.json`` with the
+device, library versions, git commit, the exact command line, the shapes and the medians, so a
+number in a table can always be traced to the run that printed it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def do_bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100, device: torch.device | str | None = None) -> float:
+    """Median time of ``fn()`` in milliseconds.
+
+    On a GPU: ``triton.testing.do_bench`` (it flushes the L2 cache between calls; ``warmup`` and
+    ``rep`` are in milliseconds there), or CUDA events when triton is missing. On the CPU: wall
+    time over ``rep`` calls after ``warmup`` calls."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench as triton_bench
+        except ImportError:
+            triton_bench = None
+        if triton_bench is not None:
+            return float(triton_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(max(rep // 4, 10)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(rep, 1)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str | None = None) -> float | None:
+    """Peak GPU memory allocated while ``fn()`` runs, above what was allocated before (MiB);
+    None on the CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def git_commit() -> str:
+    """HEAD commit, with "+dirty" when tracked files differ from it."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "python"] + sys.argv[1:]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def results_path(name: str, device: torch.device | str | None = None, root: str | None = None) -> str:
+    """``<root>/<device>-<date>/<name>.json`` (root defaults to benchmarks/results)."""
+    folder = f"{_slug(device_name(device))[:40]}-{_dt.date.today().isoformat()}"
+    return os.path.join(root or RESULTS, folder, f"{name}.json")
+
+
+def write_json(name: str, rows: list[dict], config: dict | None = None, device=None, root: str | None = None) -> str:
+    """Save ``{"environment", "config", "rows"}`` and return the path."""
+    path = results_path(name, device, root)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": environment(device), "config": config or {}, "rows": rows}, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
