@@ -137,23 +137,16 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, reps, gen)
     prev_ddim = (t_rows - 20) if per_row else t_scalar - 20
     n, item = x.numel(), x.element_size()
 
-    ops = {  # op: (public call with backend b, kernel-only call args, bytes moved)
-        "add_noise": (
-            lambda b: tk.add_noise(x, t_rows, sched, seed=SEED, backend=b),
-            (x, None, "add_noise", True),
-            3 * n * item,
-        ),
-        "ddpm_step": (
-            lambda b: tk.ddpm_step(m, t_step, x, sched, clip_sample=True, seed=SEED, backend=b),
-            (x, m, "ddpm_step", False),
-            3 * n * item,
-        ),
+    # op: (public call on backend b, model_output of the kernel call, whether noise is returned);
+    # every op reads two tensors and writes one, or reads one and writes two (add_noise)
+    ops = {
+        "add_noise": (lambda b: tk.add_noise(x, t_rows, sched, seed=SEED, backend=b), None, True),
+        "ddpm_step": (lambda b: tk.ddpm_step(m, t_step, x, sched, clip_sample=True, seed=SEED, backend=b), m, False),
         "ddim_step": (
-            lambda b: tk.ddim_step(m, t_step, x, sched, prev_timestep=prev_ddim, clip_sample=True, backend=b),
-            (x, m, "ddim_step", False),
-            3 * n * item,
+            lambda b: tk.ddim_step(m, t_step, x, sched, prev_timestep=prev_ddim, clip_sample=True, backend=b), m, False
         ),
     }
+    nbytes = 3 * n * item
     coefs = coefficients(sched, t_rows, t_step, prev_ddim, R, device)
     baselines = diffusers_baselines(x, m, t_rows, t_scalar, per_row)
     compiled = torch.compile(compiled_step, dynamic=False) if compile_ else None
@@ -162,29 +155,37 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, reps, gen)
     copy_gbps = 2 * n * item / copy_ms / 1e6
     row = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "per_row_timesteps": per_row,
            "copy_ms": copy_ms, "copy_GBps": copy_gbps, "ops": {}}
-    for op, (public, (sample, mo, kind, ret_noise), nbytes) in ops.items():
-        coef, clip, has_noise = coefs[kind]
+    for op, (public, mo, ret_noise) in ops.items():
+        coef, clip, has_noise = coefs[op]
         impls = {}
         if op in baselines:
             impls["diffusers"] = baselines[op]
         if compiled is not None:
-            impls["compiled"] = lambda: compiled(sample, mo, coef, clip, has_noise, ret_noise)
+            impls["compiled"] = lambda: compiled(x, mo, coef, clip, has_noise, ret_noise)
         for b in backends:
             impls[f"tk:{b}"] = lambda b=b: public(b)
             mod = DDPM_STEP.module(b)
             impls[f"kernel:{b}"] = lambda mod=mod: mod.affine_step(
-                sample, mo, coef, None, SEED, clip, ret_noise, has_noise=has_noise
+                x, mo, coef, None, SEED, clip, ret_noise, has_noise=has_noise
             )
         results = {}
         with torch.no_grad():
+            expected = first(public("reference"))
             for impl, fn in impls.items():
                 ms = time_ms(fn, device, reps)
                 gbps = nbytes / ms / 1e6
                 results[impl] = {"median_ms": ms, "GBps": gbps, "frac_of_copy": gbps / copy_gbps}
+                if impl.startswith("tk:"):  # same seed: the same numbers up to float rounding
+                    diff = (first(fn()).float() - expected.float()).abs().max().item()
+                    results[impl]["max_abs_diff_vs_reference"] = diff
                 print(f"{name:32s} {row['dtype']:8s} {op:9s} {impl:18s} {ms:9.4f} ms {gbps:8.1f} GB/s "
                       f"({100 * gbps / copy_gbps:5.1f}% of copy)", flush=True)
         row["ops"][op] = {"bytes": nbytes, "impls": results}
     return row
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 def compiled_step(sample, model_output, coef, clip, has_noise, return_noise):
@@ -197,7 +198,7 @@ def compiled_step(sample, model_output, coef, clip, has_noise, return_noise):
 def coefficients(sched, t_rows, t_step, prev_ddim, R, device):
     """Per op: (coef [R, 6] float32, clip_range, has_noise), built as the public functions do."""
     return {
-        "add_noise": (*tkd.add_noise_coef(t_rows, R, sched, device)[:1], None, True),
+        "add_noise": (tkd.add_noise_coef(t_rows, R, sched, device)[0], None, True),
         "ddpm_step": (tkd.ddpm_coef(t_step, R, sched, device)[0], 1.0, True),
         "ddim_step": (tkd.ddim_coef(t_step, R, sched, device, prev_ddim)[0], 1.0, False),
     }
