@@ -40,13 +40,19 @@ requires_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is
 
 
 def poison_outputs(monkeypatch) -> None:
-    """Every buffer the Triton kernels write starts as NaN."""
-    from transfusion_kernels.diffusion import triton as tkt
+    """Every buffer the kernel backends (triton, cuda) allocate starts as NaN."""
+    import importlib
 
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(tkt, "_empty", nan_empty)
+    for name in ("triton", "cuda"):
+        try:
+            module = importlib.import_module(f"transfusion_kernels.diffusion.{name}")
+        except ImportError:
+            continue
+        if hasattr(module, "_empty"):
+            monkeypatch.setattr(module, "_empty", nan_empty)
 
 
 def assert_rule(got, oracle, same_dtype, what: str = "") -> None:

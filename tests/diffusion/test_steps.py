@@ -12,6 +12,7 @@ import torch
 from tests.diffusion.common import (
     BACKENDS,
     DEVICE,
+    GPU,
     DTYPES,
     assert_rule,
     diffusers_ddim_rows,
@@ -407,3 +408,40 @@ def test_bad_inputs_raise_clear_errors():
         tk.ddpm_step(m, 10, x, sched, clip_sample=True, clip_sample_range=0.0)
     with pytest.raises(TypeError, match="schedule must be a DiffusionSchedule"):
         tk.add_noise(x, 10, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: large tensors on every kernel backend against the reference, same seed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "shape,dtype,per_row",
+    [((16, 4, 64, 64), torch.bfloat16, False), ((64, 4, 256, 256), torch.float32, False),
+     ((1 << 20, 64), torch.bfloat16, True), ((3, 1000003), torch.float16, True)],
+    ids=["latents-bf16", "64MB-fp32", "packed-bf16", "odd-rows-fp16"],
+)
+def test_gpu_large_against_reference(seed, shape, dtype, per_row):
+    sched = tk.DiffusionSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sample = torch.randn(shape, device=DEVICE).to(dtype)
+    model_output = torch.randn(shape, device=DEVICE).to(dtype)
+    t = torch.randint(0, 1000, (shape[0],), device=DEVICE) if per_row else 613
+    prev = (t - 37) if per_row else 576
+    runs = {
+        "add_noise": lambda b: tk.add_noise(sample, t, sched, seed=seed, backend=b),
+        "ddpm": lambda b: tk.ddpm_step(model_output, t, sample, sched, prev_timestep=prev, clip_sample=True,
+                                       variance_type="fixed_small_log", seed=seed, backend=b),
+        "ddim": lambda b: tk.ddim_step(model_output, t, sample, sched, prev_timestep=prev, eta=0.3,
+                                       prediction_type="v_prediction", seed=seed, backend=b),
+    }
+    eps = torch.finfo(dtype).eps
+    names = [n for n, info in tk.available_backends(DEVICE).items() if info.available and n != "reference"]
+    for what, run in runs.items():
+        ref = run("reference")
+        for name in names:
+            got = run(name)
+            for g, r in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
+                torch.testing.assert_close(g, r, rtol=2 * eps, atol=2e-5 if dtype == torch.float32 else 2 * eps,
+                                           msg=lambda m: f"{what} on {name}: {m}")
