@@ -19,21 +19,15 @@ bandwidth = those bytes / median time, next to a measured device copy
     python benchmarks/diffusion.py            # GPU: latents and 64 MB+ tensors, JSON in benchmarks/results/
     python benchmarks/diffusion.py --smoke    # CPU: tiny shapes on the reference, checks the harness
 
-Timing: ``triton.testing.do_bench`` medians on a GPU (L2 flushed between runs), perf_counter
-medians on a CPU. The helpers below are local: there is no shared benchmarks helper module yet.
+Timing, environment record and JSON come from ``benchmarks/common.py`` (``do_bench``: medians of
+``triton.testing.do_bench`` on a GPU, L2 flushed between runs; wall-clock medians on a CPU).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -42,6 +36,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
+from benchmarks.common import do_bench, write_json  # noqa: E402
 from transfusion_kernels import diffusion as tkd  # noqa: E402
 from transfusion_kernels.diffusion import DDPM_STEP, reference  # noqa: E402
 
@@ -59,52 +54,6 @@ SMOKE_CASES = [
     ("packed patches 64 x 16", (64, 16), torch.bfloat16, True),
 ]
 SEED = 1234
-
-
-# ----------------------------------------------------------------------------- minimal helpers
-
-
-def time_ms(fn, device: torch.device, reps: int) -> float:
-    """Median time of fn() in milliseconds."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median"))
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def environment(device: torch.device) -> dict:
-    def version(mod):
-        try:
-            return __import__(mod).__version__
-        except Exception:
-            return None
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:
-            return None
-
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "diffusers": version("diffusers"),
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--", "transfusion_kernels", "benchmarks")),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -126,7 +75,7 @@ def diffusers_baselines(x, m, t_rows, t_scalar, per_row):
     return out
 
 
-def run_case(name, shape, dtype, per_row, device, backends, compile_, reps, gen):
+def run_case(name, shape, dtype, per_row, device, backends, compile_, bench, gen):
     sched = tk.DiffusionSchedule()
     x = torch.randn(shape, generator=gen).to(device, dtype)
     m = torch.randn(shape, generator=gen).to(device, dtype)
@@ -151,7 +100,7 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, reps, gen)
     baselines = diffusers_baselines(x, m, t_rows, t_scalar, per_row)
     compiled = torch.compile(compiled_step, dynamic=False) if compile_ else None
 
-    copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x), device, reps)
+    copy_ms = bench(lambda: torch.empty_like(x).copy_(x))
     copy_gbps = 2 * n * item / copy_ms / 1e6
     row = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "per_row_timesteps": per_row,
            "copy_ms": copy_ms, "copy_GBps": copy_gbps, "ops": {}}
@@ -172,7 +121,7 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, reps, gen)
         with torch.no_grad():
             expected = first(public("reference"))
             for impl, fn in impls.items():
-                ms = time_ms(fn, device, reps)
+                ms = bench(fn)
                 gbps = nbytes / ms / 1e6
                 results[impl] = {"median_ms": ms, "GBps": gbps, "frac_of_copy": gbps / copy_gbps}
                 if impl.startswith("tk:"):  # same seed: the same numbers up to float rounding
@@ -209,9 +158,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes with the reference backend")
     ap.add_argument("--backends", default=None, help="comma list (default: every backend that can run here)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/diffusion-<device>-<date>.json; "
-                                                "a temporary file for --smoke)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls on a CPU, milliseconds of timing on a GPU")
+    ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary "
+                                                 "folder for --smoke)")
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -227,22 +176,24 @@ def main(argv=None):
     else:
         backends = [b for b, info in tk.available_backends(device).items() if info.available and DDPM_STEP.has(b)]
 
-    gen = torch.Generator().manual_seed(0)
-    env = environment(device)
-    rows = [run_case(*case, device, backends, not args.no_compile, reps, gen) for case in cases]
+    # On a GPU warmup and rep are milliseconds (triton's do_bench); on the CPU, calls.
+    warmup = 2 if args.smoke else 25
 
-    out = args.out
-    if out is None:
-        if args.smoke:
-            out = os.path.join(tempfile.gettempdir(), "diffusion-smoke.json")
-        else:
-            tag = env["device"].replace(" ", "_").replace("/", "_")
-            out = os.path.join(ROOT, "benchmarks", "results", f"diffusion-{tag}-{env['date'][:19].replace(':', '')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"benchmark": "diffusion", "env": env, "reps": reps, "seed": SEED,
-                   "timing": "median; triton.testing.do_bench on a GPU, perf_counter on a CPU", "rows": rows},
-                  f, indent=1)
+    def bench(fn):
+        return do_bench(fn, warmup=warmup, rep=reps, device=device)
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [run_case(*case, device, backends, not args.no_compile, bench, gen) for case in cases]
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    config = {"warmup": warmup, "rep": reps, "seed": SEED, "backends": backends, "compile": not args.no_compile,
+              "diffusers": diffusers_version, "smoke": args.smoke}
+    root = args.root or (tempfile.gettempdir() if args.smoke else None)
+    out = write_json("diffusion", rows, config, device=device, root=root)
     print(f"wrote {out}")
     return rows
 
