@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from unittest import mock
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the kernels' import: triton.jit picks the interpreter at decoration time
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import transfusion_kernels as tk  # noqa: E402
+import transfusion_kernels as tk  # tests/conftest.py has set TRITON_INTERPRET=1 without a GPU
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
