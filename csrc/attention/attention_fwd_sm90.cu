@@ -75,7 +75,9 @@ __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
   using S = Smem<D>;
   constexpr int kPanels = D / 64;  // 64-column panels of a 128-byte-swizzled tile
   extern __shared__ unsigned char smem_raw[];
-  __shared__ uint64_t bar_q, bar_k[kStages], bar_v[kStages];
+  __shared__ uint64_t bar_q;
+  __shared__ uint64_t bar_k[kStages];
+  __shared__ uint64_t bar_v[kStages];
   const AttentionFwdArgs& a = p.a;
 
   const uint32_t raw = smem_u32(smem_raw);

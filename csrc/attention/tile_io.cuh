@@ -4,6 +4,7 @@
 #include <stdint.h>
 
 #include "attention/layouts.cuh"
+#include "attention/sm80.cuh"
 #include "common/mma.cuh"
 
 namespace tk {
@@ -29,11 +30,6 @@ __device__ __forceinline__ void load_rows(T* smem, const T* g, int64_t row_strid
     const bool valid = lo <= row && row < hi;
     cp_async_16(dst + it * kRowsPerRound * D, valid ? src + it * kRowsPerRound * row_stride : g, valid);
   }
-}
-
-// 4-byte copy (cp.async.ca); zero-filled when !valid.
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(valid ? 4 : 0));
 }
 
 }  // namespace attn

@@ -13,15 +13,18 @@ compute capability 9.0).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import transfusion_kernels as tk
-from tests.cuda.conftest import CSRC
+from tests.cuda.conftest import CSRC, NVCC, ptxas_report
 from tests.layouts import LAYOUTS, naive_dense, random_layout
 from transfusion_kernels.backends import load_extension
 
@@ -333,6 +336,205 @@ def test_steps_cover_the_tables_and_full_steps_are_full(layouts, mask):
             s0 = first + i * b
             if fb <= s0 < fe:
                 assert 0 <= s0 and s0 + b <= m.shape[1] and m[r0:r1, s0:s0 + b].all(), (i, s0)
+
+
+# ==============================================================================================
+# host: the kernel sources themselves, run under a CPU emulation of the CUDA primitives
+# ==============================================================================================
+EMU_DIR = Path(__file__).parent / "attention_host"
+KERNEL_SOURCES = ("attention_fwd.cu", "attention_bwd.cu", "attention_fwd_sm90.cu")
+
+
+def emulation_source(text: str) -> str:
+    """A kernel source as g++ compiles it against attention_host/cuda_emu.h (see its header)."""
+    text = re.sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned char (\w+)\[\];",
+                  r"unsigned char* \1 = ::emu::dynamic_smem();", text)
+    text = re.sub(r"__shared__\s+(?:alignas\(\d+\)\s+|__align__\(\d+\)\s+)?([\w:<>]+)\s+(\w+)\[([^\]]+)\];",
+                  r"auto& \2 = ::emu::static_array<\1, (\3)>();", text)
+    text = re.sub(r"__shared__\s+([\w:<>]+)\s+(\w+);", r"auto& \2 = ::emu::static_array<\1, 1>()[0];", text)
+    text = re.sub(r"(\w+<[^;<>]*>)<<<(.*?)>>>\((.*?)\);", r"::emu::launch(\1, \2, \3);", text)
+    assert "__shared__" not in text and "<<<" not in text, "a construct the emulation does not rewrite"
+    return text
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None or NVCC is None:
+        pytest.skip("needs g++ and the CUDA headers (nvcc)")
+    tmp = tmp_path_factory.mktemp("attention_emu")
+    flags = [cxx, "-std=c++20", "-O1", "-pthread", "-include", str(EMU_DIR / "cuda_emu.h"), f"-I{EMU_DIR / 'shadow'}",
+             f"-I{CSRC}", *(f"-isystem{d}" for d in ptxas_report.cuda_include_dirs(NVCC))]
+    sources = []
+    for name in KERNEL_SOURCES:
+        (tmp / f"{name}.cpp").write_text(emulation_source((CSRC / "attention" / name).read_text()))
+        sources.append(tmp / f"{name}.cpp")
+    sources += [EMU_DIR / "emu.cpp", EMU_DIR / "driver.cpp"]
+
+    def compile_one(src):
+        return subprocess.run([*flags, "-c", str(src), "-o", str(tmp / f"{src.name}.o")], capture_output=True, text=True)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for src, proc in zip(sources, pool.map(compile_one, sources)):
+            assert proc.returncode == 0, f"{src.name}:\n{proc.stderr[-4000:]}"
+    exe = tmp / "attention_emu"
+    proc = subprocess.run([cxx, "-pthread", *(str(tmp / f"{s.name}.o") for s in sources), "-o", str(exe)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def _storage(t: torch.Tensor):
+    """(bytes of t's whole storage, element offset, (row, head) strides as cuda.py passes them)."""
+    flat = torch.tensor([], dtype=t.dtype).set_(t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),))
+    strides = (0 if t.shape[0] == 1 else t.stride(0), 0 if t.shape[1] == 1 else t.stride(1))
+    assert t.stride(2) == 1
+    return flat.view(torch.uint8).numpy().tobytes(), t.storage_offset(), strides
+
+
+def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None):
+    """Runs the driver (attention_host/driver.cpp): forward -> (out, lse), bwd -> (dq, dk, dv)."""
+    nq, hq, d = q.shape
+    nk, hkv = k.shape[:2]
+    views = []
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)):
+        if t is None:
+            t = q
+        data, offset, (rs, hs) = _storage(t)
+        (work / f"{name}.bin").write_bytes(data)
+        views.append(f"{offset} {rs} {hs}")
+    for name, t in (("kv_start", mask.kv_start), ("kv_end", mask.kv_end)):
+        (work / f"{name}.bin").write_bytes(t.to(torch.int32).numpy().tobytes())
+    block = {"fwd_mma": 64, "fwd_sm90": 128, "bwd": 64}[mode]
+    (work / "q_tiles.bin").write_bytes(mask.query_tiles(block).numpy().tobytes())
+    (work / "k_tiles.bin").write_bytes(mask.key_tiles(64).numpy().tobytes())
+    if lse is not None:
+        (work / "lse.bin").write_bytes(lse.contiguous().numpy().tobytes())
+    dt = 1 if q.dtype == torch.float16 else 2
+    (work / "meta").write_text(f"{nq} {nk} {hq} {hkv} {d} {dt} {scale!r}\n" + "\n".join(views) + "\n")
+    proc = subprocess.run([str(exe), mode, str(work)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{mode}: {proc.stderr[-2000:]}"
+
+    def read(name, shape, dtype):
+        return torch.frombuffer(bytearray((work / f"{name}_out.bin").read_bytes()), dtype=dtype).view(shape)
+
+    if mode == "bwd":
+        return read("dq", q.shape, q.dtype), read("dk", k.shape, k.dtype), read("dv", v.shape, v.dtype)
+    return read("out", q.shape, q.dtype), read("lse", (hq, nq), torch.float32)
+
+
+def _strided_qkv(n, hq, hkv, d, dtype):
+    qkv = torch.randn(n, hq + 2 * hkv, d).to(dtype)  # one packed projection: row stride (hq + 2 hkv) D
+    return qkv.split([hq, hkv, hkv], dim=1)
+
+
+def _nan_outside_case():
+    """Queries see keys [20, 80) only (some see nothing); K/V rows outside are NaN."""
+    nq, nk = 90, 100
+    s = 20 + torch.arange(nq) * 30 // nq
+    e = torch.clamp(s + torch.arange(nq) % 37, max=80)
+    e[40:50] = s[40:50]  # empty rows
+    return tk.HybridMask.from_intervals(s.int(), e.int(), num_keys=nk), (20, 80)
+
+
+EMU_CASES = {  # name -> (mask builder, hq, hkv, d, dtype, strided)
+    "spans_cross_tiles-gqa-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 4, 2, 64,
+                                      torch.float16, False),
+    "several_documents-strided-d128-bf16": (lambda: (spans_mask_cpu(*LAYOUTS["several_documents"]), None), 2, 1, 128,
+                                            torch.bfloat16, True),
+    "sampling-batch-d64-bf16": (lambda: (tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], True), None), 2, 2, 64,
+                                torch.bfloat16, False),
+    "nan-outside-empty-rows-d128-f16": (_nan_outside_case, 2, 1, 128, torch.float16, False),
+    "single-token-d128-bf16": (lambda: (spans_mask_cpu(*LAYOUTS["single_token"]), None), 2, 1, 128, torch.bfloat16,
+                               False),
+}
+
+
+def spans_mask_cpu(cu, spans):
+    return tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32), torch.tensor(spans, dtype=torch.int32).reshape(-1, 2))
+
+
+@pytest.mark.parametrize("case", list(EMU_CASES))
+def test_kernels_under_emulation(emulator, tmp_path, case, seed):
+    """Both forwards (mma.sync and wgmma + TMA) and the backward, compiled from csrc/attention/
+    for the emulated device: out, lse, dq, dk, dv against the float64 oracle under the 2x rule.
+    Outputs start NaN between guard words; shared-memory reads outside the launch's allocation
+    and unwritten shared memory (NaN-filled) fail."""
+    build, hq, hkv, d, dtype, strided = EMU_CASES[case]
+    mask, seen = build()
+    nq, nk = mask.num_queries, mask.num_keys
+    scale = d ** -0.5
+    if strided:
+        assert nq == nk
+        q, k, v = _strided_qkv(nq, hq, hkv, d, dtype)
+        dout = torch.randn(hq, nq, d).to(dtype).transpose(0, 1)
+    else:
+        q, k, v = (torch.randn(n, h, d).to(dtype) for n, h in ((nq, hq), (nk, hkv), (nk, hkv)))
+        dout = torch.randn(nq, hq, d).to(dtype)
+    clean_k, clean_v = k, v
+    if seen is not None:  # rows nobody sees hold NaN; the oracle gets the clean values
+        k, v = k.clone(), v.clone()
+        for t in (k, v):
+            t[:seen[0]] = float("nan")
+            t[seen[1]:] = float("nan")
+    allowed = mask.to_dense()
+    ref_in = [t.detach().double().requires_grad_() for t in (q, clean_k, clean_v)]
+    low_in = [t.detach().clone().requires_grad_() for t in (q, clean_k, clean_v)]
+    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale)
+    low_out, low_lse = dense_attention(*low_in, allowed, scale)
+    floor = FLOOR[dtype]
+
+    results = {mode: emulate(emulator, tmp_path, mode, mask, q, k, v, scale) for mode in ("fwd_mma", "fwd_sm90")}
+    for mode, (out, lse) in results.items():
+        assert_rule(f"{mode} out", out, ref_out, low_out, floor)
+        assert_rule("lse", lse, ref_lse, low_lse, floor)
+    out, lse = results["fwd_mma"]
+    grads = emulate(emulator, tmp_path, "bwd", mask, q, k, v, scale, out=out, lse=lse, dout=dout)
+    ref_g = torch.autograd.grad(ref_out, ref_in, dout.double())
+    low_g = torch.autograd.grad(low_out, low_in, dout)
+    for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
+        if seen is not None and name != "dq":  # a NaN key row only reaches its own dk, dv
+            g, rg, lg = g[seen[0]:seen[1]], rg[seen[0]:seen[1]], lg[seen[0]:seen[1]]
+        assert_rule(name, g, rg, lg, floor)
+    if seen is not None:
+        assert torch.all(grads[0][~allowed.any(1)] == 0), "dq of a row that sees nothing"
+
+
+# ---- bindings: argument checks before any device work ----------------------------------------
+def _bwd_args(**change):
+    ok = dict(dq=16, dk=32, dv=48, scratch=64, dout=80, q=96, k=112, v=128, out=144, lse=160, kv_start=176,
+              kv_end=192, q_tiles=208, k_tiles=224, nq=10, nk=12, hq=4, hkv=2, head_dim=64, q_strides=(256, 64),
+              k_strides=(128, 64), v_strides=(128, 64), o_strides=(256, 64), do_strides=(256, 64), scale=0.125,
+              dtype="bfloat16", stream=0)
+    return {**ok, **change}
+
+
+@pytest.mark.parametrize("change", [
+    dict(head_dim=96), dict(dtype="float32"), dict(dtype="int8"), dict(hq=3), dict(hkv=0), dict(nq=-1),
+    dict(q_strides=(100, 64)), dict(do_strides=(256, 4)), dict(q=8), dict(dk=0), dict(scratch=0), dict(k_tiles=0),
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_bindings_reject_bad_arguments(extension, change):
+    if not hasattr(extension, "attention_bwd"):
+        pytest.skip("the installed extension predates the attention backward: rebuild it (pip install -e .)")
+    with pytest.raises(ValueError):
+        extension.attention_bwd(**_bwd_args(**change))
+    fwd = {k: v for k, v in _bwd_args(**change).items()
+           if k in ("q", "k", "v", "kv_start", "kv_end", "q_tiles", "nq", "nk", "hq", "hkv", "head_dim", "q_strides",
+                    "k_strides", "v_strides", "scale", "dtype", "stream")}
+    if set(change) <= set(fwd):
+        for launch in (extension.attention_fwd, extension.attention_fwd_sm90):
+            with pytest.raises(ValueError):
+                launch(out=16, lse=32, **fwd)
+
+
+def test_bindings_without_work_or_device(extension):
+    if not hasattr(extension, "attention_bwd"):
+        pytest.skip("the installed extension predates the attention backward: rebuild it (pip install -e .)")
+    extension.attention_bwd(**_bwd_args(nq=0, nk=0))  # nothing to do: returns before any CUDA call
+    assert extension.ATTENTION_SM90_BLOCK_M == 128
+    assert extension.ATTENTION_BWD_BLOCK_M == extension.ATTENTION_BWD_BLOCK_N == 64
+    if extension.device_count() == 0:
+        assert extension.attention_sm90_supported(0) is False
 
 
 # ==============================================================================================

@@ -1,0 +1,45 @@
+// Host emulation of csrc/attention/sm90.cuh (see ../../cuda_emu.h): mbarriers with transaction
+// counts, TMA tile loads (128-byte swizzle, zero fill) and wgmma reading shared memory through
+// its descriptors, all synchronous.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "common/mma.cuh"
+
+namespace tk {
+namespace sm90 {
+
+inline void mbar_init(uint64_t* bar, uint32_t count) { ::emu::mbar_init(bar, count); }
+inline void mbar_fence_init() {}
+inline void mbar_expect_tx(uint64_t* bar, uint32_t bytes) { ::emu::mbar_expect_tx(bar, bytes); }
+inline void mbar_wait(uint64_t* bar, uint32_t parity) { ::emu::mbar_wait(bar, parity); }
+inline void tma_load_3d(uint32_t dst, const void* tensor_map, int c0, int c1, int c2, uint64_t* bar) {
+  ::emu::tma_load_3d(dst, tensor_map, c0, c1, c2, bar);
+}
+inline void fence_proxy_async() {}
+
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int N>
+inline void wgmma_wait() {}
+template <int N>
+inline void fence_operands(float (&)[N]) {}
+template <int N>
+inline void fence_operands(uint32_t (&)[N][4]) {}
+
+template <typename T, int N>
+inline void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
+  ::emu::wgmma(d, N, nullptr, a, b, accumulate, false, std::is_same<T, __nv_bfloat16>::value);
+}
+template <typename T, int N>
+inline void wgmma_rs_tb(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
+  ::emu::wgmma(d, N, a, 0, b, 1, true, std::is_same<T, __nv_bfloat16>::value);
+}
+
+}  // namespace sm90
+}  // namespace tk
