@@ -1,8 +1,9 @@
 // Host emulation of the CUDA features the attention kernels use, so that the kernel sources in
 // csrc/attention/ run unchanged on a CPU (tests/cuda/test_cuda_attention.py builds them with g++
 // against this header). Every CUDA thread of a block is a std::thread; __syncthreads, warp and
-// warpgroup collectives (shuffles, ldmatrix, mma, wgmma) are rendezvous on std::barrier. Async
-// copies (cp.async, TMA) complete at issue; shared memory is one arena whose offsets are the
+// warpgroup collectives (shuffles, ldmatrix, mma, wgmma) are rendezvous on std::barrier. A
+// cp.async lands when a cp.async.wait_group covers its commit group (late, as the hardware may);
+// TMA completes at issue and signals its mbarrier; wgmma is synchronous. Shared memory is one arena whose offsets are the
 // kernels' shared-memory addresses. Not a performance model: a correctness harness that also
 // checks shared-memory bounds and poisons unwritten shared memory with NaN.
 //
@@ -57,6 +58,15 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, const A&
   run_grid(grid, block, smem, [&] { kernel(args...); });
 }
 
+// global memory the launch may read (registered by the driver); cp.async and __ldg are checked
+void register_global(const void* p, size_t bytes);
+void check_global(const void* p, size_t bytes);
+
+// cp.async: queued per thread, performed by the wait_group that covers the commit group
+void cp_async(void* smem, const void* gmem, int bytes, bool valid);
+void cp_async_commit();
+void cp_async_wait(int allowed_pending);
+
 // warp collectives
 float shfl_xor(float v, int lane_mask);
 void ldmatrix(uint32_t (&r)[4], const void* smem, bool trans);
@@ -83,6 +93,7 @@ uint16_t float_to_bf16(float x);
 
 template <class T>
 inline T __ldg(const T* p) {
+  ::emu::check_global(p, sizeof(T));
   return *p;
 }
 

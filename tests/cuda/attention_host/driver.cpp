@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "cuda_emu.h"
 
 namespace {
 
@@ -47,6 +48,7 @@ struct Buffer {
     memset(b.data(), fill, bytes);
     return b;
   }
+  void expose() { ::emu::register_global(data(), bytes); }  // kernels may read it
   static Buffer from(const std::vector<unsigned char>& src) {
     Buffer b = of(src.size(), 0);
     if (!src.empty()) memcpy(b.data(), src.data(), src.size());
@@ -84,6 +86,7 @@ int main(int argc, char** argv) {
   Buffer v = Buffer::from(read_file(dir + "v.bin"));
   Buffer kvs = Buffer::from(read_file(dir + "kv_start.bin")), kve = Buffer::from(read_file(dir + "kv_end.bin"));
   Buffer qt = Buffer::from(read_file(dir + "q_tiles.bin"));
+  for (Buffer* b : {&q, &k, &v, &kvs, &kve, &qt}) b->expose();
   auto at = [](Buffer& b, const View& view) { return b.data() + 2 * view.offset; };
 
   cudaError_t err;
@@ -118,6 +121,7 @@ int main(int argc, char** argv) {
     Buffer dk = Buffer::of(static_cast<size_t>(nk) * hkv * d * 2, nan_byte);
     Buffer dv = Buffer::of(static_cast<size_t>(nk) * hkv * d * 2, nan_byte);
     Buffer scratch = Buffer::of(static_cast<size_t>(nq) * hq * 8, nan_byte);
+    for (Buffer* b : {&out, &dout, &lse, &kt, &scratch}) b->expose();
     tk::AttentionBwdArgs a{};
     a.dq = dq.data(), a.dk = dk.data(), a.dv = dv.data();
     a.delta = reinterpret_cast<float*>(scratch.data());

@@ -71,6 +71,15 @@ thread_local Block* tl_block = nullptr;
 thread_local int tl_rank = 0;
 thread_local unsigned tl_warp_ops = 0;
 
+struct Copy {
+  unsigned char* dst;
+  const void* src;
+  int bytes;
+  bool valid;
+};
+thread_local std::vector<Copy> tl_open_group;                // issued, not yet committed
+thread_local std::vector<std::vector<Copy>> tl_committed;    // committed, not yet performed
+
 Warp& warp() { return *tl_block->warps[tl_rank / 32]; }
 Slots& next_slots() { return warp().slots[tl_warp_ops++ & 1]; }
 Warpgroup& warpgroup() {
@@ -241,6 +250,8 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
             tl_rank = t;
             tl_static_next = kStaticBase;
             tl_warp_ops = 0;
+            tl_open_group.clear();
+            tl_committed.clear();
             threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
             blockIdx = dim3(x, y, z);
             body();
@@ -253,6 +264,43 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
 }
 
 void syncthreads() { tl_block->bar.arrive_and_wait(); }
+
+namespace {
+std::vector<std::pair<const unsigned char*, size_t>> g_globals;
+}
+void register_global(const void* p, size_t bytes) { g_globals.emplace_back(static_cast<const unsigned char*>(p), bytes); }
+void check_global(const void* p, size_t bytes) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  for (const auto& [base, size] : g_globals) {
+    if (c >= base && c + bytes <= base + size) return;
+  }
+  fail("global read outside every input and output buffer");
+}
+
+void cp_async(void* smem, const void* gmem, int bytes, bool valid) {
+  if (smem_addr(smem) % bytes) fail("cp.async: shared destination not aligned to the copy size");
+  if (valid) {
+    if (reinterpret_cast<uintptr_t>(gmem) % bytes) fail("cp.async: global source not aligned to the copy size");
+    check_global(gmem, bytes);
+  }
+  tl_open_group.push_back(Copy{smem_ptr(smem_addr(smem), bytes), gmem, bytes, valid});
+}
+void cp_async_commit() {
+  tl_committed.push_back(std::move(tl_open_group));
+  tl_open_group.clear();
+}
+void cp_async_wait(int allowed_pending) {
+  while (static_cast<int>(tl_committed.size()) > allowed_pending) {
+    for (const Copy& c : tl_committed.front()) {
+      if (c.valid) {
+        memcpy(c.dst, c.src, c.bytes);
+      } else {
+        memset(c.dst, 0, c.bytes);
+      }
+    }
+    tl_committed.erase(tl_committed.begin());
+  }
+}
 int thread_rank() { return tl_rank; }
 
 float shfl_xor(float v, int lane_mask) {

@@ -14,18 +14,13 @@ namespace tk {
 
 inline uint32_t smem_u32(const void* p) { return ::emu::smem_addr(p); }
 
-// Completes at issue (the kernels wait before reading, so this is one of the hardware's orders).
-inline void cp_async_16(void* smem, const void* gmem, bool valid) {
-  unsigned char* dst = ::emu::smem_ptr(::emu::smem_addr(smem), 16);
-  if (valid) {
-    memcpy(dst, gmem, 16);
-  } else {
-    memset(dst, 0, 16);
-  }
-}
-inline void cp_async_commit() {}
+// Lands only at the cp.async.wait_group that covers its commit group (see emu.cpp).
+inline void cp_async_16(void* smem, const void* gmem, bool valid) { ::emu::cp_async(smem, gmem, 16, valid); }
+inline void cp_async_commit() { ::emu::cp_async_commit(); }
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  ::emu::cp_async_wait(N);
+}
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ::emu::ldmatrix(r, smem, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { ::emu::ldmatrix(r, smem, true); }
