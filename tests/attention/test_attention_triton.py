@@ -8,7 +8,10 @@ must be at most twice the error of the same computation done by PyTorch in the i
 (dense softmax attention), plus a small absolute floor. Every buffer the kernels write is
 allocated NaN-filled, so an element they forget to write fails the test.
 """
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -300,6 +303,27 @@ def test_bad_tables_are_rejected():
         tkt.pick_config(512, torch.float16, torch.device(DEVICE))
     with pytest.raises(TypeError, match="float16"):
         tkt.pick_config(64, torch.int8, torch.device(DEVICE))
+
+
+@pytest.mark.skipif(GPU, reason="the GPU tests run the compiled kernels themselves")
+def test_kernels_compile_for_sm90_without_spills():
+    """The interpreter never lowers the kernels: compile them for sm_90a with their GPU configs
+    (Triton's real pipeline and ptxas, no GPU needed) in a process without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-m", "tests.attention.compile_triton", "bf16", "fp32"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert {(x["kernel"], x["d"], x["dtype"]) for x in rows} == {
+        (k, d, t) for k in ("fwd", "dkdv", "dq") for d in (32, 64, 128, 256) for t in ("bf16", "fp32")
+    }
+    for x in rows:
+        assert x["shared_bytes"] <= 160 * 1024, x  # fits an A100 too
+        if x["dtype"] == "bf16":  # the D=128 forward keeps 2 registers (8 bytes) on the stack
+            assert x["spill_stores"] <= 8, x
 
 
 # ----------------------------------------------------------------------------------------------

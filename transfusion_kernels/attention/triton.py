@@ -73,17 +73,18 @@ INTERPRET_CONFIG = Config(32, 16, 1, 1, 32, 16, 1, 1, 32, 16, 1, 1)
 
 # GPU defaults per (padded head dim, element size), for H100 (sm_90; fine on A100). Forward
 # BM=128/BN=64 as in FlashAttention-2; the backward steps narrowly (32) through the loop so
-# k, v and the dk/dv accumulators (or q, do and dq) stay in registers. Each choice compiles for
-# sm_90a without register spills (checked with ptxas -v); fp32 (tests only) uses small tiles.
+# k, v and the dk/dv accumulators (or q, do and dq) stay in registers. The 16-bit choices compile
+# for sm_90a without register spills (tests/attention/compile_triton.py); fp32 (3xTF32, for
+# tests) uses small tiles and one stage to stay within A100 shared memory.
 GPU_CONFIGS: dict[tuple[int, int], Config] = {
     (32, 2): Config(128, 64, 8, 3, 128, 32, 8, 3, 128, 64, 8, 3),
     (64, 2): Config(128, 64, 8, 3, 128, 32, 8, 3, 128, 64, 8, 3),
     (128, 2): Config(128, 64, 8, 3, 64, 32, 8, 3, 128, 32, 8, 3),
     (256, 2): Config(64, 32, 8, 2, 32, 32, 8, 2, 32, 32, 4, 2),
-    (32, 4): Config(64, 32, 4, 2, 64, 32, 4, 2, 64, 32, 4, 2),
-    (64, 4): Config(64, 32, 4, 2, 64, 32, 4, 2, 64, 32, 4, 2),
-    (128, 4): Config(64, 32, 4, 2, 32, 32, 4, 2, 64, 32, 4, 2),
-    (256, 4): Config(32, 16, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
+    (32, 4): Config(32, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
+    (64, 4): Config(32, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
+    (128, 4): Config(32, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
+    (256, 4): Config(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1),
 }
 
 
@@ -191,34 +192,6 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, s_kn, s_vn,
-               offs_n, offs_d, start, end, kv_lo, kv_hi, qk_scale,
-               D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-               MASKED: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
-    for n0 in range(start, end, BN):
-        cols = n0 + offs_n
-        k = _load(_ptrs(k_base, cols, s_kn, offs_d, I64), cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
-        qk = _dot(q, tl.trans(k), None, PREC)
-        if MASKED:
-            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
-            qk = tl.where(vis, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (p = 0, no NaN)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_sub = m_new
-        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(_ptrs(v_base, cols, s_vn, offs_d, I64), cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
-        acc = acc * alpha[:, None]
-        acc = _dot(_cast(p, v.dtype, PREC), v, acc, PREC)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB,
               s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_lh,
               Nq, n_tiles, qk_scale,
@@ -238,8 +211,6 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB,
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
     q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
-    kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
-    kve = tl.load(KVE + offs_m, mask=row_ok, other=0)  # padded rows: empty interval
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
 
@@ -247,12 +218,29 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DP], tl.float32)
     start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
-                               start, f_start, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC, I64)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
-                               f_start, f_end, kv_lo, kv_hi, qk_scale, D, DP, BN, False, PREC, I64)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
-                               f_end, kv_hi, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC, I64)
+    # One loop over key blocks (one software pipeline); only PARTIAL blocks branch into the
+    # interval test. Key rows are clamped into [kv_lo, kv_hi): nothing outside is ever read,
+    # the loads need no predicates, and the clamped duplicates fail the interval test.
+    for n0 in range(start, kv_hi, BN):
+        cols = n0 + offs_n
+        kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
+        k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+        v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+        qk = _dot(q, tl.trans(k), None, PREC)
+        if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
+            kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
+            kve = tl.load(KVE + offs_m, mask=row_ok, other=0)  # padded rows: empty interval
+            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (p = 0, no NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(_cast(p, v.dtype, PREC), v, acc, PREC)
+        m_i = m_new
 
     empty = l_i == 0.0  # the query sees no key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -335,26 +323,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DK, DV,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, s_kn, s_vn,
-              offs_n, offs_d, start, end, kv_lo, kv_hi, qk_scale,
-              D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-              MASKED: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
-    for n0 in range(start, end, BN):
-        cols = n0 + offs_n
-        k = _load(_ptrs(k_base, cols, s_kn, offs_d, I64), cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
-        v = _load(_ptrs(v_base, cols, s_vn, offs_d, I64), cols, kv_lo, kv_hi, offs_d, D, DP, MASKED)
-        qk = _dot(q, tl.trans(k), None, PREC)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
-            p = tl.where(vis, p, 0.0)
-        dp = _dot(do, tl.trans(v), None, PREC)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(_cast(ds, k.dtype, PREC), k, dq, PREC)
-    return dq
-
-
-@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DQ,
                  s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh, s_dqn, s_dqh, s_lh,
                  Nq, n_tiles, qk_scale, scale,
@@ -378,19 +346,26 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DQ,
     lse = tl.load(LSE + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: p = 0
     delta = tl.load(DELTA + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
-    kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
-    kve = tl.load(KVE + offs_m, mask=row_ok, other=0)
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
 
     dq = tl.zeros([BM, DP], tl.float32)
     start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
-    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
-                   start, f_start, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC, I64)
-    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
-                   f_start, f_end, kv_lo, kv_hi, qk_scale, D, DP, BN, False, PREC, I64)
-    dq = _dq_inner(dq, q, do, lse2, delta, kvs, kve, k_base, v_base, s_kn, s_vn, offs_n, offs_d,
-                   f_end, kv_hi, kv_lo, kv_hi, qk_scale, D, DP, BN, True, PREC, I64)
+    for n0 in range(start, kv_hi, BN):  # as in the forward: one loop, clamped key rows
+        cols = n0 + offs_n
+        kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
+        k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+        v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+        qk = _dot(q, tl.trans(k), None, PREC)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
+            kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
+            kve = tl.load(KVE + offs_m, mask=row_ok, other=0)
+            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
+            p = tl.where(vis, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, PREC)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(_cast(ds, k.dtype, PREC), k, dq, PREC)
     _store(_ptrs(DQ + h64 * s_dqh, offs_m, s_dqn, offs_d, I64), dq * scale, row_ok, offs_d, D, DP, PREC)
 
 
@@ -437,10 +412,11 @@ def _check_table(t: torch.Tensor, n: int, block: int, what: str) -> None:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs (tests) get exact fp32 dots; 16-bit inputs ignore the setting
+    """tl.dot input precision. fp32 inputs (tests) get 3xTF32 on the GPU, near-fp32 accuracy on
+    the tensor cores; 16-bit inputs ignore it. Under the interpreter dots are numpy fp32."""
     if dtype == torch.bfloat16 and _INTERPRETED:
         return "upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _needs_i64(*tensors: torch.Tensor) -> bool:
