@@ -438,15 +438,19 @@ def _nan_outside_case():
 
 
 EMU_CASES = {  # name -> (mask builder, hq, hkv, d, dtype, strided)
-    "spans_cross_tiles-gqa-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 4, 2, 64,
+    "spans_cross_tiles-gqa-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 2, 1, 64,
                                       torch.float16, False),
     "several_documents-strided-d128-bf16": (lambda: (spans_mask_cpu(*LAYOUTS["several_documents"]), None), 2, 1, 128,
                                             torch.bfloat16, True),
-    "sampling-batch-d64-bf16": (lambda: (tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], True), None), 2, 2, 64,
+    "sampling-batch-gqa-d64-bf16": (lambda: (tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], True), None), 4, 2, 64,
                                 torch.bfloat16, False),
     "nan-outside-empty-rows-d128-f16": (_nan_outside_case, 2, 1, 128, torch.float16, False),
     "single-token-d128-bf16": (lambda: (spans_mask_cpu(*LAYOUTS["single_token"]), None), 2, 1, 128, torch.bfloat16,
                                False),
+    # 400 tokens, a long causal document: FULL tiles, and more key tiles than the wgmma forward's
+    # two pipeline stages (stage refills, barrier phases flipping)
+    "long-documents-gqa-d64-bf16": (lambda: (spans_mask_cpu([0, 330, 400], [(200, 240), (340, 380)]), None), 2, 1, 64,
+                                    torch.bfloat16, False),
 }
 
 

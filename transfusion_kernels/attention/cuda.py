@@ -127,6 +127,16 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """TMA tensor maps (the wgmma forward) describe [rows, heads, D] as nested dimensions: heads
+    within a row or rows within a head; other stride patterns are copied to contiguous first."""
+    rs, hs = _strides(t)
+    n, h = t.shape[0], t.shape[1]
+    if n > 1 and h > 1 and not (hs * h <= rs or rs * n <= hs):
+        return t.contiguous()
+    return t
+
+
 def _check_table(t: torch.Tensor, n: int, block: int, device, what: str) -> None:
     rows = -(-n // block)
     if t.dim() != 2 or t.shape[0] != rows or t.shape[1] != 4 or t.dtype != torch.int32 or t.device != device:
@@ -168,24 +178,23 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
         return mod.forward(q, k, v, kv_start, kv_end, *((tables, blocks) if takes_tables else ([], [])), scale)
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
-    if blocks[0] == ext.ATTENTION_SM90_BLOCK_M:
-        launch = ext.attention_fwd_sm90
-        if not sm90_supported(q.device):
-            raise ValueError(f"blocks[0] = {blocks[0]} selects the wgmma forward, which {q.device} cannot run")
-    elif blocks[0] == ext.ATTENTION_BLOCK_M:
-        launch = ext.attention_fwd
-    else:
+    sm90 = blocks[0] == ext.ATTENTION_SM90_BLOCK_M
+    if sm90 and not sm90_supported(q.device):
+        raise ValueError(f"blocks[0] = {blocks[0]} selects the wgmma forward, which {q.device} cannot run")
+    if not sm90 and blocks[0] != ext.ATTENTION_BLOCK_M:
         raise ValueError(
             f"blocks[0] must be {ext.ATTENTION_BLOCK_M} (mma forward) or {ext.ATTENTION_SM90_BLOCK_M} (wgmma "
             f"forward), got {blocks[0]}; build tables and blocks with prepare(mask, q, k)"
         )
     _check_table(tables[0], nq, blocks[0], q.device, "tables[0] (forward query tiles)")
-    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    q, k, v = (_kernel_ready(t) for t in (q, k, v))
+    if sm90:
+        q, k, v = (_tma_ready(t) for t in (q, k, v))
     out = _empty((nq, hq, d), q.dtype, q.device)
     lse = _empty((hq, nq), torch.float32, q.device)
     if nq:
         with torch.cuda.device(q.device):
-            launch(
+            (ext.attention_fwd_sm90 if sm90 else ext.attention_fwd)(
                 out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                 _ints(kv_start).data_ptr(), _ints(kv_end).data_ptr(), tables[0].data_ptr(), nq, nk, hq, hkv, d,
                 _strides(q), _strides(k), _strides(v), float(scale), _DTYPE_NAMES[q.dtype], _stream(q.device),
