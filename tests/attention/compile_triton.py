@@ -48,10 +48,13 @@ def variants(dims=(32, 64, 128, 256), dtypes=("bf16", "fp16", "fp32")):
                 ("fwd", tkt._attn_fwd, cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages),
                 ("dkdv", tkt._attn_bwd_dkdv, cfg.kv_block_m, cfg.kv_block_n, cfg.kv_warps, cfg.kv_stages),
                 ("dq", tkt._attn_bwd_dq, cfg.dq_block_m, cfg.dq_block_n, cfg.dq_warps, cfg.dq_stages),
+                ("delta", tkt._bwd_delta, tkt.DELTA_BLOCK, None, 4, 3),  # launched with the defaults
             ):
                 consts = {"GROUP": 4, "D": d, "DP": d, "BM": bm, "BN": bn, "PREC": prec, "I64": False}
+                params = inspect.signature(fn.fn).parameters
+                consts = {k: v for k, v in consts.items() if k in params}
                 sig = {}
-                for p in inspect.signature(fn.fn).parameters:
+                for p in params:
                     if p in consts:
                         sig[p] = "constexpr"
                     elif p in POINTERS:

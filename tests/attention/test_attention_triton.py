@@ -160,7 +160,7 @@ def test_other_head_dims(d, seed):
 def test_long_random_layout(seed):
     """~1000 tokens, random documents and images (forward and backward)."""
     gen = torch.Generator().manual_seed(seed)
-    cu, spans = random_layout(gen, 1000 if not GPU else 8192, max_docs=4, max_images=5)
+    cu, spans = random_layout(gen, 1000 if not GPU else 4096, max_docs=4, max_images=5)
     mask = spans_mask(cu, spans)
     allowed = naive_dense(cu, spans) if not GPU else None
     check(mask, hq=2 if not GPU else HQ, hkv=1 if not GPU else HKV, d=64, dtype=torch.bfloat16, allowed=allowed)
@@ -257,6 +257,13 @@ def test_strided_inputs(seed):
         torch.testing.assert_close(g, gc, rtol=0, atol=0)
 
 
+def test_int64_row_offsets(seed, monkeypatch):
+    """The int64 addressing used past 2**31 elements, forced on a small case."""
+    monkeypatch.setattr(tkt, "_needs_i64", lambda *tensors: True)
+    cu, spans = LAYOUTS["image_first"]
+    check(spans_mask(cu, spans), d=64, dtype=torch.float16, allowed=naive_dense(cu, spans))
+
+
 def test_matches_reference_backend(seed):
     """Same answers as the package's reference backend (fp32 inputs, fp32 math in both)."""
     cu, spans = LAYOUTS["spans_cross_tiles"]
@@ -318,7 +325,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert {(x["kernel"], x["d"], x["dtype"]) for x in rows} == {
-        (k, d, t) for k in ("fwd", "dkdv", "dq") for d in (32, 64, 128, 256) for t in ("bf16", "fp32")
+        (k, d, t) for k in ("fwd", "dkdv", "dq", "delta") for d in (32, 64, 128, 256) for t in ("bf16", "fp32")
     }
     for x in rows:
         assert x["shared_bytes"] <= 160 * 1024, x  # fits an A100 too

@@ -4,21 +4,26 @@ Query i sees keys ``kv_start[i] <= j < kv_end[i]``. The mask's tile tables tell 
 which key (or query) blocks to visit and which of them every row sees in full:
 
 * forward and dq, one program per (query head, query tile): key blocks outside
-  ``[kv_lo, kv_hi)`` are never loaded; blocks inside ``[full_lo, full_hi)`` run with no mask
-  arithmetic and unmasked loads; the few blocks in between apply the interval test.
+  ``[kv_lo, kv_hi)`` are never loaded; blocks inside ``[full_lo, full_hi)`` (FULL) run without
+  any mask arithmetic; the few blocks in between (PARTIAL) apply the interval test.
 * dk/dv, one program per (kv head, key tile): query blocks come from the key table's
   ``[q_lo, q_hi)``, FULL inside ``[qfull_lo, qfull_hi)``; the program loops over the query heads
   of its GQA group, so dk/dv are summed without atomics (deterministic) and K/V are never copied.
+* delta = rowsum(dout * out) is a small preprocessing kernel.
 
 The FULL run of blocks is anchored at ``full_lo`` (not at a multiple of the block size), so a
-document that starts mid-tile still gets unmasked blocks; the masked blocks before it end
-exactly at ``full_lo`` and may start below ``kv_lo``: their loads are masked to ``[kv_lo, kv_hi)``.
+document that starts mid-tile still gets unmasked blocks; the PARTIAL blocks before it end
+exactly at ``full_lo`` and may start below ``kv_lo``. Rows outside the visited range are clamped
+into it rather than masked: loads need no predicates, and the clamped duplicates fail the
+interval test of PARTIAL blocks (FULL blocks never contain any).
 
 Softmax runs in fp32 in base 2 (``log2(e)`` folded into the scale); ``lse`` is stored in natural
-log, ``-inf`` for a query that sees nothing (its output and gradients are 0).
+log, ``-inf`` for a query that sees nothing (its output and gradients are 0). Head dims up to
+256 are padded to a power of two inside the kernels; any N; any strides with a unit last one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -67,6 +72,8 @@ class Config:
         names = ("block_m", "block_n", "kv_block_n", "kv_block_m", "dq_block_m", "dq_block_n")
         return dataclasses.replace(self, **dict(zip(names, blocks)))
 
+
+DELTA_BLOCK = 32  # rows per program of the delta = rowsum(dout * out) kernel
 
 # Small blocks under the interpreter: fast enough on a CPU and every tile edge gets exercised.
 INTERPRET_CONFIG = Config(32, 16, 1, 1, 32, 16, 1, 1, 32, 16, 1, 1)
@@ -429,15 +436,17 @@ def _ints(kv_start: torch.Tensor, kv_end: torch.Tensor):
 
 
 def _device_guard(x: torch.Tensor):
-    if x.is_cuda:
-        return torch.cuda.device(x.device)
-    import contextlib
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
-    return contextlib.nullcontext()
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
 def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
     _check_device(q)
+    _check_heads(q, k)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
@@ -464,6 +473,7 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
 
 def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
     _check_device(q)
+    _check_heads(q, k)
     q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
     lse = lse.contiguous()
     nq, hq, d = q.shape
@@ -486,10 +496,9 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
     delta = _empty((hq, nq), torch.float32, q.device)
     qk_scale = float(scale) * _LOG2E
     with _device_guard(q):
-        bm_delta = 64 if q.is_cuda else 32
-        _bwd_delta[(hq, triton.cdiv(nq, bm_delta))](
+        _bwd_delta[(hq, triton.cdiv(nq, DELTA_BLOCK))](
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-            delta.stride(0), nq, D=d, DP=dp, BM=bm_delta, I64=i64,
+            delta.stride(0), nq, D=d, DP=dp, BM=DELTA_BLOCK, I64=i64,
         )
         if nk > 0:
             _attn_bwd_dkdv[(hkv, triton.cdiv(nk, cfg.kv_block_n))](
