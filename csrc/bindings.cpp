@@ -256,7 +256,8 @@ void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, 
   require(nq == 0 || (dq != 0 && scratch != 0 && dout != 0 && q != 0 && out != 0 && lse != 0 && kv_start != 0 &&
                       kv_end != 0 && q_tiles != 0),
           "dq, scratch, dout, q, out, lse, kv_start, kv_end and q_tiles must be non-null device pointers");
-  require(((dq | dk | dv | dout | q | k | v | out) & 15u) == 0, "dq, dk, dv, dout, q, k, v and out must be 16-byte aligned");
+  require(((dq | dk | dv | dout | q | k | v | out) & 15u) == 0,
+          "dq, dk, dv, dout, q, k, v and out must be 16-byte aligned");
   tk::AttentionBwdArgs a{};
   a.dq = as_ptr<void>(dq);
   a.dk = as_ptr<void>(dk);
@@ -366,10 +367,10 @@ PYBIND11_MODULE(_C, m) {
         "Interval-mask attention forward on mma.sync (sm_80+; fp16/bf16, head_dim 64/128): out [nq, hq, D] "
         "contiguous, lse [hq, nq] fp32; q_tiles = HybridMask.query_tiles(ATTENTION_BLOCK_M); strides as "
         "(row, head) in elements.");
-  m.def("attention_fwd_sm90", &attention_fwd_sm90, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"), py::arg("hq"),
-        py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
-        py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+  m.def("attention_fwd_sm90", &attention_fwd_sm90, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"),
+        py::arg("hq"), py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"),
+        py::arg("v_strides"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
         "The same forward on wgmma with TMA loads (compute capability 9.0 and an sm_90a build only: see "
         "attention_sm90_supported); q_tiles = HybridMask.query_tiles(ATTENTION_SM90_BLOCK_M).");
   m.def("attention_sm90_supported", &attention_sm90_supported, py::arg("device"),

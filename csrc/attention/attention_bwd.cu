@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(kPrepThreads) attention_bwd_prep_kernel(const 
 // Stores rows row and row + 8 of a warp's 16 x D accumulator (mma C layout) into a contiguous
 // [rows, heads, D] tensor, times `mult`; rows >= n are padding.
 template <typename T, int D>
-__device__ __forceinline__ void store_rows(T* base, int heads, int head, int64_t row, int64_t n, const float (&acc)[D / 8][4],
-                                           float mult, int tig) {
+__device__ __forceinline__ void store_rows(T* base, int heads, int head, int64_t row, int64_t n,
+                                           const float (&acc)[D / 8][4], float mult, int tig) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t rr = row + 8 * r;

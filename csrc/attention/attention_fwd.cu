@@ -1,3 +1,4 @@
+// Interval-mask attention forward on mma.sync (sm_80+); the interface and tile tables are in attention.h.
 #include "attention/attention.h"
 
 #include <math.h>

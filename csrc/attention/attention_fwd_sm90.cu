@@ -221,7 +221,8 @@ __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
       for (int i = tid; i < kBN * kPanels * 8; i += kThreads) {
         const int row = i / (kPanels * 8), chunk = i % (kPanels * 8);
         if (n0 + row < kv_lo || n0 + row >= kv_hi) {
-          *reinterpret_cast<uint4*>(vt + (chunk / 8) * kBN * 128 + row * 128 + (chunk % 8) * 16) = make_uint4(0, 0, 0, 0);
+          unsigned char* at = vt + (chunk / 8) * kBN * 128 + row * 128 + (chunk % 8) * 16;
+          *reinterpret_cast<uint4*>(at) = make_uint4(0, 0, 0, 0);
         }
       }
       sm90::fence_proxy_async();
@@ -311,10 +312,11 @@ cudaError_t make_map(TileMap& out, DType dtype, const void* ptr, int64_t rows, i
   const cuuint32_t box[3] = {64, out.rows_in_dim1 ? static_cast<cuuint32_t>(box_rows) : 1u,
                              out.rows_in_dim1 ? 1u : static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = encode(&out.map, dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                            3, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUtensorMapDataType type =
+      dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult r =
+      encode(&out.map, type, 3, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -323,12 +325,14 @@ cudaError_t launch(const AttentionFwdArgs& a, DType dtype, cudaStream_t stream) 
   Sm90Params p{};
   p.a = a;
   cudaError_t err;
-  if ((err = make_map(p.q, dtype, a.q, a.nq, a.hq, D, a.q_row_stride, a.q_head_stride, kBM)) != cudaSuccess) return err;
+  err = make_map(p.q, dtype, a.q, a.nq, a.hq, D, a.q_row_stride, a.q_head_stride, kBM);
+  if (err != cudaSuccess) return err;
   if (a.nk == 0) {
     p.k = p.v = p.q;  // every interval is empty: no K/V tile is ever loaded
   } else {
-    if ((err = make_map(p.k, dtype, a.k, a.nk, a.hkv, D, a.k_row_stride, a.k_head_stride, kBN)) != cudaSuccess) return err;
-    if ((err = make_map(p.v, dtype, a.v, a.nk, a.hkv, D, a.v_row_stride, a.v_head_stride, kBN)) != cudaSuccess) return err;
+    err = make_map(p.k, dtype, a.k, a.nk, a.hkv, D, a.k_row_stride, a.k_head_stride, kBN);
+    if (err == cudaSuccess) err = make_map(p.v, dtype, a.v, a.nk, a.hkv, D, a.v_row_stride, a.v_head_stride, kBN);
+    if (err != cudaSuccess) return err;
   }
   constexpr size_t smem = Smem<D>::kBytes;
   if ((err = cudaFuncSetAttribute(attention_fwd_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -129,12 +129,14 @@ constexpr uint32_t kSwizzleAtomBytes = 1024;
 
 // Byte offset of element (row, col) in a SWIZZLE_128B tile of `rows` rows (the TMA layout).
 TK_HD uint32_t sw128_offset(int rows, int row, int col) {
-  return static_cast<uint32_t>((col / 64) * rows * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) << 4) + (col % 8) * 2);
+  const int chunk = ((col % 64) / 8) ^ (row % 8);
+  return static_cast<uint32_t>((col / 64) * rows * 128 + row * 128 + chunk * 16 + (col % 8) * 2);
 }
 
 // The 64-bit matrix descriptor: start address, LBO, SBO (all >> 4), 128-byte swizzle mode.
 TK_HD uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
 }
 

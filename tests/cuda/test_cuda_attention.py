@@ -96,8 +96,8 @@ def layouts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attention_layouts")
     src, exe = tmp / "layouts.cpp", tmp / "layouts"
     src.write_text(DRIVER)
-    proc = subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
-                          capture_output=True, text=True)
+    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
     def run(*args, stdin=None) -> str:
@@ -291,10 +291,15 @@ def test_wgmma_descriptors_read_the_right_elements(layouts, d):
 
 
 # ---- masked / FULL steps of the tile tables -------------------------------------------------
+def spans_mask_cpu(cu, spans):
+    return tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32),
+                                    torch.tensor(spans, dtype=torch.int32).reshape(-1, 2))
+
+
 def _step_cases():
     gen = torch.Generator().manual_seed(0)
-    masks = [tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32), torch.tensor(sp, dtype=torch.int32).reshape(-1, 2))
-             for cu, sp in list(LAYOUTS.values()) + [random_layout(gen, 700, max_docs=4, max_images=5)]]
+    layouts = list(LAYOUTS.values()) + [random_layout(gen, 700, max_docs=4, max_images=5)]
+    masks = [spans_mask_cpu(cu, sp) for cu, sp in layouts]
     masks += [tk.HybridMask.cached([37], [16], True), tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], False),
               tk.HybridMask.cached([300, 5, 129], [64, 65, 1], True)]
     s = torch.randint(0, 230, (200,), generator=gen)
@@ -372,7 +377,8 @@ def emulator(tmp_path_factory):
     sources += [EMU_DIR / "emu.cpp", EMU_DIR / "driver.cpp"]
 
     def compile_one(src):
-        return subprocess.run([*flags, "-c", str(src), "-o", str(tmp / f"{src.name}.o")], capture_output=True, text=True)
+        cmd = [*flags, "-c", str(src), "-o", str(tmp / f"{src.name}.o")]
+        return subprocess.run(cmd, capture_output=True, text=True)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for src, proc in zip(sources, pool.map(compile_one, sources)):
@@ -386,7 +392,8 @@ def emulator(tmp_path_factory):
 
 def _storage(t: torch.Tensor):
     """(bytes of t's whole storage, element offset, (row, head) strides as cuda.py passes them)."""
-    flat = torch.tensor([], dtype=t.dtype).set_(t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),))
+    storage = t.untyped_storage()
+    flat = torch.tensor([], dtype=t.dtype).set_(storage, 0, (storage.nbytes() // t.element_size(),))
     strides = (0 if t.shape[0] == 1 else t.stride(0), 0 if t.shape[1] == 1 else t.stride(1))
     assert t.stride(2) == 1
     return flat.view(torch.uint8).numpy().tobytes(), t.storage_offset(), strides
@@ -452,10 +459,6 @@ EMU_CASES = {  # name -> (mask builder, hq, hkv, d, dtype, strided)
     "long-documents-gqa-d64-bf16": (lambda: (spans_mask_cpu([0, 330, 400], [(200, 240), (340, 380)]), None), 2, 1, 64,
                                     torch.bfloat16, False),
 }
-
-
-def spans_mask_cpu(cu, spans):
-    return tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32), torch.tensor(spans, dtype=torch.int32).reshape(-1, 2))
 
 
 @pytest.mark.parametrize("case", list(EMU_CASES))
@@ -548,7 +551,8 @@ def test_bindings_without_work_or_device(extension):
 def poison(monkeypatch):
     from transfusion_kernels.attention import cuda as tkc
 
-    monkeypatch.setattr(tkc, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(tkc, "_empty",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
 FWD_KERNELS = ["mma", "wgmma"]
@@ -710,7 +714,8 @@ def test_keys_outside_the_intervals_are_never_used(fwd_kernel, seed):
         t[:100] = float("nan")
         t[200:] = float("nan")
     out, lse, (dq, dk, dv) = run_cuda(q, k, v, mask, d ** -0.5, dout)
-    for got, want in ((out, c_out), (lse, c_lse), (dq, c_dq), (dk[100:200], c_dk[100:200]), (dv[100:200], c_dv[100:200])):
+    seen = slice(100, 200)
+    for got, want in ((out, c_out), (lse, c_lse), (dq, c_dq), (dk[seen], c_dk[seen]), (dv[seen], c_dv[seen])):
         assert torch.isfinite(want).all()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -3,9 +3,10 @@
 // against this header). Every CUDA thread of a block is a std::thread; __syncthreads, warp and
 // warpgroup collectives (shuffles, ldmatrix, mma, wgmma) are rendezvous on std::barrier. A
 // cp.async lands when a cp.async.wait_group covers its commit group (late, as the hardware may);
-// TMA completes at issue and signals its mbarrier; wgmma is synchronous. Shared memory is one arena whose offsets are the
-// kernels' shared-memory addresses. Not a performance model: a correctness harness that also
-// checks shared-memory bounds and poisons unwritten shared memory with NaN.
+// TMA completes at issue and signals its mbarrier; wgmma is synchronous. Shared memory is one
+// arena whose offsets are the kernels' shared-memory addresses. Not a performance model: a
+// correctness harness that also checks shared-memory bounds and poisons unwritten shared memory
+// with NaN.
 //
 // The kernel sources are rewritten textually before compiling (test_cuda_attention.py):
 //   extern __shared__ ... name[];   -> unsigned char* name = ::emu::dynamic_smem();

@@ -146,7 +146,9 @@ CUresult fake_encode(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank
   }
   if (interleave != CU_TENSOR_MAP_INTERLEAVE_NONE || (box[0] * 2) % 16) return CUDA_ERROR_INVALID_VALUE;
   if (swizzle == CU_TENSOR_MAP_SWIZZLE_128B && box[0] * 2 > 128) return CUDA_ERROR_INVALID_VALUE;
-  if (swizzle != CU_TENSOR_MAP_SWIZZLE_128B || fill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) return CUDA_ERROR_INVALID_VALUE;
+  if (swizzle != CU_TENSOR_MAP_SWIZZLE_128B || fill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) {
+    return CUDA_ERROR_INVALID_VALUE;  // the only modes the kernels use
+  }
   FakeMap m{kMagic, static_cast<const unsigned char*>(base), {dims[0], dims[1], dims[2]}, {strides[0], strides[1]},
             {box[0], box[1], box[2]}, 1};
   memset(map, 0, sizeof(*map));
@@ -268,7 +270,9 @@ void syncthreads() { tl_block->bar.arrive_and_wait(); }
 namespace {
 std::vector<std::pair<const unsigned char*, size_t>> g_globals;
 }
-void register_global(const void* p, size_t bytes) { g_globals.emplace_back(static_cast<const unsigned char*>(p), bytes); }
+void register_global(const void* p, size_t bytes) {
+  g_globals.emplace_back(static_cast<const unsigned char*>(p), bytes);
+}
 void check_global(const void* p, size_t bytes) {
   const unsigned char* c = static_cast<const unsigned char*>(p);
   for (const auto& [base, size] : g_globals) {
