@@ -59,7 +59,7 @@ def variants(dims=(32, 64, 128, 256), dtypes=("bf16", "fp16", "fp32")):
                         sig[p] = "constexpr"
                     elif p in POINTERS:
                         sig[p] = f"*{dtype}"
-                    elif p in ("KVS", "KVE", "TAB"):
+                    elif p in ("KVS", "KVE", "TAB", "ORDER"):
                         sig[p] = "*i32"
                     elif p in ("LSE", "DELTA"):
                         sig[p] = "*fp32"

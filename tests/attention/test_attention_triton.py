@@ -299,6 +299,36 @@ def test_through_dispatcher(seed):
         torch.testing.assert_close(dg, g, rtol=0, atol=0)
 
 
+def test_torch_compile_fullgraph(seed):
+    """torch.compile traces tk.hybrid_attention on the triton backend (prepare included) without
+    graph breaks; values and gradients match eager."""
+    cu, spans = LAYOUTS["image_first"]
+    mask = spans_mask(cu, spans)
+    q, k, v = (t.requires_grad_() for t in make_inputs(mask.num_queries, mask.num_keys, 2, 1, 32, torch.float32))
+
+    def f(q, k, v):
+        return tk.hybrid_attention(q, k, v, mask, backend="triton").square().sum()
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss, loss_e, rtol=0, atol=0)
+    for g, ge in zip(grads, grads_e):
+        torch.testing.assert_close(g, ge, rtol=0, atol=0)
+
+
+def test_tile_order_is_cached_per_table():
+    """The longest-first tile order is computed once per (cached) table and freed with it."""
+    table = torch.tensor([[0, 5, 0, 0], [0, 64, 0, 0], [3, 40, 0, 0], [9, 9, 0, 0]], dtype=torch.int32, device=DEVICE)
+    order = tkt._heaviest_first(table)
+    assert order.tolist() == [1, 2, 0, 3]
+    assert tkt._heaviest_first(table) is order
+    key = id(table)
+    del table
+    assert key not in tkt._ORDERS
+
+
 def test_bad_tables_are_rejected():
     mask = tk.HybridMask.causal(torch.tensor([0, 40], dtype=torch.int32, device=DEVICE))
     q, k, v = make_inputs(40, 40, 2, 1, 64, torch.float16)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -199,13 +200,13 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB,
+def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
               s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_lh,
-              Nq, n_tiles, qk_scale,
+              Nq, qk_scale,
               GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
     h = tl.program_id(0)
-    tile = n_tiles - 1 - tl.program_id(1)  # later (in causal masks: heavier) tiles first
+    tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
     h64 = h.to(tl.int64)
     kvh = (h // GROUP).to(tl.int64)
     kv_lo = tl.load(TAB + tile * 4)
@@ -270,7 +271,7 @@ def _bwd_delta(O, DO, DELTA, s_on, s_oh, s_don, s_doh, s_dh, Nq,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
                    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh,
                    s_dkn, s_dkh, s_dvn, s_dvh, s_lh,
                    Nq, Nk, qk_scale, scale,
@@ -278,7 +279,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DK, DV,
                    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
     kvh = tl.program_id(0)
     kvh64 = kvh.to(tl.int64)
-    tile = tl.program_id(1)  # early key tiles are seen by the most queries: start them first
+    tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
     q_lo = tl.load(TAB + tile * 4)
     q_hi = tl.load(TAB + tile * 4 + 1)
     qf_lo = tl.load(TAB + tile * 4 + 2)
@@ -330,15 +331,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DK, DV,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, DQ,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
                  s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh, s_dqn, s_dqh, s_lh,
-                 Nq, n_tiles, qk_scale, scale,
+                 Nq, qk_scale, scale,
                  GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
     h = tl.program_id(0)
     h64 = h.to(tl.int64)
     kvh = (h // GROUP).to(tl.int64)
-    tile = n_tiles - 1 - tl.program_id(1)
+    tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
     kv_lo = tl.load(TAB + tile * 4)
     kv_hi = tl.load(TAB + tile * 4 + 1)
     full_lo = tl.load(TAB + tile * 4 + 2)
@@ -392,12 +393,36 @@ def _check_device(x: torch.Tensor) -> None:
 
 
 def prepare(mask, q: torch.Tensor, k: torch.Tensor, config: Config | None = None):
-    """Tile tables and block sizes for ``forward``/``backward``: the forward query table, the
-    dk/dv key table and the dq query table (the mask caches them per block size)."""
+    """Tile tables and block sizes for ``forward``/``backward``.
+
+    tables = [forward query tiles, dk/dv key tiles, dq query tiles] (cached on the mask per block
+    size) + the order in which each kernel's programs take their tiles: heaviest first, so the
+    long tiles do not end up in the last wave (cached per table)."""
     cfg = config if config is not None else pick_config(q.shape[-1], q.dtype, q.device)
     tables = [mask.query_tiles(cfg.block_m), mask.key_tiles(cfg.kv_block_n), mask.query_tiles(cfg.dq_block_m)]
     tables = [t.to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
-    return tables, cfg.blocks
+    return tables + [_heaviest_first(t) for t in tables], cfg.blocks
+
+
+# id(table) -> (weak reference to the table, its order); a WeakKeyDictionary would compare
+# tensors with == on a hash hit. Entries leave with their table.
+_ORDERS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _heaviest_first(table: torch.Tensor) -> torch.Tensor:
+    """Tile indices by decreasing visit range (hi - lo): a longest-first schedule. Cached per
+    table in eager mode (the mask caches the tables, so this runs once per mask and block size);
+    computed in the graph under torch.compile."""
+    compiling = torch.compiler.is_compiling()
+    entry = None if compiling else _ORDERS.get(id(table))
+    if entry is not None and entry[0]() is table:
+        return entry[1]
+    work = (table[:, 1] - table[:, 0]).clamp_min(0)
+    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    if not compiling:
+        _ORDERS[id(table)] = (weakref.ref(table), order)
+        weakref.finalize(table, _ORDERS.pop, id(table), None)
+    return order
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -409,13 +434,21 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_table(t: torch.Tensor, n: int, block: int, what: str) -> None:
+def _table_and_order(tables: list, i: int, n: int, block: int, what: str):
+    """tables[i] checked against n tokens and the block size, and its tile order."""
+    if len(tables) not in (3, 6):
+        raise ValueError(f"tables must be the list prepare(mask, q, k) returns (6 tensors), got {len(tables)}")
+    t = tables[i]
     rows = triton.cdiv(n, block)
     if t.dim() != 2 or t.shape[0] != rows or t.shape[1] != 4 or t.dtype != torch.int32:
         raise ValueError(
             f"tables: {what} must be int32 [{rows}, 4] for {n} tokens and block {block}, "
             f"got {t.dtype} {list(t.shape)}; build it with prepare(mask, q, k)"
         )
+    order = tables[i + 3] if len(tables) == 6 else _heaviest_first(t)
+    if order.shape != (rows,) or order.dtype != torch.int32:
+        raise ValueError(f"tables[{i + 3}]: the tile order of {what} must be int32 [{rows}], got {order.dtype} {list(order.shape)}")
+    return t, order
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -451,7 +484,7 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
     cfg = _launch_params(blocks, d, q.dtype, q.device)
-    _check_table(tables[0], nq, cfg.block_m, "tables[0] (forward query tiles)")
+    table, order = _table_and_order(tables, 0, nq, cfg.block_m, "tables[0] (forward query tiles)")
     kvs, kve = _ints(kv_start, kv_end)
     out = _empty((nq, hq, d), q.dtype, q.device)
     lse = _empty((hq, nq), torch.float32, q.device)
@@ -460,10 +493,10 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
         return out, lse
     with _device_guard(q):
         _attn_fwd[(hq, n_tiles)](
-            q, k, v, out, lse, kvs, kve, tables[0],
+            q, k, v, out, lse, kvs, kve, table, order,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            nq, n_tiles, float(scale) * _LOG2E,
+            nq, float(scale) * _LOG2E,
             GROUP=hq // hkv, D=d, DP=_padded_head_dim(d), BM=cfg.block_m, BN=cfg.block_n,
             PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out),
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
@@ -479,8 +512,8 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
     cfg = _launch_params(blocks, d, q.dtype, q.device)
-    _check_table(tables[1], nk, cfg.kv_block_n, "tables[1] (dk/dv key tiles)")
-    _check_table(tables[2], nq, cfg.dq_block_m, "tables[2] (dq query tiles)")
+    kv_table, kv_order = _table_and_order(tables, 1, nk, cfg.kv_block_n, "tables[1] (dk/dv key tiles)")
+    dq_table, dq_order = _table_and_order(tables, 2, nq, cfg.dq_block_m, "tables[2] (dq query tiles)")
     kvs, kve = _ints(kv_start, kv_end)
     dp = _padded_head_dim(d)
     group = hq // hkv
@@ -502,19 +535,18 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
         )
         if nk > 0:
             _attn_bwd_dkdv[(hkv, triton.cdiv(nk, cfg.kv_block_n))](
-                q, k, v, dout, lse, delta, kvs, kve, tables[1], dk, dv,
+                q, k, v, dout, lse, delta, kvs, kve, kv_table, kv_order, dk, dv,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 lse.stride(0), nq, nk, qk_scale, float(scale),
                 GROUP=group, D=d, DP=dp, BM=cfg.kv_block_m, BN=cfg.kv_block_n, PREC=prec, I64=i64,
                 num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
             )
-        n_tiles = triton.cdiv(nq, cfg.dq_block_m)
-        _attn_bwd_dq[(hq, n_tiles)](
-            q, k, v, dout, lse, delta, kvs, kve, tables[2], dq,
+        _attn_bwd_dq[(hq, triton.cdiv(nq, cfg.dq_block_m))](
+            q, k, v, dout, lse, delta, kvs, kve, dq_table, dq_order, dq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-            nq, n_tiles, qk_scale, float(scale),
+            nq, qk_scale, float(scale),
             GROUP=group, D=d, DP=dp, BM=cfg.dq_block_m, BN=cfg.dq_block_n, PREC=prec, I64=i64,
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
