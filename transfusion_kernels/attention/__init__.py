@@ -11,9 +11,13 @@ The custom ops take plain tensors, so ``torch.compile`` traces them without grap
 """
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
+
 import torch
 
-from transfusion_kernels.backends import Op
+from transfusion_kernels.backends import Op, _info, requested_backend
 from transfusion_kernels.masks import HybridMask
 
 ATTENTION = Op(
@@ -23,7 +27,7 @@ ATTENTION = Op(
         "triton": "transfusion_kernels.attention.triton",
         "cuda": "transfusion_kernels.attention.cuda",
     },
-    # Triton first: it covers every head dim, dtype and the backward; the CUDA kernel is forward-only.
+    # Triton first until the CUDA kernels (fp16/bf16, D 64/128 only) have been validated and timed on a GPU.
     gpu_order=("triton", "cuda"),
 )
 
@@ -84,6 +88,8 @@ def _check_inputs(q, k, v, mask) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim], got {getattr(t, 'shape', type(t))}")
+        if t.shape[1] < 1 or t.shape[2] < 1:
+            raise ValueError(f"{name} must have at least one head and head_dim >= 1, got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if t.stride(-1) != 1:
@@ -104,17 +110,81 @@ def _check_inputs(q, k, v, mask) -> None:
         raise ValueError(f"k has {k.shape[0]} tokens but the mask has {mask.num_keys} keys")
 
 
+def _check_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, torch.Tensor) and softmax_scale.numel() == 1 and not softmax_scale.is_complex():
+        softmax_scale = softmax_scale.item()
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite real number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# What each backend covers, and the fallback for what it does not
+# ----------------------------------------------------------------------------------------------
+_ORDER = ("cuda", "triton", "reference")  # a backend falls back to the next one that can run
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def _not_covered(name: str, q: torch.Tensor) -> str | None:
+    """Why backend ``name``'s kernels do not cover q's dtype / head dim (None when they do); the
+    backend modules state their own limits."""
+    if name == "cuda" and not ATTENTION.module("cuda").kernel_supports(q):
+        return f"{q.dtype} with head dim {q.shape[-1]} (its kernels take float16/bfloat16 with head dim 64 or 128)"
+    if name == "triton":
+        try:
+            ATTENTION.module("triton").pick_config(q.shape[-1], q.dtype, q.device)
+        except (ValueError, TypeError) as e:
+            return f"{q.dtype} with head dim {q.shape[-1]} ({e})"
+    return None
+
+
+def _warn_fallback(op: str, requested: str, reason: str, used: str) -> None:
+    """One warning per (op, backend, reason) and process; none while torch.compile traces."""
+    key = (op, requested, reason)
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(key)
+    warnings.warn(f"transfusion_kernels fallback: {op} on backend {requested!r} does not support {reason}; "
+                  f"running on {used!r} instead", stacklevel=3)
+
+
+def _select(backend, q: torch.Tensor) -> str:
+    """The backend that runs: the requested (or auto-chosen) one when its kernels cover the
+    inputs, else the next one in cuda -> triton -> reference that can run here and covers them."""
+    name = ATTENTION.resolve(backend, q.device)
+    reason = _not_covered(name, q)
+    if reason is None:
+        return name
+    if name == "cuda":
+        ATTENTION.module("cuda")._fallback(q)  # TRANSFUSION_CUDA_ATTENTION_FALLBACK=0: ValueError
+    used = next(c for c in _ORDER[_ORDER.index(name) + 1:] if c == "reference" or (
+        ATTENTION.has(c) and _info(c, q.device).available and _not_covered(c, q) is None))
+    _warn_fallback(ATTENTION.name, name, reason, used)
+    return used
+
+
 def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=False, backend=None):
     """Attention where query i sees keys ``[mask.kv_start[i], mask.kv_end[i])``.
 
-    q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] with Hq a multiple of Hkv (grouped-query attention).
+    q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] with Hq a multiple of Hkv (grouped-query attention);
+    float16, bfloat16 or float32, all three alike, unit stride in the head dim.
     Returns out [Nq, Hq, D] (and lse [Hq, Nq] fp32, natural log, if ``return_lse``).
     Differentiable in q, k and v; lse is not differentiated. A query with an empty interval gets
     output 0 and lse -inf.
+
+    Inputs a backend's kernels do not cover (see README, "Supported shapes and dtypes") run on
+    the next backend (cuda -> triton -> reference) with one warning per reason.
+
+    Non-finite inputs: a NaN/inf in query row i or in a key that row i sees makes out[i] and
+    lse[i] NaN, and leaves every other row as it would be without it. A non-finite value in v
+    reaches every query that sees its key, and may also reach queries computed in the same tile
+    (a zero probability times inf/NaN); the same holds for q, k, v and dout in the gradients.
     """
     _check_inputs(q, k, v, mask)
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    name = ATTENTION.resolve(backend, q.device)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    name = _select(backend, q)
     tables, blocks = ATTENTION.module(name).prepare(mask, q, k)
     out, lse = _attention_fwd(q, k, v, mask.kv_start, mask.kv_end, tables, blocks, scale, name)
     return (out, lse) if return_lse else out
