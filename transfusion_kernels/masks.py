@@ -13,17 +13,46 @@ once per block size and cached on the mask, so one mask serves every layer.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 INT32_MAX = 2**31 - 1
 
 
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _as_int32(x, name: str, device=None) -> torch.Tensor:
+    """An int32 tensor as given, or python integers converted (never truncating floats)."""
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x, dtype=torch.int32, device=device)
+        x = _int_values(x, name, device)
+        if x.numel() and (int(x.min()) < -INT32_MAX - 1 or int(x.max()) > INT32_MAX):
+            raise ValueError(f"{name} values must fit in int32, got values in [{int(x.min())}, {int(x.max())}]")
+        x = x.to(torch.int32)
     if x.dtype != torch.int32:
         raise ValueError(f"{name} must be an int32 tensor, got dtype {x.dtype}")
     return x
+
+
+def _int_values(x, name: str, device=None) -> torch.Tensor:
+    """Integers (a tensor of an integer dtype, or python ints) as an int64 tensor."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x, device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{name} must be integers (a tensor or a sequence of ints), got {x!r}: {e}") from None
+        if x.numel() == 0:
+            x = x.to(torch.int64)
+    if x.dtype not in _INT_DTYPES:
+        raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+    return x.to(torch.int64)
+
+
+def _check_block(block: int, name: str) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{name} must be a positive int, got {block!r}")
+    return block
 
 
 def _first_bad(bad: torch.Tensor) -> int | None:
@@ -79,6 +108,32 @@ def _check_spans(spans: torch.Tensor, cu: torch.Tensor) -> None:
         )
 
 
+def _check_intervals(s, e, num_keys, monotone: bool | None) -> bool:
+    """Validate an interval mask; returns whether it is monotone."""
+    for name, t in (("kv_start", s), ("kv_end", e)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor, got {getattr(t, 'dtype', type(t).__name__)} "
+                             f"of shape {tuple(getattr(t, 'shape', ()))}")
+    if s.shape != e.shape:
+        raise ValueError(f"kv_start and kv_end must be 1-D of equal length, got {tuple(s.shape)} and {tuple(e.shape)}")
+    if e.device != s.device:
+        raise ValueError(f"kv_end is on {e.device} but kv_start is on {s.device}")
+    try:
+        n = None if isinstance(num_keys, bool) else operator.index(num_keys)
+    except TypeError:
+        n = None
+    if n is None or not 0 <= n <= INT32_MAX:
+        raise ValueError(f"num_keys must be an int in [0, {INT32_MAX}], got {num_keys!r}")
+    for bad, why in ((s < 0, "kv_start < 0"), (e < s, "kv_end < kv_start"), (e > n, f"kv_end > num_keys = {n}")):
+        i = _first_bad(bad)
+        if i is not None:
+            raise ValueError(f"query {i}: interval [{int(s[i])}, {int(e[i])}) is invalid: {why}")
+    is_monotone = bool(((s[1:] >= s[:-1]) & (e[1:] >= e[:-1])).all()) if s.numel() > 1 else True
+    if monotone and not is_monotone:
+        raise ValueError("monotone=True, but kv_start and kv_end are not both non-decreasing")
+    return is_monotone
+
+
 class HybridMask:
     """Per-query key intervals plus the tile tables the kernels need.
 
@@ -86,12 +141,19 @@ class HybridMask:
     interval mask) or :meth:`cached` (new tokens against a KV cache).
     """
 
-    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, *, monotone: bool):
+    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, *,
+                 monotone: bool | None = None, _checked: bool = False):
+        """Query i sees keys [kv_start[i], kv_end[i]) of ``num_keys``; both int32 [Nq] on one device.
+        The intervals are checked (one device sync); ``monotone`` (kv_start and kv_end both
+        non-decreasing) is computed when not given and verified when claimed."""
+        if not _checked:
+            monotone = _check_intervals(kv_start, kv_end, num_keys, monotone)
+            kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
         self.kv_start = kv_start
         self.kv_end = kv_end
         self.num_keys = int(num_keys)
         # kv_start and kv_end both non-decreasing in i: tile tables are exact and cheap.
-        self.monotone = monotone
+        self.monotone = bool(monotone)
         self._tables: dict[tuple[str, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ constructors
@@ -103,8 +165,8 @@ class HybridMask:
         absolute half-open (start, end) over patch tokens, sorted, non-overlapping, each inside
         one document.
         """
-        cu = _as_int32(cu_seqlens, "cu_seqlens")
-        spans = _as_int32(image_spans, "image_spans", device=cu.device)
+        cu = _as_int32(cu_seqlens, "cu_seqlens").contiguous()
+        spans = _as_int32(image_spans, "image_spans", device=cu.device).contiguous()
         if spans.numel() == 0:
             spans = spans.reshape(0, 2)
         _check_cu_seqlens(cu)
@@ -119,7 +181,7 @@ class HybridMask:
             span_end = spans[:, 1][img.clamp_min(0)]
             inside = (img >= 0) & (pos < span_end)
             kv_end = torch.where(inside, span_end, kv_end)
-        return cls(kv_start, kv_end, n, monotone=True)
+        return cls(kv_start, kv_end, n, monotone=True, _checked=True)
 
     @classmethod
     def causal(cls, cu_seqlens) -> "HybridMask":
@@ -132,18 +194,9 @@ class HybridMask:
         """Any interval mask: query i sees keys [kv_start[i], kv_end[i])."""
         s = _as_int32(kv_start, "kv_start")
         e = _as_int32(kv_end, "kv_end", device=s.device)
-        if s.dim() != 1 or s.shape != e.shape:
-            raise ValueError(f"kv_start and kv_end must be 1-D of equal length, got {tuple(s.shape)} and {tuple(e.shape)}")
-        if e.device != s.device:
-            raise ValueError(f"kv_end is on {e.device} but kv_start is on {s.device}")
         if num_keys is None:
-            num_keys = int(e.max()) if e.numel() else 0
-        for bad, why in ((s < 0, "kv_start < 0"), (e < s, "kv_end < kv_start"), (e > num_keys, f"kv_end > num_keys = {num_keys}")):
-            i = _first_bad(bad)
-            if i is not None:
-                raise ValueError(f"query {i}: interval [{int(s[i])}, {int(e[i])}) is invalid: {why}")
-        monotone = bool(((s[1:] >= s[:-1]) & (e[1:] >= e[:-1])).all()) if s.numel() > 1 else True
-        return cls(s.contiguous(), e.contiguous(), num_keys, monotone=monotone)
+            num_keys = int(e.max()) if e.numel() and e.dim() == 1 else 0
+        return cls(s, e, num_keys)
 
     @classmethod
     def cached(cls, cache_lens, query_lens, bidirectional: bool = False, device=None) -> "HybridMask":
@@ -154,8 +207,9 @@ class HybridMask:
         [0, cache_lens[b] + (query_lens[b] if bidirectional else j + 1)): an image chunk being
         denoised uses bidirectional=True, text decoding bidirectional=False.
         """
-        cache = torch.as_tensor(cache_lens, dtype=torch.int64, device=device).flatten()
-        new = torch.as_tensor(query_lens, dtype=torch.int64, device=cache.device).flatten()
+        cache = _int_values(cache_lens, "cache_lens", device).flatten()
+        cache = cache if device is None else cache.to(device)
+        new = _int_values(query_lens, "query_lens", cache.device).flatten().to(cache.device)
         if cache.shape != new.shape:
             raise ValueError(f"cache_lens and query_lens must have the same length, got {cache.numel()} and {new.numel()}")
         for name, t in (("cache_lens", cache), ("query_lens", new)):
@@ -163,13 +217,16 @@ class HybridMask:
             if b is not None:
                 raise ValueError(f"{name}[{b}] = {int(t[b])} is negative")
         seq_keys = cache + new
+        for name, total in (("cache_lens + query_lens", int(seq_keys.sum())), ("query_lens", int(new.sum()))):
+            if total > INT32_MAX:
+                raise ValueError(f"sum of {name} = {total} does not fit in int32 (at most {INT32_MAX} tokens)")
         key_base = torch.cumsum(seq_keys, 0) - seq_keys
         nq = int(new.sum())
         seq = torch.repeat_interleave(torch.arange(new.numel(), device=cache.device), new, output_size=nq)
         j = torch.arange(nq, device=cache.device) - (torch.cumsum(new, 0) - new)[seq]
         kv_start = key_base[seq]
         kv_end = kv_start + cache[seq] + (new[seq] if bidirectional else j + 1)
-        return cls(kv_start.to(torch.int32), kv_end.to(torch.int32), int(seq_keys.sum()), monotone=True)
+        return cls(kv_start.to(torch.int32), kv_end.to(torch.int32), int(seq_keys.sum()), monotone=True, _checked=True)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -185,7 +242,8 @@ class HybridMask:
         return int((self.kv_end - self.kv_start).to(torch.int64).sum())
 
     def to(self, device) -> "HybridMask":
-        return HybridMask(self.kv_start.to(device), self.kv_end.to(device), self.num_keys, monotone=self.monotone)
+        return HybridMask(self.kv_start.to(device), self.kv_end.to(device), self.num_keys, monotone=self.monotone,
+                          _checked=True)
 
     def __repr__(self) -> str:
         return f"HybridMask(num_queries={self.num_queries}, num_keys={self.num_keys}, device={self.device})"
@@ -198,7 +256,7 @@ class HybridMask:
         every key in [full_lo, full_hi) (empty when full_lo >= full_hi). A key tile
         [n0, n0 + BN) is FULL iff full_lo <= n0 and n0 + BN <= full_hi.
         """
-        key = ("q", block_m)
+        key = ("q", _check_block(block_m, "block_m"))
         if key not in self._tables:
             self._tables[key] = self._query_tiles(block_m)
         return self._tables[key]
@@ -210,7 +268,7 @@ class HybridMask:
         [qfull_lo, qfull_hi) sees all of them. Exact for monotone masks; for others the query
         range is a superset (at query-tile granularity) and the full range is empty.
         """
-        key = ("k", block_n)
+        key = ("k", _check_block(block_n, "block_n"))
         if key not in self._tables:
             self._tables[key] = self._key_tiles(block_n)
         return self._tables[key]
@@ -269,6 +327,7 @@ class HybridMask:
         """The same mask as a torch FlexAttention BlockMask (for comparison and benchmarks)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
+        _check_block(block_size, "block_size")
         kv_start, kv_end = self.kv_start, self.kv_end
 
         def interval_mask(b, h, q_idx, kv_idx):

@@ -40,11 +40,13 @@ Both are registered as ``torch.library.custom_op`` (``transfusion_kernels::diffu
 ``transfusion_kernels::diffusion_loss``) with fake implementations and autograd, so
 ``torch.compile(fullgraph=True)`` traces the public functions without graph breaks.
 """
+import numbers
+import warnings
 from typing import Optional
 
 import torch
 
-from transfusion_kernels.backends import Op
+from transfusion_kernels.backends import Op, _info, requested_backend
 from transfusion_kernels.diffusion.schedule import (
     PREDICTION_TYPES,
     VARIANCE_TYPES,
@@ -260,6 +262,8 @@ def _fresh_seed() -> int:
 def _clip(clip_sample: bool, clip_sample_range: float):
     if not clip_sample:
         return None
+    if isinstance(clip_sample_range, bool) or not isinstance(clip_sample_range, numbers.Real):
+        raise ValueError(f"clip_sample_range must be a positive real number, got {clip_sample_range!r}")
     if not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range must be positive, got {clip_sample_range}")
     return float(clip_sample_range)
@@ -268,6 +272,31 @@ def _clip(clip_sample: bool, clip_sample_range: float):
 # --------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------
+
+_WARNED: set = set()
+
+
+def _warn_fallback(op: str, requested: str, reason: str, used: str) -> None:
+    """One warning per (op, backend, reason) and process, worded as the attention dispatcher's;
+    none while torch.compile traces."""
+    key = (op, requested, reason)
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(key)
+    warnings.warn(f"transfusion_kernels fallback: {op} on backend {requested!r} does not support {reason}; "
+                  f"running on {used!r} instead", stacklevel=3)
+
+
+def _loss_backend(backend, device) -> str:
+    """diffusion_loss has no CUDA C++ kernel: asked for the cuda backend (where it can run: the
+    same check, and error, as the other ops), the loss runs on triton, else the reference."""
+    if requested_backend(backend) != "cuda":
+        return LOSS.resolve(backend, device)
+    ADD_NOISE.resolve("cuda", device)  # raises BackendUnavailableError where cuda cannot run
+    used = "triton" if LOSS.has("triton") and _info("triton", device).available else "reference"
+    _warn_fallback(LOSS.name, "cuda", "any input (it has no CUDA C++ kernel)", used)
+    return used
+
 
 
 def _coef_rows(coef: torch.Tensor, R: int, device) -> torch.Tensor:
@@ -332,7 +361,7 @@ def ddim_coef(timestep, R, schedule, device, prev_timestep, eta=0.0, prediction_
               use_clipped_model_output=False):
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0.0 <= eta <= 1.0:
+    if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a float in [0, 1], got {eta!r}")
     t = _timesteps(timestep, "timestep", R, schedule)
     prev = _timesteps(prev_timestep, "prev_timestep", R, schedule, allow_negative=True)
@@ -489,7 +518,7 @@ def diffusion_loss(pred, target, image_index, backend=None):
         raise ValueError(f"image_index must be on the device of pred ({pred.device}), got {image_index.device}")
     if not torch.compiler.is_compiling() and bool((image_index < -1).any()):
         raise ValueError("image_index must be >= -1 (-1 marks rows that are not image patches)")
-    name = LOSS.resolve(backend, pred.device)
+    name = _loss_backend(backend, pred.device)
     compute_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     loss, _ = _loss_op(pred.contiguous(), target.contiguous(), image_index.contiguous(), compute_grad, name)
     return loss

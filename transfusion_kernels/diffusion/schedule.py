@@ -9,6 +9,7 @@ with plain torch ops, so the math traces under ``torch.compile``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -57,7 +58,13 @@ class DiffusionSchedule:
         rescale_betas_zero_snr: bool = False,
     ):
         if trained_betas is not None:
-            betas = torch.as_tensor(trained_betas).detach().to("cpu", torch.float32).flatten()
+            try:
+                betas = torch.as_tensor(trained_betas).detach()
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"trained_betas must be a sequence or tensor of real numbers: {e}") from None
+            if betas.dtype == torch.bool or betas.is_complex():
+                raise ValueError(f"trained_betas must hold real numbers, got dtype {betas.dtype}")
+            betas = betas.to("cpu", torch.float32).flatten()
             if betas.numel() == 0:
                 raise ValueError("trained_betas must not be empty")
             num_train_timesteps = betas.numel()
@@ -65,6 +72,12 @@ class DiffusionSchedule:
         else:
             if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
                 raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+            if beta_schedule in ("linear", "scaled_linear"):
+                for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
+                    if isinstance(b, bool) or not isinstance(b, numbers.Real):
+                        raise ValueError(f"{name} must be a real number in (0, 1], got {b!r}")
+                    if not 0 < b <= 1:
+                        raise ValueError(f"betas must lie in (0, 1]: {name} = {b!r}")
             if beta_schedule == "linear":
                 betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
             elif beta_schedule == "scaled_linear":
@@ -74,6 +87,8 @@ class DiffusionSchedule:
             else:
                 raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
         if rescale_betas_zero_snr:
+            if betas.numel() < 2:
+                raise ValueError("rescale_betas_zero_snr needs num_train_timesteps >= 2")
             betas = _rescale_zero_terminal_snr(betas)
         if not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must lie in (0, 1]")

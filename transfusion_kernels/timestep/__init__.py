@@ -39,6 +39,8 @@ weights' dtypes.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -80,8 +82,8 @@ def timestep_embedding(
         raise ValueError(f"timestep_embedding: t must be a 1-D integer or floating tensor, got {_describe(t)}")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"timestep_embedding: dim must be a positive int, got {dim!r}")
-    return reference.sinusoid(t, dim, bool(flip_sin_to_cos), float(downscale_freq_shift), float(scale),
-                              float(max_period))
+    shift, scale, max_period = _check_config(dim, downscale_freq_shift, scale, max_period, "timestep_embedding")
+    return reference.sinusoid(t, dim, bool(flip_sin_to_cos), shift, scale, max_period)
 
 
 class TimestepMLP(nn.Module):
@@ -95,6 +97,9 @@ class TimestepMLP(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         out_dim = hidden_dim if out_dim is None else out_dim
+        for name, n in (("freq_dim", freq_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"TimestepMLP: {name} must be a positive int, got {n!r}")
         self.linear_1 = nn.Linear(freq_dim, hidden_dim, bias=bias, device=device, dtype=dtype)
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(hidden_dim, out_dim, bias=bias, device=device, dtype=dtype)
@@ -112,6 +117,8 @@ class TimestepMLP(nn.Module):
         return self.linear_2.out_features
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        if not isinstance(sample, torch.Tensor) or sample.dim() < 1 or sample.shape[-1] != self.freq_dim:
+            raise ValueError(f"TimestepMLP: sample must be a tensor [..., freq_dim = {self.freq_dim}], got {_describe(sample)}")
         return self.linear_2(self.act(self.linear_1(sample)))
 
     def weights(self):
@@ -164,10 +171,11 @@ def patch_timestep_embedding(
     The range of image_index is checked when the op runs (one small device-to-host read)."""
     w1, b1, w2, b2 = _mlp_weights(mlp)
     freq_dim = _check_inputs(x, timesteps, image_index, w1, b1, w2, b2, freq_dim)
+    shift, scale, max_period = _check_config(freq_dim, downscale_freq_shift, scale, max_period,
+                                             "patch_timestep_embedding")
     name = _OP.resolve(backend, x.device)
     return torch.ops.transfusion_kernels.patch_timestep_embedding(
-        x, timesteps, image_index, w1, b1, w2, b2, freq_dim, bool(flip_sin_to_cos),
-        float(downscale_freq_shift), float(scale), float(max_period), name,
+        x, timesteps, image_index, w1, b1, w2, b2, freq_dim, bool(flip_sin_to_cos), shift, scale, max_period, name,
     )
 
 
@@ -182,6 +190,24 @@ def _describe(t) -> str:
 
 def _err(msg: str) -> ValueError:
     return ValueError(f"patch_timestep_embedding: {msg}")
+
+
+def _check_config(dim, downscale_freq_shift, scale, max_period, op: str):
+    """The sinusoid's float parameters: finite, max_period > 0, and a frequency table without a
+    division by zero (diffusers returns NaN there; we refuse it)."""
+    values = []
+    for name, v in (("downscale_freq_shift", downscale_freq_shift), ("scale", scale), ("max_period", max_period)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{op}: {name} must be a finite real number, got {v!r}")
+        values.append(float(v))
+    shift, scale, max_period = values
+    if max_period <= 0:
+        raise ValueError(f"{op}: max_period must be positive, got {max_period}")
+    half = dim // 2
+    if half > 0 and half - shift == 0:
+        raise ValueError(f"{op}: downscale_freq_shift must differ from dim // 2 = {half} (the frequency exponent "
+                         f"divides by dim // 2 - downscale_freq_shift), got {shift}")
+    return shift, scale, max_period
 
 
 def _mlp_weights(mlp):
