@@ -101,10 +101,17 @@ def environment(device: torch.device | str | None = None) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
     return {
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
+        "diffusers": diffusers_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": git_commit(),

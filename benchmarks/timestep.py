@@ -20,15 +20,9 @@ minimum traffic, next to a measured device copy of x (read + write) as the ceili
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -37,6 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
+from benchmarks.common import do_bench, write_json  # noqa: E402
 from transfusion_kernels.timestep import _OP, reference  # noqa: E402
 
 # (P patches, D model width, M images); hidden = D, freq_dim = 256, as DiT / Transfusion.
@@ -51,61 +46,6 @@ GPU_SIZES = [
 SMOKE_SIZES = [(96, 32, 3), (200, 64, 5)]
 FREQ_DIM = 256
 SMOKE_FREQ_DIM = 16
-
-
-# ----------------------------------------------------------------------------- minimal helpers
-# (timing, environment and JSON; local because there is no shared benchmarks helper module yet)
-
-
-def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def environment(device: torch.device) -> dict:
-    def version(mod):
-        try:
-            return __import__(mod).__version__
-        except Exception:
-            return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "transfusion_kernels", "benchmarks"],
-                                    cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    except Exception:
-        commit, dirty = None, None
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "diffusers": version("diffusers"),
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "commit": commit,
-        "dirty": dirty,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -173,18 +113,18 @@ def run_case(P, D, M, freq_dim, dtype, device, backends, compile_, warmup, reps,
 
     with torch.no_grad():
         y_ref = reference_math(x, t, idx, *mlp.weights())
-    copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x), device, warmup, reps)
+    copy_ms = do_bench(lambda: torch.empty_like(x).copy_(x), warmup, reps, device)
     row = {"P": P, "D": D, "M": M, "H": D, "freq_dim": freq_dim, "dtype": str(dtype).replace("torch.", ""),
            "image_patches": int((idx >= 0).sum()), "eager_source": eager_source,
            "copy_ms": copy_ms, "copy_GBps": 2 * x.numel() * xb / copy_ms / 1e6, "impls": {}}
     for name, fn in impls.items():
         xr = x.detach().clone().requires_grad_()
-        fwd = time_ms(lambda: fn(xr), device, warmup, reps)  # builds the autograd graph, as in training
+        fwd = do_bench(lambda: fn(xr), warmup, reps, device)  # builds the autograd graph, as in training
         with torch.no_grad():
-            fwd_nograd = time_ms(lambda: fn(xr), device, warmup, reps)
+            fwd_nograd = do_bench(lambda: fn(xr), warmup, reps, device)
         y = fn(xr)
         inputs = [xr, *weights]
-        bwd = time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), device, warmup, reps)
+        bwd = do_bench(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), warmup, reps, device)
         fwd_bytes, bwd_bytes = 2 * x.numel() * xb, x.numel() * xb
         row["impls"][name] = {
             "fwd_ms": fwd, "fwd_nograd_ms": fwd_nograd, "bwd_ms": bwd,
@@ -202,8 +142,8 @@ def main(argv=None):
     ap.add_argument("--backends", default=None, help="comma list (default: every backend that can run here)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/timestep-<device>-<date>.json; "
-                                                "a temporary file for --smoke)")
+    ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary "
+                                                 "folder for --smoke)")
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -223,7 +163,6 @@ def main(argv=None):
         backends = [b for b, info in tk.available_backends(device).items() if info.available and _OP.has(b)]
 
     gen = torch.Generator().manual_seed(0)
-    env = environment(device)
     rows = []
     for P, D, M in sizes:
         row = run_case(P, D, M, freq_dim, dtype, device, backends, not args.no_compile, warmup, reps, gen)
@@ -234,17 +173,10 @@ def main(argv=None):
                   f"fwd+graph {r['fwd_ms']:8.4f} ms  bwd {r['bwd_ms']:8.4f} ms  "
                   f"max|diff| {r['max_abs_diff_vs_reference']:.2e}", flush=True)
 
-    out = args.out
-    if out is None:
-        if args.smoke:
-            out = os.path.join(tempfile.gettempdir(), "timestep-smoke.json")
-        else:
-            tag = env["device"].replace(" ", "_").replace("/", "_")
-            out = os.path.join(ROOT, "benchmarks", "results", f"timestep-{tag}-{env['date'][:19].replace(':', '')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"benchmark": "patch_timestep_embedding", "env": env, "warmup": warmup, "reps": reps,
-                   "timing": "median; CUDA events on a GPU, perf_counter on a CPU", "rows": rows}, f, indent=1)
+    root = args.root or (tempfile.gettempdir() if args.smoke else None)
+    config = {"warmup": warmup, "reps": reps, "dtype": args.dtype, "backends": backends, "freq_dim": freq_dim,
+              "timing": "median; triton.testing.do_bench on a GPU, perf_counter on a CPU"}
+    out = write_json("timestep", rows, config, device=device, root=root)
     print(f"wrote {out}")
     return rows
 
