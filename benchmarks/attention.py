@@ -29,6 +29,7 @@ peak memory is what one forward + backward allocates above the inputs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -201,7 +202,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--name", default="attention", help="JSON file name (without .json)")
-    p.add_argument("--out-root", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--root", default=None, help="results root (default benchmarks/results; a temporary folder for --smoke)")
+    p.add_argument("--triton-config", default=None,
+                   help="12 ints overriding the triton kernels' config for this head dim and dtype: "
+                        "fwd BM,BN,warps,stages, dk/dv BN,BM,warps,stages, dq BM,BN,warps,stages")
     p.add_argument("--smoke", action="store_true", help="CPU harness check: tiny shapes, reference backend")
     args = p.parse_args(argv)
 
@@ -210,16 +214,24 @@ def main(argv=None):
         args.tokens, args.heads, args.head_dim, args.dtype = "256", "4", 32, "float32"
         args.methods, args.warmup, args.rep = "reference,sdpa", 1, 3
         doc_len, image_sizes = 128, (16, 48)
-        out_root = args.out_root or tempfile.mkdtemp(prefix="tk-bench-smoke-")
+        out_root = args.root or tempfile.mkdtemp(prefix="tk-bench-smoke-")
     else:
         if not torch.cuda.is_available():
             p.error("no CUDA device: run with --smoke on a CPU")
         device = torch.device("cuda")
         doc_len, image_sizes = DOC_LEN, IMAGE_SIZES
-        out_root = args.out_root
+        out_root = args.root
     dtype = getattr(torch, args.dtype)
     d = args.head_dim
     methods = [m for m in args.methods.split(",") if m]
+    triton_config = None
+    if "triton" in methods and tk.available_backends(device)["triton"].available:
+        from transfusion_kernels.attention import triton as tk_triton
+
+        if args.triton_config:
+            key = (tk_triton._padded_head_dim(d), torch.empty(0, dtype=dtype).element_size())
+            tk_triton.GPU_CONFIGS[key] = tk_triton.Config(*(int(x) for x in args.triton_config.split(",")))
+        triton_config = dataclasses.asdict(tk_triton.pick_config(d, dtype, device))
     rows = []
     for workload in args.workloads.split(","):
         for n in (int(x) for x in args.tokens.split(",")):
@@ -261,7 +273,7 @@ def main(argv=None):
                     print(f"{workload:6s} N={n:6d} Hq={hq:3d} {name:9s} fwd {res['fwd_ms']:8.3f} ms "
                           f"{res['fwd_tflops']:7.1f} TF/s" + (f" | bwd {res['bwd_ms']:8.3f} ms {res['bwd_tflops']:7.1f} TF/s"
                                                              if "bwd_ms" in res else ""), flush=True)
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args), triton_kernel_config=triton_config)
     path = write_json(args.name, rows, config, device, out_root)
     print()
     print(markdown_table([r for r in rows if "fwd_ms" in r],
