@@ -158,12 +158,13 @@ def test_other_head_dims(d, seed):
 
 
 def test_long_random_layout(seed):
-    """~1000 tokens, random documents and images (forward and backward)."""
+    """~1000 tokens (4096 on a GPU), random documents and images, forward and backward. The
+    oracle's mask is mask.to_dense() here (tests/test_masks.py holds it to the naive loop)."""
     gen = torch.Generator().manual_seed(seed)
     cu, spans = random_layout(gen, 1000 if not GPU else 4096, max_docs=4, max_images=5)
-    mask = spans_mask(cu, spans)
-    allowed = naive_dense(cu, spans) if not GPU else None
-    check(mask, hq=2 if not GPU else HQ, hkv=1 if not GPU else HKV, d=64, dtype=torch.bfloat16, allowed=allowed)
+    config = None if GPU else tkt.INTERPRET_CONFIG.with_blocks(64, 64, 64, 32, 64, 64)  # fewer interpreted steps
+    check(spans_mask(cu, spans), hq=2 if not GPU else HQ, hkv=1 if not GPU else HKV, d=64, dtype=torch.bfloat16,
+          config=config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def test_matches_reference_backend(seed):
 def test_through_dispatcher(seed):
     """tk.hybrid_attention(..., backend="triton"): same results as the backend functions, and
     autograd through the registered custom op gives the kernels' gradients."""
-    cu, spans = LAYOUTS["several_images"]
+    cu, spans = LAYOUTS["image_first"]
     mask = spans_mask(cu, spans)
     q, k, v = make_inputs(mask.num_queries, mask.num_keys, HQ, HKV, 64, torch.bfloat16)
     dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
