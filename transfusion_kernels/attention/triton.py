@@ -136,14 +136,14 @@ def _ptrs(base, rows, stride, offs_d, I64: tl.constexpr):
 
 @triton.jit
 def _phases(lo, hi, full_lo, full_hi, B: tl.constexpr):
-    """Split the visit range [lo, hi) into masked [start, f_start), FULL [f_start, f_end) (whole
-    blocks of B anchored at full_lo) and masked [f_end, hi). Without a whole FULL block, the
-    entire range is masked."""
+    """Split the visit range [lo, hi) into PARTIAL [start, f_start), FULL [f_start, f_end) (whole
+    blocks of B anchored at full_lo) and PARTIAL [f_end, hi). Without a whole FULL block, the
+    entire range is PARTIAL."""
     n_full = tl.maximum(full_hi - full_lo, 0) // B
     has_full = n_full > 0
     f_start = tl.where(has_full, full_lo, hi)
     f_end = f_start + n_full * B
-    # masked blocks before the FULL run end exactly at f_start
+    # PARTIAL blocks before the FULL run end exactly at f_start
     start = tl.where(has_full, f_start - ((f_start - lo + B - 1) // B) * B, lo)
     return start, f_start, f_end
 
