@@ -15,12 +15,25 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 ENV_VAR = "TRANSFUSION_KERNELS_BACKEND"
+
+
+def _once(probe):
+    """Memoise a no-argument probe in a plain dict: torch.compile traces the lookup quietly
+    (it warns about functools.lru_cache)."""
+    memo: dict = {}
+
+    def cached():
+        if "value" not in memo:
+            memo["value"] = probe()
+        return memo["value"]
+
+    cached.__doc__ = probe.__doc__
+    return cached
 
 
 class BackendUnavailableError(RuntimeError):
@@ -41,7 +54,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+@_once
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -50,7 +63,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@_once
 def load_extension():
     """The compiled CUDA module ``transfusion_kernels._C``, or the reason it cannot be loaded."""
     try:
@@ -63,7 +76,7 @@ def load_extension():
     return _C, None
 
 
-@lru_cache(maxsize=None)
+@_once
 def _cuda_status() -> dict:
     ext, _ = load_extension()
     return dict(ext.cuda_status())
