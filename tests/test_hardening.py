@@ -284,6 +284,34 @@ def test_attention_inf_query_row(backend):
     assert torch.isnan(out[30]).all()
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_attention_without_queries(backend):
+    """No queries (an empty batch, no new tokens against a cache): empty out and lse, zero dk/dv."""
+    mask = tk.HybridMask.cached([5, 2], [0, 0], device=DEVICE)
+    q = torch.randn(0, 2, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(7, 1, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    out, lse = tk.hybrid_attention(q, k, k, mask, return_lse=True, backend=backend)
+    assert out.shape == (0, 2, 64) and lse.shape == (2, 0)
+    dq, dk = torch.autograd.grad(out, (q, k), torch.zeros_like(out))
+    assert dq.shape == q.shape and torch.equal(dk, torch.zeros_like(k))
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+@pytest.mark.filterwarnings("ignore:transfusion_kernels fallback")
+def test_attention_scale_zero_or_negative(backend, scale):
+    """softmax_scale 0 (uniform weights over the visible keys) and < 0 are plain math: masked
+    keys stay out, on every backend."""
+    q, k, mask = _attention_inputs(64, torch.float32)
+    out, lse = tk.hybrid_attention(q, k, k, mask, softmax_scale=scale, return_lse=True, backend=backend)
+    allowed = mask.to_dense()
+    s = torch.einsum("ihd,jd->hij", q.double(), k[:, 0].double()) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+    ref = torch.einsum("hij,jd->ihd", torch.softmax(s, -1), k[:, 0].double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def timestep_case(backend, dtype=torch.float32):
     g = torch.Generator().manual_seed(3)
     P, D, F = 12, 16, 8

@@ -39,6 +39,8 @@ def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
     tables: list[torch.Tensor], blocks: list[int], scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.shape[0] == 0:  # no queries (an empty batch, or no new tokens against a cache): no launch
+        return q.new_empty(q.shape[:2] + v.shape[2:]), q.new_empty((q.shape[1], 0), dtype=torch.float32)
     return ATTENTION.module(backend).forward(q, k, v, kv_start, kv_end, tables, blocks, scale)
 
 
@@ -53,6 +55,8 @@ def _attention_bwd(
     lse: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, tables: list[torch.Tensor],
     blocks: list[int], scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.shape[0] == 0:  # no query sees any key
+        return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return ATTENTION.module(backend).backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale)
 
 
@@ -127,9 +131,9 @@ _ORDER = ("cuda", "triton", "reference")  # a backend falls back to the next one
 _WARNED: set[tuple[str, str, str]] = set()
 
 
-def _not_covered(name: str, q: torch.Tensor) -> str | None:
-    """Why backend ``name``'s kernels do not cover q's dtype / head dim (None when they do); the
-    backend modules state their own limits."""
+def _not_covered(name: str, q: torch.Tensor, scale: float) -> str | None:
+    """Why backend ``name``'s kernels do not cover these inputs (None when they do); the backend
+    modules state their own dtype / head dim limits."""
     if name == "cuda" and not ATTENTION.module("cuda").kernel_supports(q):
         return f"{q.dtype} with head dim {q.shape[-1]} (its kernels take float16/bfloat16 with head dim 64 or 128)"
     if name == "triton":
@@ -137,6 +141,8 @@ def _not_covered(name: str, q: torch.Tensor) -> str | None:
             ATTENTION.module("triton").pick_config(q.shape[-1], q.dtype, q.device)
         except (ValueError, TypeError) as e:
             return f"{q.dtype} with head dim {q.shape[-1]} ({e})"
+        if scale <= 0:  # its forward scales the already masked (-inf) scores: -inf * 0 is NaN
+            return "softmax_scale <= 0"
     return None
 
 
@@ -147,20 +153,20 @@ def _warn_fallback(op: str, requested: str, reason: str, used: str) -> None:
         return
     _WARNED.add(key)
     warnings.warn(f"transfusion_kernels fallback: {op} on backend {requested!r} does not support {reason}; "
-                  f"running on {used!r} instead", stacklevel=3)
+                  f"running on {used!r} instead", stacklevel=4)
 
 
-def _select(backend, q: torch.Tensor) -> str:
+def _select(backend, q: torch.Tensor, scale: float) -> str:
     """The backend that runs: the requested (or auto-chosen) one when its kernels cover the
     inputs, else the next one in cuda -> triton -> reference that can run here and covers them."""
     name = ATTENTION.resolve(backend, q.device)
-    reason = _not_covered(name, q)
+    reason = _not_covered(name, q, scale)
     if reason is None:
         return name
     if name == "cuda":
         ATTENTION.module("cuda")._fallback(q)  # TRANSFUSION_CUDA_ATTENTION_FALLBACK=0: ValueError
     used = next(c for c in _ORDER[_ORDER.index(name) + 1:] if c == "reference" or (
-        ATTENTION.has(c) and _info(c, q.device).available and _not_covered(c, q) is None))
+        ATTENTION.has(c) and _info(c, q.device).available and _not_covered(c, q, scale) is None))
     _warn_fallback(ATTENTION.name, name, reason, used)
     return used
 
@@ -184,7 +190,7 @@ def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=F
     """
     _check_inputs(q, k, v, mask)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    name = _select(backend, q)
+    name = _select(backend, q, scale)
     tables, blocks = ATTENTION.module(name).prepare(mask, q, k)
     out, lse = _attention_fwd(q, k, v, mask.kv_start, mask.kv_end, tables, blocks, scale, name)
     return (out, lse) if return_lse else out

@@ -284,7 +284,7 @@ def _warn_fallback(op: str, requested: str, reason: str, used: str) -> None:
         return
     _WARNED.add(key)
     warnings.warn(f"transfusion_kernels fallback: {op} on backend {requested!r} does not support {reason}; "
-                  f"running on {used!r} instead", stacklevel=3)
+                  f"running on {used!r} instead", stacklevel=4)
 
 
 def _loss_backend(backend, device) -> str:

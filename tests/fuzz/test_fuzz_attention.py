@@ -1,0 +1,158 @@
+"""hybrid_attention on random masks, dtypes, head counts (GQA), head dims and layouts, every
+backend against a float64 dense oracle, forward and backward, with the rule of the op tests
+(tests/attention/test_attention_triton.py): error <= 2 x the same-dtype PyTorch error + floor.
+Plus random malformed calls, which must raise ValueError / TypeError and nothing else."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+import transfusion_kernels as tk
+from tests.attention.test_attention_triton import FLOOR, assert_rule, dense_attention
+from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned
+from tests.fuzz.test_fuzz_masks import layouts
+from tests.layouts import naive_dense
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# inputs a backend does not cover run on the next one with a warning (tested in test_hardening.py)
+pytestmark = pytest.mark.filterwarnings("ignore:transfusion_kernels fallback")
+
+
+@st.composite
+def masks(draw):
+    """(mask, dense bool [Nq, Nk] from an independent construction, self-attention?)"""
+    kind = draw(st.sampled_from(["spans", "spans", "causal", "intervals", "cached"]))
+    if kind in ("spans", "causal"):
+        cu, spans = draw(layouts(max_tokens=80))
+        spans = spans if kind == "spans" else []
+        mask = tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+                                        torch.tensor(spans, dtype=torch.int32, device=DEVICE).reshape(-1, 2))
+        return mask, naive_dense(cu, spans), True
+    if kind == "cached":
+        b = draw(st.integers(1, 3))
+        cache = draw(st.lists(st.integers(0, 40), min_size=b, max_size=b))
+        new = draw(st.lists(st.integers(0, 24), min_size=b, max_size=b))
+        mask = tk.HybridMask.cached(cache, new, bidirectional=draw(st.booleans()), device=DEVICE)
+        return mask, mask.to_dense().cpu(), False
+    nq, nk = draw(st.integers(1, 64)), draw(st.integers(1, 80))
+    ends = [sorted(draw(st.tuples(st.integers(0, nk), st.integers(0, nk)))) for _ in range(nq)]
+    s = torch.tensor([a for a, _ in ends], dtype=torch.int32)
+    e = torch.tensor([b for _, b in ends], dtype=torch.int32)
+    dense = (torch.arange(nk)[None, :] >= s[:, None]) & (torch.arange(nk)[None, :] < e[:, None])
+    return tk.HybridMask.from_intervals(s.to(DEVICE), e.to(DEVICE), num_keys=nk), dense, False
+
+
+def inputs(mask, hq, hkv, d, dtype, packed, seed):
+    g = torch.Generator().manual_seed(seed)
+    if packed:  # views into one qkv projection: row stride (hq + 2 hkv) * d
+        qkv = torch.randn(mask.num_queries, hq + 2 * hkv, d, generator=g).to(DEVICE, dtype)
+        return qkv.split([hq, hkv, hkv], dim=1)
+    q = torch.randn(mask.num_queries, hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(mask.num_keys, hkv, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(mask.num_keys, hkv, d, generator=g).to(DEVICE, dtype)
+    return q, k, v
+
+
+@budget(20)
+@given(case=masks(), dtype=st.sampled_from(DTYPES), hkv=st.integers(1, 2), group=st.integers(1, 3),
+       d=st.sampled_from([8, 16, 24, 32, 64, 80, 128]), scale=st.one_of(st.none(), st.floats(0.05, 1.0), st.sampled_from([0.0, -0.3])),
+       packed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_backends_against_float64(case, dtype, hkv, group, d, scale, packed, seed):
+    mask, allowed, self_attention = case
+    hq = hkv * group
+    q, k, v = inputs(mask, hq, hkv, d, dtype, packed and self_attention, seed)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    s = d ** -0.5 if scale is None else scale
+
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    allowed = allowed.to(DEVICE)
+    ref_out, ref_lse = dense_attention(*ref_in, allowed, s)
+    low_out, low_lse = dense_attention(*low_in, allowed, s)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+    low_grads = torch.autograd.grad(low_out, low_in, dout)
+    floor = FLOOR[dtype]
+
+    for backend in ["reference", *FAST_BACKENDS]:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with poisoned("attention"):
+            out, lse = tk.hybrid_attention(*leaves, mask, softmax_scale=scale, return_lse=True, backend=backend)
+            grads = torch.autograd.grad(out, leaves, dout)
+        assert out.shape == q.shape and out.dtype == dtype and lse.shape == (hq, mask.num_queries), backend
+        checks = [("out", out, ref_out, low_out), ("lse", lse, ref_lse, low_lse)]
+        checks += list(zip(("dq", "dk", "dv"), grads, ref_grads, low_grads))
+        for name, got, oracle, same in checks:
+            assert got.shape == oracle.shape and got.dtype in (dtype, torch.float32), f"{backend} {name}"
+            try:
+                assert_rule(name, got, oracle, same, floor)
+            except AssertionError as e:
+                raise AssertionError(f"backend {backend}: {e}") from None
+
+
+@budget(4)
+@given(d=st.integers(257, 300), seed=st.integers(0, 2**31 - 1))
+def test_head_dims_no_kernel_covers(d, seed):
+    """Beyond every kernel (head dim > 256): each backend runs it (on the reference, warning)."""
+    mask = tk.HybridMask.causal(torch.tensor([0, 9, 20], dtype=torch.int32, device=DEVICE))
+    q, k, v = inputs(mask, 2, 1, d, torch.float32, False, seed)
+    expected = tk.hybrid_attention(q, k, v, mask, backend="reference")
+    for backend in FAST_BACKENDS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback warning, tested in tests/test_hardening.py
+            out = tk.hybrid_attention(q, k, v, mask, backend=backend)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# malformed calls
+# ----------------------------------------------------------------------------------------------
+@st.composite
+def calls(draw):
+    """A valid call's shapes and dtypes, then up to two random mistakes."""
+    nq, nk, hkv, group, d = (draw(st.integers(lo, hi)) for lo, hi in ((0, 6), (0, 6), (1, 2), (1, 3), (1, 8)))
+    shapes = [[nq, hkv * group, d], [nk, hkv, d], [nk, hkv, d]]
+    dtypes = [draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))] * 3
+    scale = draw(st.sampled_from([None, 0.5, 0.0, -1.0]))
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, 2))
+        kind = draw(st.sampled_from(["size", "dims", "dtype", "scale"]))
+        if kind == "size":
+            j = draw(st.integers(0, len(shapes[i]) - 1)) if shapes[i] else 0
+            if shapes[i]:
+                shapes[i][j] = max(0, shapes[i][j] + draw(st.sampled_from([-1, 1, -9])))
+        elif kind == "dims":
+            shapes[i] = shapes[i][:-1] if draw(st.booleans()) else shapes[i] + [1]
+        elif kind == "dtype":
+            dtypes[i] = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32]))
+        else:
+            scale = draw(st.sampled_from([float("nan"), float("inf"), "x", True]))
+    return nq, nk, shapes, dtypes, scale
+
+
+@budget(150)
+@given(call=calls(), backend=st.sampled_from(["reference", *FAST_BACKENDS]))
+def test_malformed_calls_raise_value_or_type_errors(call, backend):
+    """Shapes, dtypes and scales around a valid call: it runs when the inputs make sense (and
+    then gives out of q's shape) and raises ValueError or TypeError otherwise, never anything else."""
+    nq, nk, (q_shape, k_shape, v_shape), dtypes, scale = call
+    mask = tk.HybridMask.from_intervals(torch.zeros(nq, dtype=torch.int32, device=DEVICE),
+                                        torch.full((nq,), nk, dtype=torch.int32, device=DEVICE), num_keys=nk)
+    q, k, v = (torch.ones(shape, device=DEVICE).to(dt) for shape, dt in zip((q_shape, k_shape, v_shape), dtypes))
+    valid = (
+        len(q_shape) == len(k_shape) == len(v_shape) == 3 and dtypes[0] == dtypes[1] == dtypes[2]
+        and dtypes[0] in (torch.float16, torch.bfloat16, torch.float32) and k_shape == v_shape
+        and q_shape[0] == nq and k_shape[0] == nk and min(q_shape[1:] + k_shape[1:]) >= 1
+        and q_shape[2] == k_shape[2] and q_shape[1] % k_shape[1] == 0
+        and (scale is None or type(scale) is float and abs(scale) < float("inf"))
+    )
+    event(f"valid call: {valid}")
+    if not valid:
+        with pytest.raises((ValueError, TypeError)):
+            tk.hybrid_attention(q, k, v, mask, softmax_scale=scale, backend=backend)
+        return
+    out = tk.hybrid_attention(q, k, v, mask, softmax_scale=scale, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype

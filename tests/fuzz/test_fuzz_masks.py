@@ -1,0 +1,181 @@
+"""HybridMask constructors on random, mutated and malformed input: a valid input gives the mask
+of a naive double loop (and tile tables that hold on it); anything else raises ValueError,
+never another exception."""
+from __future__ import annotations
+
+import bisect
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.fuzz.common import budget
+from tests.layouts import naive_dense
+from tests.test_masks import check_tables
+from transfusion_kernels import HybridMask
+
+
+# ----------------------------------------------------------------------------------------------
+# documents and images: valid layouts, then mutated ones
+# ----------------------------------------------------------------------------------------------
+@st.composite
+def layouts(draw, max_tokens=90):
+    """cu_seqlens and image spans obeying the rules (empty documents and images at edges too)."""
+    n = draw(st.integers(0, max_tokens))
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=4)))
+    cu = [0, *cuts, n]
+    spans = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        points = sorted(draw(st.lists(st.integers(a, b), max_size=6, unique=True)))
+        pairs = list(zip(points[::2], points[1::2]))
+        spans += [p for p in pairs if p[0] < p[1] and draw(st.booleans())]
+    return cu, spans
+
+
+def layout_is_valid(cu, spans) -> bool:
+    """The rules of DESIGN.md section 1, stated independently of masks.py."""
+    if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        return False
+    n = cu[-1]
+    for i, (s, e) in enumerate(spans):
+        if not (0 <= s < e <= n):
+            return False
+        if i and s < spans[i - 1][1]:
+            return False
+        if bisect.bisect_right(cu, s) != bisect.bisect_right(cu, e - 1):  # one document
+            return False
+    return True
+
+
+@st.composite
+def mutated_layouts(draw):
+    cu, spans = draw(layouts(max_tokens=40))
+    cu, spans = list(cu), [list(p) for p in spans]
+    for _ in range(draw(st.integers(0, 2))):
+        kind = draw(st.sampled_from(["cu", "span", "swap", "drop_cu", "dup_span"]))
+        if kind == "cu":
+            i = draw(st.integers(0, len(cu) - 1))
+            cu[i] += draw(st.integers(-3, 3))
+        elif kind == "span" and spans:
+            i, j = draw(st.integers(0, len(spans) - 1)), draw(st.integers(0, 1))
+            spans[i][j] += draw(st.integers(-3, 3))
+        elif kind == "swap" and len(spans) > 1:
+            i = draw(st.integers(0, len(spans) - 2))
+            spans[i], spans[i + 1] = spans[i + 1], spans[i]
+        elif kind == "drop_cu" and cu:
+            cu.pop(draw(st.integers(0, len(cu) - 1)))
+        elif kind == "dup_span" and spans:
+            spans.append(list(spans[-1]))
+    return cu, [tuple(p) for p in spans]
+
+
+def as_given(values, kind: str, shape=None):
+    """The same integers as a python list or an int32 tensor; or in a form that must be refused."""
+    if kind == "list":
+        return values
+    if kind == "int32":
+        return torch.tensor(values, dtype=torch.int32).reshape(shape if shape is not None else -1)
+    if kind == "int64":
+        return torch.tensor(values, dtype=torch.int64)
+    if kind == "float":
+        return [float(v) if not isinstance(v, tuple) else tuple(float(x) for x in v) for v in values] or [0.5]
+    raise AssertionError(kind)
+
+
+@budget(300)
+@given(layout=st.one_of(layouts(), mutated_layouts()), cu_kind=st.sampled_from(["list", "int32", "int32", "int64", "float"]),
+       span_kind=st.sampled_from(["list", "int32", "int32", "int64", "float"]), bm=st.sampled_from([16, 32, 64]),
+       bn=st.sampled_from([16, 32, 64]))
+def test_from_spans(layout, cu_kind, span_kind, bm, bn):
+    cu, spans = layout
+    valid = layout_is_valid(cu, spans) and cu_kind in ("list", "int32") and span_kind in ("list", "int32")
+    args = (as_given(cu, cu_kind), as_given(spans, span_kind, shape=(-1, 2) if spans else (0, 2)))
+    if not valid:
+        try:
+            HybridMask.from_spans(*args)
+        except ValueError:
+            return
+        raise AssertionError(f"accepted an invalid layout: cu_seqlens={cu} ({cu_kind}), spans={spans} ({span_kind})")
+    mask = HybridMask.from_spans(*args)
+    dense = naive_dense(cu, spans)
+    assert torch.equal(mask.to_dense(), dense)
+    assert mask.monotone and mask.visible_pairs() == int(dense.sum())
+    check_tables(mask, dense, bm, bn, exact=True)
+
+
+@budget(40)
+@given(layout=layouts(), shape=st.sampled_from([(-1,), (1, -1), (-1, 1, 2), (2, -1)]))
+def test_from_spans_wrong_shapes(layout, shape):
+    """cu_seqlens not 1-D, spans not [M, 2]: ValueError."""
+    cu, spans = layout
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+        HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32).reshape(1, -1), spans)
+    flat = torch.tensor([x for p in spans for x in p], dtype=torch.int32)
+    if flat.numel() == 0 or (shape == (2, -1) and flat.numel() % 4):
+        return  # no spans at all reads as "no images", whatever the shape
+    bad = flat.reshape(shape)
+    if bad.dim() != 2 or bad.shape[1] != 2:
+        with pytest.raises(ValueError, match=r"image_spans must have shape \[M, 2\]"):
+            HybridMask.from_spans(cu, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# arbitrary intervals
+# ----------------------------------------------------------------------------------------------
+@budget(200)
+@given(data=st.data(), nq=st.integers(0, 70), nk=st.integers(0, 70), num_keys=st.one_of(st.none(), st.integers(-2, 75)),
+       kind=st.sampled_from(["list", "int32", "int32", "int64"]))
+def test_from_intervals(data, nq, nk, num_keys, kind):
+    s = data.draw(st.lists(st.integers(-2, nk + 2), min_size=nq, max_size=nq))
+    e = data.draw(st.lists(st.integers(-2, nk + 2), min_size=nq, max_size=nq))
+    if data.draw(st.booleans()):  # mostly well-formed: sorted pairs inside [0, nk]
+        s, e = [min(max(a, 0), nk) for a in s], [min(max(b, 0), nk) for b in e]
+        s, e = [min(a, b) for a, b in zip(s, e)], [max(a, b) for a, b in zip(s, e)]
+    keys = num_keys if num_keys is not None else (max(e) if e else 0)
+    valid = kind != "int64" and keys >= 0 and all(0 <= a <= b <= keys for a, b in zip(s, e))
+    args = (as_given(s, kind), as_given(e, kind), num_keys)
+    if not valid:
+        try:
+            HybridMask.from_intervals(*args)
+        except ValueError:
+            return
+        raise AssertionError(f"accepted invalid intervals {list(zip(s, e))} with num_keys={num_keys} ({kind})")
+    mask = HybridMask.from_intervals(*args)
+    naive = torch.tensor([[a <= j < b for j in range(keys)] for a, b in zip(s, e)], dtype=torch.bool).reshape(nq, keys)
+    assert torch.equal(mask.to_dense(), naive)
+    monotone = all(s[i] <= s[i + 1] and e[i] <= e[i + 1] for i in range(nq - 1))
+    assert mask.monotone == monotone
+    if keys:
+        check_tables(mask, naive, 16, 16, exact=monotone)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cache masks (sampling)
+# ----------------------------------------------------------------------------------------------
+@budget(150)
+@given(cache=st.lists(st.integers(-1, 40), max_size=4), new=st.lists(st.integers(-1, 20), max_size=4),
+       bidirectional=st.booleans(), kind=st.sampled_from(["list", "int32", "int64", "float"]))
+def test_cached(cache, new, bidirectional, kind):
+    valid = len(cache) == len(new) and min(cache + new, default=0) >= 0 and kind != "float"
+    args = ([float(c) for c in cache] or [0.5], new) if kind == "float" else (
+        (cache, new) if kind == "list" else (torch.tensor(cache, dtype=getattr(torch, kind)), torch.tensor(new, dtype=torch.int64)))
+    if not valid:
+        try:
+            HybridMask.cached(*args, bidirectional=bidirectional)
+        except ValueError:
+            return
+        raise AssertionError(f"accepted cache_lens={cache}, query_lens={new} ({kind})")
+    mask = HybridMask.cached(*args, bidirectional=bidirectional)
+    nk = sum(cache) + sum(new)
+    expect = torch.zeros(sum(new), nk, dtype=torch.bool)
+    q = k0 = 0
+    for c, n in zip(cache, new):
+        for j in range(n):
+            expect[q, k0:k0 + c + (n if bidirectional else j + 1)] = True
+            q += 1
+        k0 += c + n
+    assert torch.equal(mask.to_dense(), expect)
+    assert mask.monotone
+    if nk:
+        check_tables(mask, expect, 16, 16, exact=True)
