@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Idle OpenMP threads that busy-wait slow a shared CPU down several-fold (measured: 2 threads
+# were 10x slower than 1 under load without this). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
@@ -48,7 +52,14 @@ def cmd_prepare(args) -> int:
 def build_config(info: dict, args):
     from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig
 
-    base = Config.from_json(Path(args.config).read_text()) if args.config else Config()
+    if args.config:
+        base = Config.from_json(Path(args.config).read_text())
+    elif args.preset == "demo":
+        from transfusion.demo import demo_config
+
+        base = demo_config(info["vocab_size"])
+    else:
+        base = Config()
     m, d, t = base.model.__dict__.copy(), base.data.__dict__.copy(), base.train.__dict__.copy()
     m.update(vocab_size=info["vocab_size"], latent_channels=info["latent_channels"])
     d.update(image_size=info["image_size"], holdout_fraction=info["holdout_fraction"],
@@ -65,7 +76,7 @@ def build_config(info: dict, args):
 
 
 def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: bool = True, time_limit=None,
-                 attention_block_tokens=None, latents=None, on_log=None):
+                 latents=None, on_log=None):
     import torch
 
     from transfusion.data import MixedBatches
@@ -76,9 +87,6 @@ def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
-    if attention_block_tokens is None and device.type == "cpu":
-        attention_block_tokens = 256  # see split_attention_blocks
-    model.attention_block_tokens = attention_block_tokens
     batches = MixedBatches(prepared.train_latents, prepared.train_labels, prepared.corpus, prepared.tokenizer,
                            cfg.data, cfg.model.patch_size, cfg.model.num_train_timesteps)
     trainer = Trainer(model, cfg, prepared.tokenizer, batches, device=device, metrics_path=out / "metrics.jsonl",
@@ -288,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
     p = add("prepare", "build the digits data set and tokenizer")
     p.add_argument("--out", required=True)
     p.add_argument("--image-size", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--tokenizer", default=None, help="use this SentencePiece .model instead of training one")
     p.add_argument("--vae", default=None, help="local folder with a diffusers AutoencoderKL (default: pixel space)")
     p.add_argument("--holdout", type=float, default=0.2)
@@ -299,6 +307,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder written by `transfusion prepare`")
     p.add_argument("--out", required=True, help="run folder: checkpoint/ and metrics.jsonl")
     p.add_argument("--config", default=None, help="JSON config (model/data/train sections) to start from")
+    p.add_argument("--preset", choices=("default", "demo"), default="default",
+                   help="starting config when no --config: the library defaults (the paper's choices) "
+                        "or the CPU demo's settings")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
     for name, typ in (("steps", int), ("lr", float), ("dim", int), ("layers", int), ("heads", int),
                       ("patch-size", int), ("docs-per-batch", int), ("seed", int), ("ema-decay", float),

@@ -33,6 +33,7 @@ class ModelConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    prediction_type: str = "epsilon"  # the paper's; also "v_prediction" or "sample"
 
     def __post_init__(self) -> None:
         self.unet_channels = tuple(self.unet_channels)
@@ -53,6 +54,8 @@ class ModelConfig:
         _check(self.timestep_freq_dim % 2 == 0, "timestep_freq_dim must be even")
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
                f"unknown beta_schedule {self.beta_schedule!r}")
+        _check(self.prediction_type in ("epsilon", "v_prediction", "sample"),
+               f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}")
 
     @property
     def head_dim(self) -> int:

@@ -86,9 +86,9 @@ def text_corpus(seed: int = 0, n: int = 4000) -> list[str]:
     return lines
 
 
-def tokenizer_training_text(seed: int = 0) -> list[str]:
+def tokenizer_training_text(seed: int = 0, n: int = 4000) -> list[str]:
     """Everything the built-in tokenizer must cover: the corpus and every caption form."""
-    lines = text_corpus(seed)
+    lines = text_corpus(seed, n)
     for d in range(10):
         for t in CAPTION_TEMPLATES:
             lines.append(t.format(word=WORDS[d], num=d))

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import transfusion_kernels as tk
+from transfusion_kernels.attention import ATTENTION
 
 from transfusion.config import ModelConfig
 from transfusion.image import LinearPatches, UNetPatches
@@ -44,28 +45,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def split_attention_blocks(mask, max_tokens: int):
-    """Cut a packed self-attention mask at boundaries no query interval crosses (document
-    boundaries) into blocks of about ``max_tokens`` tokens: ``[(start, end, HybridMask)]``.
+    """Cut an interval mask into independent blocks: ``[(q0, q1, k0, k1, HybridMask)]``, queries
+    ``[q0, q1)`` seeing only keys in ``[k0, k1)``, each block about ``max_tokens`` queries or keys.
 
-    Exact: attention over the blocks equals attention over the whole batch. It pays off for
-    backends whose cost grows with the square of a call's length (the reference backend on the
-    CPU); the Triton and CUDA kernels skip fully masked tiles and need no splitting."""
+    A cut before query c is allowed when no earlier query sees a key that c's block starts
+    after: ``kv_end[c-1] <= kv_start[c]`` (document boundaries of a packed batch, sequence
+    boundaries of a KV-cache step). Exact: attention over the blocks equals attention over the
+    whole mask. It pays off for backends whose cost grows with the product of a call's query and
+    key ranges (the reference backend on the CPU); the Triton and CUDA kernels skip fully masked
+    tiles and need no splitting. Returns ``mask`` itself when there is nothing to split."""
     n = mask.num_queries
-    if not mask.monotone or mask.num_keys != n or n <= max_tokens:
+    if not mask.monotone or (n <= max_tokens and mask.num_keys <= max_tokens):
         return mask
     s, e = mask.kv_start.long(), mask.kv_end.long()
-    c = torch.arange(1, n, device=s.device)
-    ok = (s[1:] >= c) & (e[:-1] <= c)  # no query before c sees c.., none after sees ..c-1
-    cuts = (torch.nonzero(ok).squeeze(1) + 1).tolist() + [n]
-    blocks, a, prev = [], 0, 0
-    for cut in cuts:
-        if cut - a > max_tokens and prev > a:
-            blocks.append((a, prev))
+    cuts = (torch.nonzero(e[:-1] <= s[1:]).squeeze(1) + 1).tolist() + [n]
+    s_at, e_before = s.tolist(), e.tolist()  # one host copy; the loop below is per cut, not per token
+    bounds, a, prev = [], 0, None
+    for c in cuts:
+        if prev is not None and max(c - a, e_before[c - 1] - s_at[a]) > max_tokens:
+            bounds.append((a, prev))
             a = prev
-        prev = cut
-    blocks.append((a, n))
-    return [(a, b, tk.HybridMask.from_intervals((s[a:b] - a).int(), (e[a:b] - a).int(), num_keys=b - a))
-            for a, b in blocks]
+        prev = c
+    bounds.append((a, n))
+    if len(bounds) == 1:
+        return mask
+    out = []
+    for q0, q1 in bounds:
+        k0, k1 = s_at[q0], e_before[q1 - 1]
+        m = tk.HybridMask.from_intervals((s[q0:q1] - k0).int(), (e[q0:q1] - k0).int(), num_keys=k1 - k0)
+        out.append((q0, q1, k0, k1, m))
+    return out
 
 
 class Attention(nn.Module):
@@ -85,7 +94,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.keys_values(layer, k, v, step)
         if isinstance(mask, list):  # independent blocks (see split_attention_blocks)
-            o = torch.cat([tk.hybrid_attention(q[a:b], k[a:b], v[a:b], m, backend=backend) for a, b, m in mask])
+            o = torch.cat([tk.hybrid_attention(q[a:b], k[c:d], v[c:d], m, backend=backend) for a, b, c, d, m in mask])
         else:
             o = tk.hybrid_attention(q, k, v, mask, backend=backend)
         return self.wo(o.reshape(n, self.n_heads * self.hd))
@@ -121,9 +130,9 @@ class TransfusionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # kernel backend for every tk op (None: tk's own default)
-        # split packed self-attention into independent blocks of about this many tokens
-        # (None: one call); see split_attention_blocks
-        self.attention_block_tokens: int | None = None
+        # split attention into independent blocks of about this many tokens (None: one call;
+        # "auto": 128 when the attention backend is the reference); see split_attention_blocks
+        self.attention_block_tokens: int | str | None = "auto"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         if cfg.image_encoder == "linear":
             self.image = LinearPatches(cfg.latent_channels, cfg.patch_size, cfg.dim)
@@ -163,8 +172,11 @@ class TransfusionModel(nn.Module):
         return tok, state, img_index
 
     def run_layers(self, x, positions, mask, cache=None, step=None):
-        if cache is None and self.attention_block_tokens:
-            mask = split_attention_blocks(mask, self.attention_block_tokens)
+        block = self.attention_block_tokens
+        if block == "auto":
+            block = 128 if ATTENTION.resolve(self.backend, x.device) == "reference" else None
+        if block:
+            mask = split_attention_blocks(mask, block)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, self.backend, cache, i, step)
@@ -180,18 +192,19 @@ class TransfusionModel(nn.Module):
 
     # -- training forward --------------------------------------------------------------------
     def forward(self, input_ids, positions, image_index, mask, noisy_images, timesteps, label_positions=None):
-        """Full packed forward. Returns ``(logits, eps)``: logits at ``label_positions`` (all
-        positions when None) and the per-patch prediction ``[P, C*k*k]`` in sequence order."""
+        """Full packed forward. Returns ``(logits, pred)``: logits at ``label_positions`` (all
+        positions when None) and the image head's per-patch prediction ``[P, C*k*k]`` (noise,
+        v or clean latent, per ``cfg.prediction_type``) in sequence order."""
         patch_tok, state, _ = self.embed_images(noisy_images, timesteps) if noisy_images else (None, None, None)
         x = self.assemble(input_ids, image_index, patch_tok)
         h = self.run_layers(x, positions, mask)
         hl = h if label_positions is None else h[label_positions]
         logits = self.lm_head(hl)
-        eps = None
+        pred = None
         if noisy_images:
             where = torch.nonzero(image_index >= 0).squeeze(1)
-            eps = self.image.decode(h[where], noisy_images, timesteps, state)
-        return logits, eps
+            pred = self.image.decode(h[where], noisy_images, timesteps, state)
+        return logits, pred
 
 
 class KVCache:

@@ -42,7 +42,7 @@ def _encode(latents, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     return torch.cat([latents.encode(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def prepare(out, *, image_size: int = 8, vocab_size: int = 128, tokenizer: str | None = None,
+def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str | None = None,
             vae: str | None = None, holdout_fraction: float = 0.2, seed: int = 0) -> Prepared:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def prepare(out, *, image_size: int = 8, vocab_size: int = 128, tokenizer: str |
         "latent_size": list(tensors["train_latents"].shape[2:]), "vocab_size": tok.vocab_size,
         "holdout_fraction": holdout_fraction, "seed": seed, "n_train": len(data.train_labels),
         "n_test": len(data.test_labels), "corpus_lines": len(corpus),
-        "tokenizer": tokenizer or "trained (sentencepiece unigram)",
+        "tokenizer": tokenizer or "trained (sentencepiece bpe)",
     }
     (out / "prepare.json").write_text(json.dumps(info, indent=2))
     return load_prepared(out)

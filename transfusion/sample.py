@@ -31,6 +31,7 @@ class SampleConfig:
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     clip_sample: bool = False  # clip the predicted clean image to [-1, 1] (pixel latents)
+    bf16: bool | None = None  # bf16 autocast for the transformer (None: on CUDA only)
 
     def __post_init__(self):
         if self.sampler not in ("ddim", "ddpm"):
@@ -84,8 +85,14 @@ def generate(model, tokenizer, prompts, cfg: SampleConfig | None = None, open_im
     "images": [latents], "tokens": [ids]}`` for the generated part only.
     """
     cfg = cfg or SampleConfig()
-    mc = model.cfg
     dev = next(model.parameters()).device
+    bf16 = cfg.bf16 if cfg.bf16 is not None else dev.type == "cuda"
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        return _generate(model, tokenizer, prompts, cfg, open_image, dev)
+
+
+def _generate(model, tokenizer, prompts, cfg, open_image, dev):
+    mc = model.cfg
     dtype = next(model.parameters()).dtype
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     sched = model.schedule()
@@ -212,9 +219,11 @@ def _diffuse(model, cache, seq_ids, uncond_offset, cfg: SampleConfig, sched, g, 
         rows = patchify(x.float(), k)
         if cfg.sampler == "ddim":
             rows = tk.ddim_step(eps, t, rows, sched, prev_timestep=tp, eta=cfg.eta, clip_sample=cfg.clip_sample,
+                                prediction_type=mc.prediction_type,
                                 seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)), backend=model.backend)
         else:
             rows = tk.ddpm_step(eps, t, rows, sched, prev_timestep=tp, clip_sample=cfg.clip_sample,
+                                prediction_type=mc.prediction_type,
                                 seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)), backend=model.backend)
         x = unpatchify(rows, S, mc.latent_channels, H, W, k).to(dtype)
     _image_step(model, cache, seq_ids, x, torch.zeros(S, dtype=torch.long, device=dev), commit=True)

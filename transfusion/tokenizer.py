@@ -36,7 +36,7 @@ class Tokenizer:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 128, model_type: str = "unigram") -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 256, model_type: str = "bpe") -> "Tokenizer":
         """Train a SentencePiece model on ``texts`` (in memory)."""
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(

@@ -36,23 +36,36 @@ def rows_to_images(rows: torch.Tensor, shapes, k: int):
     return out
 
 
+def diffusion_target(prediction_type: str, x0, noise, t_rows, sched):
+    """What the image head predicts: the noise (the paper), the clean latent, or v."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    ab = sched.alphas_cumprod_on(x0.device)[t_rows.long()].to(torch.float32)[:, None]
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+
 def loss_terms(model, batch: PackedBatch, sched, autocast=contextlib.nullcontext):
-    """``(lm_loss, ddpm_loss)`` of a batch. Noise comes from tk's seeded Philox generator
-    (``batch.noise_seed``): the same batch gives the same loss on every backend and run."""
+    """``(lm_loss, ddpm_loss)`` of a batch: mean next-token cross-entropy over text targets, and
+    the per-image MSE of the image head's prediction (``cfg.prediction_type``) averaged over
+    images. Noise comes from tk's seeded Philox generator (``batch.noise_seed``): the same batch
+    gives the same loss on every backend and run."""
     k = model.cfg.patch_size
     mask = batch.mask()
     label_pos = torch.nonzero(batch.labels != IGNORE).squeeze(1)
-    noisy, noise, patch_img, t = [], None, None, batch.timesteps
+    noisy, target, patch_img, t = [], None, None, batch.timesteps
     if batch.images:
         x0 = images_to_rows(batch.images, k).float()
         counts = torch.tensor([(x.shape[1] // k) * (x.shape[2] // k) for x in batch.images], device=x0.device)
         patch_img = torch.repeat_interleave(torch.arange(len(batch.images), device=x0.device, dtype=torch.int32), counts)
         x_t, noise = tk.add_noise(x0, t[patch_img.long()], sched, seed=batch.noise_seed, backend=model.backend)
         noisy = rows_to_images(x_t, [tuple(x.shape) for x in batch.images], k)
+        target = diffusion_target(model.cfg.prediction_type, x0, noise, t[patch_img.long()], sched)
     with autocast():
-        logits, eps = model(batch.input_ids, batch.positions, batch.image_index, mask, noisy, t, label_pos)
+        logits, pred = model(batch.input_ids, batch.positions, batch.image_index, mask, noisy, t, label_pos)
     lm = F.cross_entropy(logits.float(), batch.labels[label_pos]) if len(label_pos) else logits.sum() * 0
-    ddpm = tk.diffusion_loss(eps.float(), noise.float(), patch_img) if batch.images else lm * 0
+    ddpm = tk.diffusion_loss(pred.float(), target.float(), patch_img) if batch.images else lm * 0
     return lm, ddpm
 
 
@@ -150,7 +163,7 @@ class Trainer:
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda{i}"] = s
-        sched = {k: v for k, v in self.sched.state_dict().items() if k != "lr_lambdas"}
+        sched = self.sched.state_dict()  # JSON-able: the lambdas are closures (stored as None)
         return {"optimizer": self.opt.state_dict(), "scheduler": sched, "step": self.step,
                 "data": self.batches.state_dict(), "rng": rng}
 

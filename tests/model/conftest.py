@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig
+from transfusion.data import tokenizer_training_text
+from transfusion.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return Tokenizer.train(tokenizer_training_text(0, n=400), vocab_size=96)
+
+
+def tiny_model_config(vocab_size, **kw):
+    base = dict(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, patch_size=2,
+                timestep_freq_dim=32, unet_channels=(8, 16))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_config(vocab_size, steps=4, **model_kw):
+    return Config(
+        model=tiny_model_config(vocab_size, **model_kw),
+        data=DataConfig(docs_per_batch=6, text_fraction=0.3),
+        train=TrainConfig(steps=steps, lr=3e-3, warmup_steps=2, log_every=1),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh inputs per test, reproducible from the test id
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
