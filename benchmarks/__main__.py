@@ -44,6 +44,9 @@ def summarize(suite: str, data: dict) -> tuple[list[dict], list[str]]:
         flat = [dict(case=r["case"], op=op, impl=name, MB=r["ops"][op]["bytes"] / 3 / 2**20, copy_GBps=r["copy_GBps"], **v)
                 for r in rows for op in r["ops"] for name, v in r["ops"][op]["impls"].items()]
         return flat, ["case", "op", "impl", "MB", "median_ms", "GBps", "frac_of_copy", "copy_GBps"]
+    if suite == "model":
+        return rows, ["method", "tokens", "images", "train_tokens_per_s", "images_per_s_cache", "images_per_s_no_cache",
+                      "cache_speedup", "error"]
     return rows, sorted({k for r in rows for k in r})
 
 
