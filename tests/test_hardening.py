@@ -187,8 +187,6 @@ def test_python_ints_and_strided_tensors_are_accepted():
 # ==============================================================================================
 # 2. NaN and inf
 # ==============================================================================================
-REF_DROPS_NAN = ("reference attention turns NaN probabilities into 0 "
-                 "(attention/reference.py: exp(s - lse).nan_to_num(0.0)), so NaN rows come out as 0")
 
 
 def nan_rows(x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +220,7 @@ def attention_case(backend, poison: str, where: int):
     return mask.to_dense().cpu(), run(**tensors), clean
 
 
-@pytest.mark.parametrize("backend", backends(xfail_reference=REF_DROPS_NAN))
+@pytest.mark.parametrize("backend", backends())
 def test_attention_nan_query_row(backend):
     """NaN in query row 10: out[10] and lse[10] are NaN, every other row is as without it;
     in the gradients it reaches dq[10] and the dk / dv of every key row 10 sees."""
@@ -235,7 +233,7 @@ def test_attention_nan_query_row(backend):
         assert_same_where_finite(got, c, name)
 
 
-@pytest.mark.parametrize("backend", backends(xfail_reference=REF_DROPS_NAN))
+@pytest.mark.parametrize("backend", backends())
 def test_attention_nan_key_row(backend):
     """NaN in key 50: exactly the queries that see key 50 (its image and the later tokens of
     document 2, not tokens 40-44 of the same tile) become NaN."""
@@ -269,7 +267,7 @@ def test_attention_nan_output_gradient(backend):
         assert_same_where_finite(got, c, name)
 
 
-@pytest.mark.parametrize("backend", backends(xfail_reference=REF_DROPS_NAN))
+@pytest.mark.parametrize("backend", backends())
 def test_attention_inf_query_row(backend):
     """q[30] = inf: its scores are inf - inf = NaN (keys of both signs), so out[30] is NaN; the
     other rows are exact."""
@@ -420,10 +418,6 @@ def test_diffusion_inf_sample(backend):
     assert torch.isfinite(x_t).all()
 
 
-TRITON_LOSS_NAN = ("triton diffusion_loss weights each row's squared error after summing it "
-                   "(diffusion/triton.py: tl.sum(acc * w)), so NaN in an ignored row gives 0 * NaN = NaN")
-IGNORED_GRAD_NAN = ("d loss / d pred of an ignored row is diff * 0 (reference.py: diff * (scale * valid); "
-                    "triton.py: (2 * w) * d), NaN where pred is NaN instead of 0")
 
 
 def loss_case(backend, row):
@@ -446,13 +440,13 @@ def test_loss_nan_in_an_image_row(backend):
     assert nan_rows(grad).nonzero().flatten().tolist() == [3]
 
 
-@pytest.mark.parametrize("backend", backends(xfail_triton=TRITON_LOSS_NAN)[:2])
+@pytest.mark.parametrize("backend", backends()[:2])
 def test_loss_ignores_nan_in_a_row_that_is_not_an_image(backend):
     clean, loss, _ = loss_case(backend, 4)
     assert loss.item() == clean.item()
 
 
-@pytest.mark.parametrize("backend", backends(xfail_reference=IGNORED_GRAD_NAN, xfail_triton=IGNORED_GRAD_NAN)[:2])
+@pytest.mark.parametrize("backend", backends()[:2])
 def test_loss_gradient_of_an_ignored_nan_row_is_zero(backend):
     _, _, grad = loss_case(backend, 4)
     assert torch.equal(grad[4], torch.zeros(3, device=DEVICE))

@@ -36,6 +36,12 @@ def _scores(q, k, kv_start, kv_end, i0, i1, j0, j1, scale):
     return s.masked_fill(~visible, float("-inf")), visible
 
 
+def _probabilities(s, row_lse):
+    """softmax(s) from its log-normaliser; 0 for rows that see no key (exp(-inf + inf) would be
+    NaN there), while NaN in the inputs still propagates."""
+    return torch.exp(s - row_lse[..., None]).masked_fill(torch.isneginf(row_lse)[..., None], 0.0)
+
+
 def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
     nq, hq, d = q.shape
     hkv = k.shape[1]
@@ -46,7 +52,7 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
             continue  # every query of the chunk sees nothing: output 0, lse -inf
         s, visible = _scores(q, k, kv_start, kv_end, i0, i1, j0, j1, scale)
         row_lse = torch.logsumexp(s, dim=-1)  # [Hkv, G, c]; -inf for empty rows
-        p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)  # empty rows: exp(-inf - -inf) -> 0
+        p = _probabilities(s, row_lse)
         o = torch.einsum("hgcs,shd->chgd", p, v[j0:j1].float())
         out[i0:i1] = o.flatten(1, 2)
         lse[:, i0:i1] = row_lse.flatten(0, 1)
@@ -66,7 +72,7 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
             continue
         s, _ = _scores(q, k, kv_start, kv_end, i0, i1, j0, j1, scale)
         row_lse = lse[:, i0:i1].unflatten(0, (hkv, -1))  # [Hkv, G, c]
-        p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)
+        p = _probabilities(s, row_lse)
         do = dout[i0:i1].float().unflatten(1, (hkv, -1))  # [c, Hkv, G, D]
         dv[j0:j1] += torch.einsum("hgcs,chgd->shd", p, do)
         dp = torch.einsum("chgd,shd->hgcs", do, v[j0:j1].float())

@@ -68,5 +68,6 @@ def diffusion_loss(pred, target, image_index, compute_grad):
     grad = None
     if compute_grad:
         scale = 2.0 / (counts[inverse] * C * num_images)
-        grad = (diff * (scale * valid)[:, None]).to(pred.dtype)
+        # where, not a product with 0: an ignored row's NaN must not reach the gradient
+        grad = torch.where(valid[:, None], diff * scale[:, None], 0.0).to(pred.dtype)
     return loss, grad

@@ -187,6 +187,7 @@ def _loss_kernel(
         d = tl.load(pred_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(
             target_ptr + offs, mask=mask, other=0.0
         ).to(tl.float32)
+        d = tl.where((w > 0)[:, None], d, 0.0)  # ignored rows (weight 0): a NaN there stays out
         acc += tl.sum(d * d, axis=1)
         if GRAD:
             g = (2.0 * w)[:, None] * d
