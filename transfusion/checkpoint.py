@@ -87,19 +87,40 @@ def save_checkpoint(path, *, model, config, tokenizer, ema: dict | None = None, 
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    for stale in path.parent.glob(f"{path.name}.old-*"):  # also those of a save that died midway
+        shutil.rmtree(stale)
     return path
+
+
+def _resolve(path) -> Path:
+    """The checkpoint at ``path``; if a save died between its two renames, the previous one
+    (still under its ``.old-<pid>`` name)."""
+    path = Path(path)
+    if not path.exists():
+        olds = sorted(path.parent.glob(f"{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            return olds[-1]
+    return path
+
+
+def _load_tensors(f: Path) -> dict:
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing")
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{f}: not a safetensors file ({e}); pickled checkpoints are never loaded") from e
 
 
 def read_config(path):
     from transfusion.config import Config
 
-    d = json.loads((Path(path) / "config.json").read_text())
+    path = _resolve(path)
+    d = json.loads((path / "config.json").read_text())
     version = d.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {version}, this version reads {FORMAT_VERSION}")
-    return Config.from_dict(d)
+    return Config.from_dict(d, strict=True)
 
 
 def load_checkpoint(path, device="cpu", backend: str | None = None, use_ema: bool = True):
@@ -107,25 +128,25 @@ def load_checkpoint(path, device="cpu", backend: str | None = None, use_ema: boo
     from transfusion.model import TransfusionModel
     from transfusion.tokenizer import Tokenizer
 
-    path = Path(path)
+    path = _resolve(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     cfg = read_config(path)
     tok = Tokenizer.load(path / "tokenizer.model")
     model = TransfusionModel(cfg.model, backend=backend)
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors")
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(_load_tensors(weights))
     return model.to(device).eval(), cfg, tok
 
 
 def load_trainer_state(path):
     """``(trainer_state_json, optimizer_state_dict, rng_tensors, ema_or_None)`` of a training checkpoint."""
-    path = Path(path)
+    path = _resolve(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} has no trainer state (not a training checkpoint)")
     state = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors = _load_tensors(path / "optimizer.safetensors")
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     opt = optimizer_from_flat({k: v for k, v in tensors.items() if k.startswith("state.")}, state.pop("optimizer_meta"))
-    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
+    ema = _load_tensors(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
     return state, opt, rng, ema

@@ -124,19 +124,25 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any], strict: bool = False) -> "Config":
+        """``strict`` (checkpoints): every field must be present; otherwise missing fields take
+        their defaults. Unknown sections and fields always raise."""
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)} (expected {sorted(sections)})")
+
         def build(kind, sub):
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(sub) - names
             if unknown:
                 raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+            missing = names - set(sub)
+            if strict and missing:
+                raise ValueError(f"{kind.__name__} fields missing: {sorted(missing)}")
             return kind(**sub)
 
-        return cls(
-            model=build(ModelConfig, d.get("model", {})),
-            data=build(DataConfig, d.get("data", {})),
-            train=build(TrainConfig, d.get("train", {})),
-        )
+        return cls(**{name: build(kind, d.get(name, {})) for name, kind in sections.items()})
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
