@@ -70,6 +70,8 @@ def build_config(info: dict, args):
         v = getattr(args, key, None)
         if v is not None:
             dest[{"layers": "n_layers", "heads": "n_heads"}.get(key, key)] = v
+    if getattr(args, "heads", None) is not None and base.model.n_kv_heads == base.model.n_heads:
+        m["n_kv_heads"] = None  # no GQA in the base config: follow the new head count
     if args.backend:
         t["backend"] = args.backend
     return Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t))
@@ -102,6 +104,11 @@ def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: 
 def cmd_train(args) -> int:
     from transfusion.latents import make_latents
     from transfusion.prepare import load_prepared
+
+    if args.distributed:
+        from transfusion.distributed import train as train_distributed
+
+        return train_distributed(args, args.distributed)
 
     _threads(args)
     prepared = load_prepared(args.data)
@@ -319,6 +326,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
+                   help="data-parallel training under torchrun: torchrun --nproc-per-node N -m transfusion train ...")
     p.set_defaults(fn=cmd_train)
 
     p = add("sample", "generate images (and text) from a prompt")

@@ -2,7 +2,7 @@
 
 ::
 
-    torchrun --nproc-per-node 2 -m transfusion.distributed train --data D --out O [--strategy fsdp] ...
+    torchrun --nproc-per-node 2 -m transfusion train --distributed ddp --data D --out O ...   (or --distributed fsdp)
 
 The arguments after ``train`` are those of ``transfusion train``. Backend: gloo on the CPU,
 nccl on CUDA (one GPU per local rank).
@@ -23,10 +23,8 @@ Checkpoints are written by rank 0 with full (unsharded) tensors in the ordinary 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -346,21 +344,3 @@ def train(args, strategy: str) -> int:
     finally:
         dist.destroy_process_group()
     return 0
-
-
-def main(argv=None) -> int:
-    """``torchrun ... -m transfusion.distributed train [--strategy ddp|fsdp] <transfusion train args>``."""
-    from transfusion.cli import parser as cli_parser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="transfusion.distributed", description=__doc__.split("\n\n")[0])
-    ap.add_argument("cmd", choices=("train",))
-    ap.add_argument("--strategy", choices=STRATEGIES, default="ddp",
-                    help="ddp: replicated weights, all-reduced gradients; fsdp: FSDP2 fully_shard")
-    own, rest = ap.parse_known_args(argv)
-    args = cli_parser().parse_args([own.cmd, *rest])
-    return train(args, own.strategy)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
