@@ -2,7 +2,7 @@
 
 ``ci`` (default): a fixed, derandomized budget (the same examples every run) small enough that
 all fuzz tests together take well under 90 s on a 2-core CPU under the Triton interpreter.
-``long``: 20 times the examples, freshly random each run; select it with
+``long``: 15 times the examples, freshly random each run; select it with
 ``TK_FUZZ_PROFILE=long python -m pytest tests/fuzz``.
 
 Each test states its ``ci`` example count through :func:`tests.fuzz.common.budget`; the profile
@@ -14,7 +14,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 PROFILE_ENV = "TK_FUZZ_PROFILE"
-SCALE = {"ci": 1, "long": 20}
+SCALE = {"ci": 1, "long": 15}
 
 _common = dict(
     deadline=None,  # the interpreter's speed varies with the machine's load

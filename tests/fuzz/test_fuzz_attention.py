@@ -75,7 +75,13 @@ def test_backends_against_float64(case, dtype, hkv, group, d, scale, packed, see
     low_out, low_lse = dense_attention(*low_in, allowed, s)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
     low_grads = torch.autograd.grad(low_out, low_in, dout)
-    floor = FLOOR[dtype]
+    # the op tests' absolute floor, or one rounding of the largest result to the dtype: the
+    # backward's delta = rowsum(dout * out) uses out as stored (rounded), as FlashAttention does,
+    # which on a handful of elements can leave a gradient most of an ulp from the oracle
+    eps = torch.finfo(dtype).eps
+
+    def floor(oracle):
+        return max(FLOOR[dtype], eps * oracle.abs().max().item()) if oracle.numel() else FLOOR[dtype]
 
     for backend in ["reference", *FAST_BACKENDS]:
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -88,7 +94,8 @@ def test_backends_against_float64(case, dtype, hkv, group, d, scale, packed, see
         for name, got, oracle, same in checks:
             assert got.shape == oracle.shape and got.dtype in (dtype, torch.float32), f"{backend} {name}"
             try:
-                assert_rule(name, got, oracle, same, floor)
+                finite = oracle[torch.isfinite(oracle)]
+                assert_rule(name, got, oracle, same, floor(finite))
             except AssertionError as e:
                 raise AssertionError(f"backend {backend}: {e}") from None
 

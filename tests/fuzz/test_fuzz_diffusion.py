@@ -36,7 +36,8 @@ def schedules(draw):
     if beta_schedule == "scaled_linear":
         kw.update(beta_start=0.00085, beta_end=0.012)
     elif beta_schedule == "linear":
-        kw.update(beta_start=draw(st.sampled_from([1e-4, 1e-3])), beta_end=draw(st.sampled_from([0.02, 0.2])))
+        # beta_end = 0.2 over 1000 steps underflows alphas_cumprod to 0 in float32 (diffusers too)
+        kw.update(beta_start=draw(st.sampled_from([1e-4, 1e-3])), beta_end=0.2 if T <= 50 else 0.02)
     return T, kw
 
 
@@ -210,5 +211,9 @@ def test_diffusion_loss(case):
             loss = tk.diffusion_loss(p, target.to(DEVICE), index.to(DEVICE), backend=backend)
             (grad,) = torch.autograd.grad(loss, p)
         assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == dtype
-        assert_rule(loss, oracle, same, f"loss on {backend}")
-        assert_rule(grad, oracle_grad, same_grad, f"grad on {backend}")
+        if dtype == torch.float32:  # as tests/diffusion/test_loss.py: a few fp32 roundings, in any order
+            torch.testing.assert_close(loss.cpu().double(), oracle.detach(), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(grad.cpu().double(), oracle_grad, rtol=1e-5, atol=1e-9)
+        else:
+            assert_rule(loss, oracle, same, f"loss on {backend}")
+            assert_rule(grad, oracle_grad, same_grad, f"grad on {backend}")
