@@ -77,8 +77,9 @@ def build_config(info: dict, args):
     return Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t))
 
 
-def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: bool = True, time_limit=None,
-                 latents=None, on_log=None):
+def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=None):
+    """Model, batch stream and Trainer for a run folder ``out`` (``metrics.jsonl``, ``checkpoint/``);
+    resumes from ``out/checkpoint`` when asked and present."""
     import torch
 
     from transfusion.data import MixedBatches
@@ -97,7 +98,14 @@ def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: 
     if resume and (ckpt / "trainer_state.json").is_file():
         trainer.resume(ckpt)
         print(f"resumed from {ckpt} at step {trainer.step}")
-    hist = trainer.fit(checkpoint_dir=ckpt, progress=progress, time_limit=time_limit, on_log=on_log)
+    return trainer
+
+
+def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: bool = True, time_limit=None,
+                 latents=None, on_log=None):
+    trainer = build_trainer(prepared, cfg, out, device=device, resume=resume, latents=latents)
+    hist = trainer.fit(checkpoint_dir=Path(out) / "checkpoint", progress=progress, time_limit=time_limit,
+                       on_log=on_log)
     return trainer, hist
 
 

@@ -157,6 +157,9 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev):
         act = [b for b in range(B) if not done[b]]
         feed = []
         for b in act:
+            if n_tok[b] >= cfg.max_new_tokens:  # checked here so that a final BOI still gets its image
+                done[b] = True
+                continue
             lg = logits[b].clone()
             lg[banned] = float("-inf")
             if n_img[b] >= cfg.max_images:
@@ -177,9 +180,6 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev):
                     segs[b][-1][1].append(t)
                 else:
                     segs[b].append(("text_ids", [t]))
-            if n_tok[b] >= cfg.max_new_tokens:
-                done[b] = True
-                continue
             feed.append(b)
         if feed:
             logits[feed] = _text_step(model, cache, feed, [[last[b]] for b in feed])

@@ -128,6 +128,15 @@ class Trainer:
             "tokens": int(batch.input_ids.numel()), "step_time": time.perf_counter() - t0,
         }
 
+    def set_total_steps(self, total: int) -> None:
+        """Change the run's length, and the cosine schedule with it (meant for the warmup phase,
+        e.g. after timing a few steps)."""
+        tc = self.config.train
+        if total < self.step:
+            raise ValueError(f"total steps ({total}) must be >= the steps already taken ({self.step})")
+        tc.steps = int(total)
+        self.sched.lr_lambdas = [lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio) for _ in self.opt.param_groups]
+
     # -- loop --------------------------------------------------------------------------------
     def fit(self, steps: int | None = None, checkpoint_dir=None, progress: bool = True,
             time_limit: float | None = None, on_log=None) -> list[dict]:
