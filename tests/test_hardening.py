@@ -128,7 +128,8 @@ BAD_INPUT = {
         patch(image_index=IDX10.float()), ValueError, "image_index must be an int32 tensor"),
     "TimestepMLP: dims": (lambda: tk.TimestepMLP(16, 0), ValueError, "hidden_dim must be a positive int"),
     "TimestepMLP: input width": (
-        lambda: tk.TimestepMLP(16, 8)(torch.randn(3, 15)), ValueError, r"sample must be a tensor \[\.\.\., freq_dim = 16\]"),
+        lambda: tk.TimestepMLP(16, 8)(torch.randn(3, 15)), ValueError,
+        r"sample must be a tensor \[\.\.\., freq_dim = 16\]"),
     # diffusion
     "DiffusionSchedule: beta_end": (
         lambda: tk.DiffusionSchedule(beta_end=1.5), ValueError, r"betas must lie in \(0, 1\]: beta_end = 1.5"),
@@ -142,7 +143,8 @@ BAD_INPUT = {
         lambda: tk.ddpm_step(X4, 5, X4, SCHED, clip_sample=True, clip_sample_range="1"), ValueError,
         "clip_sample_range must be a positive real number"),
     "ddim_step: eta NaN": (
-        lambda: tk.ddim_step(X4, 5, X4, SCHED, prev_timestep=4, eta=NAN), ValueError, r"eta must be a float in \[0, 1\]"),
+        lambda: tk.ddim_step(X4, 5, X4, SCHED, prev_timestep=4, eta=NAN), ValueError,
+        r"eta must be a float in \[0, 1\]"),
     "add_noise: timesteps of a float dtype": (
         lambda: tk.add_noise(X4, torch.full((4,), 5.0), SCHED), TypeError, "timesteps must be an integer tensor"),
     "add_noise: noise on another device": (

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 import transfusion_kernels as tk
 from tests.diffusion.common import (
-    assert_rule,
     diffusers_ddim_rows,
     diffusers_ddpm_rows,
     requires_diffusers,
@@ -20,6 +19,7 @@ from tests.diffusion.common import (
 from tests.diffusion.test_loss import loop_loss
 from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned
 from transfusion_kernels import philox
+from transfusion_kernels.diffusion import add_noise_coef, ddim_coef, ddpm_coef
 from transfusion_kernels.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -58,6 +58,28 @@ def on_device(*xs):
     return [x.to(DEVICE) for x in xs]
 
 
+def assert_rule(got, oracle, same, what, coef=None, terms=()):
+    """tests/diffusion/common.py's rule: error <= 2 x the same-dtype diffusers error + a floor of
+    one rounding of the largest result to the dtype; with ``coef`` (the fused step's [R, 6]) and
+    ``terms`` (sample, model_output, noise), the floor is at least one fp32 rounding of the
+    largest sum of |c_k x_k|: the step's own rounding scale, which exceeds one of the result
+    where c0 sample and c1 model_output cancel (1 / sqrt(alphas_cumprod) large)."""
+    eps = torch.finfo(same.dtype).eps
+    got, oracle, same = (x.detach().cpu().double() for x in (got, oracle, same))
+    assert got.shape == oracle.shape, (got.shape, oracle.shape)
+    if not got.numel():
+        return
+    err, ref = (got - oracle).abs().max().item(), (same - oracle).abs().max().item()
+    floor = eps * max(1.0, oracle.abs().max().item())
+    if coef is not None:
+        R = terms[0].shape[0]
+        c = coef.detach().cpu().double().abs().reshape(R, 6, 1)
+        s, m, n = (x.detach().cpu().double().abs().reshape(R, -1) for x in terms)
+        size = c[:, 2] * (c[:, 0] * s + c[:, 1] * m) + c[:, 3] * s + c[:, 4] * m + c[:, 5] * n
+        floor = max(floor, torch.finfo(torch.float32).eps * size.max().item())
+    assert err <= 2 * ref + floor, f"{what}: error {err:.3g} > 2 x {ref:.3g} (same-dtype diffusers) + {floor:.3g}"
+
+
 @requires_diffusers
 @budget(40)
 @given(sched=schedules(), xs=tensors(), data=st.data())
@@ -74,12 +96,13 @@ def test_add_noise(sched, xs, data):
     oracle = to_oracle(DDPMScheduler(num_train_timesteps=T, **kw)).add_noise(x0.double(), noise.double(), t)
     same = DDPMScheduler(num_train_timesteps=T, **kw).add_noise(x0, noise, t)
     x0_d, noise_d = on_device(x0, noise)
+    schedule, t_arg = tk.DiffusionSchedule(T, **kw), int(t[0]) if as_int else t.to(DEVICE)
+    coef, _ = add_noise_coef(t_arg, R, schedule, DEVICE)
     for backend in STEP_BACKENDS:
         with poisoned("diffusion"):
-            out, _ = tk.add_noise(x0_d, int(t[0]) if as_int else t.to(DEVICE), tk.DiffusionSchedule(T, **kw),
-                                  noise=noise_d, backend=backend)
+            out, _ = tk.add_noise(x0_d, t_arg, schedule, noise=noise_d, backend=backend)
         assert out.dtype == x0.dtype
-        assert_rule(out, oracle, same, f"add_noise on {backend}")
+        assert_rule(out, oracle, same, f"add_noise on {backend}", coef, (x0, x0 * 0, noise))
 
 
 @st.composite
@@ -119,13 +142,15 @@ def test_ddpm_step(sched, xs, data, prediction_type, variance_type, clip, clip_r
         t = torch.tensor([r[0] for r in rows], device=DEVICE)
         prev = None if form == "default_prev" else torch.tensor([r[1] for r in rows], device=DEVICE)
     s_d, m_d, n_d = on_device(sample, model_output, noise)
+    schedule = tk.DiffusionSchedule(T, **kw)
+    coef, _ = ddpm_coef(t, sample.shape[0], schedule, DEVICE, prev, prediction_type, variance_type)
     for backend in STEP_BACKENDS:
         with poisoned("diffusion"):
-            out = tk.ddpm_step(m_d, t, s_d, tk.DiffusionSchedule(T, **kw), prev_timestep=prev,
-                               prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip,
-                               clip_sample_range=clip_range, noise=n_d, backend=backend)
+            out = tk.ddpm_step(m_d, t, s_d, schedule, prev_timestep=prev, prediction_type=prediction_type,
+                               variance_type=variance_type, clip_sample=clip, clip_sample_range=clip_range,
+                               noise=n_d, backend=backend)
         assert out.dtype == sample.dtype
-        assert_rule(out, oracle, same, f"ddpm_step on {backend} (rows {rows})")
+        assert_rule(out, oracle, same, f"ddpm_step on {backend} (rows {rows})", coef, xs)
 
 
 @requires_diffusers
@@ -146,12 +171,14 @@ def test_ddim_step(sched, xs, data, prediction_type, eta, use_clipped, clip, cli
     t = torch.tensor([r[0] for r in rows], device=DEVICE)
     prev = t - torch.tensor([r[1] for r in rows], device=DEVICE)
     s_d, m_d, n_d = on_device(sample, model_output, noise)
+    schedule = tk.DiffusionSchedule(T, **kw)
+    coef, _ = ddim_coef(t, R, schedule, DEVICE, prev, eta, prediction_type, use_clipped)
     for backend in STEP_BACKENDS:
         with poisoned("diffusion"):
-            out = tk.ddim_step(m_d, t, s_d, tk.DiffusionSchedule(T, **kw), prev_timestep=prev, eta=eta,
-                               prediction_type=prediction_type, clip_sample=clip, clip_sample_range=clip_range,
-                               use_clipped_model_output=use_clipped, noise=n_d, backend=backend)
-        assert_rule(out, oracle, same, f"ddim_step on {backend} (rows {rows})")
+            out = tk.ddim_step(m_d, t, s_d, schedule, prev_timestep=prev, eta=eta, prediction_type=prediction_type,
+                               clip_sample=clip, clip_sample_range=clip_range, use_clipped_model_output=use_clipped,
+                               noise=n_d, backend=backend)
+        assert_rule(out, oracle, same, f"ddim_step on {backend} (rows {rows})", coef, xs)
 
 
 @budget(30)

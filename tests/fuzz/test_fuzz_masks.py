@@ -83,10 +83,12 @@ def as_given(values, kind: str, shape=None):
     raise AssertionError(kind)
 
 
+KINDS = ["list", "int32", "int32", "int64", "float"]  # how the integers are given
+
+
 @budget(300)
-@given(layout=st.one_of(layouts(), mutated_layouts()), cu_kind=st.sampled_from(["list", "int32", "int32", "int64", "float"]),
-       span_kind=st.sampled_from(["list", "int32", "int32", "int64", "float"]), bm=st.sampled_from([16, 32, 64]),
-       bn=st.sampled_from([16, 32, 64]))
+@given(layout=st.one_of(layouts(), mutated_layouts()), cu_kind=st.sampled_from(KINDS), span_kind=st.sampled_from(KINDS),
+       bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]))
 def test_from_spans(layout, cu_kind, span_kind, bm, bn):
     cu, spans = layout
     valid = layout_is_valid(cu, spans) and cu_kind in ("list", "int32") and span_kind in ("list", "int32")
@@ -158,8 +160,12 @@ def test_from_intervals(data, nq, nk, num_keys, kind):
        bidirectional=st.booleans(), kind=st.sampled_from(["list", "int32", "int64", "float"]))
 def test_cached(cache, new, bidirectional, kind):
     valid = len(cache) == len(new) and min(cache + new, default=0) >= 0 and kind != "float"
-    args = ([float(c) for c in cache] or [0.5], new) if kind == "float" else (
-        (cache, new) if kind == "list" else (torch.tensor(cache, dtype=getattr(torch, kind)), torch.tensor(new, dtype=torch.int64)))
+    if kind == "float":
+        args = ([float(c) for c in cache] or [0.5], new)
+    elif kind == "list":
+        args = (cache, new)
+    else:
+        args = (torch.tensor(cache, dtype=getattr(torch, kind)), torch.tensor(new, dtype=torch.int64))
     if not valid:
         try:
             HybridMask.cached(*args, bidirectional=bidirectional)

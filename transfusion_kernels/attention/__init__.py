@@ -119,7 +119,8 @@ def _check_scale(softmax_scale, head_dim: int) -> float:
         return head_dim ** -0.5
     if isinstance(softmax_scale, torch.Tensor) and softmax_scale.numel() == 1 and not softmax_scale.is_complex():
         softmax_scale = softmax_scale.item()
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale):
+    real = isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool)
+    if not real or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite real number or None, got {softmax_scale!r}")
     return float(softmax_scale)
 

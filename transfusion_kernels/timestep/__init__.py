@@ -118,7 +118,8 @@ class TimestepMLP(nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         if not isinstance(sample, torch.Tensor) or sample.dim() < 1 or sample.shape[-1] != self.freq_dim:
-            raise ValueError(f"TimestepMLP: sample must be a tensor [..., freq_dim = {self.freq_dim}], got {_describe(sample)}")
+            raise ValueError(f"TimestepMLP: sample must be a tensor [..., freq_dim = {self.freq_dim}], "
+                             f"got {_describe(sample)}")
         return self.linear_2(self.act(self.linear_1(sample)))
 
     def weights(self):
