@@ -354,8 +354,8 @@ def parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.set_defaults(fn=cmd_caption)
 
-    p = add("bench", "run the kernel benchmarks (python -m benchmarks)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmarks")
+    p = add("bench", "run the kernel benchmarks (python -m benchmarks); other arguments go to it, e.g. --smoke")
+    p.add_argument("rest", nargs="*", help="arguments passed to the benchmarks")
     p.set_defaults(fn=cmd_bench)
 
     p = add("demo", "prepare, train, sample and evaluate on the digits data (CPU, minutes)")
@@ -369,6 +369,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:]):
+        # everything but --backend goes, in order, to the benchmark driver
+        bp = argparse.ArgumentParser(prog="transfusion bench", add_help=False)
+        bp.add_argument("--backend", choices=BACKENDS, default=None)
+        args, rest = bp.parse_known_args(argv[1:])
+        args.rest = [a for a in rest if a != "--"]
+        return cmd_bench(args)
     args = parser().parse_args(argv)
     return args.fn(args)
 

@@ -112,3 +112,14 @@ def test_module_entry_point_help():
     assert r.returncode == 0
     for cmd in ("prepare", "train", "sample", "caption", "bench", "demo"):
         assert cmd in r.stdout
+
+
+def test_bench_passes_its_arguments_to_the_driver(monkeypatch):
+    import transfusion.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call",
+                        lambda cmd, **kw: calls.append((cmd, kw["env"].get("TRANSFUSION_KERNELS_BACKEND"))) or 0)
+    assert main(["bench", "--backend", "reference", "--smoke", "--only", "model"]) == 0
+    cmd, backend = calls[0]
+    assert cmd[1:] == ["-m", "benchmarks", "--smoke", "--only", "model"] and backend == "reference"
