@@ -62,7 +62,8 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(threads or max(1, n_cores))
+    # the model is small: past a few threads, synchronisation costs more than it saves
+    torch.set_num_threads(threads or max(1, min(4, n_cores)))
     if quick and steps is None:
         steps = 5
     per_digit_n = 1 if quick else SAMPLES_PER_DIGIT
@@ -73,6 +74,8 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
     timings["prepare_s"] = time.perf_counter() - t
 
     cfg = demo_config(prepared.tokenizer.vocab_size, steps, backend)
+    print(f"prepared {out / 'data'}; training {cfg.train.steps} steps on {torch.get_num_threads()} threads ...",
+          flush=True)
     device = torch.device("cpu")
     metrics = out / "metrics.jsonl"
     if metrics.exists():
@@ -96,6 +99,8 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
     digits = [d for d in range(10) for _ in range(per_digit_n)]
     prompts = [CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(word=WORDS[d], num=d) for i, d in enumerate(digits)]
     t = time.perf_counter()
+    print(f"generating {len(prompts)} images ({scfg.sampler}, {scfg.steps} steps, guidance {scfg.cfg_scale}) ...",
+          flush=True)
     with (tk.use_backend(backend) if backend else contextlib.nullcontext()):
         res = generate(model, tok, prompts, scfg, open_image=True)
     timings["generate_s"] = time.perf_counter() - t
@@ -109,6 +114,7 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
     timings["classify_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    print("captioning the held-out digits ...", flush=True)
     with (tk.use_backend(backend) if backend else contextlib.nullcontext()):
         test_x, test_y = prepared.test_latents, prepared.test_labels
         if quick:

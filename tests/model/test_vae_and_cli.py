@@ -123,3 +123,14 @@ def test_bench_passes_its_arguments_to_the_driver(monkeypatch):
     assert main(["bench", "--backend", "reference", "--smoke", "--only", "model"]) == 0
     cmd, backend = calls[0]
     assert cmd[1:] == ["-m", "benchmarks", "--smoke", "--only", "model"] and backend == "reference"
+
+
+def test_demo_quick_writes_report_grid_and_checkpoint(tmp_path):
+    """The demo's plumbing (a few steps only: scores are not expected to pass here)."""
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--no-progress", "--threads", "1"]) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert 0.0 <= rep["generation_accuracy"] <= 1.0 and 0.0 <= rep["caption_accuracy"] <= 1.0
+    assert rep["quick"] and rep["training"]["steps"] == 5 and "method" in rep["generation"]
+    assert "method" in rep["captioning"] and rep["captioning"]["n_heldout"] == 20
+    assert (tmp_path / "samples_grid.png").is_file() and (tmp_path / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 1
