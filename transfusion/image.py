@@ -72,6 +72,9 @@ class LinearPatches(_Codec):
         super().__init__(channels, k)
         self.proj_in = nn.Linear(channels * k * k, dim)
         self.proj_out = nn.Linear(dim, channels * k * k)
+        self.zero_output()
+
+    def zero_output(self):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
@@ -132,6 +135,9 @@ class UNetPatches(_Codec):
         self.up1 = ResBlock(c2 + c1, c1, emb)
         self.norm_out = nn.GroupNorm(min(8, c1), c1)
         self.conv_out = nn.Conv2d(c1, channels, 3, padding=1)
+        self.zero_output()
+
+    def zero_output(self):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 

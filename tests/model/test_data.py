@@ -4,7 +4,6 @@ import random
 import pytest
 import torch
 
-import transfusion_kernels as tk
 from transfusion.data import (IGNORE, CAPTION_TEMPLATES, WORDS, Image, MixedBatches, load_digits_split, pack_documents,
                               parse_digit, text_corpus)
 from transfusion.config import DataConfig

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import transfusion_kernels as tk
 from transfusion.data import Image, pack_documents
 from transfusion.image import patchify, unpatchify
 from transfusion.model import KVCache, TransfusionModel, split_attention_blocks
