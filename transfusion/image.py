@@ -72,6 +72,7 @@ class LinearPatches(_Codec):
         super().__init__(channels, k)
         self.proj_in = nn.Linear(channels * k * k, dim)
         self.proj_out = nn.Linear(dim, channels * k * k)
+        self.proj_out.zero_init = True  # the model's normal init leaves it alone
         self.zero_output()
 
     def zero_output(self):

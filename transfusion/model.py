@@ -143,15 +143,14 @@ class TransfusionModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.apply(self._init)
-        self.image.zero_output()  # the image head starts by predicting 0
+        self.apply(self._init)  # (the image head's output layer keeps its zero init)
         for name, p in self.named_parameters():  # scaled init of residual outputs (GPT-2 style)
             if name.endswith(("attn.wo.weight", "ffn.w2.weight")):
                 nn.init.normal_(p, std=0.02 / (2 * cfg.n_layers) ** 0.5)
 
     @staticmethod
     def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "zero_init", False):
             nn.init.normal_(m.weight, std=0.02)
 
     def schedule(self) -> "tk.DiffusionSchedule":
