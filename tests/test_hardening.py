@@ -189,8 +189,6 @@ def test_python_ints_and_strided_tensors_are_accepted():
 # ==============================================================================================
 # 2. NaN and inf
 # ==============================================================================================
-
-
 def nan_rows(x: torch.Tensor) -> torch.Tensor:
     """bool [N]: the token rows of a [N, ...] tensor that hold a NaN."""
     return torch.isnan(x.float()).reshape(x.shape[0], -1).any(1)
@@ -418,8 +416,6 @@ def test_diffusion_inf_sample(backend):
     assert x_t[1, 2] == INF
     x_t[1, 2] = 0
     assert torch.isfinite(x_t).all()
-
-
 
 
 def loss_case(backend, row):
