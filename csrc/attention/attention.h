@@ -35,6 +35,8 @@ struct AttentionFwdArgs {
   const int32_t* kv_start;  // [nq]
   const int32_t* kv_end;    // [nq]
   const int32_t* q_tiles;   // [ceil(nq / block_m), 4]: kv_lo, kv_hi, full_lo, full_hi
+  const int32_t* q_order;   // [ceil(nq / block_m)]: query tile of each blockIdx.x, heaviest first
+                            // (nullptr: blockIdx.x itself)
   int64_t nq, nk;
   int hq, hkv;
   int64_t q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;
@@ -57,6 +59,8 @@ struct AttentionBwdArgs {
   const int32_t* kv_end;    // [nq]
   const int32_t* q_tiles;   // [ceil(nq / kAttentionBwdBlockM), 4]: query_tiles(kAttentionBwdBlockM)
   const int32_t* k_tiles;   // [ceil(nk / kAttentionBwdBlockN), 4]: key_tiles(kAttentionBwdBlockN)
+  const int32_t* q_order;   // [rows of q_tiles]: query tile of each dq block, heaviest first (nullptr: in order)
+  const int32_t* k_order;   // [rows of k_tiles]: key tile of each dk/dv block, heaviest first (nullptr: in order)
   int64_t nq, nk;
   int hq, hkv;
   int64_t q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;
