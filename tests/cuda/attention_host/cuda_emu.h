@@ -76,10 +76,19 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, b
 // sm_90a: mbarriers, TMA, wgmma
 void mbar_init(uint64_t* bar, uint32_t count);
 void mbar_expect_tx(uint64_t* bar, uint32_t bytes);
+void mbar_arrive(uint64_t* bar);
 void mbar_wait(uint64_t* bar, uint32_t parity);
 void tma_load_3d(uint32_t dst, const void* map, int c0, int c1, int c2, uint64_t* bar);
-void wgmma(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int accumulate, bool trans_b,
-           bool bf16);
+void tma_store_3d(const void* map, int c0, int c1, int c2, uint32_t src);
+void tma_store_commit();
+void tma_store_wait(int allowed_pending);
+void wgmma(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int accumulate, bool trans_a,
+           bool trans_b, bool bf16);
+
+// sm_90a: named barriers (bar.sync / bar.arrive) and warpgroup register reallocation
+void named_bar_sync(int id, int threads);
+void named_bar_arrive(int id, int threads);
+void setmaxnreg(int regs, bool increase);
 
 // 16-bit floats (round to nearest even, as the GPU's conversions)
 float half_to_float(uint16_t h);

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <barrier>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -66,6 +67,20 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<std::unique_ptr<Warpgroup>> groups;
 };
+
+// hardware barriers 0..15 (bar.sync / bar.arrive; 0 is also __syncthreads)
+struct NamedBarrier {
+  int expected = 0, arrived = 0;
+  uint64_t generation = 0;
+};
+std::mutex g_bar_mutex;
+std::condition_variable g_bar_cv;
+NamedBarrier g_named[16];
+
+// setmaxnreg: registers per thread of each warpgroup
+std::mutex g_reg_mutex;
+std::condition_variable g_reg_cv;
+std::vector<int> g_wg_regs;  // per warpgroup: registers per thread
 
 thread_local Block* tl_block = nullptr;
 thread_local int tl_rank = 0;
@@ -244,6 +259,10 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
       for (unsigned x = 0; x < grid.x; ++x) {
         memset(g_arena, 0xFF, kArenaBytes);  // NaN in 16 and 32 bits: unwritten shared memory shows
         Block blk(threads);
+        for (NamedBarrier& b : g_named) b = NamedBarrier{};
+        // registers per thread before any setmaxnreg: what __launch_bounds__(threads, 1) allows
+        const int groups = (threads + 127) / 128;
+        g_wg_regs.assign(groups, std::min(255, 65536 / (128 * groups) / 8 * 8));
         std::vector<std::thread> ts;
         ts.reserve(threads);
         for (int t = 0; t < threads; ++t) {
@@ -407,8 +426,8 @@ void tma_load_3d(uint32_t dst, const void* map, int c0, int c1, int c2, uint64_t
   complete_tx(bar, lin);
 }
 
-void wgmma(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int accumulate, bool trans_b,
-           bool bf16) {
+void wgmma(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int accumulate, bool trans_a,
+           bool trans_b, bool bf16) {
   Warpgroup& g = warpgroup();
   const int t = tl_rank % 128;
   for (int i = 0; i < n / 2; ++i) g.acc[t][i] = d[i];
@@ -437,7 +456,7 @@ void wgmma(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t de
             const int r = row % 16, owner = 32 * (row / 16) + 4 * (r % 8) + (k % 8) / 2;
             av = half_of(g.a[owner][(r >= 8) + 2 * (k >= 8)], k % 2, bf16);
           } else {
-            av = kmajor(da, row, k, bf16);
+            av = trans_a ? mnmajor(da, k, row, bf16) : kmajor(da, row, k, bf16);
           }
           const float bv = trans_b ? mnmajor(db, k, col, bf16) : kmajor(db, col, k, bf16);
           acc += av * bv;
@@ -445,6 +464,118 @@ void wgmma(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t de
         d[4 * j + 2 * h + c] = acc;
       }
     }
+  }
+  g.bar.arrive_and_wait();
+}
+
+void mbar_arrive(uint64_t* bar) {
+  std::lock_guard<std::mutex> lock(g_mbar_mutex);
+  auto it = g_mbars.find(bar);
+  if (it == g_mbars.end()) fail("arrive on an uninitialised mbarrier");
+  if (it->second.pending == 0) fail("mbarrier: more arrivals than its count");
+  --it->second.pending;
+  mbar_try_complete(it->second);
+}
+
+namespace {
+
+void named_bar(int id, int threads, bool wait) {
+  if (id < 0 || id > 15) fail("named barrier id outside 0..15");
+  if (threads <= 0 || threads % 32 || threads > static_cast<int>(blockDim.x * blockDim.y * blockDim.z)) {
+    fail("named barrier thread count not a positive multiple of 32 within the block");
+  }
+  std::unique_lock<std::mutex> lock(g_bar_mutex);
+  NamedBarrier& b = g_named[id];
+  if (b.arrived == 0) b.expected = threads;
+  if (b.expected != threads) fail("named barrier used with two different thread counts at once");
+  const uint64_t gen = b.generation;
+  if (++b.arrived == threads) {
+    b.arrived = 0;
+    ++b.generation;
+    g_bar_cv.notify_all();
+  } else if (wait) {
+    g_bar_cv.wait(lock, [&] { return b.generation != gen; });
+  }
+}
+}  // namespace
+
+namespace {
+// TMA stores: queued per thread (bulk async-groups), performed by the tma_store_wait that covers
+// their group (shared memory is read then, as late as the hardware may).
+struct Store {
+  FakeMap map;
+  int c[3];
+  uint32_t src;
+};
+thread_local std::vector<Store> tl_store_open;
+thread_local std::vector<std::vector<Store>> tl_store_committed;
+
+void perform_store(const Store& s) {
+  uint32_t lin = 0;
+  for (uint32_t i2 = 0; i2 < s.map.box[2]; ++i2) {
+    for (uint32_t i1 = 0; i1 < s.map.box[1]; ++i1) {
+      for (uint32_t i0 = 0; i0 < s.map.box[0]; ++i0, lin += 2) {
+        const int64_t x[3] = {int64_t{s.c[0]} + i0, int64_t{s.c[1]} + i1, int64_t{s.c[2]} + i2};
+        if (x[0] < 0 || x[1] < 0 || x[2] < 0 || static_cast<uint64_t>(x[0]) >= s.map.dims[0] ||
+            static_cast<uint64_t>(x[1]) >= s.map.dims[1] || static_cast<uint64_t>(x[2]) >= s.map.dims[2]) {
+          continue;  // out of range: not written
+        }
+        unsigned char* dst = const_cast<unsigned char*>(s.map.base) + x[0] * 2 + x[1] * s.map.strides[0] +
+                             x[2] * s.map.strides[1];
+        memcpy(dst, smem_ptr(swizzle128(s.src + lin), 2), 2);
+      }
+    }
+  }
+}
+}  // namespace
+
+void tma_store_3d(const void* map, int c0, int c1, int c2, uint32_t src) {
+  Store s;
+  memcpy(&s.map, map, sizeof(s.map));
+  if (s.map.magic != kMagic) fail("TMA store with a tensor map that was not encoded");
+  if (src % 128) fail("TMA store source not 128-byte aligned");
+  s.c[0] = c0, s.c[1] = c1, s.c[2] = c2;
+  s.src = src;
+  tl_store_open.push_back(s);
+}
+void tma_store_commit() {
+  tl_store_committed.push_back(std::move(tl_store_open));
+  tl_store_open.clear();
+}
+void tma_store_wait(int allowed_pending) {
+  while (static_cast<int>(tl_store_committed.size()) > allowed_pending) {
+    for (const Store& s : tl_store_committed.front()) perform_store(s);
+    tl_store_committed.erase(tl_store_committed.begin());
+  }
+}
+
+void named_bar_sync(int id, int threads) { named_bar(id, threads, true); }
+void named_bar_arrive(int id, int threads) { named_bar(id, threads, false); }
+
+namespace {
+}
+void setmaxnreg(int regs, bool increase) {
+  if (regs < 24 || regs > 256 || regs % 8) fail("setmaxnreg: register count not a multiple of 8 in [24, 256]");
+  Warpgroup& g = warpgroup();  // .sync.aligned: the whole warpgroup executes it
+  g.flags[tl_rank % 128] = regs * 2 + increase;
+  g.bar.arrive_and_wait();
+  for (int u = 0; u < 128; ++u) {
+    if (g.flags[u] != regs * 2 + increase) fail("setmaxnreg differs between the threads of a warpgroup");
+  }
+  if (tl_rank % 128 == 0) {
+    std::unique_lock<std::mutex> lock(g_reg_mutex);
+    int& mine = g_wg_regs[tl_rank / 128];
+    if (increase ? regs < mine : regs > mine) fail("setmaxnreg.inc lowers (or .dec raises) the register count");
+    auto total = [&] {
+      int sum = 0;
+      for (size_t w = 0; w < g_wg_regs.size(); ++w) sum += 128 * (w == static_cast<size_t>(tl_rank / 128) ? regs : g_wg_regs[w]);
+      return sum;
+    };
+    // .inc blocks until the block's register file has room (other warpgroups' .dec release it)
+    if (total() > 65536 && !increase) fail("setmaxnreg: block needs more than 64K registers");
+    g_reg_cv.wait(lock, [&] { return total() <= 65536; });
+    mine = regs;
+    g_reg_cv.notify_all();
   }
   g.bar.arrive_and_wait();
 }
