@@ -8,6 +8,8 @@
 //                       q_tiles = query_tiles(kAttentionSm90BlockM)
 //   attention_bwd       mma.sync (sm_80+): delta = rowsum(dO * O), then dk/dv per key tile and
 //                       dq per query tile (deterministic: no atomics)
+//   attention_bwd_sm90  wgmma (sm_90a only): dk/dv per key tile, dq summed in fp32 over the
+//                       key tiles in a fixed order (deterministic), no recomputation
 //
 // fp16 / bf16, head_dim 64 or 128; rows and heads strided (multiples of 8 elements, 16-byte
 // aligned bases), unit stride along head_dim. GQA: query head h uses kv head h / (hq / hkv).
@@ -66,6 +68,10 @@ struct AttentionBwdArgs {
   int64_t q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;
   int64_t o_row_stride, o_head_stride, do_row_stride, do_head_stride;
   float scale;
+  // Workspace of attention_bwd_sm90 only (the mma.sync attention_bwd ignores both); the
+  // backward zeroes them itself.
+  float* dq_accum;          // [nq, hq, D] fp32: dQ summed over the key tiles
+  int32_t* dq_semaphore;    // [hq, ceil(nq / kAttentionBwdBlockM)]: the key tiles' turns per query tile
 };
 
 // fp16 / bf16, head_dim 64 or 128; anything else returns cudaErrorInvalidValue.
@@ -82,5 +88,11 @@ bool attention_sm90_supported(int device);
 
 // dq, dk, dv (and the delta / lse2 scratch); fp16 / bf16, head_dim 64 or 128.
 cudaError_t attention_bwd(const AttentionBwdArgs& args, DType dtype, int head_dim, cudaStream_t stream);
+
+// The sm_90a backward (wgmma): dk/dv per key tile with the dQ contributions of the same step
+// added, in a fixed order, to dq_accum (5 GEMMs per step; see attention_bwd_sm90.cu). Needs
+// dq_accum and dq_semaphore besides the delta / lse2 scratch, tables as attention_bwd, and what
+// attention_sm90_supported checks (cudaErrorInvalidDeviceFunction otherwise).
+cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, DType dtype, int head_dim, cudaStream_t stream);
 
 }  // namespace tk

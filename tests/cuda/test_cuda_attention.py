@@ -347,7 +347,7 @@ def test_steps_cover_the_tables_and_full_steps_are_full(layouts, mask):
 # host: the kernel sources themselves, run under a CPU emulation of the CUDA primitives
 # ==============================================================================================
 EMU_DIR = Path(__file__).parent / "attention_host"
-KERNEL_SOURCES = ("attention_fwd.cu", "attention_bwd.cu", "attention_fwd_sm90.cu")
+KERNEL_SOURCES = ("attention_fwd.cu", "attention_bwd.cu", "attention_fwd_sm90.cu", "attention_bwd_sm90.cu")
 
 
 def emulation_source(text: str) -> str:
@@ -412,7 +412,7 @@ def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None
         views.append(f"{offset} {rs} {hs}")
     for name, t in (("kv_start", mask.kv_start), ("kv_end", mask.kv_end)):
         (work / f"{name}.bin").write_bytes(t.to(torch.int32).numpy().tobytes())
-    block = {"fwd_mma": 64, "fwd_sm90": 128, "bwd": 64}[mode]
+    block = {"fwd_mma": 64, "fwd_sm90": 128, "bwd": 64, "bwd_sm90": 64}[mode]
     (work / "q_tiles.bin").write_bytes(mask.query_tiles(block).numpy().tobytes())
     (work / "k_tiles.bin").write_bytes(mask.key_tiles(64).numpy().tobytes())
     if lse is not None:
@@ -425,7 +425,7 @@ def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None
     def read(name, shape, dtype):
         return torch.frombuffer(bytearray((work / f"{name}_out.bin").read_bytes()), dtype=dtype).view(shape)
 
-    if mode == "bwd":
+    if mode in ("bwd", "bwd_sm90"):
         return read("dq", q.shape, q.dtype), read("dk", k.shape, k.dtype), read("dv", v.shape, v.dtype)
     return read("out", q.shape, q.dtype), read("lse", (hq, nq), torch.float32)
 
@@ -496,15 +496,16 @@ def test_kernels_under_emulation(emulator, tmp_path, case, seed):
         assert_rule(f"{mode} out", out, ref_out, low_out, floor)
         assert_rule("lse", lse, ref_lse, low_lse, floor)
     out, lse = results["fwd_mma"]
-    grads = emulate(emulator, tmp_path, "bwd", mask, q, k, v, scale, out=out, lse=lse, dout=dout)
     ref_g = torch.autograd.grad(ref_out, ref_in, dout.double())
     low_g = torch.autograd.grad(low_out, low_in, dout)
-    for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
-        if seen is not None and name != "dq":  # a NaN key row only reaches its own dk, dv
-            g, rg, lg = g[seen[0]:seen[1]], rg[seen[0]:seen[1]], lg[seen[0]:seen[1]]
-        assert_rule(name, g, rg, lg, floor)
-    if seen is not None:
-        assert torch.all(grads[0][~allowed.any(1)] == 0), "dq of a row that sees nothing"
+    for mode in ("bwd", "bwd_sm90"):
+        grads = emulate(emulator, tmp_path, mode, mask, q, k, v, scale, out=out, lse=lse, dout=dout)
+        for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
+            if seen is not None and name != "dq":  # a NaN key row only reaches its own dk, dv
+                g, rg, lg = g[seen[0]:seen[1]], rg[seen[0]:seen[1]], lg[seen[0]:seen[1]]
+            assert_rule(f"{mode} {name}", g, rg, lg, floor)
+        if seen is not None:
+            assert torch.all(grads[0][~allowed.any(1)] == 0), f"{mode}: dq of a row that sees nothing"
 
 
 # ---- bindings: argument checks before any device work ----------------------------------------

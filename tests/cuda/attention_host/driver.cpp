@@ -1,7 +1,7 @@
 // Runs the attention kernels of csrc/attention/ under the host emulation (cuda_emu.h) on inputs
 // written by tests/cuda/test_cuda_attention.py:
 //
-//   attention_emu fwd_mma|fwd_sm90|bwd DIR
+//   attention_emu fwd_mma|fwd_sm90|bwd|bwd_sm90 DIR
 //
 // DIR/meta: nq nk hq hkv head_dim dtype(1 fp16, 2 bf16) scale, then (offset, row stride, head
 // stride) in elements for q, k, v, out, dout. DIR/{q,k,v,out,dout}.bin are the 16-bit buffers those
@@ -114,14 +114,20 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "write outside an output buffer\n");
       return 3;
     }
-  } else if (mode == "bwd") {
+  } else if (mode == "bwd" || mode == "bwd_sm90") {
     Buffer out = Buffer::from(read_file(dir + "out.bin")), dout = Buffer::from(read_file(dir + "dout.bin"));
     Buffer lse = Buffer::from(read_file(dir + "lse.bin")), kt = Buffer::from(read_file(dir + "k_tiles.bin"));
     Buffer dq = Buffer::of(static_cast<size_t>(nq) * hq * d * 2, nan_byte);
     Buffer dk = Buffer::of(static_cast<size_t>(nk) * hkv * d * 2, nan_byte);
     Buffer dv = Buffer::of(static_cast<size_t>(nk) * hkv * d * 2, nan_byte);
     Buffer scratch = Buffer::of(static_cast<size_t>(nq) * hq * 8, nan_byte);
-    for (Buffer* b : {&out, &dout, &lse, &kt, &scratch}) b->expose();
+    // bwd_sm90's workspace: the fp32 dQ accumulator and the semaphores, NaN-filled (it zeroes them)
+    Buffer dq_accum = Buffer::of(static_cast<size_t>(nq) * hq * d * 4, nan_byte);
+    Buffer dq_sem = Buffer::of(static_cast<size_t>(hq) * ((nq + 63) / 64) * 4, nan_byte);
+    // DIR/k_order.bin (optional): the key tile of each dk/dv block
+    std::ifstream has_order(dir + "k_order.bin");
+    Buffer k_order = has_order ? Buffer::from(read_file(dir + "k_order.bin")) : Buffer::of(0, 0);
+    for (Buffer* b : {&out, &dout, &lse, &kt, &scratch, &dq_accum, &dq_sem, &k_order}) b->expose();
     tk::AttentionBwdArgs a{};
     a.dq = dq.data(), a.dk = dk.data(), a.dv = dv.data();
     a.delta = reinterpret_cast<float*>(scratch.data());
@@ -143,11 +149,14 @@ int main(int argc, char** argv) {
     a.o_row_stride = o_v.row_stride, a.o_head_stride = o_v.head_stride;
     a.do_row_stride = do_v.row_stride, a.do_head_stride = do_v.head_stride;
     a.scale = scale;
-    err = tk::attention_bwd(a, dtype, d, nullptr);
+    a.dq_accum = reinterpret_cast<float*>(dq_accum.data());
+    a.dq_semaphore = reinterpret_cast<int32_t*>(dq_sem.data());
+    if (k_order.bytes) a.k_order = reinterpret_cast<const int32_t*>(k_order.data());
+    err = mode == "bwd" ? tk::attention_bwd(a, dtype, d, nullptr) : tk::attention_bwd_sm90(a, dtype, d, nullptr);
     write_file(dir + "dq_out.bin", dq.data(), dq.bytes);
     write_file(dir + "dk_out.bin", dk.data(), dk.bytes);
     write_file(dir + "dv_out.bin", dv.data(), dv.bytes);
-    for (Buffer* b : {&dq, &dk, &dv, &scratch}) {
+    for (Buffer* b : {&dq, &dk, &dv, &scratch, &dq_accum, &dq_sem}) {
       if (!b->guards_intact()) {
         std::fprintf(stderr, "write outside an output buffer\n");
         return 3;
