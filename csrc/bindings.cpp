@@ -247,7 +247,8 @@ void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, 
                    uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kv_start, uintptr_t kv_end,
                    uintptr_t q_tiles, uintptr_t k_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
                    Strides q_strides, Strides k_strides, Strides v_strides, Strides o_strides, Strides do_strides,
-                   double scale, const std::string& dtype, uintptr_t stream) {
+                   double scale, const std::string& dtype, uintptr_t stream,
+                   uintptr_t dq_workspace) {
   const tk::DType dt =
       check_attention(nq, nk, hq, hkv, head_dim, dtype, {q_strides, k_strides, v_strides, o_strides, do_strides});
   if (nk == 0 && nq == 0) return;
@@ -284,6 +285,11 @@ void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, 
   std::tie(a.o_row_stride, a.o_head_stride) = o_strides;
   std::tie(a.do_row_stride, a.do_head_stride) = do_strides;
   a.scale = static_cast<float>(scale);
+  if (dq_workspace != 0 && nq > 0) {  // fp32 dQ [nq, hq, D], then the int32 semaphores
+    require((dq_workspace & 15u) == 0, "dq_workspace must be a 16-byte aligned device pointer");
+    a.dq_accum = as_ptr<float>(dq_workspace);
+    a.dq_semaphore = reinterpret_cast<int32_t*>(a.dq_accum + nq * hq * head_dim);
+  }
   cudaError_t err;
   {
     py::gil_scoped_release release;
@@ -382,8 +388,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("nk"), py::arg("hq"), py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"),
         py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"), py::arg("do_strides"), py::arg("scale"),
         py::arg("dtype"), py::arg("stream"),
+        py::arg("dq_workspace") = 0,
         "Interval-mask attention backward on mma.sync (fp16/bf16, head_dim 64/128): dq [nq, hq, D], dk, dv "
         "[nk, hkv, D] contiguous (dk, dv summed over each kv head's query heads); scratch fp32 [2, hq, nq]; "
         "lse fp32 [hq, nq] contiguous; q_tiles = HybridMask.query_tiles(ATTENTION_BWD_BLOCK_M), k_tiles = "
-        "HybridMask.key_tiles(ATTENTION_BWD_BLOCK_N).");
+        "HybridMask.key_tiles(ATTENTION_BWD_BLOCK_N)."
+        " dq_workspace: 0, or fp32 [nq * hq * head_dim + hq * ceil(nq / ATTENTION_BWD_BLOCK_M)] on the "
+        "device: then devices that run the sm_90a code take the wgmma backward (attention_bwd_sm90).");
 }

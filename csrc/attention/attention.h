@@ -86,7 +86,8 @@ cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, DType dtype, int he
 // this build.
 bool attention_sm90_supported(int device);
 
-// dq, dk, dv (and the delta / lse2 scratch); fp16 / bf16, head_dim 64 or 128.
+// dq, dk, dv (and the delta / lse2 scratch); fp16 / bf16, head_dim 64 or 128. Runs
+// attention_bwd_sm90 when dq_accum and dq_semaphore are given and attention_sm90_supported.
 cudaError_t attention_bwd(const AttentionBwdArgs& args, DType dtype, int head_dim, cudaStream_t stream);
 
 // The sm_90a backward (wgmma): dk/dv per key tile with the dQ contributions of the same step

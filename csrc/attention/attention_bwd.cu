@@ -488,6 +488,12 @@ cudaError_t launch(const AttentionBwdArgs& a, cudaStream_t stream) {
 
 cudaError_t attention_bwd(const AttentionBwdArgs& a, DType dtype, int head_dim, cudaStream_t stream) {
   if (a.hq <= 0 || a.hkv <= 0 || a.hq % a.hkv != 0) return cudaErrorInvalidValue;
+  // The wgmma backward where the device runs sm_90a code and the caller gave its workspace.
+  int device = 0;
+  if (a.dq_accum != nullptr && a.dq_semaphore != nullptr && cudaGetDevice(&device) == cudaSuccess &&
+      attention_sm90_supported(device)) {
+    return attention_bwd_sm90(a, dtype, head_dim, stream);
+  }
   if (dtype == DType::kFloat16) {
     if (head_dim == 64) return launch<__half, 64>(a, stream);
     if (head_dim == 128) return launch<__half, 128>(a, stream);

@@ -18,7 +18,9 @@ Kernels (fp16 / bf16, head dims 64 and 128, GQA, any row/head strides):
   the forward table's block size, ``blocks[0]``.
 * backward on mma.sync (``attention_bwd.cu``): delta = rowsum(dO * O), then dk/dv per key tile
   of 64 over the key table's query range (summed over the GQA group in registers) and dq per
-  query tile of 64: deterministic, no atomics.
+  query tile of 64: deterministic, no atomics. On sm_90a devices, the wgmma backward
+  (``attention_bwd_sm90.cu``) instead: dk/dv per key tile with each step's dQ share summed in
+  fp32 in a fixed order (deterministic), no second P recomputation.
 
 ``tables`` = [forward query tiles, dq query tiles (64), dk/dv key tiles (64)]; ``blocks`` =
 [forward block_m, 64, 64].
@@ -223,6 +225,11 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
     dk = _empty((nk, hkv, d), k.dtype, k.device)
     dv = _empty((nk, hkv, d), v.dtype, v.device)
     scratch = torch.empty((2, hq, nq), dtype=torch.float32, device=q.device)  # delta, lse * log2(e)
+    # The wgmma backward's workspace (sm_90a devices): fp32 dQ [nq, hq, D], then int32 semaphores.
+    workspace = None
+    if nq and sm90_supported(q.device):
+        workspace = torch.empty(nq * hq * d + hq * -(-nq // ext.ATTENTION_BWD_BLOCK_M), dtype=torch.float32,
+                                device=q.device)
     if nq or nk:
         with torch.cuda.device(q.device):
             ext.attention_bwd(
@@ -231,5 +238,6 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
                 _ints(kv_end).data_ptr(), tables[1].data_ptr(), tables[2].data_ptr(), nq, nk, hq, hkv, d,
                 _strides(q), _strides(k), _strides(v), _strides(out), _strides(dout), float(scale),
                 _DTYPE_NAMES[q.dtype], _stream(q.device),
+                dq_workspace=0 if workspace is None else workspace.data_ptr(),
             )
     return dq, dk, dv

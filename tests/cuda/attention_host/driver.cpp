@@ -149,8 +149,10 @@ int main(int argc, char** argv) {
     a.o_row_stride = o_v.row_stride, a.o_head_stride = o_v.head_stride;
     a.do_row_stride = do_v.row_stride, a.do_head_stride = do_v.head_stride;
     a.scale = scale;
-    a.dq_accum = reinterpret_cast<float*>(dq_accum.data());
-    a.dq_semaphore = reinterpret_cast<int32_t*>(dq_sem.data());
+    if (mode == "bwd_sm90") {  // without the workspace, attention_bwd runs the mma.sync kernels
+      a.dq_accum = reinterpret_cast<float*>(dq_accum.data());
+      a.dq_semaphore = reinterpret_cast<int32_t*>(dq_sem.data());
+    }
     if (k_order.bytes) a.k_order = reinterpret_cast<const int32_t*>(k_order.data());
     err = mode == "bwd" ? tk::attention_bwd(a, dtype, d, nullptr) : tk::attention_bwd_sm90(a, dtype, d, nullptr);
     write_file(dir + "dq_out.bin", dq.data(), dq.bytes);
