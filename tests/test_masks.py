@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.layouts import LAYOUTS, naive_dense, random_layout
-from transfusion_kernels.masks import HybridMask
+from transfusion_kernels import masks
+from transfusion_kernels.masks import HybridMask, heaviest_first
 
 
 def build(cu, spans):
@@ -164,3 +165,18 @@ def test_metadata_is_linear_memory():
     assert mask.kv_start.numel() == n
     assert mask.query_tiles(128).shape == (n // 128, 4)
     assert mask.key_tiles(64).shape == (n // 64, 4)
+
+
+def test_heaviest_first_orders_tiles_by_visit_range_and_is_cached():
+    """Longest visit range (hi - lo) first, ties in tile order, empty rows (lo >= hi) last; one
+    order per table, freed with it."""
+    table = torch.tensor([[0, 5, 0, 0], [0, 64, 0, 0], [3, 40, 0, 0], [9, 9, 0, 0], [7, 2, 0, 0], [10, 15, 0, 0]],
+                         dtype=torch.int32)
+    order = heaviest_first(table)
+    assert order.dtype == torch.int32 and order.tolist() == [1, 2, 0, 5, 3, 4]
+    assert heaviest_first(table) is order
+    key = id(table)
+    del table
+    assert key not in masks._ORDERS
+    causal = build([0, 300], []).query_tiles(64)  # a causal document: the last tiles see the most keys
+    assert heaviest_first(causal).tolist() == [4, 3, 2, 1, 0]

@@ -14,6 +14,7 @@ once per block size and cached on the mask, so one mask serves every layer.
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 
@@ -337,3 +338,28 @@ class HybridMask:
             interval_mask, B=None, H=None, Q_LEN=self.num_queries, KV_LEN=self.num_keys,
             device=self.device, BLOCK_SIZE=block_size,
         )
+
+
+# ---------------------------------------------------------------------------------------------- work order
+# id(table) -> (weak reference to the table, its order); a WeakKeyDictionary would compare
+# tensors with == on a hash hit. Entries leave with their table.
+_ORDERS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def heaviest_first(table: torch.Tensor) -> torch.Tensor:
+    """int32 [rows]: the tile indices of a tile table (``HybridMask.query_tiles`` /
+    ``key_tiles``) by decreasing visit range ``hi - lo``, ties in tile order: the order in which
+    a kernel's blocks take their tiles (block i processes tile order[i]), so that the longest
+    tiles start in the first wave and the short ones fill the tail (a longest-first list
+    schedule). Cached per table in eager mode (the mask caches the tables, so this runs once
+    per mask and block size); computed in the graph under torch.compile."""
+    compiling = torch.compiler.is_compiling()
+    entry = None if compiling else _ORDERS.get(id(table))
+    if entry is not None and entry[0]() is table:
+        return entry[1]
+    work = (table[:, 1] - table[:, 0]).clamp_min(0)
+    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    if not compiling:
+        _ORDERS[id(table)] = (weakref.ref(table), order)
+        weakref.finalize(table, _ORDERS.pop, id(table), None)
+    return order

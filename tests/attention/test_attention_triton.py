@@ -327,7 +327,7 @@ def test_tile_order_is_cached_per_table():
     assert tkt._heaviest_first(table) is order
     key = id(table)
     del table
-    assert key not in tkt._ORDERS
+    assert key not in tk.masks._ORDERS
 
 
 def test_bad_tables_are_rejected():

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from transfusion_kernels.masks import heaviest_first as _heaviest_first
 
 _LOG2E = 1.4426950408889634
 # kernels may only read globals that are constexpr
@@ -402,27 +403,6 @@ def prepare(mask, q: torch.Tensor, k: torch.Tensor, config: Config | None = None
     tables = [mask.query_tiles(cfg.block_m), mask.key_tiles(cfg.kv_block_n), mask.query_tiles(cfg.dq_block_m)]
     tables = [t.to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
     return tables + [_heaviest_first(t) for t in tables], cfg.blocks
-
-
-# id(table) -> (weak reference to the table, its order); a WeakKeyDictionary would compare
-# tensors with == on a hash hit. Entries leave with their table.
-_ORDERS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
-
-
-def _heaviest_first(table: torch.Tensor) -> torch.Tensor:
-    """Tile indices by decreasing visit range (hi - lo): a longest-first schedule. Cached per
-    table in eager mode (the mask caches the tables, so this runs once per mask and block size);
-    computed in the graph under torch.compile."""
-    compiling = torch.compiler.is_compiling()
-    entry = None if compiling else _ORDERS.get(id(table))
-    if entry is not None and entry[0]() is table:
-        return entry[1]
-    work = (table[:, 1] - table[:, 0]).clamp_min(0)
-    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-    if not compiling:
-        _ORDERS[id(table)] = (weakref.ref(table), order)
-        weakref.finalize(table, _ORDERS.pop, id(table), None)
-    return order
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
