@@ -12,6 +12,7 @@ for the memory-bound ops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -101,6 +102,21 @@ def plot(suite: str, rows: list[dict], folder: Path) -> list[Path]:
     return made
 
 
+@contextlib.contextmanager
+def smoke_compile_backend(smoke: bool):
+    """The smoke mode traces the compiled baselines with aot_eager (inductor's CPU code
+    generation costs minutes on a small CPU and says nothing about GPU speed); a backend chosen
+    in TK_BENCH_COMPILE_BACKEND wins."""
+    if not smoke or "TK_BENCH_COMPILE_BACKEND" in os.environ:
+        yield
+        return
+    os.environ["TK_BENCH_COMPILE_BACKEND"] = "aot_eager"
+    try:
+        yield
+    finally:
+        del os.environ["TK_BENCH_COMPILE_BACKEND"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (the default without a GPU)")
@@ -122,7 +138,8 @@ def main(argv=None) -> int:
         print(f"\n=== {suite} ===", flush=True)
         suite_args = (["--smoke"] if smoke else []) + (["--root", str(root)] if root else [])
         try:
-            importlib.import_module(f"benchmarks.{suite}").main(suite_args)
+            with smoke_compile_backend(smoke):
+                importlib.import_module(f"benchmarks.{suite}").main(suite_args)
         except Exception as e:  # noqa: BLE001 - one broken suite must not hide the others
             failed.append(suite)
             print(f"{suite} failed: {type(e).__name__}: {e}")

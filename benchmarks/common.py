@@ -136,6 +136,84 @@ def write_json(name: str, rows: list[dict], config: dict | None = None, device=N
     return path
 
 
+def compile_backend() -> str:
+    """torch.compile backend for the compiled baselines. Inductor unless TK_BENCH_COMPILE_BACKEND
+    names another: the CPU dry run of ``benchmarks.device_check`` traces through dynamo with
+    ``aot_eager`` (inductor's C++ code generation costs minutes on a small CPU and proves
+    nothing about its GPU code)."""
+    return os.environ.get("TK_BENCH_COMPILE_BACKEND", "inductor")
+
+
+def compile_fn(fn, **kwargs):
+    return torch.compile(fn, backend=compile_backend(), **kwargs)
+
+
+def max_error(result: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |result - expected| in float64; NaN when either holds a NaN (a NaN never passes)."""
+    diff = (result.detach().double() - expected.detach().double()).abs()
+    if diff.numel() == 0:
+        return 0.0
+    return float("nan") if bool(diff.isnan().any()) else float(diff.max())
+
+
+_COMPILED_CREATE_BLOCK_MASK = {}
+
+
+def interval_mask_mod(kv_start: torch.Tensor, kv_end: torch.Tensor):
+    """FlexAttention mask_mod of an interval mask: query i sees keys [kv_start[i], kv_end[i])."""
+
+    def interval_mask(b, h, q_idx, kv_idx):
+        return (kv_idx >= kv_start[q_idx]) & (kv_idx < kv_end[q_idx])
+
+    return interval_mask
+
+
+def compiled_create_block_mask():
+    """``torch.compile(create_block_mask)``, made once per process (recompiled per shape)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    backend = compile_backend()
+    if backend not in _COMPILED_CREATE_BLOCK_MASK:
+        _COMPILED_CREATE_BLOCK_MASK[backend] = torch.compile(create_block_mask, backend=backend)
+    return _COMPILED_CREATE_BLOCK_MASK[backend]
+
+
+def flex_block_mask(mask, block_size: int = 128):
+    """BlockMask of a HybridMask built by ``torch.compile(create_block_mask)`` (how FlexAttention
+    users build masks: eager create_block_mask evaluates the N x N mask densely).
+
+    Returns (block_mask, first_call_s, steady_ms): the first call's wall time (compilation
+    included) apart from the median of later builds."""
+    build_fn = compiled_create_block_mask()
+    mask_mod = interval_mask_mod(mask.kv_start, mask.kv_end)
+
+    def build():
+        bm = build_fn(mask_mod, None, None, mask.num_queries, mask.num_keys, device=mask.device, BLOCK_SIZE=block_size)
+        if mask.device.type == "cuda":
+            torch.cuda.synchronize()
+        return bm
+
+    t0 = time.perf_counter()
+    block_mask = build()
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        build()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return block_mask, first_s, statistics.median(times)
+
+
+def stand_ins(backends, device, stand_in: bool) -> dict:
+    """{backend asked for: backend that runs it}. One that cannot run here is left out, or, with
+    ``stand_in`` (the CPU smoke and dry runs), run by the reference so that its row's code path
+    still runs (no speed claim is made there)."""
+    import transfusion_kernels as tk
+
+    info = tk.available_backends(device)
+    return {b: b if info[b].available else "reference" for b in backends if info[b].available or stand_in}
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if v is None:

@@ -31,7 +31,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
-from benchmarks.common import do_bench, write_json  # noqa: E402
+from benchmarks.common import compile_backend, compile_fn, do_bench, max_error, stand_ins, write_json  # noqa: E402
+from transfusion_kernels.backends import BACKENDS  # noqa: E402
 from transfusion_kernels.timestep import _OP, reference  # noqa: E402
 
 # (P patches, D model width, M images); hidden = D, freq_dim = 256, as DiT / Transfusion.
@@ -92,6 +93,8 @@ def make_case(P, D, M, freq_dim, dtype, device, gen):
 
 
 def run_case(P, D, M, freq_dim, dtype, device, backends, compile_, warmup, reps, gen):
+    """``backends``: {label: backend that runs it} (the reference stands in for one that cannot run
+    here in a smoke run)."""
     x, t, idx = make_case(P, D, M, freq_dim, dtype, device, gen)
     dy = torch.randn(P, D, generator=gen).to(device, dtype)
     time_proj, te, eager_source = eager_modules(freq_dim, D, device)
@@ -104,33 +107,41 @@ def run_case(P, D, M, freq_dim, dtype, device, backends, compile_, warmup, reps,
         with autocast:
             return gather_add(xr, te(time_proj(t)), idx)
 
-    compiled_fn = torch.compile(reference_math, dynamic=False) if compile_ else None
+    compiled_fn = compile_fn(reference_math, dynamic=False) if compile_ else None
     impls = {"eager": eager}
     if compiled_fn is not None:
         impls["compiled"] = lambda xr: compiled_fn(xr, t, idx, *mlp.weights())
-    for b in backends:
-        impls[f"tk:{b}"] = lambda xr, b=b: tk.patch_timestep_embedding(xr, t, idx, mlp, freq_dim=freq_dim, backend=b)
+    for label, b in backends.items():
+        impls[f"tk:{label}"] = lambda xr, b=b: tk.patch_timestep_embedding(xr, t, idx, mlp, freq_dim=freq_dim, backend=b)
 
-    with torch.no_grad():
-        y_ref = reference_math(x, t, idx, *mlp.weights())
+    # fp32 oracle on the same inputs: output and gradients (x and the MLP weights)
+    x32 = x.detach().float().requires_grad_()
+    w32 = [w.detach().float().requires_grad_() for w in mlp.weights()]
+    y_ref = reference_math(x32, t, idx, *w32)
+    grads_ref = torch.autograd.grad(y_ref, [x32, *w32], dy.float())
+    y_ref = y_ref.detach()
     copy_ms = do_bench(lambda: torch.empty_like(x).copy_(x), warmup, reps, device)
     row = {"P": P, "D": D, "M": M, "H": D, "freq_dim": freq_dim, "dtype": str(dtype).replace("torch.", ""),
            "image_patches": int((idx >= 0).sum()), "eager_source": eager_source,
            "copy_ms": copy_ms, "copy_GBps": 2 * x.numel() * xb / copy_ms / 1e6, "impls": {}}
     for name, fn in impls.items():
         xr = x.detach().clone().requires_grad_()
+        inputs = [xr, *weights]
+        y = fn(xr)  # checked before it is timed
+        grads = torch.autograd.grad(y, inputs, dy, retain_graph=True)
+        check = {"max_abs_diff_vs_reference": max_error(y, y_ref),
+                 "max_abs_diff_grads_vs_reference": max(max_error(g, r) for g, r in zip(grads, grads_ref))}
+        if name.startswith("tk:") and backends[name[3:]] != name[3:]:
+            check["note"] = "reference standing in"
         fwd = do_bench(lambda: fn(xr), warmup, reps, device)  # builds the autograd graph, as in training
         with torch.no_grad():
             fwd_nograd = do_bench(lambda: fn(xr), warmup, reps, device)
-        y = fn(xr)
-        inputs = [xr, *weights]
         bwd = do_bench(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), warmup, reps, device)
         fwd_bytes, bwd_bytes = 2 * x.numel() * xb, x.numel() * xb
         row["impls"][name] = {
             "fwd_ms": fwd, "fwd_nograd_ms": fwd_nograd, "bwd_ms": bwd,
             "fwd_GBps": fwd_bytes / fwd_nograd / 1e6, "bwd_GBps": bwd_bytes / bwd / 1e6,
-            "fwd_frac_of_copy": (fwd_bytes / fwd_nograd / 1e6) / row["copy_GBps"],
-            "max_abs_diff_vs_reference": (y.detach().float() - y_ref.float()).abs().max().item(),
+            "fwd_frac_of_copy": (fwd_bytes / fwd_nograd / 1e6) / row["copy_GBps"], **check,
         }
     return row
 
@@ -142,41 +153,41 @@ def main(argv=None):
     ap.add_argument("--backends", default=None, help="comma list (default: every backend that can run here)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--sizes", default=None, help="comma list of PxDxM (patches x width x images)")
     ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary "
                                                  "folder for --smoke)")
     args = ap.parse_args(argv)
 
     if args.smoke:
         device, sizes, freq_dim = torch.device("cpu"), SMOKE_SIZES, SMOKE_FREQ_DIM
-        warmup, reps = 2, args.reps or 3
+        warmup, reps = 1, args.reps or 2
     else:
         if not torch.cuda.is_available():
             ap.error("no CUDA device: run with --smoke on a CPU")
         device, sizes, freq_dim = torch.device("cuda"), GPU_SIZES, FREQ_DIM
         warmup, reps = 5, args.reps or 50
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     dtype = getattr(torch, args.dtype)
-    if args.backends:
-        backends = args.backends.split(",")
-    elif args.smoke:
-        backends = ["reference"]
-    else:
-        backends = [b for b, info in tk.available_backends(device).items() if info.available and _OP.has(b)]
+    wanted = args.backends.split(",") if args.backends else [b for b in BACKENDS if _OP.has(b)]
+    backends = stand_ins(wanted, device, stand_in=args.smoke)
 
     gen = torch.Generator().manual_seed(0)
+    root = args.root or (tempfile.gettempdir() if args.smoke else None)
+    config = {"warmup": warmup, "reps": reps, "dtype": args.dtype, "backends": backends, "freq_dim": freq_dim,
+              "compile_backend": compile_backend(), "oracle": "fp32 reference math on the same inputs",
+              "timing": "median; triton.testing.do_bench on a GPU, perf_counter on a CPU"}
     rows = []
     for P, D, M in sizes:
         row = run_case(P, D, M, freq_dim, dtype, device, backends, not args.no_compile, warmup, reps, gen)
         rows.append(row)
+        out = write_json("timestep", rows, config, device=device, root=root)  # a cut-off run keeps its rows
         for name, r in row["impls"].items():
             print(f"P={P:6d} D={D:5d} M={M:4d} {name:14s} fwd {r['fwd_nograd_ms']:8.4f} ms "
                   f"({r['fwd_GBps']:7.1f} GB/s, {100 * r['fwd_frac_of_copy']:5.1f}% of copy)  "
                   f"fwd+graph {r['fwd_ms']:8.4f} ms  bwd {r['bwd_ms']:8.4f} ms  "
                   f"max|diff| {r['max_abs_diff_vs_reference']:.2e}", flush=True)
 
-    root = args.root or (tempfile.gettempdir() if args.smoke else None)
-    config = {"warmup": warmup, "reps": reps, "dtype": args.dtype, "backends": backends, "freq_dim": freq_dim,
-              "timing": "median; triton.testing.do_bench on a GPU, perf_counter on a CPU"}
-    out = write_json("timestep", rows, config, device=device, root=root)
     print(f"wrote {out}")
     return rows
 
