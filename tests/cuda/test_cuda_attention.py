@@ -14,6 +14,7 @@ compute capability 9.0).
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import shutil
 import subprocess
@@ -347,7 +348,16 @@ def test_steps_cover_the_tables_and_full_steps_are_full(layouts, mask):
 # host: the kernel sources themselves, run under a CPU emulation of the CUDA primitives
 # ==============================================================================================
 EMU_DIR = Path(__file__).parent / "attention_host"
-KERNEL_SOURCES = ("attention_fwd.cu", "attention_bwd.cu", "attention_fwd_sm90.cu", "attention_bwd_sm90.cu")
+EMU_MODES = {  # kernel source -> the driver modes that run it (attention_host/driver.cpp)
+    "attention_fwd.cu": ("fwd_mma",),
+    "attention_fwd_sm90.cu": ("fwd_sm90",),
+    "attention_bwd.cu": ("bwd",),
+    "attention_bwd_sm90.cu": ("bwd_sm90",),
+}
+KERNEL_SOURCES = tuple(EMU_MODES)
+EMU_BLOCK_M = {"fwd_mma": 64, "fwd_sm90": 128, "bwd": 64, "bwd_sm90": 64}  # query tile of each mode's tables
+# Schedules of the asynchronous emulation (EMU_SEED): where threads yield, how late TMA lands.
+EMU_SCHEDULES = (1, 2)
 
 
 def emulation_source(text: str) -> str:
@@ -362,32 +372,40 @@ def emulation_source(text: str) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def emulation_compile(tmp: Path, name: str, text: str | None = None) -> subprocess.CompletedProcess:
+    """Compiles one kernel source (its text, rewritten) or an attention_host/ file to tmp/name.o."""
     cxx = shutil.which("g++")
-    if cxx is None or NVCC is None:
-        pytest.skip("needs g++ and the CUDA headers (nvcc)")
-    tmp = tmp_path_factory.mktemp("attention_emu")
     flags = [cxx, "-std=c++20", "-O1", "-pthread", "-include", str(EMU_DIR / "cuda_emu.h"), f"-I{EMU_DIR / 'shadow'}",
              f"-I{CSRC}", *(f"-isystem{d}" for d in ptxas_report.cuda_include_dirs(NVCC))]
-    sources = []
-    for name in KERNEL_SOURCES:
-        (tmp / f"{name}.cpp").write_text(emulation_source((CSRC / "attention" / name).read_text()))
-        sources.append(tmp / f"{name}.cpp")
-    sources += [EMU_DIR / "emu.cpp", EMU_DIR / "driver.cpp"]
+    src = EMU_DIR / name
+    if text is not None:
+        src = tmp / f"{name}.cpp"
+        src.write_text(emulation_source(text))
+    return subprocess.run([*flags, "-c", str(src), "-o", str(tmp / f"{name}.o")], capture_output=True, text=True)
 
-    def compile_one(src):
-        cmd = [*flags, "-c", str(src), "-o", str(tmp / f"{src.name}.o")]
-        return subprocess.run(cmd, capture_output=True, text=True)
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        for src, proc in zip(sources, pool.map(compile_one, sources)):
-            assert proc.returncode == 0, f"{src.name}:\n{proc.stderr[-4000:]}"
-    exe = tmp / "attention_emu"
-    proc = subprocess.run([cxx, "-pthread", *(str(tmp / f"{s.name}.o") for s in sources), "-o", str(exe)],
-                          capture_output=True, text=True)
+def emulation_link(tmp: Path, objects, exe: Path) -> Path:
+    proc = subprocess.run([shutil.which("g++"), "-pthread", *map(str, objects), "-o", str(exe)], capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     return exe
+
+
+def emulation_build(tmp: Path) -> Path:
+    """The driver with every kernel of csrc/attention/ (objects tmp/NAME.o, executable tmp/attention_emu)."""
+    jobs = [(name, (CSRC / "attention" / name).read_text()) for name in KERNEL_SOURCES]
+    jobs += [("emu.cpp", None), ("driver.cpp", None)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for (name, _), proc in zip(jobs, pool.map(lambda j: emulation_compile(tmp, *j), jobs)):
+            assert proc.returncode == 0, f"{name}:\n{proc.stderr[-4000:]}"
+    return emulation_link(tmp, [tmp / f"{name}.o" for name, _ in jobs], tmp / "attention_emu")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    if shutil.which("g++") is None or NVCC is None:
+        pytest.skip("needs g++ and the CUDA headers (nvcc)")
+    return emulation_build(tmp_path_factory.mktemp("attention_emu"))
 
 
 def _storage(t: torch.Tensor):
@@ -399,8 +417,13 @@ def _storage(t: torch.Tensor):
     return flat.view(torch.uint8).numpy().tobytes(), t.storage_offset(), strides
 
 
-def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None):
-    """Runs the driver (attention_host/driver.cpp): forward -> (out, lse), bwd -> (dq, dk, dv)."""
+class EmulationError(AssertionError):
+    """The driver failed: an emulation error (race, protocol), a deadlock report or a timeout."""
+
+
+def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None, schedule=1, timeout=300):
+    """Runs the driver (attention_host/driver.cpp) under the schedule `schedule`: forward -> (out, lse),
+    bwd -> (dq, dk, dv)."""
     nq, hq, d = q.shape
     nk, hkv = k.shape[:2]
     views = []
@@ -412,20 +435,24 @@ def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None
         views.append(f"{offset} {rs} {hs}")
     for name, t in (("kv_start", mask.kv_start), ("kv_end", mask.kv_end)):
         (work / f"{name}.bin").write_bytes(t.to(torch.int32).numpy().tobytes())
-    block = {"fwd_mma": 64, "fwd_sm90": 128, "bwd": 64, "bwd_sm90": 64}[mode]
-    (work / "q_tiles.bin").write_bytes(mask.query_tiles(block).numpy().tobytes())
+    (work / "q_tiles.bin").write_bytes(mask.query_tiles(EMU_BLOCK_M[mode]).numpy().tobytes())
     (work / "k_tiles.bin").write_bytes(mask.key_tiles(64).numpy().tobytes())
     if lse is not None:
         (work / "lse.bin").write_bytes(lse.contiguous().numpy().tobytes())
     dt = 1 if q.dtype == torch.float16 else 2
     (work / "meta").write_text(f"{nq} {nk} {hq} {hkv} {d} {dt} {scale!r}\n" + "\n".join(views) + "\n")
-    proc = subprocess.run([str(exe), mode, str(work)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{mode}: {proc.stderr[-2000:]}"
+    env = {**os.environ, "EMU_SEED": str(schedule)}
+    try:
+        proc = subprocess.run([str(exe), mode, str(work)], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise EmulationError(f"{mode}: no result within {timeout} s") from None
+    if proc.returncode != 0:
+        raise EmulationError(f"{mode}: exit {proc.returncode}: {proc.stderr[-2000:]}")
 
     def read(name, shape, dtype):
         return torch.frombuffer(bytearray((work / f"{name}_out.bin").read_bytes()), dtype=dtype).view(shape)
 
-    if mode in ("bwd", "bwd_sm90"):
+    if mode.startswith("bwd"):
         return read("dq", q.shape, q.dtype), read("dk", k.shape, k.dtype), read("dv", v.shape, v.dtype)
     return read("out", q.shape, q.dtype), read("lse", (hq, nq), torch.float32)
 
@@ -458,15 +485,20 @@ EMU_CASES = {  # name -> (mask builder, hq, hkv, d, dtype, strided)
     # two pipeline stages (stage refills, barrier phases flipping)
     "long-documents-gqa-d64-bf16": (lambda: (spans_mask_cpu([0, 330, 400], [(200, 240), (340, 380)]), None), 2, 1, 64,
                                     torch.bfloat16, False),
+    # 48 queries over a 1100-token cache: 9 key tiles of 128 in one query tile, so every stage of
+    # the forwards' rings is refilled several times and its barrier phases wrap
+    "ring-wraps-cache-d64-f16": (lambda: (tk.HybridMask.cached([1100], [48], True), None), 1, 1, 64, torch.float16,
+                                 False),
+    # 8 query heads on one K/V head: the backward accumulates dK, dV over the group's steps
+    "gqa-8to1-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 8, 1, 64, torch.float16,
+                         False),
 }
 
 
-@pytest.mark.parametrize("case", list(EMU_CASES))
-def test_kernels_under_emulation(emulator, tmp_path, case, seed):
-    """Both forwards (mma.sync and wgmma + TMA) and the backward, compiled from csrc/attention/
-    for the emulated device: out, lse, dq, dk, dv against the float64 oracle under the 2x rule.
-    Outputs start NaN between guard words; shared-memory reads outside the launch's allocation
-    and unwritten shared memory (NaN-filled) fail."""
+def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300):
+    """Runs `modes` on EMU_CASES[case] (inputs from data_seed): out, lse, dq, dk, dv against the
+    float64 oracle under the 2x rule. Raises AssertionError (EmulationError for a failed run)."""
+    torch.manual_seed(data_seed)
     build, hq, hkv, d, dtype, strided = EMU_CASES[case]
     mask, seen = build()
     nq, nk = mask.num_queries, mask.num_keys
@@ -490,22 +522,38 @@ def test_kernels_under_emulation(emulator, tmp_path, case, seed):
     ref_out, ref_lse = dense_attention(*ref_in, allowed, scale)
     low_out, low_lse = dense_attention(*low_in, allowed, scale)
     floor = FLOOR[dtype]
-
-    results = {mode: emulate(emulator, tmp_path, mode, mask, q, k, v, scale) for mode in ("fwd_mma", "fwd_sm90")}
-    for mode, (out, lse) in results.items():
-        assert_rule(f"{mode} out", out, ref_out, low_out, floor)
-        assert_rule("lse", lse, ref_lse, low_lse, floor)
-    out, lse = results["fwd_mma"]
-    ref_g = torch.autograd.grad(ref_out, ref_in, dout.double())
-    low_g = torch.autograd.grad(low_out, low_in, dout)
-    for mode in ("bwd", "bwd_sm90"):
-        grads = emulate(emulator, tmp_path, mode, mask, q, k, v, scale, out=out, lse=lse, dout=dout)
+    # The backward gets the forward's stored results as the oracle rounds them: its check does not
+    # depend on a forward kernel.
+    out, lse = ref_out.detach().to(dtype), ref_lse.detach().float()
+    run = dict(schedule=schedule, timeout=timeout)
+    for mode in modes:
+        if not mode.startswith("bwd"):
+            got_out, got_lse = emulate(exe, work, mode, mask, q, k, v, scale, **run)
+            assert_rule(f"{mode} out", got_out, ref_out, low_out, floor)
+            assert_rule("lse", got_lse, ref_lse, low_lse, floor)
+            continue
+        grads = emulate(exe, work, mode, mask, q, k, v, scale, out=out, lse=lse, dout=dout, **run)
+        ref_g = torch.autograd.grad(ref_out, ref_in, dout.double(), retain_graph=True)
+        low_g = torch.autograd.grad(low_out, low_in, dout, retain_graph=True)
         for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
             if seen is not None and name != "dq":  # a NaN key row only reaches its own dk, dv
                 g, rg, lg = g[seen[0]:seen[1]], rg[seen[0]:seen[1]], lg[seen[0]:seen[1]]
             assert_rule(f"{mode} {name}", g, rg, lg, floor)
         if seen is not None:
             assert torch.all(grads[0][~allowed.any(1)] == 0), f"{mode}: dq of a row that sees nothing"
+
+
+@pytest.mark.parametrize("schedule", EMU_SCHEDULES)
+@pytest.mark.parametrize("case", list(EMU_CASES))
+def test_kernels_under_emulation(emulator, tmp_path, case, schedule, seed):
+    """Every kernel of csrc/attention/ (mma.sync forward, wgmma + TMA forward, backward),
+    compiled for the emulated device (attention_host/cuda_emu.h: TMA, cp.async and wgmma land
+    late, proxies and barriers are modelled, threads interleave by the seeded schedule): out,
+    lse, dq, dk, dv against the float64 oracle under the 2x rule. Outputs start NaN between
+    guard words; shared-memory reads outside the launch's allocation, unwritten or in-flight
+    shared memory (NaN) and protocol errors fail."""
+    modes = [m for name in KERNEL_SOURCES for m in EMU_MODES[name]]
+    emulation_check(emulator, tmp_path, case, modes, schedule, seed)
 
 
 # ---- bindings: argument checks before any device work ----------------------------------------

@@ -1,6 +1,6 @@
-// Host emulation of csrc/attention/sm90.cuh (see ../../cuda_emu.h): mbarriers with transaction
-// counts, TMA tile loads (128-byte swizzle, zero fill) and wgmma reading shared memory through
-// its descriptors, all synchronous.
+// Host emulation of csrc/attention/sm90.cuh (see ../../cuda_emu.h for the asynchronous model):
+// mbarriers with transaction counts, TMA tile loads and stores (128-byte swizzle, zero fill),
+// named barriers, setmaxnreg, and wgmma reading shared memory through its descriptors.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,7 +30,7 @@ template <int N>
 inline void tma_store_wait() {
   ::emu::tma_store_wait(N);
 }
-inline void fence_proxy_async() {}
+inline void fence_proxy_async() { ::emu::fence_proxy_async(); }
 
 inline void named_bar_sync(int id, int threads) { ::emu::named_bar_sync(id, threads); }
 inline void named_bar_arrive(int id, int threads) { ::emu::named_bar_arrive(id, threads); }
@@ -43,14 +43,20 @@ inline void setmaxnreg_dec() {
   ::emu::setmaxnreg(R, false);
 }
 
-inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+inline void wgmma_fence() { ::emu::wgmma_fence(); }
+inline void wgmma_commit() { ::emu::wgmma_commit(); }
 template <int N>
-inline void wgmma_wait() {}
+inline void wgmma_wait() {
+  ::emu::wgmma_wait(N);
+}
 template <int N>
-inline void fence_operands(float (&)[N]) {}
+inline void fence_operands(float (&r)[N]) {
+  ::emu::fence_operands(r, N);
+}
 template <int N>
-inline void fence_operands(uint32_t (&)[N][4]) {}
+inline void fence_operands(uint32_t (&r)[N][4]) {
+  ::emu::fence_operand_regs(&r[0][0], 4 * N);
+}
 
 template <typename T, int N, bool TransA, bool TransB>
 inline void wgmma_ss_t(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
