@@ -110,7 +110,8 @@ struct Smem {
   // of the step's lse2, delta, kv_start, kv_end (4 bytes each)
   static constexpr uint32_t kK = 0, kV = kK + kKVBytes, kQ = kV + kKVBytes, kDO = kQ + 2 * kStepBytes;
   static constexpr uint32_t kDS = kDO + 2 * kStepBytes, kScalars = kDS + kBN * kBM * 2;
-  static constexpr size_t kBytes = kScalars + 4 * 2 * kBM * 4 + 1024;
+  static constexpr uint32_t kCounts = kScalars + 4 * 2 * kBM * 4;  // 4 floats: per-warp counts of dq_rank
+  static constexpr size_t kBytes = kCounts + 4 * 4 + 1024;
 };
 
 #if defined(TK_SM90_DEVICE_CODE)
@@ -136,7 +137,26 @@ __device__ __forceinline__ void load_tile_sw128(unsigned char* tile, const T* g,
 }
 
 // Rank of the block at launch position `pos` (key tile `tile`) among the key tiles meeting
-// [kv_lo, kv_hi): how many of them are launched before it.
+// [kv_lo, kv_hi): how many of them are launched before it. All threads of the block call this
+// one; k_order[0, pos) is counted by all of them, the warps' counts summed through `counts`.
+__device__ __forceinline__ int dq_rank_block(const AttentionBwdArgs& a, int pos, int tile, int kv_lo, int kv_hi,
+                                             float* counts, int tid) {
+  const int t_lo = kv_lo / kBN, t_hi = (kv_hi - 1) / kBN + 1;
+  if (a.k_order == nullptr) return tile - t_lo;
+  float count = 0.0f;  // exact: fewer than 2^24 key tiles
+#pragma unroll 1
+  for (int b = tid; b < pos; b += kThreads) {
+    const int t = __ldg(a.k_order + b);
+    count += t_lo <= t && t < t_hi ? 1.0f : 0.0f;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) count += __shfl_xor_sync(0xffffffffu, count, off);
+  if (tid % 32 == 0) counts[tid / 32] = count;
+  __syncthreads();
+  return static_cast<int>(counts[0] + counts[1] + counts[2] + counts[3]);
+}
+
+// The same from one thread (the passes after the main loop; rare).
 __device__ __forceinline__ int dq_rank(const AttentionBwdArgs& a, int pos, int tile, int kv_lo, int kv_hi) {
   const int t_lo = kv_lo / kBN, t_hi = (kv_hi - 1) / kBN + 1;
   if (a.k_order == nullptr) return tile - t_lo;
@@ -171,6 +191,7 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
   float* delta_s = lse2_s + 2 * kBM;                              // [2][kBM]
   int32_t* kvs_s = reinterpret_cast<int32_t*>(delta_s + 2 * kBM);  // [2][kBM]
   int32_t* kve_s = kvs_s + 2 * kBM;                                // [2][kBM]
+  float* counts_s = reinterpret_cast<float*>(base + S::kCounts);  // [4]
 
   const int pos = blockIdx.x;
   const int tile = a.k_order != nullptr ? __ldg(a.k_order + pos) : pos;
@@ -391,7 +412,8 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
         }
         sm90::wgmma_commit();
         if (half == 0) {
-          if (tid == 0) sm90::semaphore_wait(sem, dq_rank(a, pos, tile, kv_lo, kv_hi));
+          const int rank = dq_rank_block(a, pos, tile, kv_lo, kv_hi, counts_s, t);
+          if (t == 0) sm90::semaphore_wait(sem, rank);
           __syncthreads();
         }
         sm90::wgmma_wait<0>();
