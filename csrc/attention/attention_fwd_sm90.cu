@@ -1,52 +1,99 @@
-// Interval-mask attention forward for sm_90a: wgmma (warpgroup MMA) with TMA tile loads and an
-// mbarrier pipeline. Same algorithm and tile classes as attention_fwd.cu (FlashAttention-2
-// style online softmax over the key tiles of the query tile's [kv_lo, kv_hi), FULL tiles without
-// mask arithmetic), on Hopper's asynchronous units:
+// Interval-mask attention forward for sm_90a, structured like FlashAttention-3: a producer warp
+// that only issues TMA, two MMA ("consumer") warpgroups in ping-pong, wgmma with the softmax of
+// one key step overlapped with the GEMMs of the next. Same algorithm and tables as
+// attention_fwd.cu (online softmax over the query tile's [kv_lo, kv_hi), FULL steps without
+// mask arithmetic).
 //
-//   * one block of 2 warpgroups per (query tile of 128, query head); warpgroup g owns rows
-//     64 g .. 64 g + 63 (one m64 wgmma row block), both share the K/V tiles;
-//   * thread 0 issues TMA loads (cp.async.bulk.tensor, 128-byte swizzle) of Q once and of K/V
-//     tiles of 128 keys into a 2-stage ring; each stage has a K and a V barrier, so S = Q K^T
-//     starts while V is still in flight and the next tiles load during the current step;
-//   * S = Q K^T: wgmma with both operands in shared memory (K-major); P stays in registers as the
-//     A operand of O += P V (V N-major, the transpose read by the descriptor).
+// Block: 384 threads, one query tile of 128 rows x one query head (tile order from q_order).
+//   * Warpgroup 0, the producer, gives its registers back (setmaxnreg.dec to 24). One lane of
+//     its warp 0 issues the TMA loads (128-byte swizzle) of Q once and of K and V per key step
+//     into a ring of stages; each stage has "full" mbarriers (TMA transaction bytes) and "empty"
+//     ones (every consumer thread arrives after its own wgmma_wait: PTX retires a wgmma per
+//     thread). No CTA-wide barrier after the prologue.
+//   * Warpgroups 1 and 2 (setmaxnreg.inc to 240) own query rows 0-63 and 64-127. Per step n:
+//       S_n = Q K_n^T (wgmma, both operands in shared memory);  O *= alpha_{n-1};
+//       O += P_{n-1} V_{n-1} (wgmma, P from registers);  wait for S_n only (wgmma_wait<1>),
+//       release K_n;  softmax of S_n under the P V GEMM;  wait for P V, release V_{n-1}.
+//     Named barriers 1 and 2 pass the right to issue GEMMs back and forth between the two
+//     warpgroups (ping-pong), so one's softmax runs while the other's GEMMs occupy the tensor
+//     cores.
+//   * Steps come from attn::make_steps: masked steps, a run of FULL steps (every query of the
+//     tile sees every key: compiled without any mask code), masked steps. In a masked step a
+//     row's visible columns (of this thread's 32) are one contiguous run, so a 32-bit mask built
+//     from two 32-bit interval bounds per row selects them. Maxima stay in raw score units:
+//     p = exp2(s * scale_log2 - m * scale_log2) is one FFMA and one EX2.
+//   * V rows outside [kv_lo, kv_hi) may hold anything (NaN): P is 0 there, but 0 * NaN is not.
+//     Only the first and the last step hold such rows (TMA zero-fills rows past the tensor).
+//     Producer warp 1 zeroes them once the stage has landed (generic stores, fence.proxy.async)
+//     and arrives on a separate mbarrier that the consumers wait on instead of "full" in those
+//     two steps. Warp 0 clamping boxes is not possible (a box has a fixed size per tensor map),
+//     and zeroing by the consumers would need a barrier between the ping-ponging warpgroups;
+//     this way the consumers never wait for each other and FULL steps never see the path.
+//   * Epilogue: O / l in T through the warpgroup's own rows of the Q buffer (only this
+//     warpgroup's wgmma read them), then 16-byte coalesced stores; lse as the natural log.
+//
+// Sizes. Key step kBN = 128 at both head dims: S is 64 fp32 registers per thread, O is D / 2,
+// P 32 (packed), so D = 128 holds S + O + P + the next S's operands in ~200 of the 240
+// registers a consumer thread gets (24 x 128 + 240 x 256 = 64,512 <= 65,536); a wider step at
+// D = 64 would also widen the masked first and last steps of short documents. Shared memory:
+// Q 128 x D x 2 B plus stages of K and V (2 x 128 x D x 2 B each): D = 128: 32 KiB + 3 x 64 KiB =
+// 224 KiB (+ 1 KiB to align to the swizzle atom) of the 227 KiB; D = 64: 16 KiB + 4 x 32 KiB.
+// One CTA per SM either way (384 threads at up to 240 registers), so the stages are free and
+// hide two steps of load latency beyond the ping-pong's half step.
 //
 // Tensor maps are built on the host with the driver's cuTensorMapEncodeTiled, looked up at run
 // time through the runtime (cudaGetDriverEntryPointByVersion): no libcuda link at build time.
-// Not yet here: warp specialisation / ping-pong scheduling between the warpgroups (FA3); the
-// pipeline overlaps loads with compute, not softmax with the tensor cores.
 #include "attention/attention.h"
 
 #include <cuda.h>
 #include <math.h>
+
+#include <type_traits>
 
 #include "attention/layouts.cuh"
 #include "attention/sm90.cuh"
 #include "common/interval_mask.cuh"
 #include "common/mma.cuh"
 
-namespace tk {
-namespace {
-
-constexpr int kWarpgroups = 2;
-constexpr int kThreads = 128 * kWarpgroups;
-constexpr int kBM = kAttentionSm90BlockM;
-constexpr int kBN = 128;  // keys per step
-constexpr int kStages = 2;
-static_assert(kBM == 64 * kWarpgroups, "one m64 row block per warpgroup");
-
-// The device code exists for sm_90a only; other device passes see an empty kernel (it is never
-// launched there: attention_sm90_supported is false).
+// The device code exists for sm_90a only; other device passes (sm_80, plain sm_90) see an
+// empty kernel, and their image's tk_attention_sm90a_image is 0 (attention_sm90_supported).
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define TK_SM90_DEVICE_CODE 1
 #endif
 
+namespace tk {
+
+// 1 in an image whose forward kernel has its sm_90a body, 0 in any other; read at run time
+// (a plain sm_90 image also reports binaryVersion 90).
+#if defined(TK_SM90_DEVICE_CODE)
+__device__ int tk_attention_sm90a_image = 1;
+#else
+__device__ int tk_attention_sm90a_image = 0;
+#endif
+
+namespace {
+
+constexpr int kConsumers = 2;  // MMA warpgroups
+constexpr int kThreads = 128 * (kConsumers + 1);
+constexpr int kConsumerThreads = 128 * kConsumers;
+constexpr int kBM = kAttentionSm90BlockM;
+constexpr int kBN = 128;  // keys per step
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+static_assert(kBM == 64 * kConsumers, "one m64 row block per consumer warpgroup");
+static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 65536, "register file");
+// Named barriers (0 is __syncthreads): consumer g may issue its GEMMs once it passes
+// kTurnBar + g; its Q negation and its epilogue staging use kGroupBar + g; kZeroBar orders the
+// producer's last load before the zeroing of that step's V.
+enum NamedBarrier : int { kTurnBar = 1, kGroupBar = 3, kZeroBar = 5 };
+
 template <int D>
 struct Smem {
+  static constexpr int kStages = D == 64 ? 4 : 3;
   static constexpr uint32_t kQBytes = kBM * D * 2;
   static constexpr uint32_t kKVBytes = kBN * D * 2;  // one K or V tile
   // Q, then K stages, then V stages; + 1 KiB to align the base to a 1024-byte swizzle atom.
   static constexpr size_t kBytes = kQBytes + 2 * kStages * kKVBytes + 1024;
+  static_assert(kBytes <= 227 * 1024 - 256, "shared memory (the mbarriers are static)");
 };
 
 // A tensor map over [rows, heads, D] with its dimensions ordered by stride: (D, heads, rows)
@@ -68,198 +115,397 @@ struct Sm90Params {
 };
 
 #if defined(TK_SM90_DEVICE_CODE)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kMinScaleLog2 = 1.17549435e-38f;  // FLT_MIN
+
+// The pipeline's shared state: smem addresses and mbarriers.
+template <int D>
+struct Pipe {
+  using S = Smem<D>;
+  uint32_t q, k, v;       // shared addresses of Q, K stage 0, V stage 0
+  unsigned char* q_ptr;   // generic pointers to Q (the epilogue's staging) and V stage 0
+  unsigned char* v_ptr;
+  uint64_t* bar_q;
+  uint64_t* k_full;
+  uint64_t* v_full;
+  uint64_t* k_empty;
+  uint64_t* v_empty;
+  uint64_t* v_zeroed;  // [2]: the first and the last step's V after the producer zeroed rows
+
+  __device__ __forceinline__ uint32_t k_at(int stage) const { return k + stage * S::kKVBytes; }
+  __device__ __forceinline__ uint32_t v_at(int stage) const { return v + stage * S::kKVBytes; }
+};
+
+// Position in the ring of stages: stage index and the parity of its use.
+template <int kStages>
+struct Ring {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ Ring next() const {
+    return stage + 1 == kStages ? Ring{0, phase ^ 1u} : Ring{stage + 1, phase};
+  }
+};
+
+// Per consumer thread: its two query rows' online-softmax state.
+struct RowState {
+  float m[2];      // running max of the raw scores
+  float l[2];      // running sum of exp2 (this thread's columns only)
+  float alpha[2];  // factor for O from the last softmax
+};
+
+// Online softmax of one step's scores s (m64 x kBN fragment) in place: s becomes P (fp32).
+// kMasked: keys outside a row's interval are -inf; lo / hi are the row's interval minus the
+// step start minus this thread's column 2 tig, so the columns are compile-time constants.
+template <bool kMasked>
+__device__ __forceinline__ void softmax_step(float (&s)[kBN / 2], RowState& st, float scale_log2, const int (&lo)[2],
+                                             const int (&hi)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if constexpr (kMasked) {
+      // This thread's columns of the row are 8 nt + c (c = 0, 1), in order as j = 2 nt + c: the
+      // visible ones are bits [below(lo), below(hi)) of a 32-bit mask.
+      auto below = [](int x) {  // how many of the columns are < x
+        x = x < 0 ? 0 : x > kBN ? kBN : x;
+        return 2 * (x >> 3) + ((x & 7) < 2 ? (x & 7) : 2);
+      };
+      const uint32_t visible =
+          static_cast<uint32_t>(((uint64_t{1} << below(hi[r])) - 1) & ~((uint64_t{1} << below(lo[r])) - 1));
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = s[4 * nt + 2 * r + c];
+          x = (visible >> (2 * nt + c)) & 1u ? x : -INFINITY;
+        }
+      }
+    }
+    float mx = st.m[r];
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // A row that has seen nothing yet (only in masked steps) keeps max -inf: subtract 0 then.
+    float neg_ms = -mx * scale_log2;
+    if constexpr (kMasked) neg_ms = mx == -INFINITY ? 0.0f : neg_ms;
+    st.alpha[r] = fast_exp2(fmaf(st.m[r], scale_log2, neg_ms));
+    st.m[r] = mx;
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float& x = s[4 * nt + 2 * r + c];
+        x = fast_exp2(fmaf(x, scale_log2, neg_ms));
+        sum += x;
+      }
+    }
+    st.l[r] = fmaf(st.l[r], st.alpha[r], sum);
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void rescale(float (&o)[D / 2], const RowState& st) {
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    o[4 * dt + 0] *= st.alpha[0];
+    o[4 * dt + 1] *= st.alpha[0];
+    o[4 * dt + 2] *= st.alpha[1];
+    o[4 * dt + 3] *= st.alpha[1];
+  }
+}
+
+// P as wgmma A fragments: the k16 slice kk is n8 blocks 2 kk and 2 kk + 1.
+template <typename T>
+__device__ __forceinline__ void pack_p(uint32_t (&pf)[kBN / 16][4], const float (&s)[kBN / 2]) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) pf[kk][j] = pack2<T>(s[8 * kk + 2 * j], s[8 * kk + 2 * j + 1]);
+  }
+}
+
+// Whether step `it` holds keys outside [kv_lo, kv_hi) (only the first and the last step can).
+__device__ __forceinline__ bool step_has_outside_rows(const attn::Steps& steps, int it, int kv_lo, int kv_hi) {
+  const int n0 = steps.first + it * kBN;
+  return n0 < kv_lo || n0 + kBN > kv_hi;
+}
+
+// Producer warp 0, one lane: Q once, then K and V of every step into the ring.
+template <int D>
+__device__ __forceinline__ void issue_loads(const Sm90Params& p, const Pipe<D>& pp, const attn::Steps& steps, int h,
+                                            int hk, int q0) {
+  using S = Smem<D>;
+  constexpr int kStages = S::kStages;
+  constexpr int kPanels = D / 64;  // 64-column panels of a 128-byte-swizzled tile
+  sm90::mbar_expect_tx(pp.bar_q, S::kQBytes);
+#pragma unroll
+  for (int pn = 0; pn < kPanels; ++pn) p.q.load(pp.q + pn * kBM * 128, pn * 64, h, q0, pp.bar_q);
+  for (int it = 0; it < steps.count; ++it) {
+    const int stage = it % kStages;
+    const uint32_t parity = (it / kStages) & 1;
+    const int n0 = steps.first + it * kBN;
+    if (it >= kStages) sm90::mbar_wait(&pp.k_empty[stage], parity ^ 1);
+    sm90::mbar_expect_tx(&pp.k_full[stage], S::kKVBytes);
+#pragma unroll
+    for (int pn = 0; pn < kPanels; ++pn) p.k.load(pp.k_at(stage) + pn * kBN * 128, pn * 64, hk, n0, &pp.k_full[stage]);
+    if (it >= kStages) sm90::mbar_wait(&pp.v_empty[stage], parity ^ 1);
+    sm90::mbar_expect_tx(&pp.v_full[stage], S::kKVBytes);
+#pragma unroll
+    for (int pn = 0; pn < kPanels; ++pn) p.v.load(pp.v_at(stage) + pn * kBN * 128, pn * 64, hk, n0, &pp.v_full[stage]);
+  }
+}
+
+// Producer warp 1: zeroes the V rows outside [kv_lo, kv_hi) of step `it` (the first or the last)
+// once TMA has written them, then signals v_zeroed[which] (the consumers wait there instead).
+template <int D>
+__device__ __forceinline__ void zero_outside_v(const Pipe<D>& pp, const attn::Steps& steps, int it, int which,
+                                               int kv_lo, int kv_hi, int lane) {
+  using S = Smem<D>;
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  const int stage = it % S::kStages, n0 = steps.first + it * kBN;
+  sm90::mbar_wait(&pp.v_full[stage], (it / S::kStages) & 1);
+  unsigned char* vt = pp.v_ptr + stage * S::kKVBytes;
+  for (int i = lane; i < kBN * kChunks; i += 32) {
+    const int row = i / kChunks, chunk = i % kChunks;
+    if (n0 + row < kv_lo || n0 + row >= kv_hi) {
+      *reinterpret_cast<uint4*>(vt + (chunk / 8) * kBN * 128 + row * 128 + (chunk % 8) * 16) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  sm90::fence_proxy_async();  // the consumers' wgmma reads V through the async proxy
+  sm90::mbar_arrive(&pp.v_zeroed[which]);  // every lane: its own stores are then ordered
+}
+
+// A consumer warpgroup (cg = 0 or 1): query rows 64 cg .. 64 cg + 63 of the tile.
+template <typename T, int D>
+__device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, const attn::Steps& steps, int tile,
+                                        int h, int kv_lo, int kv_hi, int cg, int warp, int lane) {
+  using S = Smem<D>;
+  constexpr int kStages = S::kStages;
+  const AttentionFwdArgs& a = p.a;
+  const int grp = lane / 4, tig = lane % 4;
+  const int tile_row0 = 64 * cg + 16 * warp + grp;  // and tile_row0 + 8
+  int kv_s[2], kv_e[2];                             // the rows' intervals; rows past the end see nothing
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = static_cast<int64_t>(tile) * kBM + tile_row0 + 8 * r;
+    kv_s[r] = row < a.nq ? __ldg(a.kv_start + row) : 0;
+    kv_e[r] = row < a.nq ? __ldg(a.kv_end + row) : 0;
+  }
+  // |scale| log2(e), at least FLT_MIN so that a zero scale keeps masked scores at -inf (all
+  // weights exp2(~0) = 1: uniform); a negative scale negates this warpgroup's Q rows instead.
+  const float scale_log2 = fmaxf(fabsf(a.scale) * kLog2e, kMinScaleLog2);
+
+  RowState st{{-INFINITY, -INFINITY}, {0.0f, 0.0f}, {1.0f, 1.0f}};
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  float s[kBN / 2];         // S of the current step, then its P in fp32
+  uint32_t pf[kBN / 16][4];  // P of the previous step: the A operand of O += P V
+  const int count = steps.count;
+
+  if (count > 0) {
+    const int other = kTurnBar + 1 - cg;
+    const bool zero_first = step_has_outside_rows(steps, 0, kv_lo, kv_hi);
+    // Descriptors of the k16 slices: the start address (>> 4) is the low word, so a slice is
+    // the tile's descriptor plus a constant.
+    const uint64_t q_desc = attn::desc_kmajor(pp.q, kBM, 64 * cg, 0);
+    const uint64_t k_desc = attn::desc_kmajor(pp.k, kBN, 0, 0);
+    const uint64_t v_desc = attn::desc_mnmajor(pp.v, kBN, 0);
+    constexpr uint32_t kStageDesc = S::kKVBytes >> 4;
+    // Waits for K of the step at ring position `at`, takes this warpgroup's turn on the tensor
+    // cores, issues S = Q K^T.
+    auto issue_qk = [&](Ring<kStages> at) {
+      sm90::mbar_wait(&pp.k_full[at.stage], at.phase);
+      sm90::named_bar_sync(kTurnBar + cg, kConsumerThreads);
+      sm90::wgmma_fence();
+      const uint64_t k_stage = k_desc + at.stage * kStageDesc;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t q_off = ((kk / 4) * kBM * 128 + (kk % 4) * 32) >> 4;
+        const uint32_t k_off = ((kk / 4) * kBN * 128 + (kk % 4) * 32) >> 4;
+        sm90::wgmma_ss<T, kBN>(s, q_desc + q_off, k_stage + k_off, kk > 0);
+      }
+      sm90::wgmma_commit();
+      sm90::fence_operands(s);
+    };
+    // O += P V of the step at `at`; `zeroed`: the first or last step, whose V the producer fixes.
+    auto issue_pv = [&](Ring<kStages> at, bool zeroed, int which) {
+      sm90::mbar_wait(zeroed ? &pp.v_zeroed[which] : &pp.v_full[at.stage], zeroed ? 0 : at.phase);
+      sm90::wgmma_fence();
+      const uint64_t v_stage = v_desc + at.stage * kStageDesc;
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) sm90::wgmma_rs_tb<T, D>(o, pf[kk], v_stage + ((kk * 16 * 128) >> 4));
+      sm90::wgmma_commit();
+      sm90::fence_operands(o);
+    };
+    // The row intervals relative to the step start and this thread's first column.
+    auto softmax = [&](auto masked, int it) {
+      const int n0 = steps.first + it * kBN;
+      const int lo[2] = {kv_s[0] - n0 - 2 * tig, kv_s[1] - n0 - 2 * tig};
+      const int hi[2] = {kv_e[0] - n0 - 2 * tig, kv_e[1] - n0 - 2 * tig};
+      softmax_step<decltype(masked)::value>(s, st, scale_log2, lo, hi);
+    };
+    // Steps 1 .. count - 1: S of step `it` (ring position `cur`) and P V of step it - 1 (`prev`)
+    // in flight together.
+    auto step = [&](auto masked, int it, Ring<kStages> prev, Ring<kStages> cur) {
+      issue_qk(cur);
+      rescale<D>(o, st);
+      issue_pv(prev, it == 1 && zero_first, 0);
+      // The second warpgroup's last turn is not passed on: nobody takes it.
+      if (cg == 0 || it + 1 < count) sm90::named_bar_arrive(other, kConsumerThreads);
+      sm90::wgmma_wait<1>();
+      sm90::fence_operands(s);
+      sm90::mbar_arrive(&pp.k_empty[cur.stage]);
+      softmax(masked, it);
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(o);
+      sm90::fence_operands(pf);
+      sm90::mbar_arrive(&pp.v_empty[prev.stage]);
+      pack_p<T>(pf, s);
+    };
+    using Masked = std::true_type;
+    using Full = std::false_type;
+
+    Ring<kStages> at;  // ring position of step 0
+    if (cg == 0) sm90::named_bar_arrive(kTurnBar, kConsumerThreads);  // the first warpgroup goes first
+    sm90::mbar_wait(pp.bar_q, 0);
+    if (a.scale < 0.0f) {
+      // Flip the sign bits of the warpgroup's own 64 rows (only its wgmma read them) and publish
+      // the generic writes to the async proxy before the first S = Q K^T.
+      constexpr int kChunksPerPanel = 64 * 8;  // 16-byte chunks of 64 rows x 128 bytes
+      for (int i = threadIdx.x % 128; i < kChunksPerPanel * (D / 64); i += 128) {
+        uint4& x = *reinterpret_cast<uint4*>(pp.q_ptr + (i / kChunksPerPanel) * kBM * 128 + 64 * cg * 128 +
+                                             (i % kChunksPerPanel) * 16);
+        x.x ^= 0x80008000u, x.y ^= 0x80008000u, x.z ^= 0x80008000u, x.w ^= 0x80008000u;
+      }
+      sm90::fence_proxy_async();
+      sm90::named_bar_sync(kGroupBar + cg, 128);
+    }
+    issue_qk(at);
+    if (cg == 0 || count > 1) sm90::named_bar_arrive(other, kConsumerThreads);
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(s);
+    sm90::mbar_arrive(&pp.k_empty[0]);
+    if (attn::step_is_full(steps, steps.first)) {
+      softmax(Full{}, 0);
+    } else {
+      softmax(Masked{}, 0);
+    }
+    pack_p<T>(pf, s);
+
+    // Masked steps, the FULL run, masked steps (an empty FULL run may split anywhere).
+    const int full_begin = (steps.full_begin - steps.first) / kBN, full_end = (steps.full_end - steps.first) / kBN;
+    int it = 1;
+    for (; it < full_begin; ++it, at = at.next()) step(Masked{}, it, at, at.next());
+    for (; it < full_end; ++it, at = at.next()) step(Full{}, it, at, at.next());
+    for (; it < count; ++it, at = at.next()) step(Masked{}, it, at, at.next());
+
+    rescale<D>(o, st);
+    issue_pv(at, (count == 1 && zero_first) || (count > 1 && step_has_outside_rows(steps, count - 1, kv_lo, kv_hi)),
+             count == 1 ? 0 : 1);
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(o);
+    sm90::fence_operands(pf);
+  }
+
+  // Normalise; stage this warpgroup's rows (T) in its own rows of the Q buffer, then 16-byte
+  // stores. lse in natural log (-inf for a row that sees nothing).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = st.l[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(pp.q_ptr + attn::sw128_offset(kBM, tile_row0 + 8 * r, dt * 8 + 2 * tig)) =
+          pack2<T>(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
+    }
+    const int64_t row = static_cast<int64_t>(tile) * kBM + tile_row0 + 8 * r;
+    if (tig == 0 && row < a.nq) {
+      a.lse[static_cast<int64_t>(h) * a.nq + row] = l > 0.0f ? (st.m[r] * scale_log2 + log2f(l)) * kLn2 : -INFINITY;
+    }
+  }
+  sm90::named_bar_sync(kGroupBar + cg, 128);
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll
+  for (int i = threadIdx.x % 128; i < 64 * kChunks; i += 128) {
+    const int r = 64 * cg + i / kChunks, c = i % kChunks;
+    const int64_t row = static_cast<int64_t>(tile) * kBM + r;
+    if (row < a.nq) {
+      *reinterpret_cast<uint4*>(static_cast<T*>(a.out) + (row * a.hq + h) * D + c * 8) =
+          *reinterpret_cast<const uint4*>(pp.q_ptr + attn::sw128_offset(kBM, r, c * 8));
+    }
+  }
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
-  constexpr float kLog2e = 1.4426950408889634f;
-  constexpr float kLn2 = 0.6931471805599453f;
   using S = Smem<D>;
-  constexpr int kPanels = D / 64;  // 64-column panels of a 128-byte-swizzled tile
+  constexpr int kStages = S::kStages;
   extern __shared__ unsigned char smem_raw[];
   __shared__ uint64_t bar_q;
-  __shared__ uint64_t bar_k[kStages];
-  __shared__ uint64_t bar_v[kStages];
+  __shared__ uint64_t k_full[kStages];
+  __shared__ uint64_t v_full[kStages];
+  __shared__ uint64_t k_empty[kStages];
+  __shared__ uint64_t v_empty[kStages];
+  __shared__ uint64_t v_zeroed[2];
   const AttentionFwdArgs& a = p.a;
 
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
-  unsigned char* base_ptr = smem_raw + (base - raw);
-  const uint32_t q_smem = base;
-  const uint32_t k_smem = base + S::kQBytes;                       // + stage * kKVBytes
-  const uint32_t v_smem = base + S::kQBytes + kStages * S::kKVBytes;  // + stage * kKVBytes
+  Pipe<D> pp;
+  pp.q = base;
+  pp.k = base + S::kQBytes;
+  pp.v = base + S::kQBytes + kStages * S::kKVBytes;
+  pp.q_ptr = smem_raw + (pp.q - raw);
+  pp.v_ptr = smem_raw + (pp.v - raw);
+  pp.bar_q = &bar_q;
+  pp.k_full = k_full, pp.v_full = v_full, pp.k_empty = k_empty, pp.v_empty = v_empty, pp.v_zeroed = v_zeroed;
 
-  const int tile = gridDim.x - 1 - blockIdx.x;  // the longest (last, for causal masks) tiles first
+  const int tile = a.q_order ? __ldg(a.q_order + blockIdx.x) : static_cast<int>(blockIdx.x);
   const int h = blockIdx.y;
   const int hk = h / (a.hq / a.hkv);
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  const int grp = lane / 4, tig = lane % 4;
   const int q0 = tile * kBM;
-
   const int32_t* tt = a.q_tiles + 4 * tile;
-  const int kv_lo = __ldg(tt), kv_hi = __ldg(tt + 1), full_lo = __ldg(tt + 2), full_hi = __ldg(tt + 3);
-  const int n_begin = kv_lo < kv_hi ? (kv_lo / kBN) * kBN : 0;
-  const int n_tiles = kv_lo < kv_hi ? (kv_hi - n_begin + kBN - 1) / kBN : 0;
-
-  auto issue_kv = [&](int stage, int n0) {
-    sm90::mbar_expect_tx(&bar_k[stage], S::kKVBytes);
-#pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) {
-      p.k.load(k_smem + stage * S::kKVBytes + pn * kBN * 128, pn * 64, hk, n0, &bar_k[stage]);
-    }
-    sm90::mbar_expect_tx(&bar_v[stage], S::kKVBytes);
-#pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) {
-      p.v.load(v_smem + stage * S::kKVBytes + pn * kBN * 128, pn * 64, hk, n0, &bar_v[stage]);
-    }
-  };
+  const int kv_lo = __ldg(tt), kv_hi = __ldg(tt + 1);
+  const attn::Steps steps = attn::make_steps(kv_lo, kv_hi, __ldg(tt + 2), __ldg(tt + 3), kBN);
 
   if (tid == 0) {
     sm90::mbar_init(&bar_q, 1);
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbar_init(&bar_k[s], 1);
-      sm90::mbar_init(&bar_v[s], 1);
+      sm90::mbar_init(&k_full[s], 1);
+      sm90::mbar_init(&v_full[s], 1);
+      sm90::mbar_init(&k_empty[s], kConsumerThreads);
+      sm90::mbar_init(&v_empty[s], kConsumerThreads);
     }
+    sm90::mbar_init(&v_zeroed[0], 32);
+    sm90::mbar_init(&v_zeroed[1], 32);
     sm90::mbar_fence_init();
   }
   __syncthreads();
-  if (tid == 0) {
-    sm90::mbar_expect_tx(&bar_q, S::kQBytes);
-#pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) p.q.load(q_smem + pn * kBM * 128, pn * 64, h, q0, &bar_q);
-    for (int s = 0; s < kStages && s < n_tiles; ++s) issue_kv(s, n_begin + s * kBN);
+
+  if (wg == 0) {
+    sm90::setmaxnreg_dec<kProducerRegs>();
+    if (steps.count == 0) return;
+    const int last = steps.count - 1;
+    if (warp == 0) {
+      // Every load issued: the last step's V is the newest phase of its barrier.
+      if (lane == 0) issue_loads<D>(p, pp, steps, h, hk, q0);
+      sm90::named_bar_arrive(kZeroBar, 64);
+    } else if (warp == 1) {
+      if (step_has_outside_rows(steps, 0, kv_lo, kv_hi)) zero_outside_v<D>(pp, steps, 0, 0, kv_lo, kv_hi, lane);
+      sm90::named_bar_sync(kZeroBar, 64);
+      if (last > 0 && step_has_outside_rows(steps, last, kv_lo, kv_hi)) {
+        zero_outside_v<D>(pp, steps, last, 1, kv_lo, kv_hi, lane);
+      }
+    }
+    return;
   }
-
-  // This thread's two query rows and their intervals; rows past the end see nothing.
-  const int row0 = q0 + 64 * wg + 16 * warp + grp, row1 = row0 + 8;
-  const int s0 = row0 < a.nq ? __ldg(a.kv_start + row0) : 0, e0 = row0 < a.nq ? __ldg(a.kv_end + row0) : 0;
-  const int s1 = row1 < a.nq ? __ldg(a.kv_start + row1) : 0, e1 = row1 < a.nq ? __ldg(a.kv_end + row1) : 0;
-  const float scale_log2 = a.scale * kLog2e;
-
-  float o[D / 2];  // m64 x D accumulator of this warpgroup
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY};  // running row max of the log2-scaled scores
-  float l[2] = {0.0f, 0.0f};            // running row sum (this thread's columns only)
-
-  sm90::mbar_wait(&bar_q, 0);
-  for (int it = 0; it < n_tiles; ++it) {
-    const int stage = it % kStages;
-    const uint32_t parity = (it / kStages) & 1;
-    const int n0 = n_begin + it * kBN;
-
-    // S = Q K^T (this warpgroup's 64 rows x 128 keys)
-    float s[kBN / 2];
-#pragma unroll
-    for (int i = 0; i < kBN / 2; ++i) s[i] = 0.0f;
-    sm90::mbar_wait(&bar_k[stage], parity);
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      sm90::wgmma_ss<T, kBN>(s, attn::desc_kmajor(q_smem, kBM, 64 * wg, kk),
-                             attn::desc_kmajor(k_smem + stage * S::kKVBytes, kBN, 0, kk), kk > 0);
-    }
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(s);
-
-    // Scale to log2 units; mask unless every query of the tile sees every key of this step.
-    const bool full = classify_tile(n0, kBN, kv_lo, kv_hi, full_lo, full_hi) == kTileFull;
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float x = s[4 * nt + c] * scale_log2;
-        if (!full) {
-          const int key = n0 + nt * 8 + tig * 2 + (c & 1);
-          const bool seen = c < 2 ? interval_visible(s0, e0, key) : interval_visible(s1, e1, key);
-          x = seen ? x : -INFINITY;
-        }
-        s[4 * nt + c] = x;
-      }
-    }
-
-    // Online softmax: a row's scores live in the 4 threads of a quad.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float sub = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen nothing yet
-      const float alpha = fast_exp2(m[r] - sub);
-      m[r] = m_new;
-      l[r] *= alpha;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[4 * dt + 2 * r] *= alpha;
-        o[4 * dt + 2 * r + 1] *= alpha;
-      }
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-        const float p0 = fast_exp2(s[4 * nt + 2 * r] - sub), p1 = fast_exp2(s[4 * nt + 2 * r + 1] - sub);
-        s[4 * nt + 2 * r] = p0;
-        s[4 * nt + 2 * r + 1] = p1;
-        l[r] += p0 + p1;
-      }
-    }
-    // P as wgmma A fragments: the k16 slice kk is n8 blocks 2 kk and 2 kk + 1.
-    uint32_t pf[kBN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-
-    sm90::mbar_wait(&bar_v[stage], parity);
-    if (n0 < kv_lo || n0 + kBN > kv_hi) {
-      // V rows no query of the tile sees may hold anything (NaN): P is 0 there, but 0 * NaN is
-      // not. Zero them (rows past the end of V are already 0 from TMA).
-      unsigned char* vt = base_ptr + S::kQBytes + (kStages + stage) * S::kKVBytes;
-      for (int i = tid; i < kBN * kPanels * 8; i += kThreads) {
-        const int row = i / (kPanels * 8), chunk = i % (kPanels * 8);
-        if (n0 + row < kv_lo || n0 + row >= kv_hi) {
-          unsigned char* at = vt + (chunk / 8) * kBN * 128 + row * 128 + (chunk % 8) * 16;
-          *reinterpret_cast<uint4*>(at) = make_uint4(0, 0, 0, 0);
-        }
-      }
-      sm90::fence_proxy_async();
-      __syncthreads();
-    }
-
-    // O += P V
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      sm90::wgmma_rs_tb<T, D>(o, pf[kk], attn::desc_mnmajor(v_smem + stage * S::kKVBytes, kBN, kk));
-    }
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(o);
-    sm90::fence_operands(pf);
-
-    __syncthreads();  // both warpgroups are done with this stage: refill it
-    if (tid == 0 && it + kStages < n_tiles) issue_kv(stage, n0 + kStages * kBN);
-  }
-
-  // Normalise and store: out in T, lse in natural log (-inf for a row that sees nothing).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int64_t row = r == 0 ? row0 : row1;
-    if (row >= a.nq) continue;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    T* out_row = static_cast<T*>(a.out) + (row * a.hq + h) * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(out_row + dt * 8 + tig * 2) =
-          pack2<T>(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
-    }
-    if (tig == 0) a.lse[static_cast<int64_t>(h) * a.nq + row] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
-  }
+  sm90::setmaxnreg_inc<kConsumerRegs>();
+  consume<T, D>(p, pp, steps, tile, h, kv_lo, kv_hi, wg - 1, warp, lane);
 }
 
 #endif  // TK_SM90_DEVICE_CODE
@@ -359,12 +605,17 @@ bool attention_sm90_supported(int device) {
     cudaGetLastError();
     return false;  // the kernel image is looked up on the current device
   }
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, attention_fwd_sm90_kernel<__half, 64>) != cudaSuccess) {
-    cudaGetLastError();
-    return false;  // no sm_90a code in this build
-  }
-  return attr.binaryVersion == 90;
+  // The image the runtime loads for this device: sm_90a code, or a plain sm_90 / PTX image whose
+  // kernel is empty (binaryVersion is 90 for both).
+  static const bool sm90a_image = [] {
+    int flag = 0;
+    if (cudaMemcpyFromSymbol(&flag, tk_attention_sm90a_image, sizeof(flag)) != cudaSuccess) {
+      cudaGetLastError();
+      return false;  // no image for this device in this build
+    }
+    return flag == 1;
+  }();
+  return sm90a_image;
 }
 
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& a, DType dtype, int head_dim, cudaStream_t stream) {

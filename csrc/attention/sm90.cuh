@@ -50,6 +50,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   } while (!done);
 }
 
+// One plain arrival (no transaction bytes): a consumer releasing a stage to the producer.
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
 // 3-D tiled TMA load of the box at coordinates (c0, c1, c2) (innermost first) into shared
 // memory; completes `bytes` of the barrier's transaction count. Out-of-range elements are 0.
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tensor_map, int c0, int c1, int c2,
@@ -64,6 +69,26 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tensor_map
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy accesses
 // (wgmma operand reads, TMA writes).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---------------------------------------------------------------------------------------------
+// named barriers (bar.sync / bar.arrive on hardware barrier id 1..15; 0 is __syncthreads) and
+// per-warpgroup register reallocation
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Every thread of the warpgroup executes these (.sync.aligned).
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
 
 // ---------------------------------------------------------------------------------------------
 // wgmma
