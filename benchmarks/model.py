@@ -243,6 +243,7 @@ def main(argv=None):
                          "and both baselines)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps per sampled image")
+    ap.add_argument("--no-sampling", action="store_true", help="time training only")
     ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary folder for --smoke)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -288,15 +289,16 @@ def main(argv=None):
                 row.update(check_losses(model, batch, sched, autocast, reference))
                 s = bench_training(model, batch, device, autocast, reps)
                 row.update(train_step_s=s, train_tokens_per_s=tokens / s)
-                model.eval()
-                if device.type == "cuda":
-                    model.to(dtype)
-                for cached in (True, False):
-                    s = bench_sampling(model, spec, device, dtype, cached, max(1, reps // 2))
-                    key = "cache" if cached else "no_cache"
-                    row[f"sample_{key}_s"], row[f"images_per_s_{key}"] = s, 1.0 / s
-                row["cache_speedup"] = row["sample_no_cache_s"] / row["sample_cache_s"]
-                model.float()
+                if not args.no_sampling:
+                    model.eval()
+                    if device.type == "cuda":
+                        model.to(dtype)
+                    for cached in (True, False):
+                        s = bench_sampling(model, spec, device, dtype, cached, max(1, reps // 2))
+                        key = "cache" if cached else "no_cache"
+                        row[f"sample_{key}_s"], row[f"images_per_s_{key}"] = s, 1.0 / s
+                    row["cache_speedup"] = row["sample_no_cache_s"] / row["sample_cache_s"]
+                    model.float()
         except Exception as e:  # noqa: BLE001 - record it and go on with the other methods
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             model.float()
