@@ -194,7 +194,7 @@ tk::DType check_attention(int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
 void attention_fwd_impl(bool sm90, uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
                         uintptr_t kv_start, uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq,
                         int hkv, int head_dim, Strides q_strides, Strides k_strides, Strides v_strides, double scale,
-                        const std::string& dtype, uintptr_t stream) {
+                        const std::string& dtype, uintptr_t stream, uintptr_t q_order) {
   const tk::DType dt = check_attention(nq, nk, hq, hkv, head_dim, dtype, {q_strides, k_strides, v_strides});
   if (nq == 0) return;
   require(out != 0 && lse != 0 && q != 0 && kv_start != 0 && kv_end != 0 && q_tiles != 0,
@@ -210,6 +210,7 @@ void attention_fwd_impl(bool sm90, uintptr_t out, uintptr_t lse, uintptr_t q, ui
   a.kv_start = as_ptr<const int32_t>(kv_start);
   a.kv_end = as_ptr<const int32_t>(kv_end);
   a.q_tiles = as_ptr<const int32_t>(q_tiles);
+  a.q_order = as_ptr<const int32_t>(q_order);  // 0: blockIdx order
   a.nq = nq;
   a.nk = nk;
   a.hq = hq;
@@ -230,24 +231,24 @@ void attention_fwd_impl(bool sm90, uintptr_t out, uintptr_t lse, uintptr_t q, ui
 void attention_fwd(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start,
                    uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
                    Strides q_strides, Strides k_strides, Strides v_strides, double scale, const std::string& dtype,
-                   uintptr_t stream) {
+                   uintptr_t stream, uintptr_t q_order) {
   attention_fwd_impl(false, out, lse, q, k, v, kv_start, kv_end, q_tiles, nq, nk, hq, hkv, head_dim, q_strides,
-                     k_strides, v_strides, scale, dtype, stream);
+                     k_strides, v_strides, scale, dtype, stream, q_order);
 }
 
 void attention_fwd_sm90(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start,
                         uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
                         Strides q_strides, Strides k_strides, Strides v_strides, double scale,
-                        const std::string& dtype, uintptr_t stream) {
+                        const std::string& dtype, uintptr_t stream, uintptr_t q_order) {
   attention_fwd_impl(true, out, lse, q, k, v, kv_start, kv_end, q_tiles, nq, nk, hq, hkv, head_dim, q_strides,
-                     k_strides, v_strides, scale, dtype, stream);
+                     k_strides, v_strides, scale, dtype, stream, q_order);
 }
 
 void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, uintptr_t dout, uintptr_t q,
                    uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kv_start, uintptr_t kv_end,
                    uintptr_t q_tiles, uintptr_t k_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
                    Strides q_strides, Strides k_strides, Strides v_strides, Strides o_strides, Strides do_strides,
-                   double scale, const std::string& dtype, uintptr_t stream,
+                   double scale, const std::string& dtype, uintptr_t stream, uintptr_t q_order, uintptr_t k_order,
                    uintptr_t dq_workspace) {
   const tk::DType dt =
       check_attention(nq, nk, hq, hkv, head_dim, dtype, {q_strides, k_strides, v_strides, o_strides, do_strides});
@@ -275,6 +276,8 @@ void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, 
   a.kv_end = as_ptr<const int32_t>(kv_end);
   a.q_tiles = as_ptr<const int32_t>(q_tiles);
   a.k_tiles = as_ptr<const int32_t>(k_tiles);
+  a.q_order = as_ptr<const int32_t>(q_order);  // 0: blockIdx order
+  a.k_order = as_ptr<const int32_t>(k_order);
   a.nq = nq;
   a.nk = nk;
   a.hq = hq;
@@ -369,16 +372,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_fwd", &attention_fwd, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"), py::arg("hq"),
         py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
-        py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::arg("scale"), py::arg("dtype"), py::arg("stream"), py::arg("q_order") = 0,
         "Interval-mask attention forward on mma.sync (sm_80+; fp16/bf16, head_dim 64/128): out [nq, hq, D] "
         "contiguous, lse [hq, nq] fp32; q_tiles = HybridMask.query_tiles(ATTENTION_BLOCK_M); strides as "
-        "(row, head) in elements.");
+        "(row, head) in elements; q_order: int32 [rows of q_tiles], the query tile of each block "
+        "(masks.heaviest_first(q_tiles)), 0 for blockIdx order.");
   m.def("attention_fwd_sm90", &attention_fwd_sm90, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"),
         py::arg("hq"), py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"),
-        py::arg("v_strides"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::arg("v_strides"), py::arg("scale"), py::arg("dtype"), py::arg("stream"), py::arg("q_order") = 0,
         "The same forward on wgmma with TMA loads (compute capability 9.0 and an sm_90a build only: see "
-        "attention_sm90_supported); q_tiles = HybridMask.query_tiles(ATTENTION_SM90_BLOCK_M).");
+        "attention_sm90_supported); q_tiles = HybridMask.query_tiles(ATTENTION_SM90_BLOCK_M), q_order its "
+        "tile order.");
   m.def("attention_sm90_supported", &attention_sm90_supported, py::arg("device"),
         "Whether attention_fwd_sm90 can run on this CUDA device (compute capability 9.0, sm_90a code in this "
         "build).");
@@ -387,12 +392,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("k_tiles"), py::arg("nq"),
         py::arg("nk"), py::arg("hq"), py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"),
         py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"), py::arg("do_strides"), py::arg("scale"),
-        py::arg("dtype"), py::arg("stream"),
+        py::arg("dtype"), py::arg("stream"), py::arg("q_order") = 0, py::arg("k_order") = 0,
         py::arg("dq_workspace") = 0,
         "Interval-mask attention backward on mma.sync (fp16/bf16, head_dim 64/128): dq [nq, hq, D], dk, dv "
         "[nk, hkv, D] contiguous (dk, dv summed over each kv head's query heads); scratch fp32 [2, hq, nq]; "
         "lse fp32 [hq, nq] contiguous; q_tiles = HybridMask.query_tiles(ATTENTION_BWD_BLOCK_M), k_tiles = "
-        "HybridMask.key_tiles(ATTENTION_BWD_BLOCK_N)."
+        "HybridMask.key_tiles(ATTENTION_BWD_BLOCK_N); q_order / k_order: int32 tile orders of q_tiles (dq "
+        "blocks) and k_tiles (dk/dv blocks), 0 for blockIdx order."
         " dq_workspace: 0, or fp32 [nq * hq * head_dim + hq * ceil(nq / ATTENTION_BWD_BLOCK_M)] on the "
         "device: then devices that run the sm_90a code take the wgmma backward (attention_bwd_sm90).");
 }

@@ -22,7 +22,7 @@
 
 namespace tk {
 
-constexpr int kAttentionBlockM = 64;       // forward (mma.sync): query rows per block (16 per warp, 4 warps)
+constexpr int kAttentionBlockM = 128;      // forward (mma.sync): query rows per block (32 per warp, 4 warps)
 constexpr int kAttentionBlockN = 64;       // forward (mma.sync): keys per step
 constexpr int kAttentionSm90BlockM = 128;  // forward (wgmma): query rows per block (64 per warpgroup, 2 warpgroups)
 constexpr int kAttentionBwdBlockM = 64;    // dq: query rows per block; table query_tiles(64)
@@ -37,8 +37,9 @@ struct AttentionFwdArgs {
   const int32_t* kv_start;  // [nq]
   const int32_t* kv_end;    // [nq]
   const int32_t* q_tiles;   // [ceil(nq / block_m), 4]: kv_lo, kv_hi, full_lo, full_hi
-  const int32_t* q_order;   // [ceil(nq / block_m)]: query tile of each blockIdx.x, heaviest first
-                            // (nullptr: blockIdx.x itself)
+  const int32_t* q_order;   // [ceil(nq / block_m)]: query tile of each block rank, heaviest first
+                            // (nullptr: the rank itself); attention_fwd runs block b as rank
+                            // b / hq, head b % hq (longest first over all heads' blocks)
   int64_t nq, nk;
   int hq, hkv;
   int64_t q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;
@@ -63,6 +64,8 @@ struct AttentionBwdArgs {
   const int32_t* k_tiles;   // [ceil(nk / kAttentionBwdBlockN), 4]: key_tiles(kAttentionBwdBlockN)
   const int32_t* q_order;   // [rows of q_tiles]: query tile of each dq block, heaviest first (nullptr: in order)
   const int32_t* k_order;   // [rows of k_tiles]: key tile of each dk/dv block, heaviest first (nullptr: in order)
+                            // attention_bwd runs dq block b as rank b / hq (head b % hq), dk/dv
+                            // block b as rank b / hkv (kv head b % hkv)
   int64_t nq, nk;
   int hq, hkv;
   int64_t q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride;

@@ -10,6 +10,8 @@
 //          group: dK, dV are summed over the group in registers, no atomics, K/V never copied.
 //   dq:    one block of 4 warps per (query tile of 64, query head), over the key steps of the
 //          query table's range [kv_lo, kv_hi): deterministic, no atomics.
+//   Blocks run (tile rank, head) with the head fastest, tile = k_order / q_order[rank] when
+//   given: the launch sequence is then longest first over all blocks, not per head.
 //
 // Per step, with P recomputed from lse: dV += P^T dO, dP = dO V^T, dS = P * (dP - delta),
 // dK += dS^T Q, dQ += dS K (dS in the scaled scores' units; dK, dQ scaled once at the end).
@@ -105,8 +107,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
   int32_t* kvs_s = reinterpret_cast<int32_t*>(delta_s + 2 * kBM);      // [2][kBM]
   int32_t* kve_s = kvs_s + 2 * kBM;                                    // [2][kBM]
 
-  const int tile = blockIdx.x;  // early key tiles are seen by the most queries: they start first
-  const int hk = blockIdx.y;
+  const int rank = blockIdx.x / a.hkv, hk = blockIdx.x % a.hkv;  // head fastest (see the header)
+  const int tile = a.k_order != nullptr ? __ldg(a.k_order + rank) : rank;
   const int group = a.hq / a.hkv;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, grp = lane / 4, tig = lane % 4;
   const int64_t n0 = static_cast<int64_t>(tile) * kBN;
@@ -307,8 +309,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   T* k_s = do_s + S::kRowsElems;        // [2][kBN * D]
   T* v_s = k_s + 2 * S::kStepElems;     // [2][kBN * D]
 
-  const int tile = gridDim.x - 1 - blockIdx.x;  // the longest (last, for causal masks) tiles first
-  const int h = blockIdx.y;
+  const int rank = blockIdx.x / a.hq, h = blockIdx.x % a.hq;  // head fastest (see the header)
+  const int tile = a.q_order != nullptr ? __ldg(a.q_order + rank) : rank;
   const int hk = h / (a.hq / a.hkv);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, grp = lane / 4, tig = lane % 4;
   const int64_t q0 = static_cast<int64_t>(tile) * kBM;
@@ -468,17 +470,15 @@ cudaError_t launch(const AttentionBwdArgs& a, cudaStream_t stream) {
   if (a.nk > 0) {
     constexpr size_t smem = DkdvShape<D>::kSmem;
     if ((err = set_smem(attention_bwd_dkdv_kernel<T, D>, smem)) != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>((a.nk + kAttentionBwdBlockN - 1) / kAttentionBwdBlockN),
-                    static_cast<unsigned>(a.hkv));
-    attention_bwd_dkdv_kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
+    const unsigned blocks = static_cast<unsigned>((a.nk + kAttentionBwdBlockN - 1) / kAttentionBwdBlockN * a.hkv);
+    attention_bwd_dkdv_kernel<T, D><<<blocks, kThreads, smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (a.nq > 0) {
     constexpr size_t smem = DqShape<D>::kSmem;
     if ((err = set_smem(attention_bwd_dq_kernel<T, D>, smem)) != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>((a.nq + kAttentionBwdBlockM - 1) / kAttentionBwdBlockM),
-                    static_cast<unsigned>(a.hq));
-    attention_bwd_dq_kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
+    const unsigned blocks = static_cast<unsigned>((a.nq + kAttentionBwdBlockM - 1) / kAttentionBwdBlockM * a.hq);
+    attention_bwd_dq_kernel<T, D><<<blocks, kThreads, smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -1,11 +1,19 @@
 // Interval-mask attention forward on mma.sync (sm_80+); the interface and tile tables are in attention.h.
+//
+// FlashAttention-2's shape: a block of 4 warps owns 128 query rows, 32 per warp as two m16 row
+// blocks, so every K / V fragment a warp loads with ldmatrix feeds 4 mma (two row blocks x two
+// n8 halves) instead of 2: half the shared-memory traffic per mma of 16 rows per warp. K/V
+// steps of 64 keys go through a ring of cp.async stages; each step is masked (interval test
+// per element) or FULL (every query of the tile sees every key: no mask arithmetic), after
+// attn::make_steps.
 #include "attention/attention.h"
 
 #include <math.h>
 
+#include <type_traits>
+
 #include "attention/layouts.cuh"
 #include "attention/tile_io.cuh"
-#include "common/interval_mask.cuh"
 #include "common/mma.cuh"
 
 namespace tk {
@@ -14,180 +22,275 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBM = kAttentionBlockM;
-constexpr int kBN = kAttentionBlockN;
-static_assert(kBM == 16 * kWarps, "one 16-row mma block per warp");
+constexpr int kRowBlocks = kBM / (16 * kWarps);  // m16 row blocks per warp
+static_assert(kRowBlocks == 2, "32 query rows per warp");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kMinScaleLog2 = 1.17549435e-38f;  // FLT_MIN
 
-// K/V rows outside the query tile's [kv_lo, kv_hi) are zero-filled (attn::load_rows): keys no
-// query of the tile sees contribute exact zeros to P V.
-template <typename T, int D, int ROWS>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int64_t r0, int64_t lo,
-                                          int64_t hi, int tid) {
-  attn::load_rows<T, D, ROWS, kThreads>(smem, g, row_stride, r0, lo, hi, tid);
+// A step's `masked` flag: a runtime bool, or a compile-time one (std::bool_constant) for a copy
+// of the step of its own.
+__device__ __forceinline__ bool is_masked(bool masked) { return masked; }
+template <bool B>
+__device__ __forceinline__ constexpr bool is_masked(std::bool_constant<B>) {
+  return B;
 }
+
+template <int D>
+struct FwdShape {
+  // Keys per step; D = 128 takes 32 (S in 32 registers next to O's 128: no spills at 64).
+  static constexpr int kBN = D <= 64 ? kAttentionBlockN : kAttentionBlockN / 2;
+  static constexpr int kStages = 2;           // K/V ring: step i + 1 loads while step i computes
+  static constexpr bool kQInRegs = D <= 64;   // D = 128: 64 more live registers would spill O and S
+  static constexpr bool kRowsInRegs = D <= 64;  // row intervals in registers; D = 128 re-reads them
+  // D = 64: a FULL and a masked copy of the step; D = 128: one copy, the mask behind a uniform
+  // branch (two copies spill on sm_90a).
+  static constexpr bool kTwoCopies = D <= 64;
+  static constexpr int kQElems = kBM * D, kStageElems = 2 * kBN * D;  // a stage: K then V
+  // Q, the K/V ring, then the tile's row intervals (kv_start, kv_end) as int2
+  static constexpr size_t kSmem = (kQElems + kStages * kStageElems) * 2 + kBM * 8;
+};
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionFwdArgs a) {
-  __shared__ alignas(16) T q_s[kBM * D];
-  __shared__ alignas(16) T k_s[kBN * D];
-  __shared__ alignas(16) T v_s[kBN * D];
+  using S = FwdShape<D>;
+  constexpr int kBN = S::kBN;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);
+  T* kv_s = q_s + S::kQElems;  // [kStages][K kBN * D, V kBN * D]
+  int2* iv_s = reinterpret_cast<int2*>(kv_s + S::kStages * S::kStageElems);  // [kBM]
 
-  const int tile = gridDim.x - 1 - blockIdx.x;  // the longest (last, for causal masks) tiles first
-  const int h = blockIdx.y;
+  // Blocks run (tile rank, head) with the head fastest: with q_order the launch sequence is
+  // longest first over every block, not per head.
+  const int rank = blockIdx.x / a.hq, h = blockIdx.x % a.hq;
+  const int tile = a.q_order != nullptr ? __ldg(a.q_order + rank) : rank;
   const int hk = h / (a.hq / a.hkv);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, group = lane / 4, tig = lane % 4;
   const int64_t q0 = static_cast<int64_t>(tile) * kBM;
 
   const int32_t* tt = a.q_tiles + 4 * tile;
-  const int kv_lo = __ldg(tt), kv_hi = __ldg(tt + 1), full_lo = __ldg(tt + 2), full_hi = __ldg(tt + 3);
-  const int n_begin = kv_lo < kv_hi ? (kv_lo / kBN) * kBN : 0;
-  const int n_end = kv_lo < kv_hi ? kv_hi : 0;
-
-  const T* qg = static_cast<const T*>(a.q) + h * a.q_head_stride;
+  const attn::Steps steps = attn::make_steps(__ldg(tt), __ldg(tt + 1), __ldg(tt + 2), __ldg(tt + 3), kBN);
+  // Keys outside [kv_lo, kv_hi) are seen by no query of the tile: zero-filled, never read (their
+  // V rows may hold NaN, and 0 * NaN is NaN).
+  const int64_t key_lo = __ldg(tt) > 0 ? __ldg(tt) : 0, key_hi = __ldg(tt + 1) < a.nk ? __ldg(tt + 1) : a.nk;
   const T* kg = static_cast<const T*>(a.k) + hk * a.k_head_stride;
   const T* vg = static_cast<const T*>(a.v) + hk * a.v_head_stride;
+  auto issue_step = [&](int j, int stage) {
+    const int n0 = steps.first + j * kBN;
+    T* dst = kv_s + stage * S::kStageElems;
+    attn::load_rows<T, D, kBN, kThreads>(dst, kg, a.k_row_stride, n0, key_lo, key_hi, tid);
+    attn::load_rows<T, D, kBN, kThreads>(dst + kBN * D, vg, a.v_row_stride, n0, key_lo, key_hi, tid);
+  };
 
-  const int64_t key_hi = n_end < a.nk ? n_end : a.nk;
-  load_tile<T, D, kBM>(q_s, qg, a.q_row_stride, q0, 0, a.nq, tid);
-  if (n_begin < n_end) load_tile<T, D, kBN>(k_s, kg, a.k_row_stride, n_begin, kv_lo, key_hi, tid);
+  // Commit groups: Q, then one per K/V step (empty past the last one, so the counts stay fixed).
+  attn::load_rows<T, D, kBM, kThreads>(q_s, static_cast<const T*>(a.q) + h * a.q_head_stride, a.q_row_stride, q0, 0,
+                                       a.nq, tid);
+  // Row intervals for the masked steps; rows past the end get (0, 0): they see nothing.
+  for (int i = tid; i < 2 * kBM; i += kThreads) {
+    const int64_t row = q0 + i / 2;
+    const bool valid = row < a.nq;
+    const int32_t* src = (i % 2 == 0 ? a.kv_start : a.kv_end) + (valid ? row : 0);
+    attn::cp_async_4(reinterpret_cast<int32_t*>(iv_s) + i, src, valid);
+  }
   cp_async_commit();
-
-  // This thread's two query rows (group and group + 8 of its warp's 16) and their intervals;
-  // rows past the end see nothing.
-  const int64_t row0 = q0 + warp * 16 + group, row1 = row0 + 8;
-  const int s0 = row0 < a.nq ? __ldg(a.kv_start + row0) : 0, e0 = row0 < a.nq ? __ldg(a.kv_end + row0) : 0;
-  const int s1 = row1 < a.nq ? __ldg(a.kv_start + row1) : 0, e1 = row1 < a.nq ? __ldg(a.kv_end + row1) : 0;
-  const float scale_log2 = a.scale * kLog2e;
-
-  float o[D / 8][4];
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY};  // running row max of the log2-scaled scores
-  float l[2] = {0.0f, 0.0f};            // running row sum (this thread's columns only)
-
-  cp_async_wait<0>();
-  __syncthreads();
-  // Q's A fragments: held in registers for D = 64; re-read from shared memory per step for
-  // D = 128, where 32 more live registers would push the O, S and Q state into spills.
-  constexpr bool kQInRegs = D <= 64;
-  const attn::FragLane fl = attn::make_frag_lane<D>(lane);
-  uint32_t qf[kQInRegs ? D / 16 : 1][4];
-  if constexpr (kQInRegs) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], q_s + attn::frag_a<D>(fl, warp * 16, kk));
+  for (int j = 0; j < S::kStages - 1; ++j) {
+    if (j < steps.count) issue_step(j, j);
+    cp_async_commit();
   }
 
-  for (int n0 = n_begin; n0 < n_end; n0 += kBN) {
-    // K(n0) is in k_s; fetch V(n0) while computing S = Q K^T.
-    load_tile<T, D, kBN>(v_s, vg, a.v_row_stride, n0, kv_lo, key_hi, tid);
-    cp_async_commit();
+  // This thread's 4 query rows: group and group + 8 of each of its warp's two row blocks.
+  const int row_in_tile = warp * 32 + group;
+  const int64_t row_base = q0 + row_in_tile;
+  // Probabilities are exp2(s * c - m * c) with c = |scale| log2(e): one FFMA per score. A
+  // negative scale negates Q instead (exact); c > 0 keeps -inf (masked) scores at -inf when
+  // the scale is 0 (all weights then exp2(~0) = 1: uniform, as the math says).
+  const float c = fmaxf(fabsf(a.scale) * kLog2e, kMinScaleLog2);
 
-    float s[kBN / 8][4];
+  float o[kRowBlocks][D / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+  for (int rb = 0; rb < kRowBlocks; ++rb) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[rb][dt][0] = o[rb][dt][1] = o[rb][dt][2] = o[rb][dt][3] = 0.0f;
+  }
+  float m[2 * kRowBlocks], l[2 * kRowBlocks];  // running row max (raw scores), this thread's row sums
+#pragma unroll
+  for (int r = 0; r < 2 * kRowBlocks; ++r) m[r] = -INFINITY, l[r] = 0.0f;
+
+  cp_async_wait<S::kStages - 1>();  // Q
+  if (a.scale < 0.0f) attn::negate_own_rows<D, kBM, kThreads>(q_s, tid);
+  __syncthreads();
+  const attn::FragLane fl = attn::make_frag_lane<D>(lane);
+  int2 iv_r[S::kRowsInRegs ? 2 * kRowBlocks : 1];
+  if constexpr (S::kRowsInRegs) {
+#pragma unroll
+    for (int r = 0; r < 2 * kRowBlocks; ++r) iv_r[r] = iv_s[row_in_tile + 8 * r];
+  }
+  uint32_t qf[kRowBlocks][S::kQInRegs ? D / 16 : 1][4];
+  if constexpr (S::kQInRegs) {
+#pragma unroll
+    for (int rb = 0; rb < kRowBlocks; ++rb) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[rb][kk], q_s + attn::frag_a<D>(fl, warp * 32 + rb * 16, kk));
+    }
+  }
+
+  // One step on the K/V tile at k_s, v_s covering keys [n0, n0 + kBN).
+  auto step = [&](auto masked, const T* k_s, const T* v_s, int n0) {
+    // S = Q K^T: each K fragment serves both row blocks.
+    float s[kRowBlocks][kBN / 8][4];
+#pragma unroll
+    for (int rb = 0; rb < kRowBlocks; ++rb) {
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) s[rb][nt][0] = s[rb][nt][1] = s[rb][nt][2] = s[rb][nt][3] = 0.0f;
+    }
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t qk[4];
-      if constexpr (!kQInRegs) ldmatrix_x4(qk, q_s + attn::frag_a<D>(fl, warp * 16, kk));
-      const uint32_t(&a_frag)[4] = kQInRegs ? qf[kk] : qk;
+      uint32_t qa[kRowBlocks][4];
+      if constexpr (!S::kQInRegs) {
+#pragma unroll
+        for (int rb = 0; rb < kRowBlocks; ++rb) ldmatrix_x4(qa[rb], q_s + attn::frag_a<D>(fl, warp * 32 + rb * 16, kk));
+      }
 #pragma unroll
       for (int np = 0; np < kBN / 16; ++np) {
         uint32_t b[4];
         ldmatrix_x4(b, k_s + attn::frag_b<D>(fl, np * 16, kk));
-        mma_16816<T>(s[2 * np], a_frag, b[0], b[1]);
-        mma_16816<T>(s[2 * np + 1], a_frag, b[2], b[3]);
-      }
-    }
-
-    // Scale to log2 units; mask unless every query of the tile sees every key of this step.
-    const bool full = classify_tile(n0, kBN, kv_lo, kv_hi, full_lo, full_hi) == kTileFull;
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float x = s[nt][c] * scale_log2;
-        if (!full) {
-          const int key = n0 + nt * 8 + tig * 2 + (c & 1);
-          const bool seen = c < 2 ? interval_visible(s0, e0, key) : interval_visible(s1, e1, key);
-          x = seen ? x : -INFINITY;
+        for (int rb = 0; rb < kRowBlocks; ++rb) {
+          const uint32_t(&af)[4] = S::kQInRegs ? qf[rb][S::kQInRegs ? kk : 0] : qa[rb];
+          mma_16816<T>(s[rb][2 * np], af, b[0], b[1]);
+          mma_16816<T>(s[rb][2 * np + 1], af, b[2], b[3]);
         }
-        s[nt][c] = x;
       }
     }
-
-    // Online softmax: a row's 64 scores live in the 4 threads of a quad.
+    if (is_masked(masked)) {  // 32-bit interval test; invisible scores become -inf
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
+      for (int r = 0; r < 2 * kRowBlocks; ++r) {
+        const int2 iv = S::kRowsInRegs ? iv_r[S::kRowsInRegs ? r : 0] : iv_s[row_in_tile + 8 * r];
 #pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen nothing yet
-      const float alpha = fast_exp2(m[r] - base);
-      m[r] = m_new;
-      l[r] *= alpha;
+        for (int nt = 0; nt < kBN / 8; ++nt) {
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * r] *= alpha;
-        o[dt][2 * r + 1] *= alpha;
-      }
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-        const float p0 = fast_exp2(s[nt][2 * r] - base), p1 = fast_exp2(s[nt][2 * r + 1] - base);
-        s[nt][2 * r] = p0;
-        s[nt][2 * r + 1] = p1;
-        l[r] += p0 + p1;
+          for (int e = 0; e < 2; ++e) {
+            const int key = n0 + nt * 8 + tig * 2 + e;
+            float& x = s[r / 2][nt][2 * (r % 2) + e];
+            x = iv.x <= key && key < iv.y ? x : -INFINITY;
+          }
+        }
       }
     }
-
-    // V(n0) arrived and every warp is done with k_s: prefetch K(n0 + kBN) during O += P V.
-    cp_async_wait<0>();
-    __syncthreads();
-    if (n0 + kBN < n_end) load_tile<T, D, kBN>(k_s, kg, a.k_row_stride, n0 + kBN, kv_lo, key_hi, tid);
-    cp_async_commit();
-
+    // Online softmax: a row's kBN scores live in the 4 threads of a quad.
+#pragma unroll
+    for (int rb = 0; rb < kRowBlocks; ++rb) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = 2 * rb + half;
+        float mx = m[r];
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[rb][nt][2 * half], s[rb][nt][2 * half + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mc = mx == -INFINITY ? 0.0f : mx * c;  // a row that has seen nothing yet
+        const float alpha = fast_exp2(fmaf(m[r], c, -mc));
+        m[r] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) {
+          const float p0 = fast_exp2(fmaf(s[rb][nt][2 * half], c, -mc));
+          const float p1 = fast_exp2(fmaf(s[rb][nt][2 * half + 1], c, -mc));
+          s[rb][nt][2 * half] = p0;
+          s[rb][nt][2 * half + 1] = p1;
+          sum += p0 + p1;
+        }
+        l[r] = l[r] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[rb][dt][2 * half] *= alpha;
+          o[rb][dt][2 * half + 1] *= alpha;
+        }
+      }
+    }
+    // O += P V: P from the S registers, each V fragment serves both row blocks.
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pa[kRowBlocks][4];
+#pragma unroll
+      for (int rb = 0; rb < kRowBlocks; ++rb) {
+        pa[rb][0] = pack2<T>(s[rb][2 * kk][0], s[rb][2 * kk][1]);
+        pa[rb][1] = pack2<T>(s[rb][2 * kk][2], s[rb][2 * kk][3]);
+        pa[rb][2] = pack2<T>(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
+        pa[rb][3] = pack2<T>(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, v_s + attn::frag_bt<D>(fl, kk * 16, dp));
-        mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
-        mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
+#pragma unroll
+        for (int rb = 0; rb < kRowBlocks; ++rb) {
+          mma_16816<T>(o[rb][2 * dp], pa[rb], b[0], b[1]);
+          mma_16816<T>(o[rb][2 * dp + 1], pa[rb], b[2], b[3]);
+        }
       }
     }
-    // K(n0 + kBN) arrived and every warp is done with v_s.
-    cp_async_wait<0>();
+  };
+
+  int stage = 0;
+  for (int j = 0; j < steps.count; ++j) {
+    // Step j's K/V landed, and every warp is done with step j - 1: its stage takes step
+    // j + kStages - 1.
+    cp_async_wait<S::kStages - 2>();
     __syncthreads();
+    const int ahead = j + S::kStages - 1;
+    if (ahead < steps.count) issue_step(ahead, ahead % S::kStages);
+    cp_async_commit();
+    const T* k_s = kv_s + stage * S::kStageElems;
+    const int n0 = steps.first + j * kBN;
+    const bool masked = !attn::step_is_full(steps, n0);
+    if constexpr (S::kTwoCopies) {
+      if (masked) {
+        step(std::true_type{}, k_s, k_s + kBN * D, n0);
+      } else {
+        step(std::false_type{}, k_s, k_s + kBN * D, n0);
+      }
+    } else {
+      step(masked, k_s, k_s + kBN * D, n0);
+    }
+    stage = stage + 1 == S::kStages ? 0 : stage + 1;
   }
+  cp_async_wait<0>();  // retires the trailing (empty) groups
 
   // Normalise and store: out in T, lse in natural log (-inf for a row that sees nothing).
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int64_t row = r == 0 ? row0 : row1;
-    if (row >= a.nq) continue;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    T* out_row = static_cast<T*>(a.out) + (row * a.hq + h) * D;
+  for (int rb = 0; rb < kRowBlocks; ++rb) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(out_row + dt * 8 + tig * 2) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    for (int half = 0; half < 2; ++half) {
+      const int r = 2 * rb + half;
+      float sum = l[r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int64_t row = row_base + 8 * r;
+      if (row >= a.nq) continue;
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      T* out_row = static_cast<T*>(a.out) + (row * a.hq + h) * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(out_row + dt * 8 + tig * 2) =
+            pack2<T>(o[rb][dt][2 * half] * inv, o[rb][dt][2 * half + 1] * inv);
+      }
+      if (tig == 0) {
+        a.lse[static_cast<int64_t>(h) * a.nq + row] = sum > 0.0f ? (m[r] * c + log2f(sum)) * kLn2 : -INFINITY;
+      }
     }
-    if (tig == 0) a.lse[static_cast<int64_t>(h) * a.nq + row] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
   }
 }
 
 template <typename T, int D>
 cudaError_t launch(const AttentionFwdArgs& a, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((a.nq + kBM - 1) / kBM), static_cast<unsigned>(a.hq));
-  attention_fwd_kernel<T, D><<<grid, kThreads, 0, stream>>>(a);
+  constexpr size_t smem = FwdShape<D>::kSmem;
+  cudaError_t err = cudaFuncSetAttribute(attention_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const unsigned blocks = static_cast<unsigned>((a.nq + kBM - 1) / kBM * a.hq);
+  attention_fwd_kernel<T, D><<<blocks, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -32,5 +32,19 @@ __device__ __forceinline__ void load_rows(T* smem, const T* g, int64_t row_strid
   }
 }
 
+// Negates (flips the sign bit of) the 16-bit elements this thread copied with the same
+// load_rows call, once its copies have landed: no other thread's data, so no barrier of its own.
+template <int D, int ROWS, int THREADS, typename T>
+__device__ __forceinline__ void negate_own_rows(T* smem, int tid) {
+  constexpr int kChunks = D / 8;
+  constexpr int kRowsPerRound = THREADS / kChunks;
+  uint4* dst = reinterpret_cast<uint4*>(smem + swizzle<D>(tid / kChunks, tid % kChunks));
+#pragma unroll
+  for (int it = 0; it < ROWS / kRowsPerRound; ++it) {
+    uint4& x = dst[it * kRowsPerRound * D / 8];
+    x.x ^= 0x80008000u, x.y ^= 0x80008000u, x.z ^= 0x80008000u, x.w ^= 0x80008000u;
+  }
+}
+
 }  // namespace attn
 }  // namespace tk

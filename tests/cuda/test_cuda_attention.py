@@ -28,6 +28,7 @@ import transfusion_kernels as tk
 from tests.cuda.conftest import CSRC, NVCC, ptxas_report
 from tests.layouts import LAYOUTS, naive_dense, random_layout
 from transfusion_kernels.backends import load_extension
+from transfusion_kernels.masks import heaviest_first
 
 GPU = torch.cuda.is_available() and load_extension()[0] is not None
 gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device and the built transfusion_kernels._C")
@@ -355,7 +356,7 @@ EMU_MODES = {  # kernel source -> the driver modes that run it (attention_host/d
     "attention_bwd_sm90.cu": ("bwd_sm90",),
 }
 KERNEL_SOURCES = tuple(EMU_MODES)
-EMU_BLOCK_M = {"fwd_mma": 64, "fwd_sm90": 128, "bwd": 64, "bwd_sm90": 64}  # query tile of each mode's tables
+EMU_BLOCK_M = {"fwd_mma": 128, "fwd_sm90": 128, "bwd": 64, "bwd_sm90": 64}  # query tile of each mode's tables
 # Schedules of the asynchronous emulation (EMU_SEED): where threads yield, how late TMA lands.
 EMU_SCHEDULES = (1, 2)
 
@@ -421,9 +422,11 @@ class EmulationError(AssertionError):
     """The driver failed: an emulation error (race, protocol), a deadlock report or a timeout."""
 
 
-def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None, schedule=1, timeout=300):
+def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None, ordered=False, schedule=1,
+            timeout=300):
     """Runs the driver (attention_host/driver.cpp) under the schedule `schedule`: forward -> (out, lse),
-    bwd -> (dq, dk, dv)."""
+    bwd -> (dq, dk, dv). ordered: blocks take their tiles heaviest first (q_order.bin, k_order.bin),
+    else in blockIdx order."""
     nq, hq, d = q.shape
     nk, hkv = k.shape[:2]
     views = []
@@ -435,8 +438,14 @@ def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None
         views.append(f"{offset} {rs} {hs}")
     for name, t in (("kv_start", mask.kv_start), ("kv_end", mask.kv_end)):
         (work / f"{name}.bin").write_bytes(t.to(torch.int32).numpy().tobytes())
-    (work / "q_tiles.bin").write_bytes(mask.query_tiles(EMU_BLOCK_M[mode]).numpy().tobytes())
+    block = EMU_BLOCK_M[mode]
+    (work / "q_tiles.bin").write_bytes(mask.query_tiles(block).numpy().tobytes())
     (work / "k_tiles.bin").write_bytes(mask.key_tiles(64).numpy().tobytes())
+    for name, table in (("q_order", mask.query_tiles(block)), ("k_order", mask.key_tiles(64))):
+        if ordered:
+            (work / f"{name}.bin").write_bytes(heaviest_first(table).numpy().tobytes())
+        else:
+            (work / f"{name}.bin").unlink(missing_ok=True)
     if lse is not None:
         (work / "lse.bin").write_bytes(lse.contiguous().numpy().tobytes())
     dt = 1 if q.dtype == torch.float16 else 2
@@ -493,16 +502,20 @@ EMU_CASES = {  # name -> (mask builder, hq, hkv, d, dtype, strided)
     "gqa-8to1-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 8, 1, 64, torch.float16,
                          False),
 }
+# Cases whose blocks take their tiles heaviest first (the order cuda.prepare passes), the others
+# in blockIdx order.
+ORDERED_EMU_CASES = {"spans_cross_tiles-gqa-d64-f16", "several_documents-strided-d128-bf16",
+                     "long-documents-gqa-d64-bf16"}
 
 
-def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300):
+def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300, ordered=False, scale=None):
     """Runs `modes` on EMU_CASES[case] (inputs from data_seed): out, lse, dq, dk, dv against the
     float64 oracle under the 2x rule. Raises AssertionError (EmulationError for a failed run)."""
     torch.manual_seed(data_seed)
     build, hq, hkv, d, dtype, strided = EMU_CASES[case]
     mask, seen = build()
     nq, nk = mask.num_queries, mask.num_keys
-    scale = d ** -0.5
+    scale = d ** -0.5 if scale is None else scale
     if strided:
         assert nq == nk
         q, k, v = _strided_qkv(nq, hq, hkv, d, dtype)
@@ -525,7 +538,7 @@ def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300):
     # The backward gets the forward's stored results as the oracle rounds them: its check does not
     # depend on a forward kernel.
     out, lse = ref_out.detach().to(dtype), ref_lse.detach().float()
-    run = dict(schedule=schedule, timeout=timeout)
+    run = dict(ordered=ordered, schedule=schedule, timeout=timeout)
     for mode in modes:
         if not mode.startswith("bwd"):
             got_out, got_lse = emulate(exe, work, mode, mask, q, k, v, scale, **run)
@@ -553,7 +566,15 @@ def test_kernels_under_emulation(emulator, tmp_path, case, schedule, seed):
     guard words; shared-memory reads outside the launch's allocation, unwritten or in-flight
     shared memory (NaN) and protocol errors fail."""
     modes = [m for name in KERNEL_SOURCES for m in EMU_MODES[name]]
-    emulation_check(emulator, tmp_path, case, modes, schedule, seed)
+    emulation_check(emulator, tmp_path, case, modes, schedule, seed, ordered=case in ORDERED_EMU_CASES)
+
+
+@pytest.mark.parametrize("case,scale", [("several_documents-strided-d128-bf16", -0.3), ("gqa-8to1-d64-f16", 0.0)])
+def test_kernels_at_negative_and_zero_scale(emulator, tmp_path, case, scale, seed):
+    """softmax_scale < 0 and = 0 are plain math (tests/test_hardening.py), though the forwards fold
+    the scale into their exp2 FFMA (the mma.sync one negates Q for a negative scale)."""
+    modes = [m for name in KERNEL_SOURCES for m in EMU_MODES[name]]
+    emulation_check(emulator, tmp_path, case, modes, 1, seed, scale=scale)
 
 
 # ---- bindings: argument checks before any device work ----------------------------------------
@@ -857,6 +878,20 @@ def test_policy_without_a_gpu(monkeypatch):
         assert (tables, blocks) == reference.prepare(mask, q, q)
 
 
+def test_tile_orders_without_a_gpu():
+    """Each kernel's tile order: prepare's (tables[3:]) checked against its table, or built from it
+    (heaviest first: the last tiles of a causal sequence see the most keys)."""
+    from transfusion_kernels.attention import cuda as tkc
+
+    t = tk.HybridMask.causal(torch.tensor([0, 300], dtype=torch.int32)).query_tiles(128)
+    table, order = tkc._table_and_order([t, t, t], 0, 300, 128, t.device, "the table")
+    assert table is t and order.dtype == torch.int32 and order.tolist() == [2, 1, 0]
+    assert tkc._table_and_order([t] * 3 + [order] * 3, 0, 300, 128, t.device, "the table")[1] is order
+    for bad in (order.long(), order[:2], order.view(1, 3)):
+        with pytest.raises(ValueError, match="tile order"):
+            tkc._table_and_order([t] * 3 + [bad] * 3, 0, 300, 128, t.device, "the table")
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 64), (torch.float16, 96)])
@@ -887,7 +922,11 @@ def test_bad_tables_are_rejected():
         tkc.forward(q, k, k, mask.kv_start, mask.kv_end, wrong, blocks, 0.125)
     with pytest.raises(ValueError, match="blocks"):
         tkc.forward(q, k, k, mask.kv_start, mask.kv_end, tables, [96] + blocks[1:], 0.125)
+    with pytest.raises(ValueError, match="tile order"):  # orders are int32, one entry per tile
+        tkc.forward(q, k, k, mask.kv_start, mask.kv_end, tables[:3] + [tables[3].long()] + tables[4:], blocks, 0.125)
     out, lse = tkc.forward(q, k, k, mask.kv_start, mask.kv_end, tables, blocks, 0.125)
+    with pytest.raises(ValueError, match="tile order"):
+        tkc.backward(q, q, k, k, out, lse, mask.kv_start, mask.kv_end, tables[:5] + [tables[5][:-1]], blocks, 0.125)
     with pytest.raises(ValueError, match="tables"):
         tkc.backward(q, q, k, k, out, lse, mask.kv_start, mask.kv_end, tables[:2] + [mask.key_tiles(32)], blocks, 0.125)
 

@@ -7,22 +7,24 @@ Kernels (fp16 / bf16, head dims 64 and 128, GQA, any row/head strides):
   the key tiles of each query tile's ``[kv_lo, kv_hi)``, FULL tiles without mask arithmetic):
 
   - ``"wgmma"``: warpgroup MMA with TMA loads of K/V tiles and an mbarrier pipeline
-    (``attention_fwd_sm90.cu``), query tiles of 128 (``ATTENTION_SM90_BLOCK_M``). Runs on devices
+    (``attention_fwd_sm90.cu``), query tiles of ``ATTENTION_SM90_BLOCK_M`` (128). Runs on devices
     of compute capability 9.0 (H100/H200) when the extension was built with sm_90a;
-  - ``"mma"``: mma.sync m16n8k16 with cp.async (``attention_fwd.cu``), query tiles of 64, on
-    every device from sm_80.
+  - ``"mma"``: mma.sync m16n8k16 with cp.async (``attention_fwd.cu``), query tiles of
+    ``ATTENTION_BLOCK_M`` (128, 32 rows per warp), on every device from sm_80.
 
-  ``prepare`` picks ``"wgmma"`` where it can run, else ``"mma"``; the environment variable
-  ``TRANSFUSION_CUDA_ATTENTION_FWD`` (``auto`` | ``mma`` | ``wgmma``, read by ``prepare``) forces
-  one (``wgmma`` where it cannot run raises ``ValueError``). The choice travels to ``forward`` as
-  the forward table's block size, ``blocks[0]``.
+  ``"wgmma"`` runs where it can, else ``"mma"``; the environment variable
+  ``TRANSFUSION_CUDA_ATTENTION_FWD`` (``auto`` | ``mma`` | ``wgmma``, read by ``prepare`` and
+  ``forward``) forces one (``wgmma`` where it cannot run raises ``ValueError``). ``blocks[0]`` is
+  the chosen forward's block size (``forward`` checks it).
 * backward on mma.sync (``attention_bwd.cu``): delta = rowsum(dO * O), then dk/dv per key tile
   of 64 over the key table's query range (summed over the GQA group in registers) and dq per
   query tile of 64: deterministic, no atomics. On sm_90a devices, the wgmma backward
   (``attention_bwd_sm90.cu``) instead: dk/dv per key tile with each step's dQ share summed in
   fp32 in a fixed order (deterministic), no second P recomputation.
 
-``tables`` = [forward query tiles, dq query tiles (64), dk/dv key tiles (64)]; ``blocks`` =
+``tables`` = [forward query tiles, dq query tiles (64), dk/dv key tiles (64)] + the order in which
+each kernel's blocks take those tiles (``masks.heaviest_first``: longest first, so that the long
+tiles do not end in the last wave; block i of a head processes tile order[i]); ``blocks`` =
 [forward block_m, 64, 64].
 
 Inputs the kernels do not cover (float32, head dims other than 64 and 128): by default the
@@ -43,6 +45,7 @@ import torch
 
 from transfusion_kernels.attention import reference
 from transfusion_kernels.backends import BackendUnavailableError, _info, load_extension
+from transfusion_kernels.masks import heaviest_first
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _HEAD_DIMS = (64, 128)
@@ -148,6 +151,23 @@ def _check_table(t: torch.Tensor, n: int, block: int, device, what: str) -> None
         )
 
 
+def _table_and_order(tables: list, i: int, n: int, block: int, device, what: str):
+    """tables[i] checked against n tokens and the block size, and its tile order (tables[i + 3]
+    when prepare's 6 tensors are given, else built here)."""
+    if len(tables) not in (3, 6):
+        raise ValueError(f"tables must be the list prepare(mask, q, k) returns (6 tensors), got {len(tables)}")
+    t = tables[i]
+    _check_table(t, n, block, device, what)
+    order = tables[i + 3] if len(tables) == 6 else heaviest_first(t)
+    rows = t.shape[0]
+    if order.shape != (rows,) or order.dtype != torch.int32 or order.device != device or not order.is_contiguous():
+        raise ValueError(
+            f"tables[{i + 3}]: the tile order of {what} must be contiguous int32 [{rows}] on {device}, got "
+            f"{order.dtype} {list(order.shape)} on {order.device}; build it with prepare(mask, q, k)"
+        )
+    return t, order
+
+
 def _ints(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int32).contiguous()
 
@@ -160,8 +180,9 @@ def _stream(device) -> int:
 # the backend contract
 # ----------------------------------------------------------------------------------------------
 def prepare(mask, q, k):
-    """Kernel inputs: tables [forward query tiles, dq query tiles, dk/dv key tiles] and their
-    block sizes; the fallback backend's tables for inputs the kernels do not cover."""
+    """Kernel inputs: tables [forward query tiles, dq query tiles, dk/dv key tiles, and their
+    tile orders] and block sizes; the fallback backend's tables for inputs the kernels do not
+    cover."""
     ext = _extension()
     if not kernel_supports(q):
         mod, takes_tables = _fallback(q)
@@ -170,7 +191,7 @@ def prepare(mask, q, k):
     blocks = [fwd_bm, ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]
     tables = [mask.query_tiles(blocks[0]), mask.query_tiles(blocks[1]), mask.key_tiles(blocks[2])]
     tables = [t.to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
-    return tables, blocks
+    return tables + [heaviest_first(t) for t in tables], blocks
 
 
 def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
@@ -180,15 +201,15 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
         return mod.forward(q, k, v, kv_start, kv_end, *((tables, blocks) if takes_tables else ([], [])), scale)
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
-    sm90 = blocks[0] == ext.ATTENTION_SM90_BLOCK_M
-    if sm90 and not sm90_supported(q.device):
-        raise ValueError(f"blocks[0] = {blocks[0]} selects the wgmma forward, which {q.device} cannot run")
-    if not sm90 and blocks[0] != ext.ATTENTION_BLOCK_M:
+    kernel = forward_kernel(q.device)
+    sm90 = kernel == "wgmma"
+    block_m = ext.ATTENTION_SM90_BLOCK_M if sm90 else ext.ATTENTION_BLOCK_M
+    if blocks[0] != block_m:
         raise ValueError(
-            f"blocks[0] must be {ext.ATTENTION_BLOCK_M} (mma forward) or {ext.ATTENTION_SM90_BLOCK_M} (wgmma "
-            f"forward), got {blocks[0]}; build tables and blocks with prepare(mask, q, k)"
+            f"blocks[0] must be {block_m} (the {kernel} forward's query tile on {q.device}), got {blocks[0]}; "
+            "build tables and blocks with prepare(mask, q, k)"
         )
-    _check_table(tables[0], nq, blocks[0], q.device, "tables[0] (forward query tiles)")
+    q_tiles, q_order = _table_and_order(tables, 0, nq, blocks[0], q.device, "tables[0] (forward query tiles)")
     q, k, v = (_kernel_ready(t) for t in (q, k, v))
     if sm90:
         q, k, v = (_tma_ready(t) for t in (q, k, v))
@@ -198,8 +219,9 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
         with torch.cuda.device(q.device):
             (ext.attention_fwd_sm90 if sm90 else ext.attention_fwd)(
                 out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                _ints(kv_start).data_ptr(), _ints(kv_end).data_ptr(), tables[0].data_ptr(), nq, nk, hq, hkv, d,
+                _ints(kv_start).data_ptr(), _ints(kv_end).data_ptr(), q_tiles.data_ptr(), nq, nk, hq, hkv, d,
                 _strides(q), _strides(k), _strides(v), float(scale), _DTYPE_NAMES[q.dtype], _stream(q.device),
+                q_order.data_ptr(),
             )
     return out, lse
 
@@ -217,8 +239,8 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
             f"blocks[1:3] must be [{ext.ATTENTION_BWD_BLOCK_M}, {ext.ATTENTION_BWD_BLOCK_N}], got {list(blocks[1:3])}; "
             "build tables and blocks with prepare(mask, q, k)"
         )
-    _check_table(tables[1], nq, blocks[1], q.device, "tables[1] (dq query tiles)")
-    _check_table(tables[2], nk, blocks[2], q.device, "tables[2] (dk/dv key tiles)")
+    q_tiles, q_order = _table_and_order(tables, 1, nq, blocks[1], q.device, "tables[1] (dq query tiles)")
+    k_tiles, k_order = _table_and_order(tables, 2, nk, blocks[2], q.device, "tables[2] (dk/dv key tiles)")
     q, k, v, out, dout = (_kernel_ready(t) for t in (q, k, v, out, dout))
     lse = lse.to(torch.float32).contiguous()
     dq = _empty((nq, hq, d), q.dtype, q.device)
@@ -235,9 +257,9 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
             ext.attention_bwd(
                 dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), dout.data_ptr(), q.data_ptr(),
                 k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ints(kv_start).data_ptr(),
-                _ints(kv_end).data_ptr(), tables[1].data_ptr(), tables[2].data_ptr(), nq, nk, hq, hkv, d,
+                _ints(kv_end).data_ptr(), q_tiles.data_ptr(), k_tiles.data_ptr(), nq, nk, hq, hkv, d,
                 _strides(q), _strides(k), _strides(v), _strides(out), _strides(dout), float(scale),
-                _DTYPE_NAMES[q.dtype], _stream(q.device),
+                _DTYPE_NAMES[q.dtype], _stream(q.device), q_order.data_ptr(), k_order.data_ptr(),
                 dq_workspace=0 if workspace is None else workspace.data_ptr(),
             )
     return dq, dk, dv

@@ -86,7 +86,11 @@ int main(int argc, char** argv) {
   Buffer v = Buffer::from(read_file(dir + "v.bin"));
   Buffer kvs = Buffer::from(read_file(dir + "kv_start.bin")), kve = Buffer::from(read_file(dir + "kv_end.bin"));
   Buffer qt = Buffer::from(read_file(dir + "q_tiles.bin"));
-  for (Buffer* b : {&q, &k, &v, &kvs, &kve, &qt}) b->expose();
+  // DIR/q_order.bin (optional): the query tile of each forward / dq block
+  std::ifstream has_q_order(dir + "q_order.bin");
+  Buffer q_order = has_q_order ? Buffer::from(read_file(dir + "q_order.bin")) : Buffer::of(0, 0);
+  for (Buffer* b : {&q, &k, &v, &kvs, &kve, &qt, &q_order}) b->expose();
+  const int32_t* q_order_ptr = q_order.bytes ? reinterpret_cast<const int32_t*>(q_order.data()) : nullptr;
   auto at = [](Buffer& b, const View& view) { return b.data() + 2 * view.offset; };
 
   cudaError_t err;
@@ -102,6 +106,7 @@ int main(int argc, char** argv) {
     a.kv_start = reinterpret_cast<const int32_t*>(kvs.data());
     a.kv_end = reinterpret_cast<const int32_t*>(kve.data());
     a.q_tiles = reinterpret_cast<const int32_t*>(qt.data());
+    a.q_order = q_order_ptr;
     a.nq = nq, a.nk = nk, a.hq = hq, a.hkv = hkv;
     a.q_row_stride = q_v.row_stride, a.q_head_stride = q_v.head_stride;
     a.k_row_stride = k_v.row_stride, a.k_head_stride = k_v.head_stride;
@@ -142,6 +147,7 @@ int main(int argc, char** argv) {
     a.kv_end = reinterpret_cast<const int32_t*>(kve.data());
     a.q_tiles = reinterpret_cast<const int32_t*>(qt.data());
     a.k_tiles = reinterpret_cast<const int32_t*>(kt.data());
+    a.q_order = q_order_ptr;
     a.nq = nq, a.nk = nk, a.hq = hq, a.hkv = hkv;
     a.q_row_stride = q_v.row_stride, a.q_head_stride = q_v.head_stride;
     a.k_row_stride = k_v.row_stride, a.k_head_stride = k_v.head_stride;
