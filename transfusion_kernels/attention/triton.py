@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,58 +46,119 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Block configuration
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Config:
-    """Block sizes (the tile tables depend on them) and launch parameters of the three kernels.
+class KernelConfig:
+    """Tile shape and launch parameters of one kernel: ``block_m`` query rows and ``block_n`` key
+    rows per tile or loop step (which of the two is the program's tile depends on the kernel)."""
 
-    ``blocks`` order, as handed from ``prepare`` to ``forward``/``backward``:
-    (fwd query tile, fwd key step, dk/dv key tile, dk/dv query step, dq query tile, dq key step).
-    """
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
 
-    block_m: int  # forward: query tile (rows of mask.query_tiles)
-    block_n: int  # forward: key step
-    fwd_warps: int
-    fwd_stages: int
-    kv_block_n: int  # dk/dv: key tile (rows of mask.key_tiles)
-    kv_block_m: int  # dk/dv: query step
-    kv_warps: int
-    kv_stages: int
-    dq_block_m: int  # dq: query tile (rows of mask.query_tiles)
-    dq_block_n: int  # dq: key step
-    dq_warps: int
-    dq_stages: int
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            b = getattr(self, name)
+            if not isinstance(b, int) or b < 16 or b & (b - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+        if not isinstance(self.warps, int) or self.warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {self.warps!r}")
+        if not isinstance(self.stages, int) or not 1 <= self.stages <= 8:
+            raise ValueError(f"stages must be in [1, 8], got {self.stages!r}")
 
-    @property
-    def blocks(self) -> list[int]:
-        return [self.block_m, self.block_n, self.kv_block_n, self.kv_block_m, self.dq_block_m, self.dq_block_n]
 
-    def with_blocks(self, *blocks: int) -> "Config":
-        """The same launch parameters with other block sizes (in ``blocks`` order)."""
-        if len(blocks) != 6 or any(b < 16 or b & (b - 1) for b in blocks):
-            raise ValueError(f"blocks must be 6 powers of two >= 16, got {list(blocks)}")
-        names = ("block_m", "block_n", "kv_block_n", "kv_block_m", "dq_block_m", "dq_block_n")
-        return dataclasses.replace(self, **dict(zip(names, blocks)))
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The three kernels' configs. The program tiles (and so the mask's tile tables) are
+    ``fwd.block_m`` query rows, ``dkdv.block_n`` key rows and ``dq.block_m`` query rows; the other
+    block size of each kernel is the step of its loop."""
+
+    fwd: KernelConfig
+    dkdv: KernelConfig
+    dq: KernelConfig
+
+    def to_list(self) -> list[int]:
+        """12 ints (fwd, dkdv, dq; each block_m, block_n, warps, stages): the ``blocks`` that
+        ``prepare`` hands to ``forward``/``backward`` through the custom ops."""
+        return [x for c in (self.fwd, self.dkdv, self.dq) for x in dataclasses.astuple(c)]
+
+    @classmethod
+    def from_list(cls, values) -> "AttentionConfig":
+        values = [int(x) for x in values]
+        if len(values) != 12:
+            raise ValueError(f"a triton attention config is 12 ints (fwd, dkdv, dq: block_m, block_n, warps, "
+                             f"stages), got {len(values)}; build it with prepare(mask, q, k)")
+        return cls(*(KernelConfig(*values[i:i + 4]) for i in (0, 4, 8)))
 
 
 DELTA_BLOCK = 32  # rows per program of the delta = rowsum(dout * out) kernel
 
-# Small blocks under the interpreter: fast enough on a CPU and every tile edge gets exercised.
-INTERPRET_CONFIG = Config(32, 16, 1, 1, 32, 16, 1, 1, 32, 16, 1, 1)
+# Small tiles under the interpreter: fast enough on a CPU, and every test layout spans several
+# programs on each grid axis.
+INTERPRET_CONFIG = AttentionConfig(
+    fwd=KernelConfig(32, 16, 1, 1), dkdv=KernelConfig(16, 32, 1, 1), dq=KernelConfig(32, 16, 1, 1)
+)
 
-# GPU defaults per (padded head dim, element size), for H100 (sm_90; fine on A100). Forward
-# BM=128/BN=64 as in FlashAttention-2; the backward steps narrowly (32) through the loop so
-# k, v and the dk/dv accumulators (or q, do and dq) stay in registers. The 16-bit choices compile
-# for sm_90a without register spills (tests/attention/compile_triton.py); fp32 (3xTF32, for
-# tests) uses small tiles and one stage to stay within A100 shared memory.
-GPU_CONFIGS: dict[tuple[int, int], Config] = {
-    (32, 2): Config(128, 64, 8, 3, 128, 32, 8, 3, 128, 64, 8, 3),
-    (64, 2): Config(128, 64, 8, 3, 128, 32, 8, 3, 128, 64, 8, 3),
-    (128, 2): Config(128, 64, 8, 3, 64, 32, 8, 3, 128, 32, 8, 3),
-    (256, 2): Config(64, 32, 8, 2, 32, 32, 8, 2, 32, 32, 4, 2),
-    (32, 4): Config(32, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
-    (64, 4): Config(32, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
-    (128, 4): Config(32, 32, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1),
-    (256, 4): Config(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1),
-}
+# GPU configs: the shipped defaults (configs.json, next to this file; chosen from compiled code,
+# not timed), optionally overridden by a file of measured winners from ``python -m
+# benchmarks.tune`` named by TRANSFUSION_KERNELS_TUNED. Keyed by (device name, arch such as
+# "sm_90", or "*"; padded head dim; dtype name); nothing is tuned at import or call time.
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.json")
+TUNED_ENV = "TRANSFUSION_KERNELS_TUNED"
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_OVERRIDES: dict[tuple[int, str], AttentionConfig] = {}
+
+
+def load_configs(path: str) -> dict[tuple[str, int, str], AttentionConfig]:
+    """{(device, padded head dim, dtype): config} from a config file (the shipped one or one that
+    benchmarks.tune wrote); any problem raises ValueError in one line that names the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        table = {}
+        for e in data["configs"]:
+            if e["dtype"] not in _DTYPE_NAMES.values():
+                raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES.values())}, got {e['dtype']!r}")
+            if e["head_dim"] not in (32, 64, 128, 256):
+                raise ValueError(f"head_dim must be 32, 64, 128 or 256, got {e['head_dim']!r}")
+            cfg = AttentionConfig(*(KernelConfig(*e[k]) for k in ("fwd", "dkdv", "dq")))
+            table[(str(e["device"]), e["head_dim"], e["dtype"])] = cfg
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a usable triton attention config file ({what}); "
+                         f"fix or regenerate it (python -m benchmarks.tune --out FILE)") from None
+    return table
+
+
+@functools.cache
+def _config_tables() -> tuple[dict, ...]:
+    """The user's tuned table (if TRANSFUSION_KERNELS_TUNED is set), then the shipped one; read
+    once per process."""
+    tuned = os.environ.get(TUNED_ENV)
+    return tuple(load_configs(p) for p in ((tuned,) if tuned else ()) + (SHIPPED_CONFIGS,))
+
+
+def set_config(head_dim: int, dtype: torch.dtype, config: AttentionConfig | None) -> None:
+    """Use ``config`` for this head dim and dtype on every GPU of this process (None: back to the
+    config files); for benchmarks that compare configs."""
+    key = (_gpu_head_dim(head_dim), _dtype_name(dtype))
+    if config is None:
+        _OVERRIDES.pop(key, None)
+    else:
+        _OVERRIDES[key] = config
+
+
+def config_for(device_name: str, head_dim: int, dtype: torch.dtype, arch: str = "*") -> AttentionConfig:
+    """The GPU config for a device (by name, and arch such as "sm_90"), head dim and dtype: an
+    override, else the tuned file's entry, else the shipped one; in each file the entry for the
+    device name first, then for its arch, then for any device ("*")."""
+    key = (_gpu_head_dim(head_dim), _dtype_name(dtype))
+    if key in _OVERRIDES:
+        return _OVERRIDES[key]
+    for table in _config_tables():
+        for device in (device_name, arch, "*"):
+            if (device, *key) in table:
+                return table[(device, *key)]
+    raise ValueError(f"no triton attention config for head dim {head_dim} and {dtype} in {SHIPPED_CONFIGS}")
 
 
 def _padded_head_dim(d: int) -> int:
@@ -103,20 +167,31 @@ def _padded_head_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Config:
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+def _gpu_head_dim(d: int) -> int:
+    return max(_padded_head_dim(d), 32)  # 16 shares the 32 configs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for the triton backend, got {dtype}")
-    dp = _padded_head_dim(head_dim)
-    if torch.device(device).type != "cuda":  # the interpreter
+    return _DTYPE_NAMES[dtype]
+
+
+def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
+    _dtype_name(dtype)
+    _padded_head_dim(head_dim)
+    device = torch.device(device)
+    if device.type != "cuda":  # the interpreter
         return INTERPRET_CONFIG
-    return GPU_CONFIGS[(max(dp, 32), 4 if dtype == torch.float32 else 2)]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return AttentionConfig.from_list(_gpu_config(index, head_dim, _dtype_name(dtype)))
 
 
-def _launch_params(blocks: list[int], head_dim: int, dtype: torch.dtype, device: torch.device) -> Config:
-    """The config for ``blocks``: the default one when they match it, else the same warps and
-    stages with the given blocks (callers may pass their own block sizes through ``prepare``)."""
-    cfg = pick_config(head_dim, dtype, device)
-    return cfg if list(blocks) == cfg.blocks else cfg.with_blocks(*blocks)
+@torch.compiler.assume_constant_result  # torch.compile: looked up once at trace time, no graph break
+def _gpu_config(index: int, head_dim: int, dtype_name: str) -> tuple[int, ...]:
+    dtype = next(t for t, n in _DTYPE_NAMES.items() if n == dtype_name)
+    major, minor = torch.cuda.get_device_capability(index)
+    return tuple(config_for(torch.cuda.get_device_name(index), head_dim, dtype, f"sm_{major}{minor}").to_list())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +295,9 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
     q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
+    # the tile's intervals, read once for all of its PARTIAL blocks; padded rows: empty interval
+    kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
+    kve = tl.load(KVE + offs_m, mask=row_ok, other=0)
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
 
@@ -237,8 +315,6 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
         v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
         qk = _dot(q, tl.trans(k), None, PREC)
         if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
-            kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
-            kve = tl.load(KVE + offs_m, mask=row_ok, other=0)  # padded rows: empty interval
             vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
             qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -355,6 +431,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
     lse = tl.load(LSE + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: p = 0
     delta = tl.load(DELTA + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
+    kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)  # once for every PARTIAL block
+    kve = tl.load(KVE + offs_m, mask=row_ok, other=0)
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
 
@@ -368,8 +446,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
         qk = _dot(q, tl.trans(k), None, PREC)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
-            kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
-            kve = tl.load(KVE + offs_m, mask=row_ok, other=0)
             vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
             p = tl.where(vis, p, 0.0)
         dp = _dot(do, tl.trans(v), None, PREC)
@@ -393,16 +469,16 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def prepare(mask, q: torch.Tensor, k: torch.Tensor, config: Config | None = None):
-    """Tile tables and block sizes for ``forward``/``backward``.
+def prepare(mask, q: torch.Tensor, k: torch.Tensor, config: AttentionConfig | None = None):
+    """Tile tables and the config (as ``AttentionConfig.to_list()``) for ``forward``/``backward``.
 
     tables = [forward query tiles, dk/dv key tiles, dq query tiles] (cached on the mask per block
     size) + the order in which each kernel's programs take their tiles: heaviest first, so the
     long tiles do not end up in the last wave (cached per table)."""
     cfg = config if config is not None else pick_config(q.shape[-1], q.dtype, q.device)
-    tables = [mask.query_tiles(cfg.block_m), mask.key_tiles(cfg.kv_block_n), mask.query_tiles(cfg.dq_block_m)]
+    tables = [mask.query_tiles(cfg.fwd.block_m), mask.key_tiles(cfg.dkdv.block_n), mask.query_tiles(cfg.dq.block_m)]
     tables = [t.to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
-    return tables + [_heaviest_first(t) for t in tables], cfg.blocks
+    return tables + [_heaviest_first(t) for t in tables], cfg.to_list()
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -463,7 +539,7 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
-    cfg = _launch_params(blocks, d, q.dtype, q.device)
+    cfg = AttentionConfig.from_list(blocks).fwd
     table, order = _table_and_order(tables, 0, nq, cfg.block_m, "tables[0] (forward query tiles)")
     kvs, kve = _ints(kv_start, kv_end)
     out = _empty((nq, hq, d), q.dtype, q.device)
@@ -479,7 +555,7 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
             nq, float(scale) * _LOG2E,
             GROUP=hq // hkv, D=d, DP=_padded_head_dim(d), BM=cfg.block_m, BN=cfg.block_n,
             PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out),
-            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            num_warps=cfg.warps, num_stages=cfg.stages,
         )
     return out, lse
 
@@ -491,9 +567,9 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
     lse = lse.contiguous()
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
-    cfg = _launch_params(blocks, d, q.dtype, q.device)
-    kv_table, kv_order = _table_and_order(tables, 1, nk, cfg.kv_block_n, "tables[1] (dk/dv key tiles)")
-    dq_table, dq_order = _table_and_order(tables, 2, nq, cfg.dq_block_m, "tables[2] (dq query tiles)")
+    cfg = AttentionConfig.from_list(blocks)
+    kv_table, kv_order = _table_and_order(tables, 1, nk, cfg.dkdv.block_n, "tables[1] (dk/dv key tiles)")
+    dq_table, dq_order = _table_and_order(tables, 2, nq, cfg.dq.block_m, "tables[2] (dq query tiles)")
     kvs, kve = _ints(kv_start, kv_end)
     dp = _padded_head_dim(d)
     group = hq // hkv
@@ -514,20 +590,20 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
             delta.stride(0), nq, D=d, DP=dp, BM=DELTA_BLOCK, I64=i64,
         )
         if nk > 0:
-            _attn_bwd_dkdv[(hkv, triton.cdiv(nk, cfg.kv_block_n))](
+            _attn_bwd_dkdv[(hkv, triton.cdiv(nk, cfg.dkdv.block_n))](
                 q, k, v, dout, lse, delta, kvs, kve, kv_table, kv_order, dk, dv,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 lse.stride(0), nq, nk, qk_scale, float(scale),
-                GROUP=group, D=d, DP=dp, BM=cfg.kv_block_m, BN=cfg.kv_block_n, PREC=prec, I64=i64,
-                num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+                GROUP=group, D=d, DP=dp, BM=cfg.dkdv.block_m, BN=cfg.dkdv.block_n, PREC=prec, I64=i64,
+                num_warps=cfg.dkdv.warps, num_stages=cfg.dkdv.stages,
             )
-        _attn_bwd_dq[(hq, triton.cdiv(nq, cfg.dq_block_m))](
+        _attn_bwd_dq[(hq, triton.cdiv(nq, cfg.dq.block_m))](
             q, k, v, dout, lse, delta, kvs, kve, dq_table, dq_order, dq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
             nq, qk_scale, float(scale),
-            GROUP=group, D=d, DP=dp, BM=cfg.dq_block_m, BN=cfg.dq_block_n, PREC=prec, I64=i64,
-            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+            GROUP=group, D=d, DP=dp, BM=cfg.dq.block_m, BN=cfg.dq.block_n, PREC=prec, I64=i64,
+            num_warps=cfg.dq.warps, num_stages=cfg.dq.stages,
         )
     return dq, dk, dv
