@@ -1,7 +1,7 @@
 """Time a few candidate configs of each Triton attention kernel on this GPU; write the winners.
 
     python -m benchmarks.tune                # D 64 and 128, float16 and bfloat16, on the GPU
-    python -m benchmarks.tune --short        # D 128 bfloat16 only, shorter timing
+    python -m benchmarks.tune --short        # D 128 bfloat16, two candidates per kernel, shorter timing
     python -m benchmarks.tune --out FILE     # default: benchmarks/results/<device>-<date>/tuned_attention.json
     python -m benchmarks.tune --dry-run      # CPU under TRITON_INTERPRET=1, tiny shapes: every code
                                              # path, no timing (the JSON says so)
@@ -9,10 +9,10 @@
 The workload is an 8k-token Transfusion mix (documents of 2048 tokens with images of 256 and
 1024 patches, benchmarks/attention.py), 16 query heads, GQA 4:1. Each candidate is first held to
 the reference backend (fp32 math) by the tests' rule (error <= 2x the error of dense attention
-computed by PyTorch in the inputs' dtype, plus a floor) on a 4k-token mix; failing candidates
-are reported and never win. The forward candidates are timed
-with the default backward configs; the dk/dv candidates by the whole backward with the default
-dq; the dq candidates with the dk/dv winner. Times are triton.testing.do_bench medians.
+computed by PyTorch in the inputs' dtype, plus a floor) on a 4k-token mix (2k with --short);
+failing candidates are reported and never win. The forward candidates are timed with the default
+backward configs; the dk/dv candidates by the whole backward with the default dq; the dq
+candidates with the dk/dv winner. Times are triton.testing.do_bench medians.
 
 The output is keyed by (device name, head dim, dtype); point TRANSFUSION_KERNELS_TUNED at it to
 use it (transfusion_kernels/attention/configs.json holds the untimed shipped defaults).
@@ -68,7 +68,8 @@ TOKENS, CHECK_TOKENS = 8192, 4096
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="JSON file to write (default: under benchmarks/results/)")
-    p.add_argument("--short", action="store_true", help="D 128 bfloat16 only, shorter timing")
+    p.add_argument("--short", action="store_true",
+                   help="D 128 bfloat16 only, two candidates per kernel, 2k-token check, shorter timing")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, TRITON_INTERPRET=1, tiny shapes: runs every code path, times nothing")
     return p
@@ -196,9 +197,11 @@ def _tune_key(d, dtype_name, device, args, log) -> dict:
     dtype = getattr(torch, dtype_name)
     arch = _arch(device)
     cands = CANDIDATES[(arch, d)]
+    if args.short:  # the default and the first alternative of each kernel
+        cands = {kernel: c[:2] for kernel, c in cands.items()}
     default = tkt.AttentionConfig(*(tkt.KernelConfig(*cands[k][0]) for k in ("fwd", "dkdv", "dq")))
     hq, hkv = (2, 1) if args.dry_run else (HQ, HKV)
-    tokens, check_tokens = (64, 64) if args.dry_run else (TOKENS, CHECK_TOKENS)
+    tokens, check_tokens = (64, 64) if args.dry_run else (TOKENS, CHECK_TOKENS // 2 if args.short else CHECK_TOKENS)
     scale = d ** -0.5
 
     cmask, _ = _workload(check_tokens, device, args.dry_run)
