@@ -52,7 +52,6 @@
 
 #include "attention/layouts.cuh"
 #include "attention/sm90.cuh"
-#include "common/interval_mask.cuh"
 #include "common/mma.cuh"
 
 // The device code exists for sm_90a only; other device passes (sm_80, plain sm_90) see an
@@ -97,7 +96,7 @@ struct Smem {
 };
 
 // A tensor map over [rows, heads, D] with its dimensions ordered by stride: (D, heads, rows)
-// normally, (D, rows, heads) when the head stride is the larger one; coords() orders a
+// normally, (D, rows, heads) when the head stride is the larger one; load() orders a
 // (column, head, row) triple accordingly.
 struct TileMap {
   CUtensorMap map;
