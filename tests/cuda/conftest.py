@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 sys.path.insert(0, str(ROOT / "scripts"))
-import ptxas_report  # noqa: E402
+import kernel_report  # noqa: E402
 
-NVCC = ptxas_report.find_nvcc()
+NVCC = kernel_report.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
 
 

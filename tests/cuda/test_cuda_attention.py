@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import transfusion_kernels as tk
-from tests.cuda.conftest import CSRC, NVCC, ptxas_report
+from tests.cuda.conftest import CSRC, NVCC, kernel_report
 from tests.layouts import LAYOUTS, naive_dense, random_layout
 from transfusion_kernels.backends import load_extension
 from transfusion_kernels.masks import heaviest_first
@@ -377,7 +377,7 @@ def emulation_compile(tmp: Path, name: str, text: str | None = None) -> subproce
     """Compiles one kernel source (its text, rewritten) or an attention_host/ file to tmp/name.o."""
     cxx = shutil.which("g++")
     flags = [cxx, "-std=c++20", "-O1", "-pthread", "-include", str(EMU_DIR / "cuda_emu.h"), f"-I{EMU_DIR / 'shadow'}",
-             f"-I{CSRC}", *(f"-isystem{d}" for d in ptxas_report.cuda_include_dirs(NVCC))]
+             f"-I{CSRC}", *(f"-isystem{d}" for d in kernel_report.cuda_include_dirs(NVCC))]
     src = EMU_DIR / name
     if text is not None:
         src = tmp / f"{name}.cpp"

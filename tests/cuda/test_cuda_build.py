@@ -11,7 +11,7 @@ import sysconfig
 import pytest
 import torch
 
-from tests.cuda.conftest import CSRC, NVCC, ROOT, needs_nvcc, ptxas_report, source_hash
+from tests.cuda.conftest import CSRC, NVCC, ROOT, needs_nvcc, kernel_report, source_hash
 
 
 def test_build_info(extension):
@@ -67,7 +67,7 @@ def test_binding_rejects_bad_arguments(extension):
 def test_bindings_compile_without_warnings():
     import pybind11
 
-    cuda_includes = [f"-isystem{d}" for d in ptxas_report.cuda_include_dirs(NVCC)]
+    cuda_includes = [f"-isystem{d}" for d in kernel_report.cuda_include_dirs(NVCC)]
     assert cuda_includes, "could not find the CUDA include directory from nvcc --dryrun"
     cmd = ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}",
            f"-isystem{pybind11.get_include()}", f"-isystem{sysconfig.get_paths()['include']}",
