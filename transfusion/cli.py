@@ -49,69 +49,10 @@ def cmd_prepare(args) -> int:
 
 
 # -- train -----------------------------------------------------------------------------------
-def build_config(info: dict, args):
-    from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig
-
-    if args.config:
-        base = Config.from_json(Path(args.config).read_text())
-    elif args.preset == "demo":
-        from transfusion.demo import demo_config
-
-        base = demo_config(info["vocab_size"])
-    else:
-        base = Config()
-    m, d, t = base.model.__dict__.copy(), base.data.__dict__.copy(), base.train.__dict__.copy()
-    m.update(vocab_size=info["vocab_size"], latent_channels=info["latent_channels"])
-    d.update(image_size=info["image_size"], holdout_fraction=info["holdout_fraction"],
-             latents="pixel" if info["latents"] == "pixel" else "vae")
-    for key, dest in (("dim", m), ("layers", m), ("heads", m), ("patch_size", m), ("image_encoder", m),
-                      ("docs_per_batch", d), ("steps", t), ("lr", t), ("seed", t), ("ema_decay", t),
-                      ("diffusion_weight", t), ("warmup_steps", t), ("save_every", t)):
-        v = getattr(args, key, None)
-        if v is not None:
-            dest[{"layers": "n_layers", "heads": "n_heads"}.get(key, key)] = v
-    if getattr(args, "heads", None) is not None and base.model.n_kv_heads == base.model.n_heads:
-        m["n_kv_heads"] = None  # no GQA in the base config: follow the new head count
-    if args.backend:
-        t["backend"] = args.backend
-    return Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t))
-
-
-def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=None):
-    """Model, batch stream and Trainer for a run folder ``out`` (``metrics.jsonl``, ``checkpoint/``);
-    resumes from ``out/checkpoint`` when asked and present."""
-    import torch
-
-    from transfusion.data import MixedBatches
-    from transfusion.model import TransfusionModel
-    from transfusion.train import Trainer
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
-    model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
-    batches = MixedBatches(prepared.train_latents, prepared.train_labels, prepared.corpus, prepared.tokenizer,
-                           cfg.data, cfg.model.patch_size, cfg.model.num_train_timesteps)
-    trainer = Trainer(model, cfg, prepared.tokenizer, batches, device=device, metrics_path=out / "metrics.jsonl",
-                      latents=latents)
-    ckpt = out / "checkpoint"
-    if resume and (ckpt / "trainer_state.json").is_file():
-        trainer.resume(ckpt)
-        print(f"resumed from {ckpt} at step {trainer.step}")
-    return trainer
-
-
-def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: bool = True, time_limit=None,
-                 latents=None, on_log=None):
-    trainer = build_trainer(prepared, cfg, out, device=device, resume=resume, latents=latents)
-    hist = trainer.fit(checkpoint_dir=Path(out) / "checkpoint", progress=progress, time_limit=time_limit,
-                       on_log=on_log)
-    return trainer, hist
-
-
 def cmd_train(args) -> int:
     from transfusion.latents import make_latents
     from transfusion.prepare import load_prepared
+    from transfusion.runner import build_config, run_training
 
     if args.distributed:
         from transfusion.distributed import train as train_distributed
@@ -136,44 +77,6 @@ def cmd_train(args) -> int:
 
 
 # -- sampling --------------------------------------------------------------------------------
-def save_png(img, path, scale: int = 1) -> None:
-    """Save an image in [-1, 1] (``[C, H, W]``, C = 1 or 3) as PNG, upscaled by ``scale`` (nearest)."""
-    import numpy as np
-    from PIL import Image
-
-    x = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-    if scale > 1:
-        x = x.repeat(scale, axis=1).repeat(scale, axis=2)
-    arr = x[0] if x.shape[0] == 1 else np.transpose(x[:3], (1, 2, 0))
-    Image.fromarray(arr).save(path)
-
-
-def image_grid(images, ncol: int, pad: int = 1):
-    """``[N, C, H, W]`` (same size) -> one ``[C, H', W']`` grid in [-1, 1], padded with -1."""
-    import torch
-
-    n, c, h, w = images.shape
-    nrow = (n + ncol - 1) // ncol
-    grid = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), -1.0)
-    for i, x in enumerate(images):
-        r, q = divmod(i, ncol)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x
-    return grid
-
-
-def load_png(path, size: int, channels: int):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from transfusion.prepare import resize_images
-
-    im = Image.open(path).convert("L" if channels == 1 else "RGB")
-    x = torch.tensor(np.asarray(im), dtype=torch.float32) / 127.5 - 1.0
-    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-    return resize_images(x[None], size)[0]
-
-
 def _load(args):
     from transfusion.checkpoint import load_checkpoint
     from transfusion.latents import make_latents
@@ -197,6 +100,7 @@ def _sample_cfg(args, cfg, latents):
 def cmd_sample(args) -> int:
     import torch
 
+    from transfusion.image_io import image_grid, save_png
     from transfusion.sample import generate
 
     _threads(args)
@@ -238,6 +142,7 @@ def cmd_sample(args) -> int:
 def cmd_caption(args) -> int:
     import torch
 
+    from transfusion.image_io import load_png
     from transfusion.sample import caption
 
     _threads(args)

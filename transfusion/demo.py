@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig
+from transfusion.config import demo_config
 
 SAMPLES_PER_DIGIT = 10
 # Wall-clock guard for busy machines: after PROBE_STEPS timed steps, a run whose planned steps
@@ -33,27 +33,14 @@ GENERATION_BAR = 0.8
 CAPTION_BAR = 0.8
 
 
-def demo_config(vocab_size: int, steps: int | None = None, backend: str | None = None) -> Config:
-    return Config(
-        # 4x4 patches: an 8x8 digit is 4 tokens; v-prediction (not the paper's epsilon) learns
-        # the caption conditioning in far fewer steps (measured: see README)
-        model=ModelConfig(vocab_size=vocab_size, dim=128, n_layers=4, n_heads=4, patch_size=4,
-                          image_encoder="linear", timestep_freq_dim=128, beta_schedule="squaredcos_cap_v2",
-                          prediction_type="v_prediction"),
-        data=DataConfig(image_size=8, docs_per_batch=64, text_fraction=0.1, image_first_fraction=0.4,
-                        caption_dropout=0.1, seed=0),
-        train=TrainConfig(steps=steps if steps is not None else 1000, lr=2e-3, warmup_steps=30, min_lr_ratio=0.05,
-                          ema_decay=None, seed=0, log_every=10, backend=backend),
-    )
-
-
 def run_demo(out, backend: str | None = None, threads: int | None = None, steps: int | None = None,
              quick: bool = False, progress: bool = True) -> dict:
     from sklearn.svm import SVC
 
     import transfusion_kernels as tk
     from transfusion.checkpoint import load_checkpoint
-    from transfusion.cli import build_trainer, image_grid, save_png
+    from transfusion.image_io import image_grid, save_png
+    from transfusion.runner import build_trainer
     from transfusion.data import CAPTION_TEMPLATES, WORDS, parse_digit, to_pixels8
     from transfusion.prepare import prepare
     from transfusion.sample import SampleConfig, caption, generate

@@ -302,11 +302,11 @@ def setup(device: str | None = None, timeout_s: float = 600.0):
 
 
 def train(args, strategy: str) -> int:
-    from transfusion.cli import build_config
     from transfusion.data import MixedBatches
     from transfusion.latents import make_latents
     from transfusion.model import TransfusionModel
     from transfusion.prepare import load_prepared
+    from transfusion.runner import build_config
 
     device = setup(args.device)
     if getattr(args, "threads", None):

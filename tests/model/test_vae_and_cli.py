@@ -99,7 +99,7 @@ def test_cli_prepare_train_resume_sample_caption(tmp_path, capsys):
 
 def test_png_round_trip_is_exact(tmp_path):
     """A written PNG (upscaled) reads back as the same 8x8 image, up to 8-bit rounding."""
-    from transfusion.cli import load_png, save_png
+    from transfusion.image_io import load_png, save_png
 
     x = torch.rand(1, 8, 8) * 2 - 1
     save_png(x, tmp_path / "x.png", scale=4)
