@@ -46,9 +46,9 @@ Tensor-core work ratio = GEMMs issued per step / GEMMs the algorithm counts: 2 p
 5 per backward step (S, dP, dV, dK, dQ; the backward's kernels summed). GEMMs issued per step:
 Triton: the multiply-accumulates of the step's HGMMA / HMMA (per warp times warps, per warpgroup
 times warpgroups) over one BM x BN x D GEMM (the launch's constexprs); CUDA wgmma kernels: the
-accumulation chains of the step (HGMMA runs into one accumulator, per warpgroup: one per GEMM
-when every warpgroup owns 64 rows of each GEMM); CUDA mma.sync kernels: "-" (their step tile
-is not in the binary).
+step's HGMMA multiply-accumulates over those of its first accumulation chain (the HGMMA run into
+one accumulator that opens the step, its S = Q K^T: one GEMM's share of a warpgroup); CUDA
+mma.sync kernels: "-" (their step tile is not in the binary).
 
 Exits non-zero when a source does not compile warning-free or a hot kernel spills.
 """
@@ -378,47 +378,68 @@ def main_loops(insns: list[Insn]) -> list[LoopStats]:
     out = []
     for h, latch, body in sorted(innermost):
         size = {b: ranges[b][1] - ranges[b][0] for b in body}
-        # shortest path head -> latch over forward edges (Dijkstra; back edges dropped, so inner
-        # loops are taken once)
-        dist, prev = {h: size[h]}, {h: None}
-        todo = {h}
-        while todo:
-            b = min(todo, key=dist.get)
-            todo.discard(b)
-            for s in succ[b]:
-                if s not in body or s in dom[b]:  # leaves the loop, or a back edge
-                    continue
-                d = dist[b] + size[s]
-                if d < dist.get(s, 1 << 60):
-                    dist[s], prev[s] = d, b
-                    todo.add(s)
-        path, b = [], latch
-        while b is not None:
-            path.append(b)
-            b = prev.get(b)
-        ops: dict[str, int] = {"chains": _hgmma_chains([insns[i] for b in reversed(path) for i in range(*ranges[b])])}
+        path = _step_path(h, latch, body, succ, dom, size, [b for b in sorted(body) if any(
+            _is_mma(insns[i]) for i in range(*ranges[b]))])
+        ops: dict[str, int] = {"first_gemm_macs": _first_chain_macs([insns[i] for b in path for i in range(*ranges[b])])}
         for b in path:
             for i in range(*ranges[b]):
                 if c := _op_class(insns[i]):
                     ops[c] = ops.get(c, 0) + 1
                     if c in ("hgmma", "hmma"):
                         ops["macs"] = ops.get("macs", 0) + _macs(insns[i])
-        out.append(LoopStats(insns[ranges[h][0]].addr, sum(size.values()), dist.get(latch, 0), ops,
+        out.append(LoopStats(insns[ranges[h][0]].addr, sum(size.values()), sum(size[b] for b in path), ops,
                              any(_cta_barrier(insns[i]) for b in body for i in range(*ranges[b]))))
     return out
 
 
-def _hgmma_chains(insns: list[Insn]) -> int:
-    """wgmma accumulation chains (one per GEMM and warpgroup): runs of HGMMA into one
-    accumulator, a new run starting at a new accumulator or at a zero-init (!UPT / RZ input)."""
-    chains, last = 0, None
+def _shortest(src, dst, body, succ, dom, size):
+    """Fewest instructions from block src to dst over the loop's forward edges (back edges
+    dropped, so inner loops are taken once); the blocks in order, or None."""
+    dist, prev, todo = {src: size[src]}, {src: None}, {src}
+    while todo:
+        b = min(todo, key=dist.get)
+        todo.discard(b)
+        for s in succ[b]:
+            if s not in body or s in dom[b]:  # leaves the loop, or a back edge
+                continue
+            if dist[b] + size[s] < dist.get(s, 1 << 60):
+                dist[s], prev[s] = dist[b] + size[s], b
+                todo.add(s)
+    if dst not in dist:
+        return None
+    path, b = [], dst
+    while b is not None:
+        path.append(b)
+        b = prev[b]
+    return path[::-1]
+
+
+def _step_path(h, latch, body, succ, dom, size, mma_blocks):
+    """The FULL step: the shortest head -> latch path through every block holding tensor-core
+    instructions, in address order (conditional code without MMA, such as PARTIAL masking, is
+    skipped; a GEMM issued under a branch is kept); the plain shortest path when no path passes
+    them all (alternative MMA blocks)."""
+    stops = [h] + [b for b in mma_blocks if b != h and b != latch] + [latch]
+    path = [h]
+    for a, b in zip(stops, stops[1:]):
+        seg = _shortest(a, b, body, succ, dom, size) if a != b else [a]
+        if seg is None:
+            return _shortest(h, latch, body, succ, dom, size) or [h]
+        path += seg[1:]
+    return path
+
+
+def _first_chain_macs(insns: list[Insn]) -> int:
+    """Multiply-accumulates of the first wgmma accumulation chain (the HGMMA run into one
+    accumulator that opens the step: its S = Q K^T, per warpgroup)."""
+    macs, dest = 0, None
     for x in insns:
         if x.op.startswith("HGMMA"):
-            dest = x.args.split(",")[0].strip()
-            if dest != last or re.search(r"\bRZ\s*,\s*!UPT", x.args):
-                chains += 1
-            last = dest
-    return chains
+            d = x.args.split(",")[0].strip()
+            if dest is not None and (d != dest or re.search(r"\bRZ\s*,\s*!UPT", x.args)):
+                break
+            macs, dest = macs + _macs(x), d
+    return macs
 
 
 _MMA_SHAPE = re.compile(r"(\d+)x(\d+)x(\d+)")
@@ -532,8 +553,9 @@ def analyse(row: dict, insns: list[Insn], step_tile: tuple[int, int, int] | None
         else:
             per_cta *= warps
         row["gemms_per_step"], row["gemm_count_from"] = round(per_cta / (bm * bn * d), 3), "macs"
-    elif full and full.step_ops.get("hgmma") and not full.step_ops.get("hmma"):
-        row["gemms_per_step"], row["gemm_count_from"] = full.step_ops["chains"], "wgmma chains"
+    elif full and full.step_ops.get("hgmma") and not full.step_ops.get("hmma") and full.step_ops["first_gemm_macs"]:
+        gemms = full.step_ops["macs"] / full.step_ops["first_gemm_macs"]
+        row["gemms_per_step"], row["gemm_count_from"] = round(gemms, 3), "macs / first GEMM"
     return row
 
 
@@ -637,6 +659,13 @@ cudaError_t CUDARTAPI cudaGetDriverEntryPoint(const char*, void** fn, unsigned l
                                              enum cudaDriverEntryPointQueryResult* status) {
   *fn = (void*)&fake_encode; if (status) *status = cudaDriverEntryPointSuccess; return cudaSuccess;
 }
+// __device__ flags a launcher reads (e.g. "this image has the sm_90a body") read as 1: the
+// stand-in device runs the image built for its arch
+cudaError_t CUDARTAPI cudaMemcpyFromSymbol(void* dst, const void*, size_t count, size_t, enum cudaMemcpyKind) {
+  std::memset(dst, 0, count);
+  if (count == sizeof(int)) *static_cast<int*>(dst) = 1;
+  return cudaSuccess;
+}
 cudaError_t CUDARTAPI cudaGetLastError(void) { return cudaSuccess; }
 cudaError_t CUDARTAPI cudaPeekAtLastError(void) { return cudaSuccess; }
 }
@@ -691,9 +720,11 @@ def probe_launches(obj: Path, csrc: Path, nvcc: str, tmp: Path) -> dict[tuple[st
     # other runtime calls the launchers make (memsets, ...) succeed and do nothing
     ours = set(re.findall(r"CUDARTAPI\s+(\w+)\(", _FAKE_RUNTIME))
     undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True).stdout.split()
-    # ... and so do the project's functions defined in other sources (tk::, e.g. a dispatcher's other path)
-    stubs = [u for u in undefined if (re.match(r"_*cu", u) or u.startswith("_ZN2tk")) and u not in ours]
-    (tmp / "stubs.c").write_text("".join(f"int {u}(void) {{ return 0; }}\n" for u in stubs))
+    # ... and the project's functions from other sources (tk::) return 1: true for a check such
+    # as attention_sm90_supported, an error for another launcher (whose launches are its own)
+    stubs = [(u, 0) for u in undefined if re.match(r"_*cu", u) and u not in ours]
+    stubs += [(u, 1) for u in undefined if u.startswith("_ZN2tk")]
+    (tmp / "stubs.c").write_text("".join(f"int {u}(void) {{ return {v}; }}\n" for u, v in stubs))
     exe = tmp / "probe"
     cxx = shutil.which("g++") or "c++"
     build = subprocess.run([cxx, "-std=c++17", "-O0", "-w", f"-I{csrc}", *cuda_inc, str(tmp / "probe.cpp"),

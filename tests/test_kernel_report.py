@@ -47,7 +47,7 @@ def test_main_loop_from_back_edges():
     assert loop.head == 0x20
     assert loop.body == 1 + 2 + 4 + 3 + 4 + 2  # every block of the loop, the retry included
     assert loop.step == 1 + 2 + 4 + 4  # the masked block (0x90-0xb0) and the retry skipped
-    assert loop.step_ops["hgmma"] == 3 and loop.step_ops["chains"] == 2
+    assert loop.step_ops["hgmma"] == 3 and loop.step_ops["first_gemm_macs"] == 2 * 64 * 128 * 16
     assert loop.step_ops["macs"] == 2 * 64 * 128 * 16 + 64 * 64 * 16
     assert (loop.step_ops["bar"], loop.step_ops["mbar"]) == (1, 1)  # BAR.ARV; the wait
     assert loop.cta_barrier  # BAR.SYNC 0 in the masked block is still inside the loop
