@@ -472,12 +472,23 @@ def _strided_qkv(n, hq, hkv, d, dtype):
 
 
 def _nan_outside_case():
-    """Queries see keys [20, 80) only (some see nothing); K/V rows outside are NaN."""
-    nq, nk = 90, 100
-    s = 20 + torch.arange(nq) * 30 // nq
+    """Queries see keys [20, 80) only; some see nothing, as do the last query tiles, and no query
+    sees the last key tile. K/V rows outside are NaN."""
+    nq, nk = 150, 150
+    s = 20 + torch.arange(nq) * 30 // 90
     e = torch.clamp(s + torch.arange(nq) % 37, max=80)
     e[40:50] = s[40:50]  # empty rows
+    e[90:] = s[90:] = 20  # empty query tiles
     return tk.HybridMask.from_intervals(s.int(), e.int(), num_keys=nk), (20, 80)
+
+
+def _gap_case():
+    """Key tile 0 is seen by query tiles 0 and 2 but not by tile 1 (which sees keys 64..127 only):
+    the backward meets a step of its query range whose tile has no query seeing the key tile."""
+    r = torch.arange(192)
+    s = torch.where(r < 64, 0, torch.where(r < 128, 64, 0))
+    e = torch.where(r < 128, r + 1, 64)
+    return tk.HybridMask.from_intervals(s.int(), e.int(), num_keys=128), None
 
 
 EMU_CASES = {  # name -> (mask builder, hq, hkv, d, dtype, strided)
@@ -498,6 +509,7 @@ EMU_CASES = {  # name -> (mask builder, hq, hkv, d, dtype, strided)
     # the forwards' rings is refilled several times and its barrier phases wrap
     "ring-wraps-cache-d64-f16": (lambda: (tk.HybridMask.cached([1100], [48], True), None), 1, 1, 64, torch.float16,
                                  False),
+    "gap-in-query-range-d64-f16": (_gap_case, 2, 1, 64, torch.float16, False),
     # 8 query heads on one K/V head: the backward accumulates dK, dV over the group's steps
     "gqa-8to1-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 8, 1, 64, torch.float16,
                          False),

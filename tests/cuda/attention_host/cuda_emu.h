@@ -7,10 +7,10 @@
 //
 //   Threads. Every CUDA thread of a block is a std::thread; blocks run one after another. At
 //   every synchronisation call a thread may yield or pause, drawn from a seeded schedule
-//   (EMU_SEED), so warps reach barriers and issue copies in varying orders. __syncthreads and
-//   named barriers (bar.sync / bar.arrive, id 0..15, a thread count) are real rendezvous; warp and
-//   warpgroup collectives (shuffles, ldmatrix, mma, wgmma_wait, setmaxnreg) rendezvous their 32 /
-//   128 threads. A watchdog fails the run, naming where threads wait, when no thread makes
+//   (EMU_SEED, which also sets how late TMA lands: seed % 3 == 1 only when waited on, 2 often
+//   early, 0 rarely early), so warps reach barriers and issue copies in varying orders. __syncthreads and
+//   named barriers (bar.sync / bar.arrive, id 0..15, a thread count) are real rendezvous; warp
+//   collectives (shuffles, ldmatrix, mma) rendezvous their 32 threads, setmaxnreg its warpgroup. A watchdog fails the run, naming where threads wait, when no thread makes
 //   progress for EMU_DEADLOCK_S seconds (default 20).
 //   Shared memory. One arena whose offsets are the kernels' shared-memory addresses, NaN-filled
 //   per block, bounds-checked. It has two views: the generic one (ordinary loads and stores,
@@ -21,14 +21,17 @@
 //   covers its commit group.
 //   mbarriers. PTX phases: pending arrivals and a transaction count; a phase completes when both
 //   reach zero; a wait with parity p returns once the phase of parity p has completed; an arrival
-//   beyond the count in a phase fails.
+//   beyond the count in a phase fails; a thread other than the initialising one may use an
+//   mbarrier only after a barrier (bar.sync) that followed its initialisation.
 //   TMA. A load makes its destination NaN in both views at issue and lands (data, then complete_tx
 //   on its mbarrier) out of order at a later synchronisation call of any thread, at the latest
 //   when a thread waits on that mbarrier. Stores read the async view at the tma_store_wait that
 //   retires their bulk group.
 //   wgmma. At issue each thread's inputs are captured (accumulator, A registers) and its
-//   accumulator becomes NaN; wgmma_commit closes the thread's group; wgmma_wait<N> (the whole
-//   warpgroup) retires the oldest groups, reading shared memory (async view) then. The results
+//   accumulator becomes NaN; wgmma_commit closes the thread's group; wgmma_wait<N> retires the
+//   thread's oldest groups once every warp of the warpgroup has issued them (it is no barrier
+//   between warps). Shared-memory operands (async view) are read either when the warp issues or
+//   at the wait, drawn from the schedule: the two ends of what the hardware may do. The results
 //   reach the kernel's registers at fence_operands on that accumulator (or the next wgmma that
 //   accumulates onto it): without that fence the compiler may read them before the wait. A wgmma
 //   needs a wgmma_fence since the last wgmma_wait, and registers it reads or writes must not

@@ -140,6 +140,10 @@ struct WgmmaOp {
   uint32_t a[128][4];      // A operand registers, captured at issue
   const uint32_t* a_ptr[128];
   std::vector<float> in;   // [128][n / 2] accumulator input captured at issue
+  // Per thread: its shared-memory operand values (see read_operands) when the schedule made the
+  // wgmma read them at issue; empty: read at the wgmma_wait. Hardware reads them at some point in
+  // between: the earliest catches operands not yet ready, the latest ones released too early.
+  std::vector<float> early[128];
   int registered = 0;
 };
 
@@ -147,6 +151,7 @@ struct Warpgroup {
   Rendezvous bar{128};
   int flags[128];
   std::mutex mu;
+  std::condition_variable issued;  // an operation has all 128 threads' parts
   std::map<uint64_t, std::shared_ptr<WgmmaOp>> issuing;  // by issue number, until all 128 registered
 };
 
@@ -405,9 +410,30 @@ std::vector<uint32_t> words(const void* p, size_t n) {
 }
 bool same_words(const void* p, const std::vector<uint32_t>& w) { return memcmp(p, w.data(), w.size() * 4) == 0; }
 
-// This thread's part of a wgmma, performed at the wgmma_wait that retires its group: shared
-// memory is read now (a stage refilled before the wait gives other values), the result is staged
-// until the kernel's fence_operands (or the next wgmma on the same accumulator) takes it.
+// Thread t's shared-memory operand values from the async view: A (unless from registers) rows
+// 16 warp + group + 8 h by k, then B columns 8 j + 2 tig + c by k.
+void read_operands(const WgmmaOp& op, int t, std::vector<float>& v) {
+  const int warp = t / 32, lane = t % 32, gq = lane / 4, tq = lane % 4;
+  v.clear();
+  if (!op.from_regs) {
+    const Desc da = decode(op.desc[t][0]);
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * warp + gq + 8 * h;
+      for (int k = 0; k < 16; ++k) v.push_back(op.trans_a ? mnmajor(da, k, row, op.bf16) : kmajor(da, row, k, op.bf16));
+    }
+  }
+  const Desc db = decode(op.desc[t][1]);
+  for (int j = 0; j < op.n / 8; ++j) {
+    for (int c = 0; c < 2; ++c) {
+      const int col = 8 * j + 2 * tq + c;
+      for (int k = 0; k < 16; ++k) v.push_back(op.trans_b ? mnmajor(db, k, col, op.bf16) : kmajor(db, col, k, op.bf16));
+    }
+  }
+}
+
+// This thread's part of a wgmma, performed at the wgmma_wait that retires its group (shared
+// memory read now unless read at issue); the result is staged until the kernel's fence_operands
+// (or the next wgmma on the same accumulator) takes it.
 void perform(const WgmmaOp& op, float* d) {
   const int t = tl_rank % 128, half_n = op.n / 2;
   for (int u = 0; u < 128; ++u) {  // .sync.aligned: the whole warpgroup issues the same operation
@@ -418,14 +444,17 @@ void perform(const WgmmaOp& op, float* d) {
   if (op.from_regs && !same_words(op.a_ptr[t], words(op.a[t], 4))) {
     fail("wgmma A-operand registers rewritten while the wgmma reading them is in flight");
   }
-  const Desc da = op.from_regs ? Desc{0, 0, 0} : decode(op.desc[t][0]), db = decode(op.desc[t][1]);
+  std::vector<float> late;
+  if (op.early[t].empty()) read_operands(op, t, late);
+  const std::vector<float>& v = op.early[t].empty() ? late : op.early[t];
+  const float* b = v.data() + (op.from_regs ? 0 : 32);
   const float* in = op.chained[t] ? tl_staged.at(d).data() : &op.in[static_cast<size_t>(t) * half_n];
   std::vector<float> out(half_n);
-  const int warp = t / 32, lane = t % 32, gq = lane / 4, tq = lane % 4;
+  const int warp = t / 32, lane = t % 32, gq = lane / 4;
   for (int j = 0; j < op.n / 8; ++j) {
     for (int h = 0; h < 2; ++h) {
       for (int c = 0; c < 2; ++c) {
-        const int row = 16 * warp + gq + 8 * h, col = 8 * j + 2 * tq + c, i = 4 * j + 2 * h + c;
+        const int row = 16 * warp + gq + 8 * h, i = 4 * j + 2 * h + c;
         float acc = op.accumulate[t] ? in[i] : 0.0f;
         for (int k = 0; k < 16; ++k) {
           float av;
@@ -433,10 +462,9 @@ void perform(const WgmmaOp& op, float* d) {
             const int r = row % 16, owner = 32 * (row / 16) + 4 * (r % 8) + (k % 8) / 2;
             av = half_of(op.a[owner][(r >= 8) + 2 * (k >= 8)], k % 2, op.bf16);
           } else {
-            av = op.trans_a ? mnmajor(da, k, row, op.bf16) : kmajor(da, row, k, op.bf16);
+            av = v[16 * h + k];
           }
-          const float bv = op.trans_b ? mnmajor(db, k, col, op.bf16) : kmajor(db, col, k, op.bf16);
-          acc += av * bv;
+          acc += av * b[16 * (2 * j + c) + k];
         }
         out[i] = acc;
       }
@@ -895,16 +923,31 @@ void wgmma(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t de
         op->from_regs != (a_regs != nullptr)) {
       fail("wgmma shapes differ between the threads of a warpgroup");
     }
-    if (++op->registered == 128) g.issuing.erase(tl_wgmma_issued);
   }
-  ++tl_wgmma_issued;
+  const uint64_t issue_no = tl_wgmma_issued++;
   op->desc[t][0] = a_regs ? 0 : desc_a;
   op->desc[t][1] = desc_b;
   op->accumulate[t] = accumulate;
   op->chained[t] = chained;
   op->a_ptr[t] = a_regs;
   if (a_regs) memcpy(op->a[t], a_regs, 16);
+  // Read at issue, drawn per warp and operation: after the whole warp issued (.sync), as the
+  // warp's slice of the product may start then.
+  uint64_t h = (g_seed * 0x9E3779B97F4A7C15ull) ^ (issue_no * 0xBF58476D1CE4E5B9ull) ^ (tl_rank / 32 + 1);
+  h ^= h >> 29;
+  if ((h * 0x94D049BB133111EBull) >> 63) {
+    warp().bar.arrive_and_wait();
+    std::lock_guard<std::mutex> lock(g_mu);  // a consistent view (TMA lands under the lock)
+    read_operands(*op, t, op->early[t]);
+  }
   if (!chained) memcpy(&op->in[static_cast<size_t>(t) * half_n], d, half_n * 4);
+  {
+    std::lock_guard<std::mutex> lock(g.mu);
+    if (++op->registered == 128) {
+      g.issuing.erase(issue_no);
+      g.issued.notify_all();
+    }
+  }
   std::fill(d, d + half_n, std::numeric_limits<float>::quiet_NaN());  // undefined until the wait
   snapshot(d, half_n);
   if (a_regs) snapshot(a_regs, 4);
@@ -926,16 +969,19 @@ void wgmma_commit() {
   tl_wgmma_open.clear();
 }
 
-// wgmma.wait_group: the whole warpgroup arrives (.sync.aligned), then retires its oldest groups
-// until at most `allowed_pending` remain. Uncommitted wgmmas stay in flight.
+// wgmma.wait_group (.sync.aligned per warp, not a warpgroup barrier): retires this thread's
+// oldest groups until at most `allowed_pending` remain. Uncommitted wgmmas stay in flight.
 void wgmma_wait(int allowed_pending) {
   jitter();
   Warpgroup& g = warpgroup();
-  set_where("wgmma_wait");
-  g.bar.arrive_and_wait();
-  set_where("running");
   while (static_cast<int>(tl_wgmma_groups.size()) > allowed_pending) {
     for (const auto& [op, d] : tl_wgmma_groups.front()) {
+      {  // an operation completes once every warp of the warpgroup has issued its part
+        std::unique_lock<std::mutex> lock(g.mu);
+        set_where("wgmma_wait");
+        g.issued.wait(lock, [&] { return op->registered == 128; });
+        set_where("running");
+      }
       perform(*op, d);
       --tl_dest_in_flight[d];
     }
