@@ -39,7 +39,7 @@ import transfusion_kernels as tk  # noqa: E402
 from benchmarks.common import compile_backend, compile_fn, do_bench, max_error, stand_ins, write_json  # noqa: E402
 from transfusion_kernels.backends import BACKENDS  # noqa: E402
 from transfusion_kernels import diffusion as tkd  # noqa: E402
-from transfusion_kernels.diffusion import DDPM_STEP, reference  # noqa: E402
+from transfusion_kernels.diffusion import AFFINE_STEP, reference  # noqa: E402
 
 # (name, shape, dtype, per_row): per_row = one timestep per row of a packed batch of patches
 GPU_CASES = [
@@ -114,7 +114,7 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, bench, gen
             impls["compiled"] = lambda: compiled(x, mo, coef, clip, has_noise, ret_noise)
         for label, b in backends.items():
             impls[f"tk:{label}"] = lambda b=b: public(b)
-            mod = DDPM_STEP.module(b)
+            mod = AFFINE_STEP.module(b)
             impls[f"kernel:{label}"] = lambda mod=mod: mod.affine_step(
                 x, mo, coef, None, SEED, clip, ret_noise, has_noise=has_noise
             )
@@ -179,7 +179,7 @@ def main(argv=None):
         device, cases, reps = torch.device("cuda"), GPU_CASES, args.reps or 100
     if args.cases:
         cases = [cases[int(i)] for i in args.cases.split(",")]
-    wanted = args.backends.split(",") if args.backends else [b for b in BACKENDS if DDPM_STEP.has(b)]
+    wanted = args.backends.split(",") if args.backends else [b for b in BACKENDS if AFFINE_STEP.has(b)]
     backends = stand_ins(wanted, device, stand_in=args.smoke)
 
     # On a GPU warmup and rep are milliseconds (triton's do_bench); on the CPU, calls.

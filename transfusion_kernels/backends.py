@@ -1,12 +1,15 @@
-"""Backend selection: which implementation of an op runs.
+"""Backend selection: which implementation of an op runs, for every op.
 
 Precedence: the op's ``backend=`` argument, then the innermost ``use_backend(...)`` block, then
 the environment variable ``TRANSFUSION_KERNELS_BACKEND``, then ``"auto"``. ``"auto"`` picks the
-fastest backend that can run on the tensors' device: cuda, then triton on a GPU; reference on the
-CPU (the Triton interpreter is for tests, not for speed).
+first backend of ``AUTO_ORDER`` that can run on the tensors' device and covers the inputs; the
+reference on the CPU (the Triton interpreter is for tests, not for speed).
 
-Each op folder registers its implementations by module path, so a backend's module (and its
-heavy imports: triton, the compiled extension) is only imported when that backend is used.
+Each op registers its implementations by module path, so a backend's module (and its heavy
+imports: triton, the compiled extension) is only imported when that backend is used. A kernel
+backend's module declares what its kernels cover with a function (``supports`` unless the op
+names another) that returns why it does not cover the inputs, or None. :func:`select` is the one
+place that turns a request into the backend that runs (docs/design.md §3).
 """
 from __future__ import annotations
 
@@ -14,12 +17,18 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 ENV_VAR = "TRANSFUSION_KERNELS_BACKEND"
+EXTENSION = "transfusion_kernels._C"
+# What "auto" tries on a GPU: triton first until a GPU run has validated and timed the CUDA kernels.
+AUTO_ORDER = ("triton", "cuda")
+# Where a requested backend's uncovered inputs go: the next one here that can run and covers them.
+FALLBACK_ORDER = ("cuda", "triton", "reference")
 
 
 def _once(probe):
@@ -63,17 +72,34 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@_once
+_EXTENSIONS: dict[str, tuple] = {}
+
+
+def extension_status(name: str = EXTENSION) -> tuple:
+    """(module, None) for the compiled extension ``name``, or (None, why it cannot load and what
+    to do). A missing extension is found without importing anything, so the probe is safe while
+    the package itself is being imported."""
+    if name not in _EXTENSIONS:
+        if importlib.util.find_spec(name) is None:
+            _EXTENSIONS[name] = (None, f"the extension {name} is not built: install with nvcc on PATH "
+                                       "(or TRANSFUSION_BUILD_CUDA=1): pip install -e .")
+        else:
+            try:
+                _EXTENSIONS[name] = (importlib.import_module(name), None)
+            except ImportError as e:
+                _EXTENSIONS[name] = (None, f"the extension {name} is built but does not load ({e}); "
+                                           "rebuild it against this Python and CUDA: pip install -e .")
+    return _EXTENSIONS[name]
+
+
 def load_extension():
     """The compiled CUDA module ``transfusion_kernels._C``, or the reason it cannot be loaded."""
-    try:
-        from transfusion_kernels import _C
-    except ImportError as e:
-        return None, (
-            f"the CUDA extension transfusion_kernels._C is not built ({e}); install with nvcc on "
-            "PATH (or TRANSFUSION_BUILD_CUDA=1): pip install -e ."
-        )
-    return _C, None
+    return extension_status(EXTENSION)
+
+
+def extension_built(name: str = EXTENSION) -> bool:
+    """Whether the extension's file exists (no import)."""
+    return importlib.util.find_spec(name) is not None
 
 
 @_once
@@ -82,7 +108,8 @@ def _cuda_status() -> dict:
     return dict(ext.cuda_status())
 
 
-def _info(name: str, device: torch.device) -> BackendInfo:
+def backend_info(name: str, device: torch.device) -> BackendInfo:
+    """Whether backend ``name`` can run on ``device`` here, and why (not)."""
     if name == "reference":
         return BackendInfo(name, True, "plain PyTorch, runs on any device")
     if name == "triton":
@@ -113,13 +140,16 @@ def _info(name: str, device: torch.device) -> BackendInfo:
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
 
 
+_info = backend_info  # the attention backend's name for it until it moves onto select
+
+
 def available_backends(device: torch.device | str | None = None) -> dict[str, BackendInfo]:
     """Every backend with whether it can run here and why (not). ``device`` defaults to the GPU
     when one is visible, else the CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    return {name: _info(name, device) for name in BACKENDS}
+    return {name: backend_info(name, device) for name in BACKENDS}
 
 
 # A plain list (not a ContextVar) so torch.compile can trace the lookup without a graph break.
@@ -163,15 +193,14 @@ def _module_exists(path: str) -> bool:
 
 
 class Op:
-    """One public op: its name and where each backend's implementation lives.
+    """One op: its name, where each backend's implementation lives (backend -> module path), and
+    the name of the function in a kernel backend's module that says what its kernels cover
+    (called with the inputs ``select`` gets; returns a reason, or None when covered)."""
 
-    ``impls`` maps backend name -> module path; the module must define the functions the op's
-    dispatcher calls (see each op's ``__init__.py``)."""
-
-    def __init__(self, name: str, impls: dict[str, str], gpu_order: tuple[str, ...] = ("cuda", "triton")):
+    def __init__(self, name: str, impls: dict[str, str], covers: str = "supports", gpu_order=None):
         self.name = name
         self.impls = impls
-        self.gpu_order = gpu_order  # what "auto" tries on a GPU, fastest first
+        self.covers = covers
         self._modules: dict[str, object] = {}
         _OPS.append(self)
 
@@ -179,26 +208,33 @@ class Op:
         """Whether this op has an implementation for ``backend`` (its module exists)."""
         return backend in self.impls and _module_exists(self.impls[backend])
 
+    def runs(self, backend: str, device: torch.device) -> bool:
+        return self.has(backend) and backend_info(backend, device).available
+
     def resolve(self, backend: str | None, device: torch.device) -> str:
+        """The backend a request names, checked to run on ``device`` (coverage aside)."""
         name = requested_backend(backend)
         if name == "auto":
-            for cand in self.gpu_order if device.type == "cuda" else ():
-                if self.has(cand) and _info(cand, device).available:
-                    return cand
-            return "reference"
+            return next((c for c in AUTO_ORDER if device.type == "cuda" and self.runs(c, device)), "reference")
         if not self.has(name):
             have = ", ".join(b for b in self.impls if self.has(b))
             raise BackendUnavailableError(
                 f"{self.name} has no {name!r} implementation (it has: {have}); "
                 f"pass backend='reference' or backend='auto'"
             )
-        info = _info(name, device)
+        info = backend_info(name, device)
         if not info.available:
             raise BackendUnavailableError(
                 f"{self.name}: backend {name!r} cannot run here: {info.reason}. "
                 f"Use backend='auto' or 'reference' (argument, tk.use_backend, or {ENV_VAR})."
             )
         return name
+
+    def not_covered(self, backend: str, *inputs) -> str | None:
+        """Why ``backend``'s kernels do not cover ``inputs`` (None when they do)."""
+        if backend == "reference":
+            return None
+        return getattr(self.module(backend), self.covers)(*inputs)
 
     def module(self, backend: str):
         if backend not in self._modules:
@@ -207,16 +243,48 @@ class Op:
 
     def preload(self) -> None:
         """Import every backend module that can load, so that torch.compile finds them in a
-        dict (it cannot trace an import)."""
+        dict (it cannot trace an import). The extension itself is not imported here."""
         for backend in self.impls:
             usable = backend == "reference" or (
                 backend == "triton" and _triton_import_error() is None
-            ) or (backend == "cuda" and load_extension()[1] is None)
+            ) or (backend == "cuda" and extension_built())
             if usable and self.has(backend):
                 self.module(backend)
 
 
 _OPS: list[Op] = []
+WARNED: set[tuple[str, str, str]] = set()  # (op, backend, reason) already warned about in this process
+
+
+def _warn_fallback(op: str, backend: str, reason: str, used: str) -> None:
+    key = (op, backend, reason)
+    if key in WARNED or torch.compiler.is_compiling():
+        return
+    WARNED.add(key)
+    warnings.warn(f"transfusion_kernels fallback: {op} on backend {backend!r} does not support {reason}; "
+                  f"running on {used!r} instead", stacklevel=4)
+
+
+def select(op: Op, requested: str | None, *inputs) -> str:
+    """The backend that runs ``op`` on ``inputs`` (the first is a tensor on the op's device).
+
+    Resolve the request (unknown or unavailable: BackendUnavailableError); if that backend's
+    kernels do not cover the inputs, take the next one that can run here and covers them:
+    ``FALLBACK_ORDER`` after a requested backend, ``AUTO_ORDER`` then the reference under
+    "auto". One warning per (op, backend, reason) and process, under "auto" only when the run
+    ends on the reference."""
+    device = inputs[0].device
+    name = op.resolve(requested, device)
+    reason = op.not_covered(name, *inputs)
+    if reason is None:
+        return name
+    auto = requested_backend(requested) == "auto"
+    order = AUTO_ORDER + ("reference",) if auto else FALLBACK_ORDER
+    used = next(c for c in order[order.index(name) + 1:]
+                if c == "reference" or (op.runs(c, device) and op.not_covered(c, *inputs) is None))
+    if not auto or used == "reference":
+        _warn_fallback(op.name, name, reason, used)
+    return used
 
 
 def preload_all() -> None:

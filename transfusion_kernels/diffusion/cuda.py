@@ -15,6 +15,16 @@ from transfusion_kernels.backends import BackendUnavailableError, load_extension
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def supports(sample) -> str | None:
+    """The affine-step kernel covers every input the ops accept."""
+    return None
+
+
+def supports_loss(pred) -> str | None:
+    """diffusion_loss has no CUDA C++ kernel: it runs on the next backend (triton)."""
+    return "any input (it has no CUDA C++ kernel)"
+
+
 def _extension():
     ext, err = load_extension()
     if ext is None:

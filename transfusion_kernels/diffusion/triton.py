@@ -23,6 +23,20 @@ from triton.language.extra import libdevice
 from transfusion_kernels.backends import triton_interpret
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Elements per program under the interpreter, which runs one numpy op per block: large blocks
+# keep tests fast (module-level so tests can shrink them to run many programs on tiny inputs).
+INTERPRET_TILE = 4096
+INTERPRET_MAX_BLOCK_C = 1024
+
+
+def supports(sample) -> str | None:
+    """The affine-step kernel covers every input the ops accept."""
+    return None
+
+
+def supports_loss(pred) -> str | None:
+    """The loss kernel covers every input diffusion_loss accepts."""
+    return None
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -148,10 +162,9 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
         return out, noise_out
     L = sample.numel() // R
     interp = triton_interpret()
-    # The interpreter runs one numpy op per block: large blocks keep tests fast. On a GPU the
-    # Philox rounds hold more registers per element: smaller tiles keep occupancy up (64
-    # registers at 512, against 111 at 1024, per ptxas for sm_80).
-    block_r, block_l = _tiles(R, L, 4096 if interp else (512 if draw else 2048))
+    # On a GPU the Philox rounds hold more registers per element: smaller tiles keep occupancy
+    # up (64 registers at 512, against 111 at 1024, per ptxas for sm_80).
+    block_r, block_l = _tiles(R, L, INTERPRET_TILE if interp else (512 if draw else 2048))
     grid = (triton.cdiv(R, block_r), triton.cdiv(L, block_l))
     seed = int(seed) if draw else 0
     _affine_kernel[grid](
@@ -216,8 +229,8 @@ def diffusion_loss(pred, target, image_index, compute_grad):
     if P == 0:
         return torch.zeros((), dtype=torch.float32, device=pred.device), grad
     interp = triton_interpret()
-    block_c = min(triton.next_power_of_2(C), 128 if not interp else 1024)
-    block_p = max(1, min((4096 if interp else 1024) // block_c, triton.next_power_of_2(P)))
+    block_c = min(triton.next_power_of_2(C), INTERPRET_MAX_BLOCK_C if interp else 128)
+    block_p = max(1, min((INTERPRET_TILE if interp else 1024) // block_c, triton.next_power_of_2(P)))
     nblocks = triton.cdiv(P, block_p)
     partial = _empty((nblocks,), torch.float32, pred.device)
     _loss_kernel[(nblocks,)](

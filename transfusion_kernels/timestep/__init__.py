@@ -34,7 +34,8 @@ freq_dim == D). The config keywords are ``freq_dim`` (int), ``flip_sin_to_cos`` 
     fp32 gradients of ``sum(demb * emb)`` in the MLP weights (db1 computed even when b1 is None).
     A backend may return ``reference.mlp_backward(...)``: it is M-row work.
 
-Nothing else is required: dx = dy is handled here, and so are the casts of the gradients to the
+The kernel backends also define ``supports(x) -> reason or None`` (what their kernels cover;
+``backends.select`` falls back on a reason). Nothing else is required: dx = dy is handled here, and so are the casts of the gradients to the
 weights' dtypes.
 """
 from __future__ import annotations
@@ -46,17 +47,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from transfusion_kernels.backends import Op
+from transfusion_kernels.backends import Op, select
 from transfusion_kernels.timestep import reference
 
-__all__ = ["TimestepMLP", "patch_timestep_embedding", "timestep_embedding"]
+__all__ = ["TIMESTEP", "TimestepMLP", "patch_timestep_embedding", "timestep_embedding"]
 
 _IMPLS = {
     "reference": "transfusion_kernels.timestep.reference",
     "triton": "transfusion_kernels.timestep.triton",
-    "cuda": "transfusion_kernels.timestep.cuda",  # counts once the module exists (Op.has)
+    "cuda": "transfusion_kernels.timestep.cuda",
 }
-_OP = Op("patch_timestep_embedding", _IMPLS)
+TIMESTEP = Op("patch_timestep_embedding", _IMPLS)
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _T_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -174,7 +175,7 @@ def patch_timestep_embedding(
     freq_dim = _check_inputs(x, timesteps, image_index, w1, b1, w2, b2, freq_dim)
     shift, scale, max_period = _check_config(freq_dim, downscale_freq_shift, scale, max_period,
                                              "patch_timestep_embedding")
-    name = _OP.resolve(backend, x.device)
+    name = select(TIMESTEP, backend, x)
     return torch.ops.transfusion_kernels.patch_timestep_embedding(
         x, timesteps, image_index, w1, b1, w2, b2, freq_dim, bool(flip_sin_to_cos), shift, scale, max_period, name,
     )
@@ -301,7 +302,7 @@ def _patch_op(
     _check_index_range(image_index, timesteps.shape[0])
     if x.shape[0] == 0:
         return torch.empty_like(x)
-    return _OP.module(backend).forward(
+    return TIMESTEP.module(backend).forward(
         x.contiguous(), timesteps.contiguous(), image_index.contiguous(), _c(w1), _c(b1), _c(w2), _c(b2),
         **_cfg(freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period))
 
@@ -316,7 +317,7 @@ def _(x, timesteps, image_index, w1, b1, w2, b2, freq_dim, flip_sin_to_cos, down
 def _segment_sum_op(dy: torch.Tensor, image_index: torch.Tensor, num_images: int, backend: str) -> torch.Tensor:
     if dy.shape[0] == 0:
         return dy.new_zeros(num_images, dy.shape[1], dtype=torch.float32)
-    return _OP.module(backend).segment_sum(dy.contiguous(), image_index.contiguous(), num_images)
+    return TIMESTEP.module(backend).segment_sum(dy.contiguous(), image_index.contiguous(), num_images)
 
 
 @_segment_sum_op.register_fake
@@ -330,7 +331,7 @@ def _mlp_backward_op(
     freq_dim: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: float, max_period: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _OP.module(backend).mlp_backward(
+    grads = TIMESTEP.module(backend).mlp_backward(
         demb.contiguous(), timesteps.contiguous(), w1.contiguous(), _c(b1), w2.contiguous(),
         **_cfg(freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period))
     return tuple(g.contiguous() for g in grads)

@@ -25,6 +25,11 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 _FREQ_CACHE: dict = {}
 
 
+def supports(x) -> str | None:
+    """The kernels cover every input the op accepts (README, "Supported shapes and dtypes")."""
+    return None
+
+
 def _extension():
     ext, err = load_extension()
     if ext is None:

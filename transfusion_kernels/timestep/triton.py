@@ -38,6 +38,14 @@ ADD_MAX_BLOCK_D = 512
 PIECE_ROWS = 128        # patches per partial sum in the backward reduction
 SUM_BLOCK_D = 128
 SUM_BLOCK_R = 32
+IMAGE_SUM_BLOCK_T = 16  # partial rows per step of the per-image sum
+SINUSOID_BLOCK_M = 16
+SINUSOID_MAX_BLOCK_D = 256
+
+
+def supports(x) -> str | None:
+    """The kernels cover every input the op accepts (README, "Supported shapes and dtypes")."""
+    return None
 HIDDEN_BLOCK_M = 16     # tl.dot needs >= 16 rows
 HIDDEN_BLOCK_H = 64
 HIDDEN_BLOCK_K = 32
@@ -202,7 +210,7 @@ def sinusoid(timesteps, dim, *, flip_sin_to_cos, downscale_freq_shift, scale, ma
     if M == 0:
         return out
     freq = _frequencies(half, downscale_freq_shift, max_period, timesteps.device)
-    BM, BD = 16, min(_pow2(dim, 16), 256)
+    BM, BD = SINUSOID_BLOCK_M, min(_pow2(dim, 16), SINUSOID_MAX_BLOCK_D)
     grid = (triton.cdiv(M, BM), triton.cdiv(dim, BD))
     _sinusoid_kernel[grid](timesteps, freq, out, M, dim, half, scale, FLIP=flip_sin_to_cos, BM=BM, BD=BD)
     return out
@@ -289,7 +297,7 @@ def segment_sum(dy, image_index, num_images):
     partial = _empty((T, D), torch.float32, dy.device)
     BD = min(_pow2(D, 16), SUM_BLOCK_D)
     _piece_sum_kernel[(T, triton.cdiv(D, BD))](dy, order, start, end, partial, D, BR=SUM_BLOCK_R, BD=BD)
-    _image_sum_kernel[(num_images, triton.cdiv(D, BD))](partial, offsets, out, D, BT=16, BD=BD)
+    _image_sum_kernel[(num_images, triton.cdiv(D, BD))](partial, offsets, out, D, BT=IMAGE_SUM_BLOCK_T, BD=BD)
     return out
 
 
