@@ -5,17 +5,7 @@ import torch
 import transfusion_kernels as tk
 from transfusion_kernels.attention import reference
 from tests.layouts import LAYOUTS, naive_dense
-
-
-def dense_attention(q, k, v, allowed, scale):
-    """Plain softmax attention in float64 with GQA by head repetition."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.einsum("ihd,jhd->hij", q, k) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return torch.einsum("hij,jhd->ihd", p, v), lse
+from tests.oracles import dense_attention
 
 
 def inputs(nq, nk, hq, hkv, d, dtype=torch.float32):

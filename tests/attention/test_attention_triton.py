@@ -27,6 +27,7 @@ import transfusion_kernels as tk  # noqa: E402
 from transfusion_kernels.attention import reference  # noqa: E402
 from transfusion_kernels.attention import triton as tkt  # noqa: E402
 from tests.layouts import LAYOUTS, naive_dense, random_layout  # noqa: E402
+from tests.oracles import assert_2x, dense_attention  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -47,29 +48,8 @@ def poison(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # oracle and comparison
 # ----------------------------------------------------------------------------------------------
-def dense_attention(q, k, v, allowed, scale):
-    """Softmax attention in the inputs' dtype, GQA by head repetition; empty rows give 0."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.einsum("ihd,jhd->hij", q, k) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return torch.einsum("hij,jhd->ihd", p, v), lse
-
-
 def assert_rule(name, got, oracle, same_dtype, floor):
-    got, oracle, same = got.double(), oracle.double(), same_dtype.double()
-    if name == "lse":  # -inf exactly where the oracle's row is empty
-        empty = oracle == float("-inf")
-        assert torch.equal(got == float("-inf"), empty), "lse: -inf rows differ from the empty rows"
-        got, oracle, same = got[~empty], oracle[~empty], same[~empty]
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or NaN)"
-    if got.numel() == 0:
-        return
-    err = (got - oracle).abs().max().item()
-    base = (same - oracle).abs().max().item()
-    assert err <= 2 * base + floor, f"{name}: kernel error {err:.3g} > 2 x torch {same_dtype.dtype} error {base:.3g} + {floor:g}"
+    assert_2x(name, got, oracle, same_dtype, floor, neg_inf_exact=name == "lse")
 
 
 def make_inputs(nq, nk, hq, hkv, d, dtype):

@@ -9,6 +9,8 @@ from transfusion_kernels import philox
 from transfusion_kernels.backends import load_extension
 from transfusion_kernels.diffusion import cuda as diffusion_cuda
 from transfusion_kernels.diffusion import reference
+from tests.diffusion.common import assert_rule
+from tests.oracles import affine_step64
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,29 +50,6 @@ def _coef(rows, gen):
     return c.cuda()
 
 
-def _oracle(sample, model_output, coef, noise, clip_range):
-    R = sample.shape[0]
-    s = sample.reshape(R, -1).double()
-    m = model_output.reshape(R, -1).double() if model_output is not None else torch.zeros_like(s)
-    z = noise.reshape(R, -1).double() if noise is not None else torch.zeros_like(s)
-    c = coef.double().reshape(R, 6, 1)
-    x0 = c[:, 0] * s + c[:, 1] * m
-    if clip_range is not None:
-        x0 = x0.clamp(-clip_range, clip_range)
-    return (c[:, 2] * x0 + c[:, 3] * s + c[:, 4] * m + c[:, 5] * z).reshape(sample.shape)
-
-
-def _assert_rule(got, oracle, same_dtype, what=""):
-    """Kernel error <= 2 x the reference's (fp32 math, rounded to the dtype) + one ulp of the
-    largest value; NaN never passes."""
-    got, oracle, same = got.double().cpu(), oracle.double().cpu(), same_dtype.double().cpu()
-    assert not torch.isnan(got).any(), f"{what}: NaN in the output"
-    err = (got - oracle).abs().max().item()
-    ref = (same - oracle).abs().max().item()
-    floor = torch.finfo(same_dtype.dtype).eps * max(1.0, oracle.abs().max().item())
-    assert err <= 2 * ref + floor, f"{what}: error {err:.3g} > 2 x {ref:.3g} (reference) + {floor:.3g}"
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("mode", ["model+noise", "no_model", "clip", "misaligned"])
@@ -87,7 +66,7 @@ def test_affine_step_given_noise(poison, seed, dtype, shape, mode):
     ref, _ = reference.affine_step(sample, model_output, coef, noise, seed, clip, True)
     assert drawn is None  # nothing is drawn when noise is given
     assert out.shape == sample.shape and out.dtype == dtype and out.is_contiguous()
-    _assert_rule(out, _oracle(sample, model_output, coef, noise, clip), ref, f"{dtype} {shape} {mode}")
+    assert_rule(out, affine_step64(sample, model_output, coef, noise, clip), ref, f"{dtype} {shape} {mode}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -111,7 +90,7 @@ def test_affine_step_draws_reference_noise(poison, seed, dtype, shape):
     # The output uses exactly the noise it returns: feeding it back reproduces it bit for bit.
     again, _ = diffusion_cuda.affine_step(sample, model_output, coef, drawn, 0, None, False)
     assert torch.equal(again, out)
-    _assert_rule(out, _oracle(sample, model_output, coef, drawn, None), ref_out, f"{dtype} {shape} drawn")
+    assert_rule(out, affine_step64(sample, model_output, coef, drawn, None), ref_out, f"{dtype} {shape} drawn")
 
     # Deterministic; a different seed gives different noise.
     out2, drawn2 = diffusion_cuda.affine_step(sample, model_output, coef, None, key, None, True)
@@ -142,7 +121,7 @@ def test_has_noise_false_draws_nothing(seed):
     out, drawn = diffusion_cuda.affine_step(sample, None, coef, None, seed, None, True, has_noise=False)
     assert drawn is None
     ref, _ = reference.affine_step(sample, None, coef, None, seed, None, True, has_noise=False)
-    _assert_rule(out, _oracle(sample, None, coef, None, None), ref)
+    assert_rule(out, affine_step64(sample, None, coef, None, None), ref)
 
 
 def test_runs_on_the_current_stream(seed):
@@ -155,7 +134,7 @@ def test_runs_on_the_current_stream(seed):
         out, drawn = diffusion_cuda.affine_step(sample, None, coef, None, seed, None, True)
     side.synchronize()
     ref, _ = reference.affine_step(sample, None, coef, drawn, seed, None, False)
-    _assert_rule(out, _oracle(sample, None, coef, drawn, None), ref)
+    assert_rule(out, affine_step64(sample, None, coef, drawn, None), ref)
 
 
 def test_empty_and_errors(seed):

@@ -1,6 +1,6 @@
 """Shared helpers of the diffusion tests: backends, the error rule, diffusers oracles.
 
-Error rule (DESIGN.md section 5): a kernel's max error against a float64 oracle must be at most
+Error rule (docs/design.md §5, tests/oracles.py): a kernel's max error against a float64 oracle must be at most
 twice the error of the same computation done by PyTorch (here: diffusers' own scheduler) in the
 input dtype, plus a small floor relative to the output's magnitude. NaN never passes.
 """
@@ -12,6 +12,8 @@ from unittest import mock
 
 import pytest
 import torch
+
+from tests.oracles import assert_2x
 
 import transfusion_kernels as tk  # tests/conftest.py has set TRITON_INTERPRET=1 without a GPU
 
@@ -50,13 +52,9 @@ def poison_outputs(monkeypatch) -> None:
 
 
 def assert_rule(got, oracle, same_dtype, what: str = "") -> None:
-    got, oracle, same = got.detach().cpu().double(), oracle.detach().cpu().double(), same_dtype.detach().cpu().double()
-    assert got.shape == oracle.shape, (got.shape, oracle.shape)
-    err = (got - oracle).abs().max().item() if got.numel() else 0.0
-    ref = (same - oracle).abs().max().item() if got.numel() else 0.0
-    eps = torch.finfo(same_dtype.dtype).eps
-    floor = eps * max(1.0, oracle.abs().max().item() if got.numel() else 0.0)
-    assert err <= 2 * ref + floor, f"{what}: error {err:.3g} > 2 x {ref:.3g} (same-dtype torch) + {floor:.3g}"
+    """The 2x rule with a floor of one ulp of the output dtype at the oracle's magnitude."""
+    floor = torch.finfo(same_dtype.dtype).eps * max(1.0, oracle.detach().abs().max().item() if oracle.numel() else 0.0)
+    assert_2x(what, got, oracle, same_dtype, floor)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,3 +35,24 @@ def poisoned(op: str):
             if hasattr(module, "_empty"):
                 stack.enter_context(mock.patch.object(module, "_empty", _nan_empty))
         yield
+
+
+# Tiles small enough that the fuzzed sizes cross tile edges and run as many programs under the
+# interpreter (on a GPU the real tiles run: the sizes there are the kernels' own).
+SMALL_TILES = {
+    "timestep": dict(ADD_BLOCK=128, ADD_MAX_BLOCK_D=32, PIECE_ROWS=8, SUM_BLOCK_R=4, SUM_BLOCK_D=16,
+                     IMAGE_SUM_BLOCK_T=2, HIDDEN_BLOCK_H=16, HIDDEN_BLOCK_K=16, SINUSOID_BLOCK_M=4,
+                     SINUSOID_MAX_BLOCK_D=16),
+    "diffusion": dict(INTERPRET_TILE=16, INTERPRET_MAX_BLOCK_C=8),
+}
+
+
+@contextlib.contextmanager
+def small_tiles(op: str):
+    """The Triton backend of ``op`` with SMALL_TILES[op] while the block runs (no-op on a GPU)."""
+    with contextlib.ExitStack() as stack:
+        if not GPU and "triton" in FAST_BACKENDS:
+            module = importlib.import_module(f"transfusion_kernels.{op}.triton")
+            for name, value in SMALL_TILES[op].items():
+                stack.enter_context(mock.patch.object(module, name, value))
+        yield

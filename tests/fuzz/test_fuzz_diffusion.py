@@ -17,7 +17,7 @@ from tests.diffusion.common import (
     to_oracle,
 )
 from tests.diffusion.test_loss import loop_loss
-from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned
+from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned, small_tiles
 from transfusion_kernels import philox
 from transfusion_kernels.diffusion import add_noise_coef, ddim_coef, ddpm_coef
 from transfusion_kernels.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
@@ -99,7 +99,7 @@ def test_add_noise(sched, xs, data):
     schedule, t_arg = tk.DiffusionSchedule(T, **kw), int(t[0]) if as_int else t.to(DEVICE)
     coef, _ = add_noise_coef(t_arg, R, schedule, DEVICE)
     for backend in STEP_BACKENDS:
-        with poisoned("diffusion"):
+        with poisoned("diffusion"), small_tiles("diffusion"):
             out, _ = tk.add_noise(x0_d, t_arg, schedule, noise=noise_d, backend=backend)
         assert out.dtype == x0.dtype
         assert_rule(out, oracle, same, f"add_noise on {backend}", coef, (x0, x0 * 0, noise))
@@ -145,7 +145,7 @@ def test_ddpm_step(sched, xs, data, prediction_type, variance_type, clip, clip_r
     schedule = tk.DiffusionSchedule(T, **kw)
     coef, _ = ddpm_coef(t, sample.shape[0], schedule, DEVICE, prev, prediction_type, variance_type)
     for backend in STEP_BACKENDS:
-        with poisoned("diffusion"):
+        with poisoned("diffusion"), small_tiles("diffusion"):
             out = tk.ddpm_step(m_d, t, s_d, schedule, prev_timestep=prev, prediction_type=prediction_type,
                                variance_type=variance_type, clip_sample=clip, clip_sample_range=clip_range,
                                noise=n_d, backend=backend)
@@ -174,7 +174,7 @@ def test_ddim_step(sched, xs, data, prediction_type, eta, use_clipped, clip, cli
     schedule = tk.DiffusionSchedule(T, **kw)
     coef, _ = ddim_coef(t, R, schedule, DEVICE, prev, eta, prediction_type, use_clipped)
     for backend in STEP_BACKENDS:
-        with poisoned("diffusion"):
+        with poisoned("diffusion"), small_tiles("diffusion"):
             out = tk.ddim_step(m_d, t, s_d, schedule, prev_timestep=prev, eta=eta, prediction_type=prediction_type,
                                clip_sample=clip, clip_sample_range=clip_range, use_clipped_model_output=use_clipped,
                                noise=n_d, backend=backend)
@@ -195,7 +195,7 @@ def test_seeded_noise(sched, xs, seed, data):
     expected = philox.randn(seed, sample.numel(), device=DEVICE).to(dtype).reshape(sample.shape)
     eps = torch.finfo(dtype).eps
     for backend in STEP_BACKENDS:
-        with poisoned("diffusion"):
+        with poisoned("diffusion"), small_tiles("diffusion"):
             x_t, z = tk.add_noise(sample, t, schedule, seed=seed, backend=backend)
             again, _ = tk.add_noise(sample, t, schedule, noise=z, backend=backend)
             torch.testing.assert_close(z, expected, rtol=eps, atol=2e-5 if dtype == torch.float32 else eps)
@@ -234,7 +234,7 @@ def test_diffusion_loss(case):
     (same_grad,) = torch.autograd.grad(same, p_same)
     for backend in LOSS_BACKENDS:
         p = pred.clone().to(DEVICE).requires_grad_()
-        with poisoned("diffusion"):
+        with poisoned("diffusion"), small_tiles("diffusion"):
             loss = tk.diffusion_loss(p, target.to(DEVICE), index.to(DEVICE), backend=backend)
             (grad,) = torch.autograd.grad(loss, p)
         assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == dtype

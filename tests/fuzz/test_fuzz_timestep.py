@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import transfusion_kernels as tk
-from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned
+from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned, small_tiles
 from tests.timestep.common import FLOOR, assert_rule, grad_floor, patch_oracle, sinusoid64
 
 X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -115,7 +115,7 @@ def test_kernels_against_float64(c):
     oracle_grads = torch.autograd.grad(y64, live, dy.double()) if live else ()
     bounds = weight_grad_bounds(t, idx, weights, dy, c["F"], c["cfg"]) if live and c["M"] else [None] * 4
     for backend in FAST_BACKENDS:
-        with poisoned("timestep"):
+        with poisoned("timestep"), small_tiles("timestep"):
             y, grads = run(backend, x, t, idx, weights, c["F"], c["cfg"], dy)
         assert y.dtype == x.dtype and y.shape == x.shape
         assert_rule(f"{backend} y", y, y64, y_ref, FLOOR[c["x_dtype"]])

@@ -1,15 +1,14 @@
-"""Oracles, layouts and the comparison rule shared by the timestep tests.
-
-The oracle is a float64 implementation written independently of the package (and checked
-against diffusers in test_timestep_reference.py). Rule: a result's max error against the oracle
-is at most twice that of a baseline PyTorch computation of the same thing (diffusers' eager
-modules, or the fp32 reference backend) plus a small floor; NaN never passes.
-"""
+"""Layouts, inputs and floors shared by the timestep tests; the oracles (checked against diffusers
+in test_timestep_reference.py) and the 2x rule are in tests/oracles.py. The baseline of the rule
+is diffusers' eager modules or the fp32 reference backend."""
 from __future__ import annotations
 
 import math
 
 import torch
+
+from tests.oracles import assert_2x as assert_rule  # noqa: F401  (the rule, as the timestep tests name it)
+from tests.oracles import patch_oracle, sinusoid64  # noqa: F401
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -24,40 +23,6 @@ CONFIGS = [  # (flip_sin_to_cos, downscale_freq_shift, scale, max_period)
     (True, 1.0, 1000.0, 10000.0),
     (False, 0.0, 0.5, 100.0),
 ]
-
-
-def sinusoid64(t, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
-    half = dim // 2
-    k = torch.arange(half, dtype=torch.float64, device=t.device)
-    freq = torch.exp(-math.log(max_period) * k / (half - downscale_freq_shift))
-    arg = scale * t.double()[:, None] * freq[None, :]
-    out = torch.zeros(t.shape[0], dim, dtype=torch.float64, device=t.device)
-    first, second = (arg.cos(), arg.sin()) if flip_sin_to_cos else (arg.sin(), arg.cos())
-    out[:, :half] = first
-    out[:, half:2 * half] = second
-    return out
-
-
-def patch_oracle(x, t, idx, weights, freq_dim, cfg):
-    """float64 y = x + emb[idx]; differentiable in x and the weights (pass float64 leaves)."""
-    e = sinusoid64(t, freq_dim, *cfg)
-    if weights is not None:
-        w1, b1, w2, b2 = weights
-        h = e @ w1.t() + (0 if b1 is None else b1)
-        e = torch.nn.functional.silu(h) @ w2.t() + (0 if b2 is None else b2)
-    rows = torch.where((idx >= 0)[:, None], e[idx.long().clamp(min=0)], torch.zeros((), dtype=e.dtype, device=e.device))
-    return x + rows
-
-
-def assert_rule(name, got, oracle, baseline, floor):
-    got, oracle, baseline = got.double(), oracle.double(), baseline.double()
-    assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or NaN)"
-    if got.numel() == 0:
-        return
-    err = (got - oracle).abs().max().item()
-    base = (baseline - oracle).abs().max().item()
-    assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x baseline error {base:.3g} + {floor:.3g}"
 
 
 def grad_floor(oracle):

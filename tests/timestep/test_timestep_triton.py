@@ -5,6 +5,7 @@ On a CPU the kernels run under the Triton interpreter (small shapes); with CUDA 
 run on the GPU, plus the large GPU-only cases at the end. Every buffer the kernels write starts
 NaN-filled, so an element they forget to write fails.
 """
+import math
 import os
 
 import torch
@@ -30,6 +31,7 @@ from tests.timestep.common import (  # noqa: E402
     patch_oracle,
     sinusoid64,
 )
+from tests.oracles import segment_sum64  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["text", "image", "several", "empty", "random"]
@@ -47,7 +49,8 @@ def poison(monkeypatch):
 def small_blocks(monkeypatch):
     """Blocks small enough that tiny inputs span many programs, pieces and loop iterations."""
     for name, value in dict(ADD_BLOCK=128, ADD_MAX_BLOCK_D=32, PIECE_ROWS=8, SUM_BLOCK_R=4, SUM_BLOCK_D=16,
-                            HIDDEN_BLOCK_H=16, HIDDEN_BLOCK_K=16).items():
+                            IMAGE_SUM_BLOCK_T=2, HIDDEN_BLOCK_H=16, HIDDEN_BLOCK_K=16, SINUSOID_BLOCK_M=4,
+                            SINUSOID_MAX_BLOCK_D=16).items():
         monkeypatch.setattr(tkt, name, value)
 
 
@@ -102,10 +105,14 @@ def check(seed, layout, P, D, M, dtype, *, with_mlp=True, F=32, H=48, cfg=CONFIG
 # ----------------------------------------------------------------------------- forward + backward
 
 
+WIDTHS = [64, 96, 128, 256]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("D", [64, 96, 128, 256])
+@pytest.mark.parametrize("D", WIDTHS)
 def test_layouts_and_widths(layout, D, seed):
-    check(seed, layout, 77, D, 4, DTYPES[seed % 3])
+    # each width in one dtype, every dtype over the widths (test_dtypes runs each dtype fully)
+    check(seed, layout, 77, D, 4, DTYPES[WIDTHS.index(D) % len(DTYPES)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,7 +124,8 @@ def test_dtypes(dtype, layout, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["text", "image", "several"])
 def test_sinusoid_only(dtype, layout, seed):
-    check(seed, layout, 61, 64, 3, dtype, with_mlp=False, cfg=CONFIGS[seed % len(CONFIGS)])
+    cfg = CONFIGS[(DTYPES.index(dtype) + ["text", "image", "several"].index(layout)) % len(CONFIGS)]
+    check(seed, layout, 61, 64, 3, dtype, with_mlp=False, cfg=cfg)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -126,9 +134,33 @@ def test_configs_odd_freq_dim_integer_timesteps(cfg, seed):
 
 
 @pytest.mark.parametrize("layout", ["image", "several", "random"])
-def test_small_blocks_many_programs(layout, small_blocks, seed):
-    # 20 images: two row tiles of the hidden kernel; pieces of 8 patches; D spans 3 column blocks
-    check(seed, layout, 203, 40, 20, torch.bfloat16, F=24, H=40)
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1]], ids=["flip", "noflip"])
+def test_small_blocks_many_programs(layout, cfg, small_blocks, seed):
+    # 20 images, each its own timestep: two row tiles of the hidden kernel; pieces of 8 patches;
+    # D spans 3 column blocks
+    check(seed, layout, 203, 40, 20, torch.bfloat16, F=24, H=40, cfg=cfg)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["flip", "noflip_shift", "flip_scaled", "noflip_period"])
+@pytest.mark.parametrize("dim", [7, 40])
+def test_sinusoid_kernel_many_programs(cfg, dim, small_blocks, seed):
+    """Row and column tiles of 4 x 16: every program a different set of timesteps."""
+    gen = torch.Generator().manual_seed(seed)
+    t = timesteps(cfg, 11, gen)
+    kw = dict(flip_sin_to_cos=cfg[0], downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3])
+    got = tkt.sinusoid(t, dim, **kw)
+    assert_rule("sinusoid", got, sinusoid64(t, dim, *cfg), tk.timestep_embedding(t, dim, *cfg), 1e-6)
+
+
+def test_flip_sin_to_cos_order():
+    """t = pi/2 with frequency 1 (column 0): sin = 1, cos = 0, so the first column says which
+    function comes first; flip_sin_to_cos=True puts cos first (DiT, Transfusion)."""
+    t = torch.tensor([math.pi / 2], device=DEVICE)
+    kw = dict(downscale_freq_shift=0.0, scale=1.0, max_period=10000.0)
+    flip = tkt.sinusoid(t, 8, flip_sin_to_cos=True, **kw)[0]
+    plain = tkt.sinusoid(t, 8, flip_sin_to_cos=False, **kw)[0]
+    assert abs(flip[0].item()) < 1e-6 and abs(flip[4].item() - 1) < 1e-6, flip  # cos(pi/2), sin(pi/2)
+    assert abs(plain[0].item() - 1) < 1e-6 and abs(plain[4].item()) < 1e-6, plain
 
 
 def test_no_bias_and_bf16_weights(seed):
@@ -176,16 +208,20 @@ def test_sinusoid_kernel(cfg, dim, seed):
         assert (got[:, -1] == 0).all()
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["trailing_text", *LAYOUTS])
 def test_segment_sum_kernel(layout, small_blocks, seed):
     gen = torch.Generator().manual_seed(seed)
     P, D, M = 150, 40, 7
-    idx = make_layout(layout, P, M, gen).to(DEVICE)
+    if layout == "trailing_text":
+        # text rows sort after every image, so a piece or image range read one row or one
+        # partial past its end reads real data (a wrong sum), never past the buffer
+        idx = make_layout("image", P - 9, M, gen)
+        idx = torch.cat([idx, torch.full((9,), -1, dtype=torch.int32)])[torch.randperm(P, generator=gen)].to(DEVICE)
+    else:
+        idx = make_layout(layout, P, M, gen).to(DEVICE)
     dy = torch.randn(P, D, generator=gen).to(DEVICE, torch.float16)
     got = tkt.segment_sum(dy, idx, M)
-    oracle = torch.zeros(M, D, dtype=torch.float64, device=DEVICE)
-    for m in range(M):  # a plain loop: independent of the index_add in the reference
-        oracle[m] = dy[idx == m].double().sum(0)
+    oracle = segment_sum64(dy, idx, M)
     baseline = torch.zeros(M, D, dtype=torch.float16, device=DEVICE).index_add_(0, idx.clamp(min=0).long()[idx >= 0],
                                                                                 dy[idx >= 0])
     assert_rule("demb", got, oracle, baseline, 1e-5)
