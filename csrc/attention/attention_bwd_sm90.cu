@@ -230,7 +230,7 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
       lo = lo_s[t] < lo ? lo_s[t] : lo;
       hi = hi_s[t] > hi ? hi_s[t] : hi;
     }
-    __syncthreads();
+    // No barrier here: dS^T overwrites the scratch only after the main loop's first barrier.
     const int64_t key_lo = lo > 0 ? lo : 0, key_hi = hi < a.nk ? hi : a.nk;
     load_tile_sw128<T, D, kBN>(base + S::kK, static_cast<const T*>(a.k) + hk * a.k_head_stride, a.k_row_stride, n0,
                                key_lo, key_hi, tid);
@@ -424,12 +424,7 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
           if (row >= a.nq) continue;
           float* acc = a.dq_accum + (row * a.hq + h) * D + half * 64 + 2 * tq;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            float2 v = *reinterpret_cast<float2*>(acc + 8 * j);
-            v.x += dq[4 * j + 2 * r];
-            v.y += dq[4 * j + 2 * r + 1];
-            *reinterpret_cast<float2*>(acc + 8 * j) = v;
-          }
+          for (int j = 0; j < 8; ++j) sm90::dq_accum_add(sem, acc + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
         }
       }
       __syncthreads();  // every thread's additions are done: pass the turn on

@@ -326,7 +326,6 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
         sm90::wgmma_ss<T, kBN>(s, q_desc + q_off, k_stage + k_off, kk > 0);
       }
       sm90::wgmma_commit();
-      sm90::fence_operands(s);
     };
     // O += P V of the step at `at`; `zeroed`: the first or last step, whose V the producer fixes.
     auto issue_pv = [&](Ring<kStages> at, bool zeroed, int which) {
@@ -336,7 +335,6 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) sm90::wgmma_rs_tb<T, D>(o, pf[kk], v_stage + ((kk * 16 * 128) >> 4));
       sm90::wgmma_commit();
-      sm90::fence_operands(o);
     };
     // The row intervals relative to the step start and this thread's first column.
     auto softmax = [&](auto masked, int it) {
@@ -405,7 +403,6 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
              count == 1 ? 0 : 1);
     sm90::wgmma_wait<0>();
     sm90::fence_operands(o);
-    sm90::fence_operands(pf);
   }
 
   // Normalise; stage this warpgroup's rows (T) in its own rows of the Q buffer, then 16-byte

@@ -197,6 +197,17 @@ __device__ __forceinline__ void semaphore_wait(const int32_t* sem, int32_t value
 __device__ __forceinline__ void semaphore_signal(int32_t* sem) {
   asm volatile("fence.acq_rel.gpu;\nred.relaxed.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
 }
+// acc[0, 2) += (x, y): one thread's part of a block's addition to the fp32 dQ accumulator, made
+// while the block holds the turn on `sem` (after the barrier that follows semaphore_wait, before
+// the one that precedes semaphore_signal). `sem` names the turn for the host emulation, which
+// checks that it is held; here the addition is a plain load and store.
+__device__ __forceinline__ void dq_accum_add(const int32_t* sem, float* acc, float x, float y) {
+  (void)sem;
+  float2 v = *reinterpret_cast<float2*>(acc);
+  v.x += x;
+  v.y += y;
+  *reinterpret_cast<float2*>(acc) = v;
+}
 
 }  // namespace sm90
 }  // namespace tk

@@ -87,6 +87,7 @@ unsigned char* smem_ptr(uint32_t addr, size_t bytes);  // checked against the la
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 void syncthreads();
 int thread_rank();
+uint64_t syncthreads_completed();  // __syncthreads completions so far in this block
 
 template <class K, class... A>
 void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, const A&... args) {

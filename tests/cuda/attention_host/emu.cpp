@@ -698,6 +698,10 @@ void cp_async_wait(int allowed_pending) {
   }
 }
 int thread_rank() { return tl_rank; }
+uint64_t syncthreads_completed() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return g_named[0].generation;
+}
 
 float shfl_xor(float v, int lane_mask) {
   progress();
