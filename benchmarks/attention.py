@@ -25,7 +25,7 @@ Methods:
 Every row is first checked against the fp32 reference on the same inputs (output, and the
 gradients when the backward runs): the largest absolute errors go into the row (``err_out``,
 ``err_dq``, ...). Effective TFLOP/s use the pairs the mask allows: forward = 4 * D * Hq *
-visible_pairs, backward = 2.5 x forward, forward + backward = 3.5 x (DESIGN.md section 1).
+visible_pairs, backward = 2.5 x forward, forward + backward = 3.5 x (docs/design.md §1).
 Times are medians (triton.testing.do_bench); peak memory is what one forward + backward
 allocates above the inputs.
 

@@ -1,4 +1,4 @@
-"""Mask layouts shared by the attention tests (DESIGN.md section 5)."""
+"""Mask layouts shared by the attention tests (docs/design.md §5)."""
 from __future__ import annotations
 
 import torch

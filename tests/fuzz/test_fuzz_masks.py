@@ -34,7 +34,7 @@ def layouts(draw, max_tokens=90):
 
 
 def layout_is_valid(cu, spans) -> bool:
-    """The rules of DESIGN.md section 1, stated independently of masks.py."""
+    """The rules of docs/design.md §1, stated independently of masks.py."""
     if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         return False
     n = cu[-1]
