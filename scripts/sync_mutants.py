@@ -11,7 +11,8 @@ dead code on hardware too or a behaviour the emulator does not model: both need 
     python scripts/sync_mutants.py --list
     python scripts/sync_mutants.py [--sample K --seed S | --shard I/N] [--json out.json] [--markdown out.md]
 
-Exit status 1 when a site survives (or its kernel has no emulation mode).
+Exit status 1 when a site survives (or its kernel has no emulation mode; a KNOWN_GAPS one too),
+or a call listed in SCHEDULING_ONLY is caught.
 """
 from __future__ import annotations
 
@@ -35,11 +36,30 @@ PRIMITIVES = ("mbar_wait", "mbar_arrive", "mbar_expect_tx", "wgmma_wait", "wgmma
               "cp_async_wait", "cp_async_commit", "tma_store_wait", "__syncwarp")
 CALL = re.compile(r"\b(?:\w+::)*(" + "|".join(PRIMITIVES) + r")\s*(?:<[^<>;()]*>)?\s*\(")
 
-# Cases run against each mutant, in order (the first failure catches it), and the schedules.
-CASES = ("nan-outside-empty-rows-d128-f16", "ring-wraps-cache-d64-f16", "gap-in-query-range-d64-f16")
+# Cases run against each mutant, in order (the first failure catches it), and the schedules. A
+# case is an EMU_CASES name with options: ":ordered" (blocks take their tiles heaviest first, as
+# cuda.prepare passes them: the k_order paths), ":scale=X" (softmax scale; negative: the Q flip).
+CASES = ("nan-outside-empty-rows-d128-f16", "ring-wraps-cache-d64-f16", "gap-in-query-range-d64-f16",
+         "long-documents-gqa-d64-bf16:ordered:scale=-0.3")
 SCHEDULES = (1, 2, 3)
 DATA_SEED = 20240607
 TIMEOUT_S = 240
+
+# Calls that schedule rather than order: deleting one leaves the kernel correct on hardware too
+# (only slower), so no emulated run can fail. They are still mutated and must survive (a catch
+# would mean they order something after all). (file, text of the call, which such call) -> why.
+SCHEDULING_ONLY = {
+    ("attention_fwd_sm90.cu", "named_bar_sync(kTurnBar + cg, kConsumerThreads)", 0):
+        "the consumer warpgroups' turns on the tensor cores (ping-pong): it orders wgmma issue, no data; "
+        "without it the other warpgroup's arrivals complete the barrier among themselves",
+}
+# Calls needed on hardware whose deletion the emulator catches only by chance: a full run still
+# fails on their survival (the gap stays visible); a rotating shard does not. -> what it misses.
+KNOWN_GAPS = {
+    ("attention_fwd_sm90.cu", "named_bar_sync(kGroupBar + cg, 128)", 0):
+        "the Q sign flip of a negative scale: a warp's wgmma reads rows other warps flip; the emulator "
+        "publishes any thread's generic writes at any fence and rarely makes a warp lag its flips",
+}
 
 
 @dataclass
@@ -92,8 +112,38 @@ def select(sites: list[Site], sample: int | None, seed: int, shard: str | None) 
     return sites
 
 
+def case_options(spec: str) -> tuple[str, dict]:
+    """"name:ordered:scale=X" -> (name, emulation_check keyword arguments)."""
+    name, *opts = spec.split(":")
+    kw = {}
+    for opt in opts:
+        if opt == "ordered":
+            kw["ordered"] = True
+        elif opt.startswith("scale="):
+            kw["scale"] = float(opt[len("scale="):])
+        else:
+            raise ValueError(f"case option {opt!r} of {spec!r}: use ordered or scale=X")
+    return name, kw
+
+
+def listed(site: Site, table: dict, sites: list[Site]) -> str | None:
+    """table's entry for site: (file, text of the call, index among the file's sites with it)."""
+    for (file, call, nth), why in table.items():
+        same = [s for s in sites if s.file == file and call in s.text]
+        if nth < len(same) and (same[nth].file, same[nth].line) == (site.file, site.line):
+            return why
+    return None
+
+
+def failed(row: dict) -> bool:
+    """A survivor, or a scheduling-only call whose deletion was caught (a known gap never)."""
+    return not row.get("known_gap") and bool(row["caught_by"]) == bool(row.get("scheduling_only"))
+
+
 def run(sites: list[Site], cases, schedules, timeout: float, jobs: int, log) -> list[dict]:
     import tests.cuda.test_cuda_attention as emu  # torch and the package: only when running
+
+    all_sites = find_sites(ROOT / "csrc")
 
     os.environ.setdefault("EMU_DEADLOCK_S", "10")
     with tempfile.TemporaryDirectory(prefix="sync_mutants_") as tmp:
@@ -102,14 +152,18 @@ def run(sites: list[Site], cases, schedules, timeout: float, jobs: int, log) -> 
         exe = emu.emulation_build(base)
         work = base / "work"
         work.mkdir()
-        for case in cases:  # the kernels as they are must pass, or no failure means anything
+        # The kernels as they are must pass, or no failure means anything (those of the sites).
+        kernel_modes = [m for file, ms in emu.EMU_MODES.items() if any(s.file == file for s in sites) for m in ms]
+        for case in cases:
+            name, kw = case_options(case)
             for schedule in schedules:
-                emu.emulation_check(exe, work, case, [m for ms in emu.EMU_MODES.values() for m in ms], schedule,
-                                    DATA_SEED, timeout=timeout)
+                emu.emulation_check(exe, work, name, kernel_modes, schedule, DATA_SEED, timeout=timeout, **kw)
 
         def one(k: int, site: Site) -> dict:
             t0 = time.time()
-            row = {**asdict(site), "where": site.where, "caught_by": None, "reason": None}
+            row = {**asdict(site), "where": site.where, "caught_by": None, "reason": None,
+                   "scheduling_only": listed(site, SCHEDULING_ONLY, all_sites),
+                   "known_gap": listed(site, KNOWN_GAPS, all_sites)}
             del row["start"], row["end"]
             modes = emu.EMU_MODES.get(site.file)
             if modes is None:
@@ -128,9 +182,10 @@ def run(sites: list[Site], cases, schedules, timeout: float, jobs: int, log) -> 
             work = mdir / "work"
             work.mkdir()
             for case in cases:
+                name, kw = case_options(case)
                 for schedule in schedules:
                     try:
-                        emu.emulation_check(exe, work, case, modes, schedule, DATA_SEED, timeout=timeout)
+                        emu.emulation_check(exe, work, name, modes, schedule, DATA_SEED, timeout=timeout, **kw)
                     except AssertionError as e:
                         msg = " ".join(str(e).split())
                         m = re.search(r"emulation error: [^(]*|deadlock[^;]*|no result within \d+ s", msg)
@@ -139,7 +194,7 @@ def run(sites: list[Site], cases, schedules, timeout: float, jobs: int, log) -> 
                         break
                 if row["caught_by"]:
                     break
-            status = f"caught by {row['caught_by']}: {row['reason']}" if row["caught_by"] else "SURVIVED"
+            status = f"caught by {row['caught_by']}: {row['reason']}" if row["caught_by"] else "survived"
             print(f"[{k + 1}/{len(sites)}] {site.where} {site.call}: {status} ({time.time() - t0:.0f} s)", file=log,
                   flush=True)
             return row
@@ -149,10 +204,24 @@ def run(sites: list[Site], cases, schedules, timeout: float, jobs: int, log) -> 
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| site | call | caught by | failure |", "|---|---|---|---|"]
+    lines = ["| file | sites | caught | scheduling only (survive) | survived |", "|---|---|---|---|---|"]
+    for file in sorted({r["file"] for r in results}):
+        rows = [r for r in results if r["file"] == file]
+        lines.append(f"| {file} | {len(rows)} | {sum(bool(r['caught_by']) for r in rows)} | "
+                     f"{sum(bool(r.get('scheduling_only')) for r in rows)} | "
+                     f"{sum(not r['caught_by'] and not r.get('scheduling_only') for r in rows)} |")
+    lines += ["", "| site | call | caught by | failure |", "|---|---|---|---|"]
     for r in results:
+        if r.get("scheduling_only"):
+            caught = f"**CAUGHT**: {r['caught_by']} (listed as scheduling only)" if r["caught_by"] else \
+                "survives: scheduling only"
+            reason = (r["reason"] or r["scheduling_only"]).replace("|", "\\|")
+            lines.append(f"| {r['where']} | `{r['call']}` | {caught} | {reason} |")
+            continue
         caught = r["caught_by"] or ("UNTESTED" if r["reason"] else "**SURVIVED**")
         reason = (r["reason"] or "").replace("|", "\\|")
+        if r.get("known_gap") and not r["caught_by"]:
+            caught, reason = "**SURVIVED** (known gap)", r["known_gap"]
         lines.append(f"| {r['where']} | `{r['call']}` | {caught} | {reason} |")
     return "\n".join(lines) + "\n"
 
@@ -185,9 +254,12 @@ def main(argv=None) -> int:
         args.markdown.write_text(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    survivors = [r for r in results if not r["caught_by"]]
-    print(f"{len(results) - len(survivors)} of {len(results)} sites caught", file=sys.stderr)
-    return 1 if survivors else 0
+    bad = [r for r in results if failed(r) or (r.get("known_gap") and not r["caught_by"])]
+    expected = sum(1 for r in results if r.get("scheduling_only"))
+    caught = sum(1 for r in results if r["caught_by"] and not r.get("scheduling_only"))
+    print(f"{caught} of {len(results) - expected} sites caught ({expected} scheduling-only left out); "
+          f"failing: {' '.join(r['where'] for r in bad) or 'none'}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
