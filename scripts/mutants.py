@@ -7,7 +7,7 @@ copy, so the checkout is never modified) under the Triton interpreter. A mutant 
 "survives". Before the mutants, every test selection must pass on the unmodified copy.
 
     python scripts/mutants.py                 # all mutants; exit 1 if any survives
-    python scripts/mutants.py --only affine   # mutants whose name contains "affine"
+    python scripts/mutants.py --only affine,masks   # mutants whose name contains "affine" or "masks"
     python scripts/mutants.py --list
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ DF_AFFINE = ("tests/diffusion/test_triton_kernels.py", "tests/diffusion/test_ste
              "affine or philox_high_counter")
 TS_SEGMENT = ("tests/timestep/test_timestep_triton.py", "-k", "segment_sum_kernel")
 DF_LOSS = ("tests/diffusion/test_triton_kernels.py", "-k", "loss")
-ATT_TESTS = ("tests/attention/test_attention_triton.py", "-k", "many_tiles or layouts")
+ATT_TESTS = ("tests/attention/test_attention_triton.py", "-k", "layouts and not gpu and not compile")
 MASK_TESTS = ("tests/test_masks.py",)
 
 MUTANTS = [
@@ -107,6 +107,38 @@ MUTANTS = [
     Mutant("diffusion philox: counter high word dropped", DF,
            "c1 = (offs >> 32).to(tl.uint32)", "c1 = (offs >> 33).to(tl.uint32)", DF_AFFINE),
     # ---- diffusion: loss
+    # ---- attention forward and backward
+    Mutant("attention fwd: interval end inclusive", ATT,
+           "            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n            qk = tl.where",
+           "            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] <= kve[:, None])\n            qk = tl.where",
+           ATT_TESTS),
+    Mutant("attention fwd: rescale factor with swapped operands", ATT,
+           "alpha = tl.math.exp2(m_i - m_sub)", "alpha = tl.math.exp2(m_sub - m_i)", ATT_TESTS),
+    Mutant("attention fwd: running sum not rescaled (dropped term)", ATT,
+           "l_i = l_i * alpha + tl.sum(p, 1)", "l_i = l_i + tl.sum(p, 1)", ATT_TESTS),
+    Mutant("attention fwd: rows of intervals and output from the program id, not the tile order", ATT,
+           "    # the tile's intervals, read once for all of its PARTIAL blocks",
+           "    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)\n    row_ok = offs_m < Nq\n"
+           "    # the tile's intervals, read once for all of its PARTIAL blocks", ATT_TESTS),
+    Mutant("attention dk/dv: interval start exclusive", ATT,
+           "vis = (cols[:, None] >= kvs[None, :]) & (cols[:, None] < kve[None, :])",
+           "vis = (cols[:, None] > kvs[None, :]) & (cols[:, None] < kve[None, :])", ATT_TESTS),
+    Mutant("attention dq: ds without delta", ATT, "ds = p * (dp - delta[:, None])", "ds = p * dp", ATT_TESTS),
+    # ---- mask tile tables
+    Mutant("masks: query tile's full range from the wrong bound", MASKS,
+           "                tiled(s, 0).amax(1),\n                tiled(e, INT32_MAX).amin(1),",
+           "                tiled(s, 0).amin(1),\n                tiled(e, INT32_MAX).amin(1),", MASK_TESTS),
+    Mutant("masks: key tile's last query off by one", MASKS,
+           "q_hi = torch.searchsorted(s, n1, right=False, out_int32=True)",
+           "q_hi = torch.searchsorted(s, n1, right=False, out_int32=True) - 1", MASK_TESTS),
+    Mutant("masks: key tile's full queries include one that starts after n0", MASKS,
+           "full_hi = torch.searchsorted(s, n0, right=True, out_int32=True)",
+           "full_hi = torch.searchsorted(s, n0, right=True, out_int32=True) + 1", MASK_TESTS),
+    Mutant("masks: query tables built from a dense N x N mask", MASKS,
+           "        s, e = self.kv_start, self.kv_end\n        return torch.stack(",
+           "        s, e = self.kv_start, self.kv_end\n        cols = torch.arange(self.num_keys, device=self.device)\n"
+           "        assert ((cols[None, :] >= s[:, None]) & (cols[None, :] < e[:, None])).shape[0] == n\n"
+           "        return torch.stack(", MASK_TESTS),
     Mutant("diffusion loss: row pointer ignores the program id", DF,
            "rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)", "rows = tl.arange(0, BLOCK_P)", DF_LOSS),
     Mutant("diffusion loss: last channel tile skipped", DF,
@@ -163,11 +195,12 @@ def check_copy_is_imported(dest: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run the mutants whose name contains this text")
+    ap.add_argument("--only", default="", help="comma list: run the mutants whose name contains one of these")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per test run")
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTANTS if args.only in m.name and (ROOT / m.path).exists()]
+    wanted = args.only.split(",")
+    chosen = [m for m in MUTANTS if any(w in m.name for w in wanted) and (ROOT / m.path).exists()]
     if args.list:
         for m in chosen:
             print(f"{m.name}  [{m.path}]")

@@ -137,10 +137,11 @@ def test_select_auto_tries_triton_then_cuda_and_warns_only_on_the_reference(monk
 
 
 def test_every_kernel_backend_module_declares_its_coverage():
+    from transfusion_kernels.attention import ATTENTION
     from transfusion_kernels.diffusion import AFFINE_STEP, LOSS
     from transfusion_kernels.timestep import TIMESTEP
 
-    for op in (TIMESTEP, AFFINE_STEP, LOSS):
+    for op in (ATTENTION, TIMESTEP, AFFINE_STEP, LOSS):
         for b in ("triton", "cuda"):
             if op.has(b) and (b != "triton" or tk_backends.triton_interpret() or torch.cuda.is_available()):
                 assert callable(getattr(op.module(b), op.covers)), (op.name, b)

@@ -48,8 +48,6 @@ def backends(xfail_reference: str | None = None, xfail_triton: str | None = None
 def fresh_warnings(monkeypatch):
     """Each test sees the once-per-process fallback warnings anew."""
     monkeypatch.setattr(tk_backends, "WARNED", set())
-    if hasattr(tka, "_WARNED"):
-        monkeypatch.setattr(tka, "_WARNED", set())
 
 
 # ==============================================================================================

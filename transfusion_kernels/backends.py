@@ -140,9 +140,6 @@ def backend_info(name: str, device: torch.device) -> BackendInfo:
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
 
 
-_info = backend_info  # the attention backend's name for it until it moves onto select
-
-
 def available_backends(device: torch.device | str | None = None) -> dict[str, BackendInfo]:
     """Every backend with whether it can run here and why (not). ``device`` defaults to the GPU
     when one is visible, else the CPU."""
@@ -197,7 +194,7 @@ class Op:
     the name of the function in a kernel backend's module that says what its kernels cover
     (called with the inputs ``select`` gets; returns a reason, or None when covered)."""
 
-    def __init__(self, name: str, impls: dict[str, str], covers: str = "supports", gpu_order=None):
+    def __init__(self, name: str, impls: dict[str, str], covers: str = "supports"):
         self.name = name
         self.impls = impls
         self.covers = covers

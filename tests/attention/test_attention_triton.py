@@ -109,7 +109,7 @@ def spans_mask(cu, spans):
 
 
 # ----------------------------------------------------------------------------------------------
-# DESIGN.md section 5 layouts (lengths 1, 17, 63, 64, 65, 127, 129, 130)
+# docs/design.md §5 layouts (lengths 1, 17, 63, 64, 65, 127, 129, 130)
 # ----------------------------------------------------------------------------------------------
 LAYOUT_CASES = [  # (layout, head dim, dtype, (hq, hkv)): every layout, both head dims, all dtypes
     ("text_only", 64, torch.bfloat16, (HQ, HKV)),

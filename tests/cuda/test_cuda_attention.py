@@ -26,6 +26,7 @@ import torch
 
 import transfusion_kernels as tk
 from tests.cuda.conftest import CSRC, NVCC, kernel_report
+from tests.oracles import assert_2x
 from tests.layouts import LAYOUTS, naive_dense, random_layout
 from transfusion_kernels.backends import load_extension
 from transfusion_kernels.masks import heaviest_first
@@ -665,17 +666,7 @@ def dense_attention(q, k, v, allowed, scale):
 
 
 def assert_rule(name, got, oracle, same_dtype, floor):
-    got, oracle, same = got.double(), oracle.double(), same_dtype.double()
-    if name == "lse":  # -inf exactly where the oracle's row is empty
-        empty = oracle == float("-inf")
-        assert torch.equal(got == float("-inf"), empty), "lse: -inf rows differ from the empty rows"
-        got, oracle, same = got[~empty], oracle[~empty], same[~empty]
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or NaN)"
-    if got.numel() == 0:
-        return
-    err = (got - oracle).abs().max().item()
-    base = (same - oracle).abs().max().item()
-    assert err <= 2 * base + floor, f"{name}: kernel error {err:.3g} > 2 x torch error {base:.3g} + {floor:g}"
+    assert_2x(name, got, oracle, same_dtype, floor, neg_inf_exact=name == "lse")
 
 
 def run_cuda(q, k, v, mask, scale, dout=None):
@@ -856,8 +847,8 @@ def test_through_dispatcher(fwd_kernel, seed):
 
 # ---- policy: what the kernels do not cover -------------------------------------------------
 def test_policy_without_a_gpu(monkeypatch):
-    """Environment switches are validated; inputs the kernels do not cover go to the fallback
-    backend's prepare, or raise ValueError with the fallback off (no device needed)."""
+    """Environment switches are validated; inputs the kernels do not cover are named by supports
+    (the dispatcher's fallback), or raise ValueError with the fallback off (no device needed)."""
     from transfusion_kernels.attention import cuda as tkc
 
     if load_extension()[0] is None:
@@ -874,20 +865,12 @@ def test_policy_without_a_gpu(monkeypatch):
     q = torch.randn(20, 2, 96)
     monkeypatch.setenv(tkc.FALLBACK_ENV, "0")
     with pytest.raises(ValueError, match="head dim 96"):
-        tkc.prepare(mask, q, q[:, :1])
+        tkc.supports(q, 1.0)
     monkeypatch.setenv(tkc.FALLBACK_ENV, "1")
-    tables, blocks = tkc.prepare(mask, q, q[:, :1])  # triton's (interpreter) or the reference's
-    from transfusion_kernels.attention import reference
-    from transfusion_kernels.backends import _info
-
-    if _info("triton", torch.device("cpu")).available:
-        from transfusion_kernels.attention import triton as tkt
-
-        t_tables, t_blocks = tkt.prepare(mask, q, q[:, :1])
-        assert blocks == t_blocks and len(tables) == len(t_tables)
-        assert all(torch.equal(a, b) for a, b in zip(tables, t_tables))
-    else:
-        assert (tables, blocks) == reference.prepare(mask, q, q)
+    assert "head dim 96" in tkc.supports(q, 1.0)  # the dispatcher runs it on the next backend
+    assert tkc.supports(q.bfloat16()[..., :64], -1.0) is None  # every scale is covered
+    with pytest.raises(ValueError, match="head dim 96"):  # called directly: no second fallback here
+        tkc.prepare(mask, q, q[:, :1])
 
 
 def test_tile_orders_without_a_gpu():

@@ -1,6 +1,7 @@
 """Hybrid-mask attention: dispatch, torch.library custom ops and autograd.
 
-Backend modules (reference.py, triton.py, cuda.py) each define:
+Backend modules (reference.py, triton.py, cuda.py) each define (the kernel backends also
+``supports(q, scale) -> reason or None``, what their kernels cover, for ``backends.select``):
 
     prepare(mask, q, k) -> (tables: list[Tensor], blocks: list[int])
         the mask's tile tables and the block sizes their kernels use (cached on the mask);
@@ -13,11 +14,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 
-from transfusion_kernels.backends import Op, _info, requested_backend
+from transfusion_kernels.backends import Op, select
 from transfusion_kernels.masks import HybridMask
 
 ATTENTION = Op(
@@ -27,8 +27,6 @@ ATTENTION = Op(
         "triton": "transfusion_kernels.attention.triton",
         "cuda": "transfusion_kernels.attention.cuda",
     },
-    # Triton first until the CUDA kernels (fp16/bf16, D 64/128 only) have been validated and timed on a GPU.
-    gpu_order=("triton", "cuda"),
 )
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -125,53 +123,6 @@ def _check_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-# ----------------------------------------------------------------------------------------------
-# What each backend covers, and the fallback for what it does not
-# ----------------------------------------------------------------------------------------------
-_ORDER = ("cuda", "triton", "reference")  # a backend falls back to the next one that can run
-_WARNED: set[tuple[str, str, str]] = set()
-
-
-def _not_covered(name: str, q: torch.Tensor, scale: float) -> str | None:
-    """Why backend ``name``'s kernels do not cover these inputs (None when they do); the backend
-    modules state their own dtype / head dim limits."""
-    if name == "cuda" and not ATTENTION.module("cuda").kernel_supports(q):
-        return f"{q.dtype} with head dim {q.shape[-1]} (its kernels take float16/bfloat16 with head dim 64 or 128)"
-    if name == "triton":
-        try:
-            ATTENTION.module("triton").pick_config(q.shape[-1], q.dtype, q.device)
-        except (ValueError, TypeError) as e:
-            return f"{q.dtype} with head dim {q.shape[-1]} ({e})"
-        if scale <= 0:  # its forward scales the already masked (-inf) scores: -inf * 0 is NaN
-            return "softmax_scale <= 0"
-    return None
-
-
-def _warn_fallback(op: str, requested: str, reason: str, used: str) -> None:
-    """One warning per (op, backend, reason) and process; none while torch.compile traces."""
-    key = (op, requested, reason)
-    if key in _WARNED or torch.compiler.is_compiling():
-        return
-    _WARNED.add(key)
-    warnings.warn(f"transfusion_kernels fallback: {op} on backend {requested!r} does not support {reason}; "
-                  f"running on {used!r} instead", stacklevel=4)
-
-
-def _select(backend, q: torch.Tensor, scale: float) -> str:
-    """The backend that runs: the requested (or auto-chosen) one when its kernels cover the
-    inputs, else the next one in cuda -> triton -> reference that can run here and covers them."""
-    name = ATTENTION.resolve(backend, q.device)
-    reason = _not_covered(name, q, scale)
-    if reason is None:
-        return name
-    if name == "cuda":
-        ATTENTION.module("cuda")._fallback(q)  # TRANSFUSION_CUDA_ATTENTION_FALLBACK=0: ValueError
-    used = next(c for c in _ORDER[_ORDER.index(name) + 1:] if c == "reference" or (
-        ATTENTION.has(c) and _info(c, q.device).available and _not_covered(c, q, scale) is None))
-    _warn_fallback(ATTENTION.name, name, reason, used)
-    return used
-
-
 def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=False, backend=None):
     """Attention where query i sees keys ``[mask.kv_start[i], mask.kv_end[i])``.
 
@@ -191,7 +142,7 @@ def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=F
     """
     _check_inputs(q, k, v, mask)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    name = _select(backend, q, scale)
+    name = select(ATTENTION, backend, q, scale)
     tables, blocks = ATTENTION.module(name).prepare(mask, q, k)
     out, lse = _attention_fwd(q, k, v, mask.kv_start, mask.kv_end, tables, blocks, scale, name)
     return (out, lse) if return_lse else out

@@ -27,11 +27,11 @@ each kernel's blocks take those tiles (``masks.heaviest_first``: longest first, 
 tiles do not end in the last wave; block i of a head processes tile order[i]); ``blocks`` =
 [forward block_m, 64, 64].
 
-Inputs the kernels do not cover (float32, head dims other than 64 and 128): by default the
-whole op (``prepare``, ``forward`` and ``backward``) runs on the Triton backend when Triton can
-run on the device, else on the reference backend, with that backend's tables. Set
+Inputs the kernels do not cover (float32, head dims other than 64 and 128): ``supports`` names
+them, and ``backends.select`` runs the op on the next backend. Set
 ``TRANSFUSION_CUDA_ATTENTION_FALLBACK=0`` (read at call time) to get a ``ValueError`` naming the
-unsupported dtype / head dim instead.
+unsupported dtype / head dim instead. ``prepare``, ``forward`` and ``backward`` called directly
+with such inputs raise that ``ValueError``.
 
 Inputs whose base address or row/head strides are not 16-byte multiples are copied to a
 contiguous layout first (the kernels move 16-byte chunks). Outputs are newly allocated and
@@ -43,8 +43,7 @@ import os
 
 import torch
 
-from transfusion_kernels.attention import reference
-from transfusion_kernels.backends import BackendUnavailableError, _info, load_extension
+from transfusion_kernels.backends import BackendUnavailableError, load_extension
 from transfusion_kernels.masks import heaviest_first
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -73,18 +72,24 @@ def kernel_supports(q: torch.Tensor) -> bool:
     return q.dtype in _DTYPE_NAMES and q.shape[-1] in _HEAD_DIMS
 
 
-def _fallback(q):
-    """(module, takes_tables) for inputs the kernels do not cover, or ValueError by policy."""
-    if os.environ.get(FALLBACK_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
-        raise ValueError(
-            f"the cuda attention kernels need float16 or bfloat16 q/k/v with head dim 64 or 128, got {q.dtype} "
-            f"with head dim {q.shape[-1]} (set {FALLBACK_ENV}=1 to run such inputs on triton or reference)"
-        )
-    if _info("triton", torch.device(q.device)).available:
-        from transfusion_kernels.attention import triton as tkt
+def _uncovered(q) -> str:
+    return (f"the cuda attention kernels need float16 or bfloat16 q/k/v with head dim 64 or 128, got {q.dtype} "
+            f"with head dim {q.shape[-1]}")
 
-        return tkt, True
-    return reference, False
+
+def supports(q: torch.Tensor, scale: float) -> str | None:
+    """Why the kernels do not cover q (None when they do; any scale is covered). With
+    TRANSFUSION_CUDA_ATTENTION_FALLBACK=0 an uncovered input is a ValueError instead."""
+    if kernel_supports(q):
+        return None
+    if os.environ.get(FALLBACK_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        raise ValueError(f"{_uncovered(q)} (set {FALLBACK_ENV}=1 to run such inputs on triton or reference)")
+    return f"{q.dtype} with head dim {q.shape[-1]} (its kernels take float16/bfloat16 with head dim 64 or 128)"
+
+
+def _check_covered(q) -> None:
+    if not kernel_supports(q):
+        raise ValueError(f"{_uncovered(q)}; call hybrid_attention, which runs them on another backend")
 
 
 _SM90: dict[int, bool] = {}
@@ -181,12 +186,9 @@ def _stream(device) -> int:
 # ----------------------------------------------------------------------------------------------
 def prepare(mask, q, k):
     """Kernel inputs: tables [forward query tiles, dq query tiles, dk/dv key tiles, and their
-    tile orders] and block sizes; the fallback backend's tables for inputs the kernels do not
-    cover."""
+    tile orders] and block sizes."""
     ext = _extension()
-    if not kernel_supports(q):
-        mod, takes_tables = _fallback(q)
-        return mod.prepare(mask, q, k) if takes_tables else ([], [])
+    _check_covered(q)
     fwd_bm = ext.ATTENTION_SM90_BLOCK_M if forward_kernel(q.device) == "wgmma" else ext.ATTENTION_BLOCK_M
     blocks = [fwd_bm, ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]
     tables = [mask.query_tiles(blocks[0]), mask.query_tiles(blocks[1]), mask.key_tiles(blocks[2])]
@@ -196,9 +198,7 @@ def prepare(mask, q, k):
 
 def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
     ext = _extension()
-    if not kernel_supports(q):
-        mod, takes_tables = _fallback(q)
-        return mod.forward(q, k, v, kv_start, kv_end, *((tables, blocks) if takes_tables else ([], [])), scale)
+    _check_covered(q)
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
     kernel = forward_kernel(q.device)
@@ -228,10 +228,7 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
 
 def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
     ext = _extension()
-    if not kernel_supports(q):
-        mod, takes_tables = _fallback(q)
-        return mod.backward(dout, q, k, v, out, lse, kv_start, kv_end,
-                            *((tables, blocks) if takes_tables else ([], [])), scale)
+    _check_covered(q)
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
     if list(blocks[1:3]) != [ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]:

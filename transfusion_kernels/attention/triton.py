@@ -187,6 +187,17 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Atte
     return AttentionConfig.from_list(_gpu_config(index, head_dim, _dtype_name(dtype)))
 
 
+def supports(q: torch.Tensor, scale: float) -> str | None:
+    """Why the kernels do not cover q and scale (None when they do)."""
+    try:
+        pick_config(q.shape[-1], q.dtype, q.device)
+    except (ValueError, TypeError) as e:
+        return f"{q.dtype} with head dim {q.shape[-1]} ({e})"
+    if scale <= 0:  # the forward scales the already masked (-inf) scores: -inf * 0 is NaN
+        return "softmax_scale <= 0"
+    return None
+
+
 @torch.compiler.assume_constant_result  # torch.compile: looked up once at trace time, no graph break
 def _gpu_config(index: int, head_dim: int, dtype_name: str) -> tuple[int, ...]:
     dtype = next(t for t, n in _DTYPE_NAMES.items() if n == dtype_name)
