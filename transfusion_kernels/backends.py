@@ -97,6 +97,14 @@ def load_extension():
     return extension_status(EXTENSION)
 
 
+def require_extension():
+    """The loaded extension, or BackendUnavailableError saying why it cannot load and the fix."""
+    ext, err = load_extension()
+    if ext is None:
+        raise BackendUnavailableError(err)
+    return ext
+
+
 def extension_built(name: str = EXTENSION) -> bool:
     """Whether the extension's file exists (no import)."""
     return importlib.util.find_spec(name) is not None

@@ -77,10 +77,11 @@ def test_bindings_compile_without_warnings():
 
 
 def test_cuda_backend_reports_missing_extension(monkeypatch):
+    from transfusion_kernels import backends
     from transfusion_kernels.backends import BackendUnavailableError
     from transfusion_kernels.diffusion import cuda as diffusion_cuda
 
-    monkeypatch.setattr(diffusion_cuda, "load_extension", lambda: (None, "the CUDA extension is not built"))
+    monkeypatch.setattr(backends, "load_extension", lambda: (None, "the CUDA extension is not built"))
     x = torch.randn(2, 3)
     with pytest.raises(BackendUnavailableError, match="not built"):
         diffusion_cuda.affine_step(x, None, torch.zeros(2, 6), None, 0, None, False)

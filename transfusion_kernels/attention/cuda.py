@@ -43,20 +43,13 @@ import os
 
 import torch
 
-from transfusion_kernels.backends import BackendUnavailableError, load_extension
+from transfusion_kernels.backends import require_extension
 from transfusion_kernels.masks import heaviest_first
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _HEAD_DIMS = (64, 128)
 FWD_ENV = "TRANSFUSION_CUDA_ATTENTION_FWD"
 FALLBACK_ENV = "TRANSFUSION_CUDA_ATTENTION_FALLBACK"
-
-
-def _extension():
-    ext, err = load_extension()
-    if ext is None:
-        raise BackendUnavailableError(err)
-    return ext
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -101,7 +94,7 @@ def sm90_supported(device) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM90:
         with torch.cuda.device(index):
-            _SM90[index] = bool(_extension().attention_sm90_supported(index))
+            _SM90[index] = bool(require_extension().attention_sm90_supported(index))
     return _SM90[index]
 
 
@@ -187,7 +180,7 @@ def _stream(device) -> int:
 def prepare(mask, q, k):
     """Kernel inputs: tables [forward query tiles, dq query tiles, dk/dv key tiles, and their
     tile orders] and block sizes."""
-    ext = _extension()
+    ext = require_extension()
     _check_covered(q)
     fwd_bm = ext.ATTENTION_SM90_BLOCK_M if forward_kernel(q.device) == "wgmma" else ext.ATTENTION_BLOCK_M
     blocks = [fwd_bm, ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]
@@ -197,7 +190,7 @@ def prepare(mask, q, k):
 
 
 def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
-    ext = _extension()
+    ext = require_extension()
     _check_covered(q)
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
@@ -227,7 +220,7 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
 
 
 def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
-    ext = _extension()
+    ext = require_extension()
     _check_covered(q)
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]

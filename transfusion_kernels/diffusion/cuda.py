@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from transfusion_kernels.backends import BackendUnavailableError, load_extension
+from transfusion_kernels.backends import require_extension
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -23,13 +23,6 @@ def supports(sample) -> str | None:
 def supports_loss(pred) -> str | None:
     """diffusion_loss has no CUDA C++ kernel: it runs on the next backend (triton)."""
     return "any input (it has no CUDA C++ kernel)"
-
-
-def _extension():
-    ext, err = load_extension()
-    if ext is None:
-        raise BackendUnavailableError(err)
-    return ext
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -56,7 +49,7 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
     ``noise=None`` draws ``philox.randn(seed, numel)`` in the kernel (rounded to sample.dtype,
     as the reference does); ``has_noise=False`` with ``noise=None`` draws nothing (every
     ``c[:, 5]`` is zero). Returns ``(out, drawn_noise_or_None)``."""
-    ext = _extension()
+    ext = require_extension()
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
     if sample.dtype not in _DTYPE_NAMES:

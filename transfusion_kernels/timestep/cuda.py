@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from transfusion_kernels.backends import BackendUnavailableError, load_extension
+from transfusion_kernels.backends import require_extension
 from transfusion_kernels.timestep import reference
 
 PIECE_ROWS = 128  # rows per partial sum in the backward reduction
@@ -28,13 +28,6 @@ _FREQ_CACHE: dict = {}
 def supports(x) -> str | None:
     """The kernels cover every input the op accepts (README, "Supported shapes and dtypes")."""
     return None
-
-
-def _extension():
-    ext, err = load_extension()
-    if ext is None:
-        raise BackendUnavailableError(err)
-    return ext
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -56,7 +49,7 @@ def _frequencies(half: int, shift: float, max_period: float, device) -> torch.Te
 
 def sinusoid(timesteps, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
     """fp32 [M, freq_dim], the same values as ``reference.sinusoid``."""
-    ext = _extension()
+    ext = require_extension()
     t = timesteps.float().contiguous()  # the conversion diffusers does (Tensor.float())
     M = t.shape[0]
     out = _empty((M, freq_dim), torch.float32, t.device)
@@ -70,7 +63,7 @@ def sinusoid(timesteps, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scal
 
 def forward(x, timesteps, image_index, w1, b1, w2, b2, *, freq_dim, flip_sin_to_cos, downscale_freq_shift,
             scale, max_period):
-    ext = _extension()
+    ext = require_extension()
     emb = sinusoid(timesteps, freq_dim=freq_dim, flip_sin_to_cos=flip_sin_to_cos,
                    downscale_freq_shift=downscale_freq_shift, scale=scale, max_period=max_period)
     if w1 is not None:
@@ -85,7 +78,7 @@ def forward(x, timesteps, image_index, w1, b1, w2, b2, *, freq_dim, flip_sin_to_
 
 
 def segment_sum(dy, image_index, num_images):
-    ext = _extension()
+    ext = require_extension()
     P, D = dy.shape
     M = int(num_images)
     demb = _empty((M, D), torch.float32, dy.device)
