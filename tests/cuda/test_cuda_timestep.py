@@ -17,6 +17,7 @@ from tests.timestep.common import (
     make_layout,
     make_mlp,
     patch_oracle,
+    run,
     sinusoid64,
 )
 
@@ -37,15 +38,6 @@ def poison(monkeypatch):
     monkeypatch.setattr(tkc, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
-def _run(backend, x, t, idx, weights, freq_dim, cfg, dy):
-    x = x.detach().clone().requires_grad_()
-    ws = None if weights is None else tuple(None if w is None else w.detach().clone().requires_grad_() for w in weights)
-    y = tk.patch_timestep_embedding(x, t, idx, ws, freq_dim=freq_dim, flip_sin_to_cos=cfg[0],
-                                    downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3], backend=backend)
-    leaves = [x, *(w for w in (ws or ()) if w is not None)]
-    return y, torch.autograd.grad(y, leaves, dy)
-
-
 def _check(seed, layout, P, D, M, dtype, *, with_mlp=True, F=32, H=48, cfg=CONFIGS[0], bias=True):
     gen = torch.Generator().manual_seed(seed)
     freq_dim = F if with_mlp else D
@@ -55,8 +47,8 @@ def _check(seed, layout, P, D, M, dtype, *, with_mlp=True, F=32, H=48, cfg=CONFI
     dy = torch.randn(P, D, generator=gen).to("cuda", dtype)
     weights = make_mlp(F, H, D, torch.float32, bias, device="cuda") if with_mlp else None
 
-    y, grads = _run("cuda", x, t, idx, weights, freq_dim, cfg, dy)
-    y_ref, grads_ref = _run("reference", x, t, idx, weights, freq_dim, cfg, dy)
+    y, grads = run("cuda", x, t, idx, weights, freq_dim, cfg, dy)
+    y_ref, grads_ref = run("reference", x, t, idx, weights, freq_dim, cfg, dy)
     w64 = None if weights is None else [None if w is None else w.double().requires_grad_() for w in weights]
     y64 = patch_oracle(x.double(), t, idx, w64, freq_dim, cfg)
     assert y.dtype == dtype and y.shape == (P, D)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import transfusion_kernels as tk
 from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned, small_tiles
-from tests.timestep.common import FLOOR, assert_rule, grad_floor, patch_oracle, sinusoid64
+from tests.timestep.common import FLOOR, assert_rule, grad_floor, patch_oracle, run, sinusoid64
 
 X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 T_DTYPES = [torch.int64, torch.int32, torch.float32, torch.float64]
@@ -58,16 +58,6 @@ def weights_for(c, g):
     b1 = torch.randn(H, generator=g) * 0.1 if c["bias"] else None
     b2 = torch.randn(D, generator=g) * 0.1 if c["bias"] else None
     return tuple(None if w is None else w.to(DEVICE, c["w_dtype"]) for w in (w1, b1, w2, b2))
-
-
-def run(backend, x, t, idx, weights, freq_dim, cfg, dy):
-    x = x.detach().clone().requires_grad_()
-    ws = None if weights is None else tuple(None if w is None else w.detach().clone().requires_grad_()
-                                            for w in weights)
-    y = tk.patch_timestep_embedding(x, t, idx, ws, freq_dim=freq_dim, flip_sin_to_cos=cfg[0],
-                                    downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3], backend=backend)
-    leaves = [x, *(w for w in (ws or ()) if w is not None)]
-    return y, torch.autograd.grad(y, leaves, dy)
 
 
 def oracle64(x, t, idx, w64, freq_dim, cfg):

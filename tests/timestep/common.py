@@ -7,6 +7,7 @@ import math
 
 import torch
 
+import transfusion_kernels as tk
 from tests.oracles import assert_2x as assert_rule  # noqa: F401  (the rule, as the timestep tests name it)
 from tests.oracles import patch_oracle, sinusoid64  # noqa: F401
 
@@ -27,6 +28,17 @@ CONFIGS = [  # (flip_sin_to_cos, downscale_freq_shift, scale, max_period)
 
 def grad_floor(oracle):
     return GRAD_FLOOR * max(1.0, oracle.abs().max().item())
+
+
+def run(backend, x, t, idx, weights, freq_dim, cfg, dy):
+    """y and the gradients in x and the weights, through the public op."""
+    x = x.detach().clone().requires_grad_()
+    ws = None if weights is None else tuple(None if w is None else w.detach().clone().requires_grad_()
+                                            for w in weights)
+    y = tk.patch_timestep_embedding(x, t, idx, ws, freq_dim=freq_dim, flip_sin_to_cos=cfg[0],
+                                    downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3], backend=backend)
+    leaves = [x, *(w for w in (ws or ()) if w is not None)]
+    return y, torch.autograd.grad(y, leaves, dy)
 
 
 # ----------------------------------------------------------------------------- layouts

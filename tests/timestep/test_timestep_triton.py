@@ -29,6 +29,7 @@ from tests.timestep.common import (  # noqa: E402
     make_layout,
     make_mlp,
     patch_oracle,
+    run,
     sinusoid64,
 )
 from tests.oracles import segment_sum64  # noqa: E402
@@ -52,17 +53,6 @@ def small_blocks(monkeypatch):
                             IMAGE_SUM_BLOCK_T=2, HIDDEN_BLOCK_H=16, HIDDEN_BLOCK_K=16, SINUSOID_BLOCK_M=4,
                             SINUSOID_MAX_BLOCK_D=16).items():
         monkeypatch.setattr(tkt, name, value)
-
-
-def run(backend, x, t, idx, weights, freq_dim, cfg, dy):
-    """y and the gradients in x and the weights, through the public op."""
-    x = x.detach().clone().requires_grad_()
-    ws = None if weights is None else tuple(None if w is None else w.detach().clone().requires_grad_()
-                                            for w in weights)
-    y = tk.patch_timestep_embedding(x, t, idx, ws, freq_dim=freq_dim, flip_sin_to_cos=cfg[0],
-                                    downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3], backend=backend)
-    leaves = [x, *(w for w in (ws or ()) if w is not None)]
-    return y, torch.autograd.grad(y, leaves, dy)
 
 
 def timesteps(cfg, M, gen, integer=False):
