@@ -870,6 +870,8 @@ def record_triton_launches(d: int, dtype: str, capability: int):
         return orig_pick(*args, **kwargs)
 
     patches = {name: Recorder(name, fn) for name, fn in vars(mod).items() if isinstance(fn, JITFunction)}
+    if not patches:  # imported under TRITON_INTERPRET: forward() would run the interpreter at full size
+        raise RuntimeError(f"{TRITON_MODULE} was imported with TRITON_INTERPRET set; compile in a process without it")
     patches["pick_config"] = pick_config
     if hasattr(mod, "_check_device"):
         patches["_check_device"] = lambda *a, **k: None
@@ -998,11 +1000,18 @@ def triton_rows(archs, dims=None, dtypes=TRITON_DTYPES, kernels=None, jobs=2, ke
 
     dims = dims or triton_dims()
     work = [(d, t, a, kernels, keep_ir) for a in archs for t in dtypes for d in dims]
-    if jobs <= 1 or len(work) == 1:
+    interpret = os.environ.get("TRITON_INTERPRET")
+    if jobs <= 1 and not interpret:
         return [r for job in work for r in _triton_job(job)]
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(jobs, 2), mp_context=ctx) as pool:
-        return [r for rs in pool.map(_triton_job, work) for r in rs]
+    # Fresh workers: the package picks the interpreter at import, so they start without it
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max(1, min(jobs, 2)), mp_context=ctx) as pool:
+            return [r for rs in pool.map(_triton_job, work) for r in rs]
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
 
 
 # ----------------------------------------------------------------------------------------------
