@@ -81,7 +81,7 @@ constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 static_assert(kBM == 64 * kConsumers, "one m64 row block per consumer warpgroup");
 static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 65536, "register file");
 // Named barriers (0 is __syncthreads): consumer g may issue its GEMMs once it passes
-// kTurnBar + g; its Q negation and its epilogue staging use kGroupBar + g; kZeroBar orders the
+// kTurnBar + g; its epilogue staging uses kGroupBar + g; kZeroBar orders the
 // producer's last load before the zeroing of that step's V.
 enum NamedBarrier : int { kTurnBar = 1, kGroupBar = 3, kZeroBar = 5 };
 
@@ -291,9 +291,10 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
     kv_s[r] = row < a.nq ? __ldg(a.kv_start + row) : 0;
     kv_e[r] = row < a.nq ? __ldg(a.kv_end + row) : 0;
   }
-  // |scale| log2(e), at least FLT_MIN so that a zero scale keeps masked scores at -inf (all
-  // weights exp2(~0) = 1: uniform); a negative scale negates this warpgroup's Q rows instead.
-  const float scale_log2 = fmaxf(fabsf(a.scale) * kLog2e, kMinScaleLog2);
+  // scale log2(e), at least FLT_MIN so that a zero scale keeps masked scores at -inf (all
+  // weights exp2(~0) = 1: uniform). The scale is >= 0 here: for a negative one the caller passes
+  // -q and -scale (masked scores are -inf before scaling, so the sign cannot go into the scale).
+  const float scale_log2 = fmaxf(a.scale * kLog2e, kMinScaleLog2);
 
   RowState st{{-INFINITY, -INFINITY}, {0.0f, 0.0f}, {1.0f, 1.0f}};
   float o[D / 2];
@@ -367,18 +368,6 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
     Ring<kStages> at;  // ring position of step 0
     if (cg == 0) sm90::named_bar_arrive(kTurnBar, kConsumerThreads);  // the first warpgroup goes first
     sm90::mbar_wait(pp.bar_q, 0);
-    if (a.scale < 0.0f) {
-      // Flip the sign bits of the warpgroup's own 64 rows (only its wgmma read them) and publish
-      // the generic writes to the async proxy before the first S = Q K^T.
-      constexpr int kChunksPerPanel = 64 * 8;  // 16-byte chunks of 64 rows x 128 bytes
-      for (int i = threadIdx.x % 128; i < kChunksPerPanel * (D / 64); i += 128) {
-        uint4& x = *reinterpret_cast<uint4*>(pp.q_ptr + (i / kChunksPerPanel) * kBM * 128 + 64 * cg * 128 +
-                                             (i % kChunksPerPanel) * 16);
-        x.x ^= 0x80008000u, x.y ^= 0x80008000u, x.z ^= 0x80008000u, x.w ^= 0x80008000u;
-      }
-      sm90::fence_proxy_async();
-      sm90::named_bar_sync(kGroupBar + cg, 128);
-    }
     issue_qk(at);
     if (cg == 0 || count > 1) sm90::named_bar_arrive(other, kConsumerThreads);
     sm90::wgmma_wait<0>();
@@ -617,6 +606,7 @@ bool attention_sm90_supported(int device) {
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& a, DType dtype, int head_dim, cudaStream_t stream) {
   if (a.nq == 0 || a.hq == 0) return cudaSuccess;
   if (a.hkv <= 0 || a.hq % a.hkv != 0) return cudaErrorInvalidValue;
+  if (!(a.scale >= 0.0f)) return cudaErrorInvalidValue;  // negative: pass -q and -scale (see above)
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || !attention_sm90_supported(device)) return cudaErrorInvalidDeviceFunction;
   if (a.nq >= (int64_t{1} << 31) || a.nk >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // int32 TMA coordinates

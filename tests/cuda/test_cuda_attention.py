@@ -585,7 +585,8 @@ def test_kernels_under_emulation(emulator, tmp_path, case, schedule, seed):
 @pytest.mark.parametrize("case,scale", [("several_documents-strided-d128-bf16", -0.3), ("gqa-8to1-d64-f16", 0.0)])
 def test_kernels_at_negative_and_zero_scale(emulator, tmp_path, case, scale, seed):
     """softmax_scale < 0 and = 0 are plain math (tests/test_hardening.py), though the forwards fold
-    the scale into their exp2 FFMA (the mma.sync one negates Q for a negative scale)."""
+    the scale into their exp2 FFMA: for a negative scale the mma.sync one negates its Q rows, the wgmma
+    one is called with -q and -scale (cuda.forward; the driver does the same)."""
     modes = [m for name in KERNEL_SOURCES for m in EMU_MODES[name]]
     emulation_check(emulator, tmp_path, case, modes, 1, seed, scale=scale)
 

@@ -205,6 +205,8 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
     q_tiles, q_order = _table_and_order(tables, 0, nq, blocks[0], q.device, "tables[0] (forward query tiles)")
     q, k, v = (_kernel_ready(t) for t in (q, k, v))
     if sm90:
+        if scale < 0:  # the wgmma forward takes scale >= 0: softmax(scale q.k) = softmax(-scale (-q).k)
+            q, scale = -q, -scale
         q, k, v = (_tma_ready(t) for t in (q, k, v))
     out = _empty((nq, hq, d), q.dtype, q.device)
     lse = _empty((hq, nq), torch.float32, q.device)

@@ -112,6 +112,10 @@ int main(int argc, char** argv) {
     a.k_row_stride = k_v.row_stride, a.k_head_stride = k_v.head_stride;
     a.v_row_stride = v_v.row_stride, a.v_head_stride = v_v.head_stride;
     a.scale = scale;
+    if (mode == "fwd_sm90" && scale < 0.0f) {  // as cuda.forward calls it: -q and -scale
+      for (size_t i = 1; i < q.bytes; i += 2) q.data()[i] ^= 0x80;  // fp16/bf16 sign bits (little-endian)
+      a.scale = -scale;
+    }
     err = mode == "fwd_mma" ? tk::attention_fwd(a, dtype, d, nullptr) : tk::attention_fwd_sm90(a, dtype, d, nullptr);
     write_file(dir + "out_out.bin", out.data(), out.bytes);
     write_file(dir + "lse_out.bin", lse.data(), lse.bytes);
