@@ -1,18 +1,25 @@
 """Builds the optional CUDA extension ``transfusion_kernels._C`` (metadata: pyproject.toml).
 
 The extension is plain CUDA C++ + pybind11 (no torch headers), configured with CMake and the
-Ninja generator; see CMakeLists.txt. Whether it is built:
+Ninja generator; see CMakeLists.txt. Whether it is built (TRANSFUSION_BUILD_CUDA):
 
-    TRANSFUSION_BUILD_CUDA=1   build it; fail if nvcc cannot be found
-    TRANSFUSION_BUILD_CUDA=0   never build it (pure-Python install)
-    unset                      build it when nvcc is found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)
+    unset   build it when a usable nvcc is found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin);
+            when none is found or the build fails, warn once and install without it
+    1       build it; fail with the compiler's own message
+    0       never build it (pure-Python install)
+
+Every build writes transfusion_kernels/_build_info.json: the version, the commit, and the archs
+and CUDA version of the extension or why it was not built (``tk.build_info()``,
+``transfusion --version``). An sdist carries its commit in the file COMMIT.
 
 Other knobs: TRANSFUSION_CUDA_ARCHS (default "80;90a"), CMAKE_BUILD_PARALLEL_LEVEL (default: the
 number of CPUs), CMAKE_BUILD_TYPE (default Release).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,9 +28,13 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
 ENV_FLAG = "TRANSFUSION_BUILD_CUDA"
+RECORD = "_build_info.json"
+EXT_NAME = "transfusion_kernels._C"
 
 
 def find_nvcc() -> str | None:
@@ -38,27 +49,84 @@ def find_nvcc() -> str | None:
     return None
 
 
-def want_cuda() -> tuple[bool, str | None]:
+def build_mode() -> str:
+    """"1", "0" or "auto" from TRANSFUSION_BUILD_CUDA."""
     flag = os.environ.get(ENV_FLAG, "").strip().lower()
-    if flag in ("0", "false", "off", "no"):
-        return False, None
-    nvcc = find_nvcc()
     if flag in ("1", "true", "on", "yes"):
-        if nvcc is None:
-            raise RuntimeError(
-                f"{ENV_FLAG}=1 but nvcc was not found on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin; "
-                "install the CUDA toolkit or set CUDA_HOME"
-            )
-        return True, nvcc
+        return "1"
+    if flag in ("0", "false", "off", "no"):
+        return "0"
     if flag:
-        raise RuntimeError(f"{ENV_FLAG} must be 0 or 1, got {os.environ[ENV_FLAG]!r}")
-    return nvcc is not None, nvcc
+        raise RuntimeError(f"{ENV_FLAG} must be 0 or 1, got {os.environ[ENV_FLAG]!r}; unset it to build when nvcc is found")
+    return "auto"
 
 
-class CMakeExtension(Extension):
-    def __init__(self, name: str, nvcc: str):
-        super().__init__(name, sources=[])
-        self.nvcc = nvcc
+def probe_nvcc() -> tuple[str | None, str | None, str | None]:
+    """(nvcc, its CUDA version, None) when a usable nvcc is found, else (nvcc or None, None, why not).
+    Raises with nvcc's own message under TRANSFUSION_BUILD_CUDA=1."""
+    mode = build_mode()
+    if mode == "0":
+        return None, None, f"{ENV_FLAG}=0"
+    nvcc = find_nvcc()
+    if nvcc is None:
+        why = "nvcc was not found on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin"
+        if mode == "1":
+            raise RuntimeError(f"{ENV_FLAG}=1 but {why}; install the CUDA toolkit or set CUDA_HOME")
+        return None, None, why
+    try:
+        run = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+        output, code = (run.stdout + run.stderr).strip(), run.returncode
+    except (OSError, subprocess.TimeoutExpired) as e:
+        output, code = str(e), -1
+    version = re.search(r"release [\d.]+, V([\d.]+)", output)
+    if code == 0 and version:
+        return nvcc, version.group(1), None
+    why = f"{nvcc} --version failed: {output or f'exit code {code}'}"
+    if mode == "1":
+        raise RuntimeError(f"{ENV_FLAG}=1 but {why}")
+    return nvcc, None, why
+
+
+def git_commit() -> str | None:
+    """HEAD of this checkout (+dirty when tracked files differ from it), or the commit an sdist
+    recorded in COMMIT; None when neither is known."""
+    if (ROOT / ".git").exists():
+        try:
+            git = ["git", "-C", str(ROOT)]
+            sha = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True).stdout.strip()
+            return sha + ("+dirty" if dirty else "")
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    commit = ROOT / "COMMIT"
+    return commit.read_text().strip() or None if commit.is_file() else None
+
+
+def write_record(package_dir: Path, version: str, cuda: dict) -> None:
+    """transfusion_kernels/_build_info.json: what this build made (read by tk.build_info())."""
+    package_dir.mkdir(parents=True, exist_ok=True)
+    record = {"version": version, "commit": git_commit(), "cuda_extension": cuda}
+    (package_dir / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def warn(message: str) -> None:
+    print(f"WARNING: transfusion-kernels: {message}", file=sys.stderr, flush=True)
+
+
+NVCC, CUDA_VERSION, NOT_BUILT = probe_nvcc()
+
+
+class RecordingBuildPy(build_py):
+    """Writes the build record; the extension's build, when there is one, rewrites it."""
+
+    def run(self) -> None:
+        super().run()
+        target = ROOT if self.editable_mode else Path(self.build_lib)
+        if NOT_BUILT is not None:
+            warn(f"installing without the CUDA extension: {NOT_BUILT}")
+        write_record(target / "transfusion_kernels", self.distribution.get_version(),
+                     {"built": False, "reason": NOT_BUILT or "the extension's build has not run"})
 
 
 def _tool(name: str, module: str) -> str:
@@ -77,13 +145,29 @@ def _tool(name: str, module: str) -> str:
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext: Extension) -> None:
-        if not isinstance(ext, CMakeExtension):
-            return super().build_extension(ext)
+    def build_extensions(self) -> None:
+        for ext in list(self.extensions):
+            out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+            archs = os.environ.get("TRANSFUSION_CUDA_ARCHS", "80;90a")
+            try:
+                self.build_cmake(out_path, archs)
+            except RuntimeError as e:
+                if build_mode() == "1":
+                    raise
+                warn(f"installing without the CUDA extension: {e}")
+                self.extensions.remove(ext)
+                lines = str(e).splitlines()
+                first_error = next((line.strip() for line in lines if "error" in line.lower()), lines[0])
+                reason = f"the build failed: {first_error} (TRANSFUSION_BUILD_CUDA=1 fails with the whole message)"
+                write_record(out_path.parent, self.distribution.get_version(), {"built": False, "reason": reason})
+                continue
+            write_record(out_path.parent, self.distribution.get_version(), {"built": True, "archs": [f"sm_{a}" for a in archs.split(";")],
+                                                                      "cuda_version": CUDA_VERSION, "nvcc": NVCC})
+
+    def build_cmake(self, out_path: Path, archs: str) -> None:
         import pybind11
 
         cmake, ninja = _tool("cmake", "cmake"), _tool("ninja", "ninja")
-        out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
         cache = build_dir / "CMakeCache.txt"
         # A cache from another cmake (e.g. an earlier isolated build env that no longer exists)
@@ -93,36 +177,43 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
 
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        args = [
+        configure = [
             cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
-            f"-DCMAKE_CUDA_COMPILER={ext.nvcc}",
+            f"-DCMAKE_CUDA_COMPILER={NVCC}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DTK_OUTPUT_DIR={out_path.parent}",
             f"-DTK_EXT_SUFFIX={suffix}",
-            f"-DTK_CUDA_ARCHS={os.environ.get('TRANSFUSION_CUDA_ARCHS', '80;90a')}",
+            f"-DTK_CUDA_ARCHS={archs}",
         ]
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
-        try:
-            subprocess.run(args, check=True)
-            subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(
-                f"building the CUDA extension failed ({e}); set {ENV_FLAG}=0 for a pure-Python install"
-            ) from e
+        print(f"transfusion-kernels: building the CUDA extension with {NVCC} (CUDA {CUDA_VERSION}, archs {archs})",
+              file=sys.stderr, flush=True)
+        for cmd in (configure, [cmake, "--build", str(build_dir), "-j", jobs]):
+            # The output is kept: a failure is reported with the compiler's own message.
+            run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            print(run.stdout, file=sys.stderr, flush=True)
+            if run.returncode != 0:
+                tail = "\n".join(run.stdout.strip().splitlines()[-40:])
+                raise RuntimeError(f"`{Path(cmd[0]).name} {cmd[1]}` exited with code {run.returncode}:\n{tail}\n"
+                                   f"(set {ENV_FLAG}=0 for a pure-Python install)")
         if not out_path.exists():
             raise RuntimeError(f"the CMake build did not produce {out_path}")
 
 
-build, nvcc = want_cuda()
-if build:
-    print(f"transfusion-kernels: building the CUDA extension with {nvcc}", file=sys.stderr)
-else:
-    print(f"transfusion-kernels: no CUDA extension (nvcc not found or {ENV_FLAG}=0)", file=sys.stderr)
+class CommitSdist(sdist):
+    """An unpacked sdist has no .git: it carries the commit it was made from in COMMIT."""
+
+    def make_release_tree(self, base_dir, files) -> None:
+        super().make_release_tree(base_dir, files)
+        commit = git_commit()
+        if commit:
+            Path(base_dir, "COMMIT").write_text(commit + "\n")
+
 
 setup(
-    ext_modules=[CMakeExtension("transfusion_kernels._C", nvcc)] if build else [],
-    cmdclass={"build_ext": CMakeBuild},
+    ext_modules=[Extension(EXT_NAME, sources=[])] if NVCC and NOT_BUILT is None else [],
+    cmdclass={"build_py": RecordingBuildPy, "build_ext": CMakeBuild, "sdist": CommitSdist},
 )

@@ -1,6 +1,6 @@
 """Run the benchmark suite: attention, timestep embedding, diffusion updates and the model.
 
-    python -m benchmarks                     # GPU: full sizes; results in benchmarks/results/<device>-<date>/
+    python -m benchmarks                     # GPU: full sizes; results in ./benchmarks/results/<device>-<date>/
     python -m benchmarks --smoke             # CPU: tiny shapes, checks the harness, makes no speed claims
     python -m benchmarks --only attention,model
 
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (the default without a GPU)")
     p.add_argument("--only", default=",".join(SUITES), help=f"comma list from {','.join(SUITES)}")
-    p.add_argument("--root", default=None, help="results root (default benchmarks/results; a temporary folder for --smoke)")
+    p.add_argument("--root", default=None, help="results root (default benchmarks/results under the current directory; a temporary "
+                        "folder for --smoke)")
     args = p.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke and not args.smoke:

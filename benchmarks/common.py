@@ -1,8 +1,9 @@
 """Shared benchmark helpers: median timing, peak memory, environment record, JSON results.
 
-Every GPU run is saved as JSON under ``benchmarks/results/<device>-<date>/<name>.json`` with the
-device, library versions, git commit, the exact command line, the shapes and the medians, so a
-number in a table can always be traced to the run that printed it.
+Every GPU run is saved as JSON under ``<root>/<device>-<date>/<name>.json`` (root: the folder the
+user names with --root, default ``benchmarks/results`` under the current directory, never the
+installed package) with the device, library versions, git commit, the exact command line, the
+shapes and the medians, so a number in a table can always be traced to the run that printed it.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from typing import Callable
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, or site-packages
+RESULTS = os.path.join("benchmarks", "results")  # under the current directory
 
 
 def device_name(device: torch.device | str | None = None) -> str:
@@ -85,7 +86,12 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str | None =
 
 
 def git_commit() -> str:
-    """HEAD commit, with "+dirty" when tracked files differ from it."""
+    """HEAD commit, with "+dirty" when tracked files differ from it; for an installed package, the
+    commit its build recorded."""
+    if not os.path.exists(os.path.join(ROOT, ".git")):
+        from transfusion_kernels.backends import build_record
+
+        return build_record().get("commit") or "unknown"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -121,9 +127,10 @@ def environment(device: torch.device | str | None = None) -> dict:
 
 
 def results_path(name: str, device: torch.device | str | None = None, root: str | None = None) -> str:
-    """``<root>/<device>-<date>/<name>.json`` (root defaults to benchmarks/results)."""
+    """``<root>/<device>-<date>/<name>.json``, absolute (root defaults to benchmarks/results under
+    the current directory)."""
     folder = f"{_slug(device_name(device))[:40]}-{_dt.date.today().isoformat()}"
-    return os.path.join(root or RESULTS, folder, f"{name}.json")
+    return os.path.abspath(os.path.join(root or RESULTS, folder, f"{name}.json"))
 
 
 def write_json(name: str, rows: list[dict], config: dict | None = None, device=None, root: str | None = None) -> str:

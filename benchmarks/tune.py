@@ -87,7 +87,8 @@ def main(argv=None) -> int:
         loaded = _interpreted_module_loaded()
         if loaded is False:  # compiled kernels already imported here: interpret in a fresh process
             cmd = [sys.executable, "-m", "benchmarks.tune"] + list(argv if argv is not None else sys.argv[1:])
-            return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1")).returncode
+            path = os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            return subprocess.run(cmd, env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)).returncode
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined (first import)
     import torch
 

@@ -160,22 +160,17 @@ def cmd_caption(args) -> int:
 
 # -- bench / demo ----------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    root = Path(__file__).resolve().parent.parent
+    """``python -m benchmarks`` in the current directory (results go under it, or --root): the
+    installed ``benchmarks`` package, or the one beside this package in a checkout."""
+    import importlib.util
+
     env = dict(os.environ)
     if args.backend:
         env["TRANSFUSION_KERNELS_BACKEND"] = args.backend
-    bench = root / "benchmarks"
-    if (bench / "__main__.py").is_file():
-        return subprocess.call([sys.executable, "-m", "benchmarks", *args.rest], cwd=root, env=env)
-    scripts = sorted(p for p in bench.glob("*.py") if not p.name.startswith("_")) if bench.is_dir() else []
-    if not scripts:
-        print(f"no benchmarks found under {bench}", file=sys.stderr)
-        return 1
-    rc = 0
-    for s in scripts:
-        print(f"== {s.name}", flush=True)
-        rc = subprocess.call([sys.executable, str(s), *args.rest], cwd=root, env=env) or rc
-    return rc
+    checkout = Path(__file__).resolve().parent.parent
+    if importlib.util.find_spec("benchmarks") is None and (checkout / "benchmarks" / "__main__.py").is_file():
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args.rest], env=env)
 
 
 def cmd_demo(args) -> int:
@@ -203,8 +198,29 @@ def _sampling_args(p):
     p.add_argument("--threads", type=int, default=None)
 
 
+def version_text() -> str:
+    """Version, commit and the CUDA extension's archs and CUDA version (or why it is missing)."""
+    import transfusion_kernels as tk
+
+    info = tk.build_info()
+    cuda = info["cuda_extension"]
+    ext = (f"CUDA extension built for {','.join(cuda['archs'])} with CUDA {cuda['cuda_version']}" if cuda["built"]
+           else f"no CUDA extension: {cuda['reason']}")
+    return f"transfusion-kernels {info['version']} (commit {info['commit'] or 'unknown'})\n{ext}"
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version, commit and CUDA build, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="transfusion", description=__doc__)
+    ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def add(name, help):
@@ -259,7 +275,8 @@ def parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.set_defaults(fn=cmd_caption)
 
-    p = add("bench", "run the kernel benchmarks (python -m benchmarks); other arguments go to it, e.g. --smoke")
+    p = add("bench", "run the kernel benchmarks (python -m benchmarks); other arguments go to it, e.g. --smoke, "
+                     "--root DIR (results folder; default benchmarks/results under the current directory)")
     p.add_argument("rest", nargs="*", help="arguments passed to the benchmarks")
     p.set_defaults(fn=cmd_bench)
 

@@ -22,6 +22,24 @@ from transfusion_kernels.diffusion import (
 
 __version__ = "0.1.0"
 
+
+def build_info() -> dict:
+    """How this install was built: ``version``, ``commit`` (None when unknown) and
+    ``cuda_extension``: ``{"built": True, "archs", "cuda_version", ...}`` from the loaded module, or
+    ``{"built": False, "reason"}`` saying why it is missing or does not load, and the fix."""
+    from transfusion_kernels import backends
+
+    record = backends.build_record()
+    ext, err = backends.load_extension()
+    if ext is None:
+        cuda = {"built": False, "reason": err}
+    else:
+        compiled = dict(ext.build_info())
+        cuda = {"built": True, "archs": list(compiled["archs"]), "cuda_version": compiled["nvcc_version"],
+                "source_hash": compiled["source_hash"], "file": ext.__file__}
+    return {"version": __version__, "commit": record.get("commit"), "cuda_extension": cuda}
+
+
 __all__ = [
     "BackendUnavailableError",
     "DiffusionSchedule",
@@ -29,6 +47,7 @@ __all__ = [
     "TimestepMLP",
     "add_noise",
     "available_backends",
+    "build_info",
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",

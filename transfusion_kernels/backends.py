@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -75,14 +76,28 @@ def _triton_import_error() -> str | None:
 _EXTENSIONS: dict[str, tuple] = {}
 
 
+def build_record() -> dict:
+    """What the install built, from transfusion_kernels/_build_info.json (written by setup.py):
+    version, commit, and the extension's archs and CUDA version or why it was not built. Empty
+    when the install predates the record."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def extension_status(name: str = EXTENSION) -> tuple:
     """(module, None) for the compiled extension ``name``, or (None, why it cannot load and what
     to do). A missing extension is found without importing anything, so the probe is safe while
     the package itself is being imported."""
     if name not in _EXTENSIONS:
         if importlib.util.find_spec(name) is None:
+            skipped = build_record().get("cuda_extension", {}).get("reason") if name == EXTENSION else None
             _EXTENSIONS[name] = (None, f"the extension {name} is not built: install with nvcc on PATH "
-                                       "(or TRANSFUSION_BUILD_CUDA=1): pip install -e .")
+                                       "(or TRANSFUSION_BUILD_CUDA=1): pip install -e . in a checkout, "
+                                       "or pip install of the sdist" + (f"; the install said: {skipped}" if skipped else ""))
         else:
             try:
                 _EXTENSIONS[name] = (importlib.import_module(name), None)
