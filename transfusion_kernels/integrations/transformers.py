@@ -1,41 +1,55 @@
 """Transfusion masks in Hugging Face transformers models: ``tk.hybrid_attention`` as an attention
 implementation.
 
-Importing this module registers the attention function under the name ``"transfusion"``. Any
-model whose attention layers dispatch through ``transformers.AttentionInterface`` (Llama, Mistral,
-Qwen2, Gemma, ... in transformers >= 4.51, all of 5.x) can then run with a :class:`tk.HybridMask`::
+Importing this module registers the name ``"transfusion"`` twice: as an attention function
+(``transformers.AttentionInterface``) and as a mask builder (``AttentionMaskInterface``), so the
+mask transformers builds for each forward reaches the attention as key intervals. Any model whose
+attention layers dispatch through the attention interface and whose masks come from
+``transformers.masking_utils`` (Llama, Mistral, Qwen2, ... in transformers 5.x) then runs with no
+extra argument::
 
-    import transfusion_kernels as tk
     from transfusion_kernels.integrations import transformers as tk_hf
 
-    model = LlamaForCausalLM(config)                     # or from_pretrained(...)
-    model.set_attn_implementation("transfusion")         # transformers 5.x; on 4.x pass
-                                                         # attn_implementation="transfusion" when loading
-    mask = tk.HybridMask.from_spans(cu_seqlens, image_spans)
-    out = model(input_ids=ids,                           # [1, N]: the packed batch
-                position_ids=tk_hf.packed_position_ids(cu_seqlens)[None],
-                transfusion_mask=mask)                   # forwarded to every attention layer
+    model = LlamaForCausalLM(config)                      # or from_pretrained(...)
+    model.set_attn_implementation("transfusion")
+    model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=16)   # as with sdpa
 
-Passing the mask:
-  * as the keyword ``transfusion_mask=`` of the model call: models whose forward takes
-    ``**kwargs`` hand it to the attention function (transformers 5.x; 4.51+ for most decoders);
-  * or with ``with tk_hf.use_mask(mask): model(...)`` where the keyword does not reach the
-    attention layers (older model code, pipelines that filter keywords). The keyword wins when both
-    are given. ``use_mask(mask, backend="triton")`` also picks the attention backend; the keyword
-    for that is ``transfusion_backend=``.
+What the mask is made of, per row of the batch (absolute positions, as transformers counts them):
 
-Layout: the packed batch is [1, N] and the mask covers its N tokens. A batch [B, S] of B rows with
-equal lengths is flattened to B * S tokens, so build the mask over those (documents must not cross
-rows: put a document boundary at every multiple of S). With a KV cache the queries are the new
-tokens and the keys the cache plus the new tokens (``tk.HybridMask.cached``).
+  * causal, over the KV cache and the new tokens (cache positions and offsets from the cache);
+  * ``attention_mask`` (padding) folded into the intervals. Left padding, and right padding
+    without new tokens after it, are intervals; a row whose real keys have a gap before a query
+    (right padding, then generated tokens) raises: pad on the left for ``generate()``;
+  * the model's sliding window (Mistral, Qwen2): query p sees keys from p - window + 1;
+  * packed documents from ``position_ids`` that restart per sequence (what
+    ``DataCollatorWithFlattening`` produces and flash-attention-2 reads), in calls without past
+    keys. sdpa and eager only do this when ``attention_mask`` is None and no cache is used;
+  * images (bidirectional spans): ``transfusion_image_ids``, int [B, L] over the same positions as
+    ``attention_mask`` (left padding included), -1 for text and one id per image, each image one
+    contiguous run (transformers' ``block_sequence_ids`` convention). Positions at or after L are
+    text, so the ids of the prompt keep working through ``generate()``. Pass it as a keyword of
+    the model call, or around ``generate()`` (which rejects unknown keywords)::
 
-The HybridMask is the whole mask: the ``attention_mask`` transformers passes in (None on 5.x for
-this implementation; a dense causal mask on some 4.x models) is ignored, so express padding in the
-HybridMask (or pack without padding). Attention dropout is not supported.
+        with tk_hf.use_mask(image_ids=image_ids):
+            model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=16)
 
-Version notes: the registration uses ``transformers.AttentionInterface`` (4.51+), else the
-``ALL_ATTENTION_FUNCTIONS`` dict of 4.48-4.50. transformers 4.45-4.47 choose attention classes per
-model and have no pluggable attention function: ``register()`` raises there. Tested with 5.x.
+    An image sees its whole span; with a sliding window it also sees back to the window of its
+    first token (transformers' union of window and block).
+
+A fixed mask instead of all of the above: ``transfusion_mask=tk.HybridMask`` (keyword) or
+``use_mask(mask)``, over the batch flattened to [B * Sq] queries x [B * Sk] keys (documents must
+not cross rows). Padding and the sliding window are still applied to it. It fits one call's
+shapes, so it is for forward calls; ``generate()`` needs the derived mask above. A 4-D
+``attention_mask`` (boolean or additive 0 / -inf) is used as the whole mask, like eager does,
+when every query's visible keys are one interval. ``use_mask(..., backend="triton")`` or the
+keyword ``transfusion_backend=`` picks the attention backend. The keywords win over the block.
+
+Refused with an error: attention dropout, logit softcapping, chunked or bidirectional
+(``is_causal=False``) masks and models that add their own mask functions (``or_mask_function`` /
+``and_mask_function``): these are not intervals or not kernels of this package.
+
+Version notes: transformers 5.x (the mask builder interface). On 4.48-4.50 the attention function
+is registered in ``ALL_ATTENTION_FUNCTIONS`` and needs ``transfusion_mask``.
 """
 from __future__ import annotations
 
@@ -48,17 +62,18 @@ from transfusion_kernels.masks import HybridMask
 
 ATTN_IMPLEMENTATION = "transfusion"
 
-# Innermost use_mask() block last: (mask, backend). A list, not a ContextVar, so torch.compile
+# Innermost use_mask() block last: {keyword: value}. A list, not a ContextVar, so torch.compile
 # can read it (the entry is a constant of the traced call).
-_STACK: list[tuple[HybridMask, str | None]] = []
+_STACK: list[dict] = []
 
 
 @contextlib.contextmanager
-def use_mask(mask: HybridMask, backend: str | None = None):
-    """Run the model calls inside the block with ``mask`` (and attention ``backend``)."""
-    if not isinstance(mask, HybridMask):
+def use_mask(mask: HybridMask | None = None, backend: str | None = None, *, image_ids: torch.Tensor | None = None):
+    """Run the model calls inside the block (``generate()`` included) with a fixed ``mask``, the
+    attention ``backend`` and/or the images ``image_ids`` (int [B, L], -1 for text)."""
+    if mask is not None and not isinstance(mask, HybridMask):
         raise TypeError(f"use_mask: mask must be a tk.HybridMask, got {type(mask).__name__}")
-    _STACK.append((mask, backend))
+    _STACK.append({"transfusion_mask": mask, "transfusion_backend": backend, "transfusion_image_ids": image_ids})
     try:
         yield mask
     finally:
@@ -74,60 +89,243 @@ def packed_position_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return pos - cu[doc]
 
 
+def _run_bounds(new_run: torch.Tensor):
+    """For [B, L] run starts: (first index, one past the last index) of each position's run."""
+    L = new_run.shape[-1]
+    idx = torch.arange(L, device=new_run.device).expand_as(new_run)
+    start = torch.where(new_run, idx, 0).cummax(-1).values
+    last = torch.cat([new_run[:, 1:], torch.ones_like(new_run[:, :1])], -1)  # last index of its run
+    end = torch.where(last, idx + 1, L).flip(-1).cummin(-1).values.flip(-1)
+    return start, end
+
+
+class MaskRequest:
+    """What the mask builder hands every attention layer of one forward: sizes, offsets, padding
+    and window. The first layer turns it into a HybridMask, the others reuse it."""
+
+    ndim = 4  # transformers passes a 4-D mask through create_causal_mask unchanged (static caches)
+
+    def __init__(self, batch, q_length, kv_length, q_offset=0, kv_offset=0, padding=None, window=None):
+        self.batch, self.q_length, self.kv_length = int(batch), int(q_length), int(kv_length)
+        self.q_offset, self.kv_offset = int(q_offset), int(kv_offset)
+        self.window = window
+        self.padding = padding  # bool [B, >= kv_offset + kv_length] over absolute positions, or None
+        self._masks: dict = {}
+
+    def hybrid(self, Sq, Sk, explicit, position_ids, image_ids, device) -> HybridMask:
+        if (Sq, Sk) != (self.q_length, self.kv_length):
+            raise ValueError(f"the layer has {Sq} queries x {Sk} keys but transformers built its mask for "
+                             f"{self.q_length} x {self.kv_length}: the cache layout is not supported")
+        key = (id(explicit), id(position_ids), id(image_ids))
+        if key not in self._masks:
+            self._masks[key] = self._build(explicit, position_ids, image_ids, device)
+        return self._masks[key]
+
+    def _build(self, explicit, position_ids, image_ids, device) -> HybridMask:
+        B, Sq, Sk = self.batch, self.q_length, self.kv_length
+        p = self.q_offset + torch.arange(Sq, device=device).expand(B, Sq)  # absolute query positions
+        if explicit is not None:
+            lo, hi = _rows_of(explicit, B, Sq, Sk, device)
+            if self.window is not None:
+                lo = torch.maximum(lo, p - self.window + 1 - self.kv_offset)
+        else:
+            lo, hi = self._derived(p, position_ids, image_ids, device)
+        lo, hi = lo.clamp(0, Sk), hi.clamp(0, Sk)
+        lo, hi = torch.minimum(lo, hi), hi
+        if self.padding is not None:
+            need = max(self.kv_offset + Sk, self.q_offset + Sq)  # keys past the mask are not real
+            pad = torch.nn.functional.pad(self.padding.to(device), (0, max(0, need - self.padding.shape[1])))
+            real_q = pad.gather(1, p)
+            lo, hi = _fold_padding(lo, hi, pad[:, self.kv_offset : self.kv_offset + Sk], real_q)
+        return _flatten(lo, hi, Sk)
+
+    def _derived(self, p, position_ids, image_ids, device):
+        B, Sq, Sk = self.batch, self.q_length, self.kv_length
+        hi = p + 1
+        lo = torch.zeros_like(p)
+        block_start = None
+        if image_ids is not None:
+            ids = torch.as_tensor(image_ids, device=device)
+            if ids.dim() != 2 or ids.shape[0] != B or ids.dtype.is_floating_point:
+                raise ValueError(f"transfusion_image_ids must be integers of shape [batch={B}, L], got "
+                                 f"{ids.dtype} {tuple(ids.shape)}")
+            L = ids.shape[1]
+            ids = ids.long()
+            new_run = torch.ones_like(ids, dtype=torch.bool)
+            new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
+            starts = new_run & (ids >= 0)
+            rows, cols = starts.nonzero(as_tuple=True)
+            keyed = rows * (int(ids.max()) + 1) + ids[rows, cols]
+            if keyed.unique().numel() != keyed.numel():
+                raise ValueError("transfusion_image_ids: an image id occurs in two separate runs of a row; "
+                                 "give each image its own id and one contiguous span")
+            run_start, run_end = _run_bounds(new_run)
+            inside = p < L
+            pc = p.clamp(max=L - 1)
+            in_img = inside & (ids.gather(1, pc) >= 0)
+            hi = torch.where(in_img, torch.maximum(hi, run_end.gather(1, pc)), hi)
+            block_start = torch.where(in_img, run_start.gather(1, pc), p)
+        if position_ids is not None and position_ids.dim() <= 2 and self.q_offset == 0 and self.kv_offset == 0 and Sq == Sk:
+            pos = position_ids.to(device).expand(B, Sq)
+            new_doc = torch.ones_like(pos, dtype=torch.bool)
+            new_doc[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+            doc_start, doc_end = _run_bounds(new_doc)
+            if block_start is not None and bool((hi > doc_end.gather(1, p)).any()):
+                raise ValueError("transfusion_image_ids: an image crosses a document boundary "
+                                 "(position_ids restart inside it)")
+            lo = doc_start
+        if self.window is not None:
+            w_lo = p - self.window + 1
+            lo = torch.maximum(lo, w_lo if block_start is None else torch.minimum(w_lo, block_start))
+        return lo - self.kv_offset, hi - self.kv_offset
+
+
+def _rows_of(mask: HybridMask, B, Sq, Sk, device):
+    """A HybridMask over [B * Sq] x [B * Sk] as per-row key indices [B, Sq]."""
+    if not isinstance(mask, HybridMask):
+        raise TypeError(f"transfusion_mask must be a tk.HybridMask, got {type(mask).__name__}")
+    if mask.num_queries != B * Sq or mask.num_keys != B * Sk:
+        raise ValueError(
+            f"transfusion_mask covers {mask.num_queries} queries x {mask.num_keys} keys, but the layer has "
+            f"batch {B} x {Sq} queries and {B} x {Sk} keys (a [B, S] batch is flattened to B * S tokens; with "
+            "generate() or a KV cache leave transfusion_mask out: the mask is derived from the call)"
+        )
+    base = (torch.arange(B, device=device) * Sk)[:, None]
+    lo = mask.kv_start.to(device).long().view(B, Sq) - base
+    hi = mask.kv_end.to(device).long().view(B, Sq) - base
+    if bool(((hi > lo) & ((lo < 0) | (hi > Sk))).any()):
+        raise ValueError("transfusion_mask lets a query see keys of another row of the batch; "
+                         "put a document boundary at every row start")
+    return lo, hi
+
+
+def _fold_padding(lo, hi, valid, real_q):
+    """Intersect [lo, hi) with the real keys ``valid`` [B, Sk]; a real query whose visible real
+    keys are not one interval raises."""
+    B, Sk = valid.shape
+    idx = torch.arange(Sk, device=valid.device).expand(B, Sk)
+    sentinel = torch.full((B, 1), Sk, device=valid.device, dtype=torch.long)
+    first_from = torch.cat([torch.where(valid, idx, Sk), sentinel], 1).flip(1).cummin(1).values.flip(1)
+    last_before = torch.cat([-torch.ones_like(sentinel), torch.where(valid, idx, -1)], 1).cummax(1).values
+    count = torch.cat([torch.zeros_like(sentinel), valid.long().cumsum(1)], 1)
+    n = count.gather(1, hi) - count.gather(1, lo)
+    f, l = first_from.gather(1, lo), last_before.gather(1, hi)
+    gap = (n > 0) & (l - f + 1 != n)
+    bad = (gap & real_q).nonzero()
+    if bad.numel():
+        b, i = (int(x) for x in bad[0])
+        raise ValueError(
+            f"attention_mask leaves a gap in the keys of query {i} of row {b} (padding between real tokens, e.g. "
+            "right padding followed by generated tokens): the transfusion attention sees one key interval per "
+            "query; pad on the left (tokenizer.padding_side = 'left')"
+        )
+    keep = (n > 0) & ~gap
+    return torch.where(keep, f, lo), torch.where(keep, l + 1, lo)
+
+
+def _flatten(lo, hi, Sk) -> HybridMask:
+    base = (torch.arange(lo.shape[0], device=lo.device) * Sk)[:, None]
+    s, e = (lo + base).flatten().to(torch.int32), (hi + base).flatten().to(torch.int32)
+    return HybridMask(s, e, lo.shape[0] * Sk)
+
+
+def _from_dense(mask: torch.Tensor, B, Sq, Sk) -> HybridMask:
+    """A 4-D boolean or additive (0 / -inf) mask [B or 1, 1, Sq, Sk] whose rows are intervals."""
+    if mask.shape[1] != 1 or mask.shape[2:] != (Sq, Sk) or mask.shape[0] not in (1, B):
+        raise ValueError(f"a 4-D attention_mask must have shape [{B} or 1, 1, {Sq}, {Sk}], got {tuple(mask.shape)}")
+    m = mask[:, 0].expand(B, Sq, Sk)
+    if m.dtype != torch.bool:
+        allowed = m > torch.finfo(m.dtype).min / 2
+        if bool((m[allowed] != 0).any()):
+            raise ValueError("a 4-D additive attention_mask with values other than 0 and -inf (a bias) "
+                             "is not supported by the transfusion attention")
+        m = allowed
+    n = m.sum(-1)
+    lo = m.long().argmax(-1)
+    hi = Sk - m.flip(-1).long().argmax(-1)
+    if bool(((n > 0) & (hi - lo != n)).any()):
+        raise ValueError("the 4-D attention_mask is not one key interval per query; the transfusion attention "
+                         "supports interval masks only")
+    return _flatten(torch.where(n > 0, lo, 0), torch.where(n > 0, hi, 0), Sk)
+
+
+def transfusion_mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                               attention_mask=None, local_size=None, use_vmap=False, config=None, **kwargs):
+    """The ``AttentionMaskInterface`` function: a :class:`MaskRequest` instead of a dense mask."""
+    if isinstance(attention_mask, MaskRequest):
+        return attention_mask  # built by generate() for a static cache and passed back in
+    if use_vmap:
+        raise ValueError("attention implementation 'transfusion': this model adds its own mask functions "
+                         "(or_mask_function / and_mask_function), which are not interval masks here; pass "
+                         "transfusion_mask= or transfusion_image_ids= instead")
+    if "allow_is_bidirectional_skip" in kwargs:
+        raise ValueError("attention implementation 'transfusion' is causal; bidirectional masks "
+                         "(is_causal=False) are not supported")
+    if local_size is not None and local_size != getattr(config, "sliding_window", None):
+        raise ValueError(f"attention implementation 'transfusion' does not support chunked attention (local size "
+                         f"{local_size}); only the sliding window config.sliding_window")
+    padding = None
+    if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.all()):
+        padding = attention_mask.to(torch.bool)
+    return MaskRequest(batch_size, q_length, kv_length, q_offset, kv_offset, padding, local_size)
+
+
 def transfusion_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask,
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function: query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D]
     (transformers' layout) -> (attn_output [B, Sq, Hq, D], None)."""
-    mask = kwargs.get("transfusion_mask")
-    backend = kwargs.get("transfusion_backend")
-    if mask is None and _STACK:
-        mask, ctx_backend = _STACK[-1]
-        backend = backend if backend is not None else ctx_backend
-    if mask is None:
-        raise ValueError(
-            "attention implementation 'transfusion' needs a tk.HybridMask: call the model with "
-            "transfusion_mask=mask, or inside `with transfusion_kernels.integrations.transformers.use_mask(mask):`"
-        )
-    if not isinstance(mask, HybridMask):
-        raise TypeError(f"transfusion_mask must be a tk.HybridMask, got {type(mask).__name__}")
+    opts = dict(_STACK[-1]) if _STACK else {}
+    opts.update({k: kwargs[k] for k in ("transfusion_mask", "transfusion_backend", "transfusion_image_ids")
+                 if kwargs.get(k) is not None})
+    explicit, image_ids = opts.get("transfusion_mask"), opts.get("transfusion_image_ids")
     if dropout:
         raise ValueError(f"attention implementation 'transfusion' has no attention dropout (got dropout={dropout}); "
                          "set the model's attention_dropout to 0")
-    for name in ("sliding_window", "softcap"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"attention implementation 'transfusion' does not support {name}={kwargs[name]!r}; "
-                             "express a window in the HybridMask intervals instead")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"attention implementation 'transfusion' does not support softcap={kwargs['softcap']!r}")
     B, Hq, Sq, D = query.shape
     Hkv, Sk = key.shape[1], key.shape[2]
-    if mask.num_queries != B * Sq or mask.num_keys != B * Sk:
-        raise ValueError(
-            f"transfusion_mask covers {mask.num_queries} queries x {mask.num_keys} keys, but the layer has "
-            f"batch {B} x {Sq} queries and {B} x {Sk} keys (a [B, S] batch is flattened to B * S tokens)"
-        )
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        if explicit is not None or image_ids is not None:
+            raise ValueError("a 4-D attention_mask is the whole mask: leave transfusion_mask and "
+                             "transfusion_image_ids out, or pass a 2-D attention_mask")
+        mask = _from_dense(attention_mask, B, Sq, Sk)
+    else:
+        if attention_mask is None:  # model code that builds no mask: no cache, the layer's own window
+            if Sq != Sk and explicit is None:
+                raise ValueError("attention implementation 'transfusion': this model built no attention mask for "
+                                 f"{Sq} queries against {Sk} keys; pass transfusion_mask=tk.HybridMask")
+            attention_mask = MaskRequest(B, Sq, Sk, Sk - Sq, 0, None, kwargs.get("sliding_window"))
+        elif not isinstance(attention_mask, MaskRequest):
+            raise TypeError(f"attention implementation 'transfusion' got an attention_mask of type "
+                            f"{type(attention_mask).__name__}; pass a 2-D padding mask or a 4-D mask")
+        mask = attention_mask.hybrid(Sq, Sk, explicit, kwargs.get("position_ids"), image_ids, query.device)
     # [B, H, S, D] -> [B * S, H, D]: a view when B == 1 (the packed case), one copy otherwise.
     q = query.transpose(1, 2).reshape(B * Sq, Hq, D)
     k = key.transpose(1, 2).reshape(B * Sk, Hkv, D)
     v = value.transpose(1, 2).reshape(B * Sk, Hkv, value.shape[-1])
-    out = hybrid_attention(q, k, v, mask, softmax_scale=scaling, backend=backend)
+    out = hybrid_attention(q, k, v, mask, softmax_scale=scaling, backend=opts.get("transfusion_backend"))
     return out.view(B, Sq, Hq, out.shape[-1]), None
 
 
 def register(name: str = ATTN_IMPLEMENTATION) -> str:
-    """Register the attention function with transformers under ``name`` (idempotent)."""
+    """Register the attention function and the mask builder with transformers under ``name`` (idempotent)."""
     try:
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         AttentionInterface = None
     if AttentionInterface is not None:
         AttentionInterface.register(name, transfusion_attention_forward)
+        AttentionMaskInterface.register(name, transfusion_mask_interface)
         return name
     try:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -136,7 +334,7 @@ def register(name: str = ATTN_IMPLEMENTATION) -> str:
 
         raise RuntimeError(
             f"transformers {transformers.__version__} has no pluggable attention functions; the "
-            f"'{name}' attention needs transformers >= 4.48 (AttentionInterface: >= 4.51)"
+            f"'{name}' attention needs transformers >= 4.48 (mask building: >= 5.0)"
         ) from e
     ALL_ATTENTION_FUNCTIONS[name] = transfusion_attention_forward
     return name
@@ -144,4 +342,5 @@ def register(name: str = ATTN_IMPLEMENTATION) -> str:
 
 register()
 
-__all__ = ["ATTN_IMPLEMENTATION", "packed_position_ids", "register", "transfusion_attention_forward", "use_mask"]
+__all__ = ["ATTN_IMPLEMENTATION", "MaskRequest", "packed_position_ids", "register", "transfusion_attention_forward",
+           "transfusion_mask_interface", "use_mask"]
