@@ -1,0 +1,174 @@
+"""Packaging (README, Install): the sdist holds what the build and the tests read, setup.py's build
+modes, and the build record behind tk.build_info() and `transfusion --version`.
+
+Installing the wheel and the sdist into fresh environments is .ci/package's job (minutes)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Files of a checkout that the sdist leaves out: CI and git settings.
+NOT_SHIPPED = (".ci/", ".gitignore")
+# Files the sdist adds: metadata, and the commit it was made from.
+GENERATED = ("PKG-INFO", "setup.cfg", "COMMIT", "transfusion_kernels.egg-info/")
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory) -> dict[str, bytes]:
+    """{path inside the sdist: contents} of an sdist built from this checkout."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("compares the sdist with the files of a git checkout")
+    out = tmp_path_factory.mktemp("sdist")
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    (archive,) = out.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        return {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_sdist_holds_what_cmake_reads(sdist):
+    """CMakeLists.txt, every source its globs take (csrc/*.cu, *.cuh, *.h, *.cpp) and every file
+    those sources include with quotes, found beside the includer or under csrc/ as the build does."""
+    sources = sorted(str(p.relative_to(ROOT)) for ext in ("cu", "cuh", "h", "cpp") for p in (ROOT / "csrc").rglob(f"*.{ext}"))
+    assert sources and "csrc/bindings.cpp" in sources
+    missing = [f for f in ["CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", *sources] if f not in sdist]
+    assert not missing, f"the sdist lacks files the build reads: {missing}; add them to MANIFEST.in"
+    for src in sources:
+        for inc in re.findall(rb'^\s*#\s*include\s+"([^"]+)"', sdist[src], re.M):
+            here = str(Path(src).parent / inc.decode())
+            assert here in sdist or f"csrc/{inc.decode()}" in sdist, f"{src} includes {inc.decode()}, not in the sdist"
+
+
+def test_sdist_holds_every_file_of_the_checkout(sdist):
+    """The tests, the scripts they import (scripts/kernel_report.py, scripts/sync_mutants.py), the
+    benchmarks, the docs: every file of the checkout but CI's and git's, and nothing else."""
+    tree = {p for p in git("ls-files", "--cached", "--others", "--exclude-standard").splitlines() if (ROOT / p).is_file()}
+    expected = {p for p in tree if not p.startswith(NOT_SHIPPED)}
+    shipped = {p for p in sdist if not p.startswith(GENERATED)}
+    assert sorted(expected - shipped) == [], "files of the checkout missing from the sdist: add them to MANIFEST.in"
+    assert sorted(shipped - expected) == [], "the sdist ships files the checkout does not track"
+    assert {"scripts/kernel_report.py", "scripts/sync_mutants.py", "tests/conftest.py"} <= shipped
+
+
+def test_sdist_records_its_commit(sdist):
+    head = git("rev-parse", "HEAD").strip()
+    assert sdist["COMMIT"].decode().strip() in (head, head + "+dirty")
+
+
+# ---- build modes -----------------------------------------------------------------------------
+FAKE_NVCC = {
+    # nvcc that does not run at all (a broken toolkit)
+    "broken": 'echo "nvcc: cannot find libnvvm (fake)" >&2; exit 1',
+    # nvcc that reports a version but cannot compile (missing headers)
+    "no-headers": 'case "$*" in *--version*) echo "Cuda compilation tools, release 13.0, V13.0.88"; exit 0;; esac\n'
+                  'echo "fatal error: cuda_runtime.h: No such file or directory (fake)" >&2; exit 1',
+}
+WARNING = "WARNING: transfusion-kernels: installing without the CUDA extension"
+
+
+def build(tmp_path, nvcc: str, mode: str | None):
+    """``setup.py build`` with a fake nvcc first on PATH: (process, the build record or None)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvcc").write_text("#!/bin/sh\n" + FAKE_NVCC[nvcc] + "\n")
+    (bin_dir / "nvcc").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFUSION_BUILD_CUDA"}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    if mode is not None:
+        env["TRANSFUSION_BUILD_CUDA"] = mode
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    records = list((tmp_path / "build").glob("lib*/transfusion_kernels/_build_info.json"))
+    return r, json.loads(records[0].read_text()) if records else None
+
+
+@pytest.mark.parametrize("nvcc", sorted(FAKE_NVCC))
+def test_default_mode_warns_once_and_installs_without_an_unusable_nvcc(tmp_path, nvcc):
+    r, record = build(tmp_path, nvcc, None)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count(WARNING) == 1, r.stderr[-3000:]
+    assert record["cuda_extension"]["built"] is False
+    reason = record["cuda_extension"]["reason"]
+    assert ("cannot find libnvvm" in reason) if nvcc == "broken" else reason.startswith("the build failed: ")
+    assert record["version"] and "commit" in record
+
+
+@pytest.mark.parametrize("nvcc", sorted(FAKE_NVCC))
+def test_build_cuda_1_fails_with_the_compilers_message(tmp_path, nvcc):
+    r, _ = build(tmp_path, nvcc, "1")
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert ("nvcc: cannot find libnvvm (fake)" in out) if nvcc == "broken" else ("`cmake -S` exited with code" in out)
+    assert WARNING not in out
+
+
+def test_build_cuda_0_never_builds(tmp_path):
+    r, record = build(tmp_path, "broken", "0")
+    assert r.returncode == 0 and WARNING not in r.stderr and "libnvvm" not in r.stderr
+    assert record["cuda_extension"] == {"built": False, "reason": "TRANSFUSION_BUILD_CUDA=0"}
+
+
+def test_build_cuda_other_values_are_refused(tmp_path):
+    r, _ = build(tmp_path, "broken", "maybe")
+    assert r.returncode != 0 and "TRANSFUSION_BUILD_CUDA must be 0 or 1, got 'maybe'" in r.stderr
+
+
+# ---- what the install reports ----------------------------------------------------------------
+def test_build_info_and_version_show_the_record(monkeypatch, capsys):
+    import transfusion_kernels as tk
+    from transfusion.cli import main
+    from transfusion_kernels import backends
+
+    monkeypatch.setattr(backends, "build_record", lambda: {"commit": "abc123"})
+    monkeypatch.setattr(backends, "load_extension", lambda: (None, "the extension is not built: because"))
+    assert tk.build_info() == {"version": tk.__version__, "commit": "abc123",
+                               "cuda_extension": {"built": False, "reason": "the extension is not built: because"}}
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == (f"transfusion-kernels {tk.__version__} (commit abc123)\n"
+                                       "no CUDA extension: the extension is not built: because\n")
+
+
+def test_build_info_of_a_built_extension():
+    import transfusion_kernels as tk
+
+    ext, _ = tk.backends.load_extension()
+    if ext is None:
+        pytest.skip("the extension is not built here")
+    cuda = tk.build_info()["cuda_extension"]
+    assert cuda["built"] and cuda["archs"] == list(ext.build_info()["archs"]) and re.fullmatch(r"\d+\.\d+\.\d+", cuda["cuda_version"])
+
+
+def test_missing_extension_reason_quotes_the_install(monkeypatch):
+    from transfusion_kernels import backends
+
+    monkeypatch.setattr(backends, "EXTENSION", "transfusion_kernels._C_not_built")
+    monkeypatch.setattr(backends, "_EXTENSIONS", {})
+    monkeypatch.setattr(backends, "build_record", lambda: {"cuda_extension": {"built": False, "reason": "nvcc was not found"}})
+    ext, reason = backends.extension_status("transfusion_kernels._C_not_built")
+    assert ext is None and reason.endswith("; the install said: nvcc was not found")
+
+
+def test_bench_results_default_under_the_current_directory(tmp_path, monkeypatch):
+    import transfusion.cli as cli
+    from benchmarks.common import results_path
+
+    monkeypatch.chdir(tmp_path)
+    assert Path(results_path("x")).parent.parent == tmp_path / "benchmarks" / "results"
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: calls.append(kw) or 0)
+    assert cli.main(["bench", "--smoke"]) == 0
+    assert "cwd" not in calls[0]  # the driver runs in the current directory
