@@ -136,3 +136,82 @@ def test_unsupported_config_falls_back_with_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call does not warn again
         fused.step(m, 500, x)
+
+
+def test_pipeline_save_load_and_construct(unet, tmp_path):
+    """A pipeline with a fused scheduler: constructed, saved, loaded (with and without the
+    scheduler passed explicitly) and run; DDIMPipeline's constructor keeps the fused scheduler."""
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    ddim = DDIMPipeline(unet, FusedDDIMScheduler(backend="reference"))
+    assert type(ddim.scheduler) is FusedDDIMScheduler and ddim.scheduler.backend == "reference"
+    pipe = DDPMPipeline(unet, FusedDDPMScheduler(num_train_timesteps=20))
+    pipe.scheduler.backend = "reference"  # assigned after construction: saved with the config too
+    pipe.save_pretrained(tmp_path)
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is FusedDDPMScheduler and loaded.scheduler.backend == "reference"
+    explicit = DDPMPipeline.from_pretrained(tmp_path, scheduler=FusedDDPMScheduler(num_train_timesteps=20))
+    assert type(explicit.scheduler) is FusedDDPMScheduler
+    reloaded_ddim = DDIMPipeline.from_pretrained(tmp_path, scheduler=FusedDDIMScheduler(num_train_timesteps=20))
+    assert type(reloaded_ddim.scheduler) is FusedDDIMScheduler
+    stock = DDPMScheduler.from_config(loaded.scheduler.config)  # the saved config still loads a stock one
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        got = loaded(batch_size=1, generator=gen, num_inference_steps=3, output_type="np").images
+        want_pipe = DDPMPipeline(unet, stock)
+        want = want_pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                         output_type="np").images
+    assert got.shape == want.shape == (1, 8, 8, 3) and bool(torch.isfinite(torch.from_numpy(got)).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [FusedDDPMScheduler, FusedDDIMScheduler])
+def test_zero_snr_epsilon_clipped_matches_diffusers(backend, cls):
+    """alphas_cumprod = 0 at the last timestep: x0 = (sample - eps) / 0, clipped to the bound."""
+    stock = cls.__bases__[1](rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=True)
+    fused = cls.from_config(stock.config, backend=backend)
+    for s in (stock, fused):
+        s.set_timesteps(4)
+    t = stock.timesteps[0]
+    assert int(t) == 999 and float(stock.alphas_cumprod[t]) == 0.0
+    gen = torch.Generator().manual_seed(3)
+    x, m = torch.randn(2, 3, 4, 4, generator=gen).to(DEVICE), torch.randn(2, 3, 4, 4, generator=gen).to(DEVICE)
+    noise = torch.randn(2, 3, 4, 4, generator=gen).to(DEVICE)
+    kw = dict(variance_noise=noise) if cls is FusedDDIMScheduler else {}
+    want = stock.step(m, t, x, **kw).prev_sample if cls is FusedDDIMScheduler else None
+    if want is None:  # stock DDPM draws its own noise: give both the same draw
+        want = stock.step(m, t, x, generator=torch.Generator(DEVICE).manual_seed(9)).prev_sample
+        noise = randn_tensor(x.shape, generator=torch.Generator(DEVICE).manual_seed(9), device=x.device, dtype=x.dtype)
+    got = fused.step(m, t, x, variance_noise=noise).prev_sample
+    assert torch.isfinite(want).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_stock_config_values_behave_as_in_diffusers():
+    """An unknown variance_type acts as fixed_small; beta_end above 1 falls back to diffusers' step."""
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    noise = torch.randn(2, 3, 4, 4)
+    odd = FusedDDPMScheduler(variance_type="some_future_type")
+    small = FusedDDPMScheduler()
+    torch.testing.assert_close(odd.step(m, 500, x, variance_noise=noise).prev_sample,
+                               small.step(m, 500, x, variance_noise=noise).prev_sample, rtol=0, atol=0)
+    stock, fused = DDPMScheduler(beta_end=1.5), FusedDDPMScheduler(beta_end=1.5)
+    with pytest.warns(UserWarning, match=r"betas outside \(0, 1\]"):
+        got = fused.step(m, 1, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    want = stock.step(m, 1, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_reassigned_alphas_cumprod_takes_effect():
+    x, m, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    stock, fused = DDPMScheduler(), FusedDDPMScheduler()
+    fused.step(m, 500, x, variance_noise=noise)  # the first step builds the schedule
+    other = DDPMScheduler(beta_schedule="scaled_linear")
+    for s in (stock, fused):
+        s.betas, s.alphas_cumprod = other.betas, other.alphas_cumprod
+    want = stock.step(m, 500, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    noise = randn_tensor(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    torch.testing.assert_close(fused.step(m, 500, x, variance_noise=noise).prev_sample, want, rtol=1e-5, atol=1e-6)
+    other.alphas_cumprod.mul_(0.5)  # in place as well (the tensor both schedulers hold)
+    want = stock.step(m, 500, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(fused.step(m, 500, x, variance_noise=noise).prev_sample, want, rtol=1e-5, atol=1e-6)

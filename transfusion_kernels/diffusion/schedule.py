@@ -170,7 +170,9 @@ def gather_alphas(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor
 def x0_coefs(abar_t: torch.Tensor, prediction_type: str):
     # x0 from (sample, model_output): eq. (15) of Ho et al. for epsilon; v = sqrt(a) eps - sqrt(1-a) x0.
     if prediction_type == "epsilon":
-        return 1.0 / abar_t.sqrt(), -(1.0 - abar_t).sqrt() / abar_t.sqrt()
+        # At zero terminal SNR (abar_t = 0) x0 = (sample - eps) / 0: +-2**100 instead of inf keeps
+        # inf * sample - inf * eps from turning into NaN, so clipping gives diffusers' +-bound.
+        return (1.0 / abar_t.sqrt()).clamp(max=2.0**100), (-(1.0 - abar_t).sqrt() / abar_t.sqrt()).clamp(min=-(2.0**100))
     if prediction_type == "sample":
         return torch.zeros_like(abar_t), torch.ones_like(abar_t)
     if prediction_type == "v_prediction":

@@ -117,7 +117,9 @@ def _affine_kernel(
         m = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x0 = x0 + c1 * m
     if CLIP:
+        nan = x0 != x0
         x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        x0 = tl.where(nan, float("nan"), x0)  # NaN stays NaN, as in the reference and CUDA kernels
     out = c2 * x0 + c3 * s
     if HAS_MO:
         out = out + c4 * m

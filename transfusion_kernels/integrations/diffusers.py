@@ -3,8 +3,14 @@
     from transfusion_kernels.integrations.diffusers import FusedDDPMScheduler
     pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
 
-They are subclasses of diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` with the same config, so
-``from_config``, ``from_pretrained``, ``set_timesteps`` and ``save_pretrained`` work unchanged.
+They are subclasses of diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` with the same config plus
+``backend``, so ``from_config``, ``from_pretrained``, ``set_timesteps`` and ``save_pretrained`` work
+unchanged, and so do pipelines: ``DDPMPipeline(unet, FusedDDPMScheduler())`` and
+``DDIMPipeline(unet, FusedDDIMScheduler())`` keep the fused scheduler (diffusers' ``DDIMPipeline``
+would re-create a stock one from its config; importing this module keeps the fused one), and a
+pipeline saved with one loads again with ``from_pretrained`` (``model_index.json`` names this
+module). The schedule is read from the scheduler's ``alphas_cumprod`` at each step, so
+reassigning it (as diffusers' own step reads it) takes effect.
 ``step`` returns diffusers' output types and honours the config (``prediction_type``,
 ``variance_type``, ``clip_sample``, ``clip_sample_range``, ``set_alpha_to_one``, timestep spacing).
 
@@ -19,22 +25,32 @@ Differences from the stock schedulers:
   ``scheduler.compute_pred_original_sample = True``.
 - What the kernels do not cover falls back to diffusers' own ``step`` with a one-time warning:
   ``thresholding=True``, ``variance_type`` ``learned`` / ``learned_range``, dtypes other than
-  float16/bfloat16/float32, DDIM ``eta`` outside [0, 1]. ``fixed_large_log`` uses
-  sigma = sqrt(beta_t), where diffusers 0.42's ``DDPMScheduler.step`` returns NaN.
-- ``scheduler.backend`` picks the kernel backend (None: ``tk.use_backend`` / the environment).
+  float16/bfloat16/float32, DDIM ``eta`` outside [0, 1], schedules whose betas leave (0, 1]
+  (``beta_end`` above 1). ``fixed_large_log`` uses sigma = sqrt(beta_t), where diffusers 0.42's
+  ``DDPMScheduler.step`` returns NaN. A ``variance_type`` diffusers does not know acts as
+  ``fixed_small``, as in diffusers.
+- Zero terminal SNR (``rescale_betas_zero_snr=True``, alphas_cumprod = 0 at the last timestep)
+  with epsilon prediction: x0 = (sample - eps) / 0 is infinite. With clipping every backend
+  returns the clip bound with the sign of sample - eps, as diffusers does; without clipping
+  diffusers returns inf where the fused step returns finite values of order 2**100 (both unusable).
+- ``scheduler.backend`` picks the kernel backend (None: ``tk.use_backend`` / the environment); it
+  is part of the config, so it is saved and loaded with it.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
+from diffusers import SchedulerMixin  # noqa: F401  diffusers' loader looks the loading class up in this module
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from transfusion_kernels import diffusion as tkd
-from transfusion_kernels.diffusion.schedule import x0_coefs
+from transfusion_kernels.diffusion.schedule import VARIANCE_TYPES, x0_coefs
 
 __all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
 
@@ -50,15 +66,30 @@ def _seed_from(generator: torch.Generator) -> int:
 class _Fused:
     """What both schedulers share: the schedule, noise/seed, x0, add_noise, the fallback."""
 
-    backend: str | None = None
     compute_pred_original_sample: bool = False
 
     @property
-    def fused_schedule(self) -> tkd.DiffusionSchedule:
-        sched = self.__dict__.get("_fused_schedule")
-        if sched is None:
-            sched = self.__dict__["_fused_schedule"] = tkd.DiffusionSchedule.from_diffusers(self)
-        return sched
+    def backend(self) -> str | None:
+        return self.config.get("backend")
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self.register_to_config(backend=value)
+
+    @property
+    def fused_schedule(self) -> tkd.DiffusionSchedule | None:
+        """The schedule of the current ``alphas_cumprod`` (None where the kernels cannot take it)."""
+        abar = self.alphas_cumprod
+        key = (id(abar), abar._version, id(self.betas), self.betas._version)
+        cached = self.__dict__.get("_fused_schedule")
+        if cached is None or cached[0] != key:
+            try:
+                sched = tkd.DiffusionSchedule(trained_betas=self.betas)
+                sched.alphas_cumprod = abar.detach().to("cpu", torch.float64)  # the values diffusers' step reads
+            except ValueError:
+                sched = None
+            cached = self.__dict__["_fused_schedule"] = (key, sched)
+        return cached[1]
 
     def _fallback(self, reason: str) -> None:
         key = (type(self).__name__, reason)
@@ -70,6 +101,8 @@ class _Fused:
             )
 
     def _common_unsupported(self, model_output, sample) -> str | None:
+        if self.fused_schedule is None:
+            return "betas outside (0, 1]"
         if self.config.thresholding:
             return "thresholding=True"
         if sample.dtype not in _DTYPES:
@@ -111,6 +144,7 @@ class _Fused:
             and noise.shape == x0.shape
             and noise.dtype == x0.dtype
             and timesteps.numel() in (1, x0.shape[0])
+            and self.fused_schedule is not None
         )
         if not fused:
             return super().add_noise(original_samples, noise, timesteps)
@@ -118,6 +152,22 @@ class _Fused:
         return tkd.add_noise(x0, t, self.fused_schedule, noise=noise, backend=self.backend)[0]
 
 
+def _with_backend(cls):
+    """``backend`` as a config entry: diffusers reads the config keys from the signature of
+    ``__init__``, so it is the stock signature plus ``backend``."""
+    stock = inspect.signature(cls.__bases__[1].__init__)
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super(cls, self).__init__(*args, **kwargs)
+        self.register_to_config(backend=backend)
+
+    param = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)
+    __init__.__signature__ = stock.replace(parameters=[*stock.parameters.values(), param])
+    cls.__init__ = __init__
+    return cls
+
+
+@_with_backend
 class FusedDDPMScheduler(_Fused, DDPMScheduler):
     """``DDPMScheduler`` whose ``step`` and ``add_noise`` are one fused kernel each (module docstring)."""
 
@@ -133,9 +183,11 @@ class FusedDDPMScheduler(_Fused, DDPMScheduler):
         t = int(timestep)
         prev_t = int(self.previous_timestep(t))
         noise, seed = self._noise_and_seed(generator, variance_noise, sample) if t > 0 else (None, None)
+        # diffusers' _get_variance treats a variance_type it does not know as fixed_small
+        variance_type = self.variance_type if self.variance_type in VARIANCE_TYPES else "fixed_small"
         prev_sample = tkd.ddpm_step(
             model_output, t, sample, self.fused_schedule, prev_timestep=prev_t,
-            prediction_type=self.config.prediction_type, variance_type=self.variance_type,
+            prediction_type=self.config.prediction_type, variance_type=variance_type,
             clip_sample=self.config.clip_sample, clip_sample_range=self.config.clip_sample_range,
             noise=noise, seed=seed, backend=self.backend,
         )
@@ -145,6 +197,7 @@ class FusedDDPMScheduler(_Fused, DDPMScheduler):
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
+@_with_backend
 class FusedDDIMScheduler(_Fused, DDIMScheduler):
     """``DDIMScheduler`` whose ``step`` and ``add_noise`` are one fused kernel each (module docstring)."""
 
@@ -180,3 +233,21 @@ class FusedDDIMScheduler(_Fused, DDIMScheduler):
         if not return_dict:
             return (prev_sample, x0)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _keep_fused_scheduler(init):
+    """DDIMPipeline.__init__ re-creates a stock DDIMScheduler from the config it is given; keep a fused one."""
+    if getattr(init, "_keeps_fused", False):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self, unet, scheduler):
+        init(self, unet, scheduler)
+        if isinstance(scheduler, _Fused):
+            self.register_modules(scheduler=scheduler)
+
+    __init__._keeps_fused = True
+    return __init__
+
+
+DDIMPipeline.__init__ = _keep_fused_scheduler(DDIMPipeline.__init__)
