@@ -20,6 +20,8 @@
 
 #include <math.h>
 
+#include "attention/bwd_prep.cuh"
+#include "attention/dispatch.cuh"
 #include "attention/layouts.cuh"
 #include "attention/tile_io.cuh"
 #include "common/interval_mask.cuh"
@@ -31,36 +33,6 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr float kLog2e = 1.4426950408889634f;
-
-// ---------------------------------------------------------------------------------------------
-// prep: delta and lse2. D / 8 threads per (row, head), 16-byte loads.
-// ---------------------------------------------------------------------------------------------
-constexpr int kPrepThreads = 256;
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kPrepThreads) attention_bwd_prep_kernel(const AttentionBwdArgs a) {
-  constexpr int kLanes = D / 8;  // threads per (row, head)
-  const int64_t pair = static_cast<int64_t>(blockIdx.x) * (kPrepThreads / kLanes) + threadIdx.x / kLanes;
-  const int part = threadIdx.x % kLanes;
-  const bool valid = pair < static_cast<int64_t>(a.hq) * a.nq;
-  const int64_t h = valid ? pair / a.nq : 0, i = valid ? pair % a.nq : 0;
-  float acc = 0.0f;
-  if (valid) {
-    float o[8], d[8];
-    load_vec<T>(static_cast<const T*>(a.out) + i * a.o_row_stride + h * a.o_head_stride + part * 8, o);
-    load_vec<T>(static_cast<const T*>(a.dout) + i * a.do_row_stride + h * a.do_head_stride + part * 8, d);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc += o[e] * d[e];
-  }
-#pragma unroll
-  for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (valid && part == 0) {
-    const int64_t at = h * a.nq + i;
-    const float lse = a.lse[at];
-    a.delta[at] = acc;
-    a.lse2[at] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-  }
-}
 
 // Stores rows row and row + 8 of a warp's 16 x D accumulator (mma C layout) into a contiguous
 // [rows, heads, D] tensor, times `mult`; rows >= n are padding.
@@ -462,9 +434,8 @@ template <typename T, int D>
 cudaError_t launch(const AttentionBwdArgs& a, cudaStream_t stream) {
   cudaError_t err;
   if (a.nq > 0) {
-    constexpr int kPairs = kPrepThreads / (D / 8);
-    const int64_t blocks = (static_cast<int64_t>(a.hq) * a.nq + kPairs - 1) / kPairs;
-    attention_bwd_prep_kernel<T, D><<<static_cast<unsigned>(blocks), kPrepThreads, 0, stream>>>(a);
+    const auto blocks = static_cast<unsigned>(attn::bwd_prep_blocks<D>(a.nq, a.hq));
+    attn::attention_bwd_prep_kernel<T, D, false><<<blocks, attn::kBwdPrepThreads, 0, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (a.nk > 0) {
@@ -494,14 +465,9 @@ cudaError_t attention_bwd(const AttentionBwdArgs& a, DType dtype, int head_dim, 
       attention_sm90_supported(device)) {
     return attention_bwd_sm90(a, dtype, head_dim, stream);
   }
-  if (dtype == DType::kFloat16) {
-    if (head_dim == 64) return launch<__half, 64>(a, stream);
-    if (head_dim == 128) return launch<__half, 128>(a, stream);
-  } else if (dtype == DType::kBFloat16) {
-    if (head_dim == 64) return launch<__nv_bfloat16, 64>(a, stream);
-    if (head_dim == 128) return launch<__nv_bfloat16, 128>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attn::dispatch_dtype_head_dim(dtype, head_dim, [&](auto t, auto d) {
+    return launch<decltype(t), d()>(a, stream);
+  });
 }
 
 }  // namespace tk

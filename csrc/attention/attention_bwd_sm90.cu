@@ -27,6 +27,8 @@
 
 #include <math.h>
 
+#include "attention/bwd_prep.cuh"
+#include "attention/dispatch.cuh"
 #include "attention/layouts.cuh"
 #include "attention/sm80.cuh"
 #include "attention/sm90.cuh"
@@ -40,7 +42,6 @@ namespace {
 constexpr int kThreads = 128;             // one warpgroup
 constexpr int kBN = kAttentionBwdBlockN;  // keys per block: the k_tiles table's tile
 constexpr int kBM = kAttentionBwdBlockM;  // queries per step: the q_tiles table's tile (and the dQ semaphore's)
-constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kBN == 64 && kBM == 64, "one m64 wgmma row block of keys, n64 of queries");
 
 // The dk/dv kernel exists for sm_90a only; other device passes see an empty kernel (never
@@ -48,40 +49,6 @@ static_assert(kBN == 64 && kBM == 64, "one m64 wgmma row block of keys, n64 of q
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define TK_SM90_DEVICE_CODE 1
 #endif
-
-// ---------------------------------------------------------------------------------------------
-// prep: D / 8 threads per (row, head), 16-byte loads
-// ---------------------------------------------------------------------------------------------
-constexpr int kPrepThreads = 256;
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kPrepThreads) attention_bwd_sm90_prep_kernel(const AttentionBwdArgs a) {
-  constexpr int kLanes = D / 8;
-  const int64_t pair = static_cast<int64_t>(blockIdx.x) * (kPrepThreads / kLanes) + threadIdx.x / kLanes;
-  const int part = threadIdx.x % kLanes;
-  const bool valid = pair < static_cast<int64_t>(a.hq) * a.nq;
-  const int64_t i = valid ? pair / a.hq : 0, h = valid ? pair % a.hq : 0;  // pair = i * hq + h
-  float acc = 0.0f;
-  if (valid) {
-    float o[8], d[8];
-    load_vec<T>(static_cast<const T*>(a.out) + i * a.o_row_stride + h * a.o_head_stride + part * 8, o);
-    load_vec<T>(static_cast<const T*>(a.dout) + i * a.do_row_stride + h * a.do_head_stride + part * 8, d);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc += o[e] * d[e];
-    float* dq = a.dq_accum + pair * D + part * 8;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) dq[e] = 0.0f;
-  }
-#pragma unroll
-  for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (valid && part == 0) {
-    const int64_t at = h * a.nq + i;
-    const float lse = a.lse[at];
-    a.delta[at] = acc;
-    a.lse2[at] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-    if (pair < static_cast<int64_t>(a.hq) * ((a.nq + kBM - 1) / kBM)) a.dq_semaphore[pair] = 0;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // dq = scale * accumulator, 8 elements a thread
@@ -265,7 +232,7 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
   cp_async_commit();  // K, V (and step 0)
 
   const int key0 = n0 + 16 * warp + grp, key1 = key0 + 8;  // this thread's accumulator rows
-  const float scale_log2 = a.scale * kLog2e;
+  const float scale_log2 = a.scale * 1.4426950408889634f /* log2(e) */;
   float dk[D / 2], dv[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.0f;
@@ -486,9 +453,8 @@ template <typename T, int D>
 cudaError_t launch(const AttentionBwdArgs& a, cudaStream_t stream) {
   cudaError_t err;
   if (a.nq > 0) {
-    constexpr int kPairs = kPrepThreads / (D / 8);
-    const int64_t blocks = (static_cast<int64_t>(a.hq) * a.nq + kPairs - 1) / kPairs;
-    attention_bwd_sm90_prep_kernel<T, D><<<static_cast<unsigned>(blocks), kPrepThreads, 0, stream>>>(a);
+    const auto blocks = static_cast<unsigned>(attn::bwd_prep_blocks<D>(a.nq, a.hq));
+    attn::attention_bwd_prep_kernel<T, D, true><<<blocks, attn::kBwdPrepThreads, 0, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (a.nk > 0) {
@@ -518,14 +484,9 @@ cudaError_t attention_bwd_sm90(const AttentionBwdArgs& a, DType dtype, int head_
   if (a.nq >= (int64_t{1} << 30) || a.nk >= (int64_t{1} << 30)) return cudaErrorInvalidValue;  // int32 positions
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || !attention_sm90_supported(device)) return cudaErrorInvalidDeviceFunction;
-  if (dtype == DType::kFloat16) {
-    if (head_dim == 64) return launch<__half, 64>(a, stream);
-    if (head_dim == 128) return launch<__half, 128>(a, stream);
-  } else if (dtype == DType::kBFloat16) {
-    if (head_dim == 64) return launch<__nv_bfloat16, 64>(a, stream);
-    if (head_dim == 128) return launch<__nv_bfloat16, 128>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attn::dispatch_dtype_head_dim(dtype, head_dim, [&](auto t, auto d) {
+    return launch<decltype(t), d()>(a, stream);
+  });
 }
 
 }  // namespace tk

@@ -12,6 +12,7 @@
 
 #include <type_traits>
 
+#include "attention/dispatch.cuh"
 #include "attention/layouts.cuh"
 #include "attention/tile_io.cuh"
 #include "common/mma.cuh"
@@ -299,14 +300,9 @@ cudaError_t launch(const AttentionFwdArgs& a, cudaStream_t stream) {
 cudaError_t attention_fwd(const AttentionFwdArgs& a, DType dtype, int head_dim, cudaStream_t stream) {
   if (a.nq == 0 || a.hq == 0) return cudaSuccess;
   if (a.hkv <= 0 || a.hq % a.hkv != 0) return cudaErrorInvalidValue;
-  if (dtype == DType::kFloat16) {
-    if (head_dim == 64) return launch<__half, 64>(a, stream);
-    if (head_dim == 128) return launch<__half, 128>(a, stream);
-  } else if (dtype == DType::kBFloat16) {
-    if (head_dim == 64) return launch<__nv_bfloat16, 64>(a, stream);
-    if (head_dim == 128) return launch<__nv_bfloat16, 128>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attn::dispatch_dtype_head_dim(dtype, head_dim, [&](auto t, auto d) {
+    return launch<decltype(t), d()>(a, stream);
+  });
 }
 
 }  // namespace tk

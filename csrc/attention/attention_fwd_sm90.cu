@@ -50,6 +50,7 @@
 
 #include <type_traits>
 
+#include "attention/dispatch.cuh"
 #include "attention/layouts.cuh"
 #include "attention/sm90.cuh"
 #include "common/mma.cuh"
@@ -610,14 +611,9 @@ cudaError_t attention_fwd_sm90(const AttentionFwdArgs& a, DType dtype, int head_
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || !attention_sm90_supported(device)) return cudaErrorInvalidDeviceFunction;
   if (a.nq >= (int64_t{1} << 31) || a.nk >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // int32 TMA coordinates
-  if (dtype == DType::kFloat16) {
-    if (head_dim == 64) return launch<__half, 64>(a, dtype, stream);
-    if (head_dim == 128) return launch<__half, 128>(a, dtype, stream);
-  } else if (dtype == DType::kBFloat16) {
-    if (head_dim == 64) return launch<__nv_bfloat16, 64>(a, dtype, stream);
-    if (head_dim == 128) return launch<__nv_bfloat16, 128>(a, dtype, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attn::dispatch_dtype_head_dim(dtype, head_dim, [&](auto t, auto d) {
+    return launch<decltype(t), d()>(a, dtype, stream);
+  });
 }
 
 }  // namespace tk

@@ -369,7 +369,7 @@ def emulation_source(text: str) -> str:
     text = re.sub(r"__shared__\s+(?:alignas\(\d+\)\s+|__align__\(\d+\)\s+)?([\w:<>]+)\s+(\w+)\[([^\]]+)\];",
                   r"auto& \2 = ::emu::static_array<\1, (\3)>();", text)
     text = re.sub(r"__shared__\s+([\w:<>]+)\s+(\w+);", r"auto& \2 = ::emu::static_array<\1, 1>()[0];", text)
-    text = re.sub(r"(\w+<[^;<>]*>)<<<(.*?)>>>\((.*?)\);", r"::emu::launch(\1, \2, \3);", text)
+    text = re.sub(r"((?:\w+::)*\w+<[^;<>]*>)<<<(.*?)>>>\((.*?)\);", r"::emu::launch(\1, \2, \3);", text)
     assert "__shared__" not in text and "<<<" not in text, "a construct the emulation does not rewrite"
     return text
 

@@ -1,0 +1,32 @@
+// The attention kernels are instantiated for fp16 / bf16 at head dim 64 / 128: one place maps the
+// runtime (dtype, head_dim) to those instantiations for the four launchers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <type_traits>
+
+#include "common/dtype.cuh"
+
+namespace tk {
+namespace attn {
+
+template <int D>
+using HeadDim = std::integral_constant<int, D>;
+
+// Returns launch(T(), HeadDim<D>()) for the matching instantiation, cudaErrorInvalidValue for
+// any other pair. launch is a generic lambda: [&](auto t, auto d) { return f<decltype(t), d()>(...); }
+template <typename Launch>
+cudaError_t dispatch_dtype_head_dim(DType dtype, int head_dim, Launch&& launch) {
+  if (head_dim != 64 && head_dim != 128) return cudaErrorInvalidValue;
+  if (dtype == DType::kFloat16) return head_dim == 64 ? launch(__half(), HeadDim<64>()) : launch(__half(), HeadDim<128>());
+  if (dtype == DType::kBFloat16) {
+    return head_dim == 64 ? launch(__nv_bfloat16(), HeadDim<64>()) : launch(__nv_bfloat16(), HeadDim<128>());
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace attn
+}  // namespace tk
