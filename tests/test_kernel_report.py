@@ -137,3 +137,4 @@ def test_triton_hot_kernels_do_not_spill(triton_rows):
                 if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
     assert all(r["hgmma"] for r in hot), "a hot kernel without wgmma on sm_90a"
+    assert all(r["smem"] <= 227 * 1024 for r in triton_rows), "more shared memory than an sm_90 block can have"

@@ -15,7 +15,7 @@ import pytest
 from tests.cuda.conftest import NVCC
 
 ROOT = Path(__file__).resolve().parents[2]
-SITES_PER_RUN = 3
+SITES_PER_RUN = 2
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import sync_mutants  # noqa: E402
