@@ -148,6 +148,8 @@ class CMakeBuild(build_ext):
     def build_extensions(self) -> None:
         for ext in list(self.extensions):
             out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+            # An editable install builds into build_lib, then copies the module into the sources.
+            record_dir = ROOT / "transfusion_kernels" if self.editable_mode else out_path.parent
             archs = os.environ.get("TRANSFUSION_CUDA_ARCHS", "80;90a")
             try:
                 self.build_cmake(out_path, archs)
@@ -159,9 +161,9 @@ class CMakeBuild(build_ext):
                 lines = str(e).splitlines()
                 first_error = next((line.strip() for line in lines if "error" in line.lower()), lines[0])
                 reason = f"the build failed: {first_error} (TRANSFUSION_BUILD_CUDA=1 fails with the whole message)"
-                write_record(out_path.parent, self.distribution.get_version(), {"built": False, "reason": reason})
+                write_record(record_dir, self.distribution.get_version(), {"built": False, "reason": reason})
                 continue
-            write_record(out_path.parent, self.distribution.get_version(), {"built": True, "archs": [f"sm_{a}" for a in archs.split(";")],
+            write_record(record_dir, self.distribution.get_version(), {"built": True, "archs": [f"sm_{a}" for a in archs.split(";")],
                                                                       "cuda_version": CUDA_VERSION, "nvcc": NVCC})
 
     def build_cmake(self, out_path: Path, archs: str) -> None:
