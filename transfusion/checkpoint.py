@@ -123,6 +123,13 @@ def read_config(path):
     return Config.from_dict(d, strict=True)
 
 
+def model_config_differences(path, model_cfg) -> list[str]:
+    """The model fields in which checkpoint ``path`` differs from ``model_cfg``, as ``"name: saved
+    (checkpoint) vs new"``; empty when the weights fit."""
+    saved = read_config(path).model.__dict__
+    return [f"{k}: {saved[k]!r} (checkpoint) vs {v!r}" for k, v in model_cfg.__dict__.items() if saved[k] != v]
+
+
 def load_checkpoint(path, device="cpu", backend: str | None = None, use_ema: bool = True):
     """Model (EMA weights when present and ``use_ema``), config and tokenizer of a checkpoint."""
     from transfusion.model import TransfusionModel

@@ -1,4 +1,10 @@
-"""``transfusion`` command line: prepare, train, sample, caption, bench, demo."""
+"""``transfusion`` command line: prepare, train, sample, caption, bench, demo.
+
+A mistake the user can fix (a bad path, value or file, a device or backend this machine lacks) is
+raised as ``UserError`` where it is found, before any heavy work or any file is written, and
+``main`` prints it as one line, ``transfusion <command>: error: ...``, with exit status 2
+(``--debug`` or ``TRANSFUSION_DEBUG=1``: the traceback). Any other exception is a bug and keeps
+its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -13,15 +19,41 @@ from pathlib import Path
 # were 10x slower than 1 under load without this). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from transfusion.config import UserError
+
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
 def _device(name: str | None):
+    """The torch device ``--device`` names (default: the GPU if one is visible), checked to exist."""
     import torch
 
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _require((dev.index or 0) < n, f"--device {name}: torch sees {n} CUDA devices here; "
+                                       "use --device cpu, or leave --device out")
+    return dev
+
+
+def _check_backend(name: str | None, device) -> None:
+    """UserError when ``--backend`` cannot run on ``device`` here (checked before any work)."""
+    if name and name != "auto":
+        import transfusion_kernels as tk
+
+        info = tk.available_backends(device)[name]
+        _require(info.available, f"--backend {name} cannot run on {device.type}: {info.reason}; "
+                                 "use --backend auto or reference")
 
 
 def _backend_ctx(args):
@@ -33,7 +65,8 @@ def _backend_ctx(args):
 def _threads(args):
     import torch
 
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
+        _require(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
 
@@ -60,9 +93,13 @@ def cmd_train(args) -> int:
         return train_distributed(args, args.distributed)
 
     _threads(args)
-    prepared = load_prepared(args.data)
-    cfg = build_config(prepared.info, args)
     device = _device(args.device)
+    _check_backend(args.backend, device)
+    try:
+        prepared = load_prepared(args.data)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+    cfg = build_config(prepared.info, args)
     latents = None
     if prepared.info["latents"] == "vae":
         latents = make_latents(str(Path(args.data) / "vae"), device=device)
@@ -77,21 +114,44 @@ def cmd_train(args) -> int:
 
 
 # -- sampling --------------------------------------------------------------------------------
+def _check_sampling_args(args) -> None:
+    for name, low in (("steps", 1), ("max_new_tokens", 0), ("max_images", 0), ("image_size", 1),
+                      ("temperature", 0), ("eta", 0), ("num_images", 1), ("png_scale", 1)):
+        v = getattr(args, name, None)
+        _require(v is None or v >= low, f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+
+
 def _load(args):
+    """Model, config, tokenizer, latents and device of ``--checkpoint``, after the sampling
+    options are checked."""
     from transfusion.checkpoint import load_checkpoint
     from transfusion.latents import make_latents
 
+    _threads(args)
+    _check_sampling_args(args)
     device = _device(args.device)
-    model, cfg, tok = load_checkpoint(args.checkpoint, device=device, backend=args.backend, use_ema=not args.no_ema)
-    latents = make_latents(cfg.data.latents, cfg.model.latent_channels, device, checkpoint_dir=args.checkpoint)
+    _check_backend(args.backend, device)
+    try:
+        model, cfg, tok = load_checkpoint(args.checkpoint, device=device, backend=args.backend, use_ema=not args.no_ema)
+        latents = make_latents(cfg.data.latents, cfg.model.latent_channels, device, checkpoint_dir=args.checkpoint)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{e}; pass --checkpoint a complete checkpoint folder (RUN/checkpoint, "
+                        "written by `transfusion train`)") from e
     return model, cfg, tok, latents, device
 
 
 def _sample_cfg(args, cfg, latents):
     from transfusion.sample import SampleConfig
 
+    T = cfg.model.num_train_timesteps
+    _require(args.steps <= T, f"--steps {args.steps} is more than the {T} timesteps the model was trained on; "
+                              f"use --steps {T} or fewer")
     size = args.image_size or cfg.data.image_size
     lat = size // latents.downsample
+    k = cfg.model.patch_size
+    _require(size % latents.downsample == 0 and lat % k == 0,
+             f"--image-size {size} does not fit the model: it must be a multiple of "
+             f"{latents.downsample * k} (latent downsampling {latents.downsample} x patch size {k})")
     return SampleConfig(steps=args.steps, sampler=args.sampler, eta=args.eta, cfg_scale=args.cfg_scale,
                         image_size=(lat, lat), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         seed=args.seed, max_images=args.max_images, clip_sample=args.clip_sample)
@@ -103,10 +163,10 @@ def cmd_sample(args) -> int:
     from transfusion.image_io import image_grid, save_png
     from transfusion.sample import generate
 
-    _threads(args)
+    out = Path(args.out)
+    _require(not out.exists() or out.is_dir(), f"--out {out} is a file; pass a folder")
     model, cfg, tok, latents, device = _load(args)
     scfg = _sample_cfg(args, cfg, latents)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = [args.prompt] * args.num_images
     with _backend_ctx(args):
@@ -145,7 +205,15 @@ def cmd_caption(args) -> int:
     from transfusion.image_io import load_png
     from transfusion.sample import caption
 
-    _threads(args)
+    from PIL import Image
+
+    for p in args.images:  # every file, before the model is loaded
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except OSError as e:  # missing, unreadable, or not an image (PIL.UnidentifiedImageError)
+            raise UserError(f"{p}: {e.strerror or 'not an image file'}; "
+                            "pass PNG or other image files") from e
     model, cfg, tok, latents, device = _load(args)
     scfg = _sample_cfg(args, cfg, latents)
     size = cfg.data.image_size
@@ -227,6 +295,8 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--backend", choices=BACKENDS, default=None,
                        help="kernel backend for every op (default: TRANSFUSION_KERNELS_BACKEND or auto)")
+        p.add_argument("--debug", action="store_true",
+                       help="show the traceback of an error (also: TRANSFUSION_DEBUG=1)")
         return p
 
     p = add("prepare", "build the digits data set and tokenizer")
@@ -300,7 +370,14 @@ def main(argv=None) -> int:
         args.rest = [a for a in rest if a != "--"]
         return cmd_bench(args)
     args = parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        if args.debug or os.environ.get("TRANSFUSION_DEBUG") == "1":
+            raise
+        msg = " ".join(str(e).split())
+        print(f"transfusion {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

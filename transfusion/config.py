@@ -7,9 +7,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class UserError(Exception):
+    """A mistake the user can fix (a bad path, value or file). The command line prints its
+    message as one line and exits with status 2; the message says what is wrong and what to do."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotation (``int``, ``float | None``, ``tuple[int, int]``, ...);
+    an int is a float, a bool is neither."""
+    for t in (a.strip() for a in annotation.split("|")):
+        if t == "None" and value is None:
+            return True
+        if t == "bool" and isinstance(value, bool):
+            return True
+        if t == "str" and isinstance(value, str):
+            return True
+        if t in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if t == "float" or isinstance(value, int):
+                return True
+        if t.startswith("tuple[") and isinstance(value, (list, tuple)):
+            items = [a.strip() for a in t[len("tuple["):-1].split(",")]
+            if len(value) == len(items) and all(_has_type(v, a) for v, a in zip(value, items)):
+                return True
+    return False
 
 
 @dataclass
@@ -128,11 +153,14 @@ class Config:
         """``strict`` (checkpoints): every field must be present; otherwise missing fields take
         their defaults. Unknown sections and fields always raise."""
         sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        section_of = {kind: name for name, kind in sections.items()}
         unknown = set(d) - set(sections)
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)} (expected {sorted(sections)})")
 
         def build(kind, sub):
+            if not isinstance(sub, dict):
+                raise ValueError(f"config section must be a JSON object, got {sub!r}")
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(sub) - names
             if unknown:
@@ -140,6 +168,9 @@ class Config:
             missing = names - set(sub)
             if strict and missing:
                 raise ValueError(f"{kind.__name__} fields missing: {sorted(missing)}")
+            for f in dataclasses.fields(kind):
+                if f.name in sub and not _has_type(sub[f.name], f.type):
+                    raise ValueError(f"{section_of[kind]}.{f.name} must be {f.type}, got {sub[f.name]!r}")
             return kind(**sub)
 
         return cls(**{name: build(kind, d.get(name, {})) for name, kind in sections.items()})

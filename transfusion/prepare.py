@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from transfusion.config import UserError
 from transfusion.data import load_digits_split, text_corpus, tokenizer_training_text
 from transfusion.latents import PixelLatents, VAELatents
 from transfusion.tokenizer import Tokenizer
@@ -44,13 +45,22 @@ def _encode(latents, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str | None = None,
             vae: str | None = None, holdout_fraction: float = 0.2, seed: int = 0) -> Prepared:
+    """Write the data set to ``out``; the arguments are checked (UserError) before anything is written."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = text_corpus(seed)
+    if image_size < 1:
+        raise UserError(f"--image-size must be >= 1, got {image_size}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise UserError(f"--holdout is the fraction of digits held out, in (0, 1); got {holdout_fraction}")
+    if vae and not Path(vae).is_dir():
+        raise UserError(f"--vae {vae} is not a folder; pass a local folder with a diffusers AutoencoderKL")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder")
     if tokenizer:
-        tok = Tokenizer.load(tokenizer)
+        tok = _load_tokenizer(tokenizer, "--tokenizer")
     else:
         tok = Tokenizer.train(tokenizer_training_text(seed), vocab_size=vocab_size)
+    corpus = text_corpus(seed)
+    out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer.model")
     (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
     data = load_digits_split(holdout_fraction, seed, image_size)
@@ -72,6 +82,17 @@ def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str |
     }
     (out / "prepare.json").write_text(json.dumps(info, indent=2))
     return load_prepared(out)
+
+
+def _load_tokenizer(path, what: str) -> Tokenizer:
+    """The SentencePiece model at ``path``; UserError when it is missing or not a model."""
+    try:
+        return Tokenizer.load(path)
+    except OSError as e:
+        raise UserError(f"{what} {path}: {e.strerror or e}; pass a SentencePiece .model file") from e
+    except RuntimeError as e:  # sentencepiece reports a bad model file as RuntimeError
+        raise UserError(f"{what} {path} is not a SentencePiece model; pass a .model file written by "
+                        "SentencePiece, or leave the option out to train one") from e
 
 
 def load_prepared(path) -> Prepared:

@@ -3,19 +3,37 @@ batch stream and Trainer of a run folder. Used by the command line, the demo and
 training."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig, demo_config
+from transfusion.checkpoint import model_config_differences
+from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig, UserError, demo_config
 from transfusion.data import MixedBatches
 from transfusion.model import TransfusionModel
 from transfusion.train import Trainer
 
 
+def read_config_file(path) -> Config:
+    """The Config in JSON file ``path``; UserError naming the file (and the line, or the field)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror or e}; pass a JSON config file") from e
+    try:
+        return Config.from_json(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; fix the config file") from e
+
+
 def build_config(info: dict, args):
+    """The run's Config: the base (``--config`` or preset) with the data's settings and the
+    command-line overrides; UserError when a value is out of range or does not fit the data."""
     if args.config:
-        base = Config.from_json(Path(args.config).read_text())
+        base = read_config_file(args.config)
     elif args.preset == "demo":
         base = demo_config(info["vocab_size"])
     else:
@@ -34,13 +52,28 @@ def build_config(info: dict, args):
         m["n_kv_heads"] = None  # no GQA in the base config: follow the new head count
     if args.backend:
         t["backend"] = args.backend
-    return Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t))
+    try:
+        cfg = Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t))
+    except ValueError as e:
+        raise UserError(f"{e}; change the option or the config") from e
+    k = cfg.model.patch_size
+    if any(s % k for s in info["latent_size"]):
+        raise UserError(f"patch size {k} does not divide the {'x'.join(map(str, info['latent_size']))} latent images; "
+                        f"choose a --patch-size that divides {info['latent_size'][0]}")
+    return cfg
 
 
 def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=None):
     """Model, batch stream and Trainer for a run folder ``out`` (``metrics.jsonl``, ``checkpoint/``);
-    resumes from ``out/checkpoint`` when asked and present."""
+    resumes from ``out/checkpoint`` when asked and present (UserError, before anything is built,
+    when its model config differs from ``cfg``'s)."""
     out = Path(out)
+    ckpt = out / "checkpoint"
+    if resume and (ckpt / "trainer_state.json").is_file():
+        diff = model_config_differences(ckpt, cfg.model)
+        if diff:
+            raise UserError(f"cannot resume {ckpt}: its model differs ({'; '.join(diff)}); "
+                            "pass the options it was trained with, or a new --out")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
@@ -48,7 +81,6 @@ def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=N
                            cfg.data, cfg.model.patch_size, cfg.model.num_train_timesteps)
     trainer = Trainer(model, cfg, prepared.tokenizer, batches, device=device, metrics_path=out / "metrics.jsonl",
                       latents=latents)
-    ckpt = out / "checkpoint"
     if resume and (ckpt / "trainer_state.json").is_file():
         trainer.resume(ckpt)
         print(f"resumed from {ckpt} at step {trainer.step}")
