@@ -139,7 +139,10 @@ def load_checkpoint(path, device="cpu", backend: str | None = None, use_ema: boo
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     cfg = read_config(path)
-    tok = Tokenizer.load(path / "tokenizer.model")
+    try:
+        tok = Tokenizer.load(path / "tokenizer.model")
+    except RuntimeError as e:  # sentencepiece's error for a file that is not a model
+        raise ValueError(f"{path / 'tokenizer.model'}: not a SentencePiece model ({e})") from e
     model = TransfusionModel(cfg.model, backend=backend)
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors")
     model.load_state_dict(_load_tensors(weights))

@@ -70,7 +70,10 @@ def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=N
     out = Path(out)
     ckpt = out / "checkpoint"
     if resume and (ckpt / "trainer_state.json").is_file():
-        diff = model_config_differences(ckpt, cfg.model)
+        try:
+            diff = model_config_differences(ckpt, cfg.model)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot resume {ckpt}: {e}; pass a new --out, or leave --resume out") from e
         if diff:
             raise UserError(f"cannot resume {ckpt}: its model differs ({'; '.join(diff)}); "
                             "pass the options it was trained with, or a new --out")

@@ -110,6 +110,8 @@ def test_resume_with_another_shape_is_refused_before_training(run, tmp_path, cap
     msg = _cli(_train(run, tmp_path / "r", "--resume", "--dim", "32"), capsys)
     assert "dim: 16 (checkpoint) vs 32" in msg and "--out" in msg
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")} == before
+    (tmp_path / "r" / "checkpoint" / "config.json").write_text("{")
+    assert "cannot resume" in _cli(_train(run, tmp_path / "r", "--resume"), capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -149,6 +151,10 @@ def test_bad_checkpoints(run, tmp_path, capsys):
     assert "missing.png" in msg  # the images are checked before the checkpoint is read
     msg = _cli(["sample", "--checkpoint", str(ck), "--prompt", "a", "--out", str(tmp_path / "s")], capsys)
     assert "model.safetensors: not a safetensors file" in msg
+    assert not (tmp_path / "s").exists()
+    (ck / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    msg = _cli(["sample", "--checkpoint", str(ck), "--prompt", "a", "--out", str(tmp_path / "s")], capsys)
+    assert "tokenizer.model: not a SentencePiece model" in msg
     assert not (tmp_path / "s").exists()
 
 
