@@ -165,12 +165,16 @@ def cmd_sample(args) -> int:
 
     out = Path(args.out)
     _require(not out.exists() or out.is_dir(), f"--out {out} is a file; pass a folder")
+    _require(args.overwrite or not out.is_dir() or not any(out.iterdir()),
+             f"--out {out} is not empty; pass --overwrite or another --out")
     model, cfg, tok, latents, device = _load(args)
     scfg = _sample_cfg(args, cfg, latents)
     out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("sample_*.png"), out / "grid.png", out / "samples.json"]:  # --overwrite
+        old.unlink(missing_ok=True)
     prompts = [args.prompt] * args.num_images
     with _backend_ctx(args):
-        res = generate(model, tok, prompts, scfg, open_image=not args.free)
+        res = generate(model, tok, prompts, scfg, open_image=not args.free, progress=not args.quiet)
     records, all_imgs = [], []
     for i, r in enumerate(res):
         segs, files = [], []
@@ -220,7 +224,7 @@ def cmd_caption(args) -> int:
     imgs = torch.stack([load_png(p, size, getattr(latents, "in_channels", cfg.model.latent_channels)) for p in args.images])
     z = latents.encode(imgs.to(device)) if latents.kind == "vae" else imgs.to(device)
     with _backend_ctx(args):
-        caps = caption(model, tok, z, scfg)
+        caps = caption(model, tok, z, scfg, progress=not args.quiet)
     for p, c in zip(args.images, caps):
         print(f"{p}\t{c}")
     return 0
@@ -264,6 +268,7 @@ def _sampling_args(p):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
 def version_text() -> str:
@@ -334,6 +339,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--num-images", type=int, default=4, help="number of samples of the prompt")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing its sample_*.png, grid.png and samples.json")
     p.add_argument("--free", action="store_true", help="let the model decide whether to open an image (default: BOI follows the prompt)")
     p.add_argument("--png-scale", type=int, default=8, help="nearest-neighbour upscale of written PNGs")
     _sampling_args(p)

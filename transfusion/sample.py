@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 import transfusion_kernels as tk
 
@@ -76,22 +77,25 @@ def _image_step(model, cache, seq_ids, images, timesteps, commit):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg: SampleConfig | None = None, open_image: bool = False):
+def generate(model, tokenizer, prompts, cfg: SampleConfig | None = None, open_image: bool = False,
+             progress: bool = False):
     """Generate a continuation for each prompt.
 
     A prompt is a string or a list of segments: strings and clean image latents ``[C, H, W]``.
     ``open_image=True`` ends every prompt with BOI, so generation starts with an image.
     Returns, per prompt, ``{"segments": [("text", str) | ("image", latent)], "text": str,
     "images": [latents], "tokens": [ids]}`` for the generated part only.
+    ``progress``: tqdm bars on stderr, one over the generated images (a batch of sequences is
+    denoised together) and one over the diffusion steps of each batch.
     """
     cfg = cfg or SampleConfig()
     dev = next(model.parameters()).device
     bf16 = cfg.bf16 if cfg.bf16 is not None else dev.type == "cuda"
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        return _generate(model, tokenizer, prompts, cfg, open_image, dev)
+        return _generate(model, tokenizer, prompts, cfg, open_image, dev, progress)
 
 
-def _generate(model, tokenizer, prompts, cfg, open_image, dev):
+def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
     mc = model.cfg
     dtype = next(model.parameters()).dtype
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -143,10 +147,13 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev):
     segs = [[] for _ in range(B)]
     toks = [[] for _ in range(B)]
     banned = torch.tensor([tokenizer.pad_id, tokenizer.bos_id, tokenizer.eoi_id], device=dev)
+    bar = tqdm(total=B * cfg.max_images, desc="images", unit="image", disable=not progress or cfg.max_images == 0,
+               dynamic_ncols=True)
     while not all(done):
         need = [b for b in range(B) if not done[b] and last[b] == tokenizer.boi_id]
         if need:
-            imgs = _diffuse(model, cache, need, B if guided else None, cfg, sched, g, dev, dtype)
+            imgs = _diffuse(model, cache, need, B if guided else None, cfg, sched, g, dev, dtype, progress)
+            bar.update(len(need))
             for b, x in zip(need, imgs):
                 segs[b].append(("image", x.float().cpu()))
                 n_img[b] += 1
@@ -183,6 +190,7 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev):
             feed.append(b)
         if feed:
             logits[feed] = _text_step(model, cache, feed, [[last[b]] for b in feed])
+    bar.close()
 
     results = []
     for b in range(B):
@@ -196,7 +204,7 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev):
     return results
 
 
-def _diffuse(model, cache, seq_ids, uncond_offset, cfg: SampleConfig, sched, g, dev, dtype):
+def _diffuse(model, cache, seq_ids, uncond_offset, cfg: SampleConfig, sched, g, dev, dtype, progress):
     """Denoise one image per sequence in ``seq_ids`` (whose caches end with BOI); write the clean
     image into their caches and return it (``[S, C, H, W]``)."""
     mc = model.cfg
@@ -209,7 +217,8 @@ def _diffuse(model, cache, seq_ids, uncond_offset, cfg: SampleConfig, sched, g, 
     ids = list(seq_ids)
     if uncond_offset is not None:
         ids = ids + [uncond_offset + b for b in seq_ids]
-    for t, tp in timestep_pairs(mc.num_train_timesteps, cfg.steps):
+    for t, tp in tqdm(timestep_pairs(mc.num_train_timesteps, cfg.steps), desc="denoise", unit="step",
+                      disable=not progress, leave=False, dynamic_ncols=True):
         inp = torch.cat([x, x]) if uncond_offset is not None else x
         ts = torch.full((inp.shape[0],), t, dtype=torch.long, device=dev)
         eps = _image_step(model, cache, ids, inp, ts, commit=False).float()
@@ -231,12 +240,16 @@ def _diffuse(model, cache, seq_ids, uncond_offset, cfg: SampleConfig, sched, g, 
 
 
 @torch.no_grad()
-def caption(model, tokenizer, latents, cfg: SampleConfig | None = None, batch_size: int = 256) -> list[str]:
-    """One caption per clean latent image ``[N, C, H, W]`` (greedy unless cfg says otherwise)."""
+def caption(model, tokenizer, latents, cfg: SampleConfig | None = None, batch_size: int = 256,
+            progress: bool = False) -> list[str]:
+    """One caption per clean latent image ``[N, C, H, W]`` (greedy unless cfg says otherwise);
+    ``progress``: a tqdm bar on stderr over the images, advanced per batch of ``batch_size``."""
     cfg = cfg or SampleConfig(max_images=0)
     out = []
-    for i in range(0, len(latents), batch_size):
-        res = generate(model, tokenizer, [[x] for x in latents[i:i + batch_size]],
-                       SampleConfig(**{**cfg.__dict__, "max_images": 0, "cfg_scale": 1.0}))
-        out += [r["text"] for r in res]
+    with tqdm(total=len(latents), desc="caption", unit="image", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(latents), batch_size):
+            res = generate(model, tokenizer, [[x] for x in latents[i:i + batch_size]],
+                           SampleConfig(**{**cfg.__dict__, "max_images": 0, "cfg_scale": 1.0}))
+            out += [r["text"] for r in res]
+            bar.update(len(res))
     return out

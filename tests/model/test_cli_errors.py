@@ -171,3 +171,37 @@ def test_valid_config_file_still_trains(run, tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"train": {"steps": 1, "lr": 1e-3, "betas": [0.9, 0.99]}, "model": {"dim": 16, "n_heads": 2}}))
     assert main(_train(run, tmp_path / "r", "--config", str(f))) == 0
+
+
+def _sample(run, out, *args):
+    return ["sample", "--checkpoint", str(run / "run" / "checkpoint"), "--prompt", "a two", "--out", str(out),
+            "--num-images", "1", "--steps", "2", "--max-new-tokens", "2", "--png-scale", "1", *args]
+
+
+def test_sample_refuses_a_non_empty_out_folder_before_loading(run, tmp_path, capsys):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "sample_000_0.png").write_bytes(b"old")
+    msg = _cli(_sample(run, out, "--checkpoint", str(tmp_path / "none")), capsys)  # the checkpoint is not read
+    assert msg.endswith(f"--out {out} is not empty; pass --overwrite or another --out")
+    assert [(p.name, p.read_bytes()) for p in out.iterdir()] == [("sample_000_0.png", b"old")]
+
+
+def test_progress_bars_quiet_and_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "s"
+    capsys.readouterr()
+    assert main(_sample(run, out)) == 0
+    loud = capsys.readouterr()
+    assert "images: 100%" in loud.err and "denoise:" in loud.err and "step/s" in loud.err
+    (out / "sample_007_0.png").write_bytes(b"stale")
+    assert main(_sample(run, out, "--overwrite", "--quiet")) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out == loud.out  # same outputs, no bars
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "sample_000_0.png", "samples.json"]
+    png = str(out / "sample_000_0.png")
+    assert main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), png, "--max-new-tokens", "2"]) == 0
+    loud = capsys.readouterr()
+    assert "caption: 100%" in loud.err
+    assert main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), png, "--max-new-tokens", "2", "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out == loud.out
