@@ -59,6 +59,9 @@ class ModelConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction_type: str = "epsilon"  # the paper's; also "v_prediction" or "sample"
+    # "bidirectional": every image attends to all of its own patches (the paper's mask);
+    # "causal": no image spans, patches see only earlier patches (the ablation baseline)
+    image_attention: str = "bidirectional"
 
     def __post_init__(self) -> None:
         self.unet_channels = tuple(self.unet_channels)
@@ -79,8 +82,14 @@ class ModelConfig:
         _check(self.timestep_freq_dim % 2 == 0, "timestep_freq_dim must be even")
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
                f"unknown beta_schedule {self.beta_schedule!r}")
+        _check(self.image_attention in ("bidirectional", "causal"),
+               f"image_attention must be 'bidirectional' or 'causal', got {self.image_attention!r}")
         _check(self.prediction_type in ("epsilon", "v_prediction", "sample"),
                f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}")
+
+    @property
+    def bidirectional_images(self) -> bool:
+        return self.image_attention == "bidirectional"
 
     @property
     def head_dim(self) -> int:

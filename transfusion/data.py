@@ -157,10 +157,12 @@ class PackedBatch:
                            mv(self.cu_seqlens), mv(self.image_spans), [mv(x) for x in self.images],
                            mv(self.timesteps), self.noise_seed)
 
-    def mask(self):
+    def mask(self, bidirectional_images: bool = True):
+        """The attention mask: causal per document, plus (by default) bidirectional inside each image."""
         import transfusion_kernels as tk
 
-        return tk.HybridMask.from_spans(self.cu_seqlens, self.image_spans)
+        spans = self.image_spans if bidirectional_images else self.image_spans[:0]
+        return tk.HybridMask.from_spans(self.cu_seqlens, spans)
 
 
 def pack_documents(docs, tokenizer, patch_size: int, num_train_timesteps: int = 1000,

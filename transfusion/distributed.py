@@ -172,7 +172,7 @@ class DistributedTrainer(Trainer):
             ids = torch.arange(len(imgs), device=x0.device, dtype=torch.int32)
             patch_img = torch.repeat_interleave(torch.where(ids < real, ids, -1), lens)  # pad image: -1
         with self.autocast():
-            logits, pred = self.forward_module(local.input_ids, local.positions, local.image_index, local.mask(),
+            logits, pred = self.forward_module(local.input_ids, local.positions, local.image_index, local.mask(self.config.model.bidirectional_images),
                                                noisy, local.timesteps, label_pos)
         if len(label_pos):
             lm = F.cross_entropy(logits.float(), local.labels[label_pos], reduction="sum") / n_labels

@@ -70,7 +70,7 @@ def _image_step(model, cache, seq_ids, images, timesteps, commit):
     imgs = list(images)
     tok, state, _ = model.embed_images(imgs, timesteps)
     step = cache.plan(torch.as_tensor(seq_ids, device=dev), torch.full((len(imgs),), n, device=dev),
-                      bidirectional=True, commit=commit)
+                      bidirectional=model.cfg.bidirectional_images, commit=commit)
     h = model.run_layers(tok, step["positions"], step["mask"], cache, step)
     cache.advance(step)
     return model.image.decode(h, imgs, timesteps, state)

@@ -52,7 +52,7 @@ def loss_terms(model, batch: PackedBatch, sched, autocast=contextlib.nullcontext
     images. Noise comes from tk's seeded Philox generator (``batch.noise_seed``): the same batch
     gives the same loss on every backend and run."""
     k = model.cfg.patch_size
-    mask = batch.mask()
+    mask = batch.mask(model.cfg.bidirectional_images)
     label_pos = torch.nonzero(batch.labels != IGNORE).squeeze(1)
     noisy, target, patch_img, t = [], None, None, batch.timesteps
     if batch.images:

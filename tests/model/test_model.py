@@ -88,6 +88,33 @@ def test_cached_diffusion_step_equals_full_forward(tok, encoder, block):
     torch.testing.assert_close(eps_cached, eps_full, rtol=1e-4, atol=1e-5)
 
 
+def test_causal_image_attention_drops_only_the_image_spans(tok):
+    """image_attention="causal": training and the cached sampler use the causal mask inside
+    images, consistently; the bidirectional model's first patch sees later patches."""
+    caps = [tok.encode("a handwritten seven")]
+    x_t, t = torch.randn(1, 1, 4, 6), torch.tensor([400])
+    b = pack_documents([[caps[0], Image(x_t[0])]], tok, 2)
+    preds = {}
+    for attn in ("causal", "bidirectional"):
+        cfg = tiny_model_config(tok.vocab_size, image_attention=attn)
+        torch.manual_seed(0)
+        model = TransfusionModel(cfg, backend="reference").eval()
+        with torch.no_grad():  # the output layer starts at zero
+            for p in model.image.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        mask = b.mask(cfg.bidirectional_images)
+        assert (mask.kv_end[b.image_index >= 0] == torch.arange(len(b.input_ids))[b.image_index >= 0] + 1).all() \
+            == (attn == "causal")
+        with torch.no_grad():
+            _, full = model(b.input_ids, b.positions, b.image_index, mask, list(x_t), t)
+            cache = KVCache(cfg, 1, "cpu", capacity=8)
+            _text_step(model, cache, [0], [[tok.bos_id] + caps[0] + [tok.boi_id]])
+            cached = _image_step(model, cache, [0], x_t, t, commit=False)
+        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+        preds[attn] = full
+    assert not torch.allclose(preds["causal"][0], preds["bidirectional"][0])
+
+
 def test_cached_text_decoding_equals_full_forward(tok):
     cfg = tiny_model_config(tok.vocab_size)
     model = TransfusionModel(cfg, backend="reference").eval()
