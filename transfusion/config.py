@@ -76,8 +76,6 @@ class ModelConfig:
                f"image_encoder must be 'linear' or 'unet', got {self.image_encoder!r}")
         _check(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
         if self.image_encoder == "unet":
-            _check(self.patch_size in (1, 2, 4),
-                   f"the two-level U-Net downsamples by 1, 2 or 4; patch_size={self.patch_size}")
             _check(len(self.unet_channels) == 2, f"unet_channels needs two entries, got {self.unet_channels}")
         _check(self.timestep_freq_dim % 2 == 0, "timestep_freq_dim must be even")
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),

@@ -114,9 +114,24 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def _down(c: int, s: int) -> nn.Module:
+    """Downsampling by an integer factor ``s``: a strided convolution whose odd kernel (2*(s//2)+1,
+    3x3 for s=2) is centred on each output cell, so a side divisible by ``s`` shrinks exactly s-fold."""
+    return nn.Conv2d(c, c, 2 * (s // 2) + 1, stride=s, padding=s // 2) if s > 1 else nn.Identity()
+
+
+def down_factors(k: int) -> tuple[int, int]:
+    """How the two U-Net levels split the patch size: ``(k // b, b)`` with ``b`` the largest
+    divisor of ``k`` not above its square root (1 -> (1, 1), 2 -> (2, 1), 4 -> (2, 2), 8 -> (4, 2),
+    3 -> (3, 1), 9 -> (3, 3))."""
+    b = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
+    return k // b, b
+
+
 class UNetPatches(_Codec):
-    """Level 1 at full latent resolution, level 2 after the first 2x downsampling; the patch
-    size k (1, 2 or 4) sets how many of the two levels downsample."""
+    """Level 1 at full latent resolution, level 2 after the first downsampling, the transformer's
+    grid after the second; the two factors multiply to the patch size k (any k >= 1, see
+    ``down_factors``), so k x k latent pixels become one transformer vector."""
 
     def __init__(self, channels: int, k: int, dim: int, level_channels=(32, 64), freq_dim: int = 128):
         super().__init__(channels, k)
@@ -124,12 +139,12 @@ class UNetPatches(_Codec):
         self.freq_dim = freq_dim
         emb = 4 * c1
         self.t_mlp = nn.Sequential(nn.Linear(freq_dim, emb), nn.SiLU(), nn.Linear(emb, emb))
-        n_down = int(math.log2(k))
+        s1, s2 = down_factors(k)
         self.conv_in = nn.Conv2d(channels, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, emb)
-        self.pool1 = nn.Conv2d(c1, c1, 3, stride=2, padding=1) if n_down >= 1 else nn.Identity()
+        self.pool1 = _down(c1, s1)
         self.down2 = ResBlock(c1, c2, emb)
-        self.pool2 = nn.Conv2d(c2, c2, 3, stride=2, padding=1) if n_down >= 2 else nn.Identity()
+        self.pool2 = _down(c2, s2)
         self.to_dim = nn.Conv2d(c2, dim, 1)
         self.from_dim = nn.Conv2d(dim, c2, 1)
         self.up2 = ResBlock(2 * c2, c2, emb)

@@ -140,8 +140,8 @@ def test_model_config_validation():
         ModelConfig(dim=30, n_heads=4)
     with pytest.raises(ValueError, match="image_encoder"):
         ModelConfig(image_encoder="conv")
-    with pytest.raises(ValueError, match="U-Net"):
-        ModelConfig(image_encoder="unet", patch_size=8)
+    with pytest.raises(ValueError, match="unet_channels"):
+        ModelConfig(image_encoder="unet", unet_channels=(8, 16, 32))
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelConfig(n_heads=4, n_kv_heads=3, dim=32)
 
@@ -152,3 +152,48 @@ def test_image_side_rejects_bad_images(tok):
         model.embed_images([torch.randn(1, 3, 4)], torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="C=1"):
         model.embed_images([torch.randn(3, 4, 4)], torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("k, h, w", [(3, 6, 6), (3, 9, 9), (8, 8, 16)])
+def test_unet_any_patch_size(tok, k, h, w):
+    """The U-Net codec takes any patch size that divides the image (here 3 and 8): one vector per
+    k x k patch, a gradient for every parameter, and the cached diffusion step equal to the full
+    forward."""
+    cfg = tiny_model_config(tok.vocab_size, image_encoder="unet", patch_size=k)
+    model = TransfusionModel(cfg, backend="reference")
+    with torch.no_grad():  # the output layer starts at zero
+        for p in model.image.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    caps = [tok.encode("a handwritten seven"), tok.encode("three")]
+    x_t, t = torch.randn(2, 1, h, w), torch.tensor([700, 123])
+    b = pack_documents([[c, Image(x)] for c, x in zip(caps, x_t)], tok, k)
+    assert int((b.image_index >= 0).sum()) == 2 * (h // k) * (w // k)
+    logits, eps = model(b.input_ids, b.positions, b.image_index, b.mask(), list(x_t), t)
+    assert eps.shape == (2 * (h // k) * (w // k), k * k) and torch.isfinite(eps).all()
+    (logits.square().mean() + eps.square().mean()).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    model.eval()
+    cache = KVCache(cfg, 2, "cpu", capacity=4)
+    with torch.no_grad():
+        _, eps_full = model(b.input_ids, b.positions, b.image_index, b.mask(), list(x_t), t)
+        _text_step(model, cache, [0, 1], [[tok.bos_id] + c + [tok.boi_id] for c in caps])
+        eps_cached = _image_step(model, cache, [0, 1], x_t, t, commit=False)
+    torch.testing.assert_close(eps_cached, eps_full, rtol=1e-4, atol=1e-5)
+
+
+def test_unet_downsampling_split_keeps_the_small_patch_sizes():
+    """Patch sizes 1, 2 and 4 keep their layers (3x3 stride-2 convolutions, as before); any other
+    size splits into two factors whose convolutions shrink an exact multiple k-fold."""
+    from transfusion.image import UNetPatches, down_factors
+
+    assert [down_factors(k) for k in (1, 2, 3, 4, 6, 8, 9, 16)] == \
+        [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2), (4, 2), (3, 3), (4, 4)]
+    for k, convs in ((1, 0), (2, 1), (4, 2)):
+        u = UNetPatches(1, k, 16, (8, 16), 32)
+        pools = [m for m in (u.pool1, u.pool2) if isinstance(m, torch.nn.Conv2d)]
+        assert len(pools) == convs and all(m.kernel_size == (3, 3) and m.stride == (2, 2) for m in pools)
+    for k in (3, 5, 6, 8, 12):
+        u = UNetPatches(1, k, 16, (8, 16), 32)
+        x = torch.randn(2, 1, 2 * k, 3 * k)
+        rows, _ = u.encode(list(x), torch.tensor([5, 6]))
+        assert rows.shape == (2 * 2 * 3, 16)
