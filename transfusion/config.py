@@ -58,6 +58,9 @@ class ModelConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # "ddpm": the paper's DDPM loss (the head predicts prediction_type); "flow": rectified flow,
+    # the head predicts the velocity noise - x0 (prediction_type unused), sampled with Euler steps
+    objective: str = "ddpm"
     prediction_type: str = "epsilon"  # the paper's; also "v_prediction" or "sample"
     # "bidirectional": every image attends to all of its own patches (the paper's mask);
     # "causal": no image spans, patches see only earlier patches (the ablation baseline)
@@ -80,6 +83,7 @@ class ModelConfig:
         _check(self.timestep_freq_dim % 2 == 0, "timestep_freq_dim must be even")
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
                f"unknown beta_schedule {self.beta_schedule!r}")
+        _check(self.objective in ("ddpm", "flow"), f"objective must be 'ddpm' or 'flow', got {self.objective!r}")
         _check(self.image_attention in ("bidirectional", "causal"),
                f"image_attention must be 'bidirectional' or 'causal', got {self.image_attention!r}")
         _check(self.prediction_type in ("epsilon", "v_prediction", "sample"),
@@ -144,10 +148,22 @@ class TrainConfig:
 
 
 @dataclass
+class SampleDefaults:
+    """How ``sample`` denoises when the command line does not say (``--sampler``, ``--steps``);
+    saved in the checkpoint with the rest of the Config."""
+    sampler: str = "ddim"
+    steps: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleDefaults = field(default_factory=SampleDefaults)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,9 +173,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], strict: bool = False) -> "Config":
-        """``strict`` (checkpoints): every field must be present; otherwise missing fields take
-        their defaults. Unknown sections and fields always raise."""
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        """``strict`` (checkpoints): every field of a present section must be present, and every
+        section but ``sample`` (absent from older checkpoints: the defaults); otherwise missing
+        fields take their defaults. Unknown sections and fields always raise."""
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleDefaults}
         section_of = {kind: name for name, kind in sections.items()}
         unknown = set(d) - set(sections)
         if unknown:
@@ -173,7 +190,7 @@ class Config:
             if unknown:
                 raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
             missing = names - set(sub)
-            if strict and missing:
+            if strict and missing and (sub or kind is not SampleDefaults):
                 raise ValueError(f"{kind.__name__} fields missing: {sorted(missing)}")
             for f in dataclasses.fields(kind):
                 if f.name in sub and not _has_type(sub[f.name], f.type):
@@ -185,6 +202,29 @@ class Config:
     @classmethod
     def from_json(cls, text: str) -> "Config":
         return cls.from_dict(json.loads(text))
+
+
+def paper_config(vocab_size: int) -> Config:
+    """What the paper (Zhou et al., 2024) states and this config can express; the rest keeps the
+    defaults. Its scale (7B parameters, 250k steps of 2M tokens, 4000 warmup steps, 256x256
+    images) is not set here."""
+    return Config(
+        model=ModelConfig(
+            vocab_size=vocab_size,
+            image_encoder="unet", patch_size=2,  # section 4.4: U-Net down/up blocks, 2x2 latent patches
+            num_train_timesteps=1000,  # section 4.1: T = 1000 training timesteps
+            beta_schedule="squaredcos_cap_v2",  # section 2.2: the cosine schedule (Nichol & Dhariwal)
+            prediction_type="epsilon",  # section 2.2: L_DDPM regresses the added noise
+            image_attention="bidirectional"),  # section 3: bidirectional within each image
+        data=DataConfig(
+            image_first_fraction=0.2,  # section 4.1: 80% caption first, 20% image first
+            image_first_max_timestep=500),  # section 4.3 (Table 11): t <= 500 for image-first pairs
+        train=TrainConfig(
+            diffusion_weight=5.0,  # section 4.1: lambda = 5 in L_LM + lambda * L_DDPM
+            lr=3e-4, min_lr_ratio=0.05,  # section 4.1: 3e-4, cosine decay to 1.5e-5
+            betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0),  # section 4.1: AdamW, clip norm 1
+        sample=SampleDefaults(sampler="ddpm", steps=250),  # section 4.1: 250 DDPM steps at inference
+    )
 
 
 def demo_config(vocab_size: int, steps: int | None = None, backend: str | None = None) -> Config:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 import transfusion_kernels as tk
 
 from transfusion.data import IGNORE, PackedBatch
-from transfusion.train import Trainer, diffusion_target, images_to_rows, rows_to_images
+from transfusion.objective import training_inputs
+from transfusion.train import Trainer, images_to_rows, rows_to_images
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -149,14 +150,14 @@ class DistributedTrainer(Trainer):
         n_labels = int((batch.labels != IGNORE).sum())
         n_images = len(batch.images)
         # the noise of the whole global batch, drawn as one process draws it
-        x0 = x_t = noise = t_rows = None
+        x0 = x_t = target_all = model_t = None
         if n_images:
             x0 = images_to_rows(batch.images, k).float()
             counts = [(x.shape[1] // k) * (x.shape[2] // k) for x in batch.images]
             row_img = torch.repeat_interleave(torch.arange(n_images, device=x0.device),
                                               torch.tensor(counts, device=x0.device))
-            t_rows = batch.timesteps[row_img]
-            x_t, noise = tk.add_noise(x0, t_rows, sched, seed=batch.noise_seed, backend=model.backend)
+            x_t, target_all, model_t = training_inputs(model.cfg, x0, batch.timesteps, row_img, batch.noise_seed,
+                                                       sched, model.backend)
             starts = [0]
             for c in counts:
                 starts.append(starts[-1] + c)
@@ -167,13 +168,14 @@ class DistributedTrainer(Trainer):
             rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=x0.device) for i in imgs])
             shapes = [tuple(batch.images[i].shape) for i in imgs]
             noisy = rows_to_images(x_t[rows], shapes, k)
-            target = diffusion_target(model.cfg.prediction_type, x0[rows], noise[rows], t_rows[rows], sched)
+            target = target_all[rows]
             lens = torch.tensor([starts[i + 1] - starts[i] for i in imgs], device=x0.device)
             ids = torch.arange(len(imgs), device=x0.device, dtype=torch.int32)
             patch_img = torch.repeat_interleave(torch.where(ids < real, ids, -1), lens)  # pad image: -1
         with self.autocast():
-            logits, pred = self.forward_module(local.input_ids, local.positions, local.image_index, local.mask(self.config.model.bidirectional_images),
-                                               noisy, local.timesteps, label_pos)
+            mask = local.mask(self.config.model.bidirectional_images)
+            logits, pred = self.forward_module(local.input_ids, local.positions, local.image_index, mask,
+                                               noisy, model_t[imgs] if imgs else local.timesteps, label_pos)
         if len(label_pos):
             lm = F.cross_entropy(logits.float(), local.labels[label_pos], reduction="sum") / n_labels
         else:

@@ -18,12 +18,13 @@ import transfusion_kernels as tk
 
 from transfusion.image import patchify, unpatchify
 from transfusion.model import KVCache
+from transfusion.objective import check_sampler, denoise, sampling_steps
 
 
 @dataclass
 class SampleConfig:
     steps: int = 50  # denoising steps
-    sampler: str = "ddim"  # "ddim" or "ddpm"
+    sampler: str = "ddim"  # "ddim" or "ddpm" (objective "ddpm"), "euler" (objective "flow")
     eta: float = 0.0  # DDIM noise (0: deterministic)
     cfg_scale: float = 3.0  # classifier-free guidance; 1.0 turns it off
     image_size: tuple[int, int] = (8, 8)  # latent height, width of generated images
@@ -35,20 +36,11 @@ class SampleConfig:
     bf16: bool | None = None  # bf16 autocast for the transformer (None: on CUDA only)
 
     def __post_init__(self):
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
+        if self.sampler not in ("ddim", "ddpm", "euler"):
+            raise ValueError(f"sampler must be 'ddim', 'ddpm' or 'euler', got {self.sampler!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         self.image_size = tuple(self.image_size)
-
-
-def timestep_pairs(num_train: int, steps: int):
-    """(t, t_prev) pairs, evenly spaced with the last step ending at -1 (the clean image);
-    "trailing" spacing, so the first step starts from pure noise at t = T - 1."""
-    if steps > num_train:
-        raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({num_train})")
-    ts = [round(num_train - i * num_train / steps) - 1 for i in range(steps)]
-    return list(zip(ts, ts[1:] + [-1]))
 
 
 def _text_step(model, cache, seq_ids, tokens):
@@ -97,6 +89,8 @@ def generate(model, tokenizer, prompts, cfg: SampleConfig | None = None, open_im
 
 def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
     mc = model.cfg
+    if cfg.max_images > 0 or open_image:
+        check_sampler(mc, cfg.sampler)
     dtype = next(model.parameters()).dtype
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     sched = model.schedule()
@@ -217,23 +211,14 @@ def _diffuse(model, cache, seq_ids, uncond_offset, cfg: SampleConfig, sched, g, 
     ids = list(seq_ids)
     if uncond_offset is not None:
         ids = ids + [uncond_offset + b for b in seq_ids]
-    for t, tp in tqdm(timestep_pairs(mc.num_train_timesteps, cfg.steps), desc="denoise", unit="step",
-                      disable=not progress, leave=False, dynamic_ncols=True):
+    for model_t, t, t_next in tqdm(sampling_steps(mc, cfg.steps), desc="denoise", unit="step",
+                                   disable=not progress, leave=False, dynamic_ncols=True):
         inp = torch.cat([x, x]) if uncond_offset is not None else x
-        ts = torch.full((inp.shape[0],), t, dtype=torch.long, device=dev)
-        eps = _image_step(model, cache, ids, inp, ts, commit=False).float()
-        if uncond_offset is not None:
-            cond, unc = eps.chunk(2)
-            eps = unc + cfg.cfg_scale * (cond - unc)
-        rows = patchify(x.float(), k)
-        if cfg.sampler == "ddim":
-            rows = tk.ddim_step(eps, t, rows, sched, prev_timestep=tp, eta=cfg.eta, clip_sample=cfg.clip_sample,
-                                prediction_type=mc.prediction_type,
-                                seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)), backend=model.backend)
-        else:
-            rows = tk.ddpm_step(eps, t, rows, sched, prev_timestep=tp, clip_sample=cfg.clip_sample,
-                                prediction_type=mc.prediction_type,
-                                seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)), backend=model.backend)
+        ts = torch.full((inp.shape[0],), model_t, device=dev)
+        pred = _image_step(model, cache, ids, inp, ts, commit=False).float()
+        pred, uncond = pred.chunk(2) if uncond_offset is not None else (pred, None)
+        rows = denoise(mc, cfg, sched, patchify(x.float(), k), pred, uncond, t, t_next,
+                       seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)), backend=model.backend)
         x = unpatchify(rows, S, mc.latent_channels, H, W, k).to(dtype)
     _image_step(model, cache, seq_ids, x, torch.zeros(S, dtype=torch.long, device=dev), commit=True)
     return x

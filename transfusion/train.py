@@ -20,6 +20,7 @@ import transfusion_kernels as tk
 from transfusion.checkpoint import load_trainer_state, save_checkpoint
 from transfusion.data import IGNORE, PackedBatch
 from transfusion.image import patchify, unpatchify
+from transfusion.objective import training_inputs
 
 
 def images_to_rows(images, k: int) -> torch.Tensor:
@@ -36,16 +37,6 @@ def rows_to_images(rows: torch.Tensor, shapes, k: int):
     return out
 
 
-def diffusion_target(prediction_type: str, x0, noise, t_rows, sched):
-    """What the image head predicts: the noise (the paper), the clean latent, or v."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "sample":
-        return x0
-    ab = sched.alphas_cumprod_on(x0.device)[t_rows.long()].to(torch.float32)[:, None]
-    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
-
-
 def loss_terms(model, batch: PackedBatch, sched, autocast=contextlib.nullcontext):
     """``(lm_loss, ddpm_loss)`` of a batch: mean next-token cross-entropy over text targets, and
     the per-image MSE of the image head's prediction (``cfg.prediction_type``) averaged over
@@ -59,9 +50,8 @@ def loss_terms(model, batch: PackedBatch, sched, autocast=contextlib.nullcontext
         x0 = images_to_rows(batch.images, k).float()
         counts = torch.tensor([(x.shape[1] // k) * (x.shape[2] // k) for x in batch.images], device=x0.device)
         patch_img = torch.repeat_interleave(torch.arange(len(batch.images), device=x0.device, dtype=torch.int32), counts)
-        x_t, noise = tk.add_noise(x0, t[patch_img.long()], sched, seed=batch.noise_seed, backend=model.backend)
+        x_t, target, t = training_inputs(model.cfg, x0, t, patch_img, batch.noise_seed, sched, model.backend)
         noisy = rows_to_images(x_t, [tuple(x.shape) for x in batch.images], k)
-        target = diffusion_target(model.cfg.prediction_type, x0, noise, t[patch_img.long()], sched)
     with autocast():
         logits, pred = model(batch.input_ids, batch.positions, batch.image_index, mask, noisy, t, label_pos)
     lm = F.cross_entropy(logits.float(), batch.labels[label_pos]) if len(label_pos) else logits.sum() * 0

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from transfusion.model import TransfusionModel
-from transfusion.sample import SampleConfig, caption, generate, timestep_pairs
+from transfusion.objective import sampling_steps
+from transfusion.sample import SampleConfig, caption, generate
 
 from conftest import tiny_model_config
 
@@ -16,12 +17,13 @@ def model(tok):
     return m
 
 
-def test_timestep_pairs():
-    assert timestep_pairs(1000, 4) == [(999, 749), (749, 499), (499, 249), (249, -1)]
-    pairs = timestep_pairs(1000, 1000)
-    assert pairs[0] == (999, 998) and pairs[-1] == (0, -1) and len(pairs) == 1000
+def test_sampling_steps_ddpm_trailing_spacing():
+    cfg = tiny_model_config(256)
+    assert sampling_steps(cfg, 4) == [(999, 999, 749), (749, 749, 499), (499, 499, 249), (249, 249, -1)]
+    steps = sampling_steps(cfg, 1000)
+    assert steps[0] == (999, 999, 998) and steps[-1] == (0, 0, -1) and len(steps) == 1000
     with pytest.raises(ValueError):
-        timestep_pairs(10, 11)
+        sampling_steps(tiny_model_config(256, num_train_timesteps=10), 11)
 
 
 @pytest.mark.parametrize("sampler,cfg_scale", [("ddim", 3.0), ("ddpm", 1.0)])
@@ -95,6 +97,12 @@ def test_image_prompt_then_text_then_image(tok, model):
 
 def test_sample_config_validation():
     with pytest.raises(ValueError, match="sampler"):
-        SampleConfig(sampler="euler")
+        SampleConfig(sampler="heun")
     with pytest.raises(ValueError, match="steps"):
         SampleConfig(steps=0)
+
+
+def test_sampler_must_fit_the_objective(tok, model):
+    with pytest.raises(ValueError, match="objective 'ddpm'.*'ddim' or 'ddpm'"):
+        generate(model, tok, ["two"], SampleConfig(sampler="euler", steps=2), open_image=True)
+    assert caption(model, tok, torch.zeros(1, 1, 4, 4), SampleConfig(sampler="euler", max_new_tokens=2)) is not None
