@@ -37,7 +37,7 @@ RECORD = "_build_info.json"
 EXT_NAME = "transfusion_kernels._C"
 
 
-def find_nvcc() -> str | None:
+def find_nvcc() -> str | None:  # as benchmarks/toolchain.py; this file runs before the package exists
     candidates = [shutil.which("nvcc")]
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):

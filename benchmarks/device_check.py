@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.common import environment, markdown_table  # noqa: E402
+from benchmarks.toolchain import find_nvcc  # noqa: E402
 
 SOURCES = (ROOT / "CMakeLists.txt").is_file()  # a checkout or an unpacked sdist, not an installed package
 
@@ -120,14 +121,6 @@ def python_call(module: str, argv: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- steps
-def find_nvcc() -> str | None:
-    for c in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"),
-              "/usr/local/cuda/bin/nvcc"):
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
-
-
 def cuda_arch() -> str:
     """SASS target for the visible GPU (sm_90a on Hopper: wgmma and setmaxnreg need it)."""
     if not torch.cuda.is_available():

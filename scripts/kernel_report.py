@@ -70,6 +70,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the checkout's torch-free toolchain lookup
+from benchmarks.toolchain import find_nvcc  # noqa: E402
+
 CSRC = ROOT / "csrc"
 ATTENTION = CSRC / "attention"
 DEFAULT_ARCHS = ("80", "90a")
@@ -101,14 +104,6 @@ class KernelInfo:
     @property
     def spills(self) -> int:
         return self.spill_stores + self.spill_loads
-
-
-def find_nvcc() -> str | None:
-    for c in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"),
-              "/usr/local/cuda/bin/nvcc"):
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
 
 
 def find_cuobjdump() -> str | None:
