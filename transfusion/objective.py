@@ -61,8 +61,8 @@ def sampling_steps(cfg, steps: int):
     if steps > T:
         raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({T})")
     if cfg.objective == "flow":
-        sig = tk.FlowMatchSchedule(num_train_timesteps=T).sigmas(steps).tolist()
-        return [(s * T, s, s_next) for s, s_next in zip(sig[:-1], sig[1:])]
+        ts, sig = tk.FlowMatchSchedule(num_train_timesteps=T).set_timesteps(steps)
+        return [(float(m), float(s), float(s_next)) for m, s, s_next in zip(ts, sig[:-1], sig[1:])]
     ts = [round(T - i * T / steps) - 1 for i in range(steps)]
     return [(t, t, tp) for t, tp in zip(ts, ts[1:] + [-1])]
 
