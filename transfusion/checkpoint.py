@@ -11,10 +11,15 @@
     vae/                     the AutoencoderKL (when latents are not pixels)
 
 The whole directory is written under a temporary name and renamed into place, so a reader never
-sees a half-written checkpoint (a crash leaves the previous one, or a ``*.tmp-*`` directory).
+sees a half-written checkpoint (an exception or Ctrl-C removes the temporary directory; a killed
+process leaves the previous checkpoint, and a ``*.tmp-*`` directory). ``config.json`` also records
+the tokenizer's size, special ids and SHA-256, checked on load: a replaced or damaged
+``tokenizer.model`` is refused before the model is built.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -24,10 +29,76 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def save_tensors(tensors: dict, path) -> None:
+    """``safetensors`` file with the permissions of any other new file (safetensors creates 0600)."""
+    save_file(tensors, str(path))
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path, *, directory: bool = False):
+    """Yield a temporary path beside ``path`` (hidden, same folder, so the final rename is atomic);
+    on success it replaces ``path`` (a file, or a whole directory: the old one goes aside, then is
+    deleted), on any exception (Ctrl-C included) it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if directory and path.is_dir():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What a checkpoint's config.json records of its tokenizer (checked by ``load_checkpoint``)."""
+    return {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id, "boi_id": tokenizer.boi_id, "eoi_id": tokenizer.eoi_id,
+            "sha256": hashlib.sha256(tokenizer.model_proto).hexdigest()}
+
+
+def check_tokenizer(path, tokenizer, model_vocab_size: int, record: dict | None) -> None:
+    """ValueError when ``tokenizer`` is not the one the checkpoint at ``path`` was saved with: its
+    size against the model's embedding, then its special ids and bytes against ``record``
+    (checkpoints written before the record existed have only the first check)."""
+    f = Path(path) / "tokenizer.model"
+    fix = "copy back the tokenizer.model this checkpoint was saved with"
+    if tokenizer.vocab_size != model_vocab_size:
+        raise ValueError(f"{f} gives {tokenizer.vocab_size} token ids but the model was trained with "
+                         f"{model_vocab_size} (config.json model.vocab_size): the file was replaced or damaged; {fix}")
+    if record is None:
+        return
+    got = tokenizer_record(tokenizer)
+    diff = [f"{k} {got[k]} (file) vs {v} (config.json)" for k, v in record.items() if k != "sha256" and got.get(k) != v]
+    if diff:
+        raise ValueError(f"{f}: special tokens differ from the checkpoint's ({', '.join(diff)}); {fix}")
+    if got["sha256"] != record.get("sha256"):
+        raise ValueError(f"{f} is not the tokenizer this checkpoint was saved with (its SHA-256 differs); {fix}")
 
 
 def _contiguous(sd: dict) -> dict:
@@ -65,23 +136,12 @@ def save_checkpoint(path, *, model, config, tokenizer, ema: dict | None = None, 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    cfg = config.to_dict()
-    cfg["format_version"] = FORMAT_VERSION
-    _write_json(tmp / "config.json", cfg)
-    save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
-    tokenizer.save(tmp / "tokenizer.model")
-    if latents is not None and getattr(latents, "kind", "pixel") == "vae":
-        latents.save(tmp / "vae")
-    if trainer is not None:
-        tensors, meta = optimizer_to_flat(trainer["optimizer"])
-        for name, t in trainer.get("rng", {}).items():
-            tensors[f"rng.{name}"] = t.contiguous().cpu()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        state = {k: v for k, v in trainer.items() if k not in ("optimizer", "rng")}
-        state["optimizer_meta"] = meta
-        _write_json(tmp / "trainer_state.json", state)
+    try:
+        _write_checkpoint(tmp, model=model, config=config, tokenizer=tokenizer, ema=ema, trainer=trainer,
+                          latents=latents)
+    except BaseException:  # an error or Ctrl-C: no half-written directory stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # swap into place: old -> .old, tmp -> path, drop .old
     old = path.parent / f"{path.name}.old-{os.getpid()}"
     if path.exists():
@@ -90,6 +150,27 @@ def save_checkpoint(path, *, model, config, tokenizer, ema: dict | None = None, 
     for stale in path.parent.glob(f"{path.name}.old-*"):  # also those of a save that died midway
         shutil.rmtree(stale)
     return path
+
+
+def _write_checkpoint(tmp: Path, *, model, config, tokenizer, ema, trainer, latents) -> None:
+    cfg = config.to_dict()
+    cfg["format_version"] = FORMAT_VERSION
+    cfg["tokenizer"] = tokenizer_record(tokenizer)
+    _write_json(tmp / "config.json", cfg)
+    save_tensors(_contiguous(model.state_dict()), tmp / "model.safetensors")
+    if ema is not None:
+        save_tensors(_contiguous(ema), tmp / "ema.safetensors")
+    tokenizer.save(tmp / "tokenizer.model")
+    if latents is not None and getattr(latents, "kind", "pixel") == "vae":
+        latents.save(tmp / "vae")
+    if trainer is not None:
+        tensors, meta = optimizer_to_flat(trainer["optimizer"])
+        for name, t in trainer.get("rng", {}).items():
+            tensors[f"rng.{name}"] = t.contiguous().cpu()
+        save_tensors(tensors, tmp / "optimizer.safetensors")
+        state = {k: v for k, v in trainer.items() if k not in ("optimizer", "rng")}
+        state["optimizer_meta"] = meta
+        _write_json(tmp / "trainer_state.json", state)
 
 
 def _resolve(path) -> Path:
@@ -112,7 +193,8 @@ def _load_tensors(f: Path) -> dict:
         raise ValueError(f"{f}: not a safetensors file ({e}); pickled checkpoints are never loaded") from e
 
 
-def read_config(path):
+def read_config(path, with_tokenizer: bool = False):
+    """The checkpoint's Config (and, with ``with_tokenizer``, its tokenizer record or None)."""
     from transfusion.config import Config
 
     path = _resolve(path)
@@ -120,7 +202,9 @@ def read_config(path):
     version = d.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {version}, this version reads {FORMAT_VERSION}")
-    return Config.from_dict(d, strict=True)
+    record = d.pop("tokenizer", None)
+    cfg = Config.from_dict(d, strict=True)
+    return (cfg, record) if with_tokenizer else cfg
 
 
 def model_config_differences(path, model_cfg) -> list[str]:
@@ -138,11 +222,12 @@ def load_checkpoint(path, device="cpu", backend: str | None = None, use_ema: boo
     path = _resolve(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-    cfg = read_config(path)
+    cfg, record = read_config(path, with_tokenizer=True)
     try:
         tok = Tokenizer.load(path / "tokenizer.model")
     except RuntimeError as e:  # sentencepiece's error for a file that is not a model
         raise ValueError(f"{path / 'tokenizer.model'}: not a SentencePiece model ({e})") from e
+    check_tokenizer(path, tok, cfg.model.vocab_size, record)
     model = TransfusionModel(cfg.model, backend=backend)
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors")
     model.load_state_dict(_load_tensors(weights))

@@ -4,7 +4,8 @@ A mistake the user can fix (a bad path, value or file, a device or backend this 
 raised as ``UserError`` where it is found, before any heavy work or any file is written, and
 ``main`` prints it as one line, ``transfusion <command>: error: ...``, with exit status 2
 (``--debug`` or ``TRANSFUSION_DEBUG=1``: the traceback). Any other exception is a bug and keeps
-its traceback."""
+its traceback. Ctrl-C prints ``transfusion <command>: interrupted ...`` and exits with 130 (128 +
+SIGINT, the shell's convention), after the temporary outputs are removed."""
 from __future__ import annotations
 
 import argparse
@@ -75,18 +76,30 @@ def cmd_prepare(args) -> int:
     from transfusion.prepare import prepare
 
     p = prepare(args.out, image_size=args.image_size, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                vae=args.vae, holdout_fraction=args.holdout, seed=args.seed)
+                vae=args.vae, holdout_fraction=args.holdout, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps(p.info, indent=2))
     print(f"prepared {args.out}")
     return 0
 
 
 # -- train -----------------------------------------------------------------------------------
+def _check_out_folder(out: Path, overwrite: bool, also: str = "") -> None:
+    """UserError when ``--out`` is a file, or a non-empty folder without ``--overwrite``."""
+    _require(not out.exists() or out.is_dir(), f"--out {out} is a file; pass a folder")
+    _require(overwrite or not out.is_dir() or not any(out.iterdir()),
+             f"--out {out} is not empty; pass --overwrite{also} or another --out")
+
+
 def cmd_train(args) -> int:
+    import shutil
+
     from transfusion.latents import make_latents
     from transfusion.prepare import load_prepared
     from transfusion.runner import build_config, run_training
 
+    out = Path(args.out)
+    _check_out_folder(out, args.overwrite or args.resume, ", --resume")
+    args.no_progress = args.quiet  # the distributed trainer's name for it
     if args.distributed:
         from transfusion.distributed import train as train_distributed
 
@@ -103,13 +116,21 @@ def cmd_train(args) -> int:
     latents = None
     if prepared.info["latents"] == "vae":
         latents = make_latents(str(Path(args.data) / "vae"), device=device)
-    with _backend_ctx(args):
-        trainer, hist = run_training(prepared, cfg, args.out, device=device, resume=args.resume,
-                                     progress=not args.no_progress, latents=latents)
+    new_folder = not out.exists()
+    if args.overwrite and not args.resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # checkpoint/ is replaced at the first save
+    try:
+        with _backend_ctx(args):
+            trainer, hist = run_training(prepared, cfg, out, device=device, resume=args.resume,
+                                         progress=not args.quiet, latents=latents)
+    except BaseException:  # an error or Ctrl-C before any checkpoint: no run folder stays behind
+        if new_folder and not (out / "checkpoint").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if hist:
         last = hist[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}, ddpm {last['ddpm_loss']:.4f})")
-    print(f"checkpoint: {Path(args.out) / 'checkpoint'}")
+    print(f"checkpoint: {out / 'checkpoint'}")
     return 0
 
 
@@ -141,44 +162,67 @@ def _load(args):
 
 
 def _sample_cfg(args, cfg, latents):
+    """The SampleConfig of the command line; ``--steps`` and ``--sampler`` default to the
+    checkpoint's sampling defaults (``cfg.sample``), options caption lacks to SampleConfig's."""
     from transfusion.sample import SampleConfig
 
+    base = SampleConfig()
+    opt = {name: getattr(args, name, getattr(base, name)) for name in ("eta", "cfg_scale", "max_images", "clip_sample")}
+    steps = args.steps if getattr(args, "steps", None) is not None else cfg.sample.steps
+    sampler = getattr(args, "sampler", None) or cfg.sample.sampler
     T = cfg.model.num_train_timesteps
-    _require(args.steps <= T, f"--steps {args.steps} is more than the {T} timesteps the model was trained on; "
-                              f"use --steps {T} or fewer")
-    size = args.image_size or cfg.data.image_size
+    _require(steps <= T, f"--steps {steps} is more than the {T} timesteps the model was trained on; "
+                         f"use --steps {T} or fewer")
+    size = getattr(args, "image_size", None) or cfg.data.image_size
     lat = size // latents.downsample
     k = cfg.model.patch_size
     _require(size % latents.downsample == 0 and lat % k == 0,
              f"--image-size {size} does not fit the model: it must be a multiple of "
              f"{latents.downsample * k} (latent downsampling {latents.downsample} x patch size {k})")
-    return SampleConfig(steps=args.steps, sampler=args.sampler, eta=args.eta, cfg_scale=args.cfg_scale,
-                        image_size=(lat, lat), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        seed=args.seed, max_images=args.max_images, clip_sample=args.clip_sample)
+    return SampleConfig(steps=steps, sampler=sampler, image_size=(lat, lat), max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, seed=args.seed, **opt)
 
 
 def cmd_sample(args) -> int:
+    from transfusion.checkpoint import atomic_path
+
+    out = Path(args.out)
+    _check_out_folder(out, args.overwrite)
+    model, cfg, tok, latents, device = _load(args)
+    scfg = _sample_cfg(args, cfg, latents)
+    if out.is_dir():  # --overwrite: the new files go into a temporary folder, then replace the old ones
+        import shutil
+
+        tmp = out / f".sample.tmp-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            n = _write_samples(args, model, tok, latents, device, scfg, tmp)
+            for old in [*out.glob("sample_*.png"), out / "grid.png", out / "samples.json"]:
+                old.unlink(missing_ok=True)
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with atomic_path(out, directory=True) as tmp:
+            n = _write_samples(args, model, tok, latents, device, scfg, tmp)
+    print(f"wrote {n} images and samples.json to {out}")
+    return 0
+
+
+def _write_samples(args, model, tok, latents, device, scfg, out: Path) -> int:
     import torch
 
     from transfusion.image_io import image_grid, save_png
     from transfusion.sample import generate
 
-    out = Path(args.out)
-    _require(not out.exists() or out.is_dir(), f"--out {out} is a file; pass a folder")
-    _require(args.overwrite or not out.is_dir() or not any(out.iterdir()),
-             f"--out {out} is not empty; pass --overwrite or another --out")
-    model, cfg, tok, latents, device = _load(args)
-    scfg = _sample_cfg(args, cfg, latents)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("sample_*.png"), out / "grid.png", out / "samples.json"]:  # --overwrite
-        old.unlink(missing_ok=True)
     prompts = [args.prompt] * args.num_images
     with _backend_ctx(args):
         res = generate(model, tok, prompts, scfg, open_image=not args.free, progress=not args.quiet)
     records, all_imgs = [], []
     for i, r in enumerate(res):
         segs, files = [], []
-        for j, (kind, v) in enumerate([s for s in r["segments"]]):
+        for kind, v in r["segments"]:
             if kind == "image":
                 img = latents.decode(v[None].to(device))[0].cpu()
                 name = f"sample_{i:03d}_{len(files)}.png"
@@ -199,8 +243,7 @@ def cmd_sample(args) -> int:
     (out / "samples.json").write_text(json.dumps(summary, indent=2))
     for r in records:
         print(r["text"])
-    print(f"wrote {len(all_imgs)} images and samples.json to {out}")
-    return 0
+    return len(all_imgs)
 
 
 def cmd_caption(args) -> int:
@@ -248,27 +291,54 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from transfusion.demo import run_demo
 
+    _check_out_folder(Path(args.out), args.overwrite)
+    _require(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
+    _require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     report = run_demo(args.out, backend=args.backend, threads=args.threads, steps=args.steps, quick=args.quick,
-                      progress=not args.no_progress)
+                      progress=not args.quiet)
     return 0 if report["passed"] or args.quick else 2
 
 
 # -- parser ----------------------------------------------------------------------------------
-def _sampling_args(p):
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--clip-sample", action="store_true", help="clip the predicted clean image to [-1, 1]")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-images", type=int, default=1, help="images per generated sequence")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy text")
-    p.add_argument("--image-size", type=int, default=None, help="pixel size of generated images (default: trained size)")
-    p.add_argument("--seed", type=int, default=0)
+DESCRIPTION = """Prepare data, train, sample and caption with a small Transfusion model, run the kernel
+benchmarks, or the whole CPU demo. A mistake the user can fix is printed as one line,
+'transfusion <command>: error: ...', with exit status 2 (--debug: the traceback); Ctrl-C prints
+'transfusion <command>: interrupted' and exits with 130. Outputs are written under a temporary name
+beside their final one and moved into place when complete, so a failed or interrupted command
+leaves nothing half-written."""
+
+
+def _text_args(p):
+    """Options of LM-mode decoding and of loading a checkpoint (sample and caption)."""
+    p.add_argument("--max-new-tokens", type=int, default=32, help="most text tokens generated per sequence (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="text sampling temperature; 0: greedy (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
+
+
+def _diffusion_args(p):
+    """Options of diffusion-mode sampling (sample only: captioning never denoises)."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the checkpoint's sampling default, 50 or the paper preset's 250)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
+                   help="denoising update (default: the checkpoint's sampling default, ddim or the paper preset's ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0: deterministic (default 0)")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1: off (default 3)")
+    p.add_argument("--clip-sample", action="store_true", help="clip the predicted clean image to [-1, 1]")
+    p.add_argument("--max-images", type=int, default=1, help="most images per generated sequence (default 1)")
+    p.add_argument("--image-size", type=int, default=None, help="pixel size of generated images (default: the trained size)")
+
+
+def _quiet(p):
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bars on stderr (--no-progress: the same)")
+
+
+def _overwrite(p, what):
+    p.add_argument("--overwrite", action="store_true", help=f"replace a non-empty --out ({what})")
 
 
 def version_text() -> str:
@@ -292,12 +362,12 @@ class _Version(argparse.Action):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="transfusion", description=__doc__)
+    ap = argparse.ArgumentParser(prog="transfusion", description=DESCRIPTION)
     ap.add_argument("--version", action=_Version)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
 
     def add(name, help):
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--backend", choices=BACKENDS, default=None,
                        help="kernel backend for every op (default: TRANSFUSION_KERNELS_BACKEND or auto)")
         p.add_argument("--debug", action="store_true",
@@ -305,51 +375,63 @@ def parser() -> argparse.ArgumentParser:
         return p
 
     p = add("prepare", "build the digits data set and tokenizer")
-    p.add_argument("--out", required=True)
-    p.add_argument("--image-size", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--out", required=True, help="data folder to write")
+    _overwrite(p, "the whole folder")
+    p.add_argument("--image-size", type=int, default=8, help="pixel size of the images (default 8: the digits' own)")
+    p.add_argument("--vocab-size", type=int, default=256, help="SentencePiece vocabulary to train (default 256)")
     p.add_argument("--tokenizer", default=None, help="use this SentencePiece .model instead of training one")
     p.add_argument("--vae", default=None, help="local folder with a diffusers AutoencoderKL (default: pixel space)")
-    p.add_argument("--holdout", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of digits held out of training (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, corpus and tokenizer (default 0)")
     p.set_defaults(fn=cmd_prepare)
 
     p = add("train", "train a model on prepared data")
     p.add_argument("--data", required=True, help="folder written by `transfusion prepare`")
     p.add_argument("--out", required=True, help="run folder: checkpoint/ and metrics.jsonl")
-    p.add_argument("--config", default=None, help="JSON config (model/data/train sections) to start from")
-    p.add_argument("--preset", choices=("default", "demo"), default="default",
-                   help="starting config when no --config: the library defaults (the paper's choices) "
-                        "or the CPU demo's settings")
+    _overwrite(p, "its checkpoint/ and metrics.jsonl")
+    p.add_argument("--config", default=None, help="JSON config (model/data/train/sample sections) to start from")
+    p.add_argument("--preset", choices=("default", "paper", "demo"), default="default",
+                   help="starting config when no --config: the library defaults, the paper's stated values "
+                        "(docs/model.md), or the CPU demo's settings (default: default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
-    for name, typ in (("steps", int), ("lr", float), ("dim", int), ("layers", int), ("heads", int),
-                      ("patch-size", int), ("docs-per-batch", int), ("seed", int), ("ema-decay", float),
-                      ("diffusion-weight", float), ("warmup-steps", int), ("save-every", int)):
-        p.add_argument(f"--{name}", type=typ, default=None)
-    p.add_argument("--image-encoder", choices=("linear", "unet"), default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    for name, typ, what in (
+            ("steps", int, "training steps"), ("lr", float, "peak learning rate"), ("dim", int, "model width"),
+            ("layers", int, "transformer layers"), ("heads", int, "attention heads"),
+            ("patch-size", int, "latent pixels per patch side; must divide the latent size"),
+            ("docs-per-batch", int, "documents per batch"), ("seed", int, "training seed"),
+            ("ema-decay", float, "keep an EMA of the weights with this decay"),
+            ("diffusion-weight", float, "lambda in L_LM + lambda * L_DDPM"),
+            ("warmup-steps", int, "linear warmup steps"),
+            ("save-every", int, "checkpoint every N steps; 0: only at the end")):
+        p.add_argument(f"--{name}", type=typ, default=None, help=f"{what} (default: the config's)")
+    p.add_argument("--image-encoder", choices=("linear", "unet"), default=None,
+                   help="patch encoder and decoder (default: the config's)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _quiet(p)
     p.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
-                   help="data-parallel training under torchrun: torchrun --nproc-per-node N -m transfusion train ...")
+                   help="data-parallel training under torchrun: torchrun --nproc-per-node N -m transfusion train ... "
+                        "(default: one process)")
     p.set_defaults(fn=cmd_train)
 
     p = add("sample", "generate images (and text) from a prompt")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--num-images", type=int, default=4, help="number of samples of the prompt")
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (RUN/checkpoint)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--num-images", type=int, default=4, help="number of samples of the prompt (default 4)")
+    p.add_argument("--out", required=True, help="folder for sample_*.png, grid.png and samples.json")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing its sample_*.png, grid.png and samples.json")
-    p.add_argument("--free", action="store_true", help="let the model decide whether to open an image (default: BOI follows the prompt)")
-    p.add_argument("--png-scale", type=int, default=8, help="nearest-neighbour upscale of written PNGs")
-    _sampling_args(p)
+    p.add_argument("--free", action="store_true",
+                   help="let the model decide whether to open an image (default: BOI follows the prompt)")
+    p.add_argument("--png-scale", type=int, default=8, help="nearest-neighbour upscale of written PNGs (default 8)")
+    _diffusion_args(p)
+    _text_args(p)
     p.set_defaults(fn=cmd_sample)
 
     p = add("caption", "caption images")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+")
-    _sampling_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (RUN/checkpoint)")
+    p.add_argument("images", nargs="+", help="image files (PNG or any format PIL reads)")
+    _text_args(p)
     p.set_defaults(fn=cmd_caption)
 
     p = add("bench", "run the kernel benchmarks (python -m benchmarks); other arguments go to it, e.g. --smoke, "
@@ -358,11 +440,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_bench)
 
     p = add("demo", "prepare, train, sample and evaluate on the digits data (CPU, minutes)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2... see demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's setting)")
+    p.add_argument("--out", required=True, help="folder for data/, checkpoint/, metrics.jsonl, samples_grid.png, report.json")
+    _overwrite(p, "the whole folder")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the number of cores, at most 4)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 1000; 5 with --quick)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test; quality bars not expected)")
-    p.add_argument("--no-progress", action="store_true")
+    _quiet(p)
     p.set_defaults(fn=cmd_demo)
     return ap
 
@@ -379,6 +462,15 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        if args.debug or os.environ.get("TRANSFUSION_DEBUG") == "1":
+            raise
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # end the open bars' lines before the message
+            bar.close()
+        print(f"transfusion {args.cmd}: interrupted; no half-written output was left", file=sys.stderr)
+        return 130
     except UserError as e:
         if args.debug or os.environ.get("TRANSFUSION_DEBUG") == "1":
             raise

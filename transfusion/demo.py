@@ -7,7 +7,9 @@ digit several times, caption held-out digits, and measure both with independent 
 * Captioning: the model captions each held-out digit (never seen in training) greedily; the score
   is the fraction of captions whose first named digit (word or numeral) is the true one.
 
-Everything is seeded; the report records the settings, timings and both scores.
+Everything is seeded; the report records the settings, timings and both scores. The output folder
+is written under a temporary name beside ``out`` and moved into place at the end, so a failed or
+interrupted demo leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -35,6 +37,17 @@ CAPTION_BAR = 0.8
 
 def run_demo(out, backend: str | None = None, threads: int | None = None, steps: int | None = None,
              quick: bool = False, progress: bool = True) -> dict:
+    """Run the demo into folder ``out`` (replaced if it exists) and return the report."""
+    from transfusion.checkpoint import atomic_path
+
+    out = Path(out)
+    with atomic_path(out, directory=True) as work:
+        report = _run(work, out, backend, threads, steps, quick, progress)
+    return report
+
+
+def _run(work: Path, out: Path, backend, threads, steps, quick, progress) -> dict:
+    """The demo, writing into ``work``; ``out`` (where ``work`` will be moved) names the files it reports."""
     from sklearn.svm import SVC
 
     import transfusion_kernels as tk
@@ -46,8 +59,6 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
     from transfusion.sample import SampleConfig, caption, generate
 
     t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # the model is small: past a few threads, synchronisation costs more than it saves
     torch.set_num_threads(threads or max(1, min(4, n_cores)))
@@ -57,30 +68,34 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
     timings = {}
 
     t = time.perf_counter()
-    prepared = prepare(out / "data", image_size=8, vocab_size=256, seed=0)
+    print("preparing the digits data ...", flush=True)
+    prepared = prepare(work / "data", image_size=8, vocab_size=256, seed=0)
     timings["prepare_s"] = time.perf_counter() - t
 
     cfg = demo_config(prepared.tokenizer.vocab_size, steps, backend)
-    print(f"prepared {out / 'data'}; training {cfg.train.steps} steps on {torch.get_num_threads()} threads ...",
-          flush=True)
+    planned = cfg.train.steps
+    print(f"training {planned} steps on {torch.get_num_threads()} threads (time budget {TRAIN_BUDGET_S} s: "
+          f"a slower machine trains fewer steps, said when decided) ...", flush=True)
     device = torch.device("cpu")
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()
     t = time.perf_counter()
     with (tk.use_backend(backend) if backend else contextlib.nullcontext()):
-        trainer = build_trainer(prepared, cfg, out, device=device)
-        planned = cfg.train.steps
+        trainer = build_trainer(prepared, cfg, work, device=device)
         hist = trainer.fit(steps=min(PROBE_STEPS, planned), progress=progress)
         per_step = float(np.median([h["step_time"] for h in hist[1:]])) if len(hist) > 2 else 0.0
         if per_step > 0 and planned * per_step > TRAIN_BUDGET_S:
             trainer.set_total_steps(max(len(hist), int(TRAIN_BUDGET_S / per_step)))
-        hist += trainer.fit(checkpoint_dir=out / "checkpoint", progress=progress,
-                            time_limit=TRAIN_TIME_LIMIT_S - (time.perf_counter() - t))
+            print(f"the machine is busy: {per_step:.2f} s a step, so {planned} steps would take "
+                  f"{planned * per_step:.0f} s, over the {TRAIN_BUDGET_S} s budget; training {cfg.train.steps} "
+                  "steps instead (cosine schedule shortened to match)", flush=True)
+        limit = TRAIN_TIME_LIMIT_S - (time.perf_counter() - t)
+        hist += trainer.fit(checkpoint_dir=work / "checkpoint", progress=progress, time_limit=limit)
+        if trainer.step < cfg.train.steps:
+            print(f"stopped at step {trainer.step} of {cfg.train.steps}: training reached its "
+                  f"{TRAIN_TIME_LIMIT_S} s time limit (the machine slowed down further)", flush=True)
     timings["train_s"] = time.perf_counter() - t
 
     # evaluate the checkpoint as written (round trip through safetensors)
-    model, _, tok = load_checkpoint(out / "checkpoint", device=device, backend=backend)
+    model, _, tok = load_checkpoint(work / "checkpoint", device=device, backend=backend)
     scfg = SampleConfig(steps=25 if quick else 50, sampler="ddim", cfg_scale=3.0, image_size=(8, 8),
                         max_new_tokens=8, seed=0)
     digits = [d for d in range(10) for _ in range(per_digit_n)]
@@ -89,7 +104,7 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
     print(f"generating {len(prompts)} images ({scfg.sampler}, {scfg.steps} steps, guidance {scfg.cfg_scale}) ...",
           flush=True)
     with (tk.use_backend(backend) if backend else contextlib.nullcontext()):
-        res = generate(model, tok, prompts, scfg, open_image=True)
+        res = generate(model, tok, prompts, scfg, open_image=True, progress=progress)
     timings["generate_s"] = time.perf_counter() - t
     gen = torch.stack([r["images"][0] for r in res])
 
@@ -106,12 +121,12 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
         test_x, test_y = prepared.test_latents, prepared.test_labels
         if quick:
             test_x, test_y = test_x[:20], test_y[:20]
-        caps = caption(model, tok, test_x, SampleConfig(max_new_tokens=16))
+        caps = caption(model, tok, test_x, SampleConfig(max_new_tokens=16), progress=progress)
     named = [parse_digit(c) for c in caps]
     cap_acc = float(np.mean([n == int(y) for n, y in zip(named, test_y)]))
     timings["caption_s"] = time.perf_counter() - t
 
-    save_png(image_grid(gen, ncol=per_digit_n), out / "samples_grid.png", scale=8)
+    save_png(image_grid(gen, ncol=per_digit_n), work / "samples_grid.png", scale=8)
     per_digit = {WORDS[d]: float((pred[np.array(digits) == d] == d).mean()) for d in range(10)}
     timings["total_s"] = time.perf_counter() - t_start
     last = hist[-1] if hist else {}
@@ -142,7 +157,7 @@ def run_demo(out, backend: str | None = None, threads: int | None = None, steps:
         "checkpoint": str(out / "checkpoint"), "grid": str(out / "samples_grid.png"),
         "bars": {"generation": GENERATION_BAR, "captioning": CAPTION_BAR}, "quick": quick,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (work / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\ntransfusion demo: {trainer.step} steps, {timings['total_s']:.0f} s total "
           f"(train {timings['train_s']:.0f} s, {torch.get_num_threads()} threads)")
     print(f"  generation: {gen_acc:.1%} of {len(gen)} images classified as the prompted digit (bar {GENERATION_BAR:.0%})")

@@ -2,7 +2,8 @@
 
 Writes ``tokenizer.model`` (SentencePiece trained on the corpus and captions, or a copy of a given
 ``.model``), ``corpus.txt``, ``digits.safetensors`` (train / held-out images, their latents and
-labels) and ``prepare.json`` (the settings, so ``train`` can rebuild the configuration).
+labels) and ``prepare.json`` (the settings, so ``train`` can rebuild the configuration). The folder
+is written under a temporary name beside ``out`` and renamed into place when complete.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from transfusion.checkpoint import atomic_path, save_tensors
 from transfusion.config import UserError
 from transfusion.data import load_digits_split, text_corpus, tokenizer_training_text
 from transfusion.latents import PixelLatents, VAELatents
@@ -44,8 +46,9 @@ def _encode(latents, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 
 def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str | None = None,
-            vae: str | None = None, holdout_fraction: float = 0.2, seed: int = 0) -> Prepared:
-    """Write the data set to ``out``; the arguments are checked (UserError) before anything is written."""
+            vae: str | None = None, holdout_fraction: float = 0.2, seed: int = 0, overwrite: bool = False) -> Prepared:
+    """Write the data set to ``out`` (replacing a non-empty one only with ``overwrite``); the
+    arguments are checked (UserError) before anything is written."""
     out = Path(out)
     if image_size < 1:
         raise UserError(f"--image-size must be >= 1, got {image_size}")
@@ -55,12 +58,19 @@ def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str |
         raise UserError(f"--vae {vae} is not a folder; pass a local folder with a diffusers AutoencoderKL")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty; pass --overwrite or another --out")
     if tokenizer:
         tok = _load_tokenizer(tokenizer, "--tokenizer")
     else:
         tok = Tokenizer.train(tokenizer_training_text(seed), vocab_size=vocab_size)
     corpus = text_corpus(seed)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, directory=True) as tmp:
+        _write(tmp, tok, corpus, image_size, vae, holdout_fraction, seed, tokenizer)
+    return load_prepared(out)
+
+
+def _write(out: Path, tok, corpus, image_size, vae, holdout_fraction, seed, tokenizer) -> None:
     tok.save(out / "tokenizer.model")
     (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
     data = load_digits_split(holdout_fraction, seed, image_size)
@@ -72,7 +82,7 @@ def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str |
         "test_images": data.test_images, "test_labels": data.test_labels,
         "train_latents": _encode(lat, data.train_images), "test_latents": _encode(lat, data.test_images),
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "digits.safetensors"))
+    save_tensors({k: v.contiguous() for k, v in tensors.items()}, out / "digits.safetensors")
     info = {
         "image_size": image_size, "latents": "vae" if vae else "pixel", "latent_channels": int(tensors["train_latents"].shape[1]),
         "latent_size": list(tensors["train_latents"].shape[2:]), "vocab_size": tok.vocab_size,
@@ -81,7 +91,6 @@ def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str |
         "tokenizer": tokenizer or "trained (sentencepiece bpe)",
     }
     (out / "prepare.json").write_text(json.dumps(info, indent=2))
-    return load_prepared(out)
 
 
 def _load_tokenizer(path, what: str) -> Tokenizer:
@@ -100,12 +109,21 @@ def load_prepared(path) -> Prepared:
     if not (path / "prepare.json").is_file():
         raise FileNotFoundError(f"{path}: no prepare.json; run `transfusion prepare --out {path}` first")
     t = load_file(str(path / "digits.safetensors"))
+    info = json.loads((path / "prepare.json").read_text())
+    f = path / "tokenizer.model"
+    try:
+        tok = Tokenizer.load(f)
+    except (OSError, RuntimeError) as e:  # missing, or not a SentencePiece model
+        raise UserError(f"{f}: not a readable SentencePiece model ({e}); run `transfusion prepare` again") from e
+    if tok.vocab_size != info["vocab_size"]:
+        raise UserError(f"{f} gives {tok.vocab_size} token ids, prepare.json says {info['vocab_size']}: "
+                        "the file was replaced or damaged; run `transfusion prepare` again")
     return Prepared(
-        tokenizer=Tokenizer.load(path / "tokenizer.model"),
+        tokenizer=tok,
         corpus=(path / "corpus.txt").read_text().splitlines(),
         train_latents=t["train_latents"], train_labels=t["train_labels"], train_images=t["train_images"],
         test_images=t["test_images"], test_latents=t["test_latents"], test_labels=t["test_labels"],
-        info=json.loads((path / "prepare.json").read_text()),
+        info=info,
     )
 
 

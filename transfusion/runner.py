@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from transfusion.checkpoint import model_config_differences
-from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig, UserError, demo_config
+from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig, UserError, demo_config, paper_config
 from transfusion.data import MixedBatches
 from transfusion.model import TransfusionModel
 from transfusion.train import Trainer
@@ -36,6 +36,8 @@ def build_config(info: dict, args):
         base = read_config_file(args.config)
     elif args.preset == "demo":
         base = demo_config(info["vocab_size"])
+    elif args.preset == "paper":
+        base = paper_config(info["vocab_size"])
     else:
         base = Config()
     m, d, t = base.model.__dict__.copy(), base.data.__dict__.copy(), base.train.__dict__.copy()
@@ -53,7 +55,7 @@ def build_config(info: dict, args):
     if args.backend:
         t["backend"] = args.backend
     try:
-        cfg = Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t))
+        cfg = Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t), sample=base.sample)
     except ValueError as e:
         raise UserError(f"{e}; change the option or the config") from e
     k = cfg.model.patch_size

@@ -205,3 +205,184 @@ def test_progress_bars_quiet_and_overwrite(run, tmp_path, capsys):
     assert main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), png, "--max-new-tokens", "2", "--quiet"]) == 0
     quiet = capsys.readouterr()
     assert quiet.err == "" and quiet.out == loud.out
+
+
+# -- checkpoint consistency, outputs, help ----------------------------------------------------
+def _leftovers(folder):
+    """Temporary or half-written names under ``folder`` (what an atomic write must not leave)."""
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def _tokenizer_cases(run, tmp_path, tok):
+    """Checkpoint copies whose tokenizer.model does not match their model: another tokenizer
+    (a different size), a truncated file, and two whose config.json records other special ids or
+    bytes (a same-size swap)."""
+    src = run / "run" / "checkpoint"
+    rec = json.loads((src / "config.json").read_text())["tokenizer"]
+    size = rec["vocab_size"]
+    cases = {}
+    for name, expect in (("other", f"gives {tok.vocab_size} token ids but the model was trained with {size}"),
+                         ("truncated", "tokenizer.model"), ("special", f"boi_id {rec['boi_id']} (file) vs 1 (config.json)"),
+                         ("bytes", "is not the tokenizer this checkpoint was saved with")):
+        ck = tmp_path / name
+        shutil.copytree(src, ck)
+        cfg = json.loads((ck / "config.json").read_text())
+        if name == "other":
+            tok.save(ck / "tokenizer.model")
+        elif name == "truncated":
+            data = (ck / "tokenizer.model").read_bytes()
+            (ck / "tokenizer.model").write_bytes(data[: len(data) // 3])
+        elif name == "special":
+            cfg["tokenizer"]["boi_id"] = 1
+        else:
+            cfg["tokenizer"]["sha256"] = "0" * 64
+        (ck / "config.json").write_text(json.dumps(cfg))
+        cases[name] = (ck, expect)
+    return cases
+
+
+def test_a_tokenizer_that_does_not_match_the_checkpoint_is_refused(run, tmp_path, tok, capsys):
+    cases = _tokenizer_cases(run, tmp_path / "ck", tok)
+    png = tmp_path / "x.png"
+    from transfusion.image_io import save_png
+
+    save_png(torch.zeros(1, 8, 8), png)
+    ck, expect = cases.pop("other")
+    msg = _subprocess(["caption", "--checkpoint", str(ck), str(png)], tmp_path)  # the real entry point
+    assert expect in msg and "copy back the tokenizer.model" in msg
+    for ck, expect in cases.values():
+        msg = _cli(["sample", "--checkpoint", str(ck), "--prompt", "a two", "--out", str(tmp_path / "s")], capsys)
+        assert expect in msg, msg
+    assert not (tmp_path / "s").exists() and not _leftovers(tmp_path)
+    # prepared data with another tokenizer: train refuses it before building anything
+    data = tmp_path / "data"
+    shutil.copytree(run / "data", data)
+    tok.save(data / "tokenizer.model")
+    msg = _cli(["train", "--data", str(data), "--out", str(tmp_path / "r"), *TINY], capsys)
+    assert f"gives {tok.vocab_size} token ids, prepare.json says" in msg
+    assert not (tmp_path / "r").exists()
+
+
+def test_written_files_have_normal_permissions(run, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert main(_sample(run, tmp_path / "s", "--quiet")) == 0
+    files = [p for d in (run / "data", run / "run", tmp_path / "s") for p in d.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".safetensors", ".json", ".model", ".png", ".jsonl"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+
+
+def test_non_empty_output_folders_are_refused_unless_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    msg = _subprocess(["demo", "--out", str(out), "--quick"], tmp_path)  # before any work
+    assert msg.endswith(f"--out {out} is not empty; pass --overwrite or another --out")
+    assert "--overwrite or another --out" in _cli(["prepare", "--out", str(out)], capsys)
+    msg = _cli(_train(run, out, "--steps", "1"), capsys)
+    assert msg.endswith(f"--out {out} is not empty; pass --overwrite, --resume or another --out")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite: prepare replaces the folder as a whole, train writes its run files there
+    assert main(["prepare", "--out", str(out), "--vocab-size", "64", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.txt", "digits.safetensors", "prepare.json", "tokenizer.model"]
+    assert main(_train(run, out, "--steps", "1", "--overwrite")) == 0
+    assert (out / "checkpoint" / "model.safetensors").is_file() and not _leftovers(tmp_path)
+
+
+def _interrupt(argv, cwd, started: str):
+    """Run the command, send SIGINT once ``started`` shows on stderr; (exit status, stderr)."""
+    import signal
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRANSFUSION_DEBUG", None)
+    p = subprocess.Popen([sys.executable, "-m", "transfusion", *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    err = ""
+    while started not in err:
+        ch = p.stderr.read(1)
+        assert ch, f"ended before {started!r}: {err}"
+        err += ch
+    p.send_signal(signal.SIGINT)
+    err += p.stderr.read()
+    return p.wait(timeout=60), err
+
+
+def test_ctrl_c_leaves_nothing_behind(run, tmp_path, capsys, monkeypatch):
+    rc, err = _interrupt(_sample(run, "s", "--steps", "1000", "--num-images", "2"), tmp_path, "denoise:")
+    assert rc == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].split("\r")[-1] == \
+        "transfusion sample: interrupted; no half-written output was left"
+    assert list(tmp_path.iterdir()) == []
+    # train (in this process: the same path, without another torch import), before its first checkpoint
+    from transfusion.train import Trainer
+
+    def stop(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", stop)
+    capsys.readouterr()
+    assert main(_train(run, tmp_path / "r", "--steps", "3")) == 130
+    assert capsys.readouterr().err == "transfusion train: interrupted; no half-written output was left\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_progress_bar_and_quiet(run, tmp_path, capsys):
+    argv = [a for a in _train(run, tmp_path / "r", "--steps", "2") if a != "--no-progress"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "train: 100%" in capsys.readouterr().err
+    assert main([*argv, "--quiet", "--overwrite"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_paper_preset_and_its_sampling_defaults(run, tmp_path, capsys):
+    from transfusion.checkpoint import read_config
+
+    assert main(_train(run, tmp_path / "r", "--steps", "1", "--preset", "paper")) == 0
+    cfg = read_config(tmp_path / "r" / "checkpoint")
+    assert (cfg.train.diffusion_weight, cfg.model.num_train_timesteps, cfg.model.beta_schedule,
+            cfg.model.prediction_type, cfg.data.image_first_fraction, cfg.data.image_first_max_timestep,
+            cfg.model.image_attention, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay) == \
+        (5.0, 1000, "squaredcos_cap_v2", "epsilon", 0.2, 500, "bidirectional", 3e-4, (0.9, 0.95), 0.1)
+    assert (cfg.model.image_encoder, cfg.model.patch_size) == ("unet", 4)  # --patch-size 4 overrides the paper's 2
+    assert (cfg.sample.sampler, cfg.sample.steps) == ("ddpm", 250)
+    base = ["sample", "--checkpoint", str(tmp_path / "r" / "checkpoint"), "--prompt", "a two", "--num-images", "1",
+            "--max-new-tokens", "1", "--png-scale", "1", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert "tokens" not in json.loads((tmp_path / "a" / "samples.json").read_text())
+    used = json.loads((tmp_path / "a" / "samples.json").read_text())["sampler"]
+    assert (used["sampler"], used["steps"]) == ("ddpm", 250)
+    assert main([*base, "--out", str(tmp_path / "b"), "--sampler", "ddim", "--steps", "3"]) == 0
+    used = json.loads((tmp_path / "b" / "samples.json").read_text())["sampler"]
+    assert (used["sampler"], used["steps"]) == ("ddim", 3)
+    # a checkpoint of the default preset keeps DDIM 50
+    assert read_config(run / "run" / "checkpoint").sample.__dict__ == {"sampler": "ddim", "steps": 50}
+
+
+def test_help_of_every_option(capsys):
+    """Every option of every command says what it does, and its default when it has one; caption
+    lists no diffusion options; the description is plain text; argparse errors show the
+    command's usage."""
+    import argparse
+
+    from transfusion.cli import parser
+
+    ap = parser()
+    subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subs) == {"prepare", "train", "sample", "caption", "bench", "demo"}
+    for name, p in subs.items():
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help and a.help.strip(), f"{name} {a.option_strings or a.dest}: no help"
+            if a.default not in (None, False, argparse.SUPPRESS) and not a.required:
+                assert "default" in a.help, f"{name} {a.option_strings}: default {a.default!r} not in its help"
+    caption = {o for a in subs["caption"]._actions for o in a.option_strings}
+    assert not caption & {"--steps", "--sampler", "--eta", "--cfg-scale", "--clip-sample", "--image-size", "--max-images"}
+    assert "``" not in ap.format_help()
+    assert "(default: the number of cores, at most 4)" in " ".join(subs["demo"].format_help().split())
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "d", "--out", "o", "--steps", "ten"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: transfusion train ")
+    assert err.strip().splitlines()[-1] == "transfusion train: error: argument --steps: invalid int value: 'ten'"
