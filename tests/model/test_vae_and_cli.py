@@ -125,12 +125,40 @@ def test_bench_passes_its_arguments_to_the_driver(monkeypatch):
     assert cmd[1:] == ["-m", "benchmarks", "--smoke", "--only", "model"] and backend == "reference"
 
 
-def test_demo_quick_writes_report_grid_and_checkpoint(tmp_path):
-    """The demo's plumbing (a few steps only: scores are not expected to pass here)."""
-    assert main(["demo", "--out", str(tmp_path), "--quick", "--no-progress", "--threads", "1"]) == 0
+def test_demo_quick_writes_report_grid_and_checkpoint(tmp_path, capsys, monkeypatch):
+    """The demo's plumbing (a few steps only: scores are not expected to pass here), with the
+    wall-clock guard forced to shorten the run: it says so when it decides, with the reason."""
+    import transfusion.demo as demo
+
+    monkeypatch.setattr(demo, "PROBE_STEPS", 3)
+    monkeypatch.setattr(demo, "TRAIN_BUDGET_S", 1e-3)
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    plan = next(i for i, l in enumerate(lines) if l.startswith("training 5 steps on 1 threads"))
+    assert lines[plan + 1].startswith("the machine is busy: ") and "over the 0.001 s budget; training 3 steps instead" \
+        in lines[plan + 1]
+    assert "train: 100%" in err and "images: 100%" in err and "caption: 100%" in err  # progress bars
     rep = json.loads((tmp_path / "report.json").read_text())
     assert 0.0 <= rep["generation_accuracy"] <= 1.0 and 0.0 <= rep["caption_accuracy"] <= 1.0
-    assert rep["quick"] and rep["training"]["steps"] == 5 and "method" in rep["generation"]
+    assert rep["quick"] and rep["training"]["steps"] == 3 and "method" in rep["generation"]
+    assert rep["training"]["shortened_for_time"] and rep["training"]["planned_steps"] == 5
     assert "method" in rep["captioning"] and rep["captioning"]["n_heldout"] == 20
     assert (tmp_path / "samples_grid.png").is_file() and (tmp_path / "checkpoint" / "model.safetensors").is_file()
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 1
+    assert rep["checkpoint"] == str(tmp_path / "checkpoint")  # the final place, not the temporary one
+    assert not [p for p in tmp_path.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_demo_interrupted_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import transfusion.demo as demo
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "demo_config", stop)  # after the data is prepared
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--quiet"]) == 130
+    assert capsys.readouterr().err == "transfusion demo: interrupted; no half-written output was left\n"
+    assert list(tmp_path.iterdir()) == []
