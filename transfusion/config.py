@@ -217,7 +217,7 @@ def paper_config(vocab_size: int) -> Config:
             prediction_type="epsilon",  # section 2.2: L_DDPM regresses the added noise
             image_attention="bidirectional"),  # section 3: bidirectional within each image
         data=DataConfig(
-            image_first_fraction=0.2,  # section 4.1: 80% caption first, 20% image first
+            image_first_fraction=0.2,  # section 4.3: 80% caption first, 20% image first
             image_first_max_timestep=500),  # section 4.3 (Table 11): t <= 500 for image-first pairs
         train=TrainConfig(
             diffusion_weight=5.0,  # section 4.1: lambda = 5 in L_LM + lambda * L_DDPM
