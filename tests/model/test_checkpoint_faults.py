@@ -179,6 +179,32 @@ def test_crash_between_the_two_renames_keeps_a_checkpoint_at_the_path(saved, tmp
     assert (ck / "config.json").is_file() and not list(tmp_path.glob("ck.old-*"))
 
 
+def test_error_while_writing_removes_the_temporary_folder(saved, tmp_path, monkeypatch):
+    """An exception (here Ctrl-C) while the files are written leaves the previous checkpoint as it
+    was and no temporary folder; files are written with the usual permissions, not safetensors' 0600."""
+    path, tr = saved
+    ck = _copy(path, tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()}
+    real = ckpt_mod.save_file
+
+    def dying_save(tensors, name):
+        real(tensors, name)
+        if name.endswith("ema.safetensors") or name.endswith("optimizer.safetensors"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save(ck)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()} == before
+    umask = os.umask(0)
+    os.umask(umask)
+    tr.save(ck)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in ck.iterdir()} == \
+        {p.name: oct(0o666 & ~umask) for p in ck.iterdir()}
+
+
 CHILD = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})
