@@ -73,7 +73,7 @@ py::list split_archs(const std::string& s) {
 void diffusion_affine_step(uintptr_t out, uintptr_t sample, uintptr_t model_output, uintptr_t coef,
                            uintptr_t noise, uintptr_t noise_out, int64_t numel, int64_t rows,
                            const std::string& dtype, uint64_t seed, bool draw_noise,
-                           std::optional<double> clip_range, uintptr_t stream) {
+                           std::optional<double> clip_range, uintptr_t stream, bool velocity) {
   if (out == 0 || sample == 0 || coef == 0) {
     if (numel != 0) throw std::invalid_argument("out, sample and coef must be non-null device pointers");
   }
@@ -83,7 +83,12 @@ void diffusion_affine_step(uintptr_t out, uintptr_t sample, uintptr_t model_outp
                                 ", rows=" + std::to_string(rows) + ")");
   }
   if (draw_noise && noise != 0) throw std::invalid_argument("pass either noise or draw_noise=True, not both");
-  if (!draw_noise && noise_out != 0) throw std::invalid_argument("noise_out is only written when draw_noise=True");
+  if (!draw_noise && !velocity && noise_out != 0) {
+    throw std::invalid_argument("noise_out is only written when draw_noise=True or velocity=True");
+  }
+  if (velocity && noise_out == 0 && numel != 0) {
+    throw std::invalid_argument("velocity=True writes noise - sample to noise_out: pass a non-null noise_out");
+  }
   if (clip_range && !(*clip_range >= 0.0)) throw std::invalid_argument("clip_range must be >= 0");
   const tk::DType dt = parse_dtype(dtype);
   if (numel == 0) return;
@@ -101,6 +106,7 @@ void diffusion_affine_step(uintptr_t out, uintptr_t sample, uintptr_t model_outp
   args.draw_noise = draw_noise;
   args.clip = clip_range.has_value();
   args.clip_range = clip_range ? static_cast<float>(*clip_range) : 0.0f;
+  args.velocity = velocity;
   cudaError_t err;
   {
     py::gil_scoped_release release;
@@ -348,9 +354,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("diffusion_affine_step", &diffusion_affine_step, py::arg("out"), py::arg("sample"), py::arg("model_output"),
         py::arg("coef"), py::arg("noise"), py::arg("noise_out"), py::arg("numel"), py::arg("rows"), py::arg("dtype"),
-        py::arg("seed"), py::arg("draw_noise"), py::arg("clip_range"), py::arg("stream"),
+        py::arg("seed"), py::arg("draw_noise"), py::arg("clip_range"), py::arg("stream"), py::arg("velocity") = false,
         "Fused affine diffusion step on `stream` (see csrc/diffusion/affine_step.h). Pointers are device "
-        "addresses (0 for an absent model_output / noise / noise_out); coef is fp32 [rows, 6].");
+        "addresses (0 for an absent model_output / noise / noise_out); coef is fp32 [rows, 6]. velocity=True "
+        "writes noise - sample to noise_out (given or drawn noise).");
 
   m.def("timestep_sinusoid", &timestep_sinusoid, py::arg("out"), py::arg("t"), py::arg("freq"),
         py::arg("num_images"), py::arg("dim"), py::arg("flip_sin_to_cos"), py::arg("downscale_freq_shift"),

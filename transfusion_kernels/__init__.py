@@ -19,6 +19,7 @@ from transfusion_kernels.diffusion import (
     ddpm_step,
     diffusion_loss,
 )
+from transfusion_kernels.flow import FlowMatchSchedule, flow_add_noise, flow_euler_step, flow_loss
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ def build_info() -> dict:
 __all__ = [
     "BackendUnavailableError",
     "DiffusionSchedule",
+    "FlowMatchSchedule",
     "HybridMask",
     "TimestepMLP",
     "add_noise",
@@ -51,6 +53,9 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
+    "flow_add_noise",
+    "flow_euler_step",
+    "flow_loss",
     "hybrid_attention",
     "patch_timestep_embedding",
     "timestep_embedding",

@@ -1,6 +1,7 @@
 #include "diffusion/affine_step.h"
 
 #include "common/philox.cuh"
+#include "diffusion/affine_math.cuh"
 
 namespace tk {
 namespace {
@@ -51,12 +52,14 @@ TK_DEVICE void step_elements(const AffineStepArgs& a, int64_t e0) {
       }
       k = load_coef(a.coef, row);
     }
-    float x0 = k.c[0] * s[i] + k.c[1] * m[i];
-    if (a.clip) x0 = x0 < -a.clip_range ? -a.clip_range : (x0 > a.clip_range ? a.clip_range : x0);  // keeps NaN
-    o[i] = k.c[2] * x0 + k.c[3] * s[i] + k.c[4] * m[i] + k.c[5] * z[i];
+    o[i] = affine_element(k.c, s[i], m[i], z[i], a.clip, a.clip_range);
   }
   store_n<T, N>(static_cast<T*>(a.out) + e0, o);
-  if constexpr (kDraw) {
+  if (a.velocity) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) z[i] = velocity_element(s[i], z[i]);
+    store_n<T, N>(static_cast<T*>(a.noise_out) + e0, z);
+  } else if constexpr (kDraw) {
     if (a.noise_out != nullptr) store_n<T, N>(static_cast<T*>(a.noise_out) + e0, z);
   }
 }

@@ -54,6 +54,7 @@ def test_binding_rejects_bad_arguments(extension):
         dict(dtype="float64"),
         dict(noise=64),  # noise given and draw_noise
         dict(draw_noise=False, noise_out=64),
+        dict(velocity=True, noise_out=0),  # the velocity needs somewhere to go
         dict(clip_range=-1.0),
         dict(sample=0),
     ]
@@ -61,6 +62,7 @@ def test_binding_rejects_bad_arguments(extension):
         with pytest.raises(ValueError):
             extension.diffusion_affine_step(**{**ok, **change})
     extension.diffusion_affine_step(**{**ok, "numel": 0})  # nothing to do: returns without a launch
+    extension.diffusion_affine_step(**{**ok, "numel": 0, "draw_noise": False, "velocity": True, "noise_out": 64})
 
 
 @needs_nvcc

@@ -161,3 +161,24 @@ def test_interval_mask_and_tile_classes(host_math, seed, nq, nk, block, monotone
             assert (kind != 0) <= (first <= t < end)  # the visited range covers every non-skipped tile
         if kv_lo < kv_hi:
             assert first == kv_lo // block and end == -(-kv_hi // block)
+
+
+@pytest.mark.parametrize("clip", [None, 0.8])
+def test_affine_step_and_velocity_match_reference(host_math, seed, clip):
+    """The kernel's per-element step and its velocity output (noise - sample), host-compiled,
+    equal the reference backend's fp32 math bit for bit (same operation order, no FMA here)."""
+    from transfusion_kernels.diffusion import reference
+
+    gen = torch.Generator().manual_seed(seed)
+    coef = (torch.rand(1, 6, generator=gen) * 3 - 1).float()
+    s, m, z = (torch.randn(1, 300, generator=gen) * 2 for _ in range(3))
+    s[0, :3] = torch.tensor([float("nan"), 0.0, -0.0])
+    z[0, 3] = float("inf")
+    args = [repr(float(c)) for c in coef[0]] + [int(clip is not None), repr(float(clip or 0.0))]
+    stdin = "".join(f"{float(a)!r} {float(b)!r} {float(c)!r}\n" for a, b, c in zip(s[0], m[0], z[0]))
+    got = torch.tensor([[float(x) for x in line.split()] for line in host_math("affine", *args, stdin=stdin).splitlines()])
+    out, target = reference.affine_step(s, m, coef, z, 0, clip, False, velocity=True)
+    assert got.shape == (300, 2)
+    assert torch.equal(got[:, 0].isnan(), out[0].isnan()) and torch.equal(got[:, 1].isnan(), target[0].isnan())
+    assert torch.equal(got[:, 0].nan_to_num(), out[0].nan_to_num()), (got[:, 0] - out[0]).abs().nan_to_num().max()
+    assert torch.equal(got[:, 1].nan_to_num(), target[0].nan_to_num())

@@ -46,14 +46,15 @@ def variants():
             ptr = f"*{dtype}"
             sig = {"sample_ptr": ptr, "mo_ptr": ptr, "coef_ptr": "*fp32", "noise_ptr": ptr, "out_ptr": ptr,
                    "noise_out_ptr": ptr, "R": "i32", "L": "i32", "seed_lo": "i64", "seed_hi": "i64", "clip": "fp32"}
-            for name, draw, block in (("affine_draw", True, 512), ("affine_noise_in", False, 2048)):
-                flags = dict(HAS_MO=True, NOISE_IN=not draw, DRAW=draw, STORE_NOISE=draw, CLIP=True, ACCURATE=True,
-                             BLOCK_R=1, BLOCK_L=block)
+            # the noise-in variant also writes the flow velocity (a superset of the plain step's code)
+            for name, draw, block in (("affine_draw", True, 512), ("affine_noise_in_velocity", False, 2048)):
+                flags = dict(HAS_MO=True, NOISE_IN=not draw, DRAW=draw, STORE_NOISE=draw, VELOCITY=not draw, CLIP=True,
+                             ACCURATE=True, BLOCK_R=1, BLOCK_L=block)
                 yield name, arch, dtype, tkt._affine_kernel, {**sig, **{k: "constexpr" for k in flags}}, flags
-            sig = {"pred_ptr": ptr, "target_ptr": ptr, "w_ptr": "*fp32", "partial_ptr": "*fp32", "grad_ptr": ptr,
-                   "P": "i32", "C": "i32"}
-            flags = dict(GRAD=True, BLOCK_P=8, BLOCK_C=128)
-            yield "loss", arch, dtype, tkt._loss_kernel, {**sig, **{k: "constexpr" for k in flags}}, flags
+            sig = {"pred_ptr": ptr, "target_ptr": ptr, "minus_ptr": ptr, "w_ptr": "*fp32", "partial_ptr": "*fp32",
+                   "grad_ptr": ptr, "P": "i32", "C": "i32"}
+            flags = dict(MINUS=True, GRAD=True, BLOCK_P=8, BLOCK_C=128)  # with the flow loss's minus operand
+            yield "loss_minus", arch, dtype, tkt._loss_kernel, {**sig, **{k: "constexpr" for k in flags}}, flags
 
 
 def main():

@@ -27,7 +27,7 @@ def test_kernels_compile_for_nvidia_targets_without_spills():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert {(x["kernel"], x["arch"], x["dtype"]) for x in rows} == {
-        (k, a, d) for k in ("affine_draw", "affine_noise_in", "loss") for a in (80, 90) for d in ("fp32", "bf16", "fp16")
+        (k, a, d) for k in ("affine_draw", "affine_noise_in_velocity", "loss_minus") for a in (80, 90) for d in ("fp32", "bf16", "fp16")
     }
     for x in rows:
         assert x["stack_bytes"] == 0, x  # no spills

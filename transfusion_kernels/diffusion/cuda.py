@@ -43,12 +43,13 @@ def _check_like(name: str, t: torch.Tensor, sample: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous")
 
 
-def affine_step(sample, model_output, coef, noise, seed, clip_range, return_noise, *, has_noise=True):
+def affine_step(sample, model_output, coef, noise, seed, clip_range, return_noise, *, has_noise=True, velocity=False):
     """Fused ``out = c2 * clamp(c0 * s + c1 * m) + c3 * s + c4 * m + c5 * noise`` per row.
 
     ``noise=None`` draws ``philox.randn(seed, numel)`` in the kernel (rounded to sample.dtype,
     as the reference does); ``has_noise=False`` with ``noise=None`` draws nothing (every
-    ``c[:, 5]`` is zero). Returns ``(out, drawn_noise_or_None)``."""
+    ``c[:, 5]`` is zero). Returns ``(out, drawn_noise_or_None)``; with ``velocity=True``
+    ``(out, noise - sample)``."""
     ext = require_extension()
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
@@ -88,7 +89,8 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
 
     out = _empty(sample.shape, sample.dtype, sample.device)
-    drawn = _empty(sample.shape, sample.dtype, sample.device) if draw and return_noise else None
+    second = velocity or (draw and return_noise)
+    drawn = _empty(sample.shape, sample.dtype, sample.device) if second else None
     if sample.numel() > 0:
         with torch.cuda.device(sample.device):
             ext.diffusion_affine_step(
@@ -105,5 +107,6 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
                 draw,
                 clip_range,
                 torch.cuda.current_stream(sample.device).cuda_stream,
+                velocity,
             )
     return out, drawn

@@ -7,7 +7,10 @@ drawn in the kernel with the Philox4x32-10 + Box-Muller definition of
 ``transfusion_kernels.philox`` (not ``tl.randn``, whose counter/key layout differs), so a seed
 gives the same noise here as on the reference and CUDA backends.
 
-``diffusion_loss``: one pass over ``pred``/``target`` that writes per-block partial sums of the
+``affine_step(..., velocity=True)`` writes ``noise - sample`` (the flow-matching target) as the
+second output in the same pass.
+
+``diffusion_loss``: one pass over ``pred``/``target`` (and ``minus``: d = pred - (target - minus)) that writes per-block partial sums of the
 weighted squared error and, when a gradient is needed, d loss / d pred in the same pass (the
 upstream gradient is a scalar, so the backward is a scale of it). The per-patch weights
 1 / (patches of its image * C * images) come from a sort of ``image_index`` (static shapes, no
@@ -96,7 +99,7 @@ def _affine_kernel(
     sample_ptr, mo_ptr, coef_ptr, noise_ptr, out_ptr, noise_out_ptr,
     R, L, seed_lo, seed_hi, clip,
     HAS_MO: tl.constexpr, NOISE_IN: tl.constexpr, DRAW: tl.constexpr, STORE_NOISE: tl.constexpr,
-    CLIP: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    VELOCITY: tl.constexpr, CLIP: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -123,14 +126,19 @@ def _affine_kernel(
     out = c2 * x0 + c3 * s
     if HAS_MO:
         out = out + c4 * m
+    z = tl.zeros_like(s)
     if NOISE_IN:
-        out = out + c5 * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = out + c5 * z
     if DRAW:
         # Round to the output dtype before use: the returned noise reproduces the output.
         n = _philox_randn(offs, seed_lo, seed_hi, ACCURATE).to(out_ptr.dtype.element_ty)
-        out = out + c5 * n.to(tl.float32)
+        z = n.to(tl.float32)
+        out = out + c5 * z
         if STORE_NOISE:
             tl.store(noise_out_ptr + offs, n, mask=mask)
+    if VELOCITY:  # the flow-matching target noise - sample, in the second output
+        tl.store(noise_out_ptr + offs, (z - s).to(noise_out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -145,7 +153,7 @@ def _tiles(R: int, L: int, target: int):
     return block_r, block_l
 
 
-def affine_step(sample, model_output, coef, noise, seed, clip_range, return_noise, *, has_noise=True):
+def affine_step(sample, model_output, coef, noise, seed, clip_range, return_noise, *, has_noise=True, velocity=False):
     """The fused step; arguments as ``reference.affine_step``."""
     if sample.dtype not in _DTYPES:
         raise TypeError(f"sample must be float16, bfloat16 or float32, got {sample.dtype}")
@@ -159,7 +167,8 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
         raise ValueError(f"coef must be a contiguous float32 tensor of shape ({R}, 6)")
     out = _empty(sample.shape, sample.dtype, sample.device)
     draw = noise is None and has_noise
-    noise_out = _empty(sample.shape, sample.dtype, sample.device) if (draw and return_noise) else None
+    store_noise = draw and return_noise and not velocity
+    noise_out = _empty(sample.shape, sample.dtype, sample.device) if (store_noise or velocity) else None
     if sample.numel() == 0:
         return out, noise_out
     L = sample.numel() // R
@@ -174,7 +183,7 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
         noise if noise is not None else sample, out, noise_out if noise_out is not None else out,
         R, L, seed & 0xFFFFFFFF, seed >> 32, float(clip_range) if clip_range is not None else 0.0,
         HAS_MO=model_output is not None, NOISE_IN=noise is not None, DRAW=draw,
-        STORE_NOISE=noise_out is not None, CLIP=clip_range is not None, ACCURATE=not interp,
+        STORE_NOISE=store_noise, VELOCITY=velocity, CLIP=clip_range is not None, ACCURATE=not interp,
         BLOCK_R=block_r, BLOCK_L=block_l, num_warps=4,
     )
     return out, noise_out
@@ -187,8 +196,8 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
 
 @triton.jit
 def _loss_kernel(
-    pred_ptr, target_ptr, w_ptr, partial_ptr, grad_ptr, P, C,
-    GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    pred_ptr, target_ptr, minus_ptr, w_ptr, partial_ptr, grad_ptr, P, C,
+    MINUS: tl.constexpr, GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -199,9 +208,10 @@ def _loss_kernel(
         cols = c_start + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < C)[None, :]
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        d = tl.load(pred_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(
-            target_ptr + offs, mask=mask, other=0.0
-        ).to(tl.float32)
+        t = tl.load(target_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MINUS:
+            t = t - tl.load(minus_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(pred_ptr + offs, mask=mask, other=0.0).to(tl.float32) - t
         d = tl.where((w > 0)[:, None], d, 0.0)  # ignored rows (weight 0): a NaN there stays out
         acc += tl.sum(d * d, axis=1)
         if GRAD:
@@ -223,7 +233,7 @@ def patch_weights(image_index: torch.Tensor, C: int) -> torch.Tensor:
     return torch.where(idx >= 0, w, torch.zeros_like(w)).float()
 
 
-def diffusion_loss(pred, target, image_index, compute_grad):
+def diffusion_loss(pred, target, image_index, compute_grad, minus=None):
     """As ``reference.diffusion_loss``: (float32 loss, d loss / d pred or None)."""
     P, C = pred.shape
     w = patch_weights(image_index, C)
@@ -236,7 +246,7 @@ def diffusion_loss(pred, target, image_index, compute_grad):
     nblocks = triton.cdiv(P, block_p)
     partial = _empty((nblocks,), torch.float32, pred.device)
     _loss_kernel[(nblocks,)](
-        pred, target, w, partial, grad if grad is not None else pred, P, C,
-        GRAD=compute_grad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
+        pred, target, minus if minus is not None else target, w, partial, grad if grad is not None else pred, P, C,
+        MINUS=minus is not None, GRAD=compute_grad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
     )
     return partial.sum(), grad

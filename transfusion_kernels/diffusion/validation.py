@@ -105,3 +105,24 @@ def clip_range_of(clip_sample: bool, clip_sample_range: float):
     if not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range must be positive, got {clip_sample_range}")
     return float(clip_sample_range)
+
+
+def check_loss_inputs(pred, image_index, **like_pred) -> None:
+    """pred [P, C] (C > 0), the tensors in ``like_pred`` (name=tensor) like it, image_index int [P] >= -1."""
+    check_tensor(pred, "pred")
+    if pred.dim() != 2:
+        raise ValueError(f"pred must have shape [P, C], got {tuple(pred.shape)}")
+    if pred.shape[1] == 0:
+        raise ValueError("pred must have at least one channel (C > 0)")
+    for name, x in like_pred.items():
+        check_like(x, name, pred, "pred")
+    if not isinstance(image_index, torch.Tensor):
+        raise TypeError(f"image_index must be an int32/int64 tensor, got {type(image_index).__name__}")
+    if image_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"image_index must be int32 or int64, got {image_index.dtype}")
+    if image_index.shape != (pred.shape[0],):
+        raise ValueError(f"image_index must have shape [{pred.shape[0]}] (one per row of pred), got {tuple(image_index.shape)}")
+    if image_index.device != pred.device:
+        raise ValueError(f"image_index must be on the device of pred ({pred.device}), got {image_index.device}")
+    if not torch.compiler.is_compiling() and bool((image_index < -1).any()):
+        raise ValueError("image_index must be >= -1 (-1 marks rows that are not image patches)")

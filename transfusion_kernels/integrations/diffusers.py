@@ -1,7 +1,11 @@
-"""diffusers drop-ins: DDPM/DDIM schedulers whose ``step`` and ``add_noise`` run the fused kernels.
+"""diffusers drop-ins: DDPM/DDIM schedulers whose ``step`` and ``add_noise`` run the fused kernels,
+and a flow-matching Euler scheduler whose ``step`` and ``scale_noise`` do.
 
     from transfusion_kernels.integrations.diffusers import FusedDDPMScheduler
     pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
+
+``FusedFlowMatchEulerDiscreteScheduler`` (SD3, Flux, ...) follows the same rules; see its
+docstring and docs/flow.md.
 
 They are subclasses of diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` with the same config plus
 ``backend``, so ``from_config``, ``from_pretrained``, ``set_timesteps`` and ``save_pretrained`` work
@@ -43,16 +47,18 @@ import inspect
 import warnings
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers import SchedulerMixin  # noqa: F401  diffusers' loader looks the loading class up in this module
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from transfusion_kernels import diffusion as tkd
+from transfusion_kernels import flow as tkf
 from transfusion_kernels.diffusion.schedule import VARIANCE_TYPES, x0_coefs
 
-__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
+__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "FusedFlowMatchEulerDiscreteScheduler"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned: set[tuple[str, str]] = set()
@@ -63,10 +69,8 @@ def _seed_from(generator: torch.Generator) -> int:
     return int(draw) % 2**64
 
 
-class _Fused:
-    """What both schedulers share: the schedule, noise/seed, x0, add_noise, the fallback."""
-
-    compute_pred_original_sample: bool = False
+class _FusedBase:
+    """What every drop-in shares: the ``backend`` config entry, noise/seed, the fallback."""
 
     @property
     def backend(self) -> str | None:
@@ -75,6 +79,32 @@ class _Fused:
     @backend.setter
     def backend(self, value: str | None) -> None:
         self.register_to_config(backend=value)
+
+    def _fallback(self, reason: str) -> None:
+        key = (type(self).__name__, reason)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(
+                f"{type(self).__name__}: the fused kernels do not support {reason}; using diffusers' step",
+                stacklevel=3,
+            )
+
+    def _noise_and_seed(self, generator, variance_noise, sample):
+        if variance_noise is not None:
+            if generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise; leave one of them None.")
+            return variance_noise, None
+        if generator is None:
+            return None, None  # a fresh seed from torch's default generator
+        if isinstance(generator, (list, tuple)):  # per-sample generators: draw as diffusers does
+            return randn_tensor(sample.shape, generator=list(generator), device=sample.device, dtype=sample.dtype), None
+        return None, _seed_from(generator)
+
+
+class _Fused(_FusedBase):
+    """What the DDPM and DDIM drop-ins share: the schedule, x0, add_noise."""
+
+    compute_pred_original_sample: bool = False
 
     @property
     def fused_schedule(self) -> tkd.DiffusionSchedule | None:
@@ -91,15 +121,6 @@ class _Fused:
             cached = self.__dict__["_fused_schedule"] = (key, sched)
         return cached[1]
 
-    def _fallback(self, reason: str) -> None:
-        key = (type(self).__name__, reason)
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(
-                f"{type(self).__name__}: the fused kernels do not support {reason}; using diffusers' step",
-                stacklevel=3,
-            )
-
     def _common_unsupported(self, model_output, sample) -> str | None:
         if self.fused_schedule is None:
             return "betas outside (0, 1]"
@@ -110,17 +131,6 @@ class _Fused:
         if model_output.shape != sample.shape or model_output.dtype != sample.dtype:
             return "a model_output whose shape or dtype differs from sample's"
         return None
-
-    def _noise_and_seed(self, generator, variance_noise, sample):
-        if variance_noise is not None:
-            if generator is not None:
-                raise ValueError("Cannot pass both generator and variance_noise; leave one of them None.")
-            return variance_noise, None
-        if generator is None:
-            return None, None  # a fresh seed from torch's default generator
-        if isinstance(generator, (list, tuple)):  # per-sample generators: draw as diffusers does
-            return randn_tensor(sample.shape, generator=list(generator), device=sample.device, dtype=sample.dtype), None
-        return None, _seed_from(generator)
 
     def _pred_original_sample(self, model_output, t: int, sample):
         if not self.compute_pred_original_sample:
@@ -233,6 +243,90 @@ class FusedDDIMScheduler(_Fused, DDIMScheduler):
         if not return_dict:
             return (prev_sample, x0)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+@_with_backend
+class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteScheduler):
+    """``FlowMatchEulerDiscreteScheduler`` whose ``step`` and ``scale_noise`` are one fused kernel
+    each (``transfusion_kernels.flow``). ``set_timesteps`` and the config are diffusers' own.
+
+    ``step`` also takes ``variance_noise=`` (the stochastic step's noise, instead of a
+    ``generator``) to reproduce a stock run exactly. ``per_token_timesteps``, dtypes other than
+    float16/bfloat16/float32, a ``model_output`` whose shape or dtype differs from ``sample``'s and
+    sigmas outside [0, 1] fall back to diffusers' step with a one-time warning."""
+
+    def _cpu(self, name: str) -> torch.Tensor:
+        """float64 CPU copy of ``self.sigmas`` / ``self.timesteps`` (kept until they change): a
+        step reads python floats from it, with no device sync when the schedule is on a GPU."""
+        value = getattr(self, name)
+        key = (id(value), value._version)
+        cached = self.__dict__.get(f"_fused_{name}")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__[f"_fused_{name}"] = (key, value.detach().to("cpu", torch.float64))
+        return cached[1]
+
+    def _sigmas_unsupported(self) -> str | None:
+        sigmas = self._cpu("sigmas")
+        return "sigmas outside [0, 1]" if bool((sigmas < 0).any() or (sigmas > 1).any()) else None
+
+    def step(
+        self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+        s_noise: float = 1.0, generator=None, per_token_timesteps=None, return_dict: bool = True, variance_noise=None,
+    ):
+        stock = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator,
+                     per_token_timesteps=per_token_timesteps, return_dict=return_dict)
+        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+            return super().step(model_output, timestep, sample, **stock)  # diffusers' error for step indices
+        if per_token_timesteps is not None:
+            reason = "per_token_timesteps"
+        elif sample.dtype not in _DTYPES:
+            reason = f"dtype {sample.dtype}"
+        elif model_output.shape != sample.shape or model_output.dtype != sample.dtype:
+            reason = "a model_output whose shape or dtype differs from sample's"
+        else:
+            reason = self._sigmas_unsupported()
+        if reason is not None:
+            if variance_noise is not None:
+                raise ValueError(f"variance_noise needs the fused step, which does not support {reason}")
+            self._fallback(reason)
+            return super().step(model_output, timestep, sample, **stock)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigmas = self._cpu("sigmas")
+        sigma, sigma_next = float(sigmas[self.step_index]), float(sigmas[self.step_index + 1])
+        stochastic = bool(self.config.stochastic_sampling)
+        noise, seed = self._noise_and_seed(generator, variance_noise, sample) if stochastic else (None, None)
+        prev_sample = tkf.flow_euler_step(
+            model_output, sigma, sigma_next, sample, stochastic_sampling=stochastic, noise=noise, seed=seed,
+            backend=self.backend,
+        )
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+    def scale_noise(self, sample, timestep, noise=None):
+        fused = (
+            isinstance(noise, torch.Tensor)
+            and isinstance(timestep, torch.Tensor)
+            and timestep.dim() == 1
+            and timestep.shape[0] in (1, sample.shape[0] if sample.dim() else -1)
+            and sample.dtype in _DTYPES
+            and noise.shape == sample.shape
+            and noise.dtype == sample.dtype
+            and self._sigmas_unsupported() is None
+        )
+        if not fused:
+            return super().scale_noise(sample, timestep, noise)
+        # the sigma of each timestep, found as diffusers does (by value, or the begin / current step)
+        if self.begin_index is None:
+            schedule = self._cpu("timesteps").float()
+            index = [self.index_for_timestep(t, schedule) for t in timestep.detach().cpu().float()]
+        else:
+            index = [self.step_index if self.step_index is not None else self.begin_index] * timestep.shape[0]
+        sigma = self._cpu("sigmas")[index]
+        sigma = float(sigma) if len(index) == 1 else sigma
+        return tkf.flow_add_noise(sample, sigma, noise=noise, backend=self.backend)[0]
 
 
 def _keep_fused_scheduler(init):

@@ -6,6 +6,8 @@
 //   host_math philox C0 C1 C2 C3 K0 K1      -> the four output words (hex)
 //   host_math randn SEED OFFSET COUNT       -> COUNT normals (%.9g), flat indices OFFSET..
 //   host_math sinusoid DIM FLIP SHIFT SCALE MAX_PERIOD T...   -> one row per timestep
+//   host_math affine C0 C1 C2 C3 C4 C5 CLIP CLIP_RANGE  (stdin: triples s m z)
+//       -> per triple: the step's output and the velocity z - s (%.9g, fp32 math)
 //   host_math interval BLOCK  (stdin: N, then N pairs kv_start kv_end, then NK)
 //       -> the dense mask (one 0/1 line per query), then for every query tile of BLOCK rows
 //          its table row and the kind of every key tile of BLOCK columns
@@ -18,6 +20,7 @@
 #include "common/interval_mask.cuh"
 #include "common/philox.cuh"
 #include "common/sinusoid.cuh"
+#include "diffusion/affine_math.cuh"
 
 static uint64_t parse_u64(const char* s) { return std::strtoull(s, nullptr, 0); }
 
@@ -81,11 +84,26 @@ static int run_interval(int argc, char** argv) {
   return 0;
 }
 
+static int run_affine(int argc, char** argv) {
+  if (argc != 10) return 2;
+  float c[6];
+  for (int i = 0; i < 6; ++i) c[i] = static_cast<float>(std::atof(argv[2 + i]));
+  const bool clip = std::atoi(argv[8]) != 0;
+  const float clip_range = static_cast<float>(std::atof(argv[9]));
+  float s, m, z;
+  while (std::scanf("%f %f %f", &s, &m, &z) == 3) {
+    std::printf("%.9g %.9g\n", static_cast<double>(tk::affine_element(c, s, m, z, clip, clip_range)),
+                static_cast<double>(tk::velocity_element(s, z)));
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) return 2;
   if (!std::strcmp(argv[1], "philox")) return run_philox(argc, argv);
   if (!std::strcmp(argv[1], "randn")) return run_randn(argc, argv);
   if (!std::strcmp(argv[1], "sinusoid")) return run_sinusoid(argc, argv);
   if (!std::strcmp(argv[1], "interval")) return run_interval(argc, argv);
+  if (!std::strcmp(argv[1], "affine")) return run_affine(argc, argv);
   return 2;
 }
