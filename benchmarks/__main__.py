@@ -1,4 +1,4 @@
-"""Run the benchmark suite: attention, timestep embedding, diffusion updates and the model.
+"""Run the benchmark suite: attention, timestep embedding, diffusion and flow-matching updates and the model.
 
     python -m benchmarks                     # GPU: full sizes; results in ./benchmarks/results/<device>-<date>/
     python -m benchmarks --smoke             # CPU: tiny shapes, checks the harness, makes no speed claims
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import markdown_table, results_path  # noqa: E402
 
-SUITES = ("attention", "timestep", "diffusion", "model")
+SUITES = ("attention", "timestep", "diffusion", "flow", "model")
 
 
 def summarize(suite: str, data: dict) -> tuple[list[dict], list[str]]:
@@ -45,6 +45,10 @@ def summarize(suite: str, data: dict) -> tuple[list[dict], list[str]]:
         flat = [dict(case=r["case"], op=op, impl=name, MB=r["ops"][op]["bytes"] / 3 / 2**20, copy_GBps=r["copy_GBps"], **v)
                 for r in rows for op in r["ops"] for name, v in r["ops"][op]["impls"].items()]
         return flat, ["case", "op", "impl", "MB", "median_ms", "GBps", "frac_of_copy", "copy_GBps"]
+    if suite == "flow":
+        flat = [dict(case=r["case"], dtype=r["dtype"], op=op, impl=name, MB=r["MB_per_tensor"], copy_GBps=r["copy_GBps"], **v)
+                for r in rows for op in r["ops"] for name, v in r["ops"][op]["impls"].items()]
+        return flat, ["case", "dtype", "op", "impl", "MB", "median_ms", "GBps", "frac_of_copy", "copy_GBps"]
     if suite == "model":
         return rows, ["method", "tokens", "images", "train_tokens_per_s", "images_per_s_cache", "images_per_s_no_cache",
                       "cache_speedup", "error"]
@@ -80,7 +84,7 @@ def plot(suite: str, rows: list[dict], folder: Path) -> list[Path]:
             made.append(folder / f"attention_{phase}_tflops.png")
             fig.savefig(made[-1], dpi=120)
             plt.close(fig)
-    if suite in ("timestep", "diffusion") and rows:
+    if suite in ("timestep", "diffusion", "flow") and rows:
         size_key, bw_key, group_key = (("P", "fwd_GBps", "impl") if suite == "timestep" else ("MB", "GBps", "impl"))
         panels = [None] if suite == "timestep" else sorted({r["op"] for r in rows})
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)

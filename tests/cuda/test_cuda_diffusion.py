@@ -99,6 +99,30 @@ def test_affine_step_draws_reference_noise(poison, seed, dtype, shape):
     assert not torch.equal(other, drawn)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 7), (17, 4097), (2, 4, 32, 32)], ids=str)
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+def test_velocity_output(poison, seed, dtype, shape, misaligned):
+    """velocity=True: the second output is noise - sample (fp32, rounded once) for given and
+    drawn noise; the step's output is unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    sample, model_output, noise = (_tensor(shape, dtype, gen, misaligned) for _ in range(3))
+    coef = _coef(shape[0], gen)
+    out, target = diffusion_cuda.affine_step(sample, model_output, coef, noise, 0, None, False, velocity=True)
+    ref_out, ref_target = reference.affine_step(sample, model_output, coef, noise, 0, None, False, velocity=True)
+    assert torch.equal(target, ref_target)  # one fp32 subtraction, one rounding: exact
+    assert_rule(out, affine_step64(sample, model_output, coef, noise, None), ref_out, f"{dtype} {shape} velocity")
+
+    key = seed * 0x9E3779B97F4A7C15 % 2**64
+    out, target = diffusion_cuda.affine_step(sample, None, coef, None, key, None, False, velocity=True)
+    drawn = diffusion_cuda.affine_step(sample, None, coef, None, key, None, True)[1]
+    assert torch.equal(target, (drawn.float() - sample.float()).to(dtype))
+    again, _ = diffusion_cuda.affine_step(sample, None, coef, drawn, 0, None, False)
+    assert torch.equal(again, out)
+    _, none = diffusion_cuda.affine_step(sample, None, coef, None, key, None, False, has_noise=False, velocity=True)
+    assert torch.equal(none, -sample)
+
+
 def test_drawn_noise_statistics(seed):
     n = 1 << 22
     sample = torch.zeros(4, n // 4, device="cuda")

@@ -1,0 +1,216 @@
+"""Benchmark: the flow-matching ops (flow_add_noise, flow_euler_step plain and with fused
+classifier-free guidance, flow_loss forward + gradient).
+
+Compared on each case:
+  diffusers   diffusers' eager FlowMatchEulerDiscreteScheduler: scale_noise after torch.randn_like
+              (and the target noise - x0 as a training loop computes it), step (guidance combined
+              first as a pipeline does: u + g (c - u)); the loss has no diffusers counterpart, so
+              there it is the eager reference (``eager``)
+  compiled    torch.compile of the reference with the same coefficients (its noise from
+              torch.randn_like inside the compiled function, as in benchmarks/diffusion.py)
+  tk:<name>   the public op on each backend, coefficient preparation included
+
+Every op is one memory-bound pass. Bytes moved: add_noise reads x0, writes x_t and the target
+(3 tensors); a step reads sample and model_output and writes prev (3; 4 with guidance: the
+unconditional output too); the loss reads pred, x0 and noise and writes d loss / d pred (4).
+Achieved bandwidth = bytes / median time, next to a device copy (read + write) as the ceiling.
+
+    python benchmarks/flow.py            # GPU: latents and 64 MB+ tensors, JSON in benchmarks/results/
+    python benchmarks/flow.py --smoke    # CPU: tiny shapes, checks the harness, no speed claims
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import transfusion_kernels as tk  # noqa: E402
+from benchmarks.common import compile_backend, compile_fn, do_bench, max_error, stand_ins, write_json  # noqa: E402
+from transfusion_kernels.backends import BACKENDS  # noqa: E402
+from transfusion_kernels.diffusion import AFFINE_STEP, reference  # noqa: E402
+from transfusion_kernels.flow.coefficients import add_noise_coef, euler_coef  # noqa: E402
+
+# (name, shape, dtype): the loss views a case as [rows, last dim] patches of 16 images
+GPU_CASES = [
+    ("latents 16x16x64x64", (16, 16, 64, 64), torch.bfloat16),
+    ("latents 16x16x64x64", (16, 16, 64, 64), torch.float32),
+    ("64 MB", (128, 4, 256, 256), torch.bfloat16),
+    ("256 MB", (256, 4, 256, 256), torch.float32),
+    ("packed patches 1M x 64 (128 MB)", (1 << 20, 64), torch.bfloat16),
+]
+SMOKE_CASES = [
+    ("latents 2x4x8x8", (2, 4, 8, 8), torch.float32),
+    ("packed patches 64 x 16", (64, 16), torch.bfloat16),
+]
+SEED = 1234
+GUIDANCE = 4.5
+STEP = 3  # the step of SD3's 28-step schedule (shift 3) every step call takes
+SIGMA, SIGMA_NEXT = (float(s) for s in tk.FlowMatchSchedule(shift=3.0).set_timesteps(28)[1][STEP : STEP + 2].float())
+
+
+def diffusers_baselines(x, v, u, noise_like):
+    """{op: fn} with diffusers' eager scheduler, or {} where diffusers is missing."""
+    try:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+    except ImportError:
+        return {}
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(28)
+    t = sched.timesteps[STEP : STEP + 1].to(x.device)  # one timestep for the batch, as pipelines call it
+
+    def scale_noise():
+        noise = noise_like(x)
+        return sched.scale_noise(x, t, noise), noise - x
+
+    def step(model_output):
+        sched._step_index = STEP  # the same step every call
+        return sched.step(model_output, sched.timesteps[STEP], x).prev_sample
+
+    return {
+        "add_noise": scale_noise,
+        "euler_step": lambda: step(v),
+        "euler_cfg": lambda: step(u + GUIDANCE * (v - u)),
+    }
+
+
+def compiled_add_noise(x0, coef):
+    """The reference forward process with its velocity target, torch's RNG drawn inside, for torch.compile."""
+    return reference.affine_step(x0, None, coef, torch.randn_like(x0), 0, None, False, velocity=True)
+
+
+def compiled_step(sample, model_output, coef, uncond):
+    """The reference Euler step (guided: the unconditional output in the noise slot), for torch.compile."""
+    return reference.affine_step(sample, model_output, coef, uncond, 0, None, False, has_noise=uncond is not None)[0]
+
+
+def compiled_loss(pred, x0, noise, image_index):
+    return reference.diffusion_loss(pred, noise, image_index, True, minus=x0)
+
+
+def run_case(name, shape, dtype, device, backends, compile_, bench, gen):
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    v, u = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(2))
+    R, n, item = shape[0], x.numel(), x.element_size()
+    sigmas = torch.rand(R, generator=gen).to(device)
+    pred, x0, noise = (t.reshape(-1, shape[-1]) for t in (v, x, u))
+    image_index = torch.arange(pred.shape[0], device=device) * 16 // pred.shape[0]
+    pred_g = pred.detach().requires_grad_()
+
+    def loss(b):
+        out = tk.flow_loss(pred_g, x0, noise, image_index, backend=b)
+        out.backward()
+        return out
+
+    # op: (public call on backend b, bytes moved)
+    ops = {
+        "add_noise": (lambda b: tk.flow_add_noise(x, sigmas, seed=SEED, backend=b), 3 * n * item),
+        "euler_step": (lambda b: tk.flow_euler_step(v, SIGMA, SIGMA_NEXT, x, backend=b), 3 * n * item),
+        "euler_cfg": (lambda b: tk.flow_euler_step(v, SIGMA, SIGMA_NEXT, x, guidance_scale=GUIDANCE, uncond_output=u,
+                                                   backend=b), 4 * n * item),
+        "loss": (loss, 4 * n * item),
+    }
+    baselines = diffusers_baselines(x, v, u, torch.randn_like)
+    baselines["loss"] = lambda: loss("reference")
+    if compile_:
+        noise_c, step_c = compile_fn(compiled_add_noise, dynamic=False), compile_fn(compiled_step, dynamic=False)
+        loss_c = compile_fn(compiled_loss, dynamic=False)
+        noise_coef = add_noise_coef(sigmas, R, device)
+        step_coef = euler_coef(SIGMA, SIGMA_NEXT, R, device, False, None)
+        cfg_coef = euler_coef(SIGMA, SIGMA_NEXT, R, device, False, GUIDANCE)
+        compiled = {
+            "add_noise": lambda: noise_c(x, noise_coef),
+            "euler_step": lambda: step_c(x, v, step_coef, None),
+            "euler_cfg": lambda: step_c(x, v, cfg_coef, u),
+            "loss": lambda: loss_c(pred, x0, noise, image_index),
+        }
+
+    copy_ms = bench(lambda: torch.empty_like(x).copy_(x))
+    copy_gbps = 2 * n * item / copy_ms / 1e6
+    row = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+           "MB_per_tensor": n * item / 2**20, "copy_ms": copy_ms, "copy_GBps": copy_gbps, "ops": {}}
+    for op, (public, nbytes) in ops.items():
+        impls = {}
+        if op in baselines:
+            impls["eager" if op == "loss" else "diffusers"] = baselines[op]
+        if compile_:
+            impls["compiled"] = compiled[op]
+        for label, b in backends.items():
+            impls[f"tk:{label}"] = lambda b=b: public(b)
+        expected = first(public("reference"))
+        results = {}
+        for impl, fn in impls.items():
+            # the tk rows draw the reference's noise (same seed); the baselines their own
+            check = {}
+            if impl.startswith("tk:") or op in ("euler_step", "euler_cfg", "loss"):
+                check["max_abs_diff_vs_reference"] = max_error(first(fn()), expected)
+            else:
+                check["check"] = "own RNG: not comparable"
+            if impl.startswith("tk:") and backends[impl[3:]] != impl[3:]:
+                check["note"] = "reference standing in"
+            ms = bench(fn)
+            gbps = nbytes / ms / 1e6
+            results[impl] = {"median_ms": ms, "GBps": gbps, "frac_of_copy": gbps / copy_gbps, **check}
+            print(f"{name:32s} {row['dtype']:8s} {op:10s} {impl:14s} {ms:9.4f} ms {gbps:8.1f} GB/s "
+                  f"({100 * gbps / copy_gbps:5.1f}% of copy)", flush=True)
+        row["ops"][op] = {"bytes": nbytes, "impls": results}
+    return row
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes with the reference backend")
+    ap.add_argument("--backends", default=None, help="comma list (default: every backend that can run here)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls on a CPU, milliseconds of timing on a GPU")
+    ap.add_argument("--cases", default=None, help="comma list of indices into the GPU (or --smoke) cases")
+    ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary "
+                                                 "folder for --smoke)")
+    args = ap.parse_args(argv)
+
+    if args.smoke:
+        device, cases, reps = torch.device("cpu"), SMOKE_CASES, args.reps or 5
+    else:
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device: run with --smoke on a CPU")
+        device, cases, reps = torch.device("cuda"), GPU_CASES, args.reps or 100
+    if args.cases:
+        cases = [cases[int(i)] for i in args.cases.split(",")]
+    wanted = args.backends.split(",") if args.backends else [b for b in BACKENDS if AFFINE_STEP.has(b)]
+    backends = stand_ins(wanted, device, stand_in=args.smoke)
+    warmup = 2 if args.smoke else 25  # calls on the CPU, milliseconds on a GPU
+
+    def bench(fn):
+        return do_bench(fn, warmup=warmup, rep=reps, device=device)
+
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    config = {"warmup": warmup, "rep": reps, "seed": SEED, "backends": backends, "compile": not args.no_compile,
+              "compile_backend": compile_backend(), "diffusers": diffusers_version, "smoke": args.smoke,
+              "guidance_scale": GUIDANCE, "sigma": SIGMA, "sigma_next": SIGMA_NEXT}
+    root = args.root or (tempfile.gettempdir() if args.smoke else None)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for case in cases:
+        rows.append(run_case(*case, device, backends, not args.no_compile, bench, gen))
+        out = write_json("flow", rows, config, device=device, root=root)  # a cut-off run keeps its rows
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
