@@ -20,7 +20,7 @@ from pathlib import Path
 # were 10x slower than 1 under load without this). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from transfusion.config import UserError
+from transfusion.config import Config, UserError, demo_config, paper_config
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
@@ -394,18 +394,26 @@ def parser() -> argparse.ArgumentParser:
                    help="starting config when no --config: the library defaults, the paper's stated values "
                         "(docs/model.md), or the CPU demo's settings (default: default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
-    for name, typ, what in (
-            ("steps", int, "training steps"), ("lr", float, "peak learning rate"), ("dim", int, "model width"),
-            ("layers", int, "transformer layers"), ("heads", int, "attention heads"),
-            ("patch-size", int, "latent pixels per patch side; must divide the latent size"),
-            ("docs-per-batch", int, "documents per batch"), ("seed", int, "training seed"),
-            ("ema-decay", float, "keep an EMA of the weights with this decay"),
-            ("diffusion-weight", float, "lambda in L_LM + lambda * L_DDPM"),
-            ("warmup-steps", int, "linear warmup steps"),
-            ("save-every", int, "checkpoint every N steps; 0: only at the end")):
-        p.add_argument(f"--{name}", type=typ, default=None, help=f"{what} (default: the config's)")
+    presets = {"default": Config(), "paper": paper_config(1), "demo": demo_config(1)}
+
+    def preset_default(what, section, field):
+        vals = ", ".join(f"{k} {getattr(getattr(c, section), field)}" for k, c in presets.items())
+        return f"{what} (default: --config's, else the preset's: {vals})"
+
+    for name, typ, what, section, field in (
+            ("steps", int, "training steps", "train", "steps"), ("lr", float, "peak learning rate", "train", "lr"),
+            ("dim", int, "model width", "model", "dim"), ("layers", int, "transformer layers", "model", "n_layers"),
+            ("heads", int, "attention heads", "model", "n_heads"),
+            ("patch-size", int, "latent pixels per patch side; must divide the latent size", "model", "patch_size"),
+            ("docs-per-batch", int, "documents per batch", "data", "docs_per_batch"),
+            ("seed", int, "training seed", "train", "seed"),
+            ("ema-decay", float, "keep an EMA of the weights with this decay", "train", "ema_decay"),
+            ("diffusion-weight", float, "lambda in L_LM + lambda * L_DDPM", "train", "diffusion_weight"),
+            ("warmup-steps", int, "linear warmup steps", "train", "warmup_steps"),
+            ("save-every", int, "checkpoint every N steps; 0: only at the end", "train", "save_every")):
+        p.add_argument(f"--{name}", type=typ, default=None, help=preset_default(what, section, field))
     p.add_argument("--image-encoder", choices=("linear", "unet"), default=None,
-                   help="patch encoder and decoder (default: the config's)")
+                   help=preset_default("patch encoder and decoder", "model", "image_encoder"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _quiet(p)
