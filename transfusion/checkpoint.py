@@ -41,22 +41,30 @@ def save_tensors(tensors: dict, path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path, *, directory: bool = False):
-    """Yield a temporary path beside ``path`` (hidden, same folder, so the final rename is atomic);
-    on success it replaces ``path`` (a file, or a whole directory: the old one goes aside, then is
-    deleted), on any exception (Ctrl-C included) it is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    """Yield a temporary path to write ``path``'s content to; on success it takes ``path``'s
+    place, on any exception (Ctrl-C included) it is removed and ``path`` is left as it was.
+
+    A file, or a directory that does not exist yet, is written beside ``path`` (hidden, same
+    folder) and renamed into place atomically. An existing directory (empty, or one the user
+    allowed to be overwritten) keeps its own inode, so a shell standing in it stays there: the
+    temporary directory is made inside it, and when complete the old entries are removed and the
+    new ones renamed in."""
+    path = Path(os.path.abspath(path))
+    in_place = directory and path.is_dir()
+    tmp = path / f".tmp-{os.getpid()}" if in_place else path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     _remove(tmp)
     if directory:
         tmp.mkdir()
     try:
         yield tmp
-        if directory and path.is_dir():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+        if in_place:
+            for old in path.iterdir():
+                if old != tmp:
+                    _remove(old)
+            for new in tmp.iterdir():
+                os.replace(new, path / new.name)
+            tmp.rmdir()
         else:
             os.replace(tmp, path)
     except BaseException:

@@ -282,9 +282,12 @@ def test_non_empty_output_folders_are_refused_unless_overwrite(run, tmp_path, ca
     msg = _cli(_train(run, out, "--steps", "1"), capsys)
     assert msg.endswith(f"--out {out} is not empty; pass --overwrite, --resume or another --out")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    # --overwrite: prepare replaces the folder as a whole, train writes its run files there
+    # --overwrite: prepare replaces the folder's content as a whole (the folder itself stays, so a
+    # shell standing in it stays too), train writes its run files there
+    inode = out.stat().st_ino
     assert main(["prepare", "--out", str(out), "--vocab-size", "64", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["corpus.txt", "digits.safetensors", "prepare.json", "tokenizer.model"]
+    assert out.stat().st_ino == inode
     assert main(_train(run, out, "--steps", "1", "--overwrite")) == 0
     assert (out / "checkpoint" / "model.safetensors").is_file() and not _leftovers(tmp_path)
 
