@@ -58,7 +58,7 @@ def _affine_setup_context(ctx, inputs, output):
     ctx.save_for_backward(sample, model_output, coef)
     ctx.clip_range = clip_range
     ctx.noise_given = noise is not None
-    ctx.velocity = len(inputs) > 9 and inputs[9]
+    ctx.velocity = inputs[9]  # defaults are filled in: inputs has every argument
 
 
 def _affine_backward(ctx, grad_out, grad_second):
@@ -147,7 +147,7 @@ def _(pred, target, image_index, compute_grad, backend, minus=None):
 def _loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.has_grad = inputs[3]  # compute_grad: the public function asks for it whenever autograd needs it
-    ctx.has_minus = len(inputs) > 5 and inputs[5] is not None
+    ctx.has_minus = inputs[5] is not None
 
 
 def _loss_backward(ctx, grad_loss, _grad_grad):

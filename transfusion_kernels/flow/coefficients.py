@@ -60,10 +60,9 @@ def coef_rows(kind: str, columns, R: int, device) -> torch.Tensor:
                 _MEMO.clear()
             _MEMO[key] = coef
         return coef
-    tdev = next(c.device for c in columns if isinstance(c, torch.Tensor))
-    cols = [c if isinstance(c, torch.Tensor) else torch.full((1,), c, dtype=torch.float64, device=tdev) for c in columns]
-    cols = torch.broadcast_tensors(*cols)
-    return torch.stack(cols, dim=1).to(device, torch.float32).expand(R, 6).contiguous()
+    cols = [c.to(device) if isinstance(c, torch.Tensor) else torch.full((1,), c, dtype=torch.float64, device=device)
+            for c in columns]
+    return torch.stack(torch.broadcast_tensors(*cols), dim=1).float().expand(R, 6).contiguous()
 
 
 def add_noise_coef(sigmas, R, device):
