@@ -137,6 +137,31 @@ def test_scalar_sigma_is_every_row(seed, backend):
                        tk.flow_euler_step(v, rows, rows / 3, sample, backend=backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_where_it_is(seed, backend):
+    """A NaN input element gives NaN in exactly the outputs that read it, nowhere else."""
+    sample, v, noise, u = (rand(3, torch.float16) for _ in range(4))
+    sample.view(3, -1)[0, 4] = float("nan")
+    v.view(3, -1)[1, 7] = float("nan")
+    noise.view(3, -1)[2, 1] = float("nan")
+    nan_at = torch.zeros(3, 30, dtype=torch.bool)
+    nan_at[0, 4] = nan_at[1, 7] = True
+    outs = {
+        "ode": tk.flow_euler_step(v, 0.5, 0.25, sample, backend=backend),
+        "cfg": tk.flow_euler_step(v, 0.5, 0.25, sample, guidance_scale=3.0, uncond_output=u, backend=backend),
+    }
+    x_t, target = tk.flow_add_noise(sample, 0.5, noise=noise, backend=backend)
+    stoch = tk.flow_euler_step(v, 0.5, 0.25, sample, stochastic_sampling=True, noise=noise, backend=backend)
+    with_noise = nan_at.clone()
+    with_noise[2, 1] = True
+    for name, out in outs.items():
+        assert torch.equal(out.view(3, -1).isnan().cpu(), nan_at), name
+    assert torch.equal(stoch.view(3, -1).isnan().cpu(), with_noise)
+    x_nan = with_noise.clone()
+    x_nan[1, 7] = False  # flow_add_noise does not read v
+    assert torch.equal(x_t.view(3, -1).isnan().cpu(), x_nan) and torch.equal(target.view(3, -1).isnan().cpu(), x_nan)
+
+
 # ---------------------------------------------------------------------------------------------
 # in-kernel noise
 # ---------------------------------------------------------------------------------------------
