@@ -1,0 +1,102 @@
+"""``transfusion ablate``: the harness (quick grid end to end, resume, argument errors) and the
+Frechet distance against an independent float64 computation. No claims about the ablations."""
+import json
+
+import numpy as np
+import pytest
+
+from transfusion import ablate
+from transfusion.config import UserError
+
+
+def test_frechet_distance_matches_float64_oracle():
+    rng = np.random.default_rng()
+    for n, d in ((50, 3), (200, 8), (40, 1)):
+        a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+        b = rng.normal(loc=0.5, size=(n + 7, d)) @ rng.normal(size=(d, d))
+        sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+        # tr((Sa Sb)^1/2) = tr((Sa^1/2 Sb Sa^1/2)^1/2), a symmetric root via eigh
+        w, v = np.linalg.eigh(sa)
+        ra = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+        inner = np.linalg.eigvalsh(ra @ sb @ ra)
+        want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+        assert ablate.frechet_distance(a, b) == pytest.approx(want, rel=1e-6, abs=1e-9)
+    x = rng.normal(size=(30, 4))
+    assert ablate.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_variants_are_distinct_and_cover_the_groups():
+    names = [v.name for v in ablate.VARIANTS]
+    assert len(names) == len(set(names))
+    base = ablate.baseline_config(256, 10)
+    cfgs = [ablate.variant_config(base, v, 0).to_dict() for v in ablate.VARIANTS]
+    assert all(cfgs.count(c) == 1 for c in cfgs)  # a shared config is one run
+    assert base.model.patch_size == 4 and base.model.image_attention == "bidirectional"
+    assert {g for v in ablate.VARIANTS for g in v.groups} == {"attention", "encoder", "noise_cap", "lambda"}
+    c = ablate.variant_config(base, ablate.VARIANTS[0], 2)
+    assert c.train.seed == c.data.seed == 2
+
+
+def _args(out, *extra):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    ablate.add_arguments(p)
+    return p.parse_args(["--out", str(out), *extra])
+
+
+def test_quick_grid_writes_results_and_resumes(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert ablate.run(_args(out, "--quick", "--jobs", "1", "--threads", "1", "--quiet")) == 0
+    runs = sorted((out / "runs").glob("*.json"))
+    assert [p.name for p in runs] == [f"{n}__seed0.json" for n in sorted(ablate.QUICK["variants"])]
+    for p in runs:
+        r = json.loads(p.read_text())
+        assert r["quick"] is True and r["seed"] == 0 and r["training"]["steps"] == ablate.QUICK["steps"]
+        assert r["command"] and "commit" in r["commit"] and r["wall_s"]["total"] > 0
+        for s in ablate.QUICK["step_counts"]:
+            g = r["metrics"]["generation"][str(s)]
+            assert 0.0 <= g["accuracy"] <= 1.0 and g["fd"] >= 0.0
+        assert r["metrics"]["caption_n"] == ablate.QUICK["caption_n"]
+        assert r["metrics"]["text_perplexity"] > 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["variants"]) == set(ablate.QUICK["variants"])
+    assert summary["floors"]["fd_real_train_vs_heldout"] >= 0.0
+    table = (out / "summary.md").read_text()
+    for group in summary["groups"]:
+        assert f"## {group}" in table
+        assert (out / f"{group}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| causal_p2 | 1 |" in table
+
+    # a second call finds every run done and only rewrites the table and plots
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    assert ablate.run(_args(out, "--quick", "--jobs", "1", "--threads", "1")) == 0
+    assert "0 runs to do, 3 already done" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+
+    # results made with other settings are not silently mixed in
+    with pytest.raises(UserError, match="other settings"):
+        ablate.run(_args(out, "--quick", "--steps", "4", "--quiet"))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--seeds", "0"), "--seeds must be >= 1"),
+    (("--jobs", "0"), "--jobs must be >= 1"),
+    (("--steps", "0"), "--steps must be >= 1"),
+    (("--threads", "0"), "--threads must be >= 1"),
+    (("--only", "baseline,nope"), "unknown variant nope"),
+    (("--only", ","), "unknown variant"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, extra, match):
+    with pytest.raises(UserError, match=match) as e:
+        ablate.run(_args(tmp_path / "o", *extra))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert ablate.main(["--out", str(f), "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("transfusion ablate: error: --out") and "\n" not in err

@@ -1,0 +1,556 @@
+"""``transfusion ablate``: the paper's ablations, small, on the digits.
+
+Every variant of ``VARIANTS`` is the baseline config (``baseline_config``: the demo's, with a
+smaller model and batch) with a few fields overridden; each is trained from scratch for the same number of steps
+with each seed and scored with the same yardsticks (see ``evaluate`` and docs/ablations.md):
+
+* generation accuracy: the demo's SVC classifies images generated from every caption template
+  for every digit, at each sampling step count of ``STEP_COUNTS``;
+* Frechet distance of those images to the held-out real digits, in the hidden layer of a small
+  MLP trained on the real training digits (``FeatureNet``);
+* captioning accuracy on the held-out digits (greedy), as the demo scores it;
+* perplexity of held-out text (the text corpus drawn with another seed).
+
+Results: ``OUT/runs/<variant>__seed<k>.json`` per run (written atomically; a run whose file exists
+is skipped, so an interrupted grid resumes), ``OUT/summary.{md,json}`` (mean and std over seeds)
+and one figure per group ``OUT/<group>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transfusion.config import UserError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    groups: tuple[str, ...]  # the plots and tables it appears in
+    overrides: dict  # "section.field" -> value, on top of the baseline config
+
+
+# One line per variant. A config shared by several groups is one variant (one run per seed).
+VARIANTS = [
+    Variant("baseline", ("encoder", "noise_cap", "lambda"), {}),
+    Variant("linear_p2", ("attention", "encoder"), {"model.patch_size": 2}),
+    Variant("causal_p2", ("attention",), {"model.patch_size": 2, "model.image_attention": "causal"}),
+    Variant("linear_p1", ("encoder",), {"model.patch_size": 1}),
+    Variant("unet_p1", ("encoder",), {"model.image_encoder": "unet", "model.patch_size": 1}),
+    Variant("unet_p2", ("encoder",), {"model.image_encoder": "unet", "model.patch_size": 2}),
+    Variant("unet_p4", ("encoder",), {"model.image_encoder": "unet"}),
+    # 999 = the last timestep: image-first pairs are noised over the whole schedule
+    Variant("no_cap", ("noise_cap",), {"data.image_first_max_timestep": 999}),
+    Variant("lambda_0.5", ("lambda",), {"train.diffusion_weight": 0.5}),
+    Variant("lambda_5", ("lambda",), {"train.diffusion_weight": 5.0}),
+]
+
+TRAIN_STEPS = 500  # per run, every variant (chosen to fit the grid's time budget: docs/ablations.md)
+SEEDS = 3
+STEP_COUNTS = (5, 10, 25)  # DDIM steps at which generation is scored
+CFG_SCALE = 3.0
+HELDOUT_TEXT_SEED = 1  # the training corpus is drawn with seed 0
+HELDOUT_TEXT_LINES = 1000
+FD_FLOOR_DRAWS = 5
+
+# --quick: the harness end to end in seconds; no claims
+QUICK = dict(variants=("baseline", "causal_p2", "unet_p4"), steps=3, step_counts=(2, 4), templates=1,
+             caption_n=20, text_lines=40)
+
+
+def baseline_config(vocab_size: int, steps: int):
+    """The demo's config (linear 4x4 patches: 4 tokens per 8x8 digit, v-prediction) with a
+    smaller model (dim 64) and batch (32 documents), so the grid fits its budget on two CPU cores."""
+    from transfusion.config import demo_config
+
+    cfg = demo_config(vocab_size, steps)
+    cfg.model = dataclasses.replace(cfg.model, dim=64, n_heads=4, n_kv_heads=None)
+    cfg.data = dataclasses.replace(cfg.data, docs_per_batch=32)
+    return cfg
+
+
+def variant_config(base, variant: Variant, seed: int):
+    """``base`` with the variant's overrides; ``seed`` seeds the initialisation and the batches."""
+    from transfusion.config import Config
+
+    parts = {"model": dict(base.model.__dict__), "data": dict(base.data.__dict__), "train": dict(base.train.__dict__)}
+    for key, value in variant.overrides.items():
+        section, name = key.split(".")
+        if name not in parts[section]:
+            raise KeyError(f"variant {variant.name}: {key} is not a config field")
+        parts[section][name] = value
+    parts["data"]["seed"] = parts["train"]["seed"] = seed
+    return Config.from_dict(parts)
+
+
+# -- yardsticks ------------------------------------------------------------------------------
+
+class FeatureNet:
+    """The Frechet distance's feature space: the 32-unit tanh hidden layer of an MLP classifier
+    (scikit-learn, fixed seed) trained on the real training digits' 8x8 pixels scaled to [0, 1]."""
+
+    def __init__(self, train_images, train_labels):
+        from sklearn.neural_network import MLPClassifier
+
+        from transfusion.data import to_pixels8
+
+        self.clf = MLPClassifier(hidden_layer_sizes=(32,), activation="tanh", max_iter=600, random_state=0)
+        self.clf.fit(to_pixels8(train_images) / 16.0, np.asarray(train_labels))
+
+    def features(self, images) -> np.ndarray:
+        from transfusion.data import to_pixels8
+
+        return np.tanh(to_pixels8(images) / 16.0 @ self.clf.coefs_[0] + self.clf.intercepts_[0])
+
+    def accuracy(self, images, labels) -> float:
+        from transfusion.data import to_pixels8
+
+        return float((self.clf.predict(to_pixels8(images) / 16.0) == np.asarray(labels)).mean())
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``[n, d]``:
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``."""
+    from scipy.linalg import sqrtm
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root = sqrtm(sa @ sb)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * np.real(root)))
+
+
+class Yardsticks:
+    """Everything a run is scored against, built once per process from the prepared data."""
+
+    def __init__(self, prepared):
+        from sklearn.svm import SVC
+
+        from transfusion.data import text_corpus, to_pixels8
+
+        self.prepared = prepared
+        self.svc = SVC(gamma=0.001).fit(to_pixels8(prepared.train_images), prepared.train_labels.numpy())
+        self.features = FeatureNet(prepared.train_images, prepared.train_labels)
+        self.heldout_features = self.features.features(prepared.test_images)
+        self.heldout_text = text_corpus(HELDOUT_TEXT_SEED, HELDOUT_TEXT_LINES)
+
+    def floors(self, per_digit: int) -> dict:
+        """The Frechet distance of real digits to the held-out ones: the whole training split, and
+        draws of ``per_digit`` training digits per class (the generated set's size)."""
+        p = self.prepared
+        train_f = self.features.features(p.train_images)
+        labels = p.train_labels.numpy()
+        rng = np.random.default_rng(0)
+        draws = []
+        from transfusion.data import to_pixels8
+
+        for _ in range(FD_FLOOR_DRAWS):
+            idx = np.concatenate([rng.choice(np.flatnonzero(labels == d), per_digit, replace=False) for d in range(10)])
+            draws.append(frechet_distance(train_f[idx], self.heldout_features))
+        return {
+            "fd_real_train_vs_heldout": frechet_distance(train_f, self.heldout_features),
+            "fd_real_subset_vs_heldout_mean": float(np.mean(draws)),
+            "fd_real_subset_vs_heldout_std": float(np.std(draws)),
+            "fd_subset_per_digit": per_digit, "fd_subset_draws": FD_FLOOR_DRAWS,
+            "svc_accuracy_on_heldout": float((self.svc.predict(to_pixels8(p.test_images)) == p.test_labels.numpy()).mean()),
+            "feature_net_accuracy_on_heldout": self.features.accuracy(p.test_images, p.test_labels),
+        }
+
+
+def generate_images(model, tokenizer, prompts, steps: int):
+    """Images for ``prompts`` (one each, guided): the one place evaluation samples images, so the
+    sampler can follow the model's training objective."""
+    import torch
+
+    from transfusion.sample import SampleConfig, generate
+
+    scfg = SampleConfig(steps=steps, sampler="ddim", cfg_scale=CFG_SCALE, image_size=(8, 8), max_new_tokens=0, seed=0)
+    return torch.stack([r["images"][0] for r in generate(model, tokenizer, prompts, scfg, open_image=True)])
+
+
+def heldout_perplexity(model, tokenizer, lines, batch_docs: int = 128) -> float:
+    """exp(mean next-token cross-entropy) over ``[BOS] line [EOS]`` documents."""
+    import torch
+
+    from transfusion.data import pack_documents
+    from transfusion.train import loss_terms
+
+    total, count = 0.0, 0
+    sched = model.schedule()
+    with torch.no_grad():
+        for i in range(0, len(lines), batch_docs):
+            batch = pack_documents([[tokenizer.encode(t)] for t in lines[i:i + batch_docs]], tokenizer,
+                                   model.cfg.patch_size, model.cfg.num_train_timesteps)
+            n = int((batch.labels != -100).sum())
+            lm, _ = loss_terms(model, batch, sched)
+            total += float(lm) * n
+            count += n
+    return math.exp(total / count)
+
+
+def evaluate(model, tokenizer, ys: Yardsticks, step_counts, templates: int, caption_n: int | None,
+             text_lines: int | None) -> dict:
+    """All yardsticks for one trained model (see the module docstring)."""
+    from transfusion.data import CAPTION_TEMPLATES, WORDS, parse_digit, to_pixels8
+    from transfusion.sample import SampleConfig, caption
+
+    model.eval()
+    p = ys.prepared
+    digits = [d for d in range(10) for _ in range(templates)]
+    prompts = [CAPTION_TEMPLATES[j].format(word=WORDS[d], num=d) for d in range(10) for j in range(templates)]
+    out = {"generation": {}, "timings_s": {}}
+    for steps in step_counts:
+        t = time.perf_counter()
+        gen = generate_images(model, tokenizer, prompts, steps)
+        pred = ys.svc.predict(to_pixels8(gen))
+        out["generation"][str(steps)] = {
+            "accuracy": float((pred == np.array(digits)).mean()),
+            "fd": frechet_distance(ys.features.features(gen), ys.heldout_features),
+        }
+        out["timings_s"][f"generate_{steps}"] = time.perf_counter() - t
+    t = time.perf_counter()
+    x, y = p.test_latents, p.test_labels
+    if caption_n is not None:
+        x, y = x[:caption_n], y[:caption_n]
+    caps = caption(model, tokenizer, x, SampleConfig(max_new_tokens=12))
+    out["caption_accuracy"] = float(np.mean([parse_digit(c) == int(v) for c, v in zip(caps, y)]))
+    out["caption_n"] = len(caps)
+    out["caption_examples"] = [{"label": int(v), "caption": c} for c, v in list(zip(caps, y))[:5]]
+    out["timings_s"]["caption"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lines = ys.heldout_text[:text_lines] if text_lines is not None else ys.heldout_text
+    out["text_perplexity"] = heldout_perplexity(model, tokenizer, lines)
+    out["text_lines"] = len(lines)
+    out["timings_s"]["perplexity"] = time.perf_counter() - t
+    out["generated_per_digit"] = templates
+    return out
+
+
+# -- one run ---------------------------------------------------------------------------------
+
+_YARDSTICKS = {}
+
+
+def _yardsticks(data_dir) -> Yardsticks:
+    from transfusion.prepare import load_prepared
+
+    key = str(data_dir)
+    if key not in _YARDSTICKS:
+        _YARDSTICKS[key] = Yardsticks(load_prepared(data_dir))
+    return _YARDSTICKS[key]
+
+
+def run_one(task: dict) -> dict:
+    """Train one variant with one seed, evaluate it, write its JSON atomically; return it."""
+    import torch
+
+    from transfusion.config import Config
+    from transfusion.data import MixedBatches
+    from transfusion.model import TransfusionModel
+    from transfusion.train import Trainer
+
+    if task["threads"]:
+        torch.set_num_threads(task["threads"])
+    t0 = time.perf_counter()
+    ys = _yardsticks(task["data"])
+    p = ys.prepared
+    cfg = Config.from_dict(task["config"])
+    torch.manual_seed(cfg.train.seed)
+    model = TransfusionModel(cfg.model, backend=cfg.train.backend)
+    batches = MixedBatches(p.train_latents, p.train_labels, p.corpus, p.tokenizer, cfg.data, cfg.model.patch_size,
+                           cfg.model.num_train_timesteps)
+    trainer = Trainer(model, cfg, p.tokenizer, batches)
+    t = time.perf_counter()
+    hist = trainer.fit(progress=False)
+    train_s = time.perf_counter() - t
+    tail = hist[-max(1, len(hist) // 10):]
+    t = time.perf_counter()
+    metrics = evaluate(model, p.tokenizer, ys, task["step_counts"], task["templates"], task["caption_n"],
+                       task["text_lines"])
+    result = {
+        "variant": task["variant"], "groups": task["groups"], "seed": task["seed"], "overrides": task["overrides"],
+        "config": task["config"], "metrics": metrics,
+        "training": {"steps": trainer.step, "final_lm_loss": float(np.mean([h["lm_loss"] for h in tail])),
+                     "final_ddpm_loss": float(np.mean([h["ddpm_loss"] for h in tail])),
+                     "tokens_per_step": float(np.mean([h["tokens"] for h in hist])) if hist else 0.0,
+                     "parameters": sum(q.numel() for q in model.parameters())},
+        "wall_s": {"train": train_s, "evaluate": time.perf_counter() - t, "total": time.perf_counter() - t0},
+        "threads": torch.get_num_threads(), "quick": task["quick"],
+        "commit": task["commit"], "command": task["command"],
+    }
+    write_json_atomic(Path(task["path"]), result)
+    return result
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# -- the grid ----------------------------------------------------------------------------------
+
+def git_commit() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "transfusion"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "transfusion_dirty": None}
+    return {"commit": head, "transfusion_dirty": bool(dirty)}
+
+
+def plan(args) -> tuple[list[Variant], list[int], dict]:
+    """The variants, seeds and evaluation settings the arguments ask for (UserError if wrong)."""
+    names = [v.name for v in VARIANTS]
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder")
+    pool = [v for v in VARIANTS if v.name in QUICK["variants"]] if args.quick else list(VARIANTS)
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in names]
+        if unknown or not wanted:
+            raise UserError(f"--only: unknown variant {', '.join(unknown) or repr(args.only)}; choose from {', '.join(names)}")
+        pool = [v for v in VARIANTS if v.name in wanted]
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else SEEDS)))
+    ev = (dict(steps=QUICK["steps"], step_counts=QUICK["step_counts"], templates=QUICK["templates"],
+               caption_n=QUICK["caption_n"], text_lines=QUICK["text_lines"]) if args.quick else
+          dict(steps=TRAIN_STEPS, step_counts=STEP_COUNTS, templates=10, caption_n=None, text_lines=None))
+    if args.steps is not None:
+        ev["steps"] = args.steps
+    return pool, seeds, ev
+
+
+def _cost(v: Variant, base) -> float:
+    """Rough relative training cost, to start the slowest runs first."""
+    k = v.overrides.get("model.patch_size", base.model.patch_size)
+    return (64 / k**2) * (2.0 if v.overrides.get("model.image_encoder", base.model.image_encoder) == "unet" else 1.0)
+
+
+def run(args) -> int:
+    pool, seeds, ev = plan(args)
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from transfusion.prepare import load_prepared, prepare
+
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    data_dir = out / "data"
+    prepared = load_prepared(data_dir) if (data_dir / "prepare.json").is_file() else \
+        prepare(data_dir, image_size=8, vocab_size=256, seed=0)
+    base = baseline_config(prepared.tokenizer.vocab_size, ev["steps"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = args.threads or max(1, cores // args.jobs)
+    commit = git_commit()
+    command = shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
+    tasks, skipped = [], 0
+    for v in sorted(pool, key=lambda v: -_cost(v, base)):
+        for seed in seeds:
+            cfg = json.loads(variant_config(base, v, seed).to_json())  # as stored: lists, not tuples
+            path = out / "runs" / f"{v.name}__seed{seed}.json"
+            if path.is_file():
+                try:
+                    old = json.loads(path.read_text())
+                except (OSError, ValueError) as e:
+                    raise UserError(f"{path} is not a readable result ({e}); delete it to rerun that run") from e
+                if old.get("config") != cfg or old.get("quick") != args.quick:
+                    raise UserError(f"{path} was made with other settings (config or --quick); "
+                                    "pass a new --out, or delete that file to rerun it")
+                skipped += 1
+                continue
+            tasks.append({"variant": v.name, "groups": list(v.groups), "overrides": v.overrides, "seed": seed,
+                          "config": cfg, "path": str(path), "data": str(data_dir), "threads": threads,
+                          "step_counts": list(ev["step_counts"]), "templates": ev["templates"],
+                          "caption_n": ev["caption_n"], "text_lines": ev["text_lines"], "quick": args.quick,
+                          "commit": commit, "command": command})
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log(f"ablate: {len(tasks)} runs to do, {skipped} already done; {ev['steps']} training steps each; "
+        f"{args.jobs} jobs x {threads} threads")
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(tasks), desc="ablate", unit="run", disable=args.quiet, dynamic_ncols=True)
+    if args.jobs == 1 or len(tasks) <= 1:
+        previous = torch.get_num_threads()
+        try:
+            for task in tasks:
+                r = run_one(task)
+                bar.update(1)
+                bar.set_postfix_str(f"{r['variant']} seed {r['seed']}: {r['wall_s']['total']:.0f} s")
+        finally:
+            torch.set_num_threads(previous)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
+            for f in as_completed([ex.submit(run_one, t) for t in tasks]):
+                r = f.result()
+                bar.update(1)
+                bar.set_postfix_str(f"{r['variant']} seed {r['seed']}: {r['wall_s']['total']:.0f} s")
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    summary = aggregate(out, _yardsticks(data_dir).floors(ev["templates"]), ev, elapsed if tasks else None)
+    write_table(out, summary)
+    plot(out, summary)
+    log(f"ablate: {len(tasks)} runs in {elapsed:.0f} s; table {out / 'summary.md'}, plots {out}/*.png")
+    return 0
+
+
+# -- results -------------------------------------------------------------------------------------
+
+def _stats(values) -> dict:
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None) -> dict:
+    """Mean and std over seeds of every variant's metrics, from the run files in ``out/runs``."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    order = [v.name for v in VARIANTS]
+    variants = {}
+    for name in order:
+        rs = [r for r in runs if r["variant"] == name]
+        if not rs:
+            continue
+        counts = list(rs[0]["metrics"]["generation"])
+        variants[name] = {
+            "groups": rs[0]["groups"], "overrides": rs[0]["overrides"], "seeds": sorted(r["seed"] for r in rs),
+            "generation_accuracy": {s: _stats([r["metrics"]["generation"][s]["accuracy"] for r in rs]) for s in counts},
+            "fd": {s: _stats([r["metrics"]["generation"][s]["fd"] for r in rs]) for s in counts},
+            "caption_accuracy": _stats([r["metrics"]["caption_accuracy"] for r in rs]),
+            "text_perplexity": _stats([r["metrics"]["text_perplexity"] for r in rs]),
+            "train_s": _stats([r["wall_s"]["train"] for r in rs]),
+            "run_s": _stats([r["wall_s"]["total"] for r in rs]),
+            "tokens_per_step": rs[0]["training"]["tokens_per_step"],
+            "train_steps": rs[0]["training"]["steps"],
+            "quick": rs[0]["quick"], "commits": sorted({r["commit"]["commit"] or "" for r in rs}),
+            "commands": sorted({r["command"] for r in rs}),
+        }
+    groups = {}
+    for v in VARIANTS:
+        if v.name in variants:
+            for g in v.groups:
+                groups.setdefault(g, []).append(v.name)
+    summary = {"variants": variants, "groups": groups, "floors": floors, "evaluation": ev,
+               "last_invocation_wall_s": elapsed, "runs": len(runs)}
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _pm(s: dict, fmt: str) -> str:
+    return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s["n"] > 1 else f"{s['mean']:{fmt}}"
+
+
+def write_table(out: Path, summary: dict) -> None:
+    """``summary.md``: one table per group, mean ± std (sample std over seeds)."""
+    lines = ["# Ablations on the digits: mean ± std over seeds", ""]
+    f = summary["floors"]
+    lines += [f"Frechet distance floor (real digits vs held-out): whole training split "
+              f"{f['fd_real_train_vs_heldout']:.3f}; {f['fd_subset_per_digit']} training digits per class "
+              f"(the generated set's size) {f['fd_real_subset_vs_heldout_mean']:.3f} ± "
+              f"{f['fd_real_subset_vs_heldout_std']:.3f} over {f['fd_subset_draws']} draws. "
+              f"SVC accuracy on held-out real digits {f['svc_accuracy_on_heldout']:.3f}.", ""]
+    for group, names in summary["groups"].items():
+        counts = list(summary["variants"][names[0]]["generation_accuracy"])
+        head = (["variant", "seeds"] + [f"gen acc @{s}" for s in counts] + [f"FD @{s}" for s in counts]
+                + ["caption acc", "text ppl", "train s"])
+        lines += [f"## {group}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for n in names:
+            v = summary["variants"][n]
+            row = ([n, str(len(v["seeds"]))] + [_pm(v["generation_accuracy"][s], ".3f") for s in counts]
+                   + [_pm(v["fd"][s], ".2f") for s in counts]
+                   + [_pm(v["caption_accuracy"], ".3f"), _pm(v["text_perplexity"], ".3f"), _pm(v["train_s"], ".0f")])
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    (out / "summary.md").write_text("\n".join(lines))
+
+
+def plot(out: Path, summary: dict) -> None:
+    """One figure per group: generation accuracy and FD against sampling steps, captioning
+    accuracy and text perplexity per variant (error bars: std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for group, names in summary["groups"].items():
+        fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
+        for n in names:
+            v = summary["variants"][n]
+            xs = [int(s) for s in v["generation_accuracy"]]
+            for a, key in ((ax[0], "generation_accuracy"), (ax[1], "fd")):
+                a.errorbar(xs, [v[key][s]["mean"] for s in v[key]], yerr=[v[key][s]["std"] for s in v[key]],
+                           marker="o", capsize=3, label=n)
+        for a, key, title in ((ax[2], "caption_accuracy", "captioning accuracy (held-out)"),
+                              (ax[3], "text_perplexity", "held-out text perplexity")):
+            a.bar(range(len(names)), [summary["variants"][n][key]["mean"] for n in names],
+                  yerr=[summary["variants"][n][key]["std"] for n in names], capsize=3, color="C0")
+            a.set_xticks(range(len(names)), names, rotation=30, ha="right")
+            a.set_title(title)
+        ax[0].set(title="generation accuracy (SVC)", xlabel="DDIM steps")
+        ax[1].set(title="Frechet distance to held-out", xlabel="DDIM steps")
+        ax[1].axhline(summary["floors"]["fd_real_subset_vs_heldout_mean"], color="gray", ls="--", label="real floor")
+        ax[0].legend(fontsize=7)
+        ax[1].legend(fontsize=7)
+        fig.suptitle(f"{group} (mean ± std over seeds)")
+        fig.tight_layout()
+        fig.savefig(out / f"{group}.png", dpi=90)
+        plt.close(fig)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = ", ".join(v.name for v in VARIANTS)
+    parser.add_argument("--out", required=True, help="results folder (runs/, summary.md/.json, one plot per group)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny grid (few steps, one seed, few variants) to check the harness; no claims")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per variant (default {SEEDS}; --quick: 1)")
+    parser.add_argument("--only", default=None, help=f"comma-separated variants to run, of: {names}")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps per run (default {TRAIN_STEPS}; --quick: {QUICK['steps']})")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="transfusion ablate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"transfusion ablate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
