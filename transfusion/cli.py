@@ -99,7 +99,6 @@ def cmd_train(args) -> int:
 
     out = Path(args.out)
     _check_out_folder(out, args.overwrite or args.resume, ", --resume")
-    args.no_progress = args.quiet  # the distributed trainer's name for it
     if args.distributed:
         from transfusion.distributed import train as train_distributed
 
@@ -164,12 +163,17 @@ def _load(args):
 def _sample_cfg(args, cfg, latents):
     """The SampleConfig of the command line; ``--steps`` and ``--sampler`` default to the
     checkpoint's sampling defaults (``cfg.sample``), options caption lacks to SampleConfig's."""
+    from transfusion.objective import SAMPLERS
     from transfusion.sample import SampleConfig
 
     base = SampleConfig()
     opt = {name: getattr(args, name, getattr(base, name)) for name in ("eta", "cfg_scale", "max_images", "clip_sample")}
     steps = args.steps if getattr(args, "steps", None) is not None else cfg.sample.steps
-    sampler = getattr(args, "sampler", None) or cfg.sample.sampler
+    sampler = getattr(args, "sampler", None) or cfg.sample.sampler or SAMPLERS[cfg.model.objective][0]
+    if getattr(args, "sampler", None) is not None:
+        fits = SAMPLERS[cfg.model.objective]
+        _require(sampler in fits, f"--sampler {sampler} does not fit this model (objective {cfg.model.objective}); "
+                                  f"use --sampler {' or '.join(fits)}")
     T = cfg.model.num_train_timesteps
     _require(steps <= T, f"--steps {steps} is more than the {T} timesteps the model was trained on; "
                          f"use --steps {T} or fewer")
@@ -323,8 +327,9 @@ def _diffusion_args(p):
     """Options of diffusion-mode sampling (sample only: captioning never denoises)."""
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: the checkpoint's sampling default, 50 or the paper preset's 250)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
-                   help="denoising update (default: the checkpoint's sampling default, ddim or the paper preset's ddpm)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "euler"), default=None,
+                   help="denoising update: ddim or ddpm for a DDPM model, euler for a flow model (default: the "
+                        "checkpoint's sampling default: ddim, the paper preset's ddpm, euler for flow)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0: deterministic (default 0)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1: off (default 3)")
     p.add_argument("--clip-sample", action="store_true", help="clip the predicted clean image to [-1, 1]")
@@ -414,6 +419,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=typ, default=None, help=preset_default(what, section, field))
     p.add_argument("--image-encoder", choices=("linear", "unet"), default=None,
                    help=preset_default("patch encoder and decoder", "model", "image_encoder"))
+    p.add_argument("--objective", choices=("ddpm", "flow"), default=None,
+                   help=preset_default("image objective: the paper's DDPM noise prediction, or flow matching "
+                                       "(velocity prediction, sampled with Euler steps)", "model", "objective"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _quiet(p)

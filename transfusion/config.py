@@ -151,7 +151,7 @@ class TrainConfig:
 class SampleDefaults:
     """How ``sample`` denoises when the command line does not say (``--sampler``, ``--steps``);
     saved in the checkpoint with the rest of the Config."""
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the objective's own (ddim; euler for a flow model)
     steps: int = 50
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -304,22 +305,27 @@ def setup(device: str | None = None, timeout_s: float = 600.0):
 
 
 def train(args, strategy: str) -> int:
+    from transfusion.config import UserError
     from transfusion.data import MixedBatches
     from transfusion.latents import make_latents
     from transfusion.model import TransfusionModel
     from transfusion.prepare import load_prepared
     from transfusion.runner import build_config
 
+    out = Path(args.out)
+    new_folder = not out.exists()
     device = setup(args.device)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        prepared = load_prepared(args.data)
+        try:
+            prepared = load_prepared(args.data)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from e
         cfg = build_config(prepared.info, args)
         latents = None
         if prepared.info["latents"] == "vae":
             latents = make_latents(str(Path(args.data) / "vae"), device=device)
-        out = Path(args.out)
         rank = dist.get_rank()
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -336,13 +342,17 @@ def train(args, strategy: str) -> int:
                 print(f"resumed from {ckpt} at step {trainer.step}")
         ctx = tk.use_backend(args.backend) if args.backend else contextlib.nullcontext()
         with ctx:
-            hist = trainer.fit(checkpoint_dir=ckpt, progress=rank == 0 and not args.no_progress)
+            hist = trainer.fit(checkpoint_dir=ckpt, progress=rank == 0 and not args.quiet)
         if rank == 0:
             if hist:
                 last = hist[-1]
                 print(f"step {last['step']}: loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}, "
                       f"ddpm {last['ddpm_loss']:.4f}) on {dist.get_world_size()} ranks ({strategy})")
             print(f"checkpoint: {ckpt}")
+    except BaseException:  # an error or Ctrl-C before any checkpoint: no run folder stays behind
+        if dist.get_rank() == 0 and new_folder and not (out / "checkpoint").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         dist.destroy_process_group()
     return 0

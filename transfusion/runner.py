@@ -9,9 +9,11 @@ from pathlib import Path
 import torch
 
 from transfusion.checkpoint import model_config_differences
-from transfusion.config import Config, DataConfig, ModelConfig, TrainConfig, UserError, demo_config, paper_config
+from transfusion.config import (Config, DataConfig, ModelConfig, SampleDefaults, TrainConfig, UserError, demo_config,
+                                paper_config)
 from transfusion.data import MixedBatches
 from transfusion.model import TransfusionModel
+from transfusion.objective import SAMPLERS
 from transfusion.train import Trainer
 
 
@@ -46,7 +48,7 @@ def build_config(info: dict, args):
              latents="pixel" if info["latents"] == "pixel" else "vae")
     for key, dest in (("dim", m), ("layers", m), ("heads", m), ("patch_size", m), ("image_encoder", m),
                       ("docs_per_batch", d), ("steps", t), ("lr", t), ("seed", t), ("ema_decay", t),
-                      ("diffusion_weight", t), ("warmup_steps", t), ("save_every", t)):
+                      ("diffusion_weight", t), ("warmup_steps", t), ("save_every", t), ("objective", m)):
         v = getattr(args, key, None)
         if v is not None:
             dest[{"layers": "n_layers", "heads": "n_heads"}.get(key, key)] = v
@@ -55,9 +57,16 @@ def build_config(info: dict, args):
     if args.backend:
         t["backend"] = args.backend
     try:
-        cfg = Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t), sample=base.sample)
+        sample = base.sample
+        if m["objective"] != base.model.objective:  # --objective: the base's sampler was for the other one
+            sample = SampleDefaults(sampler=None, steps=sample.steps)
+        cfg = Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t), sample=sample)
     except ValueError as e:
         raise UserError(f"{e}; change the option or the config") from e
+    fits = SAMPLERS[cfg.model.objective]
+    if cfg.sample.sampler is not None and cfg.sample.sampler not in fits:
+        raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective {cfg.model.objective!r}; "
+                        f"set it to {' or '.join(map(repr, fits))} (or null: {fits[0]!r})")
     k = cfg.model.patch_size
     if any(s % k for s in info["latent_size"]):
         raise UserError(f"patch size {k} does not divide the {'x'.join(map(str, info['latent_size']))} latent images; "
