@@ -43,7 +43,7 @@ class Variant:
 
 # One line per variant. A config shared by several groups is one variant (one run per seed).
 VARIANTS = [
-    Variant("baseline", ("encoder", "noise_cap", "lambda"), {}),
+    Variant("baseline", ("encoder", "noise_cap", "lambda", "objective"), {}),
     Variant("linear_p2", ("attention", "encoder"), {"model.patch_size": 2}),
     Variant("causal_p2", ("attention",), {"model.patch_size": 2, "model.image_attention": "causal"}),
     Variant("linear_p1", ("encoder",), {"model.patch_size": 1}),
@@ -54,11 +54,12 @@ VARIANTS = [
     Variant("no_cap", ("noise_cap",), {"data.image_first_max_timestep": 999}),
     Variant("lambda_0.5", ("lambda",), {"train.diffusion_weight": 0.5}),
     Variant("lambda_5", ("lambda",), {"train.diffusion_weight": 5.0}),
+    Variant("flow", ("objective",), {"model.objective": "flow"}),  # sampled with Euler steps
 ]
 
 TRAIN_STEPS = 500  # per run, every variant (chosen to fit the grid's time budget: docs/ablations.md)
 SEEDS = 3
-STEP_COUNTS = (5, 10, 25)  # DDIM steps at which generation is scored
+STEP_COUNTS = (5, 10, 25)  # sampling steps (DDIM; Euler for flow) at which generation is scored
 CFG_SCALE = 3.0
 HELDOUT_TEXT_SEED = 1  # the training corpus is drawn with seed 0
 HELDOUT_TEXT_LINES = 1000
@@ -172,9 +173,11 @@ def generate_images(model, tokenizer, prompts, steps: int):
     sampler can follow the model's training objective."""
     import torch
 
+    from transfusion.objective import SAMPLERS
     from transfusion.sample import SampleConfig, generate
 
-    scfg = SampleConfig(steps=steps, sampler="ddim", cfg_scale=CFG_SCALE, image_size=(8, 8), max_new_tokens=0, seed=0)
+    sampler = SAMPLERS[model.cfg.objective][0]  # DDIM, or Euler for a flow model
+    scfg = SampleConfig(steps=steps, sampler=sampler, cfg_scale=CFG_SCALE, image_size=(8, 8), max_new_tokens=0, seed=0)
     return torch.stack([r["images"][0] for r in generate(model, tokenizer, prompts, scfg, open_image=True)])
 
 
@@ -514,8 +517,8 @@ def plot(out: Path, summary: dict) -> None:
                   yerr=[summary["variants"][n][key]["std"] for n in names], capsize=3, color="C0")
             a.set_xticks(range(len(names)), names, rotation=30, ha="right")
             a.set_title(title)
-        ax[0].set(title="generation accuracy (SVC)", xlabel="DDIM steps")
-        ax[1].set(title="Frechet distance to held-out", xlabel="DDIM steps")
+        ax[0].set(title="generation accuracy (SVC)", xlabel="sampling steps")
+        ax[1].set(title="Frechet distance to held-out", xlabel="sampling steps")
         ax[1].axhline(summary["floors"]["fd_real_subset_vs_heldout_mean"], color="gray", ls="--", label="real floor")
         ax[0].legend(fontsize=7)
         ax[1].legend(fontsize=7)
