@@ -20,6 +20,7 @@ from pathlib import Path
 # were 10x slower than 1 under load without this). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from transfusion.ablate import add_arguments as ablate_arguments
 from transfusion.config import Config, UserError, demo_config, paper_config
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -303,6 +304,14 @@ def cmd_demo(args) -> int:
     return 0 if report["passed"] or args.quick else 2
 
 
+def cmd_ablate(args) -> int:
+    from transfusion.ablate import run
+
+    if args.backend:  # the grid's worker processes read it from the environment
+        os.environ["TRANSFUSION_KERNELS_BACKEND"] = args.backend
+    return run(args)
+
+
 # -- parser ----------------------------------------------------------------------------------
 DESCRIPTION = """Prepare data, train, sample and caption with a small Transfusion model, run the kernel
 benchmarks, or the whole CPU demo. A mistake the user can fix is printed as one line,
@@ -463,6 +472,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test; quality bars not expected)")
     _quiet(p)
     p.set_defaults(fn=cmd_demo)
+
+    p = add("ablate", "the paper's ablations at small scale on the digits: a grid of variants x seeds, "
+                      "trained and scored alike (docs/ablations.md)")
+    ablate_arguments(p)
+    p.set_defaults(fn=cmd_ablate)
     return ap
 
 

@@ -372,7 +372,7 @@ def test_help_of_every_option(capsys):
 
     ap = parser()
     subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subs) == {"prepare", "train", "sample", "caption", "bench", "demo"}
+    assert set(subs) == {"prepare", "train", "sample", "caption", "bench", "demo", "ablate"}
     for name, p in subs.items():
         for a in p._actions:
             if isinstance(a, argparse._HelpAction):
@@ -389,3 +389,9 @@ def test_help_of_every_option(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("usage: transfusion train ")
     assert err.strip().splitlines()[-1] == "transfusion train: error: argument --steps: invalid int value: 'ten'"
+
+
+def test_ablate_subcommand_errors(tmp_path, capsys):
+    msg = _cli(["ablate", "--out", str(tmp_path / "a"), "--only", "nosuch"], capsys)
+    assert "--only: unknown variant nosuch; choose from baseline," in msg and "flow" in msg
+    assert not (tmp_path / "a").exists()
