@@ -489,7 +489,11 @@ def main(argv=None) -> int:
         args, rest = bp.parse_known_args(argv[1:])
         args.rest = [a for a in rest if a != "--"]
         return cmd_bench(args)
-    args = parser().parse_args(argv)
+    ap = parser()
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser, with its usage
+        subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
+        subs[args.cmd].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.fn(args)
     except KeyboardInterrupt:

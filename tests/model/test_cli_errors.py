@@ -389,6 +389,11 @@ def test_help_of_every_option(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("usage: transfusion train ")
     assert err.strip().splitlines()[-1] == "transfusion train: error: argument --steps: invalid int value: 'ten'"
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--out", "d", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: transfusion prepare ")
+    assert err.strip().splitlines()[-1] == "transfusion prepare: error: unrecognized arguments: --no-such-flag"
 
 
 def test_ablate_subcommand_errors(tmp_path, capsys):
