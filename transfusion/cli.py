@@ -254,22 +254,31 @@ def _write_samples(args, model, tok, latents, device, scfg, out: Path) -> int:
 def cmd_caption(args) -> int:
     import torch
 
-    from transfusion.image_io import load_png
+    from transfusion.image_io import border_mean, load_png
     from transfusion.sample import caption
 
     from PIL import Image
 
+    bad = []
     for p in args.images:  # every file, before the model is loaded
         try:
             with Image.open(p) as im:
                 im.verify()
         except OSError as e:  # missing, unreadable, or not an image (PIL.UnidentifiedImageError)
-            raise UserError(f"{p}: {e.strerror or 'not an image file'}; "
-                            "pass PNG or other image files") from e
+            bad.append(f"{p} ({e.strerror or 'not an image file'})")
+    if bad:
+        raise UserError(f"{len(bad)} of {len(args.images)} files cannot be read as images: {', '.join(bad)}; "
+                        "pass PNG or other image files (nothing was captioned)")
     model, cfg, tok, latents, device = _load(args)
     scfg = _sample_cfg(args, cfg, latents)
     size = cfg.data.image_size
     imgs = torch.stack([load_png(p, size, getattr(latents, "in_channels", cfg.model.latent_channels)) for p in args.images])
+    if latents.kind == "pixel":  # the digits are light ink on a dark ground
+        for p, x in zip(args.images, imgs):
+            if border_mean(x) > 0:
+                x.neg_()
+                print(f"transfusion caption: note: {p} has a light background; captioned inverted "
+                      "(light on dark, as the model was trained)", file=sys.stderr)
     z = latents.encode(imgs.to(device)) if latents.kind == "vae" else imgs.to(device)
     with _backend_ctx(args):
         caps = caption(model, tok, z, scfg, progress=not args.quiet)

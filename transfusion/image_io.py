@@ -33,3 +33,10 @@ def load_png(path, size: int, channels: int):
     x = torch.tensor(np.asarray(im), dtype=torch.float32) / 127.5 - 1.0
     x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
     return resize_images(x[None], size)[0]
+
+
+def border_mean(img: torch.Tensor) -> float:
+    """Mean of the outermost pixels of ``[C, H, W]``: the ground a drawn digit stands on."""
+    m = torch.ones(img.shape[-2:], dtype=torch.bool)
+    m[1:-1, 1:-1] = False
+    return float(img[:, m].mean())

@@ -400,3 +400,25 @@ def test_ablate_subcommand_errors(tmp_path, capsys):
     msg = _cli(["ablate", "--out", str(tmp_path / "a"), "--only", "nosuch"], capsys)
     assert "--only: unknown variant nosuch; choose from baseline," in msg and "flow" in msg
     assert not (tmp_path / "a").exists()
+
+
+def test_caption_checks_every_file_and_inverts_a_light_background(run, tmp_path, capsys):
+    from transfusion.data import load_digits_split
+    from transfusion.image_io import save_png
+
+    ck = str(run / "run" / "checkpoint")
+    digit = load_digits_split(0.2, 0, 8).test_images[0]
+    dark, light = tmp_path / "dark.png", tmp_path / "light.png"
+    save_png(digit, dark, scale=4)
+    save_png(-digit, light, scale=4)  # dark ink on white paper, as a user would draw it
+    (tmp_path / "notes.txt").write_text("not an image")
+    msg = _cli(["caption", "--checkpoint", ck, str(dark), str(tmp_path / "notes.txt"), str(tmp_path / "gone.png")],
+               capsys)
+    assert "2 of 3 files cannot be read as images" in msg and "notes.txt (not an image file)" in msg
+    assert "gone.png (No such file or directory)" in msg
+    assert main(["caption", "--checkpoint", ck, str(dark), str(light), "--max-new-tokens", "3", "--quiet"]) == 0
+    res = capsys.readouterr()
+    assert res.err.strip() == (f"transfusion caption: note: {light} has a light background; captioned inverted "
+                               "(light on dark, as the model was trained)")
+    caps = [line.split("\t")[1] for line in res.out.strip().splitlines()]
+    assert caps[0] == caps[1]
