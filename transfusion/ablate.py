@@ -57,7 +57,7 @@ VARIANTS = [
     Variant("flow", ("objective",), {"model.objective": "flow"}),  # sampled with Euler steps
 ]
 
-TRAIN_STEPS = 500  # per run, every variant (chosen to fit the grid's time budget: docs/ablations.md)
+TRAIN_STEPS = 400  # per run, every variant (chosen to fit the grid's time budget: docs/ablations.md)
 SEEDS = 3
 STEP_COUNTS = (5, 10, 25)  # sampling steps (DDIM; Euler for flow) at which generation is scored
 CFG_SCALE = 3.0
@@ -375,7 +375,8 @@ def run(args) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = args.threads or max(1, cores // args.jobs)
     commit = git_commit()
-    command = shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
+    as_module = Path(sys.argv[0]).name == "ablate.py"
+    command = shlex.join((["python", "-m", "transfusion.ablate"] if as_module else ["transfusion"]) + sys.argv[1:])
     tasks, skipped = [], 0
     for v in sorted(pool, key=lambda v: -_cost(v, base)):
         for seed in seeds:
@@ -537,7 +538,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a tiny grid (few steps, one seed, few variants) to check the harness; no claims")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per variant (default {SEEDS}; --quick: 1)")
     parser.add_argument("--only", default=None, help=f"comma-separated variants to run, of: {names}")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes (default 1: on two cores one job with two threads was faster)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps per run (default {TRAIN_STEPS}; --quick: {QUICK['steps']})")
