@@ -32,7 +32,7 @@ def test_variants_are_distinct_and_cover_the_groups():
     cfgs = [ablate.variant_config(base, v, 0).to_dict() for v in ablate.VARIANTS]
     assert all(cfgs.count(c) == 1 for c in cfgs)  # a shared config is one run
     assert base.model.patch_size == 4 and base.model.image_attention == "bidirectional"
-    assert {g for v in ablate.VARIANTS for g in v.groups} == {"attention", "encoder", "noise_cap", "lambda"}
+    assert {g for v in ablate.VARIANTS for g in v.groups} == {"attention", "encoder", "noise_cap", "lambda", "objective"}
     c = ablate.variant_config(base, ablate.VARIANTS[0], 2)
     assert c.train.seed == c.data.seed == 2
 
