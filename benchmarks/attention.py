@@ -280,7 +280,7 @@ def measure(method, q, k, v, dout, d, hq, args):
         return row
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     out = method.fn(qg, kg, vg)
-    row["bwd_ms"] = do_bench(lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True),
+    row["bwd_ms"] = do_bench(lambda o=out: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True),
                              warmup=args.warmup, rep=args.rep, device=q.device)
     row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] / 1e9
     del out

@@ -1,9 +1,7 @@
 """benchmarks/tile_schedule.py: the list-schedule model behind the attention kernels' tile orders."""
 import pytest
-import torch
 
 from benchmarks import tile_schedule as ts
-from transfusion_kernels.masks import HybridMask
 
 
 def test_list_schedule_and_steps():

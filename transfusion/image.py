@@ -183,7 +183,7 @@ class UNetPatches(_Codec):
         plan, saved = state
         out = None
         for (shape, idx, where), (h1, h2, e) in zip(plan, saved):
-            g, (c, hh, ww) = len(idx), shape
+            g, (_, hh, ww) = len(idx), shape
             k = self.k
             z = h[where.to(h.device)].reshape(g, hh // k, ww // k, -1).permute(0, 3, 1, 2)
             u = self.from_dim(z)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-import transfusion_kernels as tk
 
 from transfusion.image import patchify, unpatchify
 from transfusion.model import KVCache

@@ -84,9 +84,22 @@ def main() -> int:
 
     pred = torch.randn(n, 16, device=device, dtype=dtype)
     target = torch.randn(n, 16, device=device, dtype=dtype)
+    x0_rows = torch.randn(n, 16, device=device, dtype=dtype)
 
     def loss(backend):
         return (tk.diffusion_loss(pred, target, image_index, backend=backend),)
+
+    sigmas = torch.tensor([1.0, 0.3], device=device)
+
+    def flow_add_noise(backend):
+        return tk.flow_add_noise(lat, sigmas, noise=noise, backend=backend)
+
+    def flow_euler(backend):
+        return (tk.flow_euler_step(eps, sigmas, sigmas - 0.1, lat, guidance_scale=3.0, uncond_output=noise,
+                                   backend=backend),)
+
+    def flow_loss(backend):
+        return (tk.flow_loss(pred, target, x0_rows, image_index, backend=backend),)
 
     ops = [
         ("hybrid_attention fwd+bwd", attention_fwd_bwd),
@@ -95,6 +108,9 @@ def main() -> int:
         ("ddpm_step", ddpm),
         ("ddim_step", ddim),
         ("diffusion_loss", loss),
+        ("flow_add_noise", flow_add_noise),
+        ("flow_euler_step (guided)", flow_euler),
+        ("flow_loss", flow_loss),
     ]
     backends = tk.available_backends(device)
     print("backends: " + "; ".join(str(b) for b in backends.values()))

@@ -4,7 +4,6 @@ Inputs are fresh random tensors per test (seeded by the test id). Each step is c
 (per-row timesteps including t = 0, the last step, and skipped steps) against diffusers run in
 float64 as the oracle, under the 2x rule against diffusers run in the input dtype.
 """
-import itertools
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import transfusion_kernels as tk
 from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned, small_tiles
 from tests.timestep.common import FLOOR, assert_rule, grad_floor, patch_oracle, run, sinusoid64
 

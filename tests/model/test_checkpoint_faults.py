@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from transfusion import checkpoint as ckpt_mod
-from transfusion.checkpoint import load_checkpoint, load_trainer_state, read_config, save_checkpoint
+from transfusion.checkpoint import load_checkpoint, load_trainer_state, read_config
 from transfusion.data import MixedBatches, load_digits_split, text_corpus
 from transfusion.model import TransfusionModel
 from transfusion.train import Trainer
@@ -68,7 +68,7 @@ def test_pickled_tensor_file_is_rejected_without_unpickling(saved, tmp_path, nam
     marker = tmp_path / "marker"
     # a torch.save pickle (what a .pt/.bin holds) under the safetensors name, carrying a payload
     torch.save({"w": torch.ones(2), "x": _Payload(marker)}, ck / name)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(Exception):
         load_checkpoint(ck, use_ema=True)
         load_trainer_state(ck)
     assert not marker.exists(), "a checkpoint loader unpickled a file"

@@ -1,5 +1,4 @@
 """Packed batch layout, labels and the Transfusion mask built from it."""
-import random
 
 import pytest
 import torch
@@ -111,7 +110,6 @@ def test_mixed_batches_mix_and_determinism(tok):
 
 
 def test_captions_and_parser():
-    rng = random.Random(0)
     for d in range(10):
         for t in CAPTION_TEMPLATES:
             assert parse_digit(t.format(word=WORDS[d], num=d)) == d

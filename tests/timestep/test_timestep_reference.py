@@ -206,7 +206,7 @@ def test_patch_no_images(seed):
 
 
 def _good():
-    P, D, M, F, H = 10, 16, 3, 8, 12
+    P, D, F, H = 10, 16, 8, 12  # three images (timesteps)
     return dict(
         x=torch.randn(P, D),
         timesteps=torch.tensor([1, 50, 999]),

@@ -44,7 +44,6 @@ def _probabilities(s, row_lse):
 
 def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
     nq, hq, d = q.shape
-    hkv = k.shape[1]
     out = torch.zeros(nq, hq, v.shape[2], dtype=torch.float32, device=q.device)
     lse = torch.full((hq, nq), float("-inf"), dtype=torch.float32, device=q.device)
     for i0, i1, j0, j1 in _chunks(kv_start, kv_end, hq, k.shape[0]):

@@ -31,10 +31,16 @@ All three ops are ONE fused elementwise pass with per-row coefficients ``coef`` 
 
 ``affine_step(sample, model_output, coef, noise, seed, clip_range, return_noise)
 -> (out, drawn_noise_or_None)``; row r covers the flat elements ``[r*L, (r+1)*L)``. Every
-backend also takes the keyword ``has_noise=False``: every ``c[:, 5]`` is zero, draw nothing.
+backend also takes the keywords ``has_noise=False`` (every ``c[:, 5]`` is zero, draw nothing)
+and ``velocity=True`` (the second output is ``noise - sample``, the flow-matching target, for
+given and drawn noise alike).
 
-Loss backends: ``diffusion_loss(pred, target, image_index, compute_grad) -> (loss, dloss/dpred)``
-(reference and triton; the backward is that saved gradient times the upstream scalar).
+Loss backends: ``diffusion_loss(pred, target, image_index, compute_grad, minus=None) -> (loss,
+dloss/dpred)`` (reference and triton; the backward is that saved gradient times the upstream
+scalar); with ``minus`` the error is ``pred - (target - minus)`` (flow_loss: noise - x0, never
+materialised).
+
+The flow-matching ops (``transfusion_kernels.flow``) run on these same two ops and kernels.
 
 Layout: ``ops.py`` the custom ops and their backends, ``coefficients.py`` the per-row
 coefficients, ``validation.py`` the argument checks, ``schedule.py`` the schedule; this module
@@ -44,47 +50,12 @@ import torch
 
 from transfusion_kernels.backends import select
 from transfusion_kernels.diffusion.coefficients import add_noise_coef, ddim_coef, ddpm_coef
-from transfusion_kernels.diffusion.ops import AFFINE_STEP, LOSS, affine_step_op, loss_op
+from transfusion_kernels.diffusion.ops import AFFINE_STEP, LOSS, loss_op, run_affine_step
 from transfusion_kernels.diffusion.schedule import DiffusionSchedule
-from transfusion_kernels.diffusion.validation import (
-    check_like,
-    check_schedule,
-    check_seed,
-    check_tensor,
-    clip_range_of,
-    fresh_seed,
-)
+from transfusion_kernels.diffusion.validation import check_like, check_loss_inputs, check_schedule, check_tensor, clip_range_of
 
 __all__ = ["AFFINE_STEP", "LOSS", "DiffusionSchedule", "add_noise", "add_noise_coef", "ddim_coef", "ddim_step",
            "ddpm_coef", "ddpm_step", "diffusion_loss"]
-
-
-def _run(name, sample, model_output, coef, noise, seed, clip_range, has_noise, return_noise):
-    if noise is not None:
-        check_like(noise, "noise", sample, "sample")
-        noise = noise.contiguous()
-    seed = check_seed(seed)
-    if not has_noise:
-        noise, seed = None, 0
-    elif noise is None and seed is None:
-        if torch.compiler.is_compiling():
-            noise = torch.randn_like(sample)  # a traced draw; Philox needs a concrete seed
-        else:
-            seed = fresh_seed()
-    if seed is None:
-        seed = 0
-    out, drawn = affine_step_op(
-        sample.contiguous(),
-        model_output.contiguous() if model_output is not None else None,
-        coef,
-        noise,
-        seed - 2**64 if seed >= 2**63 else seed,
-        clip_range,
-        return_noise,
-        has_noise,
-        name,
-    )
-    return out, (noise if noise is not None else (drawn if return_noise and has_noise else None))
 
 
 def add_noise(x0, timesteps, schedule, noise=None, seed=None, backend=None):
@@ -95,7 +66,8 @@ def add_noise(x0, timesteps, schedule, noise=None, seed=None, backend=None):
     check_tensor(x0, "x0")
     check_schedule(schedule)
     coef, _ = add_noise_coef(timesteps, x0.shape[0], schedule, x0.device)
-    return _run(select(AFFINE_STEP, backend, x0), x0, None, coef, noise, seed, None, True, True)
+    return run_affine_step(select(AFFINE_STEP, backend, x0), x0, None, coef, noise, seed, None, True,
+                           return_noise=True)
 
 
 def ddpm_step(
@@ -134,7 +106,7 @@ def ddpm_step(
         timestep, sample.shape[0], schedule, sample.device, prev_timestep, prediction_type, variance_type
     )
     name = select(AFFINE_STEP, backend, sample)
-    return _run(name, sample, model_output, coef, noise, seed, clip_range, has_noise, False)[0]
+    return run_affine_step(name, sample, model_output, coef, noise, seed, clip_range, has_noise)
 
 
 def ddim_step(
@@ -169,7 +141,7 @@ def ddim_step(
         use_clipped_model_output,
     )
     name = select(AFFINE_STEP, backend, sample)
-    return _run(name, sample, model_output, coef, noise, seed, clip_range, has_noise, False)[0]
+    return run_affine_step(name, sample, model_output, coef, noise, seed, clip_range, has_noise)
 
 
 def diffusion_loss(pred, target, image_index, backend=None):
@@ -179,22 +151,7 @@ def diffusion_loss(pred, target, image_index, backend=None):
     row, -1 for rows that are not image patches (ignored). The loss is the mean squared error of
     each image (over its patches and channels), averaged over the images with at least one patch;
     float32; 0 (with zero gradient) when there is no image. Differentiable in pred and target."""
-    check_tensor(pred, "pred")
-    if pred.dim() != 2:
-        raise ValueError(f"pred must have shape [P, C], got {tuple(pred.shape)}")
-    if pred.shape[1] == 0:
-        raise ValueError("pred must have at least one channel (C > 0)")
-    check_like(target, "target", pred, "pred")
-    if not isinstance(image_index, torch.Tensor):
-        raise TypeError(f"image_index must be an int32/int64 tensor, got {type(image_index).__name__}")
-    if image_index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"image_index must be int32 or int64, got {image_index.dtype}")
-    if image_index.shape != (pred.shape[0],):
-        raise ValueError(f"image_index must have shape [{pred.shape[0]}] (one per row of pred), got {tuple(image_index.shape)}")
-    if image_index.device != pred.device:
-        raise ValueError(f"image_index must be on the device of pred ({pred.device}), got {image_index.device}")
-    if not torch.compiler.is_compiling() and bool((image_index < -1).any()):
-        raise ValueError("image_index must be >= -1 (-1 marks rows that are not image patches)")
+    check_loss_inputs(pred, image_index, target=target)
     name = select(LOSS, backend, pred)
     compute_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     loss, _ = loss_op(pred.contiguous(), target.contiguous(), image_index.contiguous(), compute_grad, name)

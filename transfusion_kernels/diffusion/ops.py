@@ -92,11 +92,13 @@ def _affine_backward(ctx, grad_out, grad_second):
 affine_step_op.register_autograd(_affine_backward, setup_context=_affine_setup_context)
 
 
-def run_affine_step(name, sample, model_output, coef, noise, seed, clip_range, has_noise, velocity):
-    """The affine-step op with the public functions' noise rules (the flow ops use it): a given
-    ``noise`` is checked against ``sample``; without it a seed is drawn from torch's default
-    generator (under torch.compile, ``torch.randn_like`` noise, which traces); ``has_noise=False``
-    draws nothing. Returns ``out``, or ``(out, noise - sample)`` with ``velocity``."""
+def run_affine_step(name, sample, model_output, coef, noise, seed, clip_range, has_noise, *, velocity=False,
+                    return_noise=False):
+    """The affine-step op with the public functions' noise rules (every diffusion and flow op
+    runs through it): a given ``noise`` is checked against ``sample``; without it a seed is drawn
+    from torch's default generator (under torch.compile, ``torch.randn_like`` noise, which
+    traces); ``has_noise=False`` draws nothing. Returns ``out``; ``(out, noise - sample)`` with
+    ``velocity``; ``(out, the noise given or drawn)`` with ``return_noise``."""
     if noise is not None:
         check_like(noise, "noise", sample, "sample")
         noise = noise.contiguous()
@@ -109,19 +111,23 @@ def run_affine_step(name, sample, model_output, coef, noise, seed, clip_range, h
         else:
             seed = fresh_seed()
     seed = 0 if seed is None else seed
-    out, target = affine_step_op(
+    out, second = affine_step_op(
         sample.contiguous(),
         model_output.contiguous() if model_output is not None else None,
         coef,
         noise,
         seed - 2**64 if seed >= 2**63 else seed,
         clip_range,
-        False,
+        return_noise and noise is None,
         has_noise,
         name,
         velocity,
     )
-    return (out, target) if velocity else out
+    if velocity:
+        return out, second
+    if return_noise:
+        return out, (noise if noise is not None else (second if has_noise else None))
+    return out
 
 
 @torch.library.custom_op("transfusion_kernels::diffusion_loss", mutates_args=())

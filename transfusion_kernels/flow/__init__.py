@@ -45,7 +45,7 @@ def flow_add_noise(x0, sigmas, noise=None, seed=None, backend=None):
     check_tensor(x0, "x0")
     coef = add_noise_coef(sigmas, x0.shape[0], x0.device)
     name = select(AFFINE_STEP, backend, x0)
-    return run_affine_step(name, x0, None, coef, noise, seed, None, True, True)
+    return run_affine_step(name, x0, None, coef, noise, seed, None, True, velocity=True)
 
 
 def flow_euler_step(
@@ -89,8 +89,8 @@ def flow_euler_step(
     coef = euler_coef(sigma, sigma_next, sample.shape[0], sample.device, stochastic_sampling, guidance_scale)
     name = select(AFFINE_STEP, backend, sample)
     if guidance_scale is not None:  # the unconditional output rides in the noise slot
-        return run_affine_step(name, sample, model_output, coef, uncond_output, None, None, True, False)
-    return run_affine_step(name, sample, model_output, coef, noise, seed, None, stochastic_sampling, False)
+        return run_affine_step(name, sample, model_output, coef, uncond_output, None, None, True)
+    return run_affine_step(name, sample, model_output, coef, noise, seed, None, stochastic_sampling)
 
 
 def flow_loss(pred, x0, noise, image_index, backend=None):
