@@ -160,8 +160,10 @@ def coefficients(sched, t_rows, t_step, prev_ddim, R, device):
     }
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_suite(name, doc, argv, smoke_cases, gpu_cases, run_case, extra_config=None):
+    """The command line and case loop shared by the elementwise suites (diffusion, flow):
+    ``run_case(*case, device, backends, compile, bench, gen)`` returns one result row."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes with the reference backend")
     ap.add_argument("--backends", default=None, help="comma list (default: every backend that can run here)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -172,11 +174,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     if args.smoke:
-        device, cases, reps = torch.device("cpu"), SMOKE_CASES, args.reps or 5
+        device, cases, reps = torch.device("cpu"), smoke_cases, args.reps or 5
     else:
         if not torch.cuda.is_available():
             ap.error("no CUDA device: run with --smoke on a CPU")
-        device, cases, reps = torch.device("cuda"), GPU_CASES, args.reps or 100
+        device, cases, reps = torch.device("cuda"), gpu_cases, args.reps or 100
     if args.cases:
         cases = [cases[int(i)] for i in args.cases.split(",")]
     wanted = args.backends.split(",") if args.backends else [b for b in BACKENDS if AFFINE_STEP.has(b)]
@@ -195,15 +197,20 @@ def main(argv=None):
     except ImportError:
         diffusers_version = None
     config = {"warmup": warmup, "rep": reps, "seed": SEED, "backends": backends, "compile": not args.no_compile,
-              "compile_backend": compile_backend(), "diffusers": diffusers_version, "smoke": args.smoke}
+              "compile_backend": compile_backend(), "diffusers": diffusers_version, "smoke": args.smoke,
+              **(extra_config or {})}
     root = args.root or (tempfile.gettempdir() if args.smoke else None)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for case in cases:
         rows.append(run_case(*case, device, backends, not args.no_compile, bench, gen))
-        out = write_json("diffusion", rows, config, device=device, root=root)  # a cut-off run keeps its rows
+        out = write_json(name, rows, config, device=device, root=root)  # a cut-off run keeps its rows
     print(f"wrote {out}")
     return rows
+
+
+def main(argv=None):
+    return run_suite("diffusion", __doc__, argv, SMOKE_CASES, GPU_CASES, run_case)
 
 
 if __name__ == "__main__":

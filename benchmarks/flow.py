@@ -20,10 +20,8 @@ Achieved bandwidth = bytes / median time, next to a device copy (read + write) a
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 
 import torch
 
@@ -32,9 +30,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
-from benchmarks.common import compile_backend, compile_fn, do_bench, max_error, stand_ins, write_json  # noqa: E402
-from transfusion_kernels.backends import BACKENDS  # noqa: E402
-from transfusion_kernels.diffusion import AFFINE_STEP, reference  # noqa: E402
+from benchmarks.common import compile_fn, max_error  # noqa: E402
+from benchmarks.diffusion import SEED, first, run_suite  # noqa: E402
+from transfusion_kernels.diffusion import reference  # noqa: E402
 from transfusion_kernels.flow.coefficients import add_noise_coef, euler_coef  # noqa: E402
 
 # (name, shape, dtype): the loss views a case as [rows, last dim] patches of 16 images
@@ -49,7 +47,6 @@ SMOKE_CASES = [
     ("latents 2x4x8x8", (2, 4, 8, 8), torch.float32),
     ("packed patches 64 x 16", (64, 16), torch.bfloat16),
 ]
-SEED = 1234
 GUIDANCE = 4.5
 STEP = 3  # the step of SD3's 28-step schedule (shift 3) every step call takes
 SIGMA, SIGMA_NEXT = (float(s) for s in tk.FlowMatchSchedule(shift=3.0).set_timesteps(28)[1][STEP : STEP + 2].float())
@@ -163,53 +160,9 @@ def run_case(name, shape, dtype, device, backends, compile_, bench, gen):
     return row
 
 
-def first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes with the reference backend")
-    ap.add_argument("--backends", default=None, help="comma list (default: every backend that can run here)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--reps", type=int, default=None, help="timed calls on a CPU, milliseconds of timing on a GPU")
-    ap.add_argument("--cases", default=None, help="comma list of indices into the GPU (or --smoke) cases")
-    ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary "
-                                                 "folder for --smoke)")
-    args = ap.parse_args(argv)
-
-    if args.smoke:
-        device, cases, reps = torch.device("cpu"), SMOKE_CASES, args.reps or 5
-    else:
-        if not torch.cuda.is_available():
-            ap.error("no CUDA device: run with --smoke on a CPU")
-        device, cases, reps = torch.device("cuda"), GPU_CASES, args.reps or 100
-    if args.cases:
-        cases = [cases[int(i)] for i in args.cases.split(",")]
-    wanted = args.backends.split(",") if args.backends else [b for b in BACKENDS if AFFINE_STEP.has(b)]
-    backends = stand_ins(wanted, device, stand_in=args.smoke)
-    warmup = 2 if args.smoke else 25  # calls on the CPU, milliseconds on a GPU
-
-    def bench(fn):
-        return do_bench(fn, warmup=warmup, rep=reps, device=device)
-
-    try:
-        import diffusers
-
-        diffusers_version = diffusers.__version__
-    except ImportError:
-        diffusers_version = None
-    config = {"warmup": warmup, "rep": reps, "seed": SEED, "backends": backends, "compile": not args.no_compile,
-              "compile_backend": compile_backend(), "diffusers": diffusers_version, "smoke": args.smoke,
-              "guidance_scale": GUIDANCE, "sigma": SIGMA, "sigma_next": SIGMA_NEXT}
-    root = args.root or (tempfile.gettempdir() if args.smoke else None)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for case in cases:
-        rows.append(run_case(*case, device, backends, not args.no_compile, bench, gen))
-        out = write_json("flow", rows, config, device=device, root=root)  # a cut-off run keeps its rows
-    print(f"wrote {out}")
-    return rows
+    return run_suite("flow", __doc__, argv, SMOKE_CASES, GPU_CASES, run_case,
+                     {"guidance_scale": GUIDANCE, "sigma": SIGMA, "sigma_next": SIGMA_NEXT})
 
 
 if __name__ == "__main__":
