@@ -35,6 +35,8 @@ def test_variants_are_distinct_and_cover_the_groups():
     assert {g for v in ablate.VARIANTS for g in v.groups} == {"attention", "encoder", "noise_cap", "lambda", "objective"}
     c = ablate.variant_config(base, ablate.VARIANTS[0], 2)
     assert c.train.seed == c.data.seed == 2
+    demo = ablate.baseline_config(256, 10, "demo")
+    assert (demo.model.dim, demo.data.docs_per_batch, base.model.dim, base.data.docs_per_batch) == (128, 64, 64, 32)
 
 
 def _args(out, *extra):
