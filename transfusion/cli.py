@@ -178,12 +178,15 @@ def _sample_cfg(args, cfg, latents):
     T = cfg.model.num_train_timesteps
     _require(steps <= T, f"--steps {steps} is more than the {T} timesteps the model was trained on; "
                          f"use --steps {T} or fewer")
-    size = getattr(args, "image_size", None) or cfg.data.image_size
+    trained = cfg.data.image_size
+    size = getattr(args, "image_size", None) or trained
     lat = size // latents.downsample
     k = cfg.model.patch_size
     _require(size % latents.downsample == 0 and lat % k == 0,
              f"--image-size {size} does not fit the model: it must be a multiple of "
              f"{latents.downsample * k} (latent downsampling {latents.downsample} x patch size {k})")
+    _require(size == trained, f"--image-size {size}: this model was trained on {trained}x{trained} images only "
+                              f"and other sizes come out as noise; leave --image-size out (or pass {trained})")
     return SampleConfig(steps=steps, sampler=sampler, image_size=(lat, lat), max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, seed=args.seed, **opt)
 
@@ -352,7 +355,8 @@ def _diffusion_args(p):
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1: off (default 3)")
     p.add_argument("--clip-sample", action="store_true", help="clip the predicted clean image to [-1, 1]")
     p.add_argument("--max-images", type=int, default=1, help="most images per generated sequence (default 1)")
-    p.add_argument("--image-size", type=int, default=None, help="pixel size of generated images (default: the trained size)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixel size of generated images; must be the trained size (default: the trained size)")
 
 
 def _quiet(p):

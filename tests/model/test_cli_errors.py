@@ -131,6 +131,7 @@ def test_missing_device_and_backend(run, tmp_path, capsys):
     (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
     (["--png-scale", "0"], "--png-scale must be >= 1, got 0"),
     (["--image-size", "10"], "--image-size 10 does not fit the model: it must be a multiple of 4"),
+    (["--image-size", "16"], "--image-size 16: this model was trained on 8x8 images only"),
 ])
 def test_sample_argument_errors_write_nothing(run, tmp_path, capsys, args, expect):
     argv = ["sample", "--checkpoint", str(run / "run" / "checkpoint"), "--prompt", "a two",
