@@ -35,6 +35,7 @@ def test_variants_are_distinct_and_cover_the_groups():
     assert {g for v in ablate.VARIANTS for g in v.groups} == {"attention", "encoder", "noise_cap", "lambda", "objective"}
     c = ablate.variant_config(base, ablate.VARIANTS[0], 2)
     assert c.train.seed == c.data.seed == 2
+    assert [v.name for v in ablate.VARIANTS if not v.in_grid] == ["linear_p1", "unet_p1"]  # opt-in: --only
     demo = ablate.baseline_config(256, 10, "demo")
     assert (demo.model.dim, demo.data.docs_per_batch, base.model.dim, base.data.docs_per_batch) == (128, 64, 64, 32)
 
@@ -79,6 +80,14 @@ def test_quick_grid_writes_results_and_resumes(tmp_path, capsys):
     # results made with other settings are not silently mixed in
     with pytest.raises(UserError, match="other settings"):
         ablate.run(_args(out, "--quick", "--steps", "4", "--quiet"))
+
+
+def test_default_grid_and_opt_in_variants(tmp_path):
+    pool, seeds, ev = ablate.plan(_args(tmp_path / "o"))
+    assert [v.name for v in pool] == [v.name for v in ablate.VARIANTS if v.in_grid]
+    assert seeds == [0, 1, 2] and ev["steps"] == ablate.TRAIN_STEPS and ev["caption_n"] is None
+    pool, _, _ = ablate.plan(_args(tmp_path / "o", "--only", "unet_p1,baseline"))
+    assert [v.name for v in pool] == ["baseline", "unet_p1"]
 
 
 @pytest.mark.parametrize("extra, match", [
