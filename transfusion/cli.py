@@ -164,7 +164,7 @@ def _load(args):
 def _sample_cfg(args, cfg, latents):
     """The SampleConfig of the command line; ``--steps`` and ``--sampler`` default to the
     checkpoint's sampling defaults (``cfg.sample``), options caption lacks to SampleConfig's."""
-    from transfusion.objective import SAMPLERS
+    from transfusion.objective import SAMPLERS, check_sampler
     from transfusion.sample import SampleConfig
 
     base = SampleConfig()
@@ -172,9 +172,10 @@ def _sample_cfg(args, cfg, latents):
     steps = args.steps if getattr(args, "steps", None) is not None else cfg.sample.steps
     sampler = getattr(args, "sampler", None) or cfg.sample.sampler or SAMPLERS[cfg.model.objective][0]
     if getattr(args, "sampler", None) is not None:
-        fits = SAMPLERS[cfg.model.objective]
-        _require(sampler in fits, f"--sampler {sampler} does not fit this model (objective {cfg.model.objective}); "
-                                  f"use --sampler {' or '.join(fits)}")
+        try:
+            check_sampler(cfg.model, sampler, "--sampler")
+        except ValueError as e:
+            raise UserError(str(e)) from e
     T = cfg.model.num_train_timesteps
     _require(steps <= T, f"--steps {steps} is more than the {T} timesteps the model was trained on; "
                          f"use --steps {T} or fewer")

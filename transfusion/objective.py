@@ -47,10 +47,13 @@ def training_inputs(cfg, x0, t, patch_img, seed: int, sched, backend=None):
     return x_t, diffusion_target(cfg.prediction_type, x0, noise, t_rows, sched), t
 
 
-def check_sampler(cfg, sampler: str) -> None:
-    if sampler not in SAMPLERS[cfg.objective]:
-        raise ValueError(f"sampler {sampler!r} does not fit a model trained with objective {cfg.objective!r}: "
-                         f"use {' or '.join(repr(s) for s in SAMPLERS[cfg.objective])}")
+def check_sampler(cfg, sampler: str, name: str = "sampler") -> None:
+    """ValueError unless ``sampler`` samples a model trained with ``cfg.objective``; ``name`` is
+    the setting as its user spells it (an option, a config field)."""
+    fits = SAMPLERS[cfg.objective]
+    if sampler not in fits:
+        raise ValueError(f"{name} {sampler!r} does not fit objective {cfg.objective!r}; "
+                         f"use {' or '.join(map(repr, fits))}")
 
 
 def sampling_steps(cfg, steps: int):

@@ -13,7 +13,7 @@ from transfusion.config import (Config, DataConfig, ModelConfig, SampleDefaults,
                                 paper_config)
 from transfusion.data import MixedBatches
 from transfusion.model import TransfusionModel
-from transfusion.objective import SAMPLERS
+from transfusion.objective import check_sampler
 from transfusion.train import Trainer
 
 
@@ -63,10 +63,11 @@ def build_config(info: dict, args):
         cfg = Config(model=ModelConfig(**m), data=DataConfig(**d), train=TrainConfig(**t), sample=sample)
     except ValueError as e:
         raise UserError(f"{e}; change the option or the config") from e
-    fits = SAMPLERS[cfg.model.objective]
-    if cfg.sample.sampler is not None and cfg.sample.sampler not in fits:
-        raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective {cfg.model.objective!r}; "
-                        f"set it to {' or '.join(map(repr, fits))} (or null: {fits[0]!r})")
+    if cfg.sample.sampler is not None:
+        try:
+            check_sampler(cfg.model, cfg.sample.sampler, "sample.sampler")
+        except ValueError as e:
+            raise UserError(f"{e} (or null: the objective's own)") from e
     k = cfg.model.patch_size
     if any(s % k for s in info["latent_size"]):
         raise UserError(f"patch size {k} does not divide the {'x'.join(map(str, info['latent_size']))} latent images; "

@@ -28,6 +28,33 @@ def tiny_config(vocab_size, steps=4, **model_kw):
     )
 
 
+
+def digit_trainer(cfg, tok, digits, metrics=None):
+    """A Trainer of a fresh reference-backend model on 64 training digits and 100 text lines."""
+    from transfusion.data import MixedBatches, text_corpus
+    from transfusion.model import TransfusionModel
+    from transfusion.train import Trainer
+
+    torch.manual_seed(cfg.train.seed)
+    model = TransfusionModel(cfg.model, backend="reference")
+    batches = MixedBatches(digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data,
+                           cfg.model.patch_size)
+    return Trainer(model, cfg, tok, batches, metrics_path=metrics)
+
+
+class FixedBatches:
+    """The same batch every step (overfitting checks)."""
+
+    def __init__(self, b):
+        self.b = b
+
+    def __next__(self):
+        return self.b
+
+    def state_dict(self):
+        return {}
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads(request):
     # fresh inputs per test, reproducible from the test id

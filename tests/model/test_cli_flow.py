@@ -20,7 +20,7 @@ def test_train_and_sample_a_flow_model(tmp_path, capsys):
     assert summary["sampler"]["sampler"] == "euler" and len(summary["samples"]) == 2
     msg = _cli(["sample", "--checkpoint", str(ck), "--prompt", "two", "--sampler", "ddim", "--out",
                 str(tmp_path / "other")], capsys)
-    assert "--sampler ddim does not fit this model (objective flow)" in msg and "euler" in msg
+    assert "--sampler 'ddim' does not fit objective 'flow'; use 'euler'" in msg
     assert not (tmp_path / "other").exists()
 
 

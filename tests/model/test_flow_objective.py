@@ -2,13 +2,11 @@
 import pytest
 import torch
 
-from transfusion.data import MixedBatches, load_digits_split, text_corpus
-from transfusion.model import TransfusionModel
+from transfusion.data import load_digits_split
 from transfusion.objective import check_sampler, denoise, sampling_steps, training_inputs
 from transfusion.sample import SampleConfig, caption, generate
-from transfusion.train import Trainer
 
-from conftest import tiny_config, tiny_model_config
+from conftest import FixedBatches, digit_trainer, tiny_config, tiny_model_config
 
 
 def test_training_inputs_are_the_rectified_flow_path():
@@ -71,14 +69,10 @@ def test_flow_model_trains_and_samples(tok):
     digits = load_digits_split(0.2, 0, 8)
     cfg = tiny_config(tok.vocab_size, steps=40, objective="flow")
     cfg.train.warmup_steps = 1
-    torch.manual_seed(0)
-    model = TransfusionModel(cfg.model, backend="reference")
-    batches = MixedBatches(digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data,
-                           cfg.model.patch_size)
-    tr = Trainer(model, cfg, tok, batches)
-    fixed = tr.batches.batch(0)
-    tr.batches = type("Fixed", (), {"__next__": lambda self: fixed, "state_dict": lambda self: {}})()
+    tr = digit_trainer(cfg, tok, digits)
+    tr.batches = FixedBatches(tr.batches.batch(0))
     hist = tr.fit(progress=False)
+    model = tr.model
     assert hist[-1]["ddpm_loss"] < 0.7 * hist[0]["ddpm_loss"]
     assert hist[-1]["lm_loss"] < 0.5 * hist[0]["lm_loss"]
     model.eval()

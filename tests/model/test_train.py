@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from transfusion.checkpoint import load_checkpoint, save_checkpoint
-from transfusion.data import MixedBatches, load_digits_split, text_corpus
-from transfusion.model import TransfusionModel
-from transfusion.train import Trainer, loss_terms
+from transfusion.data import load_digits_split
+from transfusion.train import loss_terms
 
-from conftest import tiny_config
+from conftest import FixedBatches, digit_trainer, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -17,33 +16,12 @@ def digits():
     return load_digits_split(0.2, 0, 8)
 
 
-def _trainer(cfg, tok, digits, metrics=None):
-    torch.manual_seed(cfg.train.seed)
-    model = TransfusionModel(cfg.model, backend="reference")
-    batches = MixedBatches(digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data,
-                           cfg.model.patch_size)
-    return Trainer(model, cfg, tok, batches, metrics_path=metrics)
-
-
-class _Fixed:
-    """The same batch every step (overfitting check)."""
-
-    def __init__(self, b):
-        self.b = b
-
-    def __next__(self):
-        return self.b
-
-    def state_dict(self):
-        return {}
-
-
 @pytest.mark.parametrize("encoder", ["linear", "unet"])
 def test_loss_falls_when_overfitting_one_batch(tok, digits, encoder):
     cfg = tiny_config(tok.vocab_size, steps=40, image_encoder=encoder)
     cfg.train.warmup_steps = 1
-    tr = _trainer(cfg, tok, digits)
-    tr.batches = _Fixed(tr.batches.batch(0))
+    tr = digit_trainer(cfg, tok, digits)
+    tr.batches = FixedBatches(tr.batches.batch(0))
     hist = tr.fit(progress=False)
     first, last = hist[0], hist[-1]
     assert last["lm_loss"] < 0.5 * first["lm_loss"]
@@ -54,7 +32,7 @@ def test_loss_falls_when_overfitting_one_batch(tok, digits, encoder):
 def test_loss_is_lm_plus_lambda_ddpm(tok, digits):
     cfg = tiny_config(tok.vocab_size)
     cfg.train.diffusion_weight = 0.25
-    tr = _trainer(cfg, tok, digits)
+    tr = digit_trainer(cfg, tok, digits)
     b = tr.batches.batch(0)
     lm, ddpm = loss_terms(tr.model, b, tr.diff_sched)
     m = tr.train_step(b)
@@ -65,12 +43,12 @@ def test_loss_is_lm_plus_lambda_ddpm(tok, digits):
 def test_resume_follows_the_same_loss_curve(tok, digits, tmp_path):
     cfg = tiny_config(tok.vocab_size, steps=6)
     cfg.train.ema_decay = 0.9
-    ref = _trainer(cfg, tok, digits)
+    ref = digit_trainer(cfg, tok, digits)
     straight = ref.fit(progress=False)
 
-    first = _trainer(cfg, tok, digits, metrics=tmp_path / "m.jsonl")
+    first = digit_trainer(cfg, tok, digits, metrics=tmp_path / "m.jsonl")
     h1 = first.fit(steps=3, checkpoint_dir=tmp_path / "ckpt", progress=False)
-    second = _trainer(cfg, tok, digits)
+    second = digit_trainer(cfg, tok, digits)
     torch.manual_seed(1234)  # a different process state: everything must come from the checkpoint
     second.resume(tmp_path / "ckpt")
     assert second.step == 3 and second.batches.step == 3
@@ -88,7 +66,7 @@ def test_resume_follows_the_same_loss_curve(tok, digits, tmp_path):
 def test_checkpoint_round_trip(tok, digits, tmp_path):
     cfg = tiny_config(tok.vocab_size, steps=2, image_encoder="unet")
     cfg.train.ema_decay = 0.5
-    tr = _trainer(cfg, tok, digits)
+    tr = digit_trainer(cfg, tok, digits)
     tr.fit(progress=False)
     path = tr.save(tmp_path / "ck")
     names = sorted(p.name for p in path.iterdir())
