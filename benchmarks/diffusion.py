@@ -85,7 +85,6 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, bench, gen
     t_scalar = 500  # DDIM with 50 steps visits it; DDPM: prev = 499
     t_step = t_rows if per_row else t_scalar
     prev_ddim = (t_rows - 20) if per_row else t_scalar - 20
-    n, item = x.numel(), x.element_size()
 
     # op: (public call on backend b, model_output of the kernel call, whether noise is returned);
     # every op reads two tensors and writes one, or reads one and writes two (add_noise)
@@ -96,48 +95,60 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, bench, gen
             lambda b: tk.ddim_step(m, t_step, x, sched, prev_timestep=prev_ddim, clip_sample=True, backend=b), m, False
         ),
     }
-    nbytes = 3 * n * item
+    nbytes = 3 * x.numel() * x.element_size()
     coefs = coefficients(sched, t_rows, t_step, prev_ddim, R, device)
     baselines = diffusers_baselines(x, m, t_rows, t_scalar, per_row)
     compiled = compile_fn(compiled_step, dynamic=False) if compile_ else None
 
-    copy_ms = bench(lambda: torch.empty_like(x).copy_(x))
-    copy_gbps = 2 * n * item / copy_ms / 1e6
-    row = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "per_row_timesteps": per_row,
-           "copy_ms": copy_ms, "copy_GBps": copy_gbps, "ops": {}}
-    for op, (public, mo, ret_noise) in ops.items():
-        coef, clip, has_noise = coefs[op]
-        impls = {}
-        if op in baselines:
-            impls["diffusers"] = baselines[op]
-        if compiled is not None:
-            impls["compiled"] = lambda: compiled(x, mo, coef, clip, has_noise, ret_noise)
-        for label, b in backends.items():
-            impls[f"tk:{label}"] = lambda b=b: public(b)
-            mod = AFFINE_STEP.module(b)
-            impls[f"kernel:{label}"] = lambda mod=mod: mod.affine_step(
-                x, mo, coef, None, SEED, clip, ret_noise, has_noise=has_noise
-            )
-        results = {}
-        with torch.no_grad():
-            expected = first(public("reference"))
-            for impl, fn in impls.items():
-                # checked before it is timed: the kernels draw the reference's noise (same seed);
-                # the baselines draw torch's own, so only the noise-free DDIM step compares
-                check = {}
-                if impl.split(":")[0] in ("tk", "kernel") or op == "ddim_step":
-                    check["max_abs_diff_vs_reference"] = max_error(first(fn()), expected)
-                else:
-                    check["check"] = "own RNG: not comparable"
-                if ":" in impl and backends[impl.split(":", 1)[1]] != impl.split(":", 1)[1]:
-                    check["note"] = "reference standing in"
-                ms = bench(fn)
-                gbps = nbytes / ms / 1e6
-                results[impl] = {"median_ms": ms, "GBps": gbps, "frac_of_copy": gbps / copy_gbps, **check}
-                print(f"{name:32s} {row['dtype']:8s} {op:9s} {impl:18s} {ms:9.4f} ms {gbps:8.1f} GB/s "
-                      f"({100 * gbps / copy_gbps:5.1f}% of copy)", flush=True)
-        row["ops"][op] = {"bytes": nbytes, "impls": results}
+    row = case_row(name, x, bench, per_row_timesteps=per_row)
+    with torch.no_grad():
+        for op, (public, mo, ret_noise) in ops.items():
+            coef, clip, has_noise = coefs[op]
+            impls = {}
+            if op in baselines:
+                impls["diffusers"] = baselines[op]
+            if compiled is not None:
+                impls["compiled"] = lambda: compiled(x, mo, coef, clip, has_noise, ret_noise)
+            for label, b in backends.items():
+                impls[f"tk:{label}"] = lambda b=b: public(b)
+                mod = AFFINE_STEP.module(b)
+                impls[f"kernel:{label}"] = lambda mod=mod: mod.affine_step(
+                    x, mo, coef, None, SEED, clip, ret_noise, has_noise=has_noise
+                )
+            # the kernels draw the reference's noise (same seed); the baselines draw torch's
+            # own, so only the noise-free DDIM step compares
+            time_impls(row, op, impls, first(public("reference")), nbytes, backends, bench,
+                       comparable=lambda impl: ":" in impl or op == "ddim_step")
     return row
+
+
+def case_row(name, x, bench, **extra) -> dict:
+    """A case's result row, with the device copy of ``x``: the bandwidth every op is held to."""
+    n, item = x.numel(), x.element_size()
+    copy_ms = bench(lambda: torch.empty_like(x).copy_(x))
+    return {"case": name, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", ""), **extra,
+            "copy_ms": copy_ms, "copy_GBps": 2 * n * item / copy_ms / 1e6, "ops": {}}
+
+
+def time_impls(row, op, impls, expected, nbytes, backends, bench, comparable) -> None:
+    """Check each implementation of ``op`` against the reference output ``expected`` (those
+    ``comparable(impl)`` draws the same noise), then time it; record it in ``row`` and print a line."""
+    results = {}
+    for impl, fn in impls.items():
+        check = {}
+        if comparable(impl):
+            check["max_abs_diff_vs_reference"] = max_error(first(fn()), expected)
+        else:
+            check["check"] = "own RNG: not comparable"
+        label = impl.split(":", 1)[-1]
+        if ":" in impl and backends[label] != label:
+            check["note"] = "reference standing in"
+        ms = bench(fn)
+        gbps = nbytes / ms / 1e6
+        results[impl] = {"median_ms": ms, "GBps": gbps, "frac_of_copy": gbps / row["copy_GBps"], **check}
+        print(f"{row['case']:32s} {row['dtype']:8s} {op:10s} {impl:18s} {ms:9.4f} ms {gbps:8.1f} GB/s "
+              f"({100 * gbps / row['copy_GBps']:5.1f}% of copy)", flush=True)
+    row["ops"][op] = {"bytes": nbytes, "impls": results}
 
 
 def first(out):

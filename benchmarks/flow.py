@@ -30,8 +30,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
-from benchmarks.common import compile_fn, max_error  # noqa: E402
-from benchmarks.diffusion import SEED, first, run_suite  # noqa: E402
+from benchmarks.common import compile_fn  # noqa: E402
+from benchmarks.diffusion import SEED, case_row, first, run_suite, time_impls  # noqa: E402
 from transfusion_kernels.diffusion import reference  # noqa: E402
 from transfusion_kernels.flow.coefficients import add_noise_coef, euler_coef  # noqa: E402
 
@@ -128,10 +128,7 @@ def run_case(name, shape, dtype, device, backends, compile_, bench, gen):
             "loss": lambda: loss_c(pred, x0, noise, image_index),
         }
 
-    copy_ms = bench(lambda: torch.empty_like(x).copy_(x))
-    copy_gbps = 2 * n * item / copy_ms / 1e6
-    row = {"case": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-           "MB_per_tensor": n * item / 2**20, "copy_ms": copy_ms, "copy_GBps": copy_gbps, "ops": {}}
+    row = case_row(name, x, bench, MB_per_tensor=n * item / 2**20)
     for op, (public, nbytes) in ops.items():
         impls = {}
         if op in baselines:
@@ -140,23 +137,9 @@ def run_case(name, shape, dtype, device, backends, compile_, bench, gen):
             impls["compiled"] = compiled[op]
         for label, b in backends.items():
             impls[f"tk:{label}"] = lambda b=b: public(b)
-        expected = first(public("reference"))
-        results = {}
-        for impl, fn in impls.items():
-            # the tk rows draw the reference's noise (same seed); the baselines their own
-            check = {}
-            if impl.startswith("tk:") or op in ("euler_step", "euler_cfg", "loss"):
-                check["max_abs_diff_vs_reference"] = max_error(first(fn()), expected)
-            else:
-                check["check"] = "own RNG: not comparable"
-            if impl.startswith("tk:") and backends[impl[3:]] != impl[3:]:
-                check["note"] = "reference standing in"
-            ms = bench(fn)
-            gbps = nbytes / ms / 1e6
-            results[impl] = {"median_ms": ms, "GBps": gbps, "frac_of_copy": gbps / copy_gbps, **check}
-            print(f"{name:32s} {row['dtype']:8s} {op:10s} {impl:14s} {ms:9.4f} ms {gbps:8.1f} GB/s "
-                  f"({100 * gbps / copy_gbps:5.1f}% of copy)", flush=True)
-        row["ops"][op] = {"bytes": nbytes, "impls": results}
+        # the tk rows draw the reference's noise (same seed); the baselines their own
+        time_impls(row, op, impls, first(public("reference")), nbytes, backends, bench,
+                   comparable=lambda impl: impl.startswith("tk:") or op != "add_noise")
     return row
 
 
