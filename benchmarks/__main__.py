@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import markdown_table, results_path  # noqa: E402
+from .common import markdown_table, results_path  # noqa: E402
 
 SUITES = ("attention", "timestep", "diffusion", "flow", "model")
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         suite_args = (["--smoke"] if smoke else []) + (["--root", str(root)] if root else [])
         try:
             with smoke_compile_backend(smoke):
-                importlib.import_module(f"benchmarks.{suite}").main(suite_args)
+                importlib.import_module(f".{suite}", __package__).main(suite_args)
         except Exception as e:  # noqa: BLE001 - one broken suite must not hide the others
             failed.append(suite)
             print(f"{suite} failed: {type(e).__name__}: {e}")

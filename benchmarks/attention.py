@@ -51,7 +51,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+from .common import (  # noqa: E402
     compile_backend, compile_fn, do_bench, flex_block_mask, markdown_table, max_error, peak_memory_mb, write_json,
 )
 

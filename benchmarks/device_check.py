@@ -44,8 +44,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, markdown_table  # noqa: E402
-from benchmarks.toolchain import find_nvcc  # noqa: E402
+from .common import environment, markdown_table  # noqa: E402
+from .toolchain import find_nvcc  # noqa: E402
 
 SOURCES = (ROOT / "CMakeLists.txt").is_file()  # a checkout or an unpacked sdist, not an installed package
 
@@ -110,11 +110,13 @@ def run_logged(check: Check, cmd: list[str], log: str, timeout: float, cwd: Path
     return code, tail
 
 
-def python_call(module: str, argv: list[str]) -> list[str]:
-    """``python -c`` calling ``module.main(argv)`` (works whether or not the module has a
-    ``__main__`` block), with sys.argv set as if the script ran, so that the command recorded in
-    its JSON is the one that reproduces it; a non-integer return counts as success."""
-    script = str(ROOT / (module.replace(".", "/") + ".py"))
+def python_call(name: str, argv: list[str]) -> list[str]:
+    """``python -c`` calling ``main(argv)`` of this package's module ``name`` (works whether or
+    not the module has a ``__main__`` block), with sys.argv set as if the script ran, so that the
+    command recorded in its JSON is the one that reproduces it; a non-integer return counts as
+    success. The package is ``benchmarks`` in a checkout, ``transfusion_kernels_bench`` installed."""
+    module = f"{__package__}.{name}"
+    script = str(Path(__file__).with_name(f"{name}.py"))
     code = (f"import sys; sys.argv = [{script!r}] + {argv!r}; from {module} import main; "
             f"r = main({argv!r}); sys.exit(r if isinstance(r, int) else 0)")
     return [sys.executable, "-c", code]
@@ -212,11 +214,11 @@ def step_tests(check: Check, timeout: float) -> dict:
 
 
 def step_tune(check: Check, timeout: float) -> dict:
-    if not (ROOT / "benchmarks" / "tune.py").exists():
-        return {"status": "skipped", "detail": "benchmarks/tune.py is not in this checkout"}
+    if not Path(__file__).with_name("tune.py").exists():
+        return {"status": "skipped", "detail": "tune.py is not beside device_check.py"}
     out = check.out / "tuned.json"
     argv = ["--out", str(out), "--short"] + (["--dry-run"] if check.dry_run else [])
-    code, _ = run_logged(check, python_call("benchmarks.tune", argv), "bench", timeout)
+    code, _ = run_logged(check, python_call("tune", argv), "bench", timeout)
     result = {"status": "timeout" if code is None else ("ok" if code == 0 else "failed"), "exit_code": code,
               "detail": "tuned.json" if out.exists() else "no tuned.json written; see bench.log"}
     if out.exists():
@@ -248,7 +250,7 @@ def step_suite(name: str):
         gpu_args, dry_args = SUITE_ARGS[name]
         root = check.work / name
         argv = (dry_args if check.dry_run else gpu_args) + ["--root", str(root)]
-        code, tail = run_logged(check, python_call(f"benchmarks.{name}", argv), "bench", timeout)
+        code, tail = run_logged(check, python_call(name, argv), "bench", timeout)
         found = sorted(root.glob(f"*/{name}.json"))
         data = json.loads(found[0].read_text()) if found else None  # partial rows survive a timeout
         status = "timeout" if code is None else ("ok" if code == 0 else "failed")
@@ -270,7 +272,7 @@ STEP_FNS = {"build": step_build, "tests": step_tests, "tune": step_tune,
 # ----------------------------------------------------------------------------- reporting
 def suite_table(name: str, data: dict, dry_run: bool) -> str:
     """The suite's table as ``python -m benchmarks`` shows it, plus every error column."""
-    from benchmarks.__main__ import summarize
+    from .__main__ import summarize
 
     rows, cols = summarize(name, data)
     if name == "attention":
@@ -390,7 +392,7 @@ def save(check: Check) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__package__}.device_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for results.json, summary.md, logs and plots")
     p.add_argument("--dry-run", action="store_true", help="CPU: every step at tiny sizes, no timings")
     p.add_argument("--budget-s", type=float, default=None,
@@ -409,7 +411,7 @@ def main(argv=None) -> int:
     for stale in ("results.json", "summary.md", "build.log", "tests.log", "bench.log", "plots.png", "tuned.json"):
         (out / stale).unlink(missing_ok=True)
     budget = args.budget_s or (1200.0 if args.dry_run else 510.0)
-    command = " ".join(["python -m benchmarks.device_check"] + (argv if argv is not None else sys.argv[1:]))
+    command = " ".join([f"python -m {__package__}.device_check"] + (argv if argv is not None else sys.argv[1:]))
     check = Check(out=out, dry_run=args.dry_run, deadline=time.time() + budget, command=command)
     print(f"device check{' (dry run)' if args.dry_run else ''}: {environment()['device']}, budget {budget:.0f} s, "
           f"out {out}", flush=True)

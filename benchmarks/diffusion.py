@@ -16,8 +16,8 @@ reads sample and model_output and writes x_prev (noise is drawn in the kernel). 
 bandwidth = those bytes / median time, next to a measured device copy
 (``torch.empty_like(x).copy_(x)``: read + write) as the ceiling.
 
-    python benchmarks/diffusion.py            # GPU: latents and 64 MB+ tensors, JSON in benchmarks/results/
-    python benchmarks/diffusion.py --smoke    # CPU: tiny shapes on the reference, checks the harness
+    python -m benchmarks.diffusion            # GPU: latents and 64 MB+ tensors, JSON in benchmarks/results/
+    python -m benchmarks.diffusion --smoke    # CPU: tiny shapes on the reference, checks the harness
 
 Timing, environment record and JSON come from ``benchmarks/common.py`` (``do_bench``: medians of
 ``triton.testing.do_bench`` on a GPU, L2 flushed between runs; wall-clock medians on a CPU).
@@ -36,7 +36,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
-from benchmarks.common import compile_backend, compile_fn, do_bench, max_error, stand_ins, write_json  # noqa: E402
+from .common import compile_backend, compile_fn, do_bench, max_error, stand_ins, write_json  # noqa: E402
 from transfusion_kernels.backends import BACKENDS  # noqa: E402
 from transfusion_kernels import diffusion as tkd  # noqa: E402
 from transfusion_kernels.diffusion import AFFINE_STEP, reference  # noqa: E402

@@ -15,8 +15,8 @@ Every op is one memory-bound pass. Bytes moved: add_noise reads x0, writes x_t a
 unconditional output too); the loss reads pred, x0 and noise and writes d loss / d pred (4).
 Achieved bandwidth = bytes / median time, next to a device copy (read + write) as the ceiling.
 
-    python benchmarks/flow.py            # GPU: latents and 64 MB+ tensors, JSON in benchmarks/results/
-    python benchmarks/flow.py --smoke    # CPU: tiny shapes, checks the harness, no speed claims
+    python -m benchmarks.flow            # GPU: latents and 64 MB+ tensors, JSON in benchmarks/results/
+    python -m benchmarks.flow --smoke    # CPU: tiny shapes, checks the harness, no speed claims
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
-from benchmarks.common import compile_fn  # noqa: E402
-from benchmarks.diffusion import SEED, case_row, first, run_suite, time_impls  # noqa: E402
+from .common import compile_fn  # noqa: E402
+from .diffusion import SEED, case_row, first, run_suite, time_impls  # noqa: E402
 from transfusion_kernels.diffusion import reference  # noqa: E402
 from transfusion_kernels.flow.coefficients import add_noise_coef, euler_coef  # noqa: E402
 

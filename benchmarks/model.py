@@ -14,8 +14,8 @@ weights (``err_lm_loss``, ``err_ddpm_loss``). Sampling: one image of ``n`` patch
 T DDPM steps after a text prefix, with the prefix in the KV cache (each step runs only the image
 queries) and without it (each step recomputes prefix + image).
 
-    python benchmarks/model.py            # GPU: 12 layers, 768 wide, 8k-token batches, 250 steps
-    python benchmarks/model.py --smoke    # CPU: tiny model, checks the harness (a backend that cannot
+    python -m benchmarks.model            # GPU: 12 layers, 768 wide, 8k-token batches, 250 steps
+    python -m benchmarks.model --smoke    # CPU: tiny model, checks the harness (a backend that cannot
                                           # run here has the reference standing in)
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
-from benchmarks.attention import additive_mask, sdpa_supports_gqa  # noqa: E402
-from benchmarks.common import compile_backend, compile_fn, flex_block_mask, write_json  # noqa: E402
+from .attention import additive_mask, sdpa_supports_gqa  # noqa: E402
+from .common import compile_backend, compile_fn, flex_block_mask, write_json  # noqa: E402
 from transfusion import model as model_mod  # noqa: E402
 from transfusion.config import ModelConfig  # noqa: E402
 from transfusion.data import Image, pack_documents  # noqa: E402

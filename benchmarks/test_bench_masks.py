@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import transfusion_kernels as tk
-from benchmarks.common import compiled_create_block_mask, interval_mask_mod
+from .common import compiled_create_block_mask, interval_mask_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [4096, 8192, 16384, 32768, 65536]

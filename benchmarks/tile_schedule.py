@@ -26,7 +26,7 @@ within 4/3 of the optimum makespan), without the counter's reset per launch, its
 loop around the kernel body; what a persistent grid adds beyond that (overlapping one tile's
 epilogue with the next tile's prologue) needs a restructured kernel and is not modelled here.
 
-    python benchmarks/tile_schedule.py            # 8k tokens, 16 query heads, 4 kv heads, D = 128
+    python -m benchmarks.tile_schedule            # 8k tokens, 16 query heads, 4 kv heads, D = 128
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def report(workloads: dict, hq: int, hkv: int, d: int, n_sms: int = N_SMS) -> li
 
 
 def workloads(n_tokens: int) -> dict:
-    from benchmarks.attention import build_mask
+    from .attention import build_mask
 
     return {name: build_mask(name, n_tokens, "cpu")[0] for name in ("mix", "text")}
 

@@ -14,8 +14,8 @@ The op is memory-bound: the forward must read x and write y (2 * P * D * itemsiz
 backward must read dy (P * D * itemsize; dx = dy is free). Achieved bandwidth is reported on that
 minimum traffic, next to a measured device copy of x (read + write) as the ceiling.
 
-    python benchmarks/timestep.py              # GPU: Transfusion sizes, JSON in benchmarks/results/
-    python benchmarks/timestep.py --smoke      # CPU: tiny shapes, reference backend, checks the harness
+    python -m benchmarks.timestep              # GPU: Transfusion sizes, JSON in benchmarks/results/
+    python -m benchmarks.timestep --smoke      # CPU: tiny shapes, reference backend, checks the harness
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
-from benchmarks.common import compile_backend, compile_fn, do_bench, max_error, stand_ins, write_json  # noqa: E402
+from .common import compile_backend, compile_fn, do_bench, max_error, stand_ins, write_json  # noqa: E402
 from transfusion_kernels.backends import BACKENDS  # noqa: E402
 from transfusion_kernels.timestep import reference  # noqa: E402
 

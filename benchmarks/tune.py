@@ -66,7 +66,7 @@ TOKENS, CHECK_TOKENS = 8192, 4096
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__package__}.tune", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="JSON file to write (default: under benchmarks/results/)")
     p.add_argument("--short", action="store_true",
                    help="D 128 bfloat16 only, two candidates per kernel, 2k-token check, shorter timing")
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         loaded = _interpreted_module_loaded()
         if loaded is False:  # compiled kernels already imported here: interpret in a fresh process
-            cmd = [sys.executable, "-m", "benchmarks.tune"] + list(argv if argv is not None else sys.argv[1:])
+            cmd = [sys.executable, "-m", f"{__package__}.tune"] + list(argv if argv is not None else sys.argv[1:])
             path = os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
             return subprocess.run(cmd, env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)).returncode
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined (first import)
@@ -106,7 +106,7 @@ def _arch(device) -> str:
 
 
 def _workload(n_tokens: int, device, dry_run: bool):
-    from benchmarks.attention import build_mask
+    from .attention import build_mask
 
     if dry_run:  # documents of 32 tokens with images of 4 and 8 patches: FULL and PARTIAL blocks
         mask, _, spans = build_mask("mix", n_tokens, device, doc_len=32, image_sizes=(4, 8))
@@ -192,7 +192,7 @@ def _tune_key(d, dtype_name, device, args, log) -> dict:
     """Check and time the candidates of one (head dim, dtype); the entry for the output file."""
     import torch
 
-    from benchmarks.common import do_bench
+    from .common import do_bench
     from transfusion_kernels.attention import triton as tkt
 
     dtype = getattr(torch, dtype_name)
@@ -254,7 +254,7 @@ def _tune_key(d, dtype_name, device, args, log) -> dict:
 
 
 def _device_name(device) -> str:
-    from benchmarks.common import device_name
+    from .common import device_name
 
     return device_name(device)
 
@@ -262,7 +262,7 @@ def _device_name(device) -> str:
 def _tune(args) -> int:
     import torch
 
-    from benchmarks.common import environment, results_path
+    from .common import environment, results_path
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     keys = DRY_RUN_KEYS if args.dry_run else SHORT_KEYS if args.short else KEYS

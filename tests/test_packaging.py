@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,42 @@ def test_sdist_holds_every_file_of_the_checkout(sdist):
 def test_sdist_records_its_commit(sdist):
     head = git("rev-parse", "HEAD").strip()
     assert sdist["COMMIT"].decode().strip() in (head, head + "+dirty")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> tuple[set[str], str]:
+    """(paths inside a pure-Python wheel built from this checkout, its METADATA)."""
+    out = tmp_path_factory.mktemp("wheel")
+    env = dict(os.environ, TRANSFUSION_BUILD_CUDA="0")
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_wheel({str(out)!r})"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    (archive,) = out.glob("*.whl")
+    with zipfile.ZipFile(archive) as whl:
+        names = set(whl.namelist())
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        return names, whl.read(meta).decode()
+
+
+def test_wheel_depends_on_torch_and_numpy_only(wheel):
+    _, meta = wheel
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    core = sorted(re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requires if "extra ==" not in r)
+    assert core == ["numpy", "torch"], requires
+    extras = {line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Provides-Extra:")}
+    assert {"triton", "diffusers", "transformers", "model", "bench", "test"} <= extras
+
+
+def test_wheel_installs_benchmarks_under_a_collision_free_name(wheel):
+    """Every package folder of the checkout is in the wheel; benchmarks/ as transfusion_kernels_bench."""
+    names, _ = wheel
+    top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert top == {"transfusion_kernels", "transfusion", "transfusion_kernels_bench"}, top
+    for folder, installed in (("transfusion_kernels", "transfusion_kernels"), ("transfusion", "transfusion"),
+                              ("benchmarks", "transfusion_kernels_bench")):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.relative_to(ROOT / folder).as_posix()
+            assert f"{installed}/{rel}" in names, f"{folder}/{rel}: add its package to pyproject's packages list"
+    assert "transfusion_kernels_bench/device_check.py" in names and "transfusion_kernels_bench/__main__.py" in names
 
 
 # ---- build modes -----------------------------------------------------------------------------

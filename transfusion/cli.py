@@ -293,17 +293,19 @@ def cmd_caption(args) -> int:
 
 # -- bench / demo ----------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    """``python -m benchmarks`` in the current directory (results go under it, or --root): the
-    installed ``benchmarks`` package, or the one beside this package in a checkout."""
+    """The benchmark driver in the current directory (results go under it, or --root): the
+    installed ``transfusion_kernels_bench``, or ``benchmarks`` beside this package in a checkout."""
     import importlib.util
 
     env = dict(os.environ)
     if args.backend:
         env["TRANSFUSION_KERNELS_BACKEND"] = args.backend
+    module = "transfusion_kernels_bench"
     checkout = Path(__file__).resolve().parent.parent
-    if importlib.util.find_spec("benchmarks") is None and (checkout / "benchmarks" / "__main__.py").is_file():
+    if importlib.util.find_spec(module) is None and (checkout / "benchmarks" / "__main__.py").is_file():
+        module = "benchmarks"
         env["PYTHONPATH"] = os.pathsep.join([str(checkout)] + [p for p in [env.get("PYTHONPATH")] if p])
-    return subprocess.call([sys.executable, "-m", "benchmarks", *args.rest], env=env)
+    return subprocess.call([sys.executable, "-m", module, *args.rest], env=env)
 
 
 def cmd_demo(args) -> int:
@@ -473,7 +475,7 @@ def parser() -> argparse.ArgumentParser:
     _text_args(p)
     p.set_defaults(fn=cmd_caption)
 
-    p = add("bench", "run the kernel benchmarks (python -m benchmarks); other arguments go to it, e.g. --smoke, "
+    p = add("bench", "run the kernel benchmarks (python -m transfusion_kernels_bench); other arguments go to it, e.g. --smoke, "
                      "--root DIR (results folder; default benchmarks/results under the current directory)")
     p.add_argument("rest", nargs="*", help="arguments passed to the benchmarks")
     p.set_defaults(fn=cmd_bench)
