@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from transfusion.config import UserError
+from transfusion.outdir import check_out, write_marker
 
 
 @dataclass(frozen=True)
@@ -339,9 +340,7 @@ def plan(args) -> tuple[list[Variant], list[int], dict]:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder")
+    check_out(args.out, "ablate", True, legacy=lambda d: (d / "runs").is_dir(), flag=False)
     pool = [v for v in VARIANTS if (v.name in QUICK["variants"] if args.quick else v.in_grid)]
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -377,6 +376,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    write_marker(out, "ablate")
     data_dir = out / "data"
     prepared = load_prepared(data_dir) if (data_dir / "prepare.json").is_file() else \
         prepare(data_dir, image_size=8, vocab_size=256, seed=0)

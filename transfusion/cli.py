@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from transfusion.ablate import add_arguments as ablate_arguments
 from transfusion.config import Config, UserError, demo_config, paper_config
+from transfusion.outdir import check_out, subfolder_with, write_marker
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
@@ -84,11 +85,17 @@ def cmd_prepare(args) -> int:
 
 
 # -- train -----------------------------------------------------------------------------------
-def _check_out_folder(out: Path, overwrite: bool, also: str = "") -> None:
-    """UserError when ``--out`` is a file, or a non-empty folder without ``--overwrite``."""
-    _require(not out.exists() or out.is_dir(), f"--out {out} is a file; pass a folder")
-    _require(overwrite or not out.is_dir() or not any(out.iterdir()),
-             f"--out {out} is not empty; pass --overwrite{also} or another --out")
+RUN_FILES = {"checkpoint", "metrics.jsonl"}
+SAMPLE_FILES = ("sample_*.png", "grid.png", "samples.json")
+
+
+def _is_legacy_run(d: Path) -> bool:
+    """A run folder written before output markers existed: nothing but train's own files."""
+    return {p.name for p in d.iterdir()} <= RUN_FILES
+
+
+def _is_legacy_samples(d: Path) -> bool:
+    return all(any(p.match(g) for g in SAMPLE_FILES) for p in d.iterdir())
 
 
 def cmd_train(args) -> int:
@@ -99,7 +106,7 @@ def cmd_train(args) -> int:
     from transfusion.runner import build_config, run_training
 
     out = Path(args.out)
-    _check_out_folder(out, args.overwrite or args.resume, ", --resume")
+    check_out(out, "train", args.overwrite or args.resume, also=", --resume", legacy=_is_legacy_run)
     if args.distributed:
         from transfusion.distributed import train as train_distributed
 
@@ -152,6 +159,9 @@ def _load(args):
     _check_sampling_args(args)
     device = _device(args.device)
     _check_backend(args.backend, device)
+    ckpt = Path(args.checkpoint)
+    inner = None if (ckpt / "config.json").is_file() else subfolder_with(ckpt, "config.json")
+    _require(inner is None, f"--checkpoint {ckpt} has no config.json but {inner} does: pass --checkpoint {inner}")
     try:
         model, cfg, tok = load_checkpoint(args.checkpoint, device=device, backend=args.backend, use_ema=not args.no_ema)
         latents = make_latents(cfg.data.latents, cfg.model.latent_channels, device, checkpoint_dir=args.checkpoint)
@@ -196,7 +206,7 @@ def cmd_sample(args) -> int:
     from transfusion.checkpoint import atomic_path
 
     out = Path(args.out)
-    _check_out_folder(out, args.overwrite)
+    check_out(out, "sample", args.overwrite, legacy=_is_legacy_samples)
     model, cfg, tok, latents, device = _load(args)
     scfg = _sample_cfg(args, cfg, latents)
     if out.is_dir():  # --overwrite: the new files go into a temporary folder, then replace the old ones
@@ -206,7 +216,7 @@ def cmd_sample(args) -> int:
         try:
             tmp.mkdir()
             n = _write_samples(args, model, tok, latents, device, scfg, tmp)
-            for old in [*out.glob("sample_*.png"), out / "grid.png", out / "samples.json"]:
+            for old in [p for g in SAMPLE_FILES for p in out.glob(g)]:
                 old.unlink(missing_ok=True)
             for f in tmp.iterdir():
                 os.replace(f, out / f.name)
@@ -250,6 +260,7 @@ def _write_samples(args, model, tok, latents, device, scfg, out: Path) -> int:
         save_png(image_grid(torch.stack(all_imgs), ncol=min(8, len(all_imgs))), out / grid_name, args.png_scale)
     summary = {"checkpoint": str(args.checkpoint), "sampler": scfg.__dict__, "grid": grid_name, "samples": records}
     (out / "samples.json").write_text(json.dumps(summary, indent=2))
+    write_marker(out, "sample")
     for r in records:
         print(r["text"])
     return len(all_imgs)
@@ -311,7 +322,8 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from transfusion.demo import run_demo
 
-    _check_out_folder(Path(args.out), args.overwrite)
+    check_out(args.out, "demo", args.overwrite,
+              legacy=lambda d: (d / "report.json").is_file() and (d / "samples_grid.png").is_file())
     _require(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     _require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     report = run_demo(args.out, backend=args.backend, threads=args.threads, steps=args.steps, quick=args.quick,

@@ -52,6 +52,7 @@ def _run(work: Path, out: Path, backend, threads, steps, quick, progress) -> dic
 
     import transfusion_kernels as tk
     from transfusion.checkpoint import load_checkpoint
+    from transfusion.outdir import write_marker
     from transfusion.image_io import image_grid, save_png
     from transfusion.runner import build_trainer
     from transfusion.data import CAPTION_TEMPLATES, WORDS, parse_digit, to_pixels8
@@ -158,6 +159,7 @@ def _run(work: Path, out: Path, backend, threads, steps, quick, progress) -> dic
         "bars": {"generation": GENERATION_BAR, "captioning": CAPTION_BAR}, "quick": quick,
     }
     (work / "report.json").write_text(json.dumps(report, indent=2))
+    write_marker(work, "demo")  # replaces the marker the training wrote: the folder is the demo's
     print(f"\ntransfusion demo: {trainer.step} steps, {timings['total_s']:.0f} s total "
           f"(train {timings['train_s']:.0f} s, {torch.get_num_threads()} threads)")
     print(f"  generation: {gen_acc:.1%} of {len(gen)} images classified as the prompted digit (bar {GENERATION_BAR:.0%})")

@@ -310,6 +310,7 @@ def train(args, strategy: str) -> int:
     from transfusion.latents import make_latents
     from transfusion.model import TransfusionModel
     from transfusion.prepare import load_prepared
+    from transfusion.outdir import write_marker, written_by
     from transfusion.runner import build_config
 
     out = Path(args.out)
@@ -329,6 +330,8 @@ def train(args, strategy: str) -> int:
         rank = dist.get_rank()
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            if written_by(out) is None:
+                write_marker(out, "train")
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
         batches = MixedBatches(prepared.train_latents, prepared.train_labels, prepared.corpus, prepared.tokenizer,

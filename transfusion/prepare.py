@@ -20,6 +20,7 @@ from transfusion.checkpoint import atomic_path, save_tensors
 from transfusion.config import UserError
 from transfusion.data import load_digits_split, text_corpus, tokenizer_training_text
 from transfusion.latents import PixelLatents, VAELatents
+from transfusion.outdir import check_out, contents, subfolder_with, write_marker
 from transfusion.tokenizer import Tokenizer
 
 
@@ -56,10 +57,7 @@ def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str |
         raise UserError(f"--holdout is the fraction of digits held out, in (0, 1); got {holdout_fraction}")
     if vae and not Path(vae).is_dir():
         raise UserError(f"--vae {vae} is not a folder; pass a local folder with a diffusers AutoencoderKL")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} is not empty; pass --overwrite or another --out")
+    check_out(out, "prepare", overwrite, legacy=lambda d: (d / "prepare.json").is_file() and _only_prepare_files(d))
     if tokenizer:
         tok = _load_tokenizer(tokenizer, "--tokenizer")
     else:
@@ -91,6 +89,15 @@ def _write(out: Path, tok, corpus, image_size, vae, holdout_fraction, seed, toke
         "tokenizer": tokenizer or "trained (sentencepiece bpe)",
     }
     (out / "prepare.json").write_text(json.dumps(info, indent=2))
+    write_marker(out, "prepare")
+
+
+PREPARE_FILES = {"tokenizer.model", "corpus.txt", "digits.safetensors", "prepare.json", "vae"}
+
+
+def _only_prepare_files(folder: Path) -> bool:
+    """A data folder written before the marker existed: nothing but prepare's own files."""
+    return {p.name for p in folder.iterdir()} <= PREPARE_FILES
 
 
 def _load_tokenizer(path, what: str) -> Tokenizer:
@@ -107,7 +114,13 @@ def _load_tokenizer(path, what: str) -> Tokenizer:
 def load_prepared(path) -> Prepared:
     path = Path(path)
     if not (path / "prepare.json").is_file():
-        raise FileNotFoundError(f"{path}: no prepare.json; run `transfusion prepare --out {path}` first")
+        inner = subfolder_with(path, "prepare.json")
+        if inner is not None:
+            raise FileNotFoundError(f"--data {path} has no prepare.json but {inner} does: pass --data {inner}")
+        if path.is_dir() and any(path.iterdir()):  # never suggest writing into another command's folder
+            raise FileNotFoundError(f"--data {path} has no prepare.json (it holds {contents(path)}): run "
+                                    "`transfusion prepare --out DIR` with a new DIR, then pass --data DIR")
+        raise FileNotFoundError(f"--data {path}: no prepare.json; run `transfusion prepare --out {path}` first")
     t = load_file(str(path / "digits.safetensors"))
     info = json.loads((path / "prepare.json").read_text())
     f = path / "tokenizer.model"

@@ -14,6 +14,7 @@ from transfusion.config import (Config, DataConfig, ModelConfig, SampleDefaults,
 from transfusion.data import MixedBatches
 from transfusion.model import TransfusionModel
 from transfusion.objective import check_sampler
+from transfusion.outdir import write_marker, written_by
 from transfusion.train import Trainer
 
 
@@ -90,6 +91,8 @@ def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=N
             raise UserError(f"cannot resume {ckpt}: its model differs ({'; '.join(diff)}); "
                             "pass the options it was trained with, or a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    if written_by(out) is None:
+        write_marker(out, "train")
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
     batches = MixedBatches(prepared.train_latents, prepared.train_labels, prepared.corpus, prepared.tokenizer,

@@ -184,7 +184,8 @@ def test_sample_refuses_a_non_empty_out_folder_before_loading(run, tmp_path, cap
     out.mkdir()
     (out / "sample_000_0.png").write_bytes(b"old")
     msg = _cli(_sample(run, out, "--checkpoint", str(tmp_path / "none")), capsys)  # the checkpoint is not read
-    assert msg.endswith(f"--out {out} is not empty; pass --overwrite or another --out")
+    assert msg.endswith(f"--out {out} is not empty: it holds an earlier `transfusion sample` output "
+                        "(sample_000_0.png); pass --overwrite or another --out")
     assert [(p.name, p.read_bytes()) for p in out.iterdir()] == [("sample_000_0.png", b"old")]
 
 
@@ -198,7 +199,8 @@ def test_progress_bars_quiet_and_overwrite(run, tmp_path, capsys):
     assert main(_sample(run, out, "--overwrite", "--quiet")) == 0
     quiet = capsys.readouterr()
     assert quiet.err == "" and quiet.out == loud.out  # same outputs, no bars
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "sample_000_0.png", "samples.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".transfusion.json", "grid.png", "sample_000_0.png",
+                                                     "samples.json"]
     png = str(out / "sample_000_0.png")
     assert main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), png, "--max-new-tokens", "2"]) == 0
     loud = capsys.readouterr()
@@ -273,24 +275,31 @@ def test_written_files_have_normal_permissions(run, tmp_path):
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
 
 
-def test_non_empty_output_folders_are_refused_unless_overwrite(run, tmp_path, capsys):
+def test_non_empty_output_folders_are_refused_even_with_overwrite(run, tmp_path, capsys):
+    """A folder of the user's own files is never a command's output: every command refuses it,
+    with --overwrite too, and says what is there."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    msg = _subprocess(["demo", "--out", str(out), "--quick"], tmp_path)  # before any work
-    assert msg.endswith(f"--out {out} is not empty; pass --overwrite or another --out")
-    assert "--overwrite or another --out" in _cli(["prepare", "--out", str(out)], capsys)
-    msg = _cli(_train(run, out, "--steps", "1"), capsys)
-    assert msg.endswith(f"--out {out} is not empty; pass --overwrite, --resume or another --out")
+    msg = _subprocess(["demo", "--out", str(out), "--quick", "--overwrite"], tmp_path)  # before any work
+    assert msg.endswith(f"--out {out} holds files `transfusion demo` did not write (keep.txt); --overwrite "
+                        "replaces only an earlier `transfusion demo` output, so nothing was changed: pass a new "
+                        "or empty --out")
+    for argv in (["prepare", "--out", str(out)], ["prepare", "--out", str(out), "--overwrite"],
+                 _train(run, out, "--steps", "1", "--overwrite"), _train(run, out, "--steps", "1", "--resume"),
+                 _sample(run, out, "--overwrite")):
+        assert "(keep.txt)" in _cli(argv, capsys)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    # --overwrite: prepare replaces the folder's content as a whole (the folder itself stays, so a
-    # shell standing in it stays too), train writes its run files there
-    inode = out.stat().st_ino
-    assert main(["prepare", "--out", str(out), "--vocab-size", "64", "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["corpus.txt", "digits.safetensors", "prepare.json", "tokenizer.model"]
-    assert out.stat().st_ino == inode
-    assert main(_train(run, out, "--steps", "1", "--overwrite")) == 0
-    assert (out / "checkpoint" / "model.safetensors").is_file() and not _leftovers(tmp_path)
+    # --overwrite of prepare's own folder replaces its content as a whole (the folder itself
+    # stays, so a shell standing in it stays too)
+    data = tmp_path / "data"
+    assert main(["prepare", "--out", str(data), "--vocab-size", "64"]) == 0
+    inode = data.stat().st_ino
+    assert "pass --overwrite or another --out" in _cli(["prepare", "--out", str(data)], capsys)
+    assert main(["prepare", "--out", str(data), "--vocab-size", "64", "--overwrite"]) == 0
+    assert sorted(p.name for p in data.iterdir()) == [".transfusion.json", "corpus.txt", "digits.safetensors",
+                                                      "prepare.json", "tokenizer.model"]
+    assert data.stat().st_ino == inode and not _leftovers(tmp_path)
 
 
 def _interrupt(argv, cwd, started: str):
