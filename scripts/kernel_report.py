@@ -341,6 +341,8 @@ class LoopStats:
     step: int  # instructions on the shortest head -> back edge path
     step_ops: dict  # op class -> count on that path
     cta_barrier: bool  # BAR.SYNC 0 anywhere in the body
+    steady: int = 0  # instructions on the steady step (steady_path)
+    steady_ops: dict = dataclasses.field(default_factory=dict)  # op class -> count on that path
 
 
 def _op_class(x: Insn) -> str | None:
@@ -353,6 +355,10 @@ def _op_class(x: Insn) -> str | None:
         return "bar"
     if op.startswith("SYNCS"):
         return "mbar"
+    if op.startswith(("LDGSTS", "UTMALDG", "UBLKCP")):
+        return "async_copy"
+    if op.startswith(("STG", "RED", "ATOMG", "UTMASTG", "UTMAREDG", "UBLKRED")):
+        return "global_store"
     return None
 
 
@@ -382,9 +388,62 @@ def main_loops(insns: list[Insn]) -> list[LoopStats]:
                     ops[c] = ops.get(c, 0) + 1
                     if c in ("hgmma", "hmma"):
                         ops["macs"] = ops.get("macs", 0) + _macs(insns[i])
+        steady = _steady_path(h, latch, body, succ, dom, [[insns[i] for i in range(*ranges[b])] for b in range(len(ranges))])
+        steady_ops = _path_ops([insns[i] for b in steady for i in range(*ranges[b])])
         out.append(LoopStats(insns[ranges[h][0]].addr, sum(size.values()), sum(size[b] for b in path), ops,
-                             any(_cta_barrier(insns[i]) for b in body for i in range(*ranges[b]))))
+                             any(_cta_barrier(insns[i]) for b in body for i in range(*ranges[b])),
+                             sum(size[b] for b in steady), steady_ops))
     return out
+
+
+def _path_ops(insns: list[Insn]) -> dict[str, int]:
+    ops: dict[str, int] = {"first_gemm_macs": _first_chain_macs(insns)}
+    for x in insns:
+        if c := _op_class(x):
+            ops[c] = ops.get(c, 0) + 1
+            if c in ("hgmma", "hmma"):
+                ops["macs"] = ops.get("macs", 0) + _macs(x)
+    return ops
+
+
+def _steady_path(h, latch, body, succ, dom, block_insns):
+    """The steady step (FA3's counting, ../shared/anchors/fa3-hopper-sass.md): the head -> latch
+    path over the loop's forward edges (inner loops taken once) that issues the most tensor-core
+    instructions, then the most async copies (cp.async, TMA loads), then the most global stores
+    and reductions, then has the fewest instructions. It skips masking branches but keeps the
+    next step's loads and any per-step dQ traffic."""
+    def weight(b):
+        cls = [_op_class(x) for x in block_insns[b]]
+        return (-sum(c in ("hgmma", "hmma") for c in cls), -cls.count("async_copy"), -cls.count("global_store"),
+                len(block_insns[b]))
+
+    # topological order of the forward-edge DAG from the head (depth-first post order, reversed)
+    order, seen, stack = [], {h}, [(h, iter(succ[h]))]
+    while stack:
+        b, it = stack[-1]
+        s = next((x for x in it if x in body and x not in dom[b] and x not in seen), None)
+        if s is None:
+            order.append(b)
+            stack.pop()
+        else:
+            seen.add(s)
+            stack.append((s, iter(succ[s])))
+    best = {h: (weight(h), None)}
+    for b in reversed(order):
+        if b not in best:
+            continue
+        for s in succ[b]:
+            if s in body and s not in dom[b]:
+                cand = tuple(x + y for x, y in zip(best[b][0], weight(s)))
+                if s not in best or cand < best[s][0]:
+                    best[s] = (cand, b)
+    if latch not in best:
+        return [h]
+    path, b = [], latch
+    while b is not None:
+        path.append(b)
+        b = best[b][1]
+    return path[::-1]
 
 
 def _shortest(src, dst, body, succ, dom, size):
@@ -537,6 +596,23 @@ def analyse(row: dict, insns: list[Insn], step_tile: tuple[int, int, int] | None
     row["step_barriers"] = full.step_ops.get("bar", 0) if full else None
     row["step_mbarrier_ops"] = full.step_ops.get("mbar", 0) if full else None
     row["cta_barrier_in_loop"] = any(l.cta_barrier for l in loops)
+    # the steady step: the main loop whose steady path issues the most MMA, async copies and
+    # global stores, then has the fewest instructions
+    steady = min(loops, key=lambda l: (-(l.steady_ops.get("hgmma", 0) + l.steady_ops.get("hmma", 0)),
+                                       -l.steady_ops.get("async_copy", 0), -l.steady_ops.get("global_store", 0),
+                                       l.steady), default=None)
+    row["steady_instructions"] = steady.steady if steady else None
+    row["steady_mma"] = (steady.steady_ops.get("hgmma", 0) + steady.steady_ops.get("hmma", 0)) if steady else None
+    row["steady_async_copies"] = steady.steady_ops.get("async_copy", 0) if steady else None
+    row["steady_global_stores"] = steady.steady_ops.get("global_store", 0) if steady else None
+    row["steady_per_element"] = None
+    if steady and step_tile:  # step covers BM x BN score elements, every warp issuing
+        bm, bn, _ = step_tile
+        row["steady_per_element"] = round(steady.steady * (row["threads"] // 32) / (bm * bn), 3)
+    elif steady and steady.steady_ops.get("hgmma") and not steady.steady_ops.get("hmma") and row.get("d"):
+        # wgmma: the first GEMM chain is one warpgroup's rows x keys x D; its 4 warps issue the step
+        first = steady.steady_ops["first_gemm_macs"]
+        row["steady_per_element"] = round(4 * steady.steady * row["d"] / first, 3) if first else None
     row["gemms_per_step"] = row["gemm_count_from"] = None
     if full and step_tile:
         bm, bn, d = step_tile
@@ -1013,8 +1089,8 @@ def triton_rows(archs, dims=None, dtypes=TRITON_DTYPES, kernels=None, jobs=2, ke
 # Output
 # ----------------------------------------------------------------------------------------------
 COLUMNS = ("kernel", "arch", "d", "dtype", "regs", "spills", "smem", "thr", "CTA/SM", "tensor-core ops",
-           "TMA ld/st", "cp.async", "setmaxnreg", "step instr", "loop body", "step MMA", "step bar", "step mbar",
-           "bar 0 in loop", "GEMMs/step", "work ratio")
+           "TMA ld/st", "cp.async", "setmaxnreg", "step instr", "steady step", "warp-instr/elem", "loop body",
+           "step MMA", "step bar", "step mbar", "bar 0 in loop", "GEMMs/step", "work ratio")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -1025,7 +1101,7 @@ def markdown(rows: list[dict]) -> str:
         cells = [f"{r['backend']} {r['kernel']}", r["arch"], v(r["d"]), r["dtype"], r["registers"],
                  f"{r['spill_stores']}/{r['spill_loads']}", _fmt_smem(r), r["threads"], r["ctas_per_sm"], r["mma"],
                  f"{r['tma_load']}/{r['tma_store']}", r["cp_async"], r["setmaxnreg"], v(r["step_instructions"]),
-                 v(r["body_instructions"]), v(r["step_mma"]), v(r["step_barriers"]), v(r["step_mbarrier_ops"]),
+                 v(r.get("steady_instructions")), v(r.get("steady_per_element")), v(r["body_instructions"]), v(r["step_mma"]), v(r["step_barriers"]), v(r["step_mbarrier_ops"]),
                  "yes" if r["cta_barrier_in_loop"] else "no", v(r["gemms_per_step"]), v(r["work_ratio"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

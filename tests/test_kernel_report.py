@@ -56,6 +56,23 @@ def test_main_loop_from_back_edges():
     assert kernel_report.mma_summary(insns) == "1 HGMMA RS 64x64x16 + 2 HGMMA SS 64x128x16"
 
 
+def test_steady_step_keeps_copies_and_stores():
+    """The steady step (FA3's counting) takes the path with the most MMA, then async copies,
+    then global stores, then the fewest instructions: a branch that issues a copy is kept."""
+    ((_, insns),) = kernel_report.parse_sass(SASS).items()
+    (loop,) = kernel_report.main_loops(insns)
+    assert loop.steady == loop.step  # nothing but masking off the shortest path
+    copy = SASS.replace("FSEL R24, R24, -INF , P2", "LDGSTS.E.BYPASS.128 [R15], desc[UR20][R12.64]")
+    ((_, insns),) = kernel_report.parse_sass(copy).items()
+    (loop,) = kernel_report.main_loops(insns)
+    assert loop.steady == loop.step + 3 and loop.steady_ops["async_copy"] == 1
+    row = kernel_report.analyse({"arch": "sm_90a", "registers": 168, "smem": 0, "threads": 384, "setmaxnreg": 1,
+                                 "d": 128}, insns, None)
+    # 4 warps x step x D over the MACs of the first GEMM chain (the two 64x128x16 HGMMA)
+    assert row["steady_instructions"] == loop.steady
+    assert row["steady_per_element"] == round(4 * loop.steady * 128 / (2 * 64 * 128 * 16), 3)
+
+
 def test_no_loop_without_tensor_cores():
     text = SASS.replace("HGMMA.64x128x16.F32.BF16", "FFMA").replace("HGMMA.64x64x16.F32.BF16", "FFMA")
     ((_, insns),) = kernel_report.parse_sass(text).items()

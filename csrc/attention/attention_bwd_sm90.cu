@@ -332,6 +332,30 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
         dsf[kk][r] = pack2<T>(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
       }
     }
+    // dQ of this step, if the key tile is one of the query tile's: dS^T to shared memory
+    // ([key][query], the A operand MN-major), then dS K in 64-column slices of D, added to the
+    // accumulator in this key tile's turn. dS^T is stored before the dK wgmma takes dsf as its
+    // A operand: an issued wgmma's registers may not be accessed until its wait (PTX; checked in
+    // the SASS by scripts/wgmma_hazards.py), and waiting first would keep the dV / dK GEMMs from
+    // overlapping the dQ GEMM.
+    const int kv_lo = __ldg(a.q_tiles + 4 * m), kv_hi = __ldg(a.q_tiles + 4 * m + 1);
+    const bool step_dq = kv_lo < kv_hi && kv_lo < n0 + kBN && n0 < kv_hi;
+    // Addresses from an opaque copy of the thread index, rebuilt here each step: hoisted, the
+    // per-register offsets would be loop invariants held across the loop (spilled).
+    int t = tid;
+    asm volatile("" : "+r"(t));
+    const int w = t / 32, gq = (t % 32) / 4, tq = t % 4;
+    auto store_ds = [&] {
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // register r: key row + 8 (r % 2), query columns 16 kk + 8 (r / 2) ..
+          const int row = 16 * w + gq + 8 * (r % 2), col = 16 * kk + 8 * (r / 2) + 2 * tq;
+          *reinterpret_cast<uint32_t*>(ds_s + attn::sw128_offset(kBN, row, col)) = dsf[kk][r];
+        }
+      }
+    };
+    store_ds();  // also in steps without dQ: one branch, and the buffer is free
     // dV += P^T dO, dK += dS^T Q
     sm90::wgmma_fence();
 #pragma unroll
@@ -344,24 +368,7 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
     }
     sm90::wgmma_commit();
 
-    // dQ of this step, if the key tile is one of the query tile's: dS^T to shared memory
-    // ([key][query], the A operand MN-major), then dS K in 64-column slices of D, added to the
-    // accumulator in this key tile's turn.
-    const int kv_lo = __ldg(a.q_tiles + 4 * m), kv_hi = __ldg(a.q_tiles + 4 * m + 1);
-    if (kv_lo < kv_hi && kv_lo < n0 + kBN && n0 < kv_hi) {
-      // Addresses from an opaque copy of the thread index, rebuilt here each step: hoisted,
-      // the per-register offsets would be loop invariants held across the loop (spilled).
-      int t = tid;
-      asm volatile("" : "+r"(t));
-      const int w = t / 32, gq = (t % 32) / 4, tq = t % 4;
-#pragma unroll
-      for (int kk = 0; kk < kBM / 16; ++kk) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {  // register r: key row + 8 (r % 2), query columns 16 kk + 8 (r / 2) ..
-          const int row = 16 * w + gq + 8 * (r % 2), col = 16 * kk + 8 * (r / 2) + 2 * tq;
-          *reinterpret_cast<uint32_t*>(ds_s + attn::sw128_offset(kBN, row, col)) = dsf[kk][r];
-        }
-      }
+    if (step_dq) {
       sm90::fence_proxy_async();
       __syncthreads();
       int32_t* sem = a.dq_semaphore + static_cast<int64_t>(h) * n_qtiles + m;
