@@ -62,7 +62,7 @@ def plot(suite: str, rows: list[dict], folder: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        print("matplotlib is not installed: no plots (pip install 'transfusion-kernels[bench]')")
         return []
     made = []
     if suite == "attention" and rows:

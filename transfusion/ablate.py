@@ -375,6 +375,15 @@ def run(args) -> int:
     from transfusion.prepare import load_prepared, prepare
 
     out = Path(args.out)
+    try:  # checked before the first run: a grid is long, and the plots come last
+        import matplotlib  # noqa: F401
+
+        no_plots = None
+    except ImportError:
+        no_plots = ("matplotlib is not installed, so summary.md and summary.json are written without plots; "
+                    "pip install 'transfusion-kernels[bench]' and run the same command again to draw them "
+                    "(finished runs are kept)")
+        print(f"transfusion ablate: note: {no_plots}", file=sys.stderr, flush=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     write_marker(out, "ablate")
     data_dir = out / "data"
@@ -430,8 +439,12 @@ def run(args) -> int:
     elapsed = time.perf_counter() - t0
     summary = aggregate(out, _yardsticks(data_dir).floors(ev["templates"]), ev, elapsed if tasks else None)
     write_table(out, summary)
-    plot(out, summary)
-    log(f"ablate: {len(tasks)} runs in {elapsed:.0f} s; table {out / 'summary.md'}, plots {out}/*.png")
+    if no_plots is None:
+        plot(out, summary)
+    # printed with --quiet too: where the results went is the command's answer
+    print(f"transfusion ablate: {len(tasks)} runs in {elapsed:.0f} s ({skipped} already done); results in {out}: "
+          f"runs/, summary.md, summary.json" + (f", {len(summary['groups'])} plots (*.png)" if no_plots is None
+                                                 else "; no plots (matplotlib is not installed)"))
     return 0
 
 

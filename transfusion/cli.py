@@ -26,6 +26,40 @@ from transfusion.outdir import check_out, subfolder_with, write_marker
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
+# Optional dependencies: the import name, what pip calls it, and the extra that installs it.
+EXTRAS = {"sentencepiece": ("sentencepiece", "model"), "safetensors": ("safetensors", "model"),
+          "tqdm": ("tqdm", "model"), "PIL": ("pillow", "model"), "sklearn": ("scikit-learn", "model"),
+          "scipy": ("scipy", "model"), "diffusers": ("diffusers", "model"), "matplotlib": ("matplotlib", "bench"),
+          "triton": ("triton", "triton")}
+# What each command imports before its work starts (checked first, so a missing one costs nothing).
+NEEDS = {"prepare": ("sentencepiece", "safetensors", "sklearn", "tqdm"),
+         "train": ("sentencepiece", "safetensors", "tqdm"),
+         "sample": ("sentencepiece", "safetensors", "tqdm", "PIL"),
+         "caption": ("sentencepiece", "safetensors", "tqdm", "PIL"),
+         "demo": ("sentencepiece", "safetensors", "sklearn", "tqdm", "PIL"),
+         "ablate": ("sentencepiece", "safetensors", "sklearn", "scipy", "tqdm"),
+         "bench": ()}
+
+
+def missing_dependency(name: str) -> str:
+    """The one-line fix for a missing optional module ``name``."""
+    pip, extra = EXTRAS[name]
+    return (f"{pip}, which is not installed: pip install 'transfusion-kernels[{extra}]' (in a checkout: "
+            f"pip install -e '.[{extra}]')")
+
+
+def _check_dependencies(args) -> None:
+    import importlib
+
+    needs = list(NEEDS.get(args.cmd, ()))
+    if getattr(args, "vae", None):
+        needs.append("diffusers")
+    for name in needs:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"`transfusion {args.cmd}` needs {missing_dependency(name)}") from e
+
 
 def _require(ok: bool, msg: str) -> None:
     if not ok:
@@ -55,6 +89,8 @@ def _check_backend(name: str | None, device) -> None:
         import transfusion_kernels as tk
 
         info = tk.available_backends(device)[name]
+        if name == "triton" and not info.available and "not importable" in info.reason:
+            raise UserError(f"--backend triton needs {missing_dependency('triton')}; or use --backend auto or reference")
         _require(info.available, f"--backend {name} cannot run on {device.type}: {info.reason}; "
                                  "use --backend auto or reference")
 
@@ -523,13 +559,19 @@ def main(argv=None) -> int:
         subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
         subs[args.cmd].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args.fn(args)
+        _check_dependencies(args)
+        try:
+            return args.fn(args)
+        except ModuleNotFoundError as e:  # an optional module only some paths import (diffusers for a VAE)
+            top = (e.name or "").split(".")[0]
+            if top not in EXTRAS:
+                raise
+            raise UserError(f"`transfusion {args.cmd}` needs {missing_dependency(top)}") from e
     except KeyboardInterrupt:
         if args.debug or os.environ.get("TRANSFUSION_DEBUG") == "1":
             raise
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", ())):  # end the open bars' lines before the message
+        tqdm = sys.modules.get("tqdm")
+        for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # end open bars' lines first
             bar.close()
         print(f"transfusion {args.cmd}: interrupted; no half-written output was left", file=sys.stderr)
         return 130

@@ -1,6 +1,7 @@
 """``transfusion ablate``: the harness (quick grid end to end, resume, argument errors) and the
 Frechet distance against an independent float64 computation. No claims about the ablations."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -48,9 +49,12 @@ def _args(out, *extra):
     return p.parse_args(["--out", str(out), *extra])
 
 
-def test_quick_grid_writes_results_and_resumes(tmp_path, capsys):
+def test_quick_grid_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "abl"
+    capsys.readouterr()
     assert ablate.run(_args(out, "--quick", "--jobs", "1", "--threads", "1", "--quiet")) == 0
+    quiet = capsys.readouterr()  # --quiet: no progress, but where the results went
+    assert quiet.err == "" and quiet.out.startswith("transfusion ablate: 3 runs in ")
     runs = sorted((out / "runs").glob("*.json"))
     assert [p.name for p in runs] == [f"{n}__seed0.json" for n in sorted(ablate.QUICK["variants"])]
     for p in runs:
@@ -70,12 +74,23 @@ def test_quick_grid_writes_results_and_resumes(tmp_path, capsys):
         assert f"## {group}" in table
         assert (out / f"{group}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| causal_p2 | 1 |" in table
+    assert quiet.out.rstrip().endswith(f"(0 already done); results in {out}: runs/, summary.md, summary.json, "
+                                       f"{len(summary['groups'])} plots (*.png)")
 
-    # a second call finds every run done and only rewrites the table and plots
+    # a second call finds every run done and only rewrites the table; without matplotlib it says
+    # so before any run, and writes the summary without plots
     stamps = {p: p.stat().st_mtime_ns for p in runs}
+    for png in out.glob("*.png"):
+        png.unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert ablate.run(_args(out, "--quick", "--jobs", "1", "--threads", "1")) == 0
-    assert "0 runs to do, 3 already done" in capsys.readouterr().err
-    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    cap = capsys.readouterr()
+    assert cap.err.startswith("transfusion ablate: note: matplotlib is not installed, so summary.md and "
+                              "summary.json are written without plots; pip install 'transfusion-kernels[bench]'")
+    assert "0 runs to do, 3 already done" in cap.err
+    assert cap.out.rstrip().endswith("(3 already done); results in " + str(out)
+                                     + ": runs/, summary.md, summary.json; no plots (matplotlib is not installed)")
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps and not list(out.glob("*.png"))
 
     # results made with other settings are not silently mixed in
     with pytest.raises(UserError, match="other settings"):
