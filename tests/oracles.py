@@ -30,13 +30,15 @@ def assert_2x(name, got, oracle, baseline, floor, *, neg_inf_exact=False):
 
 
 # ---------------------------------------------------------------------------------- attention
-def dense_attention(q, k, v, allowed, scale):
+def dense_attention(q, k, v, allowed, scale, softcap=None):
     """Plain softmax attention in the inputs' dtype (float64 inputs: the oracle), GQA by head
-    repetition; ``allowed`` bool [Nq, Nk]. Returns (out [Nq, Hq, D], lse [Hq, Nq]); empty rows
-    give 0 and -inf."""
+    repetition; ``allowed`` bool [Nq, Nk]; ``softcap`` c maps scores s to c * tanh(s / c).
+    Returns (out [Nq, Hq, D], lse [Hq, Nq]); empty rows give 0 and -inf."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = torch.einsum("ihd,jhd->hij", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)

@@ -1,20 +1,23 @@
-"""The Transfusion attention mask as one key interval per query.
+"""The attention mask as key intervals per query: one interval, or a union of K.
 
-Query i may see key j iff ``kv_start[i] <= j < kv_end[i]``. For the Transfusion rule (causal over
-the packed sequence, bidirectional inside each image, no attention across documents):
+Query i may see key j iff ``starts[i, k] <= j < ends[i, k]`` for some k. Per row the endpoints
+are non-decreasing (``s0 <= e0 <= s1 <= e1 <= ...``): sorted, disjoint intervals; unused slots
+are empty (``s == e``). K = 1 is the Transfusion mask (causal over the packed sequence,
+bidirectional inside each image, no attention across documents):
 
     kv_start[i] = start of i's document
     kv_end[i]   = end of i's image if i is an image patch, else i + 1
 
 The same contract covers plain causal, document, prefix-LM, sliding-window and the sampling masks
-(a chunk of new queries against a cached prefix). Everything here is built with vectorised torch
-ops on the input's device in O(N) memory; the per-tile tables that the kernels read are computed
-once per block size and cached on the mask, so one mask serves every layer.
+(a chunk of new queries against a cached prefix); K > 1 covers masks that hide part of a row's
+past: BAGEL-style noise splits, hidden ("not attended") spans, sink plus window. Everything here
+is built with vectorised torch ops on the input's device in O(N * K) memory. The kernels' tile
+plans are built beside the attention op (``transfusion_kernels/attention/plan.py``) and cached on
+the mask, so one mask serves every layer.
 """
 from __future__ import annotations
 
 import operator
-import weakref
 
 import torch
 
@@ -25,14 +28,13 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _as_int32(x, name: str, device=None) -> torch.Tensor:
-    """An int32 tensor as given, or python integers converted (never truncating floats)."""
-    if not isinstance(x, torch.Tensor):
-        x = _int_values(x, name, device)
+    """Integers (python ints, or a tensor of any integer dtype) as an int32 tensor, converted
+    once; values outside int32 are an error, floats are never truncated."""
+    x = _int_values(x, name, device) if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 else x
+    if x.dtype != torch.int32:
         if x.numel() and (int(x.min()) < -INT32_MAX - 1 or int(x.max()) > INT32_MAX):
             raise ValueError(f"{name} values must fit in int32, got values in [{int(x.min())}, {int(x.max())}]")
         x = x.to(torch.int32)
-    if x.dtype != torch.int32:
-        raise ValueError(f"{name} must be an int32 tensor, got dtype {x.dtype}")
     return x
 
 
@@ -50,7 +52,7 @@ def _int_values(x, name: str, device=None) -> torch.Tensor:
     return x.to(torch.int64)
 
 
-def _check_block(block: int, name: str) -> int:
+def check_block(block: int, name: str) -> int:
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"{name} must be a positive int, got {block!r}")
     return block
@@ -109,53 +111,94 @@ def _check_spans(spans: torch.Tensor, cu: torch.Tensor) -> None:
         )
 
 
-def _check_intervals(s, e, num_keys, monotone: bool | None) -> bool:
-    """Validate an interval mask; returns whether it is monotone."""
-    for name, t in (("kv_start", s), ("kv_end", e)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D int32 tensor, got {getattr(t, 'dtype', type(t).__name__)} "
-                             f"of shape {tuple(getattr(t, 'shape', ()))}")
-    if s.shape != e.shape:
-        raise ValueError(f"kv_start and kv_end must be 1-D of equal length, got {tuple(s.shape)} and {tuple(e.shape)}")
-    if e.device != s.device:
-        raise ValueError(f"kv_end is on {e.device} but kv_start is on {s.device}")
+def _num_keys(num_keys) -> int:
     try:
         n = None if isinstance(num_keys, bool) else operator.index(num_keys)
     except TypeError:
         n = None
     if n is None or not 0 <= n <= INT32_MAX:
         raise ValueError(f"num_keys must be an int in [0, {INT32_MAX}], got {num_keys!r}")
-    for bad, why in ((s < 0, "kv_start < 0"), (e < s, "kv_end < kv_start"), (e > n, f"kv_end > num_keys = {n}")):
-        i = _first_bad(bad)
-        if i is not None:
-            raise ValueError(f"query {i}: interval [{int(s[i])}, {int(e[i])}) is invalid: {why}")
-    is_monotone = bool(((s[1:] >= s[:-1]) & (e[1:] >= e[:-1])).all()) if s.numel() > 1 else True
+    return n
+
+
+def _check_intervals(s, e, num_keys: int, monotone: bool | None) -> bool:
+    """Validate an interval mask (int32 [Nq] or [Nq, K]); returns whether it is monotone (K = 1,
+    kv_start and kv_end both non-decreasing)."""
+    for name, t in (("kv_start", s), ("kv_end", e)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() not in (1, 2):
+            raise ValueError(f"{name} must be an int32 tensor [Nq] or [Nq, K], got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+    if s.shape != e.shape:
+        raise ValueError(f"kv_start and kv_end must have the same shape, got {tuple(s.shape)} and {tuple(e.shape)}")
+    if s.dim() == 2 and s.shape[1] < 1:
+        raise ValueError(f"a mask needs at least one interval slot per query, got shape {tuple(s.shape)}")
+    if e.device != s.device:
+        raise ValueError(f"kv_end is on {e.device} but kv_start is on {s.device}")
+    n = num_keys
+    if s.dim() == 1:
+        for bad, why in ((s < 0, "kv_start < 0"), (e < s, "kv_end < kv_start"), (e > n, f"kv_end > num_keys = {n}")):
+            i = _first_bad(bad)
+            if i is not None:
+                raise ValueError(f"query {i}: interval [{int(s[i])}, {int(e[i])}) is invalid: {why}")
+        is_monotone = bool(((s[1:] >= s[:-1]) & (e[1:] >= e[:-1])).all()) if s.numel() > 1 else True
+    else:
+        ends = torch.stack([s, e], 2).flatten(1)  # [Nq, 2K]: s0, e0, s1, e1, ...
+        checks = ((ends[:, 0] < 0, "a start < 0"), (ends[:, -1] > n, f"an end > num_keys = {n}"),
+                  ((ends[:, 1:] < ends[:, :-1]).any(1),
+                   "the endpoints must be non-decreasing (s0 <= e0 <= s1 <= e1 <= ...: sorted, disjoint intervals, "
+                   "unused slots empty)"))
+        for bad, why in checks:
+            i = _first_bad(bad)
+            if i is not None:
+                shown = ", ".join(f"[{a}, {b})" for a, b in zip(s[i].tolist(), e[i].tolist()))
+                raise ValueError(f"query {i}: intervals {shown} are invalid: {why}")
+        is_monotone = s.shape[1] == 1 and _check_intervals(s[:, 0], e[:, 0], n, None)
     if monotone and not is_monotone:
-        raise ValueError("monotone=True, but kv_start and kv_end are not both non-decreasing")
+        raise ValueError("monotone=True, but kv_start and kv_end are not both non-decreasing (or K > 1)")
     return is_monotone
 
 
 class HybridMask:
-    """Per-query key intervals plus the tile tables the kernels need.
+    """Per-query key intervals (one, or a union of K), shared by every layer.
 
     Build with :meth:`from_spans` (Transfusion), :meth:`causal`, :meth:`from_intervals` (any
-    interval mask) or :meth:`cached` (new tokens against a KV cache).
+    interval mask, K >= 1), :meth:`cached` (new tokens against a KV cache), or the converters of
+    other models' masks (:meth:`from_splits`, :meth:`from_dense`, :meth:`from_mask_mod`,
+    :meth:`from_block_mask`).
     """
 
     def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, *,
                  monotone: bool | None = None, _checked: bool = False):
-        """Query i sees keys [kv_start[i], kv_end[i]) of ``num_keys``; both int32 [Nq] on one device.
-        The intervals are checked (one device sync); ``monotone`` (kv_start and kv_end both
-        non-decreasing) is computed when not given and verified when claimed."""
+        """Query i sees keys [kv_start[i, k], kv_end[i, k]) of ``num_keys`` for each k; both
+        int32 [Nq] (one interval per query) or [Nq, K] (a union of K sorted, disjoint intervals,
+        unused slots empty), on one device. The intervals are checked (one device sync);
+        ``monotone`` (K = 1, kv_start and kv_end both non-decreasing) is computed when not given
+        and verified when claimed."""
         if not _checked:
+            num_keys = _num_keys(num_keys)
             monotone = _check_intervals(kv_start, kv_end, num_keys, monotone)
-            kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
-        self.kv_start = kv_start
-        self.kv_end = kv_end
+        self.starts = kv_start.reshape(kv_start.shape[0], -1).contiguous()  # [Nq, K]
+        self.ends = kv_end.reshape(kv_end.shape[0], -1).contiguous()
         self.num_keys = int(num_keys)
-        # kv_start and kv_end both non-decreasing in i: tile tables are exact and cheap.
+        # kv_start and kv_end both non-decreasing in i (K = 1): key-tile plans are exact and cheap.
         self.monotone = bool(monotone)
-        self._tables: dict[tuple[str, int], torch.Tensor] = {}
+        # Kernel plans built from this mask (attention/plan.py), by backend and block sizes.
+        self.plans: dict[tuple, object] = {}
+
+    @property
+    def num_intervals(self) -> int:
+        """K, the interval slots per query (1: the Transfusion mask and its fast path)."""
+        return self.starts.shape[1]
+
+    @property
+    def kv_start(self) -> torch.Tensor:
+        """int32 [Nq] for K = 1, else [Nq, K]: the interval starts."""
+        return self.starts.view(-1) if self.num_intervals == 1 else self.starts
+
+    @property
+    def kv_end(self) -> torch.Tensor:
+        """int32 [Nq] for K = 1, else [Nq, K]: the interval ends (exclusive)."""
+        return self.ends.view(-1) if self.num_intervals == 1 else self.ends
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -192,11 +235,14 @@ class HybridMask:
 
     @classmethod
     def from_intervals(cls, kv_start, kv_end, num_keys: int | None = None) -> "HybridMask":
-        """Any interval mask: query i sees keys [kv_start[i], kv_end[i])."""
+        """Any interval mask: query i sees keys [kv_start[i], kv_end[i]) (``[Nq]``), or the union
+        of [kv_start[i, k], kv_end[i, k]) over k (``[Nq, K]``, sorted, disjoint, unused slots
+        empty). Python lists and any integer dtype are accepted (converted once to int32);
+        ``num_keys`` defaults to the largest end."""
         s = _as_int32(kv_start, "kv_start")
         e = _as_int32(kv_end, "kv_end", device=s.device)
         if num_keys is None:
-            num_keys = int(e.max()) if e.numel() and e.dim() == 1 else 0
+            num_keys = int(e.max()) if e.numel() and e.dim() in (1, 2) else 0
         return cls(s, e, num_keys)
 
     @classmethod
@@ -232,134 +278,50 @@ class HybridMask:
     # ------------------------------------------------------------------ properties
     @property
     def num_queries(self) -> int:
-        return self.kv_start.numel()
+        return self.starts.shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.kv_start.device
+        return self.starts.device
 
     def visible_pairs(self) -> int:
         """Number of (query, key) pairs the mask allows: the FLOP count is 4 * D * Hq * this."""
-        return int((self.kv_end - self.kv_start).to(torch.int64).sum())
+        return int((self.ends - self.starts).to(torch.int64).sum())
 
     def to(self, device) -> "HybridMask":
-        return HybridMask(self.kv_start.to(device), self.kv_end.to(device), self.num_keys, monotone=self.monotone,
+        return HybridMask(self.starts.to(device), self.ends.to(device), self.num_keys, monotone=self.monotone,
                           _checked=True)
 
     def __repr__(self) -> str:
-        return f"HybridMask(num_queries={self.num_queries}, num_keys={self.num_keys}, device={self.device})"
+        return (f"HybridMask(num_queries={self.num_queries}, num_keys={self.num_keys}, "
+                f"num_intervals={self.num_intervals}, device={self.device})")
 
-    # ------------------------------------------------------------------ tile tables
-    def query_tiles(self, block_m: int) -> torch.Tensor:
-        """int32 [ceil(Nq / block_m), 4]: per query tile (kv_lo, kv_hi, full_lo, full_hi).
-
-        No query of the tile sees a key outside [kv_lo, kv_hi); every query of the tile sees
-        every key in [full_lo, full_hi) (empty when full_lo >= full_hi). A key tile
-        [n0, n0 + BN) is FULL iff full_lo <= n0 and n0 + BN <= full_hi.
-        """
-        key = ("q", _check_block(block_m, "block_m"))
-        if key not in self._tables:
-            self._tables[key] = self._query_tiles(block_m)
-        return self._tables[key]
-
-    def key_tiles(self, block_n: int) -> torch.Tensor:
-        """int32 [ceil(Nk / block_n), 4]: per key tile (q_lo, q_hi, qfull_lo, qfull_hi).
-
-        No query outside [q_lo, q_hi) sees a key of the tile; every query in
-        [qfull_lo, qfull_hi) sees all of them. Exact for monotone masks; for others the query
-        range is a superset (at query-tile granularity) and the full range is empty.
-        """
-        key = ("k", _check_block(block_n, "block_n"))
-        if key not in self._tables:
-            self._tables[key] = self._key_tiles(block_n)
-        return self._tables[key]
-
-    def _query_tiles(self, bm: int) -> torch.Tensor:
-        n = self.num_queries
-        t = -(-n // bm)
-        pad = t * bm - n
-
-        def tiled(x, fill):
-            return torch.nn.functional.pad(x, (0, pad), value=fill).view(t, bm)
-
-        s, e = self.kv_start, self.kv_end
-        return torch.stack(
-            [
-                tiled(s, INT32_MAX).amin(1),
-                tiled(e, 0).amax(1),
-                tiled(s, 0).amax(1),
-                tiled(e, INT32_MAX).amin(1),
-            ],
-            dim=1,
-        ).to(torch.int32).contiguous()
-
-    def _key_tiles(self, bn: int) -> torch.Tensor:
-        nk, nq = self.num_keys, self.num_queries
-        t = -(-nk // bn)
-        n0 = torch.arange(t, dtype=torch.int32, device=self.device) * bn
-        n1 = torch.clamp(n0 + bn, max=nk)
-        s, e = self.kv_start, self.kv_end
-        if self.monotone:
-            q_lo = torch.searchsorted(e, n0, right=True, out_int32=True)  # first i with kv_end > n0
-            q_hi = torch.searchsorted(s, n1, right=False, out_int32=True)  # first i with kv_start >= n1
-            full_hi = torch.searchsorted(s, n0, right=True, out_int32=True)  # kv_start <= n0 before this
-            full_lo = torch.searchsorted(e, n1, right=False, out_int32=True)  # kv_end >= n1 from here
-            return torch.stack([q_lo, torch.maximum(q_hi, q_lo), full_lo, full_hi], 1).contiguous()
-        # General masks: coverage at query-tile granularity, O((Nq / g) * (Nk / bn)) booleans.
-        g = 64
-        qt = self.query_tiles(g)
-        touches = (qt[:, None, 0] < n1[None, :]) & (qt[:, None, 1] > n0[None, :])  # [Tq, Tk]
-        any_q = touches.any(0)
-        idx = torch.arange(qt.shape[0], dtype=torch.int32, device=self.device)[:, None]
-        first = torch.where(touches, idx, INT32_MAX).amin(0)
-        last = torch.where(touches, idx, -1).amax(0)
-        q_lo = torch.where(any_q, first * g, 0)
-        q_hi = torch.where(any_q, torch.clamp((last + 1) * g, max=nq), 0)
-        zero = torch.zeros_like(q_lo)
-        return torch.stack([q_lo, q_hi, zero, zero], 1).to(torch.int32).contiguous()
+    def visible(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """bool [len(rows), len(cols)]: whether query rows[a] sees key cols[b]."""
+        s, e = self.starts[rows], self.ends[rows]  # [R, K]
+        c = cols[None, :, None]
+        return ((c >= s[:, None, :]) & (c < e[:, None, :])).any(-1)
 
     # ------------------------------------------------------------------ exports
     def to_dense(self) -> torch.Tensor:
         """bool [Nq, Nk]; allocates N^2: for tests and small cases only."""
-        j = torch.arange(self.num_keys, device=self.device)
-        return (j[None, :] >= self.kv_start[:, None]) & (j[None, :] < self.kv_end[:, None])
+        return self.visible(torch.arange(self.num_queries, device=self.device),
+                            torch.arange(self.num_keys, device=self.device))
 
     def to_flex_block_mask(self, block_size: int = 128):
         """The same mask as a torch FlexAttention BlockMask (for comparison and benchmarks)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        _check_block(block_size, "block_size")
-        kv_start, kv_end = self.kv_start, self.kv_end
+        check_block(block_size, "block_size")
+        starts, ends = self.starts, self.ends
 
         def interval_mask(b, h, q_idx, kv_idx):
-            return (kv_idx >= kv_start[q_idx]) & (kv_idx < kv_end[q_idx])
+            seen = (kv_idx >= starts[q_idx, 0]) & (kv_idx < ends[q_idx, 0])
+            for k in range(1, starts.shape[1]):
+                seen = seen | ((kv_idx >= starts[q_idx, k]) & (kv_idx < ends[q_idx, k]))
+            return seen
 
         return create_block_mask(
             interval_mask, B=None, H=None, Q_LEN=self.num_queries, KV_LEN=self.num_keys,
             device=self.device, BLOCK_SIZE=block_size,
         )
-
-
-# ---------------------------------------------------------------------------------------------- work order
-# id(table) -> (weak reference to the table, its order); a WeakKeyDictionary would compare
-# tensors with == on a hash hit. Entries leave with their table.
-_ORDERS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
-
-
-def heaviest_first(table: torch.Tensor) -> torch.Tensor:
-    """int32 [rows]: the tile indices of a tile table (``HybridMask.query_tiles`` /
-    ``key_tiles``) by decreasing visit range ``hi - lo``, ties in tile order: the order in which
-    a kernel's blocks take their tiles (block i processes tile order[i]), so that the longest
-    tiles start in the first wave and the short ones fill the tail (a longest-first list
-    schedule). Cached per table in eager mode (the mask caches the tables, so this runs once
-    per mask and block size); computed in the graph under torch.compile."""
-    compiling = torch.compiler.is_compiling()
-    entry = None if compiling else _ORDERS.get(id(table))
-    if entry is not None and entry[0]() is table:
-        return entry[1]
-    work = (table[:, 1] - table[:, 0]).clamp_min(0)
-    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-    if not compiling:
-        _ORDERS[id(table)] = (weakref.ref(table), order)
-        weakref.finalize(table, _ORDERS.pop, id(table), None)
-    return order

@@ -8,6 +8,7 @@ must be at most twice the error of the same computation done by PyTorch in the i
 (dense softmax attention), plus a small absolute floor. Every buffer the kernels write is
 allocated NaN-filled, so an element they forget to write fails the test.
 """
+import dataclasses
 import json
 import os
 
@@ -24,6 +25,7 @@ pytest.importorskip("triton")
 import transfusion_kernels as tk  # noqa: E402
 from transfusion_kernels.attention import reference  # noqa: E402
 from transfusion_kernels.attention import triton as tkt  # noqa: E402
+from transfusion_kernels.attention.plan import query_runs  # noqa: E402
 from tests.layouts import LAYOUTS, naive_dense, random_layout  # noqa: E402
 from tests.oracles import assert_2x, dense_attention  # noqa: E402
 
@@ -62,31 +64,31 @@ def blocks(fwd, dkdv, dq, warps=1, stages=1):
     return tkt.AttentionConfig(*(tkt.KernelConfig(m, n, warps, stages) for m, n in (fwd, dkdv, dq)))
 
 
-def run_triton(q, k, v, mask, dout, scale, config=None):
+def run_triton(q, k, v, mask, dout, scale, config=None, softcap=0.0):
     """Kernel outputs and gradients straight through the backend functions (prepare, forward,
     backward); ``config`` overrides the block sizes."""
-    tables, cfg = tkt.prepare(mask, q, k, config)
-    args = (mask.kv_start, mask.kv_end, tables, cfg, scale)
+    plan = tkt.prepare(mask, q, k, config)
+    args = (mask.starts, mask.ends, plan, scale, softcap)
     out, lse = tkt.forward(q, k, v, *args)
     grads = None if dout is None else tkt.backward(dout, q, k, v, out, lse, *args)
     return out, lse, grads
 
 
 def check(mask, *, hq=HQ, hkv=HKV, d=64, dtype=torch.bfloat16, allowed=None, grads=True,
-          config=None, scale=None, inputs=None):
+          config=None, scale=None, inputs=None, softcap=None):
     """Kernel vs float64 oracle vs same-dtype PyTorch: out, lse and (optionally) dq, dk, dv."""
     allowed = mask.to_dense() if allowed is None else allowed.to(DEVICE)
     scale = d ** -0.5 if scale is None else scale
     q, k, v = inputs if inputs is not None else make_inputs(mask.num_queries, mask.num_keys, hq, hkv, d, dtype)
     dout = torch.randn(q.shape, device=DEVICE).to(dtype) if grads else None
-    out, lse, kgrads = run_triton(q, k, v, mask, dout, scale, config)
+    out, lse, kgrads = run_triton(q, k, v, mask, dout, scale, config, softcap or 0.0)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
 
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale)
-    low_out, low_lse = dense_attention(*low_in, allowed, scale)
+    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale, softcap)
+    low_out, low_lse = dense_attention(*low_in, allowed, scale, softcap)
     floor = FLOOR[dtype]
     assert_rule("out", out, ref_out, low_out, floor)
     assert_rule("lse", lse, ref_lse, low_lse, floor)
@@ -148,6 +150,72 @@ def test_long_random_layout(seed):
     config = None if GPU else blocks((64, 64), (32, 64), (64, 64))  # fewer interpreted steps
     check(spans_mask(cu, spans), hq=2 if not GPU else HQ, hkv=1 if not GPU else HKV, d=64, dtype=torch.bfloat16,
           config=config)
+
+
+# ----------------------------------------------------------------------------------------------
+# unions of K intervals per query, logit softcap
+# ----------------------------------------------------------------------------------------------
+def union_mask(nq, nk, k, gen, empty_rows=True):
+    """K sorted, disjoint intervals per row from 2K sorted endpoints: gaps, empty slots, rows
+    whose slots are numbered differently from their neighbours', and (optionally) empty rows."""
+    pts = torch.randint(0, nk + 1, (nq, 2 * k), generator=gen).sort(1).values
+    if empty_rows:
+        pts[nq // 3: nq // 3 + 5] = pts[nq // 3: nq // 3 + 5, :1]  # five rows that see nothing
+    return tk.HybridMask.from_intervals(pts[:, 0::2].to(DEVICE), pts[:, 1::2].to(DEVICE), nk)
+
+
+@pytest.mark.parametrize("k,d,dtype", [(2, 64, torch.bfloat16), (4, 32, torch.float16), (8, 64, torch.float32)])
+def test_union_masks(k, d, dtype, seed):
+    """K = 2, 4, 8 against the float64 oracle of the union (the dense mask), forward and backward,
+    several programs on each grid axis."""
+    mask = union_mask(75, 90, k, torch.Generator().manual_seed(seed))
+    check(mask, d=d, dtype=dtype)
+
+
+def test_union_mask_bagel_like(seed):
+    """Two samples; in each, a noise split hidden from the rest: later queries see the sample's
+    prefix and themselves, around the hidden block (K = 2, FULL runs on both sides of the gap)."""
+    cu = [0, 70, 130]
+    rows = []
+    for s0, ns, ne, s1 in ((0, 20, 45, 70), (70, 90, 100, 130)):
+        for i in range(s0, s1):
+            if i < ns:
+                rows.append(([s0, i + 1], [i + 1, i + 1]))
+            elif i < ne:
+                rows.append(([s0, ne], [ne, ne]))
+            else:
+                rows.append(([s0, ne], [ns, i + 1]))
+    starts = torch.tensor([r[0] for r in rows])
+    ends = torch.tensor([r[1] for r in rows])
+    mask = tk.HybridMask.from_intervals(starts.to(DEVICE), ends.to(DEVICE), cu[-1])
+    assert mask.num_intervals == 2
+    check(mask, d=64, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("cap,k", [(2.0, 1), (0.5, 3)])
+def test_softcap(cap, k, seed):
+    """scores -> cap * tanh(scores / cap): a cap the scores reach (they are larger than it) in
+    forward and backward, with one interval per query and with unions."""
+    gen = torch.Generator().manual_seed(seed)
+    if k == 1:
+        cu, spans = LAYOUTS["several_images"]
+        mask = spans_mask(cu, spans)
+    else:
+        mask = union_mask(70, 70, k, gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        check(mask, d=32, dtype=dtype, softcap=cap, scale=0.5)
+
+
+def test_softcap_through_dispatcher_and_reference(seed):
+    """softcap= through tk.hybrid_attention: triton and the reference agree (fp32)."""
+    mask = union_mask(40, 50, 2, torch.Generator().manual_seed(seed))
+    q, k, v = (t.requires_grad_() for t in make_inputs(40, 50, HQ, HKV, 32, torch.float32))
+    dout = torch.randn(q.shape, device=DEVICE)
+    got = [tk.hybrid_attention(q, k, v, mask, softcap=1.5, backend=b) for b in ("triton", "reference")]
+    grads = [torch.autograd.grad(o, (q, k, v), dout) for o in got]
+    torch.testing.assert_close(got[0], got[1], rtol=1e-5, atol=1e-5)
+    for g, r in zip(*grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,8 +327,7 @@ def test_matches_reference_backend(seed):
     q, k, v = make_inputs(mask.num_queries, mask.num_keys, HQ, HKV, 64, torch.float32)
     dout = torch.randn(q.shape, device=DEVICE)
     out, lse, grads = run_triton(q, k, v, mask, dout, 0.125)
-    tables, blocks = reference.prepare(mask, q, k)
-    args = (mask.kv_start, mask.kv_end, tables, blocks, 0.125)
+    args = (mask.starts, mask.ends, reference.prepare(mask, q, k), 0.125)
     r_out, r_lse = reference.forward(q, k, v, *args)
     r_grads = reference.backward(dout, q, k, v, r_out, r_lse, *args)
     torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
@@ -306,24 +373,15 @@ def test_torch_compile_fullgraph(seed):
         torch.testing.assert_close(g, ge, rtol=0, atol=0)
 
 
-def test_tile_order_is_cached_per_table():
-    """The longest-first tile order is computed once per (cached) table and freed with it."""
-    table = torch.tensor([[0, 5, 0, 0], [0, 64, 0, 0], [3, 40, 0, 0], [9, 9, 0, 0]], dtype=torch.int32, device=DEVICE)
-    order = tkt._heaviest_first(table)
-    assert order.tolist() == [1, 2, 0, 3]
-    assert tkt._heaviest_first(table) is order
-    key = id(table)
-    del table
-    assert key not in tk.masks._ORDERS
-
-
 def test_bad_tables_are_rejected():
     mask = tk.HybridMask.causal(torch.tensor([0, 40], dtype=torch.int32, device=DEVICE))
     q, k, v = make_inputs(40, 40, 2, 1, 64, torch.float16)
-    tables, config = tkt.prepare(mask, q, k)
-    wrong = [mask.query_tiles(config[0] * 2).to(DEVICE)] + tables[1:]
-    with pytest.raises(ValueError, match="tables"):
-        tkt.forward(q, k, v, mask.kv_start, mask.kv_end, wrong, config, 0.125)
+    plan = tkt.prepare(mask, q, k)
+    wrong = dataclasses.replace(plan, fwd_runs=query_runs(mask, plan.config.fwd.block_m * 2))
+    with pytest.raises(ValueError, match="plan.fwd_runs must be contiguous int32"):
+        tkt.forward(q, k, v, mask.starts, mask.ends, wrong, 0.125)
+    with pytest.raises(ValueError, match="has 6 tensors"):
+        tkt.Plan.from_op_args(plan.op_args()[0][:5], plan.op_args()[1])
     with pytest.raises(ValueError, match="head dim"):
         tkt.pick_config(512, torch.float16, torch.device(DEVICE))
     with pytest.raises(TypeError, match="float16"):

@@ -1,14 +1,18 @@
 """Hybrid-mask attention: dispatch, torch.library custom ops and autograd.
 
 Backend modules (reference.py, triton.py, cuda.py) each define (the kernel backends also
-``supports(q, scale) -> reason or None``, what their kernels cover, for ``backends.select``):
+``supports(q, scale, softcap, num_intervals) -> reason or None``, what their kernels cover, for
+``backends.select``):
 
-    prepare(mask, q, k) -> (tables: list[Tensor], blocks: list[int])
-        the mask's tile tables and the block sizes their kernels use (cached on the mask);
-    forward(q, k, v, kv_start, kv_end, tables, blocks, scale) -> (out [Nq, Hq, D], lse [Hq, Nq] fp32)
-    backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale) -> (dq, dk, dv)
+    Plan: a dataclass (plan.KernelPlan) of what the kernels read of a mask, with named fields;
+    prepare(mask, q, k) -> Plan
+        built from the mask's tile plans (plan.py, cached on the mask);
+    forward(q, k, v, starts, ends, plan, scale, softcap) -> (out [Nq, Hq, D], lse [Hq, Nq] fp32)
+    backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap) -> (dq, dk, dv)
 
-The custom ops take plain tensors, so ``torch.compile`` traces them without graph breaks.
+starts and ends are the mask's int32 [Nq, K] intervals; softcap is 0.0 for none. The custom ops
+take plain tensors (the plan as ``plan.op_args()``), so ``torch.compile`` traces them without
+graph breaks.
 """
 from __future__ import annotations
 
@@ -34,51 +38,57 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @torch.library.custom_op("transfusion_kernels::hybrid_attention_fwd", mutates_args=())
 def _attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
-    tables: list[torch.Tensor], blocks: list[int], scale: float, backend: str,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+    plan_tensors: list[torch.Tensor], plan_ints: list[int], scale: float, softcap: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.shape[0] == 0:  # no queries (an empty batch, or no new tokens against a cache): no launch
         return q.new_empty(q.shape[:2] + v.shape[2:]), q.new_empty((q.shape[1], 0), dtype=torch.float32)
-    return ATTENTION.module(backend).forward(q, k, v, kv_start, kv_end, tables, blocks, scale)
+    module = ATTENTION.module(backend)
+    plan = module.Plan.from_op_args(plan_tensors, plan_ints)
+    return module.forward(q, k, v, starts, ends, plan, scale, softcap)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, kv_start, kv_end, tables, blocks, scale, backend):
+def _(q, k, v, starts, ends, plan_tensors, plan_ints, scale, softcap, backend):
     return q.new_empty(q.shape[:2] + v.shape[2:]), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("transfusion_kernels::hybrid_attention_bwd", mutates_args=())
 def _attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, tables: list[torch.Tensor],
-    blocks: list[int], scale: float, backend: str,
+    lse: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, plan_tensors: list[torch.Tensor],
+    plan_ints: list[int], scale: float, softcap: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.shape[0] == 0:  # no query sees any key
         return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return ATTENTION.module(backend).backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale)
+    module = ATTENTION.module(backend)
+    plan = module.Plan.from_op_args(plan_tensors, plan_ints)
+    return module.backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale, backend):
+def _(dout, q, k, v, out, lse, starts, ends, plan_tensors, plan_ints, scale, softcap, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_start, kv_end, tables, blocks, scale, backend = inputs
+    q, k, v, starts, ends, plan_tensors, plan_ints, scale, softcap, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end, *tables)
-    ctx.blocks, ctx.scale, ctx.backend = blocks, scale, backend
+    ctx.save_for_backward(q, k, v, out, lse, starts, ends, *plan_tensors)
+    ctx.plan_ints, ctx.scale, ctx.softcap, ctx.backend = plan_ints, scale, softcap, backend
 
 
 def _backward(ctx, dout, dlse):
     # lse is returned for inspection and merging partial results; it is not differentiated.
-    q, k, v, out, lse, kv_start, kv_end, *tables = ctx.saved_tensors
+    q, k, v, out, lse, starts, ends, *plan_tensors = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(
-        dout.contiguous(), q, k, v, out, lse, kv_start, kv_end, tables, ctx.blocks, ctx.scale, ctx.backend
+        dout.contiguous(), q, k, v, out, lse, starts, ends, plan_tensors, ctx.plan_ints, ctx.scale, ctx.softcap,
+        ctx.backend,
     )
     # One entry per input, nested like the inputs: a list of Nones for the tensor list; the int
     # list is a single leaf, except when empty (then an empty list).
-    return dq, dk, dv, None, None, [None] * len(tables), None if ctx.blocks else [], None, None
+    return (dq, dk, dv, None, None, [None] * len(plan_tensors), None if ctx.plan_ints else [], None, None,
+            None)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -123,14 +133,50 @@ def _check_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=False, backend=None):
-    """Attention where query i sees keys ``[mask.kv_start[i], mask.kv_end[i])``.
+def _check_softcap(softcap) -> float:
+    """0.0 for no cap (None or 0, as FlashAttention), else the positive cap."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, torch.Tensor) and softcap.numel() == 1 and not softcap.is_complex():
+        softcap = softcap.item()
+    real = isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
+    if not real or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be None or a finite real number >= 0 (scores -> softcap * tanh(scores / "
+                         f"softcap); 0 or None: no cap), got {softcap!r}")
+    return float(softcap)
+
+
+_LAYOUTS = ("bnhd", "bhnd")
+
+
+def _packed(x, layout: str, name: str):
+    """A 4-D [B, N, H, D] ("bnhd") or [B, H, N, D] ("bhnd") tensor as [B * N, H, D]: a view when
+    the strides allow it, else one copy."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D like the others, got shape {tuple(getattr(x, 'shape', ()))}")
+    y = x if layout == "bnhd" else x.transpose(1, 2)
+    b, n, h, d = y.shape
+    try:
+        return y.view(b * n, h, d)
+    except RuntimeError:
+        return y.reshape(b * n, h, d)
+
+
+def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=False, backend=None, *,
+                     softcap=None, layout=None):
+    """Attention where query i sees the keys of its intervals: ``[mask.kv_start[i], mask.kv_end[i])``,
+    or their union over k for a mask of K > 1 intervals per query.
 
     q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] with Hq a multiple of Hkv (grouped-query attention);
-    float16, bfloat16 or float32, all three alike, unit stride in the head dim.
-    Returns out [Nq, Hq, D] (and lse [Hq, Nq] fp32, natural log, if ``return_lse``).
-    Differentiable in q, k and v; lse is not differentiated. A query with an empty interval gets
-    output 0 and lse -inf.
+    float16, bfloat16 or float32, all three alike, unit stride in the head dim. Or batched
+    tensors with one mask over the B * N tokens: ``layout="bnhd"`` (the default for 4-D, as
+    FlashAttention: [B, N, H, D]) or ``"bhnd"`` (as SDPA: [B, H, N, D]); these are read as
+    strided views where their strides allow (contiguous [B, N, H, D], or B = 1), else copied once.
+    Padding is part of the mask: a padded query that sees nothing gets output 0.
+    ``softcap=c`` maps scores s to ``c * tanh(s / c)`` before the softmax (Gemma 2, FlashAttention).
+    Returns out shaped like q (and lse [Hq, Nq] fp32, natural log, if ``return_lse``; [B, Hq, N]
+    for 4-D inputs). Differentiable in q, k and v; lse is not differentiated. A query that sees no
+    key gets output 0 and lse -inf.
 
     Inputs a backend's kernels do not cover (see README, "Supported shapes and dtypes") run on
     the next backend (cuda -> triton -> reference) with one warning per reason.
@@ -140,11 +186,24 @@ def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=F
     reaches every query that sees its key, and may also reach queries computed in the same tile
     (a zero probability times inf/NaN); the same holds for q, k, v and dout in the gradients.
     """
+    batched = isinstance(q, torch.Tensor) and q.dim() == 4
+    if batched or layout is not None:
+        layout = "bnhd" if layout is None else layout
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be 'bnhd' ([B, N, H, D]) or 'bhnd' ([B, H, N, D]), got {layout!r}")
+        shape = q.shape
+        q, k, v = (_packed(x, layout, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     _check_inputs(q, k, v, mask)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    name = select(ATTENTION, backend, q, scale)
-    tables, blocks = ATTENTION.module(name).prepare(mask, q, k)
-    out, lse = _attention_fwd(q, k, v, mask.kv_start, mask.kv_end, tables, blocks, scale, name)
+    cap = _check_softcap(softcap)
+    name = select(ATTENTION, backend, q, scale, cap, mask.num_intervals)
+    plan_tensors, plan_ints = ATTENTION.module(name).prepare(mask, q, k).op_args()
+    out, lse = _attention_fwd(q, k, v, mask.starts, mask.ends, plan_tensors, plan_ints, scale, cap, name)
+    if batched:
+        b, n = (shape[0], shape[1]) if layout == "bnhd" else (shape[0], shape[2])
+        out = out.view(b, n, *out.shape[1:])
+        out = out if layout == "bnhd" else out.transpose(1, 2)
+        lse = lse.view(lse.shape[0], b, n).transpose(0, 1)
     return (out, lse) if return_lse else out
 
 

@@ -14,18 +14,19 @@ Kernels (fp16 / bf16, head dims 64 and 128, GQA, any row/head strides):
 
   ``"wgmma"`` runs where it can, else ``"mma"``; the environment variable
   ``TRANSFUSION_CUDA_ATTENTION_FWD`` (``auto`` | ``mma`` | ``wgmma``, read by ``prepare`` and
-  ``forward``) forces one (``wgmma`` where it cannot run raises ``ValueError``). ``blocks[0]`` is
-  the chosen forward's block size (``forward`` checks it).
+  ``forward``) forces one (``wgmma`` where it cannot run raises ``ValueError``).
+  ``plan.config.fwd_block_m`` is the chosen forward's block size (``forward`` checks it).
 * backward on mma.sync (``attention_bwd.cu``): delta = rowsum(dO * O), then dk/dv per key tile
   of 64 over the key table's query range (summed over the GQA group in registers) and dq per
   query tile of 64: deterministic, no atomics. On sm_90a devices, the wgmma backward
   (``attention_bwd_sm90.cu``) instead: dk/dv per key tile with each step's dQ share summed in
   fp32 in a fixed order (deterministic), no second P recomputation.
 
-``tables`` = [forward query tiles, dq query tiles (64), dk/dv key tiles (64)] + the order in which
-each kernel's blocks take those tiles (``masks.heaviest_first``: longest first, so that the long
-tiles do not end in the last wave; block i of a head processes tile order[i]); ``blocks`` =
-[forward block_m, 64, 64].
+``Plan``: the tile tables of the forward (query tiles), dq (query tiles of 64) and dk/dv (key
+tiles of 64), each with the order in which the kernel's blocks take them (``plan.heaviest_first``:
+longest first, so that the long tiles do not end in the last wave; block i of a head processes
+tile order[i]), and the block sizes. Masks of one interval per query and no softcap: ``supports``
+names a union or a softcap as not covered.
 
 Inputs the kernels do not cover (float32, head dims other than 64 and 128): ``supports`` names
 them, and ``backends.select`` runs the op on the next backend. Set
@@ -40,11 +41,13 @@ contiguous.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
+
+from transfusion_kernels.attention.plan import KernelPlan, heaviest_first, key_tiles, query_runs
 from transfusion_kernels.backends import require_extension
-from transfusion_kernels.masks import heaviest_first
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _HEAD_DIMS = (64, 128)
@@ -70,9 +73,15 @@ def _uncovered(q) -> str:
             f"with head dim {q.shape[-1]}")
 
 
-def supports(q: torch.Tensor, scale: float) -> str | None:
-    """Why the kernels do not cover q (None when they do; any scale is covered). With
-    TRANSFUSION_CUDA_ATTENTION_FALLBACK=0 an uncovered input is a ValueError instead."""
+def supports(q: torch.Tensor, scale: float, softcap: float = 0.0, num_intervals: int = 1) -> str | None:
+    """Why the kernels do not cover q, softcap and the mask's intervals (None when they do; any
+    scale is covered). With TRANSFUSION_CUDA_ATTENTION_FALLBACK=0 an uncovered dtype or head dim
+    is a ValueError instead."""
+    if num_intervals != 1:
+        return (f"masks of {num_intervals} intervals per query (the cuda kernels take one interval per query; "
+                "unions run on triton or the reference)")
+    if softcap:
+        return "softcap (the cuda kernels have no logit cap yet; it runs on triton or the reference)"
     if kernel_supports(q):
         return None
     if os.environ.get(FALLBACK_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
@@ -140,34 +149,26 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _check_table(t: torch.Tensor, n: int, block: int, device, what: str) -> None:
+def _check_table(t: torch.Tensor, order: torch.Tensor, n: int, block: int, device, what: str) -> None:
     rows = -(-n // block)
     if t.dim() != 2 or t.shape[0] != rows or t.shape[1] != 4 or t.dtype != torch.int32 or t.device != device:
         raise ValueError(
-            f"tables: {what} must be int32 [{rows}, 4] on {device} for {n} tokens and block {block}, got "
-            f"{t.dtype} {list(t.shape)} on {t.device}; build it with prepare(mask, q, k)"
+            f"plan.{what} must be int32 [{rows}, 4] on {device} for {n} tokens and block {block}, got "
+            f"{t.dtype} {list(t.shape)} on {t.device}; build the plan with prepare(mask, q, k)"
         )
-
-
-def _table_and_order(tables: list, i: int, n: int, block: int, device, what: str):
-    """tables[i] checked against n tokens and the block size, and its tile order (tables[i + 3]
-    when prepare's 6 tensors are given, else built here)."""
-    if len(tables) not in (3, 6):
-        raise ValueError(f"tables must be the list prepare(mask, q, k) returns (6 tensors), got {len(tables)}")
-    t = tables[i]
-    _check_table(t, n, block, device, what)
-    order = tables[i + 3] if len(tables) == 6 else heaviest_first(t)
-    rows = t.shape[0]
     if order.shape != (rows,) or order.dtype != torch.int32 or order.device != device or not order.is_contiguous():
         raise ValueError(
-            f"tables[{i + 3}]: the tile order of {what} must be contiguous int32 [{rows}] on {device}, got "
-            f"{order.dtype} {list(order.shape)} on {order.device}; build it with prepare(mask, q, k)"
+            f"the tile order of plan.{what} must be contiguous int32 [{rows}] on {device}, got "
+            f"{order.dtype} {list(order.shape)} on {order.device}; build the plan with prepare(mask, q, k)"
         )
-    return t, order
 
 
-def _ints(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.int32).contiguous()
+def _interval(x: torch.Tensor) -> torch.Tensor:
+    """The one interval per query as int32 [Nq] contiguous (the caller keeps it alive across the
+    launch: the kernels get its address)."""
+    if x.dim() == 2 and x.shape[1] != 1:
+        raise ValueError(f"the cuda kernels take one interval per query, got {x.shape[1]}; use backend='triton'")
+    return x.reshape(-1).to(torch.int32).contiguous()
 
 
 def _stream(device) -> int:
@@ -177,32 +178,68 @@ def _stream(device) -> int:
 # ----------------------------------------------------------------------------------------------
 # the backend contract
 # ----------------------------------------------------------------------------------------------
-def prepare(mask, q, k):
-    """Kernel inputs: tables [forward query tiles, dq query tiles, dk/dv key tiles, and their
-    tile orders] and block sizes."""
+@dataclass(frozen=True)
+class BlockSizes:
+    fwd_block_m: int  # the chosen forward's query tile (wgmma or mma)
+    bwd_block_m: int  # dq query tile
+    bwd_block_n: int  # dk/dv key tile
+
+    def to_list(self) -> list[int]:
+        return [self.fwd_block_m, self.bwd_block_m, self.bwd_block_n]
+
+
+@dataclass(frozen=True)
+class Plan(KernelPlan):
+    """The cuda kernels' view of one (K = 1) mask: block sizes, and per kernel its tile table
+    and the order in which its blocks take the tiles (heaviest first)."""
+
+    config: BlockSizes
+    fwd_tiles: torch.Tensor  # [Nq / fwd_block_m, 4] query tiles
+    fwd_order: torch.Tensor
+    dq_tiles: torch.Tensor  # [Nq / bwd_block_m, 4]
+    dq_order: torch.Tensor
+    dkdv_tiles: torch.Tensor  # [Nk / bwd_block_n, 4] key tiles
+    dkdv_order: torch.Tensor
+
+    @classmethod
+    def config_from(cls, ints):
+        if len(ints) != 3:
+            raise ValueError(f"cuda plan block sizes are 3 ints, got {list(ints)}; build the plan with prepare(mask, q, k)")
+        return BlockSizes(*(int(x) for x in ints))
+
+
+def prepare(mask, q, k) -> Plan:
+    """The mask's plan: tile tables and block sizes of the forward and backward kernels."""
     ext = require_extension()
     _check_covered(q)
+    if mask.num_intervals != 1:
+        raise ValueError(f"the cuda kernels take one interval per query, the mask has {mask.num_intervals}; "
+                         "use backend='triton'")
     fwd_bm = ext.ATTENTION_SM90_BLOCK_M if forward_kernel(q.device) == "wgmma" else ext.ATTENTION_BLOCK_M
-    blocks = [fwd_bm, ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]
-    tables = [mask.query_tiles(blocks[0]), mask.query_tiles(blocks[1]), mask.key_tiles(blocks[2])]
-    tables = [t.to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
-    return tables + [heaviest_first(t) for t in tables], blocks
+    sizes = BlockSizes(fwd_bm, ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N)
+    tables = [query_runs(mask, fwd_bm), query_runs(mask, sizes.bwd_block_m), key_tiles(mask, sizes.bwd_block_n)]
+    tables = [t.reshape(t.shape[0], 4).to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
+    fwd, dq, kv = tables
+    return Plan(sizes, fwd, heaviest_first(fwd), dq, heaviest_first(dq), kv, heaviest_first(kv))
 
 
-def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
+def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
     ext = require_extension()
     _check_covered(q)
+    if softcap:
+        raise ValueError("the cuda kernels have no softcap yet; use backend='triton'")
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
     kernel = forward_kernel(q.device)
     sm90 = kernel == "wgmma"
     block_m = ext.ATTENTION_SM90_BLOCK_M if sm90 else ext.ATTENTION_BLOCK_M
-    if blocks[0] != block_m:
+    if plan.config.fwd_block_m != block_m:
         raise ValueError(
-            f"blocks[0] must be {block_m} (the {kernel} forward's query tile on {q.device}), got {blocks[0]}; "
-            "build tables and blocks with prepare(mask, q, k)"
+            f"plan.config.fwd_block_m must be {block_m} (the {kernel} forward's query tile on {q.device}), got "
+            f"{plan.config.fwd_block_m}; build the plan with prepare(mask, q, k)"
         )
-    q_tiles, q_order = _table_and_order(tables, 0, nq, blocks[0], q.device, "tables[0] (forward query tiles)")
+    _check_table(plan.fwd_tiles, plan.fwd_order, nq, block_m, q.device, "fwd_tiles")
+    kv_start, kv_end = _interval(starts), _interval(ends)
     q, k, v = (_kernel_ready(t) for t in (q, k, v))
     if sm90:
         if scale < 0:  # the wgmma forward takes scale >= 0: softmax(scale q.k) = softmax(-scale (-q).k)
@@ -214,25 +251,28 @@ def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
         with torch.cuda.device(q.device):
             (ext.attention_fwd_sm90 if sm90 else ext.attention_fwd)(
                 out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                _ints(kv_start).data_ptr(), _ints(kv_end).data_ptr(), q_tiles.data_ptr(), nq, nk, hq, hkv, d,
+                kv_start.data_ptr(), kv_end.data_ptr(), plan.fwd_tiles.data_ptr(), nq, nk, hq, hkv, d,
                 _strides(q), _strides(k), _strides(v), float(scale), _DTYPE_NAMES[q.dtype], _stream(q.device),
-                q_order.data_ptr(),
+                plan.fwd_order.data_ptr(),
             )
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
+def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0.0):
     ext = require_extension()
     _check_covered(q)
+    if softcap:
+        raise ValueError("the cuda kernels have no softcap yet; use backend='triton'")
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
-    if list(blocks[1:3]) != [ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]:
+    if [plan.config.bwd_block_m, plan.config.bwd_block_n] != [ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]:
         raise ValueError(
-            f"blocks[1:3] must be [{ext.ATTENTION_BWD_BLOCK_M}, {ext.ATTENTION_BWD_BLOCK_N}], got {list(blocks[1:3])}; "
-            "build tables and blocks with prepare(mask, q, k)"
+            f"plan.config's backward blocks must be [{ext.ATTENTION_BWD_BLOCK_M}, {ext.ATTENTION_BWD_BLOCK_N}], got "
+            f"{[plan.config.bwd_block_m, plan.config.bwd_block_n]}; build the plan with prepare(mask, q, k)"
         )
-    q_tiles, q_order = _table_and_order(tables, 1, nq, blocks[1], q.device, "tables[1] (dq query tiles)")
-    k_tiles, k_order = _table_and_order(tables, 2, nk, blocks[2], q.device, "tables[2] (dk/dv key tiles)")
+    _check_table(plan.dq_tiles, plan.dq_order, nq, plan.config.bwd_block_m, q.device, "dq_tiles")
+    _check_table(plan.dkdv_tiles, plan.dkdv_order, nk, plan.config.bwd_block_n, q.device, "dkdv_tiles")
+    kv_start, kv_end = _interval(starts), _interval(ends)
     q, k, v, out, dout = (_kernel_ready(t) for t in (q, k, v, out, dout))
     lse = lse.to(torch.float32).contiguous()
     dq = _empty((nq, hq, d), q.dtype, q.device)
@@ -248,10 +288,10 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
         with torch.cuda.device(q.device):
             ext.attention_bwd(
                 dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), dout.data_ptr(), q.data_ptr(),
-                k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ints(kv_start).data_ptr(),
-                _ints(kv_end).data_ptr(), q_tiles.data_ptr(), k_tiles.data_ptr(), nq, nk, hq, hkv, d,
+                k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), kv_start.data_ptr(),
+                kv_end.data_ptr(), plan.dq_tiles.data_ptr(), plan.dkdv_tiles.data_ptr(), nq, nk, hq, hkv, d,
                 _strides(q), _strides(k), _strides(v), _strides(out), _strides(dout), float(scale),
-                _DTYPE_NAMES[q.dtype], _stream(q.device), q_order.data_ptr(), k_order.data_ptr(),
+                _DTYPE_NAMES[q.dtype], _stream(q.device), plan.dq_order.data_ptr(), plan.dkdv_order.data_ptr(),
                 dq_workspace=0 if workspace is None else workspace.data_ptr(),
             )
     return dq, dk, dv

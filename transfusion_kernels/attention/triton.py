@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from transfusion_kernels.masks import heaviest_first as _heaviest_first
+from transfusion_kernels.attention.plan import KernelPlan, heaviest_first, key_tiles, query_runs
 
 _LOG2E = 1.4426950408889634
 # kernels may only read globals that are constexpr
@@ -187,14 +187,14 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Atte
     return AttentionConfig.from_list(_gpu_config(index, head_dim, _dtype_name(dtype)))
 
 
-def supports(q: torch.Tensor, scale: float) -> str | None:
-    """Why the kernels do not cover q and scale (None when they do)."""
+def supports(q: torch.Tensor, scale: float, softcap: float = 0.0, num_intervals: int = 1) -> str | None:
+    """Why the kernels do not cover q, scale and softcap (None when they do; any K)."""
     try:
         pick_config(q.shape[-1], q.dtype, q.device)
     except (ValueError, TypeError) as e:
         return f"{q.dtype} with head dim {q.shape[-1]} ({e})"
-    if scale <= 0:  # the forward scales the already masked (-inf) scores: -inf * 0 is NaN
-        return "softmax_scale <= 0"
+    if scale <= 0 and not softcap:  # the forward scales the masked (-inf) scores: -inf * 0 is NaN
+        return "softmax_scale <= 0 (without softcap)"
     return None
 
 
@@ -287,56 +287,101 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 to a few ulp (the interpreter has no libdevice): the exp form, and its
+    Taylor series where 1 - exp(-2|x|) would cancel."""
+    a = tl.abs(x)
+    e = tl.math.exp2(a * (-2.0 * LOG2E))
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _visible(cols, S, E, rows, row_ok, NI: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Whether query rows see key cols through any of their NI intervals: [len(rows), len(cols)]
+    ([len(cols), len(rows)] with KEYS_FIRST); rows with row_ok False see nothing."""
+    for r in tl.static_range(NI):
+        s = tl.load(S + rows * NI + r, mask=row_ok, other=0)
+        e = tl.load(E + rows * NI + r, mask=row_ok, other=0)
+        if KEYS_FIRST:
+            v = (cols[:, None] >= s[None, :]) & (cols[:, None] < e[None, :])
+        else:
+            v = (cols[None, :] >= s[:, None]) & (cols[None, :] < e[:, None])
+        if r == 0:
+            vis = v
+        else:
+            vis = vis | v
+    return vis
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
               s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_lh,
-              Nq, qk_scale,
-              GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
+              Nq, qk_scale, cap_in, cap_out,
+              GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
+              SOFTCAP: tl.constexpr):
     h = tl.program_id(0)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
     h64 = h.to(tl.int64)
     kvh = (h // GROUP).to(tl.int64)
-    kv_lo = tl.load(TAB + tile * 4)
-    kv_hi = tl.load(TAB + tile * 4 + 1)
-    full_lo = tl.load(TAB + tile * 4 + 2)
-    full_hi = tl.load(TAB + tile * 4 + 3)
 
     offs_m = tile * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
     q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
-    # the tile's intervals, read once for all of its PARTIAL blocks; padded rows: empty interval
-    kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)
-    kve = tl.load(KVE + offs_m, mask=row_ok, other=0)
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DP], tl.float32)
-    start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
-    # One loop over key blocks (one software pipeline); only PARTIAL blocks branch into the
-    # interval test. Key rows are clamped into [kv_lo, kv_hi): nothing outside is ever read,
-    # the loads need no predicates, and the clamped duplicates fail the interval test.
-    for n0 in range(start, kv_hi, BN):
-        cols = n0 + offs_n
-        kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
-        k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
-        v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
-        qk = _dot(q, tl.trans(k), None, PREC)
-        if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
-            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
-            qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (p = 0, no NaN)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = _dot(_cast(p, v.dtype, PREC), v, acc, PREC)
-        m_i = m_new
+    # One run of key blocks per interval slot r; inside run r only slot r's interval is tested,
+    # so each (query, key) pair is counted once even where two runs overlap.
+    for r in tl.static_range(NI):
+        kv_lo = tl.load(TAB + (tile * NI + r) * 4)
+        kv_hi = tl.load(TAB + (tile * NI + r) * 4 + 1)
+        full_lo = tl.load(TAB + (tile * NI + r) * 4 + 2)
+        full_hi = tl.load(TAB + (tile * NI + r) * 4 + 3)
+        # the slot's intervals, read once for all of its PARTIAL blocks; padded rows: empty
+        kvs = tl.load(KVS + offs_m * NI + r, mask=row_ok, other=0)
+        kve = tl.load(KVE + offs_m * NI + r, mask=row_ok, other=0)
+        start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
+        # One loop over key blocks (one software pipeline); only PARTIAL blocks branch into the
+        # interval test. Key rows are clamped into [kv_lo, kv_hi): nothing outside is ever read,
+        # the loads need no predicates, and the clamped duplicates fail the interval test.
+        for n0 in range(start, kv_hi, BN):
+            cols = n0 + offs_n
+            kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
+            k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+            v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+            qk = _dot(q, tl.trans(k), None, PREC)
+            if SOFTCAP:  # base-2 logits cap * tanh(scale * qk / cap) * log2(e), masked after the cap
+                z = _tanh(qk * cap_in) * cap_out
+                if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
+                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
+                    z = tl.where(vis, z, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(z, 1))
+            else:
+                if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
+                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
+                    qk = tl.where(vis, qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (p = 0, no NaN)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if SOFTCAP:
+                p = tl.math.exp2(z - m_sub[:, None])
+            else:
+                p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = _dot(_cast(p, v.dtype, PREC), v, acc, PREC)
+            m_i = m_new
 
     empty = l_i == 0.0  # the query sees no key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -359,12 +404,27 @@ def _bwd_delta(O, DO, DELTA, s_on, s_oh, s_don, s_doh, s_dh, Nq,
 
 
 @triton.jit
+def _probs(qk, lse2, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """The softmax probabilities from the raw scores and the base-2 lse, and the softcap's
+    derivative factor 1 - tanh^2 (unused without softcap)."""
+    if SOFTCAP:
+        t = _tanh(qk * cap_in)
+        p = tl.math.exp2(t * cap_out - lse2)
+        dcap = 1.0 - t * t
+    else:
+        p = tl.math.exp2(qk * qk_scale - lse2)
+        dcap = 1.0
+    return p, dcap
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
                    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh,
                    s_dkn, s_dkh, s_dvn, s_dvh, s_lh,
-                   Nq, Nk, qk_scale, scale,
-                   GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
+                   Nq, Nk, qk_scale, scale, cap_in, cap_out,
+                   GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     kvh = tl.program_id(0)
     kvh64 = kvh.to(tl.int64)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
@@ -402,15 +462,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         delta = tl.load(DELTA + h * s_lh + rc)
         qkT = _dot(k, tl.trans(q), None, PREC)  # [BN, BM]
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if (m0 < f_start) | (m0 >= f_end):  # PARTIAL block: interval test (clamped rows see nothing)
-            kvs = tl.load(KVS + rc)
-            kve = tl.load(KVE + rc)
-            vis = (cols[:, None] >= kvs[None, :]) & (cols[:, None] < kve[None, :]) & (rows == rc)[None, :]
-            pT = tl.where(vis, pT, 0.0)
+        pT, dcapT = _probs(qkT, lse2[None, :], qk_scale, cap_in, cap_out, SOFTCAP)
+        if (m0 < f_start) | (m0 >= f_end):  # PARTIAL block: the union test (clamped rows see nothing)
+            pT = tl.where(_visible(cols, KVS, KVE, rc, rows == rc, NI, True), pT, 0.0)
         dv = _dot(_cast(pT, do.dtype, PREC), do, dv, PREC)
         dpT = _dot(v, tl.trans(do), None, PREC)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * dcapT
         dk = _dot(_cast(dsT, q.dtype, PREC), q, dk, PREC)
 
     col_ok = cols < Nk
@@ -421,17 +480,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
                  s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh, s_dqn, s_dqh, s_lh,
-                 Nq, qk_scale, scale,
-                 GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr):
+                 Nq, qk_scale, scale, cap_in, cap_out,
+                 GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
     h = tl.program_id(0)
     h64 = h.to(tl.int64)
     kvh = (h // GROUP).to(tl.int64)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
-    kv_lo = tl.load(TAB + tile * 4)
-    kv_hi = tl.load(TAB + tile * 4 + 1)
-    full_lo = tl.load(TAB + tile * 4 + 2)
-    full_hi = tl.load(TAB + tile * 4 + 3)
 
     offs_m = tile * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -442,26 +498,33 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
     lse = tl.load(LSE + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: p = 0
     delta = tl.load(DELTA + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
-    kvs = tl.load(KVS + offs_m, mask=row_ok, other=0)  # once for every PARTIAL block
-    kve = tl.load(KVE + offs_m, mask=row_ok, other=0)
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
 
     dq = tl.zeros([BM, DP], tl.float32)
-    start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
-    for n0 in range(start, kv_hi, BN):  # as in the forward: one loop, clamped key rows
-        cols = n0 + offs_n
-        kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
-        k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
-        v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
-        qk = _dot(q, tl.trans(k), None, PREC)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
-            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
-            p = tl.where(vis, p, 0.0)
-        dp = _dot(do, tl.trans(v), None, PREC)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(_cast(ds, k.dtype, PREC), k, dq, PREC)
+    for r in tl.static_range(NI):  # as in the forward: one run per interval slot
+        kv_lo = tl.load(TAB + (tile * NI + r) * 4)
+        kv_hi = tl.load(TAB + (tile * NI + r) * 4 + 1)
+        full_lo = tl.load(TAB + (tile * NI + r) * 4 + 2)
+        full_hi = tl.load(TAB + (tile * NI + r) * 4 + 3)
+        kvs = tl.load(KVS + offs_m * NI + r, mask=row_ok, other=0)  # once for every PARTIAL block
+        kve = tl.load(KVE + offs_m * NI + r, mask=row_ok, other=0)
+        start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
+        for n0 in range(start, kv_hi, BN):  # as in the forward: one loop, clamped key rows
+            cols = n0 + offs_n
+            kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
+            k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+            v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+            qk = _dot(q, tl.trans(k), None, PREC)
+            p, dcap = _probs(qk, lse2[:, None], qk_scale, cap_in, cap_out, SOFTCAP)
+            if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
+                vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
+                p = tl.where(vis, p, 0.0)
+            dp = _dot(do, tl.trans(v), None, PREC)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * dcap
+            dq = _dot(_cast(ds, k.dtype, PREC), k, dq, PREC)
     _store(_ptrs(DQ + h64 * s_dqh, offs_m, s_dqn, offs_d, I64), dq * scale, row_ok, offs_d, D, DP, PREC)
 
 
@@ -480,16 +543,32 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def prepare(mask, q: torch.Tensor, k: torch.Tensor, config: AttentionConfig | None = None):
-    """Tile tables and the config (as ``AttentionConfig.to_list()``) for ``forward``/``backward``.
+@dataclass(frozen=True)
+class Plan(KernelPlan):
+    """The triton kernels' view of one mask: the config and, per kernel, its tile table and the
+    order in which its programs take the tiles (heaviest first, so the long tiles do not end up
+    in the last wave)."""
 
-    tables = [forward query tiles, dk/dv key tiles, dq query tiles] (cached on the mask per block
-    size) + the order in which each kernel's programs take their tiles: heaviest first, so the
-    long tiles do not end up in the last wave (cached per table)."""
+    config: AttentionConfig
+    fwd_runs: torch.Tensor  # [Nq / fwd.block_m, K, 4] query runs (plan.query_runs)
+    fwd_order: torch.Tensor
+    dkdv_tiles: torch.Tensor  # [Nk / dkdv.block_n, 4] key tiles (plan.key_tiles)
+    dkdv_order: torch.Tensor
+    dq_runs: torch.Tensor  # [Nq / dq.block_m, K, 4]
+    dq_order: torch.Tensor
+
+    @classmethod
+    def config_from(cls, ints):
+        return AttentionConfig.from_list(ints)
+
+
+def prepare(mask, q: torch.Tensor, k: torch.Tensor, config: AttentionConfig | None = None) -> Plan:
+    """The mask's plan for ``forward``/``backward`` (its tables cached on the mask)."""
     cfg = config if config is not None else pick_config(q.shape[-1], q.dtype, q.device)
-    tables = [mask.query_tiles(cfg.fwd.block_m), mask.key_tiles(cfg.dkdv.block_n), mask.query_tiles(cfg.dq.block_m)]
-    tables = [t.to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
-    return tables + [_heaviest_first(t) for t in tables], cfg.to_list()
+    fwd = query_runs(mask, cfg.fwd.block_m)
+    kv = key_tiles(mask, cfg.dkdv.block_n)
+    dq = query_runs(mask, cfg.dq.block_m)
+    return Plan(cfg, fwd, heaviest_first(fwd), kv, heaviest_first(kv), dq, heaviest_first(dq))
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -501,21 +580,16 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _table_and_order(tables: list, i: int, n: int, block: int, what: str):
-    """tables[i] checked against n tokens and the block size, and its tile order."""
-    if len(tables) not in (3, 6):
-        raise ValueError(f"tables must be the list prepare(mask, q, k) returns (6 tensors), got {len(tables)}")
-    t = tables[i]
+def _check_table(t: torch.Tensor, order: torch.Tensor, n: int, block: int, k: int | None, what: str) -> None:
+    """A plan table against n tokens, the block size and K intervals (None: a key table)."""
     rows = triton.cdiv(n, block)
-    if t.dim() != 2 or t.shape[0] != rows or t.shape[1] != 4 or t.dtype != torch.int32:
-        raise ValueError(
-            f"tables: {what} must be int32 [{rows}, 4] for {n} tokens and block {block}, "
-            f"got {t.dtype} {list(t.shape)}; build it with prepare(mask, q, k)"
-        )
-    order = tables[i + 3] if len(tables) == 6 else _heaviest_first(t)
-    if order.shape != (rows,) or order.dtype != torch.int32:
-        raise ValueError(f"tables[{i + 3}]: the tile order of {what} must be int32 [{rows}], got {order.dtype} {list(order.shape)}")
-    return t, order
+    shape = [rows, 4] if k is None else [rows, k, 4]
+    if list(t.shape) != shape or t.dtype != torch.int32 or not t.is_contiguous():
+        raise ValueError(f"plan.{what} must be contiguous int32 {shape} for {n} tokens and block {block}, got "
+                         f"{t.dtype} {list(t.shape)}; build the plan with prepare(mask, q, k)")
+    if list(order.shape) != [rows] or order.dtype != torch.int32:
+        raise ValueError(f"the tile order of plan.{what} must be int32 [{rows}], got {order.dtype} "
+                         f"{list(order.shape)}; build the plan with prepare(mask, q, k)")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -531,8 +605,17 @@ def _needs_i64(*tensors: torch.Tensor) -> bool:
     return any((t.shape[0] + 512) * abs(t.stride(0)) >= 2**31 for t in tensors)
 
 
-def _ints(kv_start: torch.Tensor, kv_end: torch.Tensor):
-    return kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous()
+def _intervals(starts: torch.Tensor, ends: torch.Tensor):
+    """int32 [Nq, K] contiguous, and K."""
+    s = starts.reshape(starts.shape[0], -1).to(torch.int32).contiguous()
+    return s, ends.reshape(s.shape).to(torch.int32).contiguous(), s.shape[1]
+
+
+def _softcap_args(scale: float, softcap: float):
+    """(SOFTCAP, cap_in, cap_out): the kernels compute cap * tanh(scale * qk / cap) in base 2."""
+    if not softcap:
+        return False, 0.0, 0.0
+    return True, float(scale) / softcap, softcap * _LOG2E
 
 
 def _device_guard(x: torch.Tensor):
@@ -544,44 +627,44 @@ def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
-def forward(q, k, v, kv_start, kv_end, tables, blocks, scale):
+def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
     _check_device(q)
     _check_heads(q, k)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
-    cfg = AttentionConfig.from_list(blocks).fwd
-    table, order = _table_and_order(tables, 0, nq, cfg.block_m, "tables[0] (forward query tiles)")
-    kvs, kve = _ints(kv_start, kv_end)
+    cfg = plan.config.fwd
+    kvs, kve, ni = _intervals(starts, ends)
+    _check_table(plan.fwd_runs, plan.fwd_order, nq, cfg.block_m, ni, "fwd_runs")
     out = _empty((nq, hq, d), q.dtype, q.device)
     lse = _empty((hq, nq), torch.float32, q.device)
-    n_tiles = triton.cdiv(nq, cfg.block_m)
     if nq == 0 or hq == 0:
         return out, lse
+    cap, cap_in, cap_out = _softcap_args(scale, softcap)
     with _device_guard(q):
-        _attn_fwd[(hq, n_tiles)](
-            q, k, v, out, lse, kvs, kve, table, order,
+        _attn_fwd[(hq, triton.cdiv(nq, cfg.block_m))](
+            q, k, v, out, lse, kvs, kve, plan.fwd_runs, plan.fwd_order,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            nq, float(scale) * _LOG2E,
-            GROUP=hq // hkv, D=d, DP=_padded_head_dim(d), BM=cfg.block_m, BN=cfg.block_n,
-            PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out),
+            nq, float(scale) * _LOG2E, cap_in, cap_out,
+            GROUP=hq // hkv, D=d, DP=_padded_head_dim(d), NI=ni, BM=cfg.block_m, BN=cfg.block_n,
+            PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out), SOFTCAP=cap,
             num_warps=cfg.warps, num_stages=cfg.stages,
         )
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
+def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0.0):
     _check_device(q)
     _check_heads(q, k)
     q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
     lse = lse.contiguous()
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
-    cfg = AttentionConfig.from_list(blocks)
-    kv_table, kv_order = _table_and_order(tables, 1, nk, cfg.dkdv.block_n, "tables[1] (dk/dv key tiles)")
-    dq_table, dq_order = _table_and_order(tables, 2, nq, cfg.dq.block_m, "tables[2] (dq query tiles)")
-    kvs, kve = _ints(kv_start, kv_end)
+    cfg = plan.config
+    kvs, kve, ni = _intervals(starts, ends)
+    _check_table(plan.dkdv_tiles, plan.dkdv_order, nk, cfg.dkdv.block_n, None, "dkdv_tiles")
+    _check_table(plan.dq_runs, plan.dq_order, nq, cfg.dq.block_m, ni, "dq_runs")
     dp = _padded_head_dim(d)
     group = hq // hkv
     prec = _precision(q.dtype)
@@ -595,6 +678,7 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
         return dq, dk.zero_(), dv.zero_()
     delta = _empty((hq, nq), torch.float32, q.device)
     qk_scale = float(scale) * _LOG2E
+    cap, cap_in, cap_out = _softcap_args(scale, softcap)
     with _device_guard(q):
         _bwd_delta[(hq, triton.cdiv(nq, DELTA_BLOCK))](
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
@@ -602,19 +686,19 @@ def backward(dout, q, k, v, out, lse, kv_start, kv_end, tables, blocks, scale):
         )
         if nk > 0:
             _attn_bwd_dkdv[(hkv, triton.cdiv(nk, cfg.dkdv.block_n))](
-                q, k, v, dout, lse, delta, kvs, kve, kv_table, kv_order, dk, dv,
+                q, k, v, dout, lse, delta, kvs, kve, plan.dkdv_tiles, plan.dkdv_order, dk, dv,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                lse.stride(0), nq, nk, qk_scale, float(scale),
-                GROUP=group, D=d, DP=dp, BM=cfg.dkdv.block_m, BN=cfg.dkdv.block_n, PREC=prec, I64=i64,
-                num_warps=cfg.dkdv.warps, num_stages=cfg.dkdv.stages,
+                lse.stride(0), nq, nk, qk_scale, float(scale), cap_in, cap_out,
+                GROUP=group, D=d, DP=dp, NI=ni, BM=cfg.dkdv.block_m, BN=cfg.dkdv.block_n, PREC=prec, I64=i64,
+                SOFTCAP=cap, num_warps=cfg.dkdv.warps, num_stages=cfg.dkdv.stages,
             )
         _attn_bwd_dq[(hq, triton.cdiv(nq, cfg.dq.block_m))](
-            q, k, v, dout, lse, delta, kvs, kve, dq_table, dq_order, dq,
+            q, k, v, dout, lse, delta, kvs, kve, plan.dq_runs, plan.dq_order, dq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-            nq, qk_scale, float(scale),
-            GROUP=group, D=d, DP=dp, BM=cfg.dq.block_m, BN=cfg.dq.block_n, PREC=prec, I64=i64,
-            num_warps=cfg.dq.warps, num_stages=cfg.dq.stages,
+            nq, qk_scale, float(scale), cap_in, cap_out,
+            GROUP=group, D=d, DP=dp, NI=ni, BM=cfg.dq.block_m, BN=cfg.dq.block_n, PREC=prec, I64=i64,
+            SOFTCAP=cap, num_warps=cfg.dq.warps, num_stages=cfg.dq.stages,
         )
     return dq, dk, dv
