@@ -271,7 +271,7 @@ def _write_samples(args, model, tok, latents, device, scfg, out: Path) -> int:
     from transfusion.image_io import image_grid, save_png
     from transfusion.sample import generate
 
-    prompts = [args.prompt] * args.num_images
+    prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]  # one set per --prompt
     with _backend_ctx(args):
         res = generate(model, tok, prompts, scfg, open_image=not args.free, progress=not args.quiet)
     records, all_imgs = [], []
@@ -288,12 +288,14 @@ def _write_samples(args, model, tok, latents, device, scfg, out: Path) -> int:
             else:
                 segs.append({"text": v})
         text = " ".join(f"<image:{s['image']}>" if "image" in s else s["text"] for s in segs).strip()
-        records.append({"prompt": args.prompt, "text": text, "images": files, "segments": segs})
+        records.append({"prompt": prompts[i], "text": text, "images": files, "segments": segs})
     grid_name = None
     shapes = {tuple(x.shape) for x in all_imgs}
     if all_imgs and len(shapes) == 1:
         grid_name = "grid.png"
-        save_png(image_grid(torch.stack(all_imgs), ncol=min(8, len(all_imgs))), out / grid_name, args.png_scale)
+        # a row per prompt when each sequence made one image; else rows of up to 8
+        ncol = args.num_images if len(args.prompt) > 1 and len(all_imgs) == len(records) else min(8, len(all_imgs))
+        save_png(image_grid(torch.stack(all_imgs), ncol=ncol), out / grid_name, args.png_scale)
     summary = {"checkpoint": str(args.checkpoint), "sampler": scfg.__dict__, "grid": grid_name, "samples": records}
     (out / "samples.json").write_text(json.dumps(summary, indent=2))
     write_marker(out, "sample")
@@ -430,6 +432,19 @@ def version_text() -> str:
     return f"transfusion-kernels {info['version']} (commit {info['commit'] or 'unknown'})\n{ext}"
 
 
+class _StoreOnce(argparse._StoreAction):
+    """The default store action, refusing a second value: ``--steps 5 --steps 50`` is a mistake
+    to name, not a value to drop silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"{option_string} was given twice (first {getattr(namespace, self.dest)!r}, then {values!r}); "
+                         "give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 class _Version(argparse.Action):
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, help="print the version, commit and CUDA build, then exit")
@@ -446,6 +461,8 @@ def parser() -> argparse.ArgumentParser:
 
     def add(name, help):
         p = sub.add_parser(name, help=help, description=help)
+        p.register("action", None, _StoreOnce)  # every option that takes one value
+        p.register("action", "store", _StoreOnce)
         p.add_argument("--backend", choices=BACKENDS, default=None,
                        help="kernel backend for every op (default: TRANSFUSION_KERNELS_BACKEND or auto)")
         p.add_argument("--debug", action="store_true",
@@ -505,8 +522,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = add("sample", "generate images (and text) from a prompt")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (RUN/checkpoint)")
-    p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--num-images", type=int, default=4, help="number of samples of the prompt (default 4)")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="the text to continue; give it several times for several prompts (--num-images each)")
+    p.add_argument("--num-images", type=int, default=4, help="number of samples of each prompt (default 4)")
     p.add_argument("--out", required=True, help="folder for sample_*.png, grid.png and samples.json")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing its sample_*.png, grid.png and samples.json")
@@ -549,6 +567,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:]):
         # everything but --backend goes, in order, to the benchmark driver
         bp = argparse.ArgumentParser(prog="transfusion bench", add_help=False)
+        bp.register("action", None, _StoreOnce)
         bp.add_argument("--backend", choices=BACKENDS, default=None)
         args, rest = bp.parse_known_args(argv[1:])
         args.rest = [a for a in rest if a != "--"]

@@ -78,8 +78,20 @@ def test_prepare_refuses_before_writing(tmp_path, capsys, args, expect):
     assert not (tmp_path / "data").exists()
 
 
+def _with(base, args):
+    """``base`` options with those that ``args`` sets again left out (an option takes one value)."""
+    given = {a for a in args if a.startswith("--")}
+    kept, i = [], 0
+    while i < len(base):
+        takes_value = i + 1 < len(base) and not base[i + 1].startswith("--")
+        if base[i] not in given:
+            kept += base[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return [*kept, *args]
+
+
 def _train(run, out, *args):
-    return ["train", "--data", str(run / "data"), "--out", str(out), *TINY, *args]
+    return ["train", "--data", str(run / "data"), "--out", str(out), *_with(TINY, args)]
 
 
 @pytest.mark.parametrize("config, expect", [
@@ -175,8 +187,8 @@ def test_valid_config_file_still_trains(run, tmp_path):
 
 
 def _sample(run, out, *args):
-    return ["sample", "--checkpoint", str(run / "run" / "checkpoint"), "--prompt", "a two", "--out", str(out),
-            "--num-images", "1", "--steps", "2", "--max-new-tokens", "2", "--png-scale", "1", *args]
+    return ["sample", *_with(["--checkpoint", str(run / "run" / "checkpoint"), "--prompt", "a two", "--out", str(out),
+                              "--num-images", "1", "--steps", "2", "--max-new-tokens", "2", "--png-scale", "1"], args)]
 
 
 def test_sample_refuses_a_non_empty_out_folder_before_loading(run, tmp_path, capsys):
@@ -432,3 +444,27 @@ def test_caption_checks_every_file_and_inverts_a_light_background(run, tmp_path,
                                "(light on dark, as the model was trained)")
     caps = [line.split("\t")[1] for line in res.out.strip().splitlines()]
     assert caps[0] == caps[1]
+
+
+def test_prompt_repeats_and_other_options_refuse_a_second_value(run, tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = _sample(run, out, "--num-images", "2", "--quiet") + ["--prompt", "a seven"]
+    assert argv.count("--prompt") == 2
+    capsys.readouterr()
+    assert main(argv) == 0
+    rec = json.loads((out / "samples.json").read_text())["samples"]
+    assert [r["prompt"] for r in rec] == ["a two", "a two", "a seven", "a seven"]  # one set per prompt
+    assert all(len(r["images"]) == 1 for r in rec)
+    from PIL import Image
+
+    with Image.open(out / "grid.png") as im:  # a row per prompt: 2 x 2 images of 8x8, 1 px padding
+        assert im.size == (19, 19)
+    for argv in (_sample(run, tmp_path / "t") + ["--steps", "5"], _train(run, tmp_path / "r", "--lr", "1e-3", "--lr", "2e-3"),
+                 ["prepare", "--out", "a", "--out", "b"], ["demo", "--out", "d", "--steps", "5", "--steps", "50"],
+                 ["bench", "--backend", "reference", "--backend", "triton"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "was given twice" in err and "give it once" in err, (argv, err)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "r").exists()
