@@ -1,6 +1,7 @@
-"""HybridMask constructors on random, mutated and malformed input: a valid input gives the mask
-of a naive double loop (and tile tables that hold on it); anything else raises ValueError,
-never another exception."""
+"""HybridMask constructors and the converters of other models' masks on random, mutated and
+malformed input: a valid input gives the mask of a naive double loop (and tile plans that hold
+on it), unions of K > 1 intervals included; anything else raises ValueError, never another
+exception."""
 from __future__ import annotations
 
 import bisect
@@ -12,8 +13,10 @@ from hypothesis import strategies as st
 
 from tests.fuzz.common import budget
 from tests.layouts import naive_dense
+from tests.test_mask_constructors import naive_canonical, spans_oracle, splits_oracle
 from tests.test_masks import check_tables
 from transfusion_kernels import HybridMask
+from transfusion_kernels import mask_constructors as mc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +87,7 @@ def as_given(values, kind: str, shape=None):
 
 
 KINDS = ["list", "int32", "int32", "int64", "float"]  # how the integers are given
+INTEGER_KINDS = ("list", "int32", "int64")  # converted once; floats are refused, never truncated
 
 
 @budget(300)
@@ -91,7 +95,7 @@ KINDS = ["list", "int32", "int32", "int64", "float"]  # how the integers are giv
        bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]))
 def test_from_spans(layout, cu_kind, span_kind, bm, bn):
     cu, spans = layout
-    valid = layout_is_valid(cu, spans) and cu_kind in ("list", "int32") and span_kind in ("list", "int32")
+    valid = layout_is_valid(cu, spans) and cu_kind in INTEGER_KINDS and span_kind in INTEGER_KINDS
     args = (as_given(cu, cu_kind), as_given(spans, span_kind, shape=(-1, 2) if spans else (0, 2)))
     if not valid:
         try:
@@ -135,7 +139,7 @@ def test_from_intervals(data, nq, nk, num_keys, kind):
         s, e = [min(max(a, 0), nk) for a in s], [min(max(b, 0), nk) for b in e]
         s, e = [min(a, b) for a, b in zip(s, e)], [max(a, b) for a, b in zip(s, e)]
     keys = num_keys if num_keys is not None else (max(e) if e else 0)
-    valid = kind != "int64" and keys >= 0 and all(0 <= a <= b <= keys for a, b in zip(s, e))
+    valid = keys >= 0 and all(0 <= a <= b <= keys for a, b in zip(s, e))
     args = (as_given(s, kind), as_given(e, kind), num_keys)
     if not valid:
         try:
@@ -185,3 +189,114 @@ def test_cached(cache, new, bidirectional, kind):
     assert mask.monotone
     if nk:
         check_tables(mask, expect, 16, 16, exact=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# unions of K intervals
+# ----------------------------------------------------------------------------------------------
+@budget(150)
+@given(data=st.data(), nq=st.integers(1, 40), nk=st.integers(1, 60), k=st.integers(1, 9),
+       kind=st.sampled_from(["list", "int32", "int64"]), broken=st.booleans())
+def test_from_intervals_union(data, nq, nk, k, kind, broken):
+    """[Nq, K] endpoints: accepted iff every row's s0 <= e0 <= s1 <= ... <= e_{K-1} lies in [0, Nk]."""
+    rows = [sorted(data.draw(st.lists(st.integers(0, nk), min_size=2 * k, max_size=2 * k))) for _ in range(nq)]
+    if broken:  # one endpoint moved: out of order or out of range
+        r, c = data.draw(st.integers(0, nq - 1)), data.draw(st.integers(0, 2 * k - 1))
+        rows[r][c] += data.draw(st.sampled_from([-nk - 1, -2, -1, 1, 2, nk + 1]))
+    s = [row[0::2] for row in rows]
+    e = [row[1::2] for row in rows]
+    valid = all(0 <= row[0] and row[-1] <= nk and row == sorted(row) for row in rows)
+    args = (as_given(s, kind), as_given(e, kind), nk)
+    if kind != "list":
+        args = (args[0].reshape(nq, k), args[1].reshape(nq, k), nk)
+    if not valid:
+        try:
+            HybridMask.from_intervals(*args)
+        except ValueError:
+            return
+        raise AssertionError(f"accepted invalid intervals s={s}, e={e} with num_keys={nk}")
+    mask = HybridMask.from_intervals(*args)
+    naive = torch.tensor([[any(a <= j < b for a, b in zip(s[i], e[i])) for j in range(nk)] for i in range(nq)],
+                         dtype=torch.bool)
+    assert mask.num_intervals == k
+    assert torch.equal(mask.to_dense(), naive)
+    assert mask.visible_pairs() == int(naive.sum())
+    check_tables(mask, naive, 16, 16, exact=False)
+
+
+def as_mask(result, oracle):
+    """The converter's intervals equal the canonical intervals of the oracle, and HybridMask takes them."""
+    starts, ends, num_keys = result
+    s, e = naive_canonical(oracle)
+    assert starts.tolist() == s and ends.tolist() == e
+    assert num_keys == oracle.shape[1]
+    if oracle.shape[0]:
+        mask = HybridMask.from_intervals(starts, ends, num_keys)
+        assert torch.equal(mask.to_dense(), oracle)
+        check_tables(mask, oracle, 16, 16, exact=False)
+
+
+@st.composite
+def split_layouts(draw):
+    """BAGEL samples (noise splits anywhere, consecutive, empty or one token), sometimes broken."""
+    samples = draw(st.lists(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(mc.MODES)), max_size=9),
+                            max_size=3))
+    lens = [[n for n, _ in sample] for sample in samples]
+    modes = [[m for _, m in sample] for sample in samples]
+    if samples and any(samples) and draw(st.booleans()):
+        b = draw(st.sampled_from([i for i, x in enumerate(samples) if x]))
+        t = draw(st.integers(0, len(samples[b]) - 1))
+        fault = draw(st.sampled_from(["negative", "mode", "short"]))
+        if fault == "negative":
+            lens[b][t] = -draw(st.integers(1, 3))
+        elif fault == "mode":
+            modes[b][t] = draw(st.sampled_from(["bidirectional", "Causal", "", "noisy"]))
+        else:
+            modes[b] = modes[b][:-1]
+        return lens, modes, False
+    return lens, modes, True
+
+
+@budget(150)
+@given(layout=split_layouts(), kind=st.sampled_from(["list", "int32", "int64"]))
+def test_from_splits(layout, kind):
+    lens, modes, valid = layout
+    given_lens = [x if kind == "list" else torch.tensor(x, dtype=getattr(torch, kind)) for x in lens]
+    if not valid:
+        with pytest.raises(ValueError):
+            mc.from_splits(given_lens, modes)
+        return
+    as_mask(mc.from_splits(given_lens, modes), splits_oracle(lens, modes))
+
+
+@budget(150)
+@given(layout=layouts(max_tokens=50), hidden=st.one_of(layouts(max_tokens=50), mutated_layouts()),
+       kind=st.sampled_from(["list", "int64"]))
+def test_from_spans_hidden(layout, hidden, kind):
+    """Hidden spans drawn over the same documents (valid) or from another, possibly broken, layout."""
+    cu, images = layout
+    hidden_spans = hidden[1]
+    valid = layout_is_valid(cu, hidden_spans)
+    args = (as_given(cu, kind), as_given(images, kind), as_given(hidden_spans, kind))
+    if kind != "list":
+        args = (args[0], args[1].reshape(-1, 2), args[2].reshape(-1, 2))
+    if not valid:
+        try:
+            mc.from_spans(*args)
+        except ValueError:
+            return
+        raise AssertionError(f"accepted hidden spans {hidden_spans} over cu_seqlens={cu}")
+    as_mask(mc.from_spans(*args), spans_oracle(cu, images, hidden_spans))
+
+
+@budget(100)
+@given(data=st.data(), nq=st.integers(0, 30), nk=st.integers(0, 30), max_intervals=st.one_of(st.none(), st.integers(1, 6)))
+def test_from_dense(data, nq, nk, max_intervals):
+    rows = data.draw(st.lists(st.lists(st.booleans(), min_size=nk, max_size=nk), min_size=nq, max_size=nq))
+    dense = torch.tensor(rows, dtype=torch.bool).reshape(nq, nk)
+    runs = max([1] + [len(r) for r in naive_canonical(dense)[0]]) if nq else 1
+    if max_intervals is not None and runs > max_intervals:
+        with pytest.raises(ValueError, match="more than max_intervals"):
+            mc.from_dense(dense, max_intervals)
+        return
+    as_mask(mc.from_dense(dense, max_intervals), dense)
