@@ -160,3 +160,13 @@ def test_package_import_does_not_import_the_extension():
             "info = tk.available_backends('cpu')['cuda']; assert 'circular' not in info.reason, info.reason")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_constant_marker_is_torchs():
+    """backends marks its imports and probes as torch.compiler.assume_constant_result does, without
+    importing torch._dynamo at package import."""
+    from torch._dynamo import assume_constant_result
+
+    assert assume_constant_result(lambda: 0).__dict__ == {"_dynamo_marked_constant": True}
+    for fn in (tk_backends._import, tk_backends._module_exists, tk_backends.load_extension):
+        assert fn._dynamo_marked_constant is True

@@ -61,7 +61,3 @@ __all__ = [
     "timestep_embedding",
     "use_backend",
 ]
-
-from transfusion_kernels import backends as _backends
-
-_backends.preload_all()

@@ -6,8 +6,10 @@ first backend of ``AUTO_ORDER`` that can run on the tensors' device and covers t
 reference on the CPU (the Triton interpreter is for tests, not for speed).
 
 Each op registers its implementations by module path, so a backend's module (and its heavy
-imports: triton, the compiled extension) is only imported when that backend is used. A kernel
-backend's module declares what its kernels cover with a function (``supports`` unless the op
+imports: triton, the compiled extension) is only imported when that backend is first selected.
+The imports and probes are ``torch.compiler.assume_constant_result`` functions: a first call
+under ``torch.compile(fullgraph=True)`` runs them at trace time instead of breaking the graph.
+A kernel backend's module declares what its kernels cover with a function (``supports`` unless the op
 names another) that returns why it does not cover the inputs, or None. :func:`select` is the one
 place that turns a request into the backend that runs (docs/design.md §3).
 """
@@ -64,6 +66,15 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _constant(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo (seconds, and
+    triton with it) when the package is imported: that decorator only sets this attribute
+    (tests/test_backends.py checks it)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant
 @_once
 def _triton_import_error() -> str | None:
     try:
@@ -107,6 +118,7 @@ def extension_status(name: str = EXTENSION) -> tuple:
     return _EXTENSIONS[name]
 
 
+@_constant
 def load_extension():
     """The compiled CUDA module ``transfusion_kernels._C``, or the reason it cannot be loaded."""
     return extension_status(EXTENSION)
@@ -125,6 +137,7 @@ def extension_built(name: str = EXTENSION) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+@_constant
 @_once
 def _cuda_status() -> dict:
     ext, _ = load_extension()
@@ -206,6 +219,7 @@ def requested_backend(backend: str | None = None) -> str:
 _EXISTS: dict[str, bool] = {}  # a plain dict: torch.compile traces a lookup without warnings
 
 
+@_constant
 def _module_exists(path: str) -> bool:
     if path not in _EXISTS:
         _EXISTS[path] = importlib.util.find_spec(path) is not None
@@ -258,18 +272,13 @@ class Op:
 
     def module(self, backend: str):
         if backend not in self._modules:
-            self._modules[backend] = importlib.import_module(self.impls[backend])
+            self._modules[backend] = _import(self.impls[backend])
         return self._modules[backend]
 
-    def preload(self) -> None:
-        """Import every backend module that can load, so that torch.compile finds them in a
-        dict (it cannot trace an import). The extension itself is not imported here."""
-        for backend in self.impls:
-            usable = backend == "reference" or (
-                backend == "triton" and _triton_import_error() is None
-            ) or (backend == "cuda" and extension_built())
-            if usable and self.has(backend):
-                self.module(backend)
+
+@_constant
+def _import(path: str):
+    return importlib.import_module(path)
 
 
 _OPS: list[Op] = []
@@ -306,8 +315,3 @@ def select(op: Op, requested: str | None, *inputs) -> str:
         _warn_fallback(op.name, name, reason, used)
     return used
 
-
-def preload_all() -> None:
-    """Called once at the end of ``import transfusion_kernels``, after every op registered."""
-    for op in _OPS:
-        op.preload()

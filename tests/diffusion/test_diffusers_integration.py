@@ -2,6 +2,7 @@
 stock scheduler with a generator vs the fused one fed the identical noise tensors."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,11 +141,9 @@ def test_unsupported_config_falls_back_with_one_warning():
 
 def test_pipeline_save_load_and_construct(unet, tmp_path):
     """A pipeline with a fused scheduler: constructed, saved, loaded (with and without the
-    scheduler passed explicitly) and run; DDIMPipeline's constructor keeps the fused scheduler."""
+    scheduler passed explicitly) and run."""
     from diffusers import DDIMPipeline, DDPMPipeline
 
-    ddim = DDIMPipeline(unet, FusedDDIMScheduler(backend="reference"))
-    assert type(ddim.scheduler) is FusedDDIMScheduler and ddim.scheduler.backend == "reference"
     pipe = DDPMPipeline(unet, FusedDDPMScheduler(num_train_timesteps=20))
     pipe.scheduler.backend = "reference"  # assigned after construction: saved with the config too
     pipe.save_pretrained(tmp_path)
@@ -153,7 +152,7 @@ def test_pipeline_save_load_and_construct(unet, tmp_path):
     explicit = DDPMPipeline.from_pretrained(tmp_path, scheduler=FusedDDPMScheduler(num_train_timesteps=20))
     assert type(explicit.scheduler) is FusedDDPMScheduler
     reloaded_ddim = DDIMPipeline.from_pretrained(tmp_path, scheduler=FusedDDIMScheduler(num_train_timesteps=20))
-    assert type(reloaded_ddim.scheduler) is FusedDDIMScheduler
+    assert type(reloaded_ddim.scheduler) is DDIMScheduler  # as diffusers makes it from any scheduler
     stock = DDPMScheduler.from_config(loaded.scheduler.config)  # the saved config still loads a stock one
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -215,3 +214,41 @@ def test_reassigned_alphas_cumprod_takes_effect():
     other.alphas_cumprod.mul_(0.5)  # in place as well (the tensor both schedulers hold)
     want = stock.step(m, 500, x, generator=torch.Generator().manual_seed(0)).prev_sample
     torch.testing.assert_close(fused.step(m, 500, x, variance_noise=noise).prev_sample, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: FusedDDPMScheduler(num_train_timesteps=20),
+                                  lambda: FusedDDIMScheduler(num_train_timesteps=20, backend="reference"),
+                                  lambda: DDPMScheduler(num_train_timesteps=20)])
+def test_ddim_pipeline_converts_any_scheduler_as_diffusers_does(unet, make):
+    """DDIMPipeline(unet, scheduler) makes a stock DDIMScheduler from the scheduler's config (a
+    fused one included, which once kept a DDPM step that died on eta=): the images are the stock
+    pipeline's, bit for bit."""
+    from diffusers import DDIMPipeline
+
+    pipe = DDIMPipeline(unet, make())
+    assert type(pipe.scheduler) is DDIMScheduler
+    want_pipe = DDIMPipeline(unet, DDIMScheduler.from_config(DDPMScheduler(num_train_timesteps=20).config))
+    with torch.no_grad():
+        got = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=4, eta=0.5,
+                   output_type="np").images
+        want = want_pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=4, eta=0.5,
+                         output_type="np").images
+    assert got.shape == (2, 8, 8, 3)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_ddim_pipeline_runs_a_fused_scheduler_set_with_diffusers_idiom(unet):
+    """pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config): the deterministic
+    DDIM loop (eta = 0) gives the stock pipeline's images; assigning a stock one undoes it."""
+    from diffusers import DDIMPipeline
+
+    pipe = DDIMPipeline(unet, DDPMScheduler(num_train_timesteps=20))
+    pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config, backend="reference")
+    with torch.no_grad():
+        got = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=4, eta=0.0,
+                   output_type="np").images
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        assert type(pipe.scheduler) is DDIMScheduler
+        want = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=4, eta=0.0,
+                    output_type="np").images
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)

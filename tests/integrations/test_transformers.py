@@ -28,7 +28,7 @@ def tiny_llama(seed):
         for p in eager.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     ours = copy.deepcopy(eager)
-    ours.set_attn_implementation(tk_hf.ATTN_IMPLEMENTATION)
+    ours.set_attn_implementation(tk_hf.register())
     oracle = copy.deepcopy(eager).double()
     return eager.to(DEVICE), ours.to(DEVICE), oracle.to(DEVICE)
 

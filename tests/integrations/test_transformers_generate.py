@@ -33,7 +33,7 @@ def models(name, seed):
     cfg._attn_implementation = "eager"
     eager = cls(cfg).eval()
     ours = copy.deepcopy(eager)
-    ours.set_attn_implementation(tk_hf.ATTN_IMPLEMENTATION)
+    ours.set_attn_implementation(tk_hf.register())
     return eager, ours
 
 

@@ -2,18 +2,23 @@
 and a flow-matching Euler scheduler whose ``step`` and ``scale_noise`` do.
 
     from transfusion_kernels.integrations.diffusers import FusedDDPMScheduler
-    pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)   # diffusers' own idiom
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)        # and back
+
+Importing this module changes nothing in diffusers: the fused schedulers act only where they are
+set, like any scheduler.
 
 ``FusedFlowMatchEulerDiscreteScheduler`` (SD3, Flux, ...) follows the same rules; see its
 docstring and docs/flow.md.
 
 They are subclasses of diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` with the same config plus
 ``backend``, so ``from_config``, ``from_pretrained``, ``set_timesteps`` and ``save_pretrained`` work
-unchanged, and so do pipelines: ``DDPMPipeline(unet, FusedDDPMScheduler())`` and
-``DDIMPipeline(unet, FusedDDIMScheduler())`` keep the fused scheduler (diffusers' ``DDIMPipeline``
-would re-create a stock one from its config; importing this module keeps the fused one), and a
-pipeline saved with one loads again with ``from_pretrained`` (``model_index.json`` names this
-module). The schedule is read from the scheduler's ``alphas_cumprod`` at each step, so
+unchanged, and so do pipelines, exactly as with the stock schedulers: ``DDPMPipeline(unet,
+FusedDDPMScheduler())`` keeps the fused scheduler, while ``DDIMPipeline(unet, <any scheduler>)``
+makes a stock ``DDIMScheduler`` from its config, as diffusers does (set
+``pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)`` after it); a pipeline
+saved with a fused scheduler loads again with ``from_pretrained`` (``model_index.json`` names
+this module). The schedule is read from the scheduler's ``alphas_cumprod`` at each step, so
 reassigning it (as diffusers' own step reads it) takes effect.
 ``step`` returns diffusers' output types and honours the config (``prediction_type``,
 ``variance_type``, ``clip_sample``, ``clip_sample_range``, ``set_alpha_to_one``, timestep spacing).
@@ -42,12 +47,16 @@ Differences from the stock schedulers:
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+try:
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+except ImportError as e:
+    raise ImportError(f"transfusion_kernels.integrations.diffusers needs diffusers ({e}): "
+                      "pip install 'transfusion-kernels[diffusers]'") from None
 from diffusers import SchedulerMixin  # noqa: F401  diffusers' loader looks the loading class up in this module
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
@@ -328,20 +337,3 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteSch
         sigma = float(sigma) if len(index) == 1 else sigma
         return tkf.flow_add_noise(sample, sigma, noise=noise, backend=self.backend)[0]
 
-
-def _keep_fused_scheduler(init):
-    """DDIMPipeline.__init__ re-creates a stock DDIMScheduler from the config it is given; keep a fused one."""
-    if getattr(init, "_keeps_fused", False):
-        return init
-
-    @functools.wraps(init)
-    def __init__(self, unet, scheduler):
-        init(self, unet, scheduler)
-        if isinstance(scheduler, _Fused):
-            self.register_modules(scheduler=scheduler)
-
-    __init__._keeps_fused = True
-    return __init__
-
-
-DDIMPipeline.__init__ = _keep_fused_scheduler(DDIMPipeline.__init__)

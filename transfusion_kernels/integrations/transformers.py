@@ -1,18 +1,24 @@
 """Transfusion masks in Hugging Face transformers models: ``tk.hybrid_attention`` as an attention
 implementation.
 
-Importing this module registers the name ``"transfusion"`` twice: as an attention function
-(``transformers.AttentionInterface``) and as a mask builder (``AttentionMaskInterface``), so the
-mask transformers builds for each forward reaches the attention as key intervals. Any model whose
-attention layers dispatch through the attention interface and whose masks come from
-``transformers.masking_utils`` (Llama, Mistral, Qwen2, ... in transformers 5.x) then runs with no
+Importing this module changes nothing in transformers. ``register()`` adds the name
+``"transfusion"`` twice, as an attention function (``transformers.AttentionInterface``) and as a
+mask builder (``AttentionMaskInterface``), and returns it; ``unregister()`` puts back what was
+there. The mask transformers builds for each forward then reaches the attention as key intervals.
+Any model whose attention layers dispatch through the attention interface and whose masks come
+from ``transformers.masking_utils`` (Llama, Mistral, Qwen2, ... in transformers 5.x) runs with no
 extra argument::
 
     from transfusion_kernels.integrations import transformers as tk_hf
 
     model = LlamaForCausalLM(config)                      # or from_pretrained(...)
-    model.set_attn_implementation("transfusion")
+    model.set_attn_implementation(tk_hf.register())
     model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=16)   # as with sdpa
+
+The mask path reads no tensor values on the host, so ``generate()`` does not wait on the GPU and
+a forward compiles with ``torch.compile(fullgraph=True)``. Its checks (a padding gap, image ids)
+raise ValueError for CPU tensors and are device-side asserts on a GPU or in a compiled graph.
+``use_mask`` blocks are per thread.
 
 What the mask is made of, per row of the batch (absolute positions, as transformers counts them):
 
@@ -54,6 +60,7 @@ is registered in ``ALL_ATTENTION_FUNCTIONS`` and needs ``transfusion_mask``.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -62,9 +69,27 @@ from transfusion_kernels.masks import HybridMask
 
 ATTN_IMPLEMENTATION = "transfusion"
 
-# Innermost use_mask() block last: {keyword: value}. A list, not a ContextVar, so torch.compile
-# can read it (the entry is a constant of the traced call).
-_STACK: list[dict] = []
+# Per thread, innermost use_mask() block last: {keyword: value}. threading.local, not a
+# ContextVar: torch.compile (2.13) cannot trace ContextVar.get(), and it guards on this.
+_LOCAL = threading.local()
+
+
+def _stack() -> list[dict]:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
+
+
+def _check(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless ``ok`` (a bool tensor) holds, without a host read of a
+    GPU tensor: CPU tensors are read eagerly, elsewhere (and under torch.compile) it is a
+    device-side assert."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok.all(), message)
 
 
 @contextlib.contextmanager
@@ -73,11 +98,12 @@ def use_mask(mask: HybridMask | None = None, backend: str | None = None, *, imag
     attention ``backend`` and/or the images ``image_ids`` (int [B, L], -1 for text)."""
     if mask is not None and not isinstance(mask, HybridMask):
         raise TypeError(f"use_mask: mask must be a tk.HybridMask, got {type(mask).__name__}")
-    _STACK.append({"transfusion_mask": mask, "transfusion_backend": backend, "transfusion_image_ids": image_ids})
+    stack = _stack()
+    stack.append({"transfusion_mask": mask, "transfusion_backend": backend, "transfusion_image_ids": image_ids})
     try:
         yield mask
     finally:
-        _STACK.pop()
+        stack.pop()
 
 
 def packed_position_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -107,19 +133,24 @@ class MaskRequest:
 
     def __init__(self, batch, q_length, kv_length, q_offset=0, kv_offset=0, padding=None, window=None):
         self.batch, self.q_length, self.kv_length = int(batch), int(q_length), int(kv_length)
-        self.q_offset, self.kv_offset = int(q_offset), int(kv_offset)
+        # q_offset is a 0-d tensor with a cache (transformers' get_query_offset): kept on device.
+        self.q_offset, self.kv_offset = q_offset, int(kv_offset)
         self.window = window
         self.padding = padding  # bool [B, >= kv_offset + kv_length] over absolute positions, or None
-        self._masks: dict = {}
+        # (transfusion_mask, position_ids, image_ids, the mask built from them), matched by
+        # identity; the request holds its inputs for its one forward, so no identity is reused.
+        self._masks: list[tuple] = []
 
     def hybrid(self, Sq, Sk, explicit, position_ids, image_ids, device) -> HybridMask:
         if (Sq, Sk) != (self.q_length, self.kv_length):
             raise ValueError(f"the layer has {Sq} queries x {Sk} keys but transformers built its mask for "
                              f"{self.q_length} x {self.kv_length}: the cache layout is not supported")
-        key = (id(explicit), id(position_ids), id(image_ids))
-        if key not in self._masks:
-            self._masks[key] = self._build(explicit, position_ids, image_ids, device)
-        return self._masks[key]
+        for e, pos, ids, mask in self._masks:
+            if e is explicit and pos is position_ids and ids is image_ids:
+                return mask
+        mask = self._build(explicit, position_ids, image_ids, device)
+        self._masks.append((explicit, position_ids, image_ids, mask))
+        return mask
 
     def _build(self, explicit, position_ids, image_ids, device) -> HybridMask:
         B, Sq, Sk = self.batch, self.q_length, self.kv_length
@@ -133,9 +164,9 @@ class MaskRequest:
         lo, hi = lo.clamp(0, Sk), hi.clamp(0, Sk)
         lo, hi = torch.minimum(lo, hi), hi
         if self.padding is not None:
-            need = max(self.kv_offset + Sk, self.q_offset + Sq)  # keys past the mask are not real
+            need = self.kv_offset + Sk  # the queries are among the keys; keys past the mask are not real
             pad = torch.nn.functional.pad(self.padding.to(device), (0, max(0, need - self.padding.shape[1])))
-            real_q = pad.gather(1, p)
+            real_q = pad.gather(1, p.clamp(max=need - 1))
             lo, hi = _fold_padding(lo, hi, pad[:, self.kv_offset : self.kv_offset + Sk], real_q)
         return _flatten(lo, hi, Sk)
 
@@ -153,26 +184,26 @@ class MaskRequest:
             ids = ids.long()
             new_run = torch.ones_like(ids, dtype=torch.bool)
             new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
-            starts = new_run & (ids >= 0)
-            rows, cols = starts.nonzero(as_tuple=True)
-            keyed = rows * (int(ids.max()) + 1) + ids[rows, cols]
-            if keyed.unique().numel() != keyed.numel():
-                raise ValueError("transfusion_image_ids: an image id occurs in two separate runs of a row; "
-                                 "give each image its own id and one contiguous span")
+            # an id that starts two runs of a row: equal neighbours among the sorted run starts
+            run_ids = torch.where(new_run & (ids >= 0), ids, -1).sort(-1).values
+            _check(~((run_ids[:, 1:] == run_ids[:, :-1]) & (run_ids[:, 1:] >= 0)),
+                   "transfusion_image_ids: an image id occurs in two separate runs of a row; "
+                   "give each image its own id and one contiguous span")
             run_start, run_end = _run_bounds(new_run)
             inside = p < L
             pc = p.clamp(max=L - 1)
             in_img = inside & (ids.gather(1, pc) >= 0)
             hi = torch.where(in_img, torch.maximum(hi, run_end.gather(1, pc)), hi)
             block_start = torch.where(in_img, run_start.gather(1, pc), p)
-        if position_ids is not None and position_ids.dim() <= 2 and self.q_offset == 0 and self.kv_offset == 0 and Sq == Sk:
+        no_past = isinstance(self.q_offset, int) and self.q_offset == 0 and self.kv_offset == 0 and Sq == Sk
+        if position_ids is not None and position_ids.dim() <= 2 and no_past:
             pos = position_ids.to(device).expand(B, Sq)
             new_doc = torch.ones_like(pos, dtype=torch.bool)
             new_doc[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
             doc_start, doc_end = _run_bounds(new_doc)
-            if block_start is not None and bool((hi > doc_end.gather(1, p)).any()):
-                raise ValueError("transfusion_image_ids: an image crosses a document boundary "
-                                 "(position_ids restart inside it)")
+            if block_start is not None:
+                _check(hi <= doc_end.gather(1, p), "transfusion_image_ids: an image crosses a document boundary "
+                       "(position_ids restart inside it)")
             lo = doc_start
         if self.window is not None:
             w_lo = p - self.window + 1
@@ -193,9 +224,8 @@ def _rows_of(mask: HybridMask, B, Sq, Sk, device):
     base = (torch.arange(B, device=device) * Sk)[:, None]
     lo = mask.kv_start.to(device).long().view(B, Sq) - base
     hi = mask.kv_end.to(device).long().view(B, Sq) - base
-    if bool(((hi > lo) & ((lo < 0) | (hi > Sk))).any()):
-        raise ValueError("transfusion_mask lets a query see keys of another row of the batch; "
-                         "put a document boundary at every row start")
+    _check((hi <= lo) | ((lo >= 0) & (hi <= Sk)), "transfusion_mask lets a query see keys of another row of the "
+           "batch; put a document boundary at every row start")
     return lo, hi
 
 
@@ -211,14 +241,9 @@ def _fold_padding(lo, hi, valid, real_q):
     n = count.gather(1, hi) - count.gather(1, lo)
     f, l = first_from.gather(1, lo), last_before.gather(1, hi)
     gap = (n > 0) & (l - f + 1 != n)
-    bad = (gap & real_q).nonzero()
-    if bad.numel():
-        b, i = (int(x) for x in bad[0])
-        raise ValueError(
-            f"attention_mask leaves a gap in the keys of query {i} of row {b} (padding between real tokens, e.g. "
-            "right padding followed by generated tokens): the transfusion attention sees one key interval per "
-            "query; pad on the left (tokenizer.padding_side = 'left')"
-        )
+    _check(~(gap & real_q), "attention_mask leaves a gap in the keys of a real query (padding between real "
+           "tokens, e.g. right padding followed by generated tokens): the transfusion attention sees one key "
+           "interval per query; pad on the left (tokenizer.padding_side = 'left')")
     keep = (n > 0) & ~gap
     return torch.where(keep, f, lo), torch.where(keep, l + 1, lo)
 
@@ -226,7 +251,8 @@ def _fold_padding(lo, hi, valid, real_q):
 def _flatten(lo, hi, Sk) -> HybridMask:
     base = (torch.arange(lo.shape[0], device=lo.device) * Sk)[:, None]
     s, e = (lo + base).flatten().to(torch.int32), (hi + base).flatten().to(torch.int32)
-    return HybridMask(s, e, lo.shape[0] * Sk)
+    # valid by construction (0 <= lo <= hi <= Sk per row): no checking pass, which reads on the host
+    return HybridMask(s, e, lo.shape[0] * Sk, _checked=True)
 
 
 def _from_dense(mask: torch.Tensor, B, Sq, Sk) -> HybridMask:
@@ -236,16 +262,14 @@ def _from_dense(mask: torch.Tensor, B, Sq, Sk) -> HybridMask:
     m = mask[:, 0].expand(B, Sq, Sk)
     if m.dtype != torch.bool:
         allowed = m > torch.finfo(m.dtype).min / 2
-        if bool((m[allowed] != 0).any()):
-            raise ValueError("a 4-D additive attention_mask with values other than 0 and -inf (a bias) "
-                             "is not supported by the transfusion attention")
+        _check(~allowed | (m == 0), "a 4-D additive attention_mask with values other than 0 and -inf (a bias) "
+               "is not supported by the transfusion attention")
         m = allowed
     n = m.sum(-1)
     lo = m.long().argmax(-1)
     hi = Sk - m.flip(-1).long().argmax(-1)
-    if bool(((n > 0) & (hi - lo != n)).any()):
-        raise ValueError("the 4-D attention_mask is not one key interval per query; the transfusion attention "
-                         "supports interval masks only")
+    _check((n == 0) | (hi - lo == n), "the 4-D attention_mask is not one key interval per query; the transfusion "
+           "attention supports interval masks only")
     return _flatten(torch.where(n > 0, lo, 0), torch.where(n > 0, hi, 0), Sk)
 
 
@@ -264,9 +288,8 @@ def transfusion_mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_o
     if local_size is not None and local_size != getattr(config, "sliding_window", None):
         raise ValueError(f"attention implementation 'transfusion' does not support chunked attention (local size "
                          f"{local_size}); only the sliding window config.sliding_window")
-    padding = None
-    if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.all()):
-        padding = attention_mask.to(torch.bool)
+    # Folded in even when it is all ones: testing that would read it on the host every forward.
+    padding = attention_mask.to(torch.bool) if isinstance(attention_mask, torch.Tensor) else None
     return MaskRequest(batch_size, q_length, kv_length, q_offset, kv_offset, padding, local_size)
 
 
@@ -282,7 +305,8 @@ def transfusion_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function: query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D]
     (transformers' layout) -> (attn_output [B, Sq, Hq, D], None)."""
-    opts = dict(_STACK[-1]) if _STACK else {}
+    stack = _stack()
+    opts = dict(stack[-1]) if stack else {}
     opts.update({k: kwargs[k] for k in ("transfusion_mask", "transfusion_backend", "transfusion_image_ids")
                  if kwargs.get(k) is not None})
     explicit, image_ids = opts.get("transfusion_mask"), opts.get("transfusion_image_ids")
@@ -316,31 +340,55 @@ def transfusion_attention_forward(
     return out.view(B, Sq, Hq, out.shape[-1]), None
 
 
-def register(name: str = ATTN_IMPLEMENTATION) -> str:
-    """Register the attention function and the mask builder with transformers under ``name`` (idempotent)."""
+_MISSING = object()
+_PREVIOUS: dict[str, list] = {}  # name -> what register() replaced in each registry, for unregister()
+
+
+def _registries(name: str) -> list[tuple[dict, object]]:
+    """(transformers' registry, the function of this module that ``register`` puts there)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"the '{name}' attention needs transformers ({e}): "
+                          "pip install 'transfusion-kernels[transformers]'") from None
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
-        AttentionInterface = None
-    if AttentionInterface is not None:
-        AttentionInterface.register(name, transfusion_attention_forward)
-        AttentionMaskInterface.register(name, transfusion_mask_interface)
-        return name
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError as e:
-        import transformers
+        try:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        except ImportError:
+            raise RuntimeError(f"transformers {transformers.__version__} has no pluggable attention functions; the "
+                               f"'{name}' attention needs transformers >= 4.48 (mask building: >= 5.0)") from None
+        return [(ALL_ATTENTION_FUNCTIONS, transfusion_attention_forward)]
+    return [(AttentionInterface._global_mapping, transfusion_attention_forward),
+            (AttentionMaskInterface._global_mapping, transfusion_mask_interface)]
 
-        raise RuntimeError(
-            f"transformers {transformers.__version__} has no pluggable attention functions; the "
-            f"'{name}' attention needs transformers >= 4.48 (mask building: >= 5.0)"
-        ) from e
-    ALL_ATTENTION_FUNCTIONS[name] = transfusion_attention_forward
+
+def register(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register the attention function and the mask builder with transformers under ``name`` and
+    return it, for ``model.set_attn_implementation(register())``. Idempotent; undone by
+    :func:`unregister`."""
+    registries = _registries(name)
+    if name not in _PREVIOUS:
+        _PREVIOUS[name] = [registry.get(name, _MISSING) for registry, _ in registries]
+    for registry, fn in registries:
+        registry[name] = fn
     return name
 
 
-register()
+def unregister(name: str = ATTN_IMPLEMENTATION) -> None:
+    """Undo :func:`register`: transformers' registries hold what they held before it (nothing, for a
+    new name). Models still set to ``name`` fail at their next forward, as for any unknown name."""
+    previous = _PREVIOUS.pop(name, None)
+    if previous is None:
+        return
+    for (registry, _), old in zip(_registries(name), previous):
+        if old is _MISSING:
+            registry.pop(name, None)
+        else:
+            registry[name] = old
+
 
 __all__ = ["ATTN_IMPLEMENTATION", "MaskRequest", "packed_position_ids", "register", "transfusion_attention_forward",
-           "transfusion_mask_interface", "use_mask"]
+           "transfusion_mask_interface", "unregister", "use_mask"]
