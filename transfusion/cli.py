@@ -139,7 +139,7 @@ def cmd_train(args) -> int:
 
     from transfusion.latents import make_latents
     from transfusion.prepare import load_prepared
-    from transfusion.runner import build_config, run_training
+    from transfusion.runner import build_config, run_training, warmup_warning
 
     out = Path(args.out)
     check_out(out, "train", args.overwrite or args.resume, also=", --resume", legacy=_is_legacy_run)
@@ -156,6 +156,9 @@ def cmd_train(args) -> int:
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
     cfg = build_config(prepared.info, args)
+    warning = warmup_warning(cfg)
+    if warning:
+        print(f"transfusion train: {warning}", file=sys.stderr)
     latents = None
     if prepared.info["latents"] == "vae":
         latents = make_latents(str(Path(args.data) / "vae"), device=device)
@@ -166,7 +169,17 @@ def cmd_train(args) -> int:
         with _backend_ctx(args):
             trainer, hist = run_training(prepared, cfg, out, device=device, resume=args.resume,
                                          progress=not args.quiet, latents=latents)
-    except BaseException:  # an error or Ctrl-C before any checkpoint: no run folder stays behind
+    except KeyboardInterrupt:
+        if not (out / "checkpoint" / "trainer_state.json").is_file():
+            if new_folder:  # Ctrl-C before any checkpoint: no run folder stays behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        _close_bars()
+        step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+        print(f"transfusion train: interrupted; kept the checkpoint of step {step} in {out / 'checkpoint'}; "
+              f"continue with: {resume_command(args)}", file=sys.stderr)
+        return 130
+    except BaseException:  # an error before any checkpoint: no run folder stays behind
         if new_folder and not (out / "checkpoint").exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
@@ -175,6 +188,22 @@ def cmd_train(args) -> int:
         print(f"step {last['step']}: loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}, ddpm {last['ddpm_loss']:.4f})")
     print(f"checkpoint: {out / 'checkpoint'}")
     return 0
+
+
+def resume_command(args) -> str:
+    """The command line that continues this training run: the same options, --resume instead of
+    --overwrite."""
+    import shlex
+
+    argv = [a for a in args.argv if a != "--overwrite"]
+    return shlex.join(["transfusion", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def _close_bars() -> None:
+    """End the open progress bars' lines, so a message after them starts on its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 # -- sampling --------------------------------------------------------------------------------
@@ -574,6 +603,7 @@ def main(argv=None) -> int:
         return cmd_bench(args)
     ap = parser()
     args, unknown = ap.parse_known_args(argv)
+    args.argv = argv
     if unknown:  # reported by the command's own parser, with its usage
         subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
         subs[args.cmd].error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -589,9 +619,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         if args.debug or os.environ.get("TRANSFUSION_DEBUG") == "1":
             raise
-        tqdm = sys.modules.get("tqdm")
-        for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # end open bars' lines first
-            bar.close()
+        _close_bars()
         print(f"transfusion {args.cmd}: interrupted; no half-written output was left", file=sys.stderr)
         return 130
     except UserError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def _run(work: Path, out: Path, backend, threads, steps, quick, progress) -> dic
     from transfusion.checkpoint import load_checkpoint
     from transfusion.outdir import write_marker
     from transfusion.image_io import image_grid, save_png
-    from transfusion.runner import build_trainer
+    from transfusion.runner import build_trainer, warmup_warning
     from transfusion.data import CAPTION_TEMPLATES, WORDS, parse_digit, to_pixels8
     from transfusion.prepare import prepare
     from transfusion.sample import SampleConfig, caption, generate
@@ -75,6 +76,9 @@ def _run(work: Path, out: Path, backend, threads, steps, quick, progress) -> dic
 
     cfg = demo_config(prepared.tokenizer.vocab_size, steps, backend)
     planned = cfg.train.steps
+    warning = None if quick else warmup_warning(cfg, f"pass --steps {cfg.train.warmup_steps} or more")
+    if warning:  # --quick is a smoke test: its few steps are meant
+        print(f"transfusion demo: {warning}", file=sys.stderr, flush=True)
     print(f"training {planned} steps on {torch.get_num_threads()} threads (time budget {TRAIN_BUDGET_S} s: "
           f"a slower machine trains fewer steps, said when decided) ...", flush=True)
     device = torch.device("cpu")

@@ -311,7 +311,7 @@ def train(args, strategy: str) -> int:
     from transfusion.model import TransfusionModel
     from transfusion.prepare import load_prepared
     from transfusion.outdir import write_marker, written_by
-    from transfusion.runner import build_config
+    from transfusion.runner import build_config, warmup_warning
 
     out = Path(args.out)
     new_folder = not out.exists()
@@ -324,6 +324,9 @@ def train(args, strategy: str) -> int:
         except FileNotFoundError as e:
             raise UserError(str(e)) from e
         cfg = build_config(prepared.info, args)
+        warning = warmup_warning(cfg)
+        if warning and dist.get_rank() == 0:
+            print(f"transfusion train: {warning}", file=sys.stderr)
         latents = None
         if prepared.info["latents"] == "vae":
             latents = make_latents(str(Path(args.data) / "vae"), device=device)

@@ -76,6 +76,16 @@ def build_config(info: dict, args):
     return cfg
 
 
+def warmup_warning(cfg, fix: str | None = None) -> str | None:
+    """The warning for a run shorter than its learning-rate warmup (it never reaches the peak)."""
+    t = cfg.train
+    if t.steps >= t.warmup_steps:
+        return None
+    fix = fix or f"pass --warmup-steps {max(1, t.steps // 10)} or more --steps"
+    return (f"warning: {t.steps} step{'s' * (t.steps != 1)} is less than the {t.warmup_steps} warmup steps, so the learning rate never "
+            f"reaches its peak {t.lr:g} (it ends at {t.lr * t.steps / t.warmup_steps:.3g}); {fix}")
+
+
 def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=None):
     """Model, batch stream and Trainer for a run folder ``out`` (``metrics.jsonl``, ``checkpoint/``);
     resumes from ``out/checkpoint`` when asked and present (UserError, before anything is built,

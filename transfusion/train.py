@@ -170,6 +170,20 @@ class Trainer:
         return save_checkpoint(path, model=self.model, config=self.config, tokenizer=self.tokenizer,
                                ema=self.ema, trainer=self.trainer_state(), latents=self.latents)
 
+    def _cut_metrics(self) -> None:
+        """Drop the metrics lines past the resumed step: a run stopped after its last checkpoint
+        logged steps it will now train again, and each step must appear once."""
+        import os
+
+        if self.metrics_path is None or not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        if len(kept) != len(lines):
+            tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.metrics_path)
+
     def resume(self, path) -> None:
         state, opt, rng, ema = load_trainer_state(path)
         from safetensors.torch import load_file
@@ -178,6 +192,7 @@ class Trainer:
         self.opt.load_state_dict(opt)
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self._cut_metrics()
         self.batches.load_state_dict(state["data"])
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])

@@ -346,7 +346,7 @@ def test_ctrl_c_leaves_nothing_behind(run, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", stop)
     capsys.readouterr()
-    assert main(_train(run, tmp_path / "r", "--steps", "3")) == 130
+    assert main(_train(run, tmp_path / "r", "--steps", "3", "--warmup-steps", "1")) == 130
     assert capsys.readouterr().err == "transfusion train: interrupted; no half-written output was left\n"
     assert list(tmp_path.iterdir()) == []
 
@@ -356,7 +356,7 @@ def test_train_progress_bar_and_quiet(run, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert "train: 100%" in capsys.readouterr().err
-    assert main([*argv, "--quiet", "--overwrite"]) == 0
+    assert main([*argv, "--quiet", "--overwrite", "--warmup-steps", "1"]) == 0
     assert capsys.readouterr().err == ""
 
 
@@ -468,3 +468,44 @@ def test_prompt_repeats_and_other_options_refuse_a_second_value(run, tmp_path, c
         err = capsys.readouterr().err
         assert e.value.code == 2 and "was given twice" in err and "give it once" in err, (argv, err)
     assert not (tmp_path / "t").exists() and not (tmp_path / "r").exists()
+
+
+def test_resume_cuts_metrics_back_and_ctrl_c_names_the_checkpoint(run, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from transfusion.train import Trainer
+
+    r = tmp_path / "r"
+    steps = lambda: [json.loads(line)["step"] for line in (r / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    assert main(_train(run, r, "--steps", "2")) == 0
+    assert capsys.readouterr().err.count("warning: 2 steps is less than the 50 warmup steps") == 1
+    shutil.copytree(r / "checkpoint", tmp_path / "at2")
+    assert main(_train(run, r, "--steps", "3", "--resume")) == 0
+    # killed after step 3 was logged but before its checkpoint: the step-2 checkpoint is what is left
+    shutil.rmtree(r / "checkpoint")
+    shutil.copytree(tmp_path / "at2", r / "checkpoint")
+    assert steps() == [2, 3]  # logged every 10 steps and at the last
+    assert main(_train(run, r, "--steps", "3", "--resume")) == 0
+    assert steps() == [2, 3]  # step 3 once, from the resumed run
+
+    # Ctrl-C after a checkpoint: the line names it and the command that continues the run
+    real_step, calls = Trainer.train_step, []
+
+    def stop_at_third(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_third)
+    r2 = tmp_path / "r2"
+    capsys.readouterr()
+    assert main(_train(run, r2, "--steps", "4", "--save-every", "1", "--warmup-steps", "1")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    argv = _train(run, r2, "--steps", "4", "--save-every", "1", "--warmup-steps", "1", "--resume")
+    assert err == [f"transfusion train: interrupted; kept the checkpoint of step 2 in {r2 / 'checkpoint'}; "
+                   f"continue with: {shlex.join(['transfusion', *argv])}"]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(shlex.split(err[0].split("continue with: ")[1])[1:]) == 0
+    assert [json.loads(line)["step"] for line in (r2 / "metrics.jsonl").read_text().splitlines()] == [4]
