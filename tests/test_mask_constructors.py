@@ -432,3 +432,41 @@ def test_from_block_mask_follows_full_blocks_and_heads():
         mc.from_block_mask(heads)
     with pytest.raises(ValueError, match="must be a torch BlockMask"):
         mc.from_block_mask(expect)
+
+
+# ---------------------------------------------------------------------------------------------- HybridMask and docs
+def test_hybrid_mask_classmethods_wrap_the_constructors():
+    from transfusion_kernels import HybridMask
+
+    rng = random.Random(9)
+    for _ in range(20):
+        n = rng.randint(1, 30)
+        cu = random_documents(rng, n)
+        images, hidden = random_spans(rng, n, cu, 2), random_spans(rng, n, cu, 3)
+        mask = HybridMask.from_spans(cu, images, hidden_spans=hidden)
+        assert torch.equal(mask.to_dense(), spans_oracle(cu, images, hidden))
+        fast = HybridMask.from_spans(cu, images)  # no hidden spans: the K = 1 path, monotone
+        assert fast.num_intervals == 1 and fast.monotone
+        assert torch.equal(fast.to_dense(), spans_oracle(cu, images, []))
+        split_lens, modes = random_splits(rng)
+        if sum(map(sum, split_lens)):
+            got = HybridMask.from_splits(split_lens, modes)
+            s, e, _ = mc.from_splits(split_lens, modes)
+            assert torch.equal(got.starts, s) and torch.equal(got.ends, e)
+    dense = spans_oracle([0, 9, 16], [(2, 5)], [(10, 12)])
+    for mask in (HybridMask.from_dense(dense), HybridMask.from_mask_mod(lambda b, h, q, kv: dense[q, kv], [0, 9, 16]),
+                 HybridMask.from_padded([9], 16, [[(2, 5)]])):
+        assert torch.equal(mask.to_dense()[:9, :9], dense[:9, :9])
+
+
+def test_docs_examples_run():
+    """Every python block of docs/masks.md runs, in order, as written (they assert their K)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "masks.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 8
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/masks.md", "exec"), namespace)
