@@ -38,7 +38,7 @@ struct AttentionFwdArgs {
   const int32_t* kv_end;    // [nq]
   const int32_t* q_tiles;   // [ceil(nq / block_m), 4]: kv_lo, kv_hi, full_lo, full_hi
   const int32_t* q_order;   // [ceil(nq / block_m)]: query tile of each block rank, heaviest first
-                            // (nullptr: the rank itself); attention_fwd runs block b as rank
+                            // (nullptr: the rank itself); both forwards run block b as rank
                             // b / hq, head b % hq (longest first over all heads' blocks)
   int64_t nq, nk;
   int hq, hkv;

@@ -29,8 +29,9 @@
 //     two steps. Warp 0 clamping boxes is not possible (a box has a fixed size per tensor map),
 //     and zeroing by the consumers would need a barrier between the ping-ponging warpgroups;
 //     this way the consumers never wait for each other and FULL steps never see the path.
-//   * Epilogue: O / l in T through the warpgroup's own rows of the Q buffer (only this
-//     warpgroup's wgmma read them), then 16-byte coalesced stores; lse as the natural log.
+//   * Epilogue: O / l in T into the warpgroup's own rows of the Q buffer (only this
+//     warpgroup's wgmma read them), then one TMA store of those 64 rows (rows past nq are
+//     clipped by the tensor map); lse as the natural log.
 //
 // Sizes. Key step kBN = 128 at both head dims: S is 64 fp32 registers per thread, O is D / 2,
 // P 32 (packed), so D = 128 holds S + O + P + the next S's operands in ~200 of the 240
@@ -80,7 +81,17 @@ constexpr int kBM = kAttentionSm90BlockM;
 constexpr int kBN = 128;  // keys per step
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 static_assert(kBM == 64 * kConsumers, "one m64 row block per consumer warpgroup");
-static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 65536, "register file");
+// setmaxnreg moves registers within the CTA's pool: what the launch allocated, kThreads x the
+// kernel's register count. With __launch_bounds__(kThreads, 1) ptxas gives a kernel that uses
+// setmaxnreg the most the 64K file allows at kThreads (whole units of 8 per thread), so the
+// producer's .dec must free what the consumers' .inc takes, or the .inc waits forever.
+constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;  // 168 at 384 threads
+static_assert(kLaunchRegs * kThreads <= 65536, "the launch's registers fit the register file");
+static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 && kConsumerRegs <= 256,
+              "setmaxnreg counts: multiples of 8 in [24, 256]");
+static_assert(kProducerRegs <= kLaunchRegs && kLaunchRegs <= kConsumerRegs, "the producer gives, the consumers take");
+static_assert(kProducerRegs * (kThreads - kConsumerThreads) + kConsumerRegs * kConsumerThreads <= kLaunchRegs * kThreads,
+              "setmaxnreg: the warpgroups' new counts exceed the registers the launch allocated");
 // Named barriers (0 is __syncthreads): consumer g may issue its GEMMs once it passes
 // kTurnBar + g; its epilogue staging uses kGroupBar + g; kZeroBar orders the
 // producer's last load before the zeroing of that step's V.
@@ -106,11 +117,14 @@ struct TileMap {
   __device__ __forceinline__ void load(uint32_t dst, int col, int head, int row, uint64_t* bar) const {
     sm90::tma_load_3d(dst, &map, col, rows_in_dim1 ? row : head, rows_in_dim1 ? head : row, bar);
   }
+  __device__ __forceinline__ void store(uint32_t src, int col, int head, int row) const {
+    sm90::tma_store_3d(&map, col, rows_in_dim1 ? row : head, rows_in_dim1 ? head : row, src);
+  }
 #endif
 };
 
 struct Sm90Params {
-  TileMap q, k, v;
+  TileMap q, k, v, o;  // o: boxes of one consumer warpgroup's 64 rows
   AttentionFwdArgs a;
 };
 
@@ -413,16 +427,17 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
       a.lse[static_cast<int64_t>(h) * a.nq + row] = l > 0.0f ? (st.m[r] * scale_log2 + log2f(l)) * kLn2 : -INFINITY;
     }
   }
+  sm90::fence_proxy_async();  // the TMA store reads the staged rows through the async proxy
   sm90::named_bar_sync(kGroupBar + cg, 128);
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  if (threadIdx.x % 128 == 0) {
+    // The warpgroup's rows of each 64-column panel: 64 x 128 bytes from a 1024-byte aligned
+    // start, so the 128-byte swizzle of the staging is the tensor map's.
 #pragma unroll
-  for (int i = threadIdx.x % 128; i < 64 * kChunks; i += 128) {
-    const int r = 64 * cg + i / kChunks, c = i % kChunks;
-    const int64_t row = static_cast<int64_t>(tile) * kBM + r;
-    if (row < a.nq) {
-      *reinterpret_cast<uint4*>(static_cast<T*>(a.out) + (row * a.hq + h) * D + c * 8) =
-          *reinterpret_cast<const uint4*>(pp.q_ptr + attn::sw128_offset(kBM, r, c * 8));
+    for (int pn = 0; pn < D / 64; ++pn) {
+      p.o.store(pp.q + pn * kBM * 128 + 64 * cg * 128, pn * 64, h, tile * kBM + 64 * cg);
     }
+    sm90::tma_store_commit();
+    sm90::tma_store_wait<0>();  // the staging must outlive the read (the CTA's smem goes at exit)
   }
 }
 
@@ -450,8 +465,11 @@ __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
   pp.bar_q = &bar_q;
   pp.k_full = k_full, pp.v_full = v_full, pp.k_empty = k_empty, pp.v_empty = v_empty, pp.v_zeroed = v_zeroed;
 
-  const int tile = a.q_order ? __ldg(a.q_order + blockIdx.x) : static_cast<int>(blockIdx.x);
-  const int h = blockIdx.y;
+  // Blocks run (tile rank, head) with the head fastest: with q_order the launch sequence is
+  // heaviest first over every block, not per head, and the query heads of one K/V head run side
+  // by side (their K/V tiles shared in L2).
+  const int rank = static_cast<int>(blockIdx.x / a.hq), h = static_cast<int>(blockIdx.x % a.hq);
+  const int tile = a.q_order ? __ldg(a.q_order + rank) : rank;
   const int hk = h / (a.hq / a.hkv);
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int q0 = tile * kBM;
@@ -558,6 +576,7 @@ cudaError_t launch(const AttentionFwdArgs& a, DType dtype, cudaStream_t stream) 
   p.a = a;
   cudaError_t err;
   err = make_map(p.q, dtype, a.q, a.nq, a.hq, D, a.q_row_stride, a.q_head_stride, kBM);
+  if (err == cudaSuccess) err = make_map(p.o, dtype, a.out, a.nq, a.hq, D, int64_t{a.hq} * D, D, 64);
   if (err != cudaSuccess) return err;
   if (a.nk == 0) {
     p.k = p.v = p.q;  // every interval is empty: no K/V tile is ever loaded
@@ -571,8 +590,9 @@ cudaError_t launch(const AttentionFwdArgs& a, DType dtype, cudaStream_t stream) 
                                   static_cast<int>(smem))) != cudaSuccess) {
     return err;
   }
-  const dim3 grid(static_cast<unsigned>((a.nq + kBM - 1) / kBM), static_cast<unsigned>(a.hq));
-  attention_fwd_sm90_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
+  const int64_t blocks = (a.nq + kBM - 1) / kBM * a.hq;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;  // gridDim.x
+  attention_fwd_sm90_kernel<T, D><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -75,5 +75,8 @@ def test_sm90_forward_is_warp_specialised(builds, attention_rows):
     assert rows, f"no sm_90a forward kernel compiled from {sorted(rel)}"
     for r in rows:
         assert r["setmaxnreg"] > 0, f"{r['name']}: no USETMAXREG"
+        # setmaxnreg redistributes the registers the launch allocated: ptxas must give the kernel
+        # all that __launch_bounds__(threads, 1) allows (the source's kLaunchRegs static_assert)
+        assert r["registers"] == 65536 // r["threads"] // 8 * 8, (r["name"], r["registers"], r["threads"])
         assert r["loops"], f"{r['name']}: no main loop with tensor-core instructions found"
         assert not r["cta_barrier_in_loop"], f"{r['name']}: BAR.SYNC 0 inside the main loop"
