@@ -72,18 +72,24 @@ def canonical_from_dense_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def canonical_from_intervals(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The canonical (starts, ends), int32 ``[R, K]``, of the unions of any int64 ``[R, J]``
+    """The canonical (starts, ends), int32 ``[R, K]``, of the unions of any integer ``[R, J]``
     half-open intervals ``[lo, hi)`` (in any order, overlapping or touching; ``hi <= lo`` is empty)."""
+    lo, hi = lo.to(torch.int64), hi.to(torch.int64)
+    order = torch.argsort(torch.where(hi <= lo, _BIG, lo), dim=1, stable=True)
+    return _merge_sorted(lo.gather(1, order), hi.gather(1, order))
+
+
+def _merge_sorted(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """canonical_from_intervals for int64 rows whose non-empty intervals already come in order of
+    their starts (empty ones may sit anywhere)."""
     rows, j = lo.shape
     empty = hi <= lo
-    order = torch.argsort(torch.where(empty, _BIG, lo), dim=1, stable=True)
-    lo, hi, empty = lo.gather(1, order), hi.gather(1, order), empty.gather(1, order)
     reach = torch.cummax(torch.where(empty, -_BIG, hi), dim=1).values  # furthest end so far
     before = torch.nn.functional.pad(reach[:, :-1], (1, 0), value=-_BIG)
     new_run = ~empty & (lo > before)  # starts strictly after everything earlier: a new run
     run = torch.cumsum(new_run.to(torch.int64), 1) - 1
     count = new_run.sum(1)
-    run = torch.where(empty, j, run)  # empties (sorted last) go to a discarded column
+    run = torch.where(empty, j, run)  # empties go to a discarded column
     starts = torch.full((rows, j + 1), _BIG, dtype=torch.int64, device=lo.device)
     ends = torch.full((rows, j + 1), -_BIG, dtype=torch.int64, device=lo.device)
     starts.scatter_reduce_(1, run, lo, "amin")
@@ -105,6 +111,11 @@ def interval_counts(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] for a 1-D x and an index tensor of any shape (index_select: faster than indexing)."""
+    return x.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 def _ints(x, name: str, device=None) -> torch.Tensor:
     """Integers as an int64 tensor on ``device`` (a tensor keeps its own device when device is None)."""
     t = _int_values(x, name, device)
@@ -162,8 +173,9 @@ def _visible_minus_hidden(first, stop, hid_s, hid_e, own):
     m = hid_s.numel()
 
     def span(idx):  # span idx of each slot, the row's own span emptied (it stays visible)
-        s = hid_s[idx.clamp(0, max(m - 1, 0))] if m else torch.zeros_like(idx)
-        e = hid_e[idx.clamp(0, max(m - 1, 0))] if m else torch.zeros_like(idx)
+        if not m:
+            return torch.zeros_like(idx), torch.zeros_like(idx)
+        s, e = _take(hid_s, idx.clamp(0, m - 1)), _take(hid_e, idx.clamp(0, m - 1))
         return s, torch.where(idx == own[:, None], s, e)
 
     _, prev_end = span(r0[:, None] + k - 1)
@@ -171,7 +183,7 @@ def _visible_minus_hidden(first, stop, hid_s, hid_e, own):
     lo = torch.where(k == 0, first[:, None], prev_end)
     hi = torch.where(k < p[:, None], next_start, stop[:, None])
     hi = torch.where(k <= p[:, None], torch.minimum(hi, stop[:, None]), lo)  # slots past p: empty
-    return canonical_from_intervals(lo, hi)
+    return _merge_sorted(lo, hi)
 
 
 # ---------------------------------------------------------------------------------------------- constructors
@@ -213,18 +225,18 @@ def from_splits(split_lens, modes, *, device=None):
     split_end = torch.cumsum(lens, 0)
     split_start = split_end - lens
     pos = torch.arange(n, device=device)
-    split = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens, output_size=n)
-    num_samples = len(modes)
-    sample_len = torch.zeros(num_samples, dtype=torch.int64, device=device).index_add_(0, sample_of, lens)
+    sample_len = torch.zeros(len(modes), dtype=torch.int64, device=device).index_add_(0, sample_of, lens)
     sample_start = torch.cumsum(sample_len, 0) - sample_len
 
-    first = sample_start[sample_of[split]]
-    own_end = torch.where(codes[split] == 0, pos + 1, split_end[split])
+    def per_token(per_split):
+        return torch.repeat_interleave(per_split, lens, output_size=n)
+
+    first = per_token(sample_start[sample_of])
+    own_end = torch.where(per_token(codes == 0), pos + 1, per_token(split_end))
     # Hidden keys: the noise splits. A query's window stops at its own split's end, so noise splits
     # after it never matter; its own split is never hidden from it.
     noise = (codes == 2) & (lens > 0)
-    own = torch.cumsum(noise.to(torch.int64), 0) - 1  # index among the noise splits, valid where noise
-    own = torch.where(noise[split], own[split], -1)
+    own = per_token(torch.where(noise, torch.cumsum(noise.to(torch.int64), 0) - 1, -1))  # index among noise splits
     starts, ends = _visible_minus_hidden(first, own_end, split_start[noise], split_end[noise], own)
     return starts, ends, n
 
@@ -248,7 +260,7 @@ def from_spans(cu_seqlens, image_spans, hidden_spans=None):
     _check_spans(hidden, cu, "hidden_spans")
 
     pos = torch.arange(n, device=device)
-    first = cu[torch.searchsorted(cu, pos, right=True) - 1]
+    first = _take(cu, torch.searchsorted(cu, pos, right=True) - 1)
     stop = pos + 1
     if images.shape[0]:
         img = torch.searchsorted(images[:, 0].contiguous(), pos, right=True) - 1
