@@ -418,7 +418,8 @@ def run(args) -> int:
     log(f"ablate: {len(tasks)} runs to do, {skipped} already done; {ev['steps']} training steps each; "
         f"{args.jobs} jobs x {threads} threads")
     t0 = time.perf_counter()
-    bar = tqdm(total=len(tasks), desc="ablate", unit="run", disable=args.quiet, dynamic_ncols=True)
+    bar = tqdm(total=len(tasks), desc="ablate", unit="run", disable=args.quiet or not sys.stderr.isatty(),
+               dynamic_ncols=True)
     if args.jobs == 1 or len(tasks) <= 1:
         previous = torch.get_num_threads()
         try:

@@ -101,6 +101,12 @@ def _backend_ctx(args):
     return tk.use_backend(args.backend) if args.backend else contextlib.nullcontext()
 
 
+def _progress(args) -> bool:
+    """Progress bars: on a terminal only (a log file or pipe would get their escape codes), and
+    not with --quiet."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def _threads(args):
     import torch
 
@@ -168,7 +174,7 @@ def cmd_train(args) -> int:
     try:
         with _backend_ctx(args):
             trainer, hist = run_training(prepared, cfg, out, device=device, resume=args.resume,
-                                         progress=not args.quiet, latents=latents)
+                                         progress=_progress(args), latents=latents)
     except KeyboardInterrupt:
         if not (out / "checkpoint" / "trainer_state.json").is_file():
             if new_folder:  # Ctrl-C before any checkpoint: no run folder stays behind
@@ -302,7 +308,7 @@ def _write_samples(args, model, tok, latents, device, scfg, out: Path) -> int:
 
     prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]  # one set per --prompt
     with _backend_ctx(args):
-        res = generate(model, tok, prompts, scfg, open_image=not args.free, progress=not args.quiet)
+        res = generate(model, tok, prompts, scfg, open_image=not args.free, progress=_progress(args))
     records, all_imgs = [], []
     for i, r in enumerate(res):
         segs, files = [], []
@@ -333,6 +339,12 @@ def _write_samples(args, model, tok, latents, device, scfg, out: Path) -> int:
     return len(all_imgs)
 
 
+def _is_grid(p: Path) -> bool:
+    """The grid image ``sample`` or ``demo`` writes beside its samples."""
+    return ((p.name == "grid.png" and (p.parent / "samples.json").is_file())
+            or (p.name == "samples_grid.png" and (p.parent / "report.json").is_file()))
+
+
 def cmd_caption(args) -> int:
     import torch
 
@@ -341,6 +353,12 @@ def cmd_caption(args) -> int:
 
     from PIL import Image
 
+    grids = [p for p in args.images if _is_grid(Path(p))]
+    if grids:  # `caption out/*.png` names the grid of the samples too: it is not one image
+        args.images = [p for p in args.images if p not in grids]
+        print(f"transfusion caption: note: skipped {', '.join(grids)}: a grid of samples, not one image",
+              file=sys.stderr)
+        _require(bool(args.images), "no images left to caption; pass the sample_*.png files")
     bad = []
     for p in args.images:  # every file, before the model is loaded
         try:
@@ -363,7 +381,7 @@ def cmd_caption(args) -> int:
                       "(light on dark, as the model was trained)", file=sys.stderr)
     z = latents.encode(imgs.to(device)) if latents.kind == "vae" else imgs.to(device)
     with _backend_ctx(args):
-        caps = caption(model, tok, z, scfg, progress=not args.quiet)
+        caps = caption(model, tok, z, scfg, progress=_progress(args))
     for p, c in zip(args.images, caps):
         print(f"{p}\t{c}")
     return 0
@@ -394,7 +412,7 @@ def cmd_demo(args) -> int:
     _require(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     _require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     report = run_demo(args.out, backend=args.backend, threads=args.threads, steps=args.steps, quick=args.quick,
-                      progress=not args.quiet)
+                      progress=_progress(args))
     return 0 if report["passed"] or args.quick else 2
 
 
@@ -423,7 +441,7 @@ def _text_args(p):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr (shown only when stderr is a terminal)")
 
 
 def _diffusion_args(p):
@@ -443,7 +461,7 @@ def _diffusion_args(p):
 
 def _quiet(p):
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
-                   help="no progress bars on stderr (--no-progress: the same)")
+                   help="no progress bars on stderr (shown only when stderr is a terminal; --no-progress: the same)")
 
 
 def _overwrite(p, what):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -348,7 +349,7 @@ def train(args, strategy: str) -> int:
                 print(f"resumed from {ckpt} at step {trainer.step}")
         ctx = tk.use_backend(args.backend) if args.backend else contextlib.nullcontext()
         with ctx:
-            hist = trainer.fit(checkpoint_dir=ckpt, progress=rank == 0 and not args.quiet)
+            hist = trainer.fit(checkpoint_dir=ckpt, progress=rank == 0 and not args.quiet and sys.stderr.isatty())
         if rank == 0:
             if hist:
                 last = hist[-1]

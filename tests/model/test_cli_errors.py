@@ -201,9 +201,12 @@ def test_sample_refuses_a_non_empty_out_folder_before_loading(run, tmp_path, cap
     assert [(p.name, p.read_bytes()) for p in out.iterdir()] == [("sample_000_0.png", b"old")]
 
 
-def test_progress_bars_quiet_and_overwrite(run, tmp_path, capsys):
+def test_progress_bars_quiet_and_overwrite(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "s"
     capsys.readouterr()
+    assert main(_sample(run, tmp_path / "piped")) == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal: no bars, no escape codes
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(_sample(run, out)) == 0
     loud = capsys.readouterr()
     assert "images: 100%" in loud.err and "denoise:" in loud.err and "step/s" in loud.err
@@ -315,21 +318,36 @@ def test_non_empty_output_folders_are_refused_even_with_overwrite(run, tmp_path,
 
 
 def _interrupt(argv, cwd, started: str):
-    """Run the command, send SIGINT once ``started`` shows on stderr; (exit status, stderr)."""
+    """Run the command with stderr on a terminal (a pty: the progress bars show), send SIGINT
+    once ``started`` shows there; (exit status, stderr)."""
+    import fcntl
+    import pty
     import signal
+    import struct
+    import termios
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRANSFUSION_DEBUG", None)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns, as a terminal has
     p = subprocess.Popen([sys.executable, "-m", "transfusion", *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    err = ""
-    while started not in err:
-        ch = p.stderr.read(1)
-        assert ch, f"ended before {started!r}: {err}"
-        err += ch
-    p.send_signal(signal.SIGINT)
-    err += p.stderr.read()
-    return p.wait(timeout=60), err
+                         stderr=slave)
+    os.close(slave)
+    err, signalled = b"", False
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the command ended and closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        err += chunk
+        if not signalled and started.encode() in err:
+            p.send_signal(signal.SIGINT)
+            signalled = True
+    os.close(master)
+    assert signalled, f"ended before {started!r}: {err.decode()}"
+    return p.wait(timeout=60), err.decode()
 
 
 def test_ctrl_c_leaves_nothing_behind(run, tmp_path, capsys, monkeypatch):
@@ -351,8 +369,9 @@ def test_ctrl_c_leaves_nothing_behind(run, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_train_progress_bar_and_quiet(run, tmp_path, capsys):
+def test_train_progress_bar_and_quiet(run, tmp_path, capsys, monkeypatch):
     argv = [a for a in _train(run, tmp_path / "r", "--steps", "2") if a != "--no-progress"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     capsys.readouterr()
     assert main(argv) == 0
     assert "train: 100%" in capsys.readouterr().err
@@ -459,6 +478,15 @@ def test_prompt_repeats_and_other_options_refuse_a_second_value(run, tmp_path, c
 
     with Image.open(out / "grid.png") as im:  # a row per prompt: 2 x 2 images of 8x8, 1 px padding
         assert im.size == (19, 19)
+    # `caption out/*.png`: the grid is skipped, with a note
+    pngs = sorted(str(p) for p in out.glob("*.png"))
+    assert len(pngs) == 5
+    capsys.readouterr()
+    assert main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), *pngs, "--max-new-tokens", "2"]) == 0
+    res = capsys.readouterr()
+    assert [line.split("\t")[0] for line in res.out.strip().splitlines()] == [p for p in pngs if "grid" not in p]
+    assert res.err.splitlines()[0] == \
+        f"transfusion caption: note: skipped {out / 'grid.png'}: a grid of samples, not one image"
     for argv in (_sample(run, tmp_path / "t") + ["--steps", "5"], _train(run, tmp_path / "r", "--lr", "1e-3", "--lr", "2e-3"),
                  ["prepare", "--out", "a", "--out", "b"], ["demo", "--out", "d", "--steps", "5", "--steps", "50"],
                  ["bench", "--backend", "reference", "--backend", "triton"]):

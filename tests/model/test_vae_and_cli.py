@@ -134,6 +134,7 @@ def test_demo_quick_writes_report_grid_and_checkpoint(tmp_path, capsys, monkeypa
     monkeypatch.setattr(demo, "PROBE_STEPS", 3)
     monkeypatch.setattr(demo, "TRAIN_BUDGET_S", 1e-3)
     capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bars show on a terminal only
     assert main(["demo", "--out", str(tmp_path), "--quick", "--threads", "1"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
