@@ -12,7 +12,8 @@ Every build writes transfusion_kernels/_build_info.json: the version, the commit
 and CUDA version of the extension or why it was not built (``tk.build_info()``,
 ``transfusion --version``). An sdist carries its commit in the file COMMIT.
 
-Other knobs: TRANSFUSION_CUDA_ARCHS (default "80;90a"), CMAKE_BUILD_PARALLEL_LEVEL (default: the
+Other knobs: TRANSFUSION_CUDA_ARCHS (default "80+PTX;90a": sm_80 SASS and compute_80 PTX, which
+newer GPUs such as sm_100 and sm_120 run, and the sm_90a kernels for Hopper), CMAKE_BUILD_PARALLEL_LEVEL (default: the
 number of CPUs), CMAKE_BUILD_TYPE (default Release).
 """
 from __future__ import annotations
@@ -150,7 +151,7 @@ class CMakeBuild(build_ext):
             out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
             # An editable install builds into build_lib, then copies the module into the sources.
             record_dir = ROOT / "transfusion_kernels" if self.editable_mode else out_path.parent
-            archs = os.environ.get("TRANSFUSION_CUDA_ARCHS", "80;90a")
+            archs = os.environ.get("TRANSFUSION_CUDA_ARCHS", "80+PTX;90a")
             try:
                 self.build_cmake(out_path, archs)
             except RuntimeError as e:

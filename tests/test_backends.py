@@ -1,5 +1,7 @@
+import logging
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -9,45 +11,81 @@ import transfusion_kernels as tk
 from transfusion_kernels import backends as tk_backends
 from transfusion_kernels.backends import AUTO_ORDER, BACKENDS, ENV_VAR, Op, extension_status, select
 
-OP = Op("demo_op", {b: "transfusion_kernels.attention.reference" for b in ("reference", "triton", "cuda")})
 CPU = torch.device("cpu")
 
 
+class _Covers:
+    """A stand-in backend module: covers inputs whose last dim is in ``dims``."""
+
+    def __init__(self, name, dims):
+        self.name, self.dims = name, dims
+
+    def supports(self, x):
+        return None if x.shape[-1] in self.dims else f"last dim {x.shape[-1]} ({self.name})"
+
+
+class _OnGPU:
+    """Stands in for a CUDA tensor (select reads .device, the stand-in modules .shape)."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, *shape):
+        self.shape = shape
+
+
+def _op(monkeypatch, runs=("reference",), **dims):
+    """An op whose triton / cuda modules cover the last dims given, and whose backends in ``runs``
+    (only those) can run on any device."""
+    op = Op("cover_op", {b: "transfusion_kernels.attention.reference" for b in BACKENDS})
+    for b in ("triton", "cuda"):
+        op._modules[b] = _Covers(b, dims.get(b, ()))
+
+    def info(name, device):
+        return tk_backends.BackendInfo(name, name in runs, "stand-in")
+
+    monkeypatch.setattr(tk_backends, "backend_info", info)
+    monkeypatch.setattr(tk_backends, "WARNED", set())
+    return op
+
+
 def test_precedence(monkeypatch):
+    op = _op(monkeypatch)
+    x = torch.zeros(2, 8)
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert OP.resolve(None, CPU) == "reference"  # auto on the CPU
+    assert select(op, None, x) == "reference"  # auto on the CPU
     monkeypatch.setenv(ENV_VAR, "reference")
-    assert OP.resolve(None, CPU) == "reference"
+    assert select(op, None, x) == "reference"
     monkeypatch.setenv(ENV_VAR, "cuda")
     with pytest.raises(tk.BackendUnavailableError, match="cuda"):
-        OP.resolve(None, CPU)
+        select(op, None, x)
     with tk.use_backend("reference"):  # the block wins over the environment
-        assert OP.resolve(None, CPU) == "reference"
+        assert select(op, None, x) == "reference"
         with tk.use_backend("auto"):
-            assert OP.resolve(None, CPU) == "reference"
+            assert select(op, None, x) == "reference"
         with pytest.raises(tk.BackendUnavailableError):
-            OP.resolve("cuda", CPU)  # the argument wins over the block
+            select(op, "cuda", x)  # the argument wins over the block
     with pytest.raises(tk.BackendUnavailableError):
-        OP.resolve(None, CPU)  # the block ended: the environment again
+        select(op, None, x)  # the block ended: the environment again
 
 
-def test_unknown_names():
+def test_unknown_names(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
-        OP.resolve("fast", CPU)
+        select(_op(monkeypatch), "fast", torch.zeros(2))
     with pytest.raises(ValueError, match="unknown backend"):
         with tk.use_backend("fast"):
             pass
     partial = Op("partial_op", {"reference": "transfusion_kernels.attention.reference"})
-    with pytest.raises(tk.BackendUnavailableError, match="no 'triton' implementation"):
-        partial.resolve("triton", CPU)
+    with pytest.raises(tk.BackendUnavailableError, match="'triton' is not implemented for partial_op"):
+        select(partial, "triton", torch.zeros(2))
 
 
 def test_unavailable_error_says_why_and_what_to_do(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    op = Op("demo_op", {b: "transfusion_kernels.attention.reference" for b in BACKENDS})
     with pytest.raises(tk.BackendUnavailableError, match="TRITON_INTERPRET=1.*backend='auto'"):
-        OP.resolve("triton", CPU)
-    with pytest.raises(tk.BackendUnavailableError, match="cuda.*cannot run here"):
-        OP.resolve("cuda", CPU)
+        select(op, "triton", torch.zeros(2))
+    with pytest.raises(tk.BackendUnavailableError, match="'cuda' cannot run here"):
+        select(op, "cuda", torch.zeros(2))
 
 
 def test_available_backends_reports_reasons(monkeypatch):
@@ -71,69 +109,165 @@ def test_dispatch_through_a_real_op(monkeypatch):
         tk.hybrid_attention(q, q, q, mask)
 
 
-# ---- select: coverage and the fallback chain, the same for every op ------------------------
-class _Covers:
-    """A stand-in backend module: covers inputs whose last dim is in ``dims``."""
-
-    def __init__(self, name, dims):
-        self.name, self.dims = name, dims
-
-    def supports(self, x):
-        return None if x.shape[-1] in self.dims else f"last dim {x.shape[-1]} ({self.name})"
-
-
-def _op(monkeypatch, runs=("reference", "triton", "cuda"), **dims):
-    op = Op("cover_op", {b: "transfusion_kernels.attention.reference" for b in BACKENDS})
-    for b in ("triton", "cuda"):
-        op._modules[b] = _Covers(b, dims.get(b, ()))
-    monkeypatch.setattr(op, "runs", lambda b, device: b in runs)
-    monkeypatch.setattr(tk_backends, "WARNED", set())
-    return op
-
-
-def _resolving_to(op, monkeypatch, name):
-    monkeypatch.setattr(op, "resolve", lambda backend, device: name)
-
-
-def test_select_covered_runs_as_asked(monkeypatch):
-    op = _op(monkeypatch, triton=(8,), cuda=(8,))
-    _resolving_to(op, monkeypatch, "cuda")
+# ---- strict dispatch: a named backend runs or raises; only "auto" chooses ------------------
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_a_named_backend_that_does_not_cover_the_inputs_raises(monkeypatch, name):
+    op = _op(monkeypatch, runs=BACKENDS, triton=(8,), cuda=(8,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert select(op, "cuda", torch.zeros(2, 8)) == "cuda"
+        assert select(op, name, torch.zeros(2, 8)) == name
+    with pytest.raises(tk.BackendUnavailableError, match=rf"^cover_op: backend '{name}' does not cover these inputs: "
+                                                         rf"last dim 16 \({name}\)\. Use backend='auto'"):
+        select(op, name, torch.zeros(2, 16))
+    with tk.use_backend(name), pytest.raises(tk.BackendUnavailableError, match="last dim 16"):
+        select(op, None, torch.zeros(2, 16))  # named by the block: as strict
 
 
-def test_select_falls_back_down_the_chain_once_per_reason(monkeypatch):
-    op = _op(monkeypatch, triton=(8, 16), cuda=(8,))
-    _resolving_to(op, monkeypatch, "cuda")
-    with pytest.warns(UserWarning, match=r"^transfusion_kernels fallback: cover_op on backend 'cuda' does not "
-                                         r"support last dim 16 \(cuda\); running on 'triton' instead$"):
-        assert select(op, "cuda", torch.zeros(2, 16)) == "triton"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same (op, backend, reason): silent
-        assert select(op, "cuda", torch.zeros(2, 16)) == "triton"
-    with pytest.warns(UserWarning, match="last dim 32 \\(cuda\\); running on 'reference'"):
-        assert select(op, "cuda", torch.zeros(2, 32)) == "reference"  # triton does not cover 32 either
-
-
-def test_select_skips_a_backend_that_cannot_run(monkeypatch):
-    op = _op(monkeypatch, runs=("reference", "cuda"), triton=(16,), cuda=(8,))
-    _resolving_to(op, monkeypatch, "cuda")
-    with pytest.warns(UserWarning, match="running on 'reference'"):
-        assert select(op, "cuda", torch.zeros(2, 16)) == "reference"
-
-
-def test_select_auto_tries_triton_then_cuda_and_warns_only_on_the_reference(monkeypatch):
+def test_auto_on_a_gpu_tries_triton_then_cuda_then_the_reference(monkeypatch):
     assert AUTO_ORDER == ("triton", "cuda")
-    op = _op(monkeypatch, triton=(8,), cuda=(8, 16))
-    _resolving_to(op, monkeypatch, "triton")  # what auto resolves to on a GPU with both
+    op = _op(monkeypatch, runs=BACKENDS, triton=(8,), cuda=(8, 16))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert select(op, "auto", torch.zeros(2, 8)) == "triton"
-        assert select(op, "auto", torch.zeros(2, 16)) == "cuda"  # quietly: a kernel still runs
-    with pytest.warns(UserWarning, match="cover_op on backend 'triton' does not support last dim 32 "
-                                         r"\(triton\); running on 'reference'"):
-        assert select(op, "auto", torch.zeros(2, 32)) == "reference"
+        assert select(op, "auto", _OnGPU(2, 8)) == "triton"
+        assert select(op, "auto", _OnGPU(2, 16)) == "cuda"  # quietly: a kernel still runs
+    with pytest.warns(UserWarning, match=r"cover_op: backend 'auto' runs on 'reference';  triton does not cover "
+                                         r"these inputs: last dim 32 \(triton\);  cuda does not cover"):
+        assert select(op, "auto", _OnGPU(2, 32)) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same op and reasons: warned once
+        assert select(op, "auto", _OnGPU(2, 32)) == "reference"
+
+
+def test_auto_skips_a_backend_that_cannot_run(monkeypatch):
+    op = _op(monkeypatch, runs=("reference", "cuda"), triton=(8,), cuda=(8,))
+    assert select(op, "auto", _OnGPU(2, 8)) == "cuda"
+
+
+def test_auto_on_the_cpu_is_the_reference_without_a_warning(monkeypatch):
+    op = _op(monkeypatch, runs=BACKENDS, triton=(8,), cuda=(8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select(op, "auto", torch.zeros(2, 8)) == "reference"
+
+
+def test_explain_says_what_runs_and_why_without_running_it(monkeypatch):
+    mask = tk.HybridMask.causal(torch.tensor([0, 4], dtype=torch.int32))
+    q = torch.randn(4, 1, 8)
+    calls = []
+    monkeypatch.setattr(tk_backends.Op, "module", lambda self, b: calls.append(b))  # a kernel would call it
+    choice = tk.explain("hybrid_attention", q, q, q, mask)
+    assert (choice.op, choice.requested, choice.backend, choice.passed_over) == ("hybrid_attention", "auto",
+                                                                                 "reference", ())
+    assert str(choice) == "hybrid_attention: backend 'auto' runs on 'reference'"
+    choice = tk.explain(tk.hybrid_attention, q, q, q, mask, backend="cuda")
+    assert choice.backend is None and choice.passed_over[0][0] == "cuda"
+    assert "raises BackendUnavailableError" in str(choice) and "cannot run here" in str(choice)
+    x = torch.randn(2, 4)
+    assert tk.explain("add_noise", x, 3, tk.DiffusionSchedule()).op == "diffusion_affine_step"
+    assert calls == []
+    with pytest.raises(ValueError, match="unknown op 'attention'"):
+        tk.explain("attention", q)
+
+
+def test_debug_log_says_what_ran(caplog):
+    x = torch.randn(2, 4)
+    with caplog.at_level(logging.DEBUG, logger="transfusion_kernels"):
+        tk.add_noise(x, 3, tk.DiffusionSchedule(), seed=0, backend="reference")
+    assert "diffusion_affine_step: backend 'reference' runs on 'reference'" in caplog.text
+
+
+# ---- compute capabilities against the extension's archs -----------------------------------
+DEFAULT_BUILD = ("sm_80+PTX", "sm_90a")
+CAPABILITIES = {"sm_75": (7, 5), "sm_80": (8, 0), "sm_89": (8, 9), "sm_90": (9, 0), "sm_100": (10, 0),
+                "sm_120": (12, 0)}
+# (archs the extension was built for, GPU) -> (triton runs, cuda runs)
+TABLE = {
+    (DEFAULT_BUILD, "sm_75"): (False, False),
+    (DEFAULT_BUILD, "sm_80"): (True, True),
+    (DEFAULT_BUILD, "sm_89"): (True, True),  # sm_80 SASS runs on 8.x
+    (DEFAULT_BUILD, "sm_90"): (True, True),
+    (DEFAULT_BUILD, "sm_100"): (True, True),  # compute_80 PTX, JIT-compiled by the driver
+    (DEFAULT_BUILD, "sm_120"): (True, True),
+    (("sm_80", "sm_90a"), "sm_89"): (True, True),
+    (("sm_80", "sm_90a"), "sm_100"): (True, False),  # no PTX: no kernel image for Blackwell
+    (("sm_80", "sm_90a"), "sm_120"): (True, False),
+    (("sm_90a",), "sm_80"): (True, False),
+    (("sm_90a",), "sm_90"): (True, True),
+    (("sm_90",), "sm_90"): (True, True),  # sm_90 SASS: the mma.sync kernels (attention's wgmma path needs sm_90a)
+    (("sm_90",), "sm_100"): (True, False),
+}
+
+
+@pytest.mark.parametrize("archs,gpu", sorted(TABLE), ids=[f"{'+'.join(a)}-on-{g}" for a, g in sorted(TABLE)])
+def test_capability_table_with_faked_devices(monkeypatch, archs, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tk_backends, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(tk_backends, "load_extension", lambda: (object(), None))
+    monkeypatch.setattr(tk_backends, "_cuda_status", lambda: {"device_count": 1, "error": ""})
+    monkeypatch.setattr(tk_backends, "extension_archs", lambda: archs)
+    monkeypatch.setattr(tk_backends, "device_capability", lambda index: CAPABILITIES[gpu])
+    info = tk.available_backends(torch.device("cuda", 0))
+    assert (info["triton"].available, info["cuda"].available) == TABLE[archs, gpu], info
+    assert info["reference"].available
+    if not info["cuda"].available:
+        assert gpu in info["cuda"].reason
+        assert ("compute capability 8.0 or newer" if gpu == "sm_75" else f"built for {', '.join(archs)}") in info["cuda"].reason
+    if not info["triton"].available:
+        assert "compute capability 8.0 or newer" in info["triton"].reason
+
+
+@pytest.mark.parametrize("arch,capability,runs", [
+    ("sm_80", (8, 0), True), ("sm_80", (8, 6), True), ("sm_80", (9, 0), False), ("sm_86", (8, 0), False),
+    ("sm_90a", (9, 0), True), ("sm_90a", (10, 0), False), ("sm_80+PTX", (12, 0), True), ("sm_90+PTX", (8, 9), False),
+    ("sm_100", (10, 3), True), ("sm_120", (12, 0), True), ("compute_80", (8, 0), False),
+])
+def test_arch_runs_on(arch, capability, runs):
+    assert tk_backends._arch_runs_on(arch, capability) is runs
+
+
+# ---- per thread, and traced by torch.compile -------------------------------------------------
+def test_use_backend_is_per_thread(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def other():
+        with tk.use_backend("triton"):
+            seen["other, inside its block"] = tk_backends.requested_backend()
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=other)
+    with tk.use_backend("reference"):
+        t.start()
+        assert inside.wait(10)
+        seen["main, during the other's block"] = tk_backends.requested_backend()
+        done.set()
+        t.join(10)
+    assert seen == {"other, inside its block": "triton", "main, during the other's block": "reference"}
+    assert tk_backends.requested_backend() == "auto"
+
+
+def test_use_backend_traces_under_fullgraph_compile(monkeypatch):
+    """The block is read (and guarded on) inside a fullgraph-compiled function: a block naming a
+    backend that cannot run here raises in the compiled call as in eager mode."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    sched = tk.DiffusionSchedule()
+
+    def f(x0, t):
+        return tk.add_noise(x0, t, sched, seed=7)[0]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x0, t = torch.randn(3, 8), torch.tensor([1, 10, 100])
+    with tk.use_backend("reference"):
+        torch.testing.assert_close(compiled(x0, t), f(x0, t), rtol=0, atol=0)
+    with tk.use_backend("cuda"), pytest.raises(Exception) as raised:  # noqa: PT011
+        compiled(x0, t)
+    # fullgraph: dynamo reports the traced raise as Unsupported, caused by the op's error
+    chain = [raised.value, raised.value.__cause__]
+    assert any(isinstance(e, tk.BackendUnavailableError) or "BackendUnavailableError" in type(e).__name__
+               for e in chain), chain
+    assert "'cuda' cannot run here" in " ".join(str(e) for e in chain)
 
 
 def test_every_kernel_backend_module_declares_its_coverage():

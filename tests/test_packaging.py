@@ -162,6 +162,42 @@ def test_build_cuda_other_values_are_refused(tmp_path):
     assert r.returncode != 0 and "TRANSFUSION_BUILD_CUDA must be 0 or 1, got 'maybe'" in r.stderr
 
 
+@pytest.mark.parametrize("archs,gencode", [
+    ("80+PTX;90a", ["arch=compute_80,code=sm_80", "arch=compute_80,code=compute_80", "arch=compute_90a,code=sm_90a"]),
+    ("90", ["arch=compute_90,code=sm_90"]),
+])
+def test_cmake_targets_embed_ptx_where_asked(tmp_path, archs, gencode):
+    """The default targets embed compute_80 PTX (newer GPUs run the mma.sync kernels) beside the
+    sm_80 and sm_90a SASS; the build info names them as the backends read them."""
+    import shutil
+
+    import pybind11
+
+    from benchmarks.toolchain import find_nvcc
+
+    if find_nvcc() is None or shutil.which("cmake") is None or shutil.which("ninja") is None:
+        pytest.skip("configuring the CUDA build needs nvcc, cmake and ninja")
+    build = tmp_path / "cmake"
+    r = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DTK_CUDA_ARCHS={archs}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    commands = subprocess.run(["ninja", "-C", str(build), "-t", "commands"], capture_output=True, text=True).stdout
+    kernel = next(line for line in commands.splitlines() if "timestep.cu" in line and "-gencode" in line)
+    assert sorted(re.findall(r"-gencode=(\S+)", kernel)) == sorted(gencode)
+    assert f'TK_CUDA_ARCHS=\\"{archs.replace(";", ",")}\\"' in commands
+
+
+def test_cmake_refuses_an_unknown_target(tmp_path):
+    import shutil
+
+    if shutil.which("cmake") is None:
+        pytest.skip("needs cmake")
+    r = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "cmake"), "-G", "Ninja", "-DTK_CUDA_ARCHS=90a+PTX"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "'90a+PTX' is not a target such as 80, 90a or 80+PTX" in r.stdout + r.stderr
+
+
 # ---- what the install reports ----------------------------------------------------------------
 def test_build_info_and_version_show_the_record(monkeypatch, capsys):
     import transfusion_kernels as tk

@@ -1,12 +1,14 @@
 """transfusion-kernels: fused kernels for Transfusion-style multimodal models.
 
 Every op has a readable PyTorch ``reference`` backend and fast ``triton`` / ``cuda`` backends,
-chosen per call (``backend=``), per block (``use_backend``) or per process
-(``TRANSFUSION_KERNELS_BACKEND``).
+chosen per call (``backend=``), per block and thread (``use_backend``) or per process
+(``TRANSFUSION_KERNELS_BACKEND``). A named backend runs or raises ``BackendUnavailableError``;
+``"auto"`` chooses, and ``explain`` says what it chose and why.
 """
 from transfusion_kernels.backends import (
     BackendUnavailableError,
     available_backends,
+    explain,
     use_backend,
 )
 from transfusion_kernels.masks import HybridMask
@@ -53,6 +55,7 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
+    "explain",
     "flow_add_noise",
     "flow_euler_step",
     "flow_loss",

@@ -1,9 +1,19 @@
 """Backend selection: which implementation of an op runs, for every op.
 
-Precedence: the op's ``backend=`` argument, then the innermost ``use_backend(...)`` block, then
-the environment variable ``TRANSFUSION_KERNELS_BACKEND``, then ``"auto"``. ``"auto"`` picks the
-first backend of ``AUTO_ORDER`` that can run on the tensors' device and covers the inputs; the
-reference on the CPU (the Triton interpreter is for tests, not for speed).
+Precedence: the op's ``backend=`` argument, then the innermost ``use_backend(...)`` block of
+this thread, then the environment variable ``TRANSFUSION_KERNELS_BACKEND``, then ``"auto"``.
+
+Strict: a named backend runs, or :class:`BackendUnavailableError` says why it cannot (not built,
+not importable, the wrong device, a GPU it has no code for, inputs its kernels do not cover).
+Only ``"auto"`` chooses: on a GPU the first backend of ``AUTO_ORDER`` that can run there and
+covers the inputs, else the reference; on the CPU the reference (the Triton interpreter is for
+tests, not for speed). :func:`explain` (``tk.explain``) and the ``transfusion_kernels`` logger at
+DEBUG level say what was chosen and why.
+
+Each kernel backend declares the compute capabilities it runs on (``MIN_CAPABILITY``); the cuda
+backend also needs code for the device in the extension, checked against the archs it was built
+for (``build_info()["archs"]``: ``sm_80`` SASS runs on 8.x, ``sm_90a`` only on 9.0, ``+PTX``
+on that capability and every newer one).
 
 Each op registers its implementations by module path, so a backend's module (and its heavy
 imports: triton, the compiled extension) is only imported when that backend is first selected.
@@ -19,9 +29,12 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
+import re
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,8 +43,10 @@ ENV_VAR = "TRANSFUSION_KERNELS_BACKEND"
 EXTENSION = "transfusion_kernels._C"
 # What "auto" tries on a GPU: triton first until a GPU run has validated and timed the CUDA kernels.
 AUTO_ORDER = ("triton", "cuda")
-# Where a requested backend's uncovered inputs go: the next one here that can run and covers them.
-FALLBACK_ORDER = ("cuda", "triton", "reference")
+# The lowest compute capability each kernel backend runs on: both use bf16 tensor-core mma
+# (mma.sync in CUDA C++, tl.dot in Triton), which Ampere (8.0) introduced.
+MIN_CAPABILITY = {"triton": (8, 0), "cuda": (8, 0)}
+_LOG = logging.getLogger("transfusion_kernels")
 
 
 def _once(probe):
@@ -144,6 +159,49 @@ def _cuda_status() -> dict:
     return dict(ext.cuda_status())
 
 
+@_constant
+def device_capability(index: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device ``index``."""
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+@_constant
+def extension_archs() -> tuple[str, ...]:
+    """The archs the loaded extension holds code for, e.g. ("sm_80+PTX", "sm_90a")."""
+    ext, _ = load_extension()
+    return tuple(ext.build_info()["archs"])
+
+
+def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``arch`` ("sm_80", "sm_90a", "sm_80+PTX", "sm_120") runs on a device
+    of ``capability``: SASS on the same major version at an equal or higher minor, arch-specific
+    SASS (the "a" targets) on that capability only, PTX on that capability and every newer one."""
+    m = re.fullmatch(r"sm_(\d+)(\d)(a?)(\+PTX)?", arch)
+    if m is None:
+        return False
+    built = (int(m[1]), int(m[2]))
+    if m[4]:
+        return capability >= built
+    if m[3]:
+        return capability == built
+    return capability[0] == built[0] and capability[1] >= built[1]
+
+
+def _capability_reason(name: str, capability: tuple[int, int]) -> str | None:
+    """Why backend ``name`` cannot run on a device of ``capability`` (None when it can)."""
+    sm = f"sm_{capability[0]}{capability[1]}"
+    lowest = MIN_CAPABILITY[name]
+    if capability < lowest:
+        return (f"the {name} kernels need compute capability {lowest[0]}.{lowest[1]} or newer (bf16 tensor cores); "
+                f"this GPU is {sm}: use backend='reference' or 'auto'")
+    if name == "cuda":
+        archs = extension_archs()
+        if not any(_arch_runs_on(a, capability) for a in archs):
+            return (f"the extension has no code for {sm} (built for {', '.join(archs)}); rebuild it with "
+                    f"TRANSFUSION_CUDA_ARCHS including {capability[0]}{capability[1]} or 80+PTX: pip install -e .")
+    return None
+
+
 def backend_info(name: str, device: torch.device) -> BackendInfo:
     """Whether backend ``name`` can run on ``device`` here, and why (not)."""
     if name == "reference":
@@ -153,6 +211,10 @@ def backend_info(name: str, device: torch.device) -> BackendInfo:
         if err:
             return BackendInfo(name, False, err)
         if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            why = _capability_reason(name, device_capability(index))
+            if why:
+                return BackendInfo(name, False, why)
             return BackendInfo(name, True, "triton kernels on the GPU")
         if device.type == "cpu" and triton_interpret():
             return BackendInfo(name, True, "triton interpreter on the CPU (TRITON_INTERPRET=1; slow, for tests)")
@@ -172,6 +234,10 @@ def backend_info(name: str, device: torch.device) -> BackendInfo:
             # The extension's statically linked runtime may need a newer driver than torch's.
             return BackendInfo(name, False, f"the extension sees no CUDA device ({status['error']}); "
                                "update the NVIDIA driver or rebuild with a matching CUDA toolkit")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        why = _capability_reason(name, device_capability(index))
+        if why:
+            return BackendInfo(name, False, why)
         return BackendInfo(name, True, "compiled CUDA C++ kernels")
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
 
@@ -185,19 +251,30 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, Ba
     return {name: backend_info(name, device) for name in BACKENDS}
 
 
-# A plain list (not a ContextVar) so torch.compile can trace the lookup without a graph break.
-_STACK: list[str] = []
+# Per thread: the use_backend() blocks, innermost last, and an explain() in progress.
+# threading.local, not a ContextVar: torch.compile (2.13) cannot trace ContextVar.get() (a graph
+# break), while it reads and guards on this.
+_LOCAL = threading.local()
+
+
+def _stack() -> list[str]:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the block on backend ``name`` ("reference", "triton", "cuda", "auto")."""
+    """Run the ops inside the block on backend ``name`` ("reference", "triton", "cuda", "auto");
+    this thread only."""
     _check_name(name)
-    _STACK.append(name)
+    stack = _stack()
+    stack.append(name)
     try:
         yield
     finally:
-        _STACK.pop()
+        stack.pop()
 
 
 def _check_name(name: str) -> None:
@@ -206,10 +283,11 @@ def _check_name(name: str) -> None:
 
 
 def requested_backend(backend: str | None = None) -> str:
+    stack = _stack()
     if backend is not None:
         name = backend
-    elif _STACK:
-        name = _STACK[-1]
+    elif stack:
+        name = stack[-1]
     else:
         name = os.environ.get(ENV_VAR, "").strip() or "auto"
     _check_name(name)
@@ -236,33 +314,21 @@ class Op:
         self.impls = impls
         self.covers = covers
         self._modules: dict[str, object] = {}
-        _OPS.append(self)
 
     def has(self, backend: str) -> bool:
         """Whether this op has an implementation for ``backend`` (its module exists)."""
         return backend in self.impls and _module_exists(self.impls[backend])
 
-    def runs(self, backend: str, device: torch.device) -> bool:
-        return self.has(backend) and backend_info(backend, device).available
-
-    def resolve(self, backend: str | None, device: torch.device) -> str:
-        """The backend a request names, checked to run on ``device`` (coverage aside)."""
-        name = requested_backend(backend)
-        if name == "auto":
-            return next((c for c in AUTO_ORDER if device.type == "cuda" and self.runs(c, device)), "reference")
-        if not self.has(name):
+    def why_not(self, backend: str, device: torch.device, *inputs) -> str | None:
+        """Why ``backend`` cannot run this op on ``inputs`` on ``device`` (None when it can)."""
+        if not self.has(backend):
             have = ", ".join(b for b in self.impls if self.has(b))
-            raise BackendUnavailableError(
-                f"{self.name} has no {name!r} implementation (it has: {have}); "
-                f"pass backend='reference' or backend='auto'"
-            )
-        info = backend_info(name, device)
+            return f"is not implemented for {self.name} (it has: {have})"
+        info = backend_info(backend, device)
         if not info.available:
-            raise BackendUnavailableError(
-                f"{self.name}: backend {name!r} cannot run here: {info.reason}. "
-                f"Use backend='auto' or 'reference' (argument, tk.use_backend, or {ENV_VAR})."
-            )
-        return name
+            return f"cannot run here: {info.reason}"
+        reason = self.not_covered(backend, *inputs)
+        return None if reason is None else f"does not cover these inputs: {reason}"
 
     def not_covered(self, backend: str, *inputs) -> str | None:
         """Why ``backend``'s kernels do not cover ``inputs`` (None when they do)."""
@@ -281,37 +347,95 @@ def _import(path: str):
     return importlib.import_module(path)
 
 
-_OPS: list[Op] = []
-WARNED: set[tuple[str, str, str]] = set()  # (op, backend, reason) already warned about in this process
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`select` decided for one call: the backend that runs (None: the requested one
+    cannot, and the call raises BackendUnavailableError) and the backends passed over, with why."""
+
+    op: str
+    requested: str
+    backend: str | None
+    passed_over: tuple[tuple[str, str], ...] = field(default=())
+
+    def __str__(self) -> str:
+        ran = f"runs on {self.backend!r}" if self.backend else "raises BackendUnavailableError"
+        lines = [f"{self.op}: backend {self.requested!r} {ran}"]
+        lines += [f"  {name} {why}" for name, why in self.passed_over]
+        return "\n".join(lines)
 
 
-def _warn_fallback(op: str, backend: str, reason: str, used: str) -> None:
-    key = (op, backend, reason)
-    if key in WARNED or torch.compiler.is_compiling():
-        return
-    WARNED.add(key)
-    warnings.warn(f"transfusion_kernels fallback: {op} on backend {backend!r} does not support {reason}; "
-                  f"running on {used!r} instead", stacklevel=4)
+class _Explained(BaseException):
+    """Carries the Choice out of the op that explain() calls (no kernel runs). A BaseException,
+    so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, choice: Choice):
+        super().__init__(choice)
+        self.choice = choice
+
+
+WARNED: set[tuple[str, str]] = set()  # (op, reasons) whose GPU "auto" run on the reference warned
+
+
+def _decided(choice: Choice) -> str | None:
+    """Report ``choice`` (explain, the debug log, the one warning) and return its backend."""
+    if not torch.compiler.is_compiling():
+        if getattr(_LOCAL, "explaining", False):
+            raise _Explained(choice)
+        if _LOG.isEnabledFor(logging.DEBUG):
+            _LOG.debug("%s", choice)
+        if choice.backend == "reference" and choice.passed_over and (choice.op, choice.passed_over) not in WARNED:
+            # "auto" on a GPU without a kernel for these inputs: a slow run users should hear of
+            WARNED.add((choice.op, choice.passed_over))
+            warnings.warn(f"transfusion_kernels fallback: {choice}".replace("\n", ";"), stacklevel=4)
+    return choice.backend
 
 
 def select(op: Op, requested: str | None, *inputs) -> str:
     """The backend that runs ``op`` on ``inputs`` (the first is a tensor on the op's device).
 
-    Resolve the request (unknown or unavailable: BackendUnavailableError); if that backend's
-    kernels do not cover the inputs, take the next one that can run here and covers them:
-    ``FALLBACK_ORDER`` after a requested backend, ``AUTO_ORDER`` then the reference under
-    "auto". One warning per (op, backend, reason) and process, under "auto" only when the run
-    ends on the reference."""
+    A named backend runs, or BackendUnavailableError says why it cannot: no implementation, it
+    cannot run on this device (not built, not importable, no code for this GPU), or its kernels
+    do not cover the inputs. "auto" takes the first backend of ``AUTO_ORDER`` that can run here
+    and covers the inputs on a GPU, else the reference (one warning per op and reasons when a GPU
+    run ends there); on the CPU the reference."""
     device = inputs[0].device
-    name = op.resolve(requested, device)
-    reason = op.not_covered(name, *inputs)
-    if reason is None:
-        return name
-    auto = requested_backend(requested) == "auto"
-    order = AUTO_ORDER + ("reference",) if auto else FALLBACK_ORDER
-    used = next(c for c in order[order.index(name) + 1:]
-                if c == "reference" or (op.runs(c, device) and op.not_covered(c, *inputs) is None))
-    if not auto or used == "reference":
-        _warn_fallback(op.name, name, reason, used)
-    return used
+    name = requested_backend(requested)
+    if name != "auto":
+        why = op.why_not(name, device, *inputs)
+        if why is None:
+            return _decided(Choice(op.name, name, name))
+        _decided(Choice(op.name, name, None, ((name, why),)))
+        raise BackendUnavailableError(
+            f"{op.name}: backend {name!r} {why}. Use backend='auto' to let the package choose, or "
+            f"'reference' (argument, tk.use_backend, or {ENV_VAR})."
+        )
+    passed_over = []
+    for candidate in AUTO_ORDER if device.type == "cuda" else ():
+        why = op.why_not(candidate, device, *inputs)
+        if why is None:
+            return _decided(Choice(op.name, name, candidate, tuple(passed_over)))
+        passed_over.append((candidate, why))
+    return _decided(Choice(op.name, name, "reference", tuple(passed_over)))
 
+
+def explain(op, *args, **kwargs) -> Choice:
+    """Which backend ``op(*args, **kwargs)`` would run on, and why the others would not, without
+    running it. ``op`` is a public op (``tk.hybrid_attention``, ``tk.ddpm_step``, ...) or its name::
+
+        print(tk.explain("hybrid_attention", q, k, v, mask, backend="auto"))
+    """
+    fn = op
+    if isinstance(op, str):
+        import transfusion_kernels
+
+        fn = getattr(transfusion_kernels, op, None) if op in transfusion_kernels.__all__ else None
+        if not callable(fn):
+            raise ValueError(f"explain: unknown op {op!r}; pass a public op such as tk.hybrid_attention or its name")
+    _LOCAL.explaining = True
+    try:
+        fn(*args, **kwargs)
+    except _Explained as e:
+        return e.choice
+    finally:
+        _LOCAL.explaining = False
+    raise ValueError(f"explain: {getattr(fn, '__name__', fn)!r} chose no backend (it is not a kernel op)")
