@@ -9,7 +9,7 @@ emulation error (race, protocol), a reported deadlock or a timeout. A surviving 
 dead code on hardware too or a behaviour the emulator does not model: both need a look.
 
     python scripts/sync_mutants.py --list
-    python scripts/sync_mutants.py [--sample K --seed S | --shard I/N] [--json out.json] [--markdown out.md]
+    python scripts/sync_mutants.py [--sample K --seed S | --shard I/N | --site REGEX] [--json out.json] [--markdown out.md]
 
 Exit status 1 when a site survives (or its kernel has no emulation mode; a KNOWN_GAPS one too),
 or a call listed in SCHEDULING_ONLY is caught.
@@ -31,9 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRIMITIVES = ("mbar_wait", "mbar_arrive", "mbar_expect_tx", "wgmma_wait", "wgmma_commit", "wgmma_fence",
-              "fence_proxy_async", "fence_operands", "__syncthreads", "named_bar_sync", "named_bar_arrive",
-              "cp_async_wait", "cp_async_commit", "tma_store_wait", "__syncwarp")
+PRIMITIVES = ("mbar_wait", "mbar_arrive", "mbar_expect_tx", "mbar_fence_init", "wgmma_wait", "wgmma_commit",
+              "wgmma_fence", "fence_proxy_async", "fence_operands", "__syncthreads", "named_bar_sync",
+              "named_bar_arrive", "cp_async_wait", "cp_async_commit", "tma_store_commit", "tma_store_wait",
+              "__syncwarp")
 CALL = re.compile(r"\b(?:\w+::)*(" + "|".join(PRIMITIVES) + r")\s*(?:<[^<>;()]*>)?\s*\(")
 
 # Cases run against each mutant, in order (the first failure catches it), and the schedules. A
@@ -100,7 +101,9 @@ def mutate(text: str, site: Site) -> str:
     return text[:site.start] + "(void)0" + text[site.end:]
 
 
-def select(sites: list[Site], sample: int | None, seed: int, shard: str | None) -> list[Site]:
+def select(sites: list[Site], sample: int | None, seed: int, shard: str | None, site: str | None = None) -> list[Site]:
+    if site:
+        return [s for s in sites if re.search(site, f"{s.where}\t{s.call}\t{s.text}")]
     if shard:
         i, n = map(int, shard.split("/"))
         return sites[i % n::n]
@@ -229,6 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=int, help="test K sites drawn with --seed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard", help="I/N: every N-th site from the I-th (a rotation over N runs covers all)")
+    ap.add_argument("--site", help="regex on 'file:line<TAB>call<TAB>source line' (as --list prints): those sites only")
     ap.add_argument("--cases", default=",".join(CASES), help="emulation cases, in the order tried")
     ap.add_argument("--schedules", default=",".join(map(str, SCHEDULES)), help="EMU_SEED values")
     ap.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per emulation run")
@@ -242,7 +246,9 @@ def main(argv=None) -> int:
         for s in sites:
             print(f"{s.where}\t{s.call}\t{s.text}")
         return 0
-    chosen = select(sites, args.sample, args.seed, args.shard)
+    chosen = select(sites, args.sample, args.seed, args.shard, args.site)
+    if not chosen:
+        ap.error(f"no call site matches --site {args.site!r} (see --list)")
     results = run(chosen, args.cases.split(","), [int(s) for s in args.schedules.split(",")], args.timeout, args.jobs,
                   sys.stderr)
     table = markdown(results)

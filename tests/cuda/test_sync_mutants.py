@@ -48,7 +48,22 @@ def test_the_daily_shards_cover_every_site():
     assert covered == {(s.file, s.line) for s in sites}
 
 
-@pytest.mark.skipif(shutil.which("g++") is None or NVCC is None, reason="needs g++ and the CUDA headers (nvcc)")
+needs_emulation = pytest.mark.skipif(shutil.which("g++") is None or NVCC is None,
+                                     reason="needs g++ and the CUDA headers (nvcc)")
+
+
+@needs_emulation
+def test_deleting_the_mbarrier_init_fence_is_caught():
+    """Without fence.mbarrier_init after the barriers' initialisation the async proxy (TMA) may not
+    see them initialised: the emulation fails the first TMA load that completes on one."""
+    fence = r"^attention_fwd_sm90\.cu:.*\tmbar_fence_init\t"
+    sites = sync_mutants.select(sync_mutants.find_sites(ROOT / "csrc"), None, 0, None, fence)
+    assert len(sites) == 1, [s.where for s in sites]
+    (row,) = sync_mutants.run(sites, ("ring-wraps-cache-d64-f16",), (1,), sync_mutants.TIMEOUT_S, 1, sys.stderr)
+    assert row["caught_by"] and "fence.mbarrier_init" in row["reason"], row
+
+
+@needs_emulation
 def test_todays_mutants_are_caught():
     sites = sync_mutants.find_sites(ROOT / "csrc")
     shard = os.environ.get("SYNC_MUTANTS_SHARD") or shard_of_day(len(sites), datetime.date.today().toordinal())

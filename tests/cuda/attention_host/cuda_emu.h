@@ -22,7 +22,9 @@
 //   mbarriers. PTX phases: pending arrivals and a transaction count; a phase completes when both
 //   reach zero; a wait with parity p returns once the phase of parity p has completed; an arrival
 //   beyond the count in a phase fails; a thread other than the initialising one may use an
-//   mbarrier only after a barrier (bar.sync) that followed its initialisation.
+//   mbarrier only after a barrier (bar.sync) that followed its initialisation, and a TMA load
+//   may complete on it only after the initialising thread's fence.mbarrier_init (or
+//   fence.proxy.async) made the initialisation visible to the async proxy.
 //   TMA. A load makes its destination NaN in both views at issue and lands (data, then complete_tx
 //   on its mbarrier) out of order at a later synchronisation call of any thread, at the latest
 //   when a thread waits on that mbarrier. Stores read the async view at the tma_store_wait that
@@ -111,6 +113,7 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, b
 
 // sm_90a: mbarriers, TMA, proxy fence, wgmma
 void mbar_init(uint64_t* bar, uint32_t count);
+void mbar_fence_init();
 void mbar_expect_tx(uint64_t* bar, uint32_t bytes);
 void mbar_arrive(uint64_t* bar);
 void mbar_wait(uint64_t* bar, uint32_t parity);

@@ -244,6 +244,9 @@ struct MBarrier {
   int64_t tx = 0;
   int init_thread = 0;
   uint64_t init_syncs = 0;  // barrier completions before the initialisation
+  // The initialisation is a generic-proxy write: TMA (the async proxy) may complete transactions
+  // on the barrier only after the initialising thread's fence.mbarrier_init or fence.proxy.async.
+  bool async_visible = false;
 };
 // Barrier (bar.sync) completions in this block, and per thread the count as of the last one it
 // passed: an mbarrier's initialisation is visible to another thread only across a barrier.
@@ -267,6 +270,12 @@ MBarrier& mbar(const uint64_t* bar, const char* what) {
     fail("mbarrier used by another thread before a barrier made its initialisation visible");
   }
   return it->second;
+}
+
+void publish_inits_locked() {
+  for (auto& [bar, b] : g_mbars) {
+    if (b.init_thread == tl_rank) b.async_visible = true;
+  }
 }
 
 void mbar_try_complete(MBarrier& b) {
@@ -764,7 +773,14 @@ void mbar_init(uint64_t* bar, uint32_t count) {
   for (const Load& l : g_loads) {
     if (l.bar == bar) fail("mbarrier re-initialised while a TMA load completes on it");
   }
-  g_mbars[bar] = MBarrier{count, count, 0, 0, tl_rank, g_syncs};
+  g_mbars[bar] = MBarrier{count, count, 0, 0, tl_rank, g_syncs, false};
+}
+
+// fence.mbarrier_init: this thread's initialisations so far become visible to the async proxy.
+void mbar_fence_init() {
+  jitter();
+  std::lock_guard<std::mutex> lock(g_mu);
+  publish_inits_locked();
 }
 
 void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
@@ -807,7 +823,10 @@ void tma_load_3d(uint32_t dst, const void* map, int c0, int c1, int c2, uint64_t
   if (dst % 128) fail("TMA destination not 128-byte aligned");
   Load l{m, {c0, c1, c2}, dst, bar};
   std::lock_guard<std::mutex> lock(g_mu);
-  mbar(bar, "TMA load on an uninitialised mbarrier");
+  if (!mbar(bar, "TMA load on an uninitialised mbarrier").async_visible) {
+    fail("TMA load completes on an mbarrier whose initialisation no fence.mbarrier_init or fence.proxy.async of "
+         "the initialising thread made visible to the async proxy");
+  }
   for (uint32_t lin = 0; lin < box_bytes(m); lin += 2) {
     const uint32_t at = swizzle128(dst + lin);
     memset(smem_ptr(at, 2), 0xFF, 2);
@@ -858,6 +877,7 @@ void tma_store_wait(int allowed_pending) {
 void fence_proxy_async() {
   jitter();
   std::lock_guard<std::mutex> lock(g_mu);
+  publish_inits_locked();  // mbarrier initialisations are generic-proxy writes too
   memcpy(g_async + kDynamicOffset, g_arena + kDynamicOffset, g_dynamic_bytes);
   memcpy(g_async + kStaticBase, g_arena + kStaticBase, g_static_end.load() - kStaticBase);
 }

@@ -15,7 +15,7 @@ namespace tk {
 namespace sm90 {
 
 inline void mbar_init(uint64_t* bar, uint32_t count) { ::emu::mbar_init(bar, count); }
-inline void mbar_fence_init() {}
+inline void mbar_fence_init() { ::emu::mbar_fence_init(); }
 inline void mbar_expect_tx(uint64_t* bar, uint32_t bytes) { ::emu::mbar_expect_tx(bar, bytes); }
 inline void mbar_arrive(uint64_t* bar) { ::emu::mbar_arrive(bar); }
 inline void mbar_wait(uint64_t* bar, uint32_t parity) { ::emu::mbar_wait(bar, parity); }
