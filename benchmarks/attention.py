@@ -51,6 +51,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import transfusion_kernels as tk  # noqa: E402
+from transfusion_kernels.attention import plan  # noqa: E402
 from .common import (  # noqa: E402
     compile_backend, compile_fn, do_bench, flex_block_mask, markdown_table, max_error, peak_memory_mb, write_json,
 )
@@ -359,7 +360,7 @@ def main(argv=None):
     for workload in args.workloads.split(","):
         for n in (int(x) for x in args.tokens.split(",")):
             (mask, cu, spans), mask_ms = _timed_ms(lambda: build_mask(workload, n, device, doc_len, image_sizes))
-            _, tiles_ms = _timed_ms(lambda: (mask.query_tiles(128), mask.key_tiles(64)))
+            _, tiles_ms = _timed_ms(lambda: (plan.query_runs(mask, 128), plan.key_tiles(mask, 64)))
             pairs = mask.visible_pairs()
             for hq in (int(x) for x in args.heads.split(",")):
                 hkv = max(1, hq // args.gqa)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import transfusion_kernels as tk
+from transfusion_kernels.attention.plan import key_tiles, query_runs
 from .common import compiled_create_block_mask, interval_mask_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,7 +44,7 @@ def test_hybrid_mask_metadata(benchmark, n):
 
     def build():
         mask = tk.HybridMask.from_spans(cu, spans)
-        mask.query_tiles(128), mask.key_tiles(64)  # what a forward + backward pass needs
+        query_runs(mask, 128), key_tiles(mask, 64)  # what a forward + backward pass needs
         _sync()
         return mask
 

@@ -12,7 +12,7 @@ Launch orders (tile rank r, tile order[r]):
   per head (grid x = rank, y = head: every head's tiles in turn, the earlier launches)
     ``block``     order = identity (dk/dv before the tables' orders)
     ``reversed``  order = last tile first (forward and dq before the tables' orders)
-    ``heaviest``  order = masks.heaviest_first(table)
+    ``heaviest``  order = plan.heaviest_first(table)
   head fastest (block b = (rank b / heads, head b % heads): attention_fwd.cu, attention_bwd.cu)
     ``block``     no order given (nullptr)
     ``heaviest``  the order transfusion_kernels.attention.cuda passes: longest first over every
@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from transfusion_kernels.masks import heaviest_first  # noqa: E402
+from transfusion_kernels.attention.plan import heaviest_first, key_tiles, query_runs  # noqa: E402
 
 N_SMS = 132  # H100 SXM
 
@@ -94,9 +94,9 @@ def kernels(mask, hq: int, hkv: int, d: int):
     fwd_step = 64 if d <= 64 else 32  # attention_fwd.cu FwdShape::kBN
     bwd_step = 64 if d <= 64 else 32  # attention_bwd.cu DqShape::kBN / DkdvShape::kBM
     return [
-        ("fwd (mma)", mask.query_tiles(128), fwd_step, hq, 1),
-        ("dq", mask.query_tiles(64), bwd_step, hq, 1),
-        ("dk/dv", mask.key_tiles(64), bwd_step, hkv, hq // hkv),
+        ("fwd (mma)", query_runs(mask, 128).view(-1, 4), fwd_step, hq, 1),
+        ("dq", query_runs(mask, 64).view(-1, 4), bwd_step, hq, 1),
+        ("dk/dv", key_tiles(mask, 64), bwd_step, hkv, hq // hkv),
     ]
 
 

@@ -151,8 +151,8 @@ class _Check:
         from transfusion_kernels.attention import reference
 
         self.mask, self.inputs, self.scale, self.floor = mask, (q, k, v, dout), scale, FLOOR[dtype_name]
-        args = (mask.kv_start, mask.kv_end, [], [], scale)
         q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+        args = (mask.starts, mask.ends, reference.prepare(mask, q64, k64), scale)
         out, lse = reference.forward(q64, k64, v64, *args)
         self.oracle = [out, lse, *reference.backward(do64, q64, k64, v64, out, lse, *args)]
         low = _dense_same_dtype(q, k, v, dout, mask.to_dense(), scale)
@@ -176,8 +176,7 @@ class _Check:
         from transfusion_kernels.attention import triton as tkt
 
         q, k, v, dout = self.inputs
-        tables, blocks = tkt.prepare(self.mask, q, k, cfg)
-        args = (self.mask.kv_start, self.mask.kv_end, tables, blocks, self.scale)
+        args = (self.mask.starts, self.mask.ends, tkt.prepare(self.mask, q, k, cfg), self.scale)
         out, lse = tkt.forward(q, k, v, *args)
         got = [out, lse, *tkt.backward(dout, q, k, v, out, lse, *args)]
         bad = []
@@ -212,8 +211,7 @@ def _tune_key(d, dtype_name, device, args, log) -> dict:
     warmup, rep = (10, 40) if args.short else (25, 100)
 
     def time_ms(cfg, backward: bool):
-        tables, blocks = tkt.prepare(mask, q, k, cfg)
-        a = (mask.kv_start, mask.kv_end, tables, blocks, scale)
+        a = (mask.starts, mask.ends, tkt.prepare(mask, q, k, cfg), scale)
         out, lse = tkt.forward(q, k, v, *a)
         fn = (lambda: tkt.backward(dout, q, k, v, out, lse, *a)) if backward else (lambda: tkt.forward(q, k, v, *a))
         if args.dry_run:  # one call for the code path; an interpreter's time means nothing

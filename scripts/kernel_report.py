@@ -961,9 +961,9 @@ def record_triton_launches(d: int, dtype: str, capability: int):
         q = torch.empty(n, hq, d, dtype=torch_dtype)
         k = torch.empty(n, hkv, d, dtype=torch_dtype)
         v = torch.empty(n, hkv, d, dtype=torch_dtype)
-        tables, blocks = mod.prepare(mask, q, k)
-        out, lse = mod.forward(q, k, v, mask.kv_start, mask.kv_end, tables, blocks, d ** -0.5)
-        mod.backward(torch.empty_like(q), q, k, v, out, lse, mask.kv_start, mask.kv_end, tables, blocks, d ** -0.5)
+        plan = mod.prepare(mask, q, k)
+        out, lse = mod.forward(q, k, v, mask.starts, mask.ends, plan, d ** -0.5)
+        mod.backward(torch.empty_like(q), q, k, v, out, lse, mask.starts, mask.ends, plan, d ** -0.5)
     finally:
         for name, value in saved.items():
             setattr(mod, name, value)

@@ -14,6 +14,7 @@ import torch
 
 import transfusion_kernels as tk
 from transfusion_kernels import attention as tka
+from transfusion_kernels.attention import plan
 from transfusion_kernels import backends as tk_backends
 from transfusion_kernels import diffusion as tkd
 
@@ -99,8 +100,8 @@ BAD_INPUT = {
         lambda: tk.HybridMask.cached([2.5], [1]), ValueError, "cache_lens must hold integers"),
     "mask: cached total beyond int32": (
         lambda: tk.HybridMask.cached([2**31 - 1], [1]), ValueError, "does not fit in int32"),
-    "mask: tile block size": (lambda: MASK8.query_tiles(0), ValueError, "block_m must be a positive int"),
-    "mask: key tile block size": (lambda: MASK8.key_tiles(16.0), ValueError, "block_n must be a positive int"),
+    "mask: tile block size": (lambda: plan.query_runs(MASK8, 0), ValueError, "block_m must be a positive int"),
+    "mask: key tile block size": (lambda: plan.key_tiles(MASK8, 16.0), ValueError, "block_n must be a positive int"),
     # hybrid_attention
     "attention: no key/value heads": (
         attn(k=torch.randn(8, 0, 16), v=torch.randn(8, 0, 16)), ValueError, "k must have at least one head"),

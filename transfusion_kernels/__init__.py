@@ -12,7 +12,7 @@ from transfusion_kernels.backends import (
     use_backend,
 )
 from transfusion_kernels.masks import HybridMask
-from transfusion_kernels.attention import hybrid_attention
+from transfusion_kernels.attention import flex_attention, hybrid_attention
 from transfusion_kernels.timestep import TimestepMLP, patch_timestep_embedding, timestep_embedding
 from transfusion_kernels.diffusion import (
     DiffusionSchedule,
@@ -58,6 +58,7 @@ __all__ = [
     "explain",
     "flow_add_noise",
     "flow_euler_step",
+    "flex_attention",
     "flow_loss",
     "hybrid_attention",
     "patch_timestep_embedding",

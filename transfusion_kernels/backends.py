@@ -31,6 +31,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import re
 import threading
 import warnings
@@ -338,13 +339,18 @@ class Op:
 
     def module(self, backend: str):
         if backend not in self._modules:
-            self._modules[backend] = _import(self.impls[backend])
+            path = self.impls[backend]
+            _import(path)
+            # read back from sys.modules: torch.compile traces a module found there (attribute
+            # guards and all), not one returned by an assume_constant_result function
+            self._modules[backend] = sys.modules[path]
         return self._modules[backend]
 
 
 @_constant
-def _import(path: str):
-    return importlib.import_module(path)
+def _import(path: str) -> bool:
+    importlib.import_module(path)
+    return True
 
 
 @dataclass(frozen=True)

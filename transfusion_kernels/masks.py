@@ -313,15 +313,79 @@ class HybridMask:
         from torch.nn.attention.flex_attention import create_block_mask
 
         check_block(block_size, "block_size")
-        starts, ends = self.starts, self.ends
+        # one 1-D tensor per slot: the mask_mod is traced per element, indexed by q_idx only
+        cols = [(self.starts[:, k].contiguous(), self.ends[:, k].contiguous()) for k in range(self.num_intervals)]
 
         def interval_mask(b, h, q_idx, kv_idx):
-            seen = (kv_idx >= starts[q_idx, 0]) & (kv_idx < ends[q_idx, 0])
-            for k in range(1, starts.shape[1]):
-                seen = seen | ((kv_idx >= starts[q_idx, k]) & (kv_idx < ends[q_idx, k]))
+            seen = (kv_idx >= cols[0][0][q_idx]) & (kv_idx < cols[0][1][q_idx])
+            for s, e in cols[1:]:
+                seen = seen | ((kv_idx >= s[q_idx]) & (kv_idx < e[q_idx]))
             return seen
 
         return create_block_mask(
             interval_mask, B=None, H=None, Q_LEN=self.num_queries, KV_LEN=self.num_keys,
             device=self.device, BLOCK_SIZE=block_size,
         )
+
+    # ------------------------------------------------------------------ other models' masks
+    # Thin wrappers of transfusion_kernels.mask_constructors (imported on first use); each returns
+    # the canonical [N, K] intervals of that model's rule, exactly, or a one-line ValueError.
+    _transfusion_from_spans = from_spans  # the K = 1 fast path above, kept for hidden_spans=None
+
+    @classmethod
+    def from_spans(cls, cu_seqlens, image_spans, hidden_spans=None) -> "HybridMask":
+        """Transfusion mask: causal within each document, bidirectional within each image.
+
+        cu_seqlens: [B + 1] document boundaries (0, ..., N). image_spans: [M, 2] absolute
+        half-open (start, end) over patch tokens, sorted, non-overlapping, each inside one
+        document. hidden_spans: [M', 2] under the same rules; a key inside a hidden span is seen
+        by no query outside that span (a noised copy of an image, lucidrains' "not attended"
+        items): K grows by one per hidden span before a query.
+        """
+        if hidden_spans is None:
+            return cls._transfusion_from_spans(cu_seqlens, image_spans)
+        from transfusion_kernels import mask_constructors
+
+        return cls(*mask_constructors.from_spans(cu_seqlens, image_spans, hidden_spans))
+
+    @classmethod
+    def from_splits(cls, split_lens, modes, *, device=None) -> "HybridMask":
+        """BAGEL-style packing: per sample, split lengths and modes ("causal", "full", "noise");
+        see ``mask_constructors.from_splits``."""
+        from transfusion_kernels import mask_constructors
+
+        return cls(*mask_constructors.from_splits(split_lens, modes, device=device))
+
+    @classmethod
+    def from_padded(cls, lengths, seq_len: int, image_spans=None, hidden_spans=None) -> "HybridMask":
+        """A padded [B, seq_len] batch (per-sample lengths, spans in each sample's positions) as
+        B * seq_len tokens; padded tokens see nothing and are seen by nothing. See
+        ``mask_constructors.from_padded``."""
+        from transfusion_kernels import mask_constructors
+
+        return cls(*mask_constructors.from_padded(lengths, seq_len, image_spans, hidden_spans))
+
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, max_intervals: int | None = None) -> "HybridMask":
+        """A bool mask, [Nq, Nk] (packed) or [B, L, L] (one sample per row), with the smallest K."""
+        from transfusion_kernels import mask_constructors
+
+        return cls(*mask_constructors.from_dense(mask, max_intervals))
+
+    @classmethod
+    def from_mask_mod(cls, mask_mod, cu_seqlens=None, *, batch_size: int | None = None,
+                      seq_len: int | None = None, device=None) -> "HybridMask":
+        """A FlexAttention mask_mod probed exactly in chunks: packed (``cu_seqlens``, b = 0, global
+        indices; pairs across documents are an error) or padded (``batch_size``, ``seq_len``)."""
+        from transfusion_kernels import mask_constructors
+
+        return cls(*mask_constructors.from_mask_mod(mask_mod, cu_seqlens, batch_size=batch_size,
+                                                    seq_len=seq_len, device=device))
+
+    @classmethod
+    def from_block_mask(cls, block_mask, cu_seqlens=None) -> "HybridMask":
+        """A FlexAttention BlockMask exactly as flex_attention applies it (full blocks, and its
+        mask_mod in partial blocks); batch size 1 is packed, more is a padded batch."""
+        from transfusion_kernels import mask_constructors
+
+        return cls(*mask_constructors.from_block_mask(block_mask, cu_seqlens))

@@ -207,4 +207,6 @@ def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=F
     return (out, lse) if return_lse else out
 
 
-__all__ = ["ATTENTION", "hybrid_attention"]
+from transfusion_kernels.attention.flex import flex_attention  # noqa: E402  (it calls hybrid_attention)
+
+__all__ = ["ATTENTION", "flex_attention", "hybrid_attention"]

@@ -126,7 +126,8 @@ class KernelPlan:
         return [f.name for f in dataclasses.fields(cls) if f.name != "config"]
 
     def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
-        return [getattr(self, n) for n in self._tensor_fields()], self.config.to_list()
+        # fields of the instance: torch.compile traces dataclasses.fields of objects, not classes
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"], self.config.to_list()
 
     @classmethod
     def from_op_args(cls, tensors: list[torch.Tensor], ints: list[int]):

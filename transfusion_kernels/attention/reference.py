@@ -73,26 +73,76 @@ def _chunks(starts: torch.Tensor, ends: torch.Tensor, heads: int):
     yield i0, n, j0, j1
 
 
-def _scores(q, k, starts, ends, i0, i1, j0, j1, scale, softcap):
-    """Masked fp32 scores [Hkv, G, chunk, span] for queries [i0, i1) against keys [j0, j1), and
-    tanh of the capped scores (None without softcap)."""
-    hkv = k.shape[1]
-    qc = q[i0:i1].float().unflatten(1, (hkv, -1))  # [c, Hkv, G, D]
-    kc = k[j0:j1].float()  # [s, Hkv, D]
-    s = torch.einsum("chgd,shd->hgcs", qc, kc) * scale
+def _groups(starts: torch.Tensor, ends: torch.Tensor, heads: int):
+    """The chunks that see keys, batched: consecutive chunks join a group while padding them all
+    to the group's largest row count R and key span S wastes little and the [C, H, R, S] score
+    block stays under the cap. Yields (rows [C, R], row_ok, keys [C, S], key_ok): token indices
+    (padding clamped into the chunk) and which of them are real."""
+    chunks = [c for c in _chunks(starts, ends, heads) if c[3] > c[2]]
+    cap = max(_CHUNK_ELEMS // max(heads, 1), _ROWS)
+    group: list = []
+    for c in chunks + [None]:
+        if c is not None and group:
+            rows = max(max(g[1] - g[0] for g in group), c[1] - c[0])
+            span = max(max(g[3] - g[2] for g in group), c[3] - c[2])
+            padded = (len(group) + 1) * rows * span
+            real = sum((g[1] - g[0]) * (g[3] - g[2]) for g in group + [c])
+            if padded <= cap and padded <= _MERGE * real:
+                group.append(c)
+                continue
+        if group:
+            yield _indices(group, starts.device)
+        group = [c] if c is not None else []
+
+
+def _indices(group, device):
+    lo = torch.tensor([[g[0], g[1], g[2], g[3]] for g in group], device=device)
+    r = torch.arange(int((lo[:, 1] - lo[:, 0]).max()), device=device)
+    s = torch.arange(int((lo[:, 3] - lo[:, 2]).max()), device=device)
+    rows, keys = lo[:, :1] + r, lo[:, 2:3] + s
+    row_ok, key_ok = rows < lo[:, 1:2], keys < lo[:, 3:4]
+    return torch.minimum(rows, lo[:, 1:2] - 1), row_ok, torch.minimum(keys, lo[:, 3:4] - 1), key_ok
+
+
+def _run(idx: torch.Tensor) -> slice | None:
+    """The slice of tokens idx covers when it is one run of consecutive tokens (equal chunks of a
+    packed batch), else None."""
+    flat = idx.flatten()
+    if flat.numel() and int(flat[-1] - flat[0]) + 1 == flat.numel() and bool((flat[1:] > flat[:-1]).all()):
+        return slice(int(flat[0]), int(flat[-1]) + 1)
+    return None
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] as fp32 (a view of a consecutive run)."""
+    run = _run(idx)
+    return x[idx].float() if run is None else x[run].float().view(*idx.shape, *x.shape[1:])
+
+
+def _scatter(dst: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, add: bool) -> None:
+    """dst[idx[ok]] = src[ok] (or +=, where chunks may share tokens), as a slice when it can."""
+    run = _run(idx)
+    if run is not None and bool(ok.all()):
+        src = src.reshape(-1, *dst.shape[1:])
+        dst[run] = dst[run] + src if add else src
+    elif add:
+        dst.index_add_(0, idx[ok], src[ok])
+    else:
+        dst[idx[ok]] = src[ok]
+
+
+def _scores(qc, kc, starts, ends, rows, row_ok, keys, key_ok, scale, softcap):
+    """Masked fp32 scores [C, Hkv, G, R, S] of each chunk's queries qc [C, R, Hkv, G, D] against
+    its keys kc [C, S, Hkv, D], and tanh of the capped scores (None without softcap)."""
+    s = torch.einsum("crhgd,cshd->chgrs", qc * scale, kc)
     t = None
     if softcap:
         t = torch.tanh(s / softcap)
         s = softcap * t
-    j = torch.arange(j0, j1, device=q.device)[None, :, None]
-    visible = ((j >= starts[i0:i1, None, :]) & (j < ends[i0:i1, None, :])).any(-1)  # [c, s]
-    return s.masked_fill(~visible, float("-inf")), t
-
-
-def _probabilities(s, row_lse):
-    """softmax(s) from its log-normaliser; 0 for rows that see no key (exp(-inf + inf) would be
-    NaN there), while NaN in the inputs still propagates."""
-    return torch.exp(s - row_lse[..., None]).masked_fill(torch.isneginf(row_lse)[..., None], 0.0)
+    j = keys[:, None, :, None]  # [C, 1, S, 1]
+    visible = ((j >= starts[rows][:, :, None, :]) & (j < ends[rows][:, :, None, :])).any(-1)  # [C, R, S]
+    visible &= row_ok[:, :, None] & key_ok[:, None, :]
+    return s.masked_fill_(~visible[:, None, None], float("-inf")), t
 
 
 def _intervals(starts, ends):
@@ -101,19 +151,24 @@ def _intervals(starts, ends):
 
 def forward(q, k, v, starts, ends, plan, scale, softcap=0.0):
     nq, hq, d = q.shape
+    hkv = k.shape[1]
     starts, ends = _intervals(starts, ends)
     out = torch.zeros(nq, hq, v.shape[2], dtype=torch.float32, device=q.device)
-    lse = torch.full((hq, nq), float("-inf"), dtype=torch.float32, device=q.device)
-    for i0, i1, j0, j1 in _chunks(starts, ends, hq):
-        if j1 <= j0:
-            continue  # every query of the chunk sees nothing: output 0, lse -inf
-        s, _ = _scores(q, k, starts, ends, i0, i1, j0, j1, scale, softcap)
-        row_lse = torch.logsumexp(s, dim=-1)  # [Hkv, G, c]; -inf for empty rows
-        p = _probabilities(s, row_lse)
-        o = torch.einsum("hgcs,shd->chgd", p, v[j0:j1].float())
-        out[i0:i1] = o.flatten(1, 2)
-        lse[:, i0:i1] = row_lse.flatten(0, 1)
-    return out.to(q.dtype), lse
+    lse = torch.full((nq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    for rows, row_ok, keys, key_ok in _groups(starts, ends, hq):
+        qc = _gather(q, rows).unflatten(2, (hkv, -1))  # [C, R, Hkv, G, D]
+        s, _ = _scores(qc, _gather(k, keys), starts, ends, rows, row_ok, keys, key_ok, scale, softcap)
+        # softmax with one exp: a row that sees nothing gets p = 0, lse = -inf
+        m = s.amax(-1, keepdim=True)
+        m.masked_fill_(torch.isneginf(m), 0.0)
+        p = s.sub_(m).exp_()
+        total = p.sum(-1)  # [C, Hkv, G, R]
+        row_lse = m.squeeze(-1) + torch.log(total)
+        o = torch.einsum("chgrs,cshd->crhgd", p, _gather(v, keys))
+        o = o / total.masked_fill(total == 0, 1.0).permute(0, 3, 1, 2)[..., None]
+        _scatter(out, rows, row_ok, o.flatten(2, 3), add=False)
+        lse[rows[row_ok]] = row_lse.flatten(1, 2).transpose(1, 2)[row_ok]
+    return out.to(q.dtype), lse.T.contiguous()
 
 
 def backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap=0.0):
@@ -124,19 +179,23 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap=0.0):
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax backward's row term.
-    delta = (dout.float() * out.float()).sum(-1).T  # [Hq, Nq]
-    for i0, i1, j0, j1 in _chunks(starts, ends, hq):
-        if j1 <= j0:
-            continue
-        s, t = _scores(q, k, starts, ends, i0, i1, j0, j1, scale, softcap)
-        row_lse = lse[:, i0:i1].unflatten(0, (hkv, -1))  # [Hkv, G, c]
-        p = _probabilities(s, row_lse)
-        do = dout[i0:i1].float().unflatten(1, (hkv, -1))  # [c, Hkv, G, D]
-        dv[j0:j1] += torch.einsum("hgcs,chgd->shd", p, do)
-        dp = torch.einsum("chgd,shd->hgcs", do, v[j0:j1].float())
-        ds = p * (dp - delta[:, i0:i1].unflatten(0, (hkv, -1))[..., None]) * scale
+    delta = (dout.float() * out.float()).sum(-1)  # [Nq, Hq]
+    # rows that see nothing (lse = -inf): subtract +inf instead, so that p = exp(-inf) = 0
+    lse_t = lse.T.masked_fill(torch.isneginf(lse.T), float("inf"))  # [Nq, Hq]
+    for rows, row_ok, keys, key_ok in _groups(starts, ends, hq):
+        qc, kc, vc = _gather(q, rows).unflatten(2, (hkv, -1)), _gather(k, keys), _gather(v, keys)
+        s, t = _scores(qc, kc, starts, ends, rows, row_ok, keys, key_ok, scale, softcap)
+        row_lse = lse_t[rows].unflatten(2, (hkv, -1)).permute(0, 2, 3, 1)  # [C, Hkv, G, R]
+        p = s.sub_(row_lse[..., None]).exp_()
+        do = _gather(dout, rows).unflatten(2, (hkv, -1))  # [C, R, Hkv, G, D]
+        dv_c = torch.einsum("chgrs,crhgd->cshd", p, do)
+        row_delta = delta[rows].unflatten(2, (hkv, -1)).permute(0, 2, 3, 1)  # [C, Hkv, G, R]
+        ds = torch.einsum("crhgd,cshd->chgrs", do, vc).sub_(row_delta[..., None]).mul_(p)
         if softcap:  # d(cap * tanh(s / cap)) / ds = 1 - tanh^2
-            ds = ds * (1 - t * t)
-        dq[i0:i1] = torch.einsum("hgcs,shd->chgd", ds, k[j0:j1].float()).flatten(1, 2)
-        dk[j0:j1] += torch.einsum("hgcs,chgd->shd", ds, q[i0:i1].float().unflatten(1, (hkv, -1)))
+            ds.mul_(1 - t * t)
+        dq_c = torch.einsum("chgrs,cshd->crhgd", ds, kc).flatten(2, 3) * scale
+        dk_c = torch.einsum("chgrs,crhgd->cshd", ds, qc) * scale
+        _scatter(dq, rows, row_ok, dq_c, add=False)
+        _scatter(dk, keys, key_ok, dk_c, add=True)  # chunks may share keys (a cached prefix)
+        _scatter(dv, keys, key_ok, dv_c, add=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
