@@ -31,27 +31,37 @@ from .common import markdown_table, results_path  # noqa: E402
 SUITES = ("attention", "timestep", "diffusion", "flow", "model")
 
 
+def produced_by(name: str, record: dict) -> str:
+    """A row's implementation as it ran: ``reference, standing in for tk:triton`` when the
+    reference ran in place of a backend that cannot run here (the smoke mode)."""
+    return f"reference, standing in for {name}" if str(record.get("note", "")).startswith("reference standing in") \
+        else name
+
+
 def summarize(suite: str, data: dict) -> tuple[list[dict], list[str]]:
     """Flat rows and the columns worth showing, per suite's JSON layout."""
     rows = data["rows"]
     if suite == "attention":
         cols = ["workload", "tokens", "hq", "hkv", "method", "fwd_ms", "fwd_tflops", "bwd_ms", "bwd_tflops", "peak_mem_mb"]
-        return [r for r in rows if "fwd_ms" in r], cols
+        return [{**r, "method": produced_by(r["method"], r)} for r in rows if "fwd_ms" in r], cols
     if suite == "timestep":
-        flat = [dict(P=r["P"], D=r["D"], M=r["M"], impl=name, copy_GBps=r["copy_GBps"], **v)
+        flat = [dict(P=r["P"], D=r["D"], M=r["M"], copy_GBps=r["copy_GBps"], **v, impl=produced_by(name, v))
                 for r in rows for name, v in r["impls"].items()]
         return flat, ["P", "D", "M", "impl", "fwd_nograd_ms", "fwd_GBps", "fwd_frac_of_copy", "bwd_ms", "copy_GBps"]
     if suite == "diffusion":
-        flat = [dict(case=r["case"], op=op, impl=name, MB=r["ops"][op]["bytes"] / 3 / 2**20, copy_GBps=r["copy_GBps"], **v)
+        flat = [dict(case=r["case"], op=op, MB=r["ops"][op]["bytes"] / 3 / 2**20, copy_GBps=r["copy_GBps"], **v,
+                     impl=produced_by(name, v))
                 for r in rows for op in r["ops"] for name, v in r["ops"][op]["impls"].items()]
         return flat, ["case", "op", "impl", "MB", "median_ms", "GBps", "frac_of_copy", "copy_GBps"]
     if suite == "flow":
-        flat = [dict(case=r["case"], dtype=r["dtype"], op=op, impl=name, MB=r["MB_per_tensor"], copy_GBps=r["copy_GBps"], **v)
+        flat = [dict(case=r["case"], dtype=r["dtype"], op=op, MB=r["MB_per_tensor"], copy_GBps=r["copy_GBps"], **v,
+                     impl=produced_by(name, v))
                 for r in rows for op in r["ops"] for name, v in r["ops"][op]["impls"].items()]
         return flat, ["case", "dtype", "op", "impl", "MB", "median_ms", "GBps", "frac_of_copy", "copy_GBps"]
     if suite == "model":
-        return rows, ["method", "tokens", "images", "train_tokens_per_s", "images_per_s_cache", "images_per_s_no_cache",
-                      "cache_speedup", "error"]
+        return [{**r, "method": produced_by(r["method"], r)} for r in rows], \
+            ["method", "tokens", "images", "train_tokens_per_s", "images_per_s_cache", "images_per_s_no_cache",
+             "cache_speedup", "error"]
     return rows, sorted({k for r in rows for k in r})
 
 

@@ -22,6 +22,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, or site-packages
 RESULTS = os.path.join("benchmarks", "results")  # under the current directory
+COMMAND_ENV = "TK_BENCH_COMMAND"  # `transfusion bench` names itself here, for the record
+
+if "TORCH_LOGS" not in os.environ:
+    # The compiled baselines break their graphs on purpose (an .item() in the reference loss);
+    # dynamo's multi-line warning about it is noise to someone running the benchmarks.
+    import logging
+
+    torch._logging.set_logs(dynamo=logging.ERROR)
 
 
 def device_name(device: torch.device | str | None = None) -> str:
@@ -100,6 +108,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    """The command as it was typed: ``transfusion bench ...`` (passed down by the CLI),
+    ``python -m <package> ...`` for a module run, else the script and its arguments."""
+    import shlex
+
+    if os.environ.get(COMMAND_ENV):
+        return os.environ[COMMAND_ENV]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        module = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    script = os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "python"
+    return shlex.join(["python", script, *sys.argv[1:]])
+
+
 def environment(device: torch.device | str | None = None) -> dict:
     try:
         import triton
@@ -121,7 +144,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": git_commit(),
-        "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "python"] + sys.argv[1:]),
+        "command": command_line(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -199,8 +200,6 @@ def cmd_train(args) -> int:
 def resume_command(args) -> str:
     """The command line that continues this training run: the same options, --resume instead of
     --overwrite."""
-    import shlex
-
     argv = [a for a in args.argv if a != "--overwrite"]
     return shlex.join(["transfusion", *argv, *([] if "--resume" in argv else ["--resume"])])
 
@@ -394,6 +393,7 @@ def cmd_bench(args) -> int:
     import importlib.util
 
     env = dict(os.environ)
+    env["TK_BENCH_COMMAND"] = args.command  # recorded in the results as the command that made them
     if args.backend:
         env["TRANSFUSION_KERNELS_BACKEND"] = args.backend
     module = "transfusion_kernels_bench"
@@ -618,6 +618,7 @@ def main(argv=None) -> int:
         bp.add_argument("--backend", choices=BACKENDS, default=None)
         args, rest = bp.parse_known_args(argv[1:])
         args.rest = [a for a in rest if a != "--"]
+        args.command = shlex.join(["transfusion", *argv])
         return cmd_bench(args)
     ap = parser()
     args, unknown = ap.parse_known_args(argv)
