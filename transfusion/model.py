@@ -19,6 +19,18 @@ from transfusion.config import ModelConfig
 from transfusion.image import LinearPatches, UNetPatches
 
 
+def _attention_backend(backend, device) -> str:
+    """The backend attention resolves to on ``device``: the named one, or under "auto" the first
+    kernel backend that runs there (the reference on a CPU)."""
+    from transfusion_kernels.backends import AUTO_ORDER, backend_info, requested_backend
+
+    name = requested_backend(backend)
+    if name != "auto":
+        return name
+    return next((c for c in AUTO_ORDER if device.type == "cuda" and ATTENTION.has(c)
+                 and backend_info(c, device).available), "reference")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -173,7 +185,7 @@ class TransfusionModel(nn.Module):
     def run_layers(self, x, positions, mask, cache=None, step=None):
         block = self.attention_block_tokens
         if block == "auto":
-            block = 128 if ATTENTION.resolve(self.backend, x.device) == "reference" else None
+            block = 128 if _attention_backend(self.backend, x.device) == "reference" else None
         if block:
             mask = split_attention_blocks(mask, block)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
