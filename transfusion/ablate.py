@@ -9,7 +9,12 @@ with each seed and scored with the same yardsticks (see ``evaluate`` and docs/ab
 * Frechet distance of those images to the held-out real digits, in the hidden layer of a small
   MLP trained on the real training digits (``FeatureNet``);
 * captioning accuracy on the held-out digits (greedy), as the demo scores it;
-* perplexity of held-out text (the text corpus drawn with another seed).
+* training-text perplexity: the text corpus drawn with another seed. Its sentence space is
+  small (about 400 distinct lines), so every such line also occurs in the training corpus: this
+  measures how well the training text is fitted, not generalisation to new sentences.
+
+The verdicts (``VERDICTS``, ``verdicts``) compare two variants on one metric by the rule the
+docs state: the difference of the means against twice its standard error.
 
 Results: ``OUT/runs/<variant>__seed<k>.json`` per run (written atomically; a run whose file exists
 is skipped, so an interrupted grid resumes), ``OUT/summary.{md,json}`` (mean and std over seeds)
@@ -68,8 +73,10 @@ TRAIN_STEPS = 1200  # per run, every variant (chosen to fit the grid's time budg
 SEEDS = 3
 STEP_COUNTS = (5, 10, 25)  # sampling steps (DDIM; Euler for flow) at which generation is scored
 CFG_SCALE = 3.0
-HELDOUT_TEXT_SEED = 1  # the training corpus is drawn with seed 0
-HELDOUT_TEXT_LINES = 1000
+# The training corpus is drawn with seed 0; these lines with seed 1 (all of them occur in training:
+# the generator has about 400 distinct lines, so no unseen ones can be drawn).
+TEXT_SEED = 1
+TEXT_LINES = 1000
 FD_FLOOR_DRAWS = 5
 
 # --quick: the harness end to end in seconds; no claims
@@ -152,7 +159,7 @@ class Yardsticks:
         self.svc = SVC(gamma=0.001).fit(to_pixels8(prepared.train_images), prepared.train_labels.numpy())
         self.features = FeatureNet(prepared.train_images, prepared.train_labels)
         self.heldout_features = self.features.features(prepared.test_images)
-        self.heldout_text = text_corpus(HELDOUT_TEXT_SEED, HELDOUT_TEXT_LINES)
+        self.text_lines = text_corpus(TEXT_SEED, TEXT_LINES)
 
     def floors(self, per_digit: int) -> dict:
         """The Frechet distance of real digits to the held-out ones: the whole training split, and
@@ -190,7 +197,7 @@ def generate_images(model, tokenizer, prompts, steps: int):
     return torch.stack([r["images"][0] for r in generate(model, tokenizer, prompts, scfg, open_image=True)])
 
 
-def heldout_perplexity(model, tokenizer, lines, batch_docs: int = 128) -> float:
+def text_perplexity(model, tokenizer, lines, batch_docs: int = 128) -> float:
     """exp(mean next-token cross-entropy) over ``[BOS] line [EOS]`` documents."""
     import torch
 
@@ -240,8 +247,8 @@ def evaluate(model, tokenizer, ys: Yardsticks, step_counts, templates: int, capt
     out["caption_examples"] = [{"label": int(v), "caption": c} for c, v in list(zip(caps, y))[:5]]
     out["timings_s"]["caption"] = time.perf_counter() - t
     t = time.perf_counter()
-    lines = ys.heldout_text[:text_lines] if text_lines is not None else ys.heldout_text
-    out["text_perplexity"] = heldout_perplexity(model, tokenizer, lines)
+    lines = ys.text_lines[:text_lines] if text_lines is not None else ys.text_lines
+    out["text_perplexity"] = text_perplexity(model, tokenizer, lines)
     out["text_lines"] = len(lines)
     out["timings_s"]["perplexity"] = time.perf_counter() - t
     out["generated_per_digit"] = templates
@@ -298,10 +305,23 @@ def run_one(task: dict) -> dict:
                      "parameters": sum(q.numel() for q in model.parameters())},
         "wall_s": {"train": train_s, "evaluate": time.perf_counter() - t, "total": time.perf_counter() - t0},
         "threads": torch.get_num_threads(), "quick": task["quick"],
-        "commit": task["commit"], "command": task["command"],
+        "commit": task["commit"], "command": task["command"], "versions": versions(),
     }
     write_json_atomic(Path(task["path"]), result)
     return result
+
+
+def versions() -> dict:
+    """The libraries a run's numbers depend on: torch (training, sampling) and scikit-learn (the
+    SVC and the feature network of the yardsticks)."""
+    import platform
+
+    import scipy
+    import sklearn
+    import torch
+
+    return {"torch": torch.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "python": platform.python_version()}
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -456,9 +476,12 @@ def _stats(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
 
 
-def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None) -> dict:
-    """Mean and std over seeds of every variant's metrics, from the run files in ``out/runs``."""
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+def load_runs(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
+def variant_stats(runs: list[dict]) -> dict:
+    """Mean and std over seeds of every variant's metrics."""
     order = [v.name for v in VARIANTS]
     variants = {}
     for name in order:
@@ -479,15 +502,123 @@ def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None) -> dict:
             "quick": rs[0]["quick"], "commits": sorted({r["commit"]["commit"] or "" for r in rs}),
             "commands": sorted({r["command"] for r in rs}),
         }
+    return variants
+
+
+def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None) -> dict:
+    """Mean and std over seeds of every variant's metrics and the verdicts, from the run files in
+    ``out/runs``."""
+    runs = load_runs(out)
+    variants = variant_stats(runs)
     groups = {}
     for v in VARIANTS:
         if v.name in variants:
             for g in v.groups:
                 groups.setdefault(g, []).append(v.name)
     summary = {"variants": variants, "groups": groups, "floors": floors, "evaluation": ev,
-               "last_invocation_wall_s": elapsed, "runs": len(runs)}
+               "verdicts": verdicts(variants), "last_invocation_wall_s": elapsed, "runs": len(runs)}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+# -- verdicts ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verdict:
+    """One comparison of variant ``a`` with ``b`` on ``metric`` (a summary key; generation and FD
+    at the most sampling steps evaluated). ``expect``: the paper's claim, ``">"`` (a is higher), ``"<"`` (a is
+    lower), ``"small:D"`` (the two differ by less than D), or None (no claim: only whether they
+    differ)."""
+    group: str
+    what: str
+    a: str
+    b: str
+    metric: str
+    expect: str | None
+
+
+VERDICTS = [
+    Verdict("attention", "bidirectional vs causal attention inside images, generation", "linear_p2", "causal_p2",
+            "generation_accuracy", ">"),
+    Verdict("attention", "bidirectional vs causal attention inside images, captioning", "linear_p2", "causal_p2",
+            "caption_accuracy", ">"),
+    Verdict("attention", "bidirectional vs causal attention inside images, FD", "linear_p2", "causal_p2",
+            "fd", "<"),
+    Verdict("encoder", "linear encoder, patch 2 vs patch 4, generation", "linear_p2", "baseline",
+            "generation_accuracy", ">"),
+    Verdict("encoder", "linear encoder, patch 2 vs patch 4, captioning", "linear_p2", "baseline",
+            "caption_accuracy", ">"),
+    Verdict("encoder", "linear encoder, patch 2 vs patch 4, FD", "linear_p2", "baseline", "fd", "<"),
+    Verdict("encoder", "linear encoder, patch 1 vs patch 2, generation", "linear_p1", "linear_p2",
+            "generation_accuracy", ">"),
+    Verdict("encoder", "U-Net vs linear encoder at patch 4, generation", "unet_p4", "baseline",
+            "generation_accuracy", ">"),
+    Verdict("encoder", "U-Net vs linear encoder at patch 4, FD", "unet_p4", "baseline", "fd", "<"),
+    Verdict("noise_cap", "noise cap vs none, captioning", "baseline", "no_cap", "caption_accuracy", ">"),
+    Verdict("noise_cap", "noise cap vs none, generation (paper: under 1% apart)", "baseline", "no_cap",
+            "generation_accuracy", "small:0.01"),
+    Verdict("noise_cap", "noise cap vs none, training-text perplexity (paper: under 1% apart)", "baseline", "no_cap",
+            "text_perplexity", "small:0.055"),
+    Verdict("lambda", "lambda 5 vs 1, generation", "lambda_5", "baseline", "generation_accuracy", None),
+    Verdict("lambda", "lambda 5 vs 1, captioning", "lambda_5", "baseline", "caption_accuracy", None),
+    Verdict("lambda", "lambda 5 vs 1, training-text perplexity", "lambda_5", "baseline", "text_perplexity", None),
+    Verdict("lambda", "lambda 0.5 vs 1, generation", "lambda_0.5", "baseline",
+            "generation_accuracy", None),
+    Verdict("objective", "flow vs DDPM, generation", "flow", "baseline", "generation_accuracy", None),
+    Verdict("objective", "flow vs DDPM, captioning", "flow", "baseline", "caption_accuracy", None),
+]
+
+
+def _metric(v: dict, metric: str) -> dict:
+    """The stats of ``metric``; generation and FD at the most sampling steps evaluated (25 in the
+    grid)."""
+    m = v[metric]
+    return m if "mean" in m else m[max(m, key=int)]
+
+
+def judge(a: dict, b: dict, expect: str | None) -> dict:
+    """The stated rule: a and b (mean, std, n) differ when the difference of the means is more
+    than twice its standard error sqrt(s_a^2/n_a + s_b^2/n_b); otherwise they are within noise.
+    Against a claim: "agrees" / "disagrees" when they differ in / against its direction, and
+    "unresolved" when within noise; a "small:D" claim agrees only when the whole 2-SE interval of
+    the difference lies within D, disagrees when it lies wholly outside, else is unresolved."""
+    diff = a["mean"] - b["mean"]
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    z = diff / se if se > 0 else (math.inf if diff else 0.0) * (1 if diff >= 0 else -1)
+    differs = abs(diff) > 2 * se
+    if expect is None:
+        verdict = "differs" if differs else "within noise"
+    elif expect.startswith("small:"):
+        bound = float(expect.split(":")[1])
+        verdict = ("agrees" if abs(diff) + 2 * se < bound else "disagrees" if abs(diff) - 2 * se > bound
+                   else "unresolved")
+    else:
+        verdict = "unresolved" if not differs else ("agrees" if (diff > 0) == (expect == ">") else "disagrees")
+    return {"diff": diff, "se": se, "z": z, "differs": differs, "verdict": verdict}
+
+
+def verdicts(variants: dict) -> list[dict]:
+    """Every ``VERDICTS`` row whose two variants have results, judged by ``judge``."""
+    rows = []
+    for v in VERDICTS:
+        if v.a in variants and v.b in variants:
+            a, b = _metric(variants[v.a], v.metric), _metric(variants[v.b], v.metric)
+            rows.append({**dataclasses.asdict(v), "a_stats": a, "b_stats": b, **judge(a, b, v.expect)})
+    return rows
+
+
+def verdict_line(r: dict) -> str:
+    """A verdict as one table row (summary.md and docs/ablations.md quote it verbatim)."""
+    fmt = ".2f" if r["metric"].startswith(("fd", "text")) else ".3f"
+    claim = {">": "higher", "<": "lower", None: "(no claim)"}.get(r["expect"]) or \
+        f"within {float(r['expect'].split(':')[1]):g}"
+    z = "inf" if math.isinf(r["z"]) else f"{r['z']:+.1f}"
+    return (f"| {r['group']} | {r['what']} | {r['a']} {_pm(r['a_stats'], fmt)} (n={r['a_stats']['n']}) | "
+            f"{r['b']} {_pm(r['b_stats'], fmt)} (n={r['b_stats']['n']}) | {claim} | {z} | **{r['verdict']}** |")
+
+
+VERDICT_HEAD = ["| group | comparison (a vs b) | a | b | paper's claim for a | z | verdict |",
+                "|---|---|---|---|---|---|---|"]
 
 
 def _pm(s: dict, fmt: str) -> str:
@@ -506,7 +637,7 @@ def write_table(out: Path, summary: dict) -> None:
     for group, names in summary["groups"].items():
         counts = list(summary["variants"][names[0]]["generation_accuracy"])
         head = (["variant", "seeds"] + [f"gen acc @{s}" for s in counts] + [f"FD @{s}" for s in counts]
-                + ["caption acc", "text ppl", "train s"])
+                + ["caption acc", "training-text ppl", "train s"])
         lines += [f"## {group}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for n in names:
             v = summary["variants"][n]
@@ -515,6 +646,13 @@ def write_table(out: Path, summary: dict) -> None:
                    + [_pm(v["caption_accuracy"], ".3f"), _pm(v["text_perplexity"], ".3f"), _pm(v["train_s"], ".0f")])
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    if summary.get("verdicts"):
+        lines += ["## Verdicts", "",
+                  "z = (mean a - mean b) / sqrt(s_a^2/n_a + s_b^2/n_b); a and b differ when |z| > 2. Against the "
+                  "paper's claim: agrees / disagrees when they differ in / against its direction, unresolved when "
+                  "within noise; a claim of a small effect agrees only when the 2-SE interval of the difference "
+                  "lies within it. Generation and FD at the most sampling steps evaluated.", "", *VERDICT_HEAD]
+        lines += [verdict_line(r) for r in summary["verdicts"]] + [""]
     (out / "summary.md").write_text("\n".join(lines))
 
 
@@ -535,7 +673,7 @@ def plot(out: Path, summary: dict) -> None:
                 a.errorbar(xs, [v[key][s]["mean"] for s in v[key]], yerr=[v[key][s]["std"] for s in v[key]],
                            marker="o", capsize=3, label=n)
         for a, key, title in ((ax[2], "caption_accuracy", "captioning accuracy (held-out)"),
-                              (ax[3], "text_perplexity", "held-out text perplexity")):
+                              (ax[3], "text_perplexity", "training-text perplexity")):
             a.bar(range(len(names)), [summary["variants"][n][key]["mean"] for n in names],
                   yerr=[summary["variants"][n][key]["std"] for n in names], capsize=3, color="C0")
             a.set_xticks(range(len(names)), names, rotation=30, ha="right")

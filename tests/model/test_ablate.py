@@ -2,6 +2,7 @@
 Frechet distance against an independent float64 computation. No claims about the ablations."""
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,43 @@ def test_out_is_a_file(tmp_path, capsys):
     assert ablate.main(["--out", str(f), "--quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("transfusion ablate: error: --out") and "\n" not in err
+
+
+COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "ablations"
+
+
+def test_judge_applies_the_two_standard_error_rule():
+    a, b = {"mean": 0.876, "std": 0.124, "n": 5}, {"mean": 0.743, "std": 0.015, "n": 3}
+    se = ((0.124**2 / 5) + (0.015**2 / 3)) ** 0.5  # 0.0561
+    r = ablate.judge(a, b, ">")
+    assert r["se"] == pytest.approx(se) and r["z"] == pytest.approx(0.133 / se) and r["differs"]
+    assert r["verdict"] == "agrees" and ablate.judge(a, b, "<")["verdict"] == "disagrees"
+    assert ablate.judge(a, b, None)["verdict"] == "differs"
+    close = {"mean": 0.85, "std": 0.124, "n": 5}
+    assert ablate.judge(a, close, ">")["verdict"] == "unresolved"
+    assert ablate.judge(a, close, None)["verdict"] == "within noise"
+    tight = {"mean": 0.5, "std": 0.001, "n": 10}
+    assert ablate.judge(tight, {"mean": 0.502, "std": 0.001, "n": 10}, "small:0.01")["verdict"] == "agrees"
+    assert ablate.judge(tight, {"mean": 0.6, "std": 0.001, "n": 10}, "small:0.01")["verdict"] == "disagrees"
+    assert ablate.judge(tight, close, "small:0.01")["verdict"] == "disagrees"
+    assert ablate.judge(a, close, "small:0.01")["verdict"] == "unresolved"
+
+
+def test_committed_verdicts_recompute_from_the_run_jsons():
+    """The committed summary and docs/ablations.md state exactly the verdicts the rule gives on
+    the committed runs: the text cannot say more than the numbers."""
+    variants = ablate.variant_stats(ablate.load_runs(COMMITTED))
+    rows = ablate.verdicts(variants)
+    assert len(rows) == len(ablate.VERDICTS)  # every comparison has its two variants committed
+    summary = json.loads((COMMITTED / "summary.json").read_text())
+    assert summary["variants"] == variants
+    assert [(r["what"], r["verdict"]) for r in summary["verdicts"]] == [(r["what"], r["verdict"]) for r in rows]
+    table = (COMMITTED / "summary.md").read_text()
+    docs = (COMMITTED.parents[2] / "docs" / "ablations.md").read_text()
+    for r in rows:
+        line = ablate.verdict_line(r)
+        assert line in table and line in docs, line
+    # the rows the issue found overstated, as the rule has them
+    by = {r["what"]: r for r in rows}
+    assert by["linear encoder, patch 2 vs patch 4, generation"]["differs"]
+    assert by["noise cap vs none, generation (paper: under 1% apart)"]["verdict"] == "unresolved"
