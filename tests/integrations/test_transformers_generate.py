@@ -1,6 +1,6 @@
 """The 'transfusion' attention as a drop-in for stock attention in transformers: no mask argument,
 padding, packed position_ids, sliding windows, images and generate() with a KV cache on tiny
-random Llama, Mistral and Qwen2 models, against the same models with eager attention."""
+random Llama, Mistral, Qwen2 and Gemma-2 models, against the same models with eager attention."""
 import copy
 
 import pytest
@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 import transfusion_kernels as tk  # noqa: E402
 from transfusion_kernels.integrations import transformers as tk_hf  # noqa: E402
 from transformers import (  # noqa: E402
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 VOCAB = 61
@@ -22,6 +23,9 @@ MODELS = {
     # windows shorter than prompt + new tokens, so they cut keys both in the prefill and from the cache
     "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=5)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # logit softcap on the attention scores (small enough to bend them), a sliding and a full layer
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=2.0,
+                                                      sliding_window=4)),
 }
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -32,6 +36,11 @@ def models(name, seed):
     cfg = cfg_cls(**COMMON, **extra)
     cfg._attn_implementation = "eager"
     eager = cls(cfg).eval()
+    if name == "gemma2":  # scores of order 5 at init's weights times 20: the cap of 2 bends them
+        with torch.no_grad():
+            for layer in eager.model.layers:
+                layer.self_attn.q_proj.weight.mul_(20)
+                layer.self_attn.k_proj.weight.mul_(20)
     ours = copy.deepcopy(eager)
     ours.set_attn_implementation(tk_hf.register())
     return eager, ours
@@ -64,6 +73,21 @@ def test_generate_left_padded_matches_eager(name, sample, seed):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits):  # every step's logits, not only the chosen tokens
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_gemma2_softcap_is_applied(seed):
+    """The softcap reaches the kernel: without it the same Gemma-2 gives other logits, with it
+    the eager model's (the generate test above checks generate() end to end)."""
+    eager, ours = models("gemma2", seed)
+    ids, am = padded_batch(seed, "left")
+    real = am.bool()  # padding queries see no keys: eager and the kernel differ there, as for every model
+    with torch.no_grad():
+        want = eager(ids, attention_mask=am).logits
+        torch.testing.assert_close(ours(ids, attention_mask=am).logits[real], want[real], **TOL)
+        for layer in ours.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = ours(ids, attention_mask=am).logits
+    assert (uncapped[real] - want[real]).abs().max() > 100 * TOL["atol"]
 
 
 def test_generate_triton_backend(seed):

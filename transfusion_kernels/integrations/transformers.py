@@ -50,7 +50,10 @@ shapes, so it is for forward calls; ``generate()`` needs the derived mask above.
 when every query's visible keys are one interval. ``use_mask(..., backend="triton")`` or the
 keyword ``transfusion_backend=`` picks the attention backend. The keywords win over the block.
 
-Refused with an error: attention dropout, logit softcapping, chunked or bidirectional
+Logit softcapping (Gemma-2's ``attn_logit_softcapping``, the ``softcap`` keyword) is applied
+to the scaled scores as in transformers' eager attention.
+
+Refused with an error: attention dropout, chunked or bidirectional
 (``is_causal=False``) masks and models that add their own mask functions (``or_mask_function`` /
 ``and_mask_function``): these are not intervals or not kernels of this package.
 
@@ -313,8 +316,6 @@ def transfusion_attention_forward(
     if dropout:
         raise ValueError(f"attention implementation 'transfusion' has no attention dropout (got dropout={dropout}); "
                          "set the model's attention_dropout to 0")
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"attention implementation 'transfusion' does not support softcap={kwargs['softcap']!r}")
     B, Hq, Sq, D = query.shape
     Hkv, Sk = key.shape[1], key.shape[2]
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
@@ -336,7 +337,9 @@ def transfusion_attention_forward(
     q = query.transpose(1, 2).reshape(B * Sq, Hq, D)
     k = key.transpose(1, 2).reshape(B * Sk, Hkv, D)
     v = value.transpose(1, 2).reshape(B * Sk, Hkv, value.shape[-1])
-    out = hybrid_attention(q, k, v, mask, softmax_scale=scaling, backend=opts.get("transfusion_backend"))
+    # softcap: Gemma-2's attn_logit_softcapping, applied to the scaled scores as its eager attention does
+    out = hybrid_attention(q, k, v, mask, softmax_scale=scaling, backend=opts.get("transfusion_backend"),
+                           softcap=kwargs.get("softcap"))
     return out.view(B, Sq, Hq, out.shape[-1]), None
 
 
