@@ -14,6 +14,7 @@ compute capability 9.0).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import re
 import shutil
@@ -29,12 +30,18 @@ from tests.cuda.conftest import CSRC, NVCC, kernel_report
 from tests.oracles import assert_2x
 from tests.layouts import LAYOUTS, naive_dense, random_layout
 from transfusion_kernels.backends import load_extension
-from transfusion_kernels.masks import heaviest_first
+from transfusion_kernels.attention.plan import heaviest_first, key_tiles, query_runs
 
 GPU = torch.cuda.is_available() and load_extension()[0] is not None
 gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device and the built transfusion_kernels._C")
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def query_tiles(mask, block_m: int) -> torch.Tensor:
+    """The kernels' query-tile table of a one-interval mask: int32 [tiles, 4]."""
+    assert mask.num_intervals == 1
+    return query_runs(mask, block_m).reshape(-1, 4)
 
 
 # ==============================================================================================
@@ -324,9 +331,9 @@ def test_steps_cover_the_tables_and_full_steps_are_full(layouts, mask):
     nq, nk = dense.shape
     cases = []  # (dense oriented tile rows x step axis, tile row range, table row, step block)
     for step in (32, 64):
-        for t, row in enumerate(mask.query_tiles(64).tolist()):
+        for t, row in enumerate(query_tiles(mask, 64).tolist()):
             cases.append((dense, (64 * t, min(64 * t + 64, nq)), row, step))
-        for t, row in enumerate(mask.key_tiles(64).tolist()):
+        for t, row in enumerate(key_tiles(mask, 64).tolist()):
             cases.append((dense.T, (64 * t, min(64 * t + 64, nk)), row, step))
     out = layouts("steps", stdin="".join(f"{lo} {hi} {flo} {fhi} {b}\n" for _, _, (lo, hi, flo, fhi), b in cases))
     for (m, (r0, r1), (lo, hi, flo, fhi), b), line in zip(cases, out.splitlines(), strict=True):
@@ -440,9 +447,9 @@ def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None
     for name, t in (("kv_start", mask.kv_start), ("kv_end", mask.kv_end)):
         (work / f"{name}.bin").write_bytes(t.to(torch.int32).numpy().tobytes())
     block = EMU_BLOCK_M[mode]
-    (work / "q_tiles.bin").write_bytes(mask.query_tiles(block).numpy().tobytes())
-    (work / "k_tiles.bin").write_bytes(mask.key_tiles(64).numpy().tobytes())
-    for name, table in (("q_order", mask.query_tiles(block)), ("k_order", mask.key_tiles(64))):
+    (work / "q_tiles.bin").write_bytes(query_tiles(mask, block).numpy().tobytes())
+    (work / "k_tiles.bin").write_bytes(key_tiles(mask, 64).numpy().tobytes())
+    for name, table in (("q_order", query_tiles(mask, block)), ("k_order", key_tiles(mask, 64))):
         if ordered:
             (work / f"{name}.bin").write_bytes(heaviest_first(table).numpy().tobytes())
         else:
@@ -674,8 +681,7 @@ def run_cuda(q, k, v, mask, scale, dout=None):
     """Outputs (and gradients for dout) straight through the backend functions."""
     from transfusion_kernels.attention import cuda as tkc
 
-    tables, blocks = tkc.prepare(mask, q, k)
-    args = (mask.kv_start, mask.kv_end, tables, blocks, scale)
+    args = (mask.kv_start, mask.kv_end, tkc.prepare(mask, q, k), scale)
     out, lse = tkc.forward(q, k, v, *args)
     grads = None if dout is None else tkc.backward(dout, q, k, v, out, lse, *args)
     return out, lse, grads
@@ -875,17 +881,17 @@ def test_policy_without_a_gpu(monkeypatch):
 
 
 def test_tile_orders_without_a_gpu():
-    """Each kernel's tile order: prepare's (tables[3:]) checked against its table, or built from it
-    (heaviest first: the last tiles of a causal sequence see the most keys)."""
+    """Each kernel's tile order is checked against its table (heaviest first: the last tiles of
+    a causal sequence see the most keys)."""
     from transfusion_kernels.attention import cuda as tkc
 
-    t = tk.HybridMask.causal(torch.tensor([0, 300], dtype=torch.int32)).query_tiles(128)
-    table, order = tkc._table_and_order([t, t, t], 0, 300, 128, t.device, "the table")
-    assert table is t and order.dtype == torch.int32 and order.tolist() == [2, 1, 0]
-    assert tkc._table_and_order([t] * 3 + [order] * 3, 0, 300, 128, t.device, "the table")[1] is order
+    t = query_tiles(tk.HybridMask.causal(torch.tensor([0, 300], dtype=torch.int32)), 128)
+    order = heaviest_first(t)
+    assert order.dtype == torch.int32 and order.tolist() == [2, 1, 0]
+    tkc._check_table(t, order, 300, 128, t.device, "fwd_tiles")
     for bad in (order.long(), order[:2], order.view(1, 3)):
         with pytest.raises(ValueError, match="tile order"):
-            tkc._table_and_order([t] * 3 + [bad] * 3, 0, 300, 128, t.device, "the table")
+            tkc._check_table(t, bad, 300, 128, t.device, "fwd_tiles")
 
 
 @pytest.mark.gpu
@@ -912,19 +918,19 @@ def test_bad_tables_are_rejected():
 
     mask = tk.HybridMask.causal(torch.tensor([0, 100], dtype=torch.int32, device="cuda"))
     q, k = torch.randn(100, 2, 64, device="cuda").half(), torch.randn(100, 1, 64, device="cuda").half()
-    tables, blocks = tkc.prepare(mask, q, k)
-    wrong = [mask.query_tiles(32)] + tables[1:]
-    with pytest.raises(ValueError, match="tables"):
-        tkc.forward(q, k, k, mask.kv_start, mask.kv_end, wrong, blocks, 0.125)
-    with pytest.raises(ValueError, match="blocks"):
-        tkc.forward(q, k, k, mask.kv_start, mask.kv_end, tables, [96] + blocks[1:], 0.125)
+    plan = tkc.prepare(mask, q, k)
+    s, e = mask.kv_start, mask.kv_end
+    with pytest.raises(ValueError, match="plan.fwd_tiles"):
+        tkc.forward(q, k, k, s, e, dataclasses.replace(plan, fwd_tiles=query_tiles(mask, 32).cuda()), 0.125)
+    with pytest.raises(ValueError, match="fwd_block_m"):
+        tkc.forward(q, k, k, s, e, dataclasses.replace(plan, config=tkc.BlockSizes(96, 64, 64)), 0.125)
     with pytest.raises(ValueError, match="tile order"):  # orders are int32, one entry per tile
-        tkc.forward(q, k, k, mask.kv_start, mask.kv_end, tables[:3] + [tables[3].long()] + tables[4:], blocks, 0.125)
-    out, lse = tkc.forward(q, k, k, mask.kv_start, mask.kv_end, tables, blocks, 0.125)
+        tkc.forward(q, k, k, s, e, dataclasses.replace(plan, fwd_order=plan.fwd_order.long()), 0.125)
+    out, lse = tkc.forward(q, k, k, s, e, plan, 0.125)
     with pytest.raises(ValueError, match="tile order"):
-        tkc.backward(q, q, k, k, out, lse, mask.kv_start, mask.kv_end, tables[:5] + [tables[5][:-1]], blocks, 0.125)
-    with pytest.raises(ValueError, match="tables"):
-        tkc.backward(q, q, k, k, out, lse, mask.kv_start, mask.kv_end, tables[:2] + [mask.key_tiles(32)], blocks, 0.125)
+        tkc.backward(q, q, k, k, out, lse, s, e, dataclasses.replace(plan, dkdv_order=plan.dkdv_order[:-1]), 0.125)
+    with pytest.raises(ValueError, match="plan.dkdv_tiles"):
+        tkc.backward(q, q, k, k, out, lse, s, e, dataclasses.replace(plan, dkdv_tiles=key_tiles(mask, 32)), 0.125)
 
 
 # ---- GPU only: large shapes ----------------------------------------------------------------
