@@ -245,3 +245,29 @@ def test_bench_results_default_under_the_current_directory(tmp_path, monkeypatch
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: calls.append(kw) or 0)
     assert cli.main(["bench", "--smoke"]) == 0
     assert "cwd" not in calls[0]  # the driver runs in the current directory
+
+
+# ---- a feature whose extra is missing says which extra to install ----------------------------
+def _run_without(module: str, code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter where ``module`` cannot be imported or found."""
+    hide = (f"import importlib.util, sys; sys.modules[{module!r}] = None; real = importlib.util.find_spec; "
+            f"importlib.util.find_spec = lambda name, *a: None if name == {module!r} else real(name, *a)\n")
+    return subprocess.run([sys.executable, "-c", hide + code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module,code,extra", [
+    ("sentencepiece", "import transfusion.cli", "model"),
+    ("diffusers", "import transfusion_kernels.integrations.diffusers", "diffusers"),
+    ("transformers", "from transfusion_kernels.integrations import transformers as t; t.register()", "transformers"),
+])
+def test_missing_extra_is_named_in_one_line(module, code, extra):
+    r = _run_without(module, code)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and f"pip install 'transfusion-kernels[{extra}]'" in last, r.stderr[-2000:]
+
+
+def test_missing_triton_is_named_by_the_backend():
+    r = _run_without("triton", "import transfusion_kernels as tk; print(tk.available_backends('cpu')['triton'].reason)")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pip install 'transfusion-kernels[triton]'" in r.stdout

@@ -96,7 +96,7 @@ def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({e}); pip install 'triton>=3.6'"
+        return f"triton is not importable ({e}); pip install 'transfusion-kernels[triton]'"
     return None
 
 
