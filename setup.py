@@ -12,6 +12,10 @@ Every build writes transfusion_kernels/_build_info.json: the version, the commit
 and CUDA version of the extension or why it was not built (``tk.build_info()``,
 ``transfusion --version``). An sdist carries its commit in the file COMMIT.
 
+TRANSFUSION_EXTENSION_FROM=DIR takes the extension from the one transfusion_kernels wheel in DIR
+instead of compiling it (it must have been built from this commit): CI compiles the extension
+once, in .ci/package, and its editable install reuses it.
+
 Other knobs: TRANSFUSION_CUDA_ARCHS (default "80+PTX;90a": sm_80 SASS and compute_80 PTX, which
 newer GPUs such as sm_100 and sm_120 run, and the sm_90a kernels for Hopper), CMAKE_BUILD_PARALLEL_LEVEL (default: the
 number of CPUs), CMAKE_BUILD_TYPE (default Release).
@@ -25,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -116,6 +121,25 @@ def warn(message: str) -> None:
 
 
 NVCC, CUDA_VERSION, NOT_BUILT = probe_nvcc()
+PREBUILT = os.environ.get("TRANSFUSION_EXTENSION_FROM", "").strip() or None
+
+
+def prebuilt_extension(folder: str, module: str) -> tuple[bytes, dict]:
+    """The compiled ``module`` file (e.g. transfusion_kernels/_C.cpython-311-x86_64-linux-gnu.so)
+    and the build record of the one wheel in ``folder``, checked to be built from this commit."""
+    wheels = sorted(Path(folder).glob("transfusion_kernels-*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"TRANSFUSION_EXTENSION_FROM={folder} must hold one transfusion_kernels wheel, "
+                           f"found {len(wheels)}")
+    with zipfile.ZipFile(wheels[0]) as whl:
+        if module not in whl.namelist():
+            raise RuntimeError(f"TRANSFUSION_EXTENSION_FROM: {wheels[0].name} has no {module} (built without the "
+                               "extension, or for another Python)")
+        data, record = whl.read(module), json.loads(whl.read(f"transfusion_kernels/{RECORD}"))
+    if record.get("commit") != git_commit():
+        raise RuntimeError(f"TRANSFUSION_EXTENSION_FROM: {wheels[0].name} was built from commit {record.get('commit')}, "
+                           f"this source tree is at {git_commit()}; build the wheel again")
+    return data, record
 
 
 class RecordingBuildPy(build_py):
@@ -124,7 +148,7 @@ class RecordingBuildPy(build_py):
     def run(self) -> None:
         super().run()
         target = ROOT if self.editable_mode else Path(self.build_lib)
-        if NOT_BUILT is not None and build_mode() != "0":
+        if NOT_BUILT is not None and build_mode() != "0" and not PREBUILT:
             warn(f"installing without the CUDA extension: {NOT_BUILT}")
         write_record(target / "transfusion_kernels", self.distribution.get_version(),
                      {"built": False, "reason": NOT_BUILT or "the extension's build has not run"})
@@ -151,6 +175,12 @@ class CMakeBuild(build_ext):
             out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
             # An editable install builds into build_lib, then copies the module into the sources.
             record_dir = ROOT / "transfusion_kernels" if self.editable_mode else out_path.parent
+            if PREBUILT:
+                data, record = prebuilt_extension(PREBUILT, f"transfusion_kernels/{out_path.name}")
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                out_path.write_bytes(data)
+                write_record(record_dir, self.distribution.get_version(), record["cuda_extension"])
+                continue
             archs = os.environ.get("TRANSFUSION_CUDA_ARCHS", "80+PTX;90a")
             try:
                 self.build_cmake(out_path, archs)
@@ -217,6 +247,6 @@ class CommitSdist(sdist):
 
 
 setup(
-    ext_modules=[Extension(EXT_NAME, sources=[])] if NVCC and NOT_BUILT is None else [],
+    ext_modules=[Extension(EXT_NAME, sources=[])] if PREBUILT or (NVCC and NOT_BUILT is None) else [],
     cmdclass={"build_py": RecordingBuildPy, "build_ext": CMakeBuild, "sdist": CommitSdist},
 )

@@ -198,6 +198,52 @@ def test_cmake_refuses_an_unknown_target(tmp_path):
     assert r.returncode != 0 and "'90a+PTX' is not a target such as 80, 90a or 80+PTX" in r.stdout + r.stderr
 
 
+def _fake_wheel(folder: Path, commit: str) -> bytes:
+    """A wheel in ``folder`` holding a stand-in extension module and its build record."""
+    import sysconfig
+
+    folder.mkdir()
+    module = b"stand-in for a compiled extension"
+    record = {"version": "0.1.0", "commit": commit,
+              "cuda_extension": {"built": True, "archs": ["sm_80+PTX", "sm_90a"], "cuda_version": "13.0.88"}}
+    with zipfile.ZipFile(folder / "transfusion_kernels-0.1.0-cp311-cp311-linux_x86_64.whl", "w") as whl:
+        whl.writestr(f"transfusion_kernels/_C{sysconfig.get_config_var('EXT_SUFFIX')}", module)
+        whl.writestr("transfusion_kernels/_build_info.json", json.dumps(record))
+    return module
+
+
+def _build_from(tmp_path, folder: Path):
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFUSION_BUILD_CUDA"}
+    env["TRANSFUSION_EXTENSION_FROM"] = str(folder)
+    return subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_extension_from_a_wheel_of_this_commit_is_reused(tmp_path):
+    """TRANSFUSION_EXTENSION_FROM: the build copies the module and its record out of the wheel
+    (CI compiles the extension once, in .ci/package) instead of compiling."""
+    import sysconfig
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("needs the checkout's commit")
+    head = git("rev-parse", "HEAD").strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    module = _fake_wheel(tmp_path / "wheel", head + ("+dirty" if dirty else ""))
+    r = _build_from(tmp_path, tmp_path / "wheel")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (lib,) = (tmp_path / "build").glob("lib*/transfusion_kernels")
+    assert (lib / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").read_bytes() == module
+    record = json.loads((lib / "_build_info.json").read_text())
+    assert record["cuda_extension"]["archs"] == ["sm_80+PTX", "sm_90a"] and record["cuda_extension"]["built"]
+    assert "cmake" not in r.stdout + r.stderr and WARNING not in r.stderr
+
+
+def test_extension_from_a_wheel_of_another_commit_is_refused(tmp_path):
+    _fake_wheel(tmp_path / "wheel", "0123abc")
+    r = _build_from(tmp_path, tmp_path / "wheel")
+    assert r.returncode != 0 and "was built from commit 0123abc" in r.stderr
+
+
 # ---- what the install reports ----------------------------------------------------------------
 def test_build_info_and_version_show_the_record(monkeypatch, capsys):
     import transfusion_kernels as tk
