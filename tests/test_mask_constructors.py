@@ -267,9 +267,10 @@ def test_from_padded_matches_rule():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lengths=[3, 9], seq_len=8), r"lengths\[1\] = 9 is outside \[0, seq_len = 8\]"),
-    (dict(lengths=[3, 5], seq_len=8, image_spans=[[], [(2, 6)]]), r"sample 1 has span \(2, 6\) outside its 5"),
+    (dict(lengths=[3, 5], seq_len=8, image_spans=[[], [(2, 6)]]), r"sample 1 has span \(2, 6\), not a range inside its 5"),
     (dict(lengths=[3, 5], seq_len=8, hidden_spans=[[]]), "hidden_spans has 1 samples but lengths has 2"),
     (dict(lengths=[3], seq_len=-1), "seq_len must be a non-negative int"),
+    (dict(lengths=[3, 5], seq_len=8, hidden_spans=torch.tensor([[[0, 0]], [[4, 2]]])), r"sample 1 has span \(4, 2\)"),
     (dict(lengths=[3, 5], seq_len=8, image_spans=torch.zeros(3, 1, 2, dtype=torch.int64)), r"\[B = 2, M, 2\]"),
 ])
 def test_from_padded_errors(kwargs, message):

@@ -15,7 +15,7 @@ offending sample, split, span or row.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -101,8 +101,7 @@ def _pad_width(starts, ends, k: int):
     """A canonical pair widened to K = k slots (trailing slots repeat the last end)."""
     if starts.shape[1] == k:
         return starts, ends
-    count = (ends > starts).sum(1)
-    return _finish(starts.to(torch.int64), ends.to(torch.int64), count, k)
+    return _finish(starts.to(torch.int64), ends.to(torch.int64), interval_counts(starts, ends), k)
 
 
 def interval_counts(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -316,11 +315,10 @@ def from_padded(lengths, seq_len: int, image_spans=None, hidden_spans=None):
             sample = torch.repeat_interleave(torch.arange(batch, device=device),
                                              torch.tensor([p.shape[0] for p in per], dtype=torch.int64, device=device))
             t = torch.cat(per) if per else torch.zeros(0, 2, dtype=torch.int64, device=device)
-        out = (t[:, 0] < 0) | (t[:, 1] > lens[sample])
-        m = _first_bad(out)
+        m = _first_bad((t[:, 0] < 0) | (t[:, 1] > lens[sample]) | (t[:, 1] < t[:, 0]))
         if m is not None:
-            raise ValueError(f"{name}: sample {int(sample[m])} has span ({int(t[m, 0])}, {int(t[m, 1])}) outside "
-                             f"its {int(lens[sample[m]])} real tokens")
+            raise ValueError(f"{name}: sample {int(sample[m])} has span ({int(t[m, 0])}, {int(t[m, 1])}), not a range "
+                             f"inside its {int(lens[sample[m]])} real tokens")
         return t + base[sample][:, None]
 
     starts, ends, n = from_spans(cu, absolute(image_spans, "image_spans"), absolute(hidden_spans, "hidden_spans"))
@@ -389,15 +387,18 @@ def _probe_rows(visible_rows: Callable[[int, int], torch.Tensor], row_count: int
     """Canonical pair of ``row_count`` rows, probing ``visible_rows(r0, r1)`` (bool [r1 - r0, key_count])
     in chunks of at most PROBE_ELEMENTS booleans."""
     step = max(1, PROBE_ELEMENTS // max(key_count, 1))
-    parts = []
-    for r0 in range(0, row_count, step):
-        parts.append(canonical_from_dense_rows(visible_rows(r0, min(r0 + step, row_count))))
-    if not parts:
+    return _stack([canonical_from_dense_rows(visible_rows(r0, min(r0 + step, row_count)))
+                   for r0 in range(0, row_count, step)], device)
+
+
+def _stack(pairs, device):
+    """Canonical pairs of consecutive rows, widened to the largest K and concatenated."""
+    if not pairs:
         z = torch.zeros(0, 1, dtype=torch.int32, device=device)
         return z, z.clone()
-    k = max(p[0].shape[1] for p in parts)
-    parts = [_pad_width(s, e, k) for s, e in parts]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    k = max(s.shape[1] for s, _ in pairs)
+    pairs = [_pad_width(s, e, k) for s, e in pairs]
+    return torch.cat([s for s, _ in pairs]), torch.cat([e for _, e in pairs])
 
 
 def _padded_probe(visible, batch: int, seq_len: int, device):
@@ -407,12 +408,7 @@ def _padded_probe(visible, batch: int, seq_len: int, device):
         s, e = _probe_rows(lambda r0, r1, b=b: visible(b, r0, r1), seq_len, seq_len, device)
         seen = e[:, :1] > s[:, :1]
         pairs.append((torch.where(seen, s + b * seq_len, s), torch.where(seen, e + b * seq_len, e)))
-    if not pairs:
-        z = torch.zeros(0, 1, dtype=torch.int32, device=device)
-        return z, z.clone()
-    k = max(p[0].shape[1] for p in pairs)
-    pairs = [_pad_width(s, e, k) for s, e in pairs]
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    return _stack(pairs, device)
 
 
 def _check_documents(dense_rows, r0, doc_start, doc_end):
@@ -557,7 +553,7 @@ def from_block_mask(block_mask, cu_seqlens=None):
     return starts, ends, batch * q_len
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "MODES", "canonical_from_dense_rows", "canonical_from_intervals", "from_block_mask", "from_dense",
     "from_mask_mod", "from_padded", "from_spans", "from_splits", "interval_counts",
 ]
