@@ -258,11 +258,16 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, Ba
 _LOCAL = threading.local()
 
 
-def _stack() -> list[str]:
-    stack = getattr(_LOCAL, "stack", None)
+def thread_stack(local: threading.local) -> list:
+    """This thread's ``local.stack``, made empty on its first use in the thread."""
+    stack = getattr(local, "stack", None)
     if stack is None:
-        stack = _LOCAL.stack = []
+        stack = local.stack = []
     return stack
+
+
+def _stack() -> list[str]:
+    return thread_stack(_LOCAL)
 
 
 @contextlib.contextmanager

@@ -68,6 +68,7 @@ import threading
 import torch
 
 from transfusion_kernels.attention import hybrid_attention
+from transfusion_kernels.backends import thread_stack
 from transfusion_kernels.masks import HybridMask
 
 ATTN_IMPLEMENTATION = "transfusion"
@@ -78,10 +79,7 @@ _LOCAL = threading.local()
 
 
 def _stack() -> list[dict]:
-    stack = getattr(_LOCAL, "stack", None)
-    if stack is None:
-        stack = _LOCAL.stack = []
-    return stack
+    return thread_stack(_LOCAL)
 
 
 def _check(ok: torch.Tensor, message: str) -> None:
@@ -165,7 +163,7 @@ class MaskRequest:
         else:
             lo, hi = self._derived(p, position_ids, image_ids, device)
         lo, hi = lo.clamp(0, Sk), hi.clamp(0, Sk)
-        lo, hi = torch.minimum(lo, hi), hi
+        lo = torch.minimum(lo, hi)
         if self.padding is not None:
             need = self.kv_offset + Sk  # the queries are among the keys; keys past the mask are not real
             pad = torch.nn.functional.pad(self.padding.to(device), (0, max(0, need - self.padding.shape[1])))
