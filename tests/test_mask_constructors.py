@@ -360,7 +360,7 @@ def test_from_mask_mod_packed(small_probes):
 
 def test_from_mask_mod_padded(small_probes):
     gen = torch.Generator().manual_seed(7)
-    for _ in range(LAYOUTS // 2):
+    for _ in range(LAYOUTS):
         batch, length = torch.randint(0, 4, (2,), generator=gen).tolist()
         length *= 3
         per = random_dense_rows(gen, batch * length, length).reshape(batch, length, length)
@@ -471,3 +471,27 @@ def test_docs_examples_run():
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "docs/masks.md", "exec"), namespace)
+
+
+def test_from_block_mask_random_blocks(small_probes):
+    """Random block structures (none / partial / full per block) over a random mask_mod table."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    rng = random.Random(10)
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(LAYOUTS):
+        batch, n, bs = rng.choice([1, 1, 2, 3]), rng.randint(1, 20), rng.choice([4, 8])
+        blocks = -(-n // bs)
+        kind = torch.randint(0, 3, (batch, blocks, blocks), generator=gen)  # 0 none, 1 partial, 2 full
+        table = torch.rand(batch, n, n, generator=gen) < 0.6
+
+        def listing(which):
+            num = (kind == which).sum(-1).to(torch.int32)[:, None]
+            order = torch.argsort((kind != which).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+            return num, order[:, None]
+
+        bm = flex.BlockMask.from_kv_blocks(*listing(1), *listing(2), BLOCK_SIZE=bs,
+                                           mask_mod=lambda b, h, q, kv, t=table: t[b, q, kv], seq_lengths=(n, n))
+        kinds, allowed = kind.tolist(), table.tolist()
+        per = torch.tensor([[[kinds[b][i // bs][j // bs] == 2 or (kinds[b][i // bs][j // bs] == 1 and allowed[b][i][j])
+                              for j in range(n)] for i in range(n)] for b in range(batch)], dtype=torch.bool)
+        assert_canonical_of(mc.from_block_mask(bm), torch.block_diag(*per))
