@@ -73,6 +73,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned: set[tuple[str, str]] = set()
 
 
+def _same(key: tuple, other: tuple) -> bool:
+    """Cache keys of (tensor, its _version, ...) pairs: the same tensor objects at the same versions."""
+    return all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(key, other))
+
+
 def _seed_from(generator: torch.Generator) -> int:
     draw = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator, device=generator.device)
     return int(draw) % 2**64
@@ -119,9 +124,11 @@ class _Fused(_FusedBase):
     def fused_schedule(self) -> tkd.DiffusionSchedule | None:
         """The schedule of the current ``alphas_cumprod`` (None where the kernels cannot take it)."""
         abar = self.alphas_cumprod
-        key = (id(abar), abar._version, id(self.betas), self.betas._version)
+        # the tensors themselves (held, so matched by identity) and their versions: a reassigned or
+        # in-place modified schedule is seen
+        key = (abar, abar._version, self.betas, self.betas._version)
         cached = self.__dict__.get("_fused_schedule")
-        if cached is None or cached[0] != key:
+        if cached is None or not _same(cached[0], key):
             try:
                 sched = tkd.DiffusionSchedule(trained_betas=self.betas)
                 sched.alphas_cumprod = abar.detach().to("cpu", torch.float64)  # the values diffusers' step reads
@@ -268,9 +275,9 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteSch
         """float64 CPU copy of ``self.sigmas`` / ``self.timesteps`` (kept until they change): a
         step reads python floats from it, with no device sync when the schedule is on a GPU."""
         value = getattr(self, name)
-        key = (id(value), value._version)
+        key = (value, value._version)
         cached = self.__dict__.get(f"_fused_{name}")
-        if cached is None or cached[0] != key:
+        if cached is None or not _same(cached[0], key):
             cached = self.__dict__[f"_fused_{name}"] = (key, value.detach().to("cpu", torch.float64))
         return cached[1]
 
