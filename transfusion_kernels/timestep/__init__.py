@@ -34,9 +34,10 @@ freq_dim == D). The config keywords are ``freq_dim`` (int), ``flip_sin_to_cos`` 
     fp32 gradients of ``sum(demb * emb)`` in the MLP weights (db1 computed even when b1 is None).
     A backend may return ``reference.mlp_backward(...)``: it is M-row work.
 
-The kernel backends also define ``supports(x) -> reason or None`` (what their kernels cover;
-``backends.select`` falls back on a reason). Nothing else is required: dx = dy is handled here, and so are the casts of the gradients to the
-weights' dtypes.
+The kernel backends also define ``supports(x) -> reason or None`` (what their kernels cover: on a
+reason ``backends.select`` raises for a named backend and passes it over under "auto"). Nothing
+else is required: dx = dy is handled here, and so are the casts of the gradients to the weights'
+dtypes.
 """
 from __future__ import annotations
 
