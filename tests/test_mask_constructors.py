@@ -98,7 +98,7 @@ def random_splits(rng: random.Random):
     for _ in range(samples):
         count = rng.choice([0, 1, 2, 3, 6, 10, 16])
         noise_bias = rng.random()
-        lens = [rng.choice([0, 1, 1, 2, 3, 5, 8]) for _ in range(count)]
+        lens = [rng.choice([0, 1, 1, 2, 3, 5]) for _ in range(count)]
         if rng.random() < 0.2:  # interleaved text and noised images: the most intervals per query
             ms = [rng.choice(["causal", "full"]) if t % 2 else "noise" for t in range(count)]
         else:
