@@ -378,6 +378,24 @@ def test_from_mask_mod_refuses_pairs_across_documents(small_probes):
     assert_canonical_of(got, spans_oracle([0, 5, 9], [], []))
 
 
+def test_probes_hold_one_chunk_at_a_time(monkeypatch):
+    """No probe evaluates more than PROBE_ELEMENTS (query, key) pairs at once."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(mc, "PROBE_ELEMENTS", 100)
+    sizes, probe = [], mc._probe
+
+    def recording(mask_mod, b, h, rows, cols):
+        sizes.append(rows.numel() * cols.numel())
+        return probe(mask_mod, b, h, rows, cols)
+
+    monkeypatch.setattr(mc, "_probe", recording)
+    causal = lambda b, h, q, kv: kv <= q
+    mc.from_mask_mod(causal, [0, 50])
+    mc.from_mask_mod(causal, batch_size=2, seq_len=30)
+    mc.from_block_mask(flex.create_block_mask(causal, None, None, 40, 40, device="cpu", BLOCK_SIZE=8))
+    assert len(sizes) > 10 and max(sizes) <= 100
+
+
 @pytest.mark.parametrize("args, kwargs, message", [
     ((lambda b, h, q, kv: kv <= q,), {}, "either cu_seqlens .* or batch_size and seq_len"),
     ((lambda b, h, q, kv: kv <= q, [0, 4]), dict(batch_size=1, seq_len=4), "not both or neither"),
