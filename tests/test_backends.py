@@ -302,5 +302,6 @@ def test_constant_marker_is_torchs():
     from torch._dynamo import assume_constant_result
 
     assert assume_constant_result(lambda: 0).__dict__ == {"_dynamo_marked_constant": True}
-    for fn in (tk_backends._import, tk_backends._module_exists, tk_backends.load_extension):
+    for fn in (tk_backends._import, tk_backends._module_exists, tk_backends.load_extension,
+               tk_backends.device_capability, tk_backends.extension_archs, tk_backends._capability_reason):
         assert fn._dynamo_marked_constant is True

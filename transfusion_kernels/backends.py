@@ -188,6 +188,7 @@ def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
     return capability[0] == built[0] and capability[1] >= built[1]
 
 
+@_constant  # a regex: torch.compile evaluates it at trace time rather than tracing it
 def _capability_reason(name: str, capability: tuple[int, int]) -> str | None:
     """Why backend ``name`` cannot run on a device of ``capability`` (None when it can)."""
     sm = f"sm_{capability[0]}{capability[1]}"
