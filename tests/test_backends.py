@@ -270,6 +270,44 @@ def test_use_backend_traces_under_fullgraph_compile(monkeypatch):
     assert "'cuda' cannot run here" in " ".join(str(e) for e in chain)
 
 
+def _op_calls():
+    """(public op, positional arguments, keyword arguments): a valid CPU call of every op."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, generator=gen)
+    t = torch.tensor([1, 5, 10, 20])
+    sched = tk.DiffusionSchedule()
+    idx = torch.tensor([0, 0, 1, -1], dtype=torch.int32)
+    q = torch.randn(6, 2, 8, generator=gen)
+    mask = tk.HybridMask.causal(torch.tensor([0, 6], dtype=torch.int32))
+    return {
+        "hybrid_attention": (tk.hybrid_attention, (q, q, q, mask), {}),
+        "patch_timestep_embedding": (tk.patch_timestep_embedding, (x, t[:2], idx), {"freq_dim": 8}),
+        "add_noise": (tk.add_noise, (x, t, sched), {}),
+        "ddpm_step": (tk.ddpm_step, (x, 10, x, sched), {}),
+        "ddim_step": (tk.ddim_step, (x, 10, x, sched), {"prev_timestep": 5}),
+        "diffusion_loss": (tk.diffusion_loss, (x, x, idx), {}),
+        "flow_add_noise": (tk.flow_add_noise, (x, 0.5), {}),
+        "flow_euler_step": (tk.flow_euler_step, (x, 0.5, 0.25, x), {}),
+        "flow_loss": (tk.flow_loss, (x, x, x, idx), {}),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_op_calls()))
+def test_every_op_refuses_a_named_backend_that_cannot_run(monkeypatch, name):
+    """Each op: backend="cuda" and backend="triton" (no interpreter) on CPU tensors raise and name
+    the reason; "auto" runs the reference, and explain says so without running."""
+    fn, args, kwargs = _op_calls()[name]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(tk.BackendUnavailableError, match="backend 'cuda' cannot run here: "):
+        fn(*args, **kwargs, backend="cuda")
+    with pytest.raises(tk.BackendUnavailableError, match="backend 'triton' cannot run here: triton needs a CUDA device"):
+        fn(*args, **kwargs, backend="triton")
+    assert tk.explain(fn, *args, **kwargs).backend == "reference"
+    choice = tk.explain(name, *args, **kwargs, backend="cuda")
+    assert choice.backend is None and "cannot run here" in choice.passed_over[0][1]
+    fn(*args, **kwargs, backend="auto")
+
+
 def test_every_kernel_backend_module_declares_its_coverage():
     from transfusion_kernels.attention import ATTENTION
     from transfusion_kernels.diffusion import AFFINE_STEP, LOSS
