@@ -134,6 +134,13 @@ def as_kind(values, kind):
     return torch.tensor(values, dtype=torch.int32 if kind == "int32" else torch.int64)
 
 
+# ---------------------------------------------------------------------------------------------- chunks
+@pytest.fixture
+def small_probes(monkeypatch):
+    """Probe chunks of a few rows, so every layout runs through several chunks."""
+    monkeypatch.setattr(mc, "PROBE_ELEMENTS", 200)
+
+
 # ---------------------------------------------------------------------------------------------- canonical form
 def test_canonical_from_dense_rows_random():
     gen = torch.Generator().manual_seed(0)
@@ -285,7 +292,7 @@ def random_dense_rows(gen, rows, keys):
     return torch.rand(rows, keys, generator=gen) < p + (torch.rand(rows, 1, generator=gen) < 0.1)
 
 
-def test_from_dense_packed_and_batched():
+def test_from_dense_packed_and_batched(small_probes):
     gen = torch.Generator().manual_seed(5)
     widest = 0
     for trial in range(LAYOUTS):
@@ -321,12 +328,6 @@ def test_from_dense_errors(mask, message):
 
 
 # ---------------------------------------------------------------------------------------------- mask_mods
-@pytest.fixture
-def small_probes(monkeypatch):
-    """Probe chunks of a few rows, so every layout runs through several chunks."""
-    monkeypatch.setattr(mc, "PROBE_ELEMENTS", 200)
-
-
 def sliding_window(doc, window, sinks):
     def mask_mod(b, h, q, kv):
         same = doc[q] == doc[kv]

@@ -341,13 +341,13 @@ def from_dense(mask: torch.Tensor, max_intervals: int | None = None):
                                       or max_intervals < 1):
         raise ValueError(f"max_intervals must be a positive int or None, got {max_intervals!r}")
     if mask.dim() == 2:
-        starts, ends = canonical_from_dense_rows(mask)
+        starts, ends = _rows_in_chunks(mask)
         num_keys = mask.shape[1]
     elif mask.dim() == 3:
         batch, length, keys = mask.shape
         if length != keys:
             raise ValueError(f"a batched mask must be [B, L, L], got {tuple(mask.shape)}")
-        starts, ends = canonical_from_dense_rows(mask.reshape(batch * length, length))
+        starts, ends = _rows_in_chunks(mask.reshape(batch * length, length))
         offset = (torch.arange(batch * length, device=mask.device) // max(length, 1) * length).to(torch.int32)
         seen = (ends[:, :1] > starts[:, :1])  # canonical: a row sees something iff its first slot is non-empty
         starts = torch.where(seen, starts + offset[:, None], starts)
@@ -358,6 +358,11 @@ def from_dense(mask: torch.Tensor, max_intervals: int | None = None):
     _check_token_count(max(starts.shape[0], num_keys), "the mask's size")
     _check_max_intervals(starts, ends, max_intervals)
     return starts, ends, num_keys
+
+
+def _rows_in_chunks(rows: torch.Tensor):
+    """canonical_from_dense_rows a chunk of rows at a time: temporaries stay PROBE_ELEMENTS-sized."""
+    return _probe_rows(lambda r0, r1: rows[r0:r1], rows.shape[0], rows.shape[1], rows.device)
 
 
 def _check_max_intervals(starts, ends, max_intervals):
