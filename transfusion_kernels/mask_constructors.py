@@ -30,24 +30,23 @@ _BIG = 2**62  # sorts after any int64 position
 
 
 # ---------------------------------------------------------------------------------------------- canonical form
-def _fill_trailing(starts: torch.Tensor, ends: torch.Tensor, count: torch.Tensor):
-    """Slots k >= count[r] become (e_last, e_last) of row r, or (0, 0) when the row is empty."""
-    k = torch.arange(starts.shape[1], device=starts.device)
-    last = ends.gather(1, (count - 1).clamp_min(0)[:, None])
-    last = torch.where(count[:, None] > 0, last, torch.zeros_like(last))
-    unused = k[None, :] >= count[:, None]
-    return torch.where(unused, last, starts), torch.where(unused, last, ends)
-
-
+# Internally the intervals are slot-major, [K, R] (slot k of every row contiguous), so that each
+# vectorised step runs along the long axis; the results are row-major int32 [R, K].
 def _finish(starts, ends, count, width: int | None = None):
-    """int32 canonical pair of width ``max(1, count.max())`` (or ``width``) from runs in slots 0.. count - 1."""
+    """The int32 row-major canonical pair from slot-major int64 runs (row r's in slots 0 .. count[r] - 1),
+    ``max(1, count.max())`` slots wide (or ``width``): the slots after a row's runs repeat its last end
+    ((0, 0) for a row without runs)."""
     k = max(1, int(count.max()) if count.numel() else 1) if width is None else width
-    if starts.shape[1] < k:
-        pad = k - starts.shape[1]
-        starts = torch.nn.functional.pad(starts, (0, pad))
-        ends = torch.nn.functional.pad(ends, (0, pad))
-    s, e = _fill_trailing(starts[:, :k], ends[:, :k], count)
-    return s.to(torch.int32).contiguous(), e.to(torch.int32).contiguous()
+    if starts.shape[0] < k:
+        pad = k - starts.shape[0]
+        starts = torch.nn.functional.pad(starts, (0, 0, 0, pad))
+        ends = torch.nn.functional.pad(ends, (0, 0, 0, pad))
+    starts, ends = starts[:k], ends[:k]
+    last = ends.gather(0, (count - 1).clamp_min(0)[None, :])
+    last = torch.where(count[None, :] > 0, last, torch.zeros_like(last))
+    unused = torch.arange(k, device=starts.device)[:, None] >= count[None, :]
+    starts, ends = torch.where(unused, last, starts), torch.where(unused, last, ends)
+    return starts.t().to(torch.int32).contiguous(), ends.t().to(torch.int32).contiguous()
 
 
 def canonical_from_dense_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +64,8 @@ def canonical_from_dense_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.
     for edge in (1, -1):
         r, col = torch.nonzero(step == edge, as_tuple=True)
         slot = torch.arange(r.numel(), device=dense.device) - first[r]
-        t = torch.zeros(rows, k, dtype=torch.int64, device=dense.device)
-        t[r, slot] = col
+        t = torch.zeros(k, rows, dtype=torch.int64, device=dense.device)
+        t[slot, r] = col
         out.append(t)
     return _finish(out[0], out[1], count, k)
 
@@ -76,32 +75,33 @@ def canonical_from_intervals(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.
     half-open intervals ``[lo, hi)`` (in any order, overlapping or touching; ``hi <= lo`` is empty)."""
     lo, hi = lo.to(torch.int64), hi.to(torch.int64)
     order = torch.argsort(torch.where(hi <= lo, _BIG, lo), dim=1, stable=True)
-    return _merge_sorted(lo.gather(1, order), hi.gather(1, order))
+    return _merge_sorted(lo.gather(1, order).t(), hi.gather(1, order).t())
 
 
 def _merge_sorted(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """canonical_from_intervals for int64 rows whose non-empty intervals already come in order of
-    their starts (empty ones may sit anywhere)."""
-    rows, j = lo.shape
+    """canonical_from_intervals of int64 intervals given slot-major, ``[J, R]`` (slot j of every
+    row is contiguous, so each step runs along the long axis), whose non-empty intervals already
+    come in order of their starts within a row (empty ones may sit anywhere)."""
+    j, rows = lo.shape
     empty = hi <= lo
-    reach = torch.cummax(torch.where(empty, -_BIG, hi), dim=1).values  # furthest end so far
-    before = torch.nn.functional.pad(reach[:, :-1], (1, 0), value=-_BIG)
+    reach = torch.cummax(torch.where(empty, -_BIG, hi), dim=0).values  # furthest end so far
+    before = torch.cat([torch.full_like(reach[:1], -_BIG), reach[:-1]])
     new_run = ~empty & (lo > before)  # starts strictly after everything earlier: a new run
-    run = torch.cumsum(new_run.to(torch.int64), 1) - 1
-    count = new_run.sum(1)
-    run = torch.where(empty, j, run)  # empties go to a discarded column
-    starts = torch.full((rows, j + 1), _BIG, dtype=torch.int64, device=lo.device)
-    ends = torch.full((rows, j + 1), -_BIG, dtype=torch.int64, device=lo.device)
-    starts.scatter_reduce_(1, run, lo, "amin")
-    ends.scatter_reduce_(1, run, hi, "amax")
-    return _finish(starts[:, :j], ends[:, :j], count)
+    run = torch.cumsum(new_run, 0) - 1
+    count = new_run.sum(0)
+    run = torch.where(empty, j, run)  # empties go to a discarded slot
+    starts = torch.full((j + 1, rows), _BIG, dtype=torch.int64, device=lo.device)
+    ends = torch.full((j + 1, rows), -_BIG, dtype=torch.int64, device=lo.device)
+    starts.scatter_reduce_(0, run, lo, "amin")
+    ends.scatter_reduce_(0, run, hi, "amax")
+    return _finish(starts[:j], ends[:j], count)
 
 
 def _pad_width(starts, ends, k: int):
     """A canonical pair widened to K = k slots (trailing slots repeat the last end)."""
     if starts.shape[1] == k:
         return starts, ends
-    return _finish(starts.to(torch.int64), ends.to(torch.int64), interval_counts(starts, ends), k)
+    return _finish(starts.t().to(torch.int64), ends.t().to(torch.int64), interval_counts(starts, ends), k)
 
 
 def interval_counts(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -163,25 +163,26 @@ def _visible_minus_hidden(first, stop, hid_s, hid_e, own):
     disjoint, int64 [M]) other than span ``own[i]`` (-1: none), for every row i at once.
 
     Only the spans that start inside the window matter; each leaves a gap before it, so row i gets
-    (its number of such spans + 1) candidate intervals, built by gathers and then made canonical."""
+    (its number of such spans + 1) candidate intervals, built slot-major ([slot, row]) by gathers
+    and then made canonical."""
     r0 = torch.searchsorted(hid_s, first)  # first span starting at or after the window
     r1 = torch.searchsorted(hid_s, stop)  # spans starting before the window's end
     p = (r1 - r0).clamp_min(0)
     width = int(p.max()) + 1 if p.numel() else 1
-    k = torch.arange(width, device=first.device)[None, :]
+    k = torch.arange(width, device=first.device)[:, None]
     m = hid_s.numel()
 
     def span(idx):  # span idx of each slot, the row's own span emptied (it stays visible)
         if not m:
             return torch.zeros_like(idx), torch.zeros_like(idx)
         s, e = _take(hid_s, idx.clamp(0, m - 1)), _take(hid_e, idx.clamp(0, m - 1))
-        return s, torch.where(idx == own[:, None], s, e)
+        return s, torch.where(idx == own, s, e)
 
-    _, prev_end = span(r0[:, None] + k - 1)
-    next_start, _ = span(r0[:, None] + k)
-    lo = torch.where(k == 0, first[:, None], prev_end)
-    hi = torch.where(k < p[:, None], next_start, stop[:, None])
-    hi = torch.where(k <= p[:, None], torch.minimum(hi, stop[:, None]), lo)  # slots past p: empty
+    _, prev_end = span(r0 + k - 1)
+    next_start, _ = span(r0 + k)
+    lo = torch.where(k == 0, first, prev_end)
+    hi = torch.where(k < p, next_start, stop)
+    hi = torch.where(k <= p, torch.minimum(hi, stop), lo)  # slots past p: empty
     return _merge_sorted(lo, hi)
 
 
