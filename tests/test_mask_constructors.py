@@ -70,6 +70,28 @@ def splits_oracle(split_lens, modes) -> torch.Tensor:
     return torch.block_diag(*blocks) if blocks else torch.zeros(0, 0, dtype=torch.bool)
 
 
+def splits_two_pass_oracle(split_lens, modes) -> torch.Tensor:
+    """The same rule built the way BAGEL's per-sample dense mask is: first every split sees the
+    splits before it and itself (causally or whole), then each noise split's keys are cleared for
+    all queries of the sample and given back to the split's own queries."""
+    blocks = []
+    for lens, ms in zip(split_lens, modes):
+        n = sum(lens)
+        block = torch.zeros(n, n, dtype=torch.bool)
+        bounds = [sum(lens[:t]) for t in range(len(lens) + 1)]
+        for t, m in enumerate(ms):
+            a, b = bounds[t], bounds[t + 1]
+            block[a:b, :a] = True
+            block[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril() if m == "causal" else True
+        for t, m in enumerate(ms):
+            if m == "noise":
+                a, b = bounds[t], bounds[t + 1]
+                block[:, a:b] = False
+                block[a:b, a:b] = True
+        blocks.append(block)
+    return torch.block_diag(*blocks) if blocks else torch.zeros(0, 0, dtype=torch.bool)
+
+
 def spans_oracle(cu, images, hidden) -> torch.Tensor:
     dense = naive_dense(cu, images)
     n = dense.shape[0]
@@ -179,7 +201,9 @@ def test_from_splits_matches_bagel_rule():
         split_lens, modes = random_splits(rng)
         kind = rng.choice(["list", "int32", "int64"])
         got = mc.from_splits([as_kind(lens, kind) for lens in split_lens], modes)
-        widest = max(widest, assert_canonical_of(got, splits_oracle(split_lens, modes)))
+        oracle = splits_oracle(split_lens, modes)
+        assert torch.equal(oracle, splits_two_pass_oracle(split_lens, modes))
+        widest = max(widest, assert_canonical_of(got, oracle))
         for lens, ms in zip(split_lens, modes):
             real = [m for n, m in zip(lens, ms) if n]
             seen["one_token"] += 1 in lens
