@@ -538,3 +538,19 @@ def test_from_block_mask_random_blocks(small_probes):
         per = torch.tensor([[[kinds[b][i // bs][j // bs] == 2 or (kinds[b][i // bs][j // bs] == 1 and allowed[b][i][j])
                               for j in range(n)] for i in range(n)] for b in range(batch)], dtype=torch.bool)
         assert_canonical_of(mc.from_block_mask(bm), torch.block_diag(*per))
+
+
+def test_mask_pictures_script_draws_every_picture_the_docs_show(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "scripts" / "mask_pictures.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True, cwd=root)
+    drawn = {p.name for p in tmp_path.glob("*.png")}
+    shown = set(re.findall(r"\(img/(mask_\w+\.png)\)", (root / "docs" / "masks.md").read_text()))
+    assert len(shown) == 6 and drawn == shown
+    assert shown <= {p.name for p in (root / "docs" / "img").glob("*.png")}  # committed
