@@ -355,9 +355,10 @@ def cmd_caption(args) -> int:
     grids = [p for p in args.images if _is_grid(Path(p))]
     if grids:  # `caption out/*.png` names the grid of the samples too: it is not one image
         args.images = [p for p in args.images if p not in grids]
+        _require(bool(args.images), f"{', '.join(grids)}: a grid of samples, not one image, so nothing is left "
+                                    "to caption; pass the sample_*.png files")
         print(f"transfusion caption: note: skipped {', '.join(grids)}: a grid of samples, not one image",
               file=sys.stderr)
-        _require(bool(args.images), "no images left to caption; pass the sample_*.png files")
     bad = []
     for p in args.images:  # every file, before the model is loaded
         try:

@@ -51,8 +51,10 @@ def test_the_hints_from_a_demo_folder_point_inside_it(folders, tmp_path, capsys)
     msg = error(["sample", "--checkpoint", str(demo), "--prompt", "a two", "--out", str(tmp_path / "s")], capsys)
     assert msg.endswith(f"--checkpoint {demo} has no config.json but {demo / 'checkpoint'} does: "
                         f"pass --checkpoint {demo / 'checkpoint'}")
-    msg = error(["caption", "--checkpoint", str(demo), str(demo / "samples_grid.png")], capsys)
+    msg = error(["caption", "--checkpoint", str(demo), str(folders["sample"] / "sample_000_0.png")], capsys)
     assert f"pass --checkpoint {demo / 'checkpoint'}" in msg
+    msg = error(["caption", "--checkpoint", str(demo / "checkpoint"), str(demo / "samples_grid.png")], capsys)
+    assert msg.endswith("a grid of samples, not one image, so nothing is left to caption; pass the sample_*.png files")
     # a folder with other files never gets "run prepare --out <it>"
     msg = error(["train", "--data", str(folders["train"]), "--out", str(tmp_path / "r"), *TINY], capsys)
     assert "`transfusion prepare --out DIR` with a new DIR" in msg and "--overwrite" not in msg
