@@ -408,7 +408,7 @@ def run(args) -> int:
     write_marker(out, "ablate")
     data_dir = out / "data"
     prepared = load_prepared(data_dir) if (data_dir / "prepare.json").is_file() else \
-        prepare(data_dir, image_size=8, vocab_size=256, seed=0)
+        prepare(data_dir, image_size=8, vocab_size=256, seed=0, made_by="ablate")
     base = baseline_config(prepared.tokenizer.vocab_size, ev["steps"], args.model)
     threads = args.threads or 1
     commit = git_commit()

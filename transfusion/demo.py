@@ -71,7 +71,7 @@ def _run(work: Path, out: Path, backend, threads, steps, quick, progress) -> dic
 
     t = time.perf_counter()
     print("preparing the digits data ...", flush=True)
-    prepared = prepare(work / "data", image_size=8, vocab_size=256, seed=0)
+    prepared = prepare(work / "data", image_size=8, vocab_size=256, seed=0, made_by="demo")
     timings["prepare_s"] = time.perf_counter() - t
 
     cfg = demo_config(prepared.tokenizer.vocab_size, steps, backend)

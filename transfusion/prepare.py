@@ -47,9 +47,11 @@ def _encode(latents, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 
 def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str | None = None,
-            vae: str | None = None, holdout_fraction: float = 0.2, seed: int = 0, overwrite: bool = False) -> Prepared:
+            vae: str | None = None, holdout_fraction: float = 0.2, seed: int = 0, overwrite: bool = False,
+            made_by: str = "prepare") -> Prepared:
     """Write the data set to ``out`` (replacing a non-empty one only with ``overwrite``); the
-    arguments are checked (UserError) before anything is written."""
+    arguments are checked (UserError) before anything is written. ``made_by``: the command its
+    marker names (``demo`` and ``ablate`` keep their data inside their own output)."""
     out = Path(out)
     if image_size < 1:
         raise UserError(f"--image-size must be >= 1, got {image_size}")
@@ -65,6 +67,7 @@ def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str |
     corpus = text_corpus(seed)
     with atomic_path(out, directory=True) as tmp:
         _write(tmp, tok, corpus, image_size, vae, holdout_fraction, seed, tokenizer)
+        write_marker(tmp, made_by)
     return load_prepared(out)
 
 
@@ -89,7 +92,6 @@ def _write(out: Path, tok, corpus, image_size, vae, holdout_fraction, seed, toke
         "tokenizer": tokenizer or "trained (sentencepiece bpe)",
     }
     (out / "prepare.json").write_text(json.dumps(info, indent=2))
-    write_marker(out, "prepare")
 
 
 PREPARE_FILES = {"tokenizer.model", "corpus.txt", "digits.safetensors", "prepare.json", "vae"}

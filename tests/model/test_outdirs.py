@@ -28,19 +28,23 @@ def error(argv, capsys) -> str:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A demo folder (the real --quick demo), a training run on its data, and a samples folder."""
+    """A demo folder (the real --quick demo), prepared data, a training run on it, and a samples
+    folder."""
     root = tmp_path_factory.mktemp("outdirs")
-    demo, run, samples = root / "demo", root / "run", root / "samples"
+    demo, data, run, samples = root / "demo", root / "data", root / "run", root / "samples"
     assert main(["demo", "--out", str(demo), "--quick", "--quiet", "--threads", "1"]) == 0
-    assert main(["train", "--data", str(demo / "data"), "--out", str(run), "--steps", "1", *TINY]) == 0
+    assert main(["prepare", "--out", str(data), "--vocab-size", "64"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), "--steps", "1", *TINY]) == 0
     assert main(["sample", "--checkpoint", str(run / "checkpoint"), "--prompt", "a two", "--out", str(samples),
                  "--num-images", "1", "--steps", "2", "--max-new-tokens", "2", "--quiet"]) == 0
-    return {"demo": demo, "train": run, "sample": samples, "prepare": demo / "data"}
+    return {"demo": demo, "train": run, "sample": samples, "prepare": data}
 
 
 def test_markers_name_the_command(folders):
     for command, folder in folders.items():
         assert json.loads((folder / MARKER).read_text()) == {"written_by": f"transfusion {command}"}
+    # the demo's data is the demo's: prepare --overwrite must not replace what its checkpoint was trained on
+    assert json.loads((folders["demo"] / "data" / MARKER).read_text()) == {"written_by": "transfusion demo"}
 
 
 def test_the_hints_from_a_demo_folder_point_inside_it(folders, tmp_path, capsys):
@@ -88,6 +92,14 @@ def test_overwrite_never_replaces_another_commands_folder(folders, owner, capsys
     msg = error(["ablate", "--out", str(out), "--quick"], capsys)
     assert f"holds the output of `transfusion {owner}`" in msg
     assert snapshot(out) == before
+
+
+def test_the_demos_data_is_not_prepares_to_replace(folders, capsys):
+    data = folders["demo"] / "data"
+    before = snapshot(folders["demo"])
+    msg = error(["prepare", "--out", str(data), "--overwrite"], capsys)
+    assert "holds the output of `transfusion demo`" in msg
+    assert snapshot(folders["demo"]) == before
 
 
 def test_overwrite_replaces_the_same_commands_output(folders, tmp_path, capsys):
