@@ -146,7 +146,9 @@ def check_function(insns: list[kr.Insn], function: str = "") -> list[Hazard]:
     insns = [x for x in insns if x.op != "NOP"]
     if not any(x.op.startswith("HGMMA") for x in insns):
         return []
-    ranges, succ = kr._blocks(insns)
+    # A call is followed into its callee (with the caller's in-flight groups) and past it.
+    cfg = [kr.Insn(x.addr, "@P0", "BRA", x.args) if x.op.startswith("CALL") else x for x in insns]
+    ranges, succ = kr._blocks(cfg)
     entry: list[set[State]] = [set() for _ in ranges]
     entry[0].add(((), ()))
     done: list[set[State]] = [set() for _ in ranges]

@@ -64,6 +64,12 @@ def test_state_follows_the_control_flow():
     assert [(h.addr, h.register) for h in loop] == [(0x10, 184)]
 
 
+def test_calls_are_followed_into_the_callee():
+    found = hazards("WARPGROUP.ARRIVE", RS, "CALL.REL.NOINC 0x50", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "EXIT",
+                    "FADD R30, R30, 1", "RET.REL.NODEC R6 0x0")
+    assert [(h.addr, h.register) for h in found] == [(0x50, 30)]
+
+
 @pytest.fixture(scope="module")
 def sources():
     found = wh.wgmma_sources()
