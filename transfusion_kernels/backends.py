@@ -328,6 +328,8 @@ class Op:
 
     def why_not(self, backend: str, device: torch.device, *inputs) -> str | None:
         """Why ``backend`` cannot run this op on ``inputs`` on ``device`` (None when it can)."""
+        if backend == "reference" and backend in self.impls:
+            return None  # plain PyTorch: any device, any input the op accepts
         if not self.has(backend):
             have = ", ".join(b for b in self.impls if self.has(b))
             return f"is not implemented for {self.name} (it has: {have})"
@@ -388,18 +390,20 @@ class _Explained(BaseException):
 WARNED: set[tuple[str, str]] = set()  # (op, reasons) whose GPU "auto" run on the reference warned
 
 
-def _decided(choice: Choice) -> str | None:
-    """Report ``choice`` (explain, the debug log, the one warning) and return its backend."""
+def _decided(op: str, requested: str, backend: str | None, passed_over: tuple = ()) -> str | None:
+    """Report the choice (explain, the debug log, the one warning) and return ``backend``. The
+    Choice is made only when one of them needs it: this runs on every op call."""
     if not torch.compiler.is_compiling():
         if getattr(_LOCAL, "explaining", False):
-            raise _Explained(choice)
+            raise _Explained(Choice(op, requested, backend, passed_over))
         if _LOG.isEnabledFor(logging.DEBUG):
-            _LOG.debug("%s", choice)
-        if choice.backend == "reference" and choice.passed_over and (choice.op, choice.passed_over) not in WARNED:
+            _LOG.debug("%s", Choice(op, requested, backend, passed_over))
+        if backend == "reference" and passed_over and (op, passed_over) not in WARNED:
             # "auto" on a GPU without a kernel for these inputs: a slow run users should hear of
-            WARNED.add((choice.op, choice.passed_over))
+            WARNED.add((op, passed_over))
+            choice = Choice(op, requested, backend, passed_over)
             warnings.warn(f"transfusion_kernels fallback: {choice}".replace("\n", ";"), stacklevel=4)
-    return choice.backend
+    return backend
 
 
 def select(op: Op, requested: str | None, *inputs) -> str:
@@ -415,8 +419,8 @@ def select(op: Op, requested: str | None, *inputs) -> str:
     if name != "auto":
         why = op.why_not(name, device, *inputs)
         if why is None:
-            return _decided(Choice(op.name, name, name))
-        _decided(Choice(op.name, name, None, ((name, why),)))
+            return _decided(op.name, name, name)
+        _decided(op.name, name, None, ((name, why),))
         raise BackendUnavailableError(
             f"{op.name}: backend {name!r} {why}. Use backend='auto' to let the package choose, or "
             f"'reference' (argument, tk.use_backend, or {ENV_VAR})."
@@ -425,9 +429,9 @@ def select(op: Op, requested: str | None, *inputs) -> str:
     for candidate in AUTO_ORDER if device.type == "cuda" else ():
         why = op.why_not(candidate, device, *inputs)
         if why is None:
-            return _decided(Choice(op.name, name, candidate, tuple(passed_over)))
+            return _decided(op.name, name, candidate, tuple(passed_over))
         passed_over.append((candidate, why))
-    return _decided(Choice(op.name, name, "reference", tuple(passed_over)))
+    return _decided(op.name, name, "reference", tuple(passed_over))
 
 
 def explain(op, *args, **kwargs) -> Choice:
