@@ -37,7 +37,7 @@ class Mutant:
 TS = "transfusion_kernels/timestep/triton.py"
 DF = "transfusion_kernels/diffusion/triton.py"
 ATT = "transfusion_kernels/attention/triton.py"
-MASKS = "transfusion_kernels/masks.py"
+PLAN = "transfusion_kernels/attention/plan.py"
 
 TS_KERNELS = ("tests/timestep/test_timestep_triton.py", "-k", "kernel or many_programs or flip")
 TS_PUBLIC = ("tests/timestep/test_timestep_triton.py", "-k", "many_programs or flip or segment or add_kernel")
@@ -46,6 +46,7 @@ DF_AFFINE = ("tests/diffusion/test_triton_kernels.py", "tests/diffusion/test_ste
 TS_SEGMENT = ("tests/timestep/test_timestep_triton.py", "-k", "segment_sum_kernel")
 DF_LOSS = ("tests/diffusion/test_triton_kernels.py", "-k", "loss")
 ATT_TESTS = ("tests/attention/test_attention_triton.py", "-k", "layouts and not gpu and not compile")
+ATT_UNION = ("tests/attention/test_attention_triton.py", "-k", "union or softcap")
 MASK_TESTS = ("tests/test_masks.py",)
 
 MUTANTS = [
@@ -109,36 +110,65 @@ MUTANTS = [
     # ---- diffusion: loss
     # ---- attention forward and backward
     Mutant("attention fwd: interval end inclusive", ATT,
-           "            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n            qk = tl.where",
-           "            vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] <= kve[:, None])\n            qk = tl.where",
-           ATT_TESTS),
+           "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
+           "                    qk = tl.where",
+           "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] <= kve[:, None])\n"
+           "                    qk = tl.where", ATT_TESTS),
     Mutant("attention fwd: rescale factor with swapped operands", ATT,
            "alpha = tl.math.exp2(m_i - m_sub)", "alpha = tl.math.exp2(m_sub - m_i)", ATT_TESTS),
     Mutant("attention fwd: running sum not rescaled (dropped term)", ATT,
            "l_i = l_i * alpha + tl.sum(p, 1)", "l_i = l_i + tl.sum(p, 1)", ATT_TESTS),
     Mutant("attention fwd: rows of intervals and output from the program id, not the tile order", ATT,
-           "    # the tile's intervals, read once for all of its PARTIAL blocks",
+           "    m_i = tl.full([BM], float(\"-inf\"), tl.float32)",
            "    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)\n    row_ok = offs_m < Nq\n"
-           "    # the tile's intervals, read once for all of its PARTIAL blocks", ATT_TESTS),
+           "    m_i = tl.full([BM], float(\"-inf\"), tl.float32)", ATT_TESTS),
     Mutant("attention dk/dv: interval start exclusive", ATT,
-           "vis = (cols[:, None] >= kvs[None, :]) & (cols[:, None] < kve[None, :])",
-           "vis = (cols[:, None] > kvs[None, :]) & (cols[:, None] < kve[None, :])", ATT_TESTS),
+           "v = (cols[:, None] >= s[None, :]) & (cols[:, None] < e[None, :])",
+           "v = (cols[:, None] > s[None, :]) & (cols[:, None] < e[None, :])", ATT_TESTS),
     Mutant("attention dq: ds without delta", ATT, "ds = p * (dp - delta[:, None])", "ds = p * dp", ATT_TESTS),
-    # ---- mask tile tables
-    Mutant("masks: query tile's full range from the wrong bound", MASKS,
-           "                tiled(s, 0).amax(1),\n                tiled(e, INT32_MAX).amin(1),",
-           "                tiled(s, 0).amin(1),\n                tiled(e, INT32_MAX).amin(1),", MASK_TESTS),
-    Mutant("masks: key tile's last query off by one", MASKS,
+    # ---- attention over unions of intervals, softcap
+    Mutant("attention fwd union: every run tests slot 0's interval", ATT,
+           "kvs = tl.load(KVS + offs_m * NI + r, mask=row_ok, other=0)\n        kve = tl.load(KVE + offs_m * NI + r,",
+           "kvs = tl.load(KVS + offs_m * NI + 0, mask=row_ok, other=0)\n        kve = tl.load(KVE + offs_m * NI + 0,",
+           ATT_UNION),
+    Mutant("attention fwd union: softcap run's interval end inclusive", ATT,
+           "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
+           "                    z = tl.where",
+           "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] <= kve[:, None])\n"
+           "                    z = tl.where", ATT_UNION),
+    Mutant("attention fwd union: run table read one slot off", ATT,
+           "    for r in tl.static_range(NI):\n        kv_lo = tl.load(TAB + (tile * NI + r) * 4)\n",
+           "    for r in tl.static_range(NI):\n        kv_lo = tl.load(TAB + (tile * NI + (r + 1) % NI) * 4)\n",
+           ATT_UNION),
+    Mutant("attention dk/dv union: only the first interval tested", ATT,
+           "    for r in tl.static_range(NI):\n        s = tl.load(S + rows * NI + r",
+           "    for r in tl.static_range(1):\n        s = tl.load(S + rows * NI + r", ATT_UNION),
+    Mutant("attention dq union: run's interval start exclusive", ATT,
+           "                vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
+           "                p = tl.where(vis, p, 0.0)",
+           "                vis = (cols[None, :] > kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
+           "                p = tl.where(vis, p, 0.0)", ATT_UNION),
+    Mutant("attention softcap: derivative 1 + tanh^2", ATT, "dcap = 1.0 - t * t", "dcap = 1.0 + t * t", ATT_UNION),
+    Mutant("attention softcap: the cap's scale dropped from the forward logits", ATT,
+           "z = _tanh(qk * cap_in) * cap_out", "z = _tanh(qk * cap_in) * LOG2E", ATT_UNION),
+    # ---- tile plans
+    Mutant("plan: query run's full range from the wrong bound", PLAN,
+           "full_lo = tiled(s, 0).amax(1)", "full_lo = tiled(s, 0).amin(1)", MASK_TESTS),
+    Mutant("plan: union run bounds include empty slots", PLAN,
+           "lo = tiled(torch.where(nonempty, s, INT32_MAX), INT32_MAX).amin(1)",
+           "lo = tiled(torch.where(nonempty, s, INT32_MAX), INT32_MAX).amin(1) + 1", MASK_TESTS),
+    Mutant("plan: key tile's last query off by one", PLAN,
            "q_hi = torch.searchsorted(s, n1, right=False, out_int32=True)",
            "q_hi = torch.searchsorted(s, n1, right=False, out_int32=True) - 1", MASK_TESTS),
-    Mutant("masks: key tile's full queries include one that starts after n0", MASKS,
+    Mutant("plan: key tile's full queries include one that starts after n0", PLAN,
            "full_hi = torch.searchsorted(s, n0, right=True, out_int32=True)",
            "full_hi = torch.searchsorted(s, n0, right=True, out_int32=True) + 1", MASK_TESTS),
-    Mutant("masks: query tables built from a dense N x N mask", MASKS,
-           "        s, e = self.kv_start, self.kv_end\n        return torch.stack(",
-           "        s, e = self.kv_start, self.kv_end\n        cols = torch.arange(self.num_keys, device=self.device)\n"
-           "        assert ((cols[None, :] >= s[:, None]) & (cols[None, :] < e[:, None])).shape[0] == n\n"
-           "        return torch.stack(", MASK_TESTS),
+    Mutant("plan: union key tile's FULL run jumps over a tile that is not full", PLAN,
+           "f_end = torch.where(~full & (idx > f_first), idx, runs.shape[0]).amin(0)",
+           "f_end = torch.where(full, idx + 1, 0).amax(0)", MASK_TESTS),
+    Mutant("plan: query runs built from a dense N x N mask", PLAN,
+           "    nonempty = e > s\n",
+           "    nonempty = e > s\n    assert (torch.arange(n)[None, :] >= s[:, :1]).shape[0] == n\n", MASK_TESTS),
     Mutant("diffusion loss: row pointer ignores the program id", DF,
            "rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)", "rows = tl.arange(0, BLOCK_P)", DF_LOSS),
     Mutant("diffusion loss: last channel tile skipped", DF,

@@ -130,6 +130,16 @@ def test_union_runs_skip_the_common_gap():
     assert runs.tolist() == [[[0, 40, 0, 40], [200, 240 + n - 1, 200, 240]]]
 
 
+def test_union_key_plan_full_run_stops_at_a_tile_that_is_not_full():
+    """Key tile [0, 16) is seen whole by query tiles 0 and 2 (of 64 rows) but not by tile 1,
+    whose rows skip keys [8, 16): the FULL query run is tile 0 only, not tiles 0 to 2."""
+    s = torch.tensor([[0, 32]] * 64 + [[0, 16]] * 64 + [[0, 32]] * 64, dtype=torch.int32)
+    e = torch.tensor([[32, 32]] * 64 + [[8, 32]] * 64 + [[32, 32]] * 64, dtype=torch.int32)
+    mask = HybridMask.from_intervals(s, e, 32)
+    assert key_tiles(mask, 16)[0].tolist() == [0, 192, 0, 64]
+    check_tables(mask, mask.to_dense(), 64, 16, exact=True)
+
+
 def test_bad_union_names_the_query():
     with pytest.raises(ValueError, match=r"query 1: intervals \[0, 4\), \[2, 6\) are invalid: the endpoints"):
         HybridMask.from_intervals([[0, 5], [0, 2]], [[1, 6], [4, 6]])

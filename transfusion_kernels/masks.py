@@ -177,8 +177,8 @@ class HybridMask:
         if not _checked:
             num_keys = _num_keys(num_keys)
             monotone = _check_intervals(kv_start, kv_end, num_keys, monotone)
-        self.starts = kv_start.reshape(kv_start.shape[0], -1).contiguous()  # [Nq, K]
-        self.ends = kv_end.reshape(kv_end.shape[0], -1).contiguous()
+        self.starts = (kv_start[:, None] if kv_start.dim() == 1 else kv_start).contiguous()  # [Nq, K]
+        self.ends = (kv_end[:, None] if kv_end.dim() == 1 else kv_end).contiguous()
         self.num_keys = int(num_keys)
         # kv_start and kv_end both non-decreasing in i (K = 1): key-tile plans are exact and cheap.
         self.monotone = bool(monotone)

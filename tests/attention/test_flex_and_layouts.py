@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import transfusion_kernels as tk
-from transfusion_kernels.attention import _packed
+from transfusion_kernels.attention import _batched
 from transfusion_kernels.attention import flex as tkf
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -114,10 +114,31 @@ def test_batched_layouts_equal_the_packed_call(layout, seed):
 
 
 def test_batched_views_are_not_copied():
-    """Contiguous [B, N, H, D], and [B, H, N, D] with B = 1, are read in place."""
+    """Contiguous [B, N, H, D], and [B, H, N, D] with B = 1, become [B * N, H, D] views; [B, H, N,
+    D] with B > 1 stays a [B, N, H, D] view that the triton kernels read through its strides."""
     x = torch.randn(3, 5, 2, 4)
-    assert _packed(x, "bnhd", "q").data_ptr() == x.data_ptr() and _packed(x, "bnhd", "q")._base is x
+    assert all(y._base is x and y.shape == (15, 2, 4) for y in _batched(x, x, x, "bnhd"))
     y = torch.randn(1, 2, 5, 4)
-    assert _packed(y, "bhnd", "q")._base is y
+    assert all(z._base is y and z.shape == (5, 2, 4) for z in _batched(y, y, y, "bhnd"))
+    z = torch.randn(3, 2, 5, 4)
+    assert all(w._base is z and w.shape == (3, 5, 2, 4) for w in _batched(z, z, z, "bhnd"))
     with pytest.raises(ValueError, match="layout must be 'bnhd'"):
         tk.hybrid_attention(x, x, x, tk.HybridMask.causal([0, 15]), layout="nhd")
+
+
+@pytest.mark.parametrize("what", ["union", "softcap"])
+def test_explicit_cuda_with_a_union_or_softcap_names_the_reason(what, monkeypatch):
+    """The cuda kernels take one interval per query and no softcap: an explicit request is an
+    error that says so, never a silent run elsewhere (here the backend is faked available)."""
+    from transfusion_kernels import backends
+
+    real = backends.backend_info
+    monkeypatch.setattr(backends, "backend_info", lambda name, device: backends.BackendInfo(name, True, "faked")
+                        if name == "cuda" else real(name, device))
+    q = torch.randn(4, 2, 64, dtype=torch.float16)
+    if what == "union":
+        mask, cap, reason = tk.HybridMask.from_intervals([[0, 2]] * 4, [[1, 4]] * 4), None, "one interval per query"
+    else:
+        mask, cap, reason = tk.HybridMask.causal([0, 4]), 2.0, "no logit cap"
+    with pytest.raises(tk.BackendUnavailableError, match=reason):
+        tk.hybrid_attention(q, q, q, mask, backend="cuda", softcap=cap)

@@ -14,6 +14,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import transfusion_kernels as tk
+from transfusion_kernels.attention import ATTENTION
 from tests.attention.test_attention_triton import FLOOR, assert_rule
 from tests.fuzz.common import DEVICE, FAST_BACKENDS, GPU, budget, poisoned
 from tests.fuzz.test_fuzz_masks import layouts
@@ -40,7 +41,7 @@ def small_attention_tiles():
 @st.composite
 def masks(draw):
     """(mask, dense bool [Nq, Nk] from an independent construction, self-attention?)"""
-    kind = draw(st.sampled_from(["spans", "spans", "causal", "intervals", "cached"]))
+    kind = draw(st.sampled_from(["spans", "spans", "causal", "intervals", "union", "cached"]))
     if kind in ("spans", "causal"):
         cu, spans = draw(layouts(max_tokens=130))
         spans = spans if kind == "spans" else []
@@ -54,6 +55,15 @@ def masks(draw):
         mask = tk.HybridMask.cached(cache, new, bidirectional=draw(st.booleans()), device=DEVICE)
         return mask, mask.to_dense().cpu(), False
     nq, nk = draw(st.integers(1, 100)), draw(st.integers(1, 100))
+    if kind == "union":  # K sorted, disjoint intervals per row: 2K sorted endpoints
+        k = draw(st.integers(2, 8))
+        pts = [sorted(draw(st.lists(st.integers(0, nk), min_size=2 * k, max_size=2 * k))) for _ in range(nq)]
+        s = torch.tensor([p[0::2] for p in pts], dtype=torch.int32)
+        e = torch.tensor([p[1::2] for p in pts], dtype=torch.int32)
+        j = torch.arange(nk)[None, :, None]
+        dense = ((j >= s[:, None, :]) & (j < e[:, None, :])).any(-1)
+        event(f"union of {k}")
+        return tk.HybridMask.from_intervals(s.to(DEVICE), e.to(DEVICE), num_keys=nk), dense, False
     ends = [sorted(draw(st.tuples(st.integers(0, nk), st.integers(0, nk)))) for _ in range(nq)]
     s = torch.tensor([a for a, _ in ends], dtype=torch.int32)
     e = torch.tensor([b for _, b in ends], dtype=torch.int32)
@@ -132,7 +142,8 @@ def test_backends_against_float64(case, dtype, hkv, group, d, scale, packed, see
 @budget(4)
 @given(scale=st.sampled_from([0.0, -0.3]), **COMMON)
 def test_nonpositive_scales(case, dtype, hkv, group, d, scale, packed, seed):
-    """softmax_scale <= 0: the cuda kernels run them, triton falls back to the reference."""
+    """softmax_scale <= 0: the cuda kernels run them; triton, asked by name, refuses them in one
+    error (auto runs the reference)."""
     check_backends(case, dtype, hkv, group, d, scale, packed, seed)
 
 
@@ -167,6 +178,12 @@ def check_backends(case, dtype, hkv, group, d, scale, packed, seed):
 
     for backend in ["reference", *FAST_BACKENDS]:
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        uncovered = ATTENTION.not_covered(backend, q, s, 0.0, mask.num_intervals)
+        if uncovered:  # a named backend runs what its kernels cover, or says why not
+            with pytest.raises(tk.BackendUnavailableError, match="does not cover these inputs"):
+                tk.hybrid_attention(*leaves, mask, softmax_scale=scale, backend=backend)
+            event(f"{backend} refuses: {uncovered}")
+            continue
         with poisoned("attention"), small_attention_tiles():
             out, lse = tk.hybrid_attention(*leaves, mask, softmax_scale=scale, return_lse=True, backend=backend)
             grads = torch.autograd.grad(out, leaves, dout)
@@ -186,15 +203,17 @@ def check_backends(case, dtype, hkv, group, d, scale, packed, seed):
 @budget(4)
 @given(d=st.integers(257, 300), seed=st.integers(0, 2**31 - 1))
 def test_head_dims_no_kernel_covers(d, seed):
-    """Beyond every kernel (head dim > 256): each backend runs it (on the reference, warning)."""
+    """Beyond every kernel (head dim > 256): a kernel backend asked by name says so in one error;
+    auto runs the reference."""
     mask = tk.HybridMask.causal(torch.tensor([0, 9, 20], dtype=torch.int32, device=DEVICE))
     q, k, v = inputs(mask, 2, 1, d, torch.float32, False, seed)
     expected = tk.hybrid_attention(q, k, v, mask, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # auto on a GPU warns when it ends on the reference
+        torch.testing.assert_close(tk.hybrid_attention(q, k, v, mask, backend="auto"), expected, rtol=0, atol=0)
     for backend in FAST_BACKENDS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fallback warning, tested in tests/test_hardening.py
-            out = tk.hybrid_attention(q, k, v, mask, backend=backend)
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        with pytest.raises(tk.BackendUnavailableError, match=f"head dim {d}"):
+            tk.hybrid_attention(q, k, v, mask, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +261,11 @@ def test_malformed_calls_raise_value_or_type_errors(call, backend):
     event(f"valid call: {valid}")
     if not valid:
         with pytest.raises((ValueError, TypeError)):
+            tk.hybrid_attention(q, k, v, mask, softmax_scale=scale, backend=backend)
+        return
+    s = q_shape[2] ** -0.5 if scale is None else scale
+    if ATTENTION.not_covered(backend, q, s, 0.0, 1):  # valid, but not for this backend's kernels
+        with pytest.raises(tk.BackendUnavailableError, match="does not cover these inputs"):
             tk.hybrid_attention(q, k, v, mask, softmax_scale=scale, backend=backend)
         return
     out = tk.hybrid_attention(q, k, v, mask, softmax_scale=scale, backend=backend)

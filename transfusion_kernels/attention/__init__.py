@@ -36,21 +36,40 @@ ATTENTION = Op(
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _tokens(x: torch.Tensor) -> int:
+    """Tokens of a [tokens, H, D] or batched [B, N, H, D] tensor."""
+    return x.shape[0] * x.shape[1] if x.dim() == 4 else x.shape[0]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, N, H, D] as [B * N, H, D] (a copy when the strides do not allow a view)."""
+    return x.reshape(-1, *x.shape[2:]) if x.dim() == 4 else x
+
+
+def _module(backend: str, q: torch.Tensor):
+    """The backend's module, and whether it takes batched [B, N, H, D] inputs as they are."""
+    module = ATTENTION.module(backend)
+    return module, q.dim() == 3 or getattr(module, "BATCHED_INPUTS", False)
+
+
 @torch.library.custom_op("transfusion_kernels::hybrid_attention_fwd", mutates_args=())
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
     plan_tensors: list[torch.Tensor], plan_ints: list[int], scale: float, softcap: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.shape[0] == 0:  # no queries (an empty batch, or no new tokens against a cache): no launch
-        return q.new_empty(q.shape[:2] + v.shape[2:]), q.new_empty((q.shape[1], 0), dtype=torch.float32)
-    module = ATTENTION.module(backend)
+    if _tokens(q) == 0:  # no queries (an empty batch, or no new tokens against a cache): no launch
+        return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[-2], 0), dtype=torch.float32)
+    module, takes_batched = _module(backend, q)
     plan = module.Plan.from_op_args(plan_tensors, plan_ints)
-    return module.forward(q, k, v, starts, ends, plan, scale, softcap)
+    if takes_batched:
+        return module.forward(q, k, v, starts, ends, plan, scale, softcap)
+    out, lse = module.forward(_flat(q), _flat(k), _flat(v), starts, ends, plan, scale, softcap)
+    return out.view(q.shape[:-1] + v.shape[-1:]), lse
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, starts, ends, plan_tensors, plan_ints, scale, softcap, backend):
-    return q.new_empty(q.shape[:2] + v.shape[2:]), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[-2], _tokens(q)), dtype=torch.float32)
 
 
 @torch.library.custom_op("transfusion_kernels::hybrid_attention_bwd", mutates_args=())
@@ -59,11 +78,16 @@ def _attention_bwd(
     lse: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, plan_tensors: list[torch.Tensor],
     plan_ints: list[int], scale: float, softcap: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if q.shape[0] == 0:  # no query sees any key
+    if _tokens(q) == 0:  # no query sees any key
         return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    module = ATTENTION.module(backend)
+    module, takes_batched = _module(backend, q)
     plan = module.Plan.from_op_args(plan_tensors, plan_ints)
-    return module.backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap)
+    if takes_batched:
+        return module.backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap)
+    grads = module.backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse, starts, ends, plan, scale,
+                            softcap)
+    # laid out as the fake implementation promises (empty_like of each input)
+    return tuple(torch.empty_like(x).copy_(g.view(x.shape)) for x, g in zip((q, k, v), grads))
 
 
 @_attention_bwd.register_fake
@@ -95,12 +119,15 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, mask) -> None:
+    """q, k, v: [tokens, heads, head_dim] alike, or (batched, read through their strides) [B, N,
+    heads, head_dim] alike."""
     if not isinstance(mask, HybridMask):
         raise TypeError(f"mask must be a tk.HybridMask, got {type(mask).__name__}")
+    dims = q.dim() if isinstance(q, torch.Tensor) and q.dim() in (3, 4) else 3
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
             raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim], got {getattr(t, 'shape', type(t))}")
-        if t.shape[1] < 1 or t.shape[2] < 1:
+        if t.shape[-2] < 1 or t.shape[-1] < 1:
             raise ValueError(f"{name} must have at least one head and head_dim >= 1, got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
@@ -112,14 +139,16 @@ def _check_inputs(q, k, v, mask) -> None:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if q.shape[0] != mask.num_queries:
-        raise ValueError(f"q has {q.shape[0]} tokens but the mask has {mask.num_queries} queries")
-    if k.shape[0] != mask.num_keys:
-        raise ValueError(f"k has {k.shape[0]} tokens but the mask has {mask.num_keys} keys")
+    if dims == 4 and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads ({k.shape[-2]})")
+    if _tokens(q) != mask.num_queries:
+        raise ValueError(f"q has {_tokens(q)} tokens but the mask has {mask.num_queries} queries")
+    if _tokens(k) != mask.num_keys:
+        raise ValueError(f"k has {_tokens(k)} tokens but the mask has {mask.num_keys} keys")
 
 
 def _check_scale(softmax_scale, head_dim: int) -> float:
@@ -149,17 +178,19 @@ def _check_softcap(softcap) -> float:
 _LAYOUTS = ("bnhd", "bhnd")
 
 
-def _packed(x, layout: str, name: str):
-    """A 4-D [B, N, H, D] ("bnhd") or [B, H, N, D] ("bhnd") tensor as [B * N, H, D]: a view when
-    the strides allow it, else one copy."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D like the others, got shape {tuple(getattr(x, 'shape', ()))}")
-    y = x if layout == "bnhd" else x.transpose(1, 2)
-    b, n, h, d = y.shape
+def _batched(q, k, v, layout: str):
+    """4-D [B, N, H, D] ("bnhd") or [B, H, N, D] ("bhnd") tensors as [B * N, H, D] views when the
+    strides of all three allow it, else as [B, N, H, D] views that the kernels read through their
+    strides (the triton kernels; the other backends flatten them with one copy)."""
+    views = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D like q, got shape {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        views.append(x if layout == "bnhd" else x.transpose(1, 2))
     try:
-        return y.view(b * n, h, d)
+        return [y.view(-1, *y.shape[2:]) for y in views]
     except RuntimeError:
-        return y.reshape(b * n, h, d)
+        return views
 
 
 def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=False, backend=None, *,
@@ -192,7 +223,7 @@ def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=F
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be 'bnhd' ([B, N, H, D]) or 'bhnd' ([B, H, N, D]), got {layout!r}")
         shape = q.shape
-        q, k, v = (_packed(x, layout, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+        q, k, v = _batched(q, k, v, layout)
     _check_inputs(q, k, v, mask)
     scale = _check_scale(softmax_scale, q.shape[-1])
     cap = _check_softcap(softcap)
@@ -201,7 +232,7 @@ def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=F
     out, lse = _attention_fwd(q, k, v, mask.starts, mask.ends, plan_tensors, plan_ints, scale, cap, name)
     if batched:
         b, n = (shape[0], shape[1]) if layout == "bnhd" else (shape[0], shape[2])
-        out = out.view(b, n, *out.shape[1:])
+        out = out.view(b, n, *out.shape[-2:])
         out = out if layout == "bnhd" else out.transpose(1, 2)
         lse = lse.view(lse.shape[0], b, n).transpose(0, 1)
     return (out, lse) if return_lse else out

@@ -52,7 +52,7 @@ def heaviest_first(table: torch.Tensor) -> torch.Tensor:
     over runs), ties in tile order: the order in which a kernel's blocks take their tiles
     (block i processes tile order[i]), so the longest tiles start in the first wave and short
     ones fill the tail (a longest-first list schedule)."""
-    t = table.reshape(table.shape[0], -1, 4)
+    t = table[:, None, :] if table.dim() == 2 else table  # [tiles, runs, 4]
     work = (t[..., 1] - t[..., 0]).clamp_min(0).sum(1)
     return torch.argsort(work, descending=True, stable=True).to(torch.int32)
 

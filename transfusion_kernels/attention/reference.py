@@ -146,7 +146,7 @@ def _scores(qc, kc, starts, ends, rows, row_ok, keys, key_ok, scale, softcap):
 
 
 def _intervals(starts, ends):
-    return starts.reshape(starts.shape[0], -1), ends.reshape(ends.shape[0], -1)
+    return (starts[:, None], ends[:, None]) if starts.dim() == 1 else (starts, ends)
 
 
 def forward(q, k, v, starts, ends, plan, scale, softcap=0.0):

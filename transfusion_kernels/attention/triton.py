@@ -213,8 +213,13 @@ def _gpu_config(index: int, head_dim: int, dtype_name: str) -> tuple[int, ...]:
 # and made the sm_90 build spill; I64 (constexpr) switches the row offsets to int64 when
 # N * row stride could pass 2**31.
 @triton.jit
-def _ptrs(base, rows, stride, offs_d, I64: tl.constexpr):
-    if I64:
+def _ptrs(base, rows, stride, offs_d, I64: tl.constexpr, BATCHED: tl.constexpr, seq, bstride):
+    """Row pointers: token row r of a [tokens, ...] tensor, or of a batched [B, seq, ...] one
+    (r = b * seq + n, read through the batch stride: strided batched inputs are not copied)."""
+    if BATCHED:
+        b = (rows // seq).to(tl.int64)
+        p = base + (b * bstride + (rows - b * seq).to(tl.int64) * stride)[:, None] + offs_d[None, :]
+    elif I64:
         p = base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
     else:
         p = base + rows[:, None] * stride + offs_d[None, :]
@@ -320,10 +325,11 @@ def _visible(cols, S, E, rows, row_ok, NI: tl.constexpr, KEYS_FIRST: tl.constexp
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
               s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_lh,
+              s_qb, s_kb, s_vb, s_ob, seq_q, seq_k,
               Nq, qk_scale, cap_in, cap_out,
               GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
-              SOFTCAP: tl.constexpr):
+              SOFTCAP: tl.constexpr, BATCHED: tl.constexpr):
     h = tl.program_id(0)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
     h64 = h.to(tl.int64)
@@ -333,7 +339,8 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
-    q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
+    q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64, BATCHED, seq_q, s_qb), offs_m, 0, Nq, offs_d, D, DP,
+              True)
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
 
@@ -357,8 +364,8 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
         for n0 in range(start, kv_hi, BN):
             cols = n0 + offs_n
             kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
-            k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
-            v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+            k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, 0, offs_d, D, DP, False)
+            v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, 0, offs_d, D, DP, False)
             qk = _dot(q, tl.trans(k), None, PREC)
             if SOFTCAP:  # base-2 logits cap * tanh(scale * qk / cap) * log2(e), masked after the cap
                 z = _tanh(qk * cap_in) * cap_out
@@ -386,19 +393,21 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
     empty = l_i == 0.0  # the query sees no key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    _store(_ptrs(O + h64 * s_oh, offs_m, s_on, offs_d, I64), out, row_ok, offs_d, D, DP, PREC)
+    _store(_ptrs(O + h64 * s_oh, offs_m, s_on, offs_d, I64, BATCHED, seq_q, s_ob), out, row_ok, offs_d, D, DP, PREC)
     tl.store(LSE + h64 * s_lh + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _bwd_delta(O, DO, DELTA, s_on, s_oh, s_don, s_doh, s_dh, Nq,
-               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, I64: tl.constexpr):
+def _bwd_delta(O, DO, DELTA, s_on, s_oh, s_don, s_doh, s_dh, s_ob, s_dob, seq_q, Nq,
+               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, I64: tl.constexpr, BATCHED: tl.constexpr):
     """delta[h, i] = sum_d dout[i, h, d] * out[i, h, d] (fp32)."""
     h64 = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, DP)
-    o = _load(_ptrs(O + h64 * s_oh, offs_m, s_on, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
-    do = _load(_ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
+    o = _load(_ptrs(O + h64 * s_oh, offs_m, s_on, offs_d, I64, BATCHED, seq_q, s_ob), offs_m, 0, Nq, offs_d, D, DP,
+              True)
+    do = _load(_ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64, BATCHED, seq_q, s_dob), offs_m, 0, Nq, offs_d, D,
+               DP, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + h64 * s_dh + offs_m, delta, mask=offs_m < Nq)
 
@@ -421,10 +430,11 @@ def _probs(qk, lse2, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
                    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh,
                    s_dkn, s_dkh, s_dvn, s_dvh, s_lh,
+                   s_qb, s_kb, s_vb, s_dob, s_dkb, s_dvb, seq_q, seq_k,
                    Nq, Nk, qk_scale, scale, cap_in, cap_out,
                    GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
-                   SOFTCAP: tl.constexpr):
+                   SOFTCAP: tl.constexpr, BATCHED: tl.constexpr):
     kvh = tl.program_id(0)
     kvh64 = kvh.to(tl.int64)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
@@ -439,8 +449,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
     # Rows past the end are clamped (not masked): their dk/dv rows are never stored, and no
     # other row depends on them, so every load in the loop below is unpredicated.
     kc = tl.minimum(cols, Nk - 1)
-    k = _load(_ptrs(K + kvh64 * s_kh, kc, s_kn, offs_d, I64), kc, 0, Nk, offs_d, D, DP, False)
-    v = _load(_ptrs(V + kvh64 * s_vh, kc, s_vn, offs_d, I64), kc, 0, Nk, offs_d, D, DP, False)
+    k = _load(_ptrs(K + kvh64 * s_kh, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, Nk, offs_d, D, DP, False)
+    v = _load(_ptrs(V + kvh64 * s_vh, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, Nk, offs_d, D, DP, False)
     dk = tl.zeros([BN, DP], tl.float32)
     dv = tl.zeros([BN, DP], tl.float32)
 
@@ -455,8 +465,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
         rows = m0 + offs_m
         rc = tl.minimum(tl.maximum(rows, 0), Nq - 1)  # clamped: masked blocks may pass 0 or Nq
         h = (kvh * GROUP + g).to(tl.int64)
-        q = _load(_ptrs(Q + h * s_qh, rc, s_qn, offs_d, I64), rc, 0, Nq, offs_d, D, DP, False)
-        do = _load(_ptrs(DO + h * s_doh, rc, s_don, offs_d, I64), rc, 0, Nq, offs_d, D, DP, False)
+        q = _load(_ptrs(Q + h * s_qh, rc, s_qn, offs_d, I64, BATCHED, seq_q, s_qb), rc, 0, Nq, offs_d, D, DP, False)
+        do = _load(_ptrs(DO + h * s_doh, rc, s_don, offs_d, I64, BATCHED, seq_q, s_dob), rc, 0, Nq, offs_d, D, DP,
+                   False)
         lse = tl.load(LSE + h * s_lh + rc)
         # rows that see nothing have lse = -inf: flip it so that p = exp2(-inf) = 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
@@ -473,17 +484,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
         dk = _dot(_cast(dsT, q.dtype, PREC), q, dk, PREC)
 
     col_ok = cols < Nk
-    _store(_ptrs(DK + kvh64 * s_dkh, cols, s_dkn, offs_d, I64), dk * scale, col_ok, offs_d, D, DP, PREC)
-    _store(_ptrs(DV + kvh64 * s_dvh, cols, s_dvn, offs_d, I64), dv, col_ok, offs_d, D, DP, PREC)
+    _store(_ptrs(DK + kvh64 * s_dkh, cols, s_dkn, offs_d, I64, BATCHED, seq_k, s_dkb), dk * scale, col_ok, offs_d, D,
+           DP, PREC)
+    _store(_ptrs(DV + kvh64 * s_dvh, cols, s_dvn, offs_d, I64, BATCHED, seq_k, s_dvb), dv, col_ok, offs_d, D, DP,
+           PREC)
 
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
                  s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh, s_dqn, s_dqh, s_lh,
+                 s_qb, s_kb, s_vb, s_dob, s_dqb, seq_q, seq_k,
                  Nq, qk_scale, scale, cap_in, cap_out,
                  GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
-                 SOFTCAP: tl.constexpr):
+                 SOFTCAP: tl.constexpr, BATCHED: tl.constexpr):
     h = tl.program_id(0)
     h64 = h.to(tl.int64)
     kvh = (h // GROUP).to(tl.int64)
@@ -493,8 +507,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
-    q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
-    do = _load(_ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64), offs_m, 0, Nq, offs_d, D, DP, True)
+    q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64, BATCHED, seq_q, s_qb), offs_m, 0, Nq, offs_d, D, DP,
+              True)
+    do = _load(_ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64, BATCHED, seq_q, s_dob), offs_m, 0, Nq, offs_d, D,
+               DP, True)
     lse = tl.load(LSE + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: p = 0
     delta = tl.load(DELTA + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
@@ -513,8 +529,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
         for n0 in range(start, kv_hi, BN):  # as in the forward: one loop, clamped key rows
             cols = n0 + offs_n
             kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
-            k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
-            v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64), kc, 0, 0, offs_d, D, DP, False)
+            k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, 0, offs_d, D, DP, False)
+            v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, 0, offs_d, D, DP, False)
             qk = _dot(q, tl.trans(k), None, PREC)
             p, dcap = _probs(qk, lse2[:, None], qk_scale, cap_in, cap_out, SOFTCAP)
             if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
@@ -525,12 +541,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
             if SOFTCAP:
                 ds = ds * dcap
             dq = _dot(_cast(ds, k.dtype, PREC), k, dq, PREC)
-    _store(_ptrs(DQ + h64 * s_dqh, offs_m, s_dqn, offs_d, I64), dq * scale, row_ok, offs_d, D, DP, PREC)
+    _store(_ptrs(DQ + h64 * s_dqh, offs_m, s_dqn, offs_d, I64, BATCHED, seq_q, s_dqb), dq * scale, row_ok, offs_d, D,
+           DP, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
 # Backend functions (the contract of transfusion_kernels.attention)
 # ----------------------------------------------------------------------------------------------
+# The kernels read batched [B, N, H, D] views through their strides (the other backends get the
+# tokens flattened by the op).
+BATCHED_INPUTS = True
 # triton.jit picks the interpreter when the module is imported, not when a kernel runs.
 _INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"
 
@@ -601,14 +621,16 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _needs_i64(*tensors: torch.Tensor) -> bool:
-    """Row offsets (row * row stride, rows up to N plus a block) no longer fit in int32."""
-    return any((t.shape[0] + 512) * abs(t.stride(0)) >= 2**31 for t in tensors)
+    """Row offsets (row * row stride, rows up to N plus a block) no longer fit in int32
+    (batched tensors always take int64 offsets)."""
+    return any((t.shape[0] + 512) * abs(t.stride(0)) >= 2**31 for t in tensors if t.dim() == 3)
 
 
 def _intervals(starts: torch.Tensor, ends: torch.Tensor):
     """int32 [Nq, K] contiguous, and K."""
-    s = starts.reshape(starts.shape[0], -1).to(torch.int32).contiguous()
-    return s, ends.reshape(s.shape).to(torch.int32).contiguous(), s.shape[1]
+    if starts.dim() == 1:
+        starts, ends = starts[:, None], ends[:, None]
+    return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous(), starts.shape[1]
 
 
 def _softcap_args(scale: float, softcap: float):
@@ -623,32 +645,54 @@ def _device_guard(x: torch.Tensor):
 
 
 def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads ({k.shape[-2]})")
+
+
+def _tokens(x: torch.Tensor) -> int:
+    """Tokens of a [tokens, H, D] or batched [B, N, H, D] tensor."""
+    return x.shape[0] * x.shape[1] if x.dim() == 4 else x.shape[0]
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(row, head, batch) strides; batch 0 for a [tokens, H, D] tensor."""
+    return x.stride(-3), x.stride(-2), x.stride(0) if x.dim() == 4 else 0
+
+
+def _alloc_like(x: torch.Tensor) -> torch.Tensor:
+    """A buffer of x's shape and dtype, laid out as torch.empty_like lays it out (what the
+    gradients' fake implementation promises), through _empty."""
+    layout = torch.empty_like(x, device="meta")
+    return _empty((x.numel(),), x.dtype, x.device).as_strided(layout.shape, layout.stride())
 
 
 def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
+    """q [Nq, Hq, D], k, v [Nk, Hkv, D]; or batched [B, N, H, D] views read through their
+    strides (then out is a contiguous [B, N, Hq, D])."""
     _check_device(q)
     _check_heads(q, k)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    nq, hq, d = q.shape
-    nk, hkv, _ = k.shape
+    nq, nk = _tokens(q), _tokens(k)
+    hq, d = q.shape[-2:]
+    hkv = k.shape[-2]
+    batched = q.dim() == 4
     cfg = plan.config.fwd
     kvs, kve, ni = _intervals(starts, ends)
     _check_table(plan.fwd_runs, plan.fwd_order, nq, cfg.block_m, ni, "fwd_runs")
-    out = _empty((nq, hq, d), q.dtype, q.device)
+    out = _empty(q.shape[:-1] + (d,), q.dtype, q.device)
     lse = _empty((hq, nq), torch.float32, q.device)
     if nq == 0 or hq == 0:
         return out, lse
     cap, cap_in, cap_out = _softcap_args(scale, softcap)
+    (qn, qh, qb), (kn, kh, kb), (vn, vh, vb), (on, oh, ob) = (_strides(x) for x in (q, k, v, out))
     with _device_guard(q):
         _attn_fwd[(hq, triton.cdiv(nq, cfg.block_m))](
             q, k, v, out, lse, kvs, kve, plan.fwd_runs, plan.fwd_order,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
+            qn, qh, kn, kh, vn, vh, on, oh, lse.stride(0),
+            qb, kb, vb, ob, q.shape[1] if batched else 1, k.shape[1] if batched else 1,
             nq, float(scale) * _LOG2E, cap_in, cap_out,
             GROUP=hq // hkv, D=d, DP=_padded_head_dim(d), NI=ni, BM=cfg.block_m, BN=cfg.block_n,
-            PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out), SOFTCAP=cap,
+            PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out), SOFTCAP=cap, BATCHED=batched,
             num_warps=cfg.warps, num_stages=cfg.stages,
         )
     return out, lse
@@ -659,8 +703,11 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
     _check_heads(q, k)
     q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
     lse = lse.contiguous()
-    nq, hq, d = q.shape
-    nk, hkv, _ = k.shape
+    nq, nk = _tokens(q), _tokens(k)
+    hq, d = q.shape[-2:]
+    hkv = k.shape[-2]
+    batched = q.dim() == 4
+    seq_q, seq_k = (q.shape[1], k.shape[1]) if batched else (1, 1)
     cfg = plan.config
     kvs, kve, ni = _intervals(starts, ends)
     _check_table(plan.dkdv_tiles, plan.dkdv_order, nk, cfg.dkdv.block_n, None, "dkdv_tiles")
@@ -668,9 +715,7 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
     dp = _padded_head_dim(d)
     group = hq // hkv
     prec = _precision(q.dtype)
-    dq = _empty((nq, hq, d), q.dtype, q.device)
-    dk = _empty((nk, hkv, d), k.dtype, k.device)
-    dv = _empty((nk, hkv, d), v.dtype, v.device)
+    dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
     i64 = _needs_i64(q, k, v, out, dout, dq, dk, dv)
     if hq == 0:
         return dq, dk, dv
@@ -679,26 +724,29 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
     delta = _empty((hq, nq), torch.float32, q.device)
     qk_scale = float(scale) * _LOG2E
     cap, cap_in, cap_out = _softcap_args(scale, softcap)
+    (qn, qh, qb), (kn, kh, kb), (vn, vh, vb) = (_strides(x) for x in (q, k, v))
+    (on, oh, ob), (don, doh, dob) = _strides(out), _strides(dout)
+    (dqn, dqh, dqb), (dkn, dkh, dkb), (dvn, dvh, dvb) = (_strides(x) for x in (dq, dk, dv))
     with _device_guard(q):
         _bwd_delta[(hq, triton.cdiv(nq, DELTA_BLOCK))](
-            out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-            delta.stride(0), nq, D=d, DP=dp, BM=DELTA_BLOCK, I64=i64,
+            out, dout, delta, on, oh, don, doh, delta.stride(0), ob, dob, seq_q, nq,
+            D=d, DP=dp, BM=DELTA_BLOCK, I64=i64, BATCHED=batched,
         )
         if nk > 0:
             _attn_bwd_dkdv[(hkv, triton.cdiv(nk, cfg.dkdv.block_n))](
                 q, k, v, dout, lse, delta, kvs, kve, plan.dkdv_tiles, plan.dkdv_order, dk, dv,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                lse.stride(0), nq, nk, qk_scale, float(scale), cap_in, cap_out,
+                qn, qh, kn, kh, vn, vh, don, doh, dkn, dkh, dvn, dvh, lse.stride(0),
+                qb, kb, vb, dob, dkb, dvb, seq_q, seq_k,
+                nq, nk, qk_scale, float(scale), cap_in, cap_out,
                 GROUP=group, D=d, DP=dp, NI=ni, BM=cfg.dkdv.block_m, BN=cfg.dkdv.block_n, PREC=prec, I64=i64,
-                SOFTCAP=cap, num_warps=cfg.dkdv.warps, num_stages=cfg.dkdv.stages,
+                SOFTCAP=cap, BATCHED=batched, num_warps=cfg.dkdv.warps, num_stages=cfg.dkdv.stages,
             )
         _attn_bwd_dq[(hq, triton.cdiv(nq, cfg.dq.block_m))](
             q, k, v, dout, lse, delta, kvs, kve, plan.dq_runs, plan.dq_order, dq,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+            qn, qh, kn, kh, vn, vh, don, doh, dqn, dqh, lse.stride(0),
+            qb, kb, vb, dob, dqb, seq_q, seq_k,
             nq, qk_scale, float(scale), cap_in, cap_out,
             GROUP=group, D=d, DP=dp, NI=ni, BM=cfg.dq.block_m, BN=cfg.dq.block_n, PREC=prec, I64=i64,
-            SOFTCAP=cap, num_warps=cfg.dq.warps, num_stages=cfg.dq.stages,
+            SOFTCAP=cap, BATCHED=batched, num_warps=cfg.dq.warps, num_stages=cfg.dq.stages,
         )
     return dq, dk, dv
