@@ -493,10 +493,9 @@ def test_hybrid_mask_classmethods_wrap_the_constructors():
         assert fast.num_intervals == 1 and fast.monotone
         assert torch.equal(fast.to_dense(), spans_oracle(cu, images, []))
         split_lens, modes = random_splits(rng)
-        if sum(map(sum, split_lens)):
-            got = HybridMask.from_splits(split_lens, modes)
-            s, e, _ = mc.from_splits(split_lens, modes)
-            assert torch.equal(got.starts, s) and torch.equal(got.ends, e)
+        got = HybridMask.from_splits(split_lens, modes)
+        s, e, _ = mc.from_splits(split_lens, modes)
+        assert torch.equal(got.starts, s) and torch.equal(got.ends, e)
     dense = spans_oracle([0, 9, 16], [(2, 5)], [(10, 12)])
     for mask in (HybridMask.from_dense(dense), HybridMask.from_mask_mod(lambda b, h, q, kv: dense[q, kv], [0, 9, 16]),
                  HybridMask.from_padded([9], 16, [[(2, 5)]])):
