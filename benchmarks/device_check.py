@@ -165,6 +165,9 @@ def step_build(check: Check, timeout: float) -> dict:
     probe = ("import json, transfusion_kernels as tk; from transfusion_kernels import _C; "
              "print(json.dumps({'file': _C.__file__, 'build_info': dict(_C.build_info()), "
              "'backends': {k: str(v) for k, v in tk.available_backends().items()}}))")
+    if check.dry_run:  # ninja -n compiled nothing: there is no module to import, only the package
+        probe = ("import json, transfusion_kernels as tk; "
+                 "print(json.dumps({'backends': {k: str(v) for k, v in tk.available_backends().items()}}))")
     code, tail = run_logged(check, [sys.executable, "-c", probe], "build", max(10.0, timeout - (time.time() - t0)))
     info = {"arch": arch, "jobs": jobs, "build_dir": str(build_dir.relative_to(ROOT))}
     if code != 0:
