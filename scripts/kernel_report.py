@@ -71,7 +71,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's torch-free toolchain lookup
+REPORT_ROOT_ENV = "TK_REPORT_ROOT"  # --root, passed on to the worker processes
+
+
+def use_checkout(root: str) -> None:
+    """Import the package from the checkout at root: first on sys.path, and without the finder
+    of an editable install (it resolves the package to the installed checkout before sys.path)."""
+    sys.path.insert(0, root)
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+
+
 from benchmarks.toolchain import find_nvcc  # noqa: E402
+
+if os.environ.get(REPORT_ROOT_ENV):  # a worker process of a report on another checkout
+    use_checkout(os.environ[REPORT_ROOT_ENV])
 
 CSRC = ROOT / "csrc"
 ATTENTION = CSRC / "attention"
@@ -919,6 +932,9 @@ def record_triton_launches(d: int, dtype: str, capability: int):
     import transfusion_kernels as tk
 
     mod = importlib.import_module(TRITON_MODULE)
+    root = Path(os.environ.get(REPORT_ROOT_ENV) or ROOT).resolve()
+    if not Path(mod.__file__).resolve().is_relative_to(root):
+        raise RuntimeError(f"{TRITON_MODULE} was imported from {mod.__file__}, not from the checkout {root}")
     from triton.runtime.jit import JITFunction
 
     launches = []
@@ -961,9 +977,12 @@ def record_triton_launches(d: int, dtype: str, capability: int):
         q = torch.empty(n, hq, d, dtype=torch_dtype)
         k = torch.empty(n, hkv, d, dtype=torch_dtype)
         v = torch.empty(n, hkv, d, dtype=torch_dtype)
+        # checkouts before the interval-union masks: kv_start / kv_end and (tables, blocks)
+        starts, ends = (mask.starts, mask.ends) if hasattr(mask, "starts") else (mask.kv_start, mask.kv_end)
         plan = mod.prepare(mask, q, k)
-        out, lse = mod.forward(q, k, v, mask.starts, mask.ends, plan, d ** -0.5)
-        mod.backward(torch.empty_like(q), q, k, v, out, lse, mask.starts, mask.ends, plan, d ** -0.5)
+        plan = plan if isinstance(plan, tuple) else (plan,)
+        out, lse = mod.forward(q, k, v, starts, ends, *plan, d ** -0.5)
+        mod.backward(torch.empty_like(q), q, k, v, out, lse, starts, ends, *plan, d ** -0.5)
     finally:
         for name, value in saved.items():
             setattr(mod, name, value)
@@ -1154,8 +1173,8 @@ def main(argv=None) -> int:
     args.root = args.root.resolve()
     args.csrc = args.root / "csrc"
     if args.root != ROOT:  # import the package from that checkout, here and in the workers
-        sys.path.insert(0, str(args.root))
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(args.root), os.environ.get("PYTHONPATH"))))
+        os.environ[REPORT_ROOT_ENV] = str(args.root)
+        use_checkout(str(args.root))
     hot = re.compile(args.hot)
     if args.spill_check:
         return spill_check([f.resolve() for f in args.files] or sources(args.csrc), tuple(args.arch or DEFAULT_ARCHS),
