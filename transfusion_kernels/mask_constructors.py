@@ -228,17 +228,23 @@ def from_splits(split_lens, modes, *, device=None):
     sample_len = torch.zeros(len(modes), dtype=torch.int64, device=device).index_add_(0, sample_of, lens)
     sample_start = torch.cumsum(sample_len, 0) - sample_len
 
-    def per_token(per_split):
-        return torch.repeat_interleave(per_split, lens, output_size=n)
-
-    first = per_token(sample_start[sample_of])
-    own_end = torch.where(per_token(codes == 0), pos + 1, per_token(split_end))
-    # Hidden keys: the noise splits. A query's window stops at its own split's end, so noise splits
-    # after it never matter; its own split is never hidden from it.
+    # Per split first: a query of split t sees [sample start, end of t) minus the noise splits
+    # before t (its own is never hidden from it; later ones start after its window). Every query
+    # of a split gets the split's intervals, and a causal split's queries stop their last one at
+    # themselves: two gathers per token.
     noise = (codes == 2) & (lens > 0)
-    own = per_token(torch.where(noise, torch.cumsum(noise.to(torch.int64), 0) - 1, -1))  # index among noise splits
-    starts, ends = _visible_minus_hidden(first, own_end, split_start[noise], split_end[noise], own)
-    return starts, ends, n
+    own = torch.where(noise, torch.cumsum(noise.to(torch.int64), 0) - 1, -1)  # index among noise splits
+    split_starts, split_ends = _visible_minus_hidden(sample_start[sample_of], split_end, split_start[noise],
+                                                     split_end[noise], own)
+    split_of = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens, output_size=n)
+    starts, ends = split_starts[split_of], split_ends[split_of]
+    last = (split_ends > split_starts).sum(1, keepdim=True)[split_of] - 1  # the slot holding the split itself
+    causal = (codes == 0)[split_of, None]
+    k = torch.arange(starts.shape[1], device=device)
+    me = (pos + 1).to(torch.int32)[:, None]
+    ends = torch.where(causal & (k >= last), me, ends)
+    starts = torch.where(causal & (k > last), me, starts)
+    return starts.contiguous(), ends.contiguous(), n
 
 
 def from_spans(cu_seqlens, image_spans, hidden_spans=None):
