@@ -8,12 +8,15 @@ documents' L^2, not (sum L)^2, and a chunk's score block stays under ``_CHUNK_EL
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from transfusion_kernels.attention.plan import KernelPlan
 
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 _CHUNK_ELEMS = 1 << 24  # fp32 score elements per chunk and all heads (64 MiB)
 _ROWS = 64  # query rows per block that chunks are made of
 _MERGE = 1.5  # merge two chunks while the merged score block is at most this much larger
@@ -131,18 +134,51 @@ def _scatter(dst: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, src: torch.
         dst[idx[ok]] = src[ok]
 
 
-def _scores(qc, kc, starts, ends, rows, row_ok, keys, key_ok, scale, softcap):
-    """Masked fp32 scores [C, Hkv, G, R, S] of each chunk's queries qc [C, R, Hkv, G, D] against
-    its keys kc [C, S, Hkv, D], and tanh of the capped scores (None without softcap)."""
-    s = torch.einsum("crhgd,cshd->chgrs", qc * scale, kc)
-    t = None
-    if softcap:
-        t = torch.tanh(s / softcap)
-        s = softcap * t
+def _hidden(starts, ends, rows, row_ok, keys, key_ok) -> torch.Tensor:
+    """fp32 [C, 1, 1, R, S]: 0 for the pairs of each chunk its queries see, -inf for the others
+    (added to the scores: many times faster than masked_fill with a broadcast mask on the CPU)."""
     j = keys[:, None, :, None]  # [C, 1, S, 1]
     visible = ((j >= starts[rows][:, :, None, :]) & (j < ends[rows][:, :, None, :])).any(-1)  # [C, R, S]
     visible &= row_ok[:, :, None] & key_ok[:, None, :]
-    return s.masked_fill_(~visible[:, None, None], float("-inf")), t
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+    return bias.masked_fill_(~visible, float("-inf"))[:, None, None]
+
+
+_CACHE_ELEMS = 1 << 23  # masks whose chunks hold more pairs than this recompute them per call
+
+
+def _planned(starts: torch.Tensor, ends: torch.Tensor, heads: int) -> list:
+    """[(rows, row_ok, keys, key_ok, hidden)] of every group, cached on the interval tensors (a
+    mask's, shared by its layers and by forward and backward) while they are small and unchanged."""
+    key = (heads, starts._version, ends._version)
+    cached = getattr(starts, "_tk_reference_groups", None)
+    if cached is not None and cached[0] == key and cached[1]() is ends:
+        return cached[2]
+    groups, size = [], 0
+    for g in _groups(starts, ends, heads):
+        groups.append((*g, _hidden(starts, ends, *g)))
+        size += groups[-1][4].numel()
+    if size <= _CACHE_ELEMS and not torch.compiler.is_compiling():
+        starts._tk_reference_groups = (key, weakref.ref(ends), groups)
+    return groups
+
+
+def _scores(qc, kc, hidden, scale, softcap):
+    """Masked fp32 scores [C, Hkv, G, R, S] of each chunk's queries qc [C, R, Hkv, G, D] against
+    its keys kc [C, S, Hkv, D] (``hidden``: -inf on the pairs to mask), in base 2 (times log2(e):
+    torch.exp2 of the masked -inf is many times faster than torch.exp on the CPU), and tanh of the
+    capped scores (None without softcap)."""
+    t = None
+    if softcap:
+        t = torch.tanh(torch.einsum("crhgd,cshd->chgrs", qc * (scale / softcap), kc))
+        s = t * (softcap * _LOG2E)
+    else:
+        s = torch.einsum("crhgd,cshd->chgrs", qc * (scale * _LOG2E), kc)
+    if bool(torch.isfinite(s).all()):
+        return s.add_(hidden), t
+    # a non-finite score (inf + -inf would be NaN): mask by selection, so that a hidden pair is
+    # -inf whatever its score and only a visible NaN or inf reaches its row
+    return s.masked_fill_(torch.isneginf(hidden), float("-inf")), t
 
 
 def _intervals(starts, ends):
@@ -155,15 +191,15 @@ def forward(q, k, v, starts, ends, plan, scale, softcap=0.0):
     starts, ends = _intervals(starts, ends)
     out = torch.zeros(nq, hq, v.shape[2], dtype=torch.float32, device=q.device)
     lse = torch.full((nq, hq), float("-inf"), dtype=torch.float32, device=q.device)
-    for rows, row_ok, keys, key_ok in _groups(starts, ends, hq):
+    for rows, row_ok, keys, key_ok, hidden in _planned(starts, ends, hq):
         qc = _gather(q, rows).unflatten(2, (hkv, -1))  # [C, R, Hkv, G, D]
-        s, _ = _scores(qc, _gather(k, keys), starts, ends, rows, row_ok, keys, key_ok, scale, softcap)
-        # softmax with one exp: a row that sees nothing gets p = 0, lse = -inf
+        s, _ = _scores(qc, _gather(k, keys), hidden, scale, softcap)
+        # softmax with one exp2: a row that sees nothing gets p = 0, lse = -inf
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(torch.isneginf(m), 0.0)
-        p = s.sub_(m).exp_()
+        p = torch.exp2(s.sub_(m), out=s)
         total = p.sum(-1)  # [C, Hkv, G, R]
-        row_lse = m.squeeze(-1) + torch.log(total)
+        row_lse = (m.squeeze(-1) + torch.log2(total)) * _LN2
         o = torch.einsum("chgrs,cshd->crhgd", p, _gather(v, keys))
         o = o / total.masked_fill(total == 0, 1.0).permute(0, 3, 1, 2)[..., None]
         _scatter(out, rows, row_ok, o.flatten(2, 3), add=False)
@@ -181,12 +217,12 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap=0.0):
     # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax backward's row term.
     delta = (dout.float() * out.float()).sum(-1)  # [Nq, Hq]
     # rows that see nothing (lse = -inf): subtract +inf instead, so that p = exp(-inf) = 0
-    lse_t = lse.T.masked_fill(torch.isneginf(lse.T), float("inf"))  # [Nq, Hq]
-    for rows, row_ok, keys, key_ok in _groups(starts, ends, hq):
+    lse_t = lse.T.masked_fill(torch.isneginf(lse.T), float("inf")) * _LOG2E  # [Nq, Hq], base 2
+    for rows, row_ok, keys, key_ok, hidden in _planned(starts, ends, hq):
         qc, kc, vc = _gather(q, rows).unflatten(2, (hkv, -1)), _gather(k, keys), _gather(v, keys)
-        s, t = _scores(qc, kc, starts, ends, rows, row_ok, keys, key_ok, scale, softcap)
+        s, t = _scores(qc, kc, hidden, scale, softcap)
         row_lse = lse_t[rows].unflatten(2, (hkv, -1)).permute(0, 2, 3, 1)  # [C, Hkv, G, R]
-        p = s.sub_(row_lse[..., None]).exp_()
+        p = torch.exp2(s.sub_(row_lse[..., None]), out=s)
         do = _gather(dout, rows).unflatten(2, (hkv, -1))  # [C, R, Hkv, G, D]
         dv_c = torch.einsum("chgrs,crhgd->cshd", p, do)
         row_delta = delta[rows].unflatten(2, (hkv, -1)).permute(0, 2, 3, 1)  # [C, Hkv, G, R]
