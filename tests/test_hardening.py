@@ -88,8 +88,8 @@ BAD_INPUT = {
         lambda: tk.HybridMask.from_intervals([0], [1], num_keys=1.0), ValueError, "num_keys must be an int"),
     "mask: num_keys negative": (
         lambda: tk.HybridMask.from_intervals([], [], num_keys=-1), ValueError, "num_keys must be an int in"),
-    "mask: 2-D intervals": (
-        lambda: tk.HybridMask.from_intervals([[0]], [[1]]), ValueError, "kv_start must be a 1-D int32"),
+    "mask: 3-D intervals": (
+        lambda: tk.HybridMask.from_intervals([[[0]]], [[[1]]]), ValueError, r"kv_start must be an int32 tensor \[Nq\] or \[Nq, K\]"),
     "mask: constructor checks the intervals": (
         lambda: tk.HybridMask(torch.tensor([0, 2], dtype=I32), torch.tensor([1, 5], dtype=I32), 4),
         ValueError, r"query 1: interval \[2, 5\) is invalid: kv_end > num_keys = 4"),
@@ -463,20 +463,17 @@ def _attention_inputs(d, dtype, n=24):
 
 
 @pytest.mark.skipif(not _can_run("triton"), reason="triton cannot run here")
-def test_triton_head_dim_beyond_256_falls_back_to_reference_once():
+def test_triton_head_dim_beyond_256_is_refused_by_name_and_runs_under_auto():
     q, k, mask = _attention_inputs(264, torch.float16)
-    with pytest.warns(UserWarning, match=r"fallback: hybrid_attention on backend 'triton' does not support "
-                                         r"torch.float16 with head dim 264.*running on 'reference'"):
-        out = tk.hybrid_attention(q, k, k, mask, backend="triton")
-    torch.testing.assert_close(out, tk.hybrid_attention(q, k, k, mask, backend="reference"), rtol=0, atol=0)
+    with pytest.raises(tk.BackendUnavailableError, match=r"backend 'triton' does not cover these inputs: "
+                                                         r"torch.float16 with head dim 264"):
+        tk.hybrid_attention(q, k, k, mask, backend="triton")
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same (op, backend, reason) again: silent
-        tk.hybrid_attention(q, k, k, mask, backend="triton")
-    q2, k2, _ = _attention_inputs(300, torch.float16)
-    with pytest.warns(UserWarning, match="head dim 300"):  # another reason: warned
-        tk.hybrid_attention(q2, k2, k2, mask, backend="triton")
+        warnings.simplefilter("ignore")  # auto on a GPU warns when it ends on the reference
+        out = tk.hybrid_attention(q, k, k, mask, backend="auto")
+    torch.testing.assert_close(out, tk.hybrid_attention(q, k, k, mask, backend="reference"), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(GPU, reason="auto picks the reference only on a CPU")
@@ -490,38 +487,39 @@ def test_auto_on_the_cpu_never_warns():
         tk.diffusion_loss(X4, X4, torch.zeros(4, dtype=I32))
 
 
-@pytest.mark.skipif(not _can_run("triton"), reason="triton cannot run here")
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 64), (torch.float16, 96)], ids=["fp32", "d96"])
-def test_cuda_attention_fallback_policy(dtype, d, monkeypatch):
-    """What the cuda kernels do not cover runs on triton with a warning, or raises ValueError
-    with TRANSFUSION_CUDA_ATTENTION_FALLBACK=0 (the dispatcher's decision; no GPU needed)."""
+def test_cuda_attention_refuses_what_its_kernels_do_not_cover(dtype, d, monkeypatch):
+    """Asked by name, the cuda backend refuses a dtype or head dim its kernels do not cover in one
+    error naming it (here with the backend faked available; no GPU needed); with
+    TRANSFUSION_CUDA_ATTENTION_FALLBACK=0 that is a ValueError."""
     from transfusion_kernels.attention import cuda as tkc
 
+    real = tk_backends.backend_info
+    monkeypatch.setattr(tk_backends, "backend_info", lambda name, device: tk_backends.BackendInfo(name, True, "faked")
+                        if name == "cuda" else real(name, device))
     q, k, mask = _attention_inputs(d, dtype)
-    expected = tk.hybrid_attention(q, k, k, mask, backend="triton")
-    if not _can_run("cuda"):
-        monkeypatch.setattr(tka.ATTENTION, "resolve", lambda backend, device: "cuda")
-    with pytest.warns(UserWarning, match=f"backend 'cuda' does not support {dtype} with head dim {d}.*'triton'"):
-        out = tk.hybrid_attention(q, k, k, mask, backend="cuda")
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(tk.BackendUnavailableError, match=f"backend 'cuda' does not cover these inputs: {dtype} "
+                                                         f"with head dim {d}"):
+        tk.hybrid_attention(q, k, k, mask, backend="cuda")
     monkeypatch.setenv(tkc.FALLBACK_ENV, "0")
     with pytest.raises(ValueError, match=f"head dim {d}"):
         tk.hybrid_attention(q, k, k, mask, backend="cuda")
 
 
-def test_diffusion_loss_on_the_cuda_backend(monkeypatch):
-    """diffusion_loss has no CUDA C++ kernel: where cuda cannot run, asking for it raises like
-    every other op; where it can, the loss runs on triton (else the reference) with a warning."""
+def test_diffusion_loss_has_no_cuda_kernel(monkeypatch):
+    """diffusion_loss has no CUDA C++ kernel: asked for by name (argument or use_backend), the
+    cuda backend raises saying so, wherever it could run; auto runs it."""
     pred, target = torch.randn(6, 3, device=DEVICE), torch.randn(6, 3, device=DEVICE)
     idx = torch.tensor([-1, 0, 0, 1, -1, 1], dtype=I32, device=DEVICE)
-    if not _can_run("cuda"):
-        with pytest.raises(tk.BackendUnavailableError, match="cuda"):
-            tk.diffusion_loss(pred, target, idx, backend="cuda")
-        monkeypatch.setattr(tkd.LOSS, "resolve", lambda backend, device: "cuda")
-    used = "triton" if _can_run("triton") else "reference"
-    with tk.use_backend("cuda"), pytest.warns(UserWarning, match=f"diffusion_loss on backend 'cuda'.*'{used}'"):
-        loss = tk.diffusion_loss(pred, target, idx)
-    assert loss.item() == tk.diffusion_loss(pred, target, idx, backend=used).item()
+    real = tk_backends.backend_info
+    monkeypatch.setattr(tk_backends, "backend_info", lambda name, device: tk_backends.BackendInfo(name, True, "faked")
+                        if name == "cuda" else real(name, device))
+    with pytest.raises(tk.BackendUnavailableError, match="diffusion_loss: backend 'cuda'.*no CUDA C\\+\\+ kernel"):
+        tk.diffusion_loss(pred, target, idx, backend="cuda")
+    with tk.use_backend("cuda"), pytest.raises(tk.BackendUnavailableError, match="no CUDA"):
+        tk.diffusion_loss(pred, target, idx)
+    auto = tk.diffusion_loss(pred, target, idx, backend="auto")
+    assert auto.item() == tk.diffusion_loss(pred, target, idx, backend="reference").item()
 
 
 @pytest.mark.gpu

@@ -188,13 +188,11 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Atte
 
 
 def supports(q: torch.Tensor, scale: float, softcap: float = 0.0, num_intervals: int = 1) -> str | None:
-    """Why the kernels do not cover q, scale and softcap (None when they do; any K)."""
+    """Why the kernels do not cover q (None when they do: any scale, softcap and K)."""
     try:
         pick_config(q.shape[-1], q.dtype, q.device)
     except (ValueError, TypeError) as e:
         return f"{q.dtype} with head dim {q.shape[-1]} ({e})"
-    if scale <= 0 and not softcap:  # the forward scales the masked (-inf) scores: -inf * 0 is NaN
-        return "softmax_scale <= 0 (without softcap)"
     return None
 
 
@@ -329,7 +327,7 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
               Nq, qk_scale, cap_in, cap_out,
               GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
-              SOFTCAP: tl.constexpr, BATCHED: tl.constexpr):
+              SOFTCAP: tl.constexpr, BATCHED: tl.constexpr, SCALE_FIRST: tl.constexpr):
     h = tl.program_id(0)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
     h64 = h.to(tl.int64)
@@ -367,8 +365,11 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
             k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, 0, offs_d, D, DP, False)
             v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, 0, offs_d, D, DP, False)
             qk = _dot(q, tl.trans(k), None, PREC)
-            if SOFTCAP:  # base-2 logits cap * tanh(scale * qk / cap) * log2(e), masked after the cap
-                z = _tanh(qk * cap_in) * cap_out
+            if SOFTCAP or SCALE_FIRST:  # base-2 logits, masked after the cap or the scale (<= 0)
+                if SOFTCAP:  # cap * tanh(scale * qk / cap) * log2(e)
+                    z = _tanh(qk * cap_in) * cap_out
+                else:
+                    z = qk * qk_scale
                 if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
                     vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])
                     z = tl.where(vis, z, float("-inf"))
@@ -380,7 +381,7 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (p = 0, no NaN)
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            if SOFTCAP:
+            if SOFTCAP or SCALE_FIRST:
                 p = tl.math.exp2(z - m_sub[:, None])
             else:
                 p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
@@ -693,7 +694,7 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
             nq, float(scale) * _LOG2E, cap_in, cap_out,
             GROUP=hq // hkv, D=d, DP=_padded_head_dim(d), NI=ni, BM=cfg.block_m, BN=cfg.block_n,
             PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out), SOFTCAP=cap, BATCHED=batched,
-            num_warps=cfg.warps, num_stages=cfg.stages,
+            SCALE_FIRST=not cap and scale <= 0, num_warps=cfg.warps, num_stages=cfg.stages,
         )
     return out, lse
 
