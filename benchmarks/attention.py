@@ -29,9 +29,9 @@ visible_pairs, backward = 2.5 x forward, forward + backward = 3.5 x (docs/design
 Times are medians (triton.testing.do_bench); peak memory is what one forward + backward
 allocates above the inputs.
 
-    python benchmarks/attention.py                 # GPU, every workload; JSON in benchmarks/results/
-    python benchmarks/attention.py --workloads mix --tokens 8192 --heads 16
-    python benchmarks/attention.py --smoke         # CPU: tiny shapes, no speed claims; a backend that
+    python -m benchmarks.attention               # GPU, every workload; JSON in benchmarks/results/
+    python -m benchmarks.attention --workloads mix --tokens 8192 --heads 16
+    python -m benchmarks.attention --smoke         # CPU: tiny shapes, no speed claims; a backend that
                                                    # cannot run here has the reference standing in
 """
 from __future__ import annotations

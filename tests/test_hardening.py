@@ -13,10 +13,8 @@ import pytest
 import torch
 
 import transfusion_kernels as tk
-from transfusion_kernels import attention as tka
 from transfusion_kernels.attention import plan
 from transfusion_kernels import backends as tk_backends
-from transfusion_kernels import diffusion as tkd
 
 # numpy under the Triton interpreter notes the NaN these tests make on purpose
 pytestmark = [pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),

@@ -191,7 +191,9 @@ def pack_documents(docs, tokenizer, patch_size: int, num_train_timesteps: int = 
         seq.append(("t", tokenizer.eos_id))
         for kind, val in seq:
             if kind == "t":
-                ids.append(val); is_text.append(True); img_idx.append(-1)
+                ids.append(val)
+                is_text.append(True)
+                img_idx.append(-1)
             else:
                 seg, n = val
                 m = len(images)
@@ -199,7 +201,9 @@ def pack_documents(docs, tokenizer, patch_size: int, num_train_timesteps: int = 
                 images.append(seg.latent)
                 cap = num_train_timesteps - 1 if seg.max_timestep is None else min(seg.max_timestep, num_train_timesteps - 1)
                 caps.append(cap)
-                ids.extend([tokenizer.pad_id] * n); is_text.extend([False] * n); img_idx.extend([m] * n)
+                ids.extend([tokenizer.pad_id] * n)
+                is_text.extend([False] * n)
+                img_idx.extend([m] * n)
         pos.extend(range(len(ids) - start))
         cu.append(len(ids))
 

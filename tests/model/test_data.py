@@ -101,7 +101,8 @@ def test_mixed_batches_mix_and_determinism(tok):
     assert b1.noise_seed == b2.noise_seed
     assert not torch.equal(mb.batch(6).input_ids[:50], b1.input_ids[:50]) or mb.batch(6).noise_seed != b1.noise_seed
     # the iterator's state is the step: resuming reproduces the stream
-    next(mb); next(mb)
+    next(mb)
+    next(mb)
     state = mb.state_dict()
     nxt = next(mb)
     mb2 = MixedBatches(data.train_images, data.train_labels, text_corpus(0, 200), tok, cfg, patch_size=2)

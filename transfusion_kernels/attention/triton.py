@@ -673,7 +673,7 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
     _check_device(q)
     _check_heads(q, k)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    nq, nk = _tokens(q), _tokens(k)
+    nq = _tokens(q)
     hq, d = q.shape[-2:]
     hkv = k.shape[-2]
     batched = q.dim() == 4
