@@ -127,7 +127,10 @@ def _scatter(dst: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, src: torch.
     run = _run(idx)
     if run is not None and bool(ok.all()):
         src = src.reshape(-1, *dst.shape[1:])
-        dst[run] = dst[run] + src if add else src
+        if add:
+            dst[run].add_(src)
+        else:
+            dst[run] = src
     elif add:
         dst.index_add_(0, idx[ok], src[ok])
     else:
@@ -174,7 +177,7 @@ def _scores(qc, kc, hidden, scale, softcap):
         s = t * (softcap * _LOG2E)
     else:
         s = torch.einsum("crhgd,cshd->chgrs", qc * (scale * _LOG2E), kc)
-    if bool(torch.isfinite(s).all()):
+    if bool(torch.isfinite(s.sum())):  # every score finite (one pass; an overflowing sum only costs the slow path)
         return s.add_(hidden), t
     # a non-finite score (inf + -inf would be NaN): mask by selection, so that a hidden pair is
     # -inf whatever its score and only a visible NaN or inf reaches its row
