@@ -163,7 +163,7 @@ def test_explain_says_what_runs_and_why_without_running_it(monkeypatch):
     assert choice.backend is None and choice.passed_over[0][0] == "cuda"
     assert "raises BackendUnavailableError" in str(choice) and "cannot run here" in str(choice)
     x = torch.randn(2, 4)
-    assert tk.explain("add_noise", x, 3, tk.DiffusionSchedule()).op == "diffusion_affine_step"
+    assert tk.explain("add_noise", x, 3, tk.DiffusionSchedule()).op == "add_noise"  # the public function, not the internal op
     assert calls == []
     with pytest.raises(ValueError, match="unknown op 'attention'"):
         tk.explain("attention", q)
@@ -173,7 +173,7 @@ def test_debug_log_says_what_ran(caplog):
     x = torch.randn(2, 4)
     with caplog.at_level(logging.DEBUG, logger="transfusion_kernels"):
         tk.add_noise(x, 3, tk.DiffusionSchedule(), seed=0, backend="reference")
-    assert "diffusion_affine_step: backend 'reference' runs on 'reference'" in caplog.text
+    assert "add_noise: backend 'reference' runs on 'reference'" in caplog.text
 
 
 # ---- compute capabilities against the extension's archs -----------------------------------
@@ -294,11 +294,12 @@ def _op_calls():
 
 @pytest.mark.parametrize("name", sorted(_op_calls()))
 def test_every_op_refuses_a_named_backend_that_cannot_run(monkeypatch, name):
-    """Each op: backend="cuda" and backend="triton" (no interpreter) on CPU tensors raise and name
-    the reason; "auto" runs the reference, and explain says so without running."""
+    """Each op: backend="cuda" and backend="triton" (no interpreter) on CPU tensors raise, naming
+    the public function called and the reason; "auto" runs the reference, and explain says so
+    without running."""
     fn, args, kwargs = _op_calls()[name]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(tk.BackendUnavailableError, match="backend 'cuda' cannot run here: "):
+    with pytest.raises(tk.BackendUnavailableError, match=f"^{name}: backend 'cuda' cannot run here: "):
         fn(*args, **kwargs, backend="cuda")
     with pytest.raises(tk.BackendUnavailableError, match="backend 'triton' cannot run here: triton needs a CUDA device"):
         fn(*args, **kwargs, backend="triton")

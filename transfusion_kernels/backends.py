@@ -406,32 +406,34 @@ def _decided(op: str, requested: str, backend: str | None, passed_over: tuple = 
     return backend
 
 
-def select(op: Op, requested: str | None, *inputs) -> str:
+def select(op: Op, requested: str | None, *inputs, caller: str | None = None) -> str:
     """The backend that runs ``op`` on ``inputs`` (the first is a tensor on the op's device).
 
     A named backend runs, or BackendUnavailableError says why it cannot: no implementation, it
     cannot run on this device (not built, not importable, no code for this GPU), or its kernels
     do not cover the inputs. "auto" takes the first backend of ``AUTO_ORDER`` that can run here
     and covers the inputs on a GPU, else the reference (one warning per op and reasons when a GPU
-    run ends there); on the CPU the reference."""
+    run ends there); on the CPU the reference. ``caller``: the public function the user called,
+    named in the decision and the error (default: the op's name)."""
+    what = caller or op.name
     device = inputs[0].device
     name = requested_backend(requested)
     if name != "auto":
         why = op.why_not(name, device, *inputs)
         if why is None:
-            return _decided(op.name, name, name)
-        _decided(op.name, name, None, ((name, why),))
+            return _decided(what, name, name)
+        _decided(what, name, None, ((name, why),))
         raise BackendUnavailableError(
-            f"{op.name}: backend {name!r} {why}. Use backend='auto' to let the package choose, or "
+            f"{what}: backend {name!r} {why}. Use backend='auto' to let the package choose, or "
             f"'reference' (argument, tk.use_backend, or {ENV_VAR})."
         )
     passed_over = []
     for candidate in AUTO_ORDER if device.type == "cuda" else ():
         why = op.why_not(candidate, device, *inputs)
         if why is None:
-            return _decided(op.name, name, candidate, tuple(passed_over))
+            return _decided(what, name, candidate, tuple(passed_over))
         passed_over.append((candidate, why))
-    return _decided(op.name, name, "reference", tuple(passed_over))
+    return _decided(what, name, "reference", tuple(passed_over))
 
 
 def explain(op, *args, **kwargs) -> Choice:

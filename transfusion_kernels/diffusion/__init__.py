@@ -66,7 +66,7 @@ def add_noise(x0, timesteps, schedule, noise=None, seed=None, backend=None):
     check_tensor(x0, "x0")
     check_schedule(schedule)
     coef, _ = add_noise_coef(timesteps, x0.shape[0], schedule, x0.device)
-    return run_affine_step(select(AFFINE_STEP, backend, x0), x0, None, coef, noise, seed, None, True,
+    return run_affine_step(select(AFFINE_STEP, backend, x0, caller="add_noise"), x0, None, coef, noise, seed, None, True,
                            return_noise=True)
 
 
@@ -105,7 +105,7 @@ def ddpm_step(
     coef, has_noise = ddpm_coef(
         timestep, sample.shape[0], schedule, sample.device, prev_timestep, prediction_type, variance_type
     )
-    name = select(AFFINE_STEP, backend, sample)
+    name = select(AFFINE_STEP, backend, sample, caller="ddpm_step")
     return run_affine_step(name, sample, model_output, coef, noise, seed, clip_range, has_noise)
 
 
@@ -140,7 +140,7 @@ def ddim_step(
         timestep, sample.shape[0], schedule, sample.device, prev_timestep, eta, prediction_type,
         use_clipped_model_output,
     )
-    name = select(AFFINE_STEP, backend, sample)
+    name = select(AFFINE_STEP, backend, sample, caller="ddim_step")
     return run_affine_step(name, sample, model_output, coef, noise, seed, clip_range, has_noise)
 
 

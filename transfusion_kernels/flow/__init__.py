@@ -44,7 +44,7 @@ def flow_add_noise(x0, sigmas, noise=None, seed=None, backend=None):
     Matches diffusers' ``FlowMatchEulerDiscreteScheduler.scale_noise``."""
     check_tensor(x0, "x0")
     coef = add_noise_coef(sigmas, x0.shape[0], x0.device)
-    name = select(AFFINE_STEP, backend, x0)
+    name = select(AFFINE_STEP, backend, x0, caller="flow_add_noise")
     return run_affine_step(name, x0, None, coef, noise, seed, None, True, velocity=True)
 
 
@@ -87,7 +87,7 @@ def flow_euler_step(
         model_output = torch.lerp(uncond_output, model_output, guidance_scale)
         guidance_scale = None
     coef = euler_coef(sigma, sigma_next, sample.shape[0], sample.device, stochastic_sampling, guidance_scale)
-    name = select(AFFINE_STEP, backend, sample)
+    name = select(AFFINE_STEP, backend, sample, caller="flow_euler_step")
     if guidance_scale is not None:  # the unconditional output rides in the noise slot
         return run_affine_step(name, sample, model_output, coef, uncond_output, None, None, True)
     return run_affine_step(name, sample, model_output, coef, noise, seed, None, stochastic_sampling)
@@ -100,9 +100,9 @@ def flow_loss(pred, x0, noise, image_index, backend=None):
 
     ``pred``, ``x0``, ``noise``: ``[P, C]``; ``image_index``: int ``[P]``, -1 for rows that are
     not image patches. float32 loss; differentiable in pred, x0 and noise. The CUDA backend has
-    no loss kernel: it runs on the next backend (triton), as ``diffusion_loss`` does."""
+    no loss kernel: asked for by name it raises, as for ``diffusion_loss``; auto runs triton."""
     check_loss_inputs(pred, image_index, x0=x0, noise=noise)
-    name = select(LOSS, backend, pred)
+    name = select(LOSS, backend, pred, caller="flow_loss")
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (pred, x0, noise))
     loss, _ = loss_op(pred.contiguous(), noise.contiguous(), image_index.contiguous(), compute_grad, name, x0.contiguous())
     return loss
