@@ -8,7 +8,9 @@
 //   Threads. Every CUDA thread of a block is a std::thread; blocks run one after another. At
 //   every synchronisation call a thread may yield or pause, drawn from a seeded schedule
 //   (EMU_SEED, which also sets how late TMA lands: seed % 3 == 1 only when waited on, 2 often
-//   early, 0 rarely early), so warps reach barriers and issue copies in varying orders. __syncthreads and
+//   early, 0 rarely early), so warps reach barriers and issue copies in varying orders. With
+//   seed % 4 == 3 one warp (seed / 4 modulo the warps) lags 3 ms after every wait it returns
+//   from, so the others run ahead into what it has not written yet. __syncthreads and
 //   named barriers (bar.sync / bar.arrive, id 0..15, a thread count) are real rendezvous; warp
 //   collectives (shuffles, ldmatrix, mma) rendezvous their 32 threads, setmaxnreg its warpgroup. A watchdog fails the run, naming where threads wait, when no thread makes
 //   progress for EMU_DEADLOCK_S seconds (default 20).

@@ -60,6 +60,9 @@ uint64_t g_seed = 1;
 // A queued TMA load lands at a jitter point with probability 2^-g_land_shift; 0: only when a
 // thread waits on its mbarrier (as late as possible).
 int g_land_shift = 0;
+// A warp that lags after every wait it returns from (EMU_SEED % 4 == 3), so that the others run
+// ahead of it into what it has not written yet: a missing barrier shows; -1: none.
+int g_slow_warp = -1;
 double g_deadlock_s = 20;
 struct alignas(64) Progress {
   std::atomic<uint64_t> n{0};
@@ -80,6 +83,11 @@ void set_where(const char* w) { (*g_where)[tl_rank].store(w, std::memory_order_r
 void progress() { (*g_progress)[tl_rank].n.fetch_add(1, std::memory_order_relaxed); }
 
 void land_some_loads(uint64_t r);
+
+// After a blocking wait returns: the slow warp lags there.
+void lag() {
+  if (tl_rank / 32 == g_slow_warp) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+}
 
 // At every synchronisation-relevant emulator call: the calling thread may yield or pause (warps
 // reach barriers and issue copies in varying orders) and a queued TMA load may land.
@@ -542,6 +550,8 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
   if (const char* s = std::getenv("EMU_DEADLOCK_S")) g_deadlock_s = std::atof(s);
   constexpr int kLandShift[3] = {6, 0, 2};  // the seed also picks how late TMA lands (1: lazy)
   g_land_shift = kLandShift[g_seed % 3];
+  const int warps = static_cast<int>((block.x * block.y * block.z + 31) / 32);
+  g_slow_warp = g_seed % 4 == 3 ? static_cast<int>(g_seed / 4 % static_cast<uint64_t>(warps)) : -1;
   gridDim = grid;
   blockDim = block;
   g_dynamic_bytes = smem;
@@ -657,6 +667,8 @@ static void named_bar(int id, int threads, bool wait, const char* what) {
     set_where("running");
   }
   progress();
+  lock.unlock();
+  lag();
 }
 
 void syncthreads() { named_bar(0, static_cast<int>(blockDim.x * blockDim.y * blockDim.z), true, "__syncthreads"); }
@@ -814,6 +826,8 @@ void mbar_wait(uint64_t* bar, uint32_t parity) {
     }
   }
   set_where("running");
+  lock.unlock();
+  lag();
 }
 
 // Issue: the destination box becomes undefined (NaN) in both views until the copy lands.
@@ -1013,6 +1027,7 @@ void wgmma_wait(int allowed_pending) {
   }
   tl_wgmma_fenced = false;
   progress();
+  lag();
 }
 
 // The compiler-ordering fences: retired results reach the kernel's accumulator registers; A
