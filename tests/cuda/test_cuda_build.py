@@ -17,7 +17,7 @@ from tests.cuda.conftest import CSRC, NVCC, ROOT, needs_nvcc, kernel_report, sou
 def test_build_info(extension):
     info = extension.build_info()
     assert set(info) >= {"archs", "nvcc_version", "cuda_runtime_version", "host_compiler", "build_type", "source_hash"}
-    archs = os.environ.get("TRANSFUSION_CUDA_ARCHS", "80;90a").split(";")
+    archs = os.environ.get("TRANSFUSION_CUDA_ARCHS", "80+PTX;90a").split(";")  # setup.py and CMake default
     assert info["archs"] == [f"sm_{a}" for a in archs]
     assert re.fullmatch(r"\d+\.\d+\.\d+", info["nvcc_version"]), info
     major, minor = (int(x) for x in info["nvcc_version"].split(".")[:2])
