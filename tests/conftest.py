@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# An install-time setting (CI sets it so that `pip install -e` reuses the extension .ci/package
+# compiled): the packaging tests run builds of their own, which must not inherit it.
+os.environ.pop("TRANSFUSION_EXTENSION_FROM", None)
+
 
 @pytest.fixture
 def seed(request) -> int:
