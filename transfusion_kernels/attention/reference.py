@@ -126,11 +126,11 @@ def _scatter(dst: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, src: torch.
     """dst[idx[ok]] = src[ok] (or +=, where chunks may share tokens), as a slice when it can."""
     run = _run(idx)
     if run is not None and bool(ok.all()):
-        src = src.reshape(-1, *dst.shape[1:])
+        target = dst[run].view(src.shape)  # src may be a permuted view: read in place, one pass
         if add:
-            dst[run].add_(src)
+            target.add_(src)
         else:
-            dst[run] = src
+            target.copy_(src)
     elif add:
         dst.index_add_(0, idx[ok], src[ok])
     else:
@@ -166,17 +166,34 @@ def _planned(starts: torch.Tensor, ends: torch.Tensor, heads: int) -> list:
     return groups
 
 
-def _scores(qc, kc, hidden, scale, softcap):
-    """Masked fp32 scores [C, Hkv, G, R, S] of each chunk's queries qc [C, R, Hkv, G, D] against
-    its keys kc [C, S, Hkv, D] (``hidden``: -inf on the pairs to mask), in base 2 (times log2(e):
-    torch.exp2 of the masked -inf is many times faster than torch.exp on the CPU), and tanh of the
-    capped scores (None without softcap)."""
+def _heads(x: torch.Tensor, idx: torch.Tensor, factor: float = 1.0, transposed: bool = False) -> torch.Tensor:
+    """x[idx] (tokens [C, L] of x [N, H, D]) as fp32 [C, H, L, D] (or [C, H, D, L]), head-major
+    and contiguous (one pass that also scales it): the matmuls below read their second operand
+    untransposed, several times faster on the CPU than through a transposed view."""
+    src = _gather(x, idx).permute(0, 2, 3, 1) if transposed else _gather(x, idx).permute(0, 2, 1, 3)
+    out = torch.empty(src.shape, dtype=torch.float32, device=x.device)
+    return torch.mul(src, factor, out=out) if factor != 1.0 else out.copy_(src)
+
+
+def _query_factor(scale: float, softcap: float) -> float:
+    """What the queries are multiplied by before Q K^T: the scale, in base 2 (times log2(e):
+    torch.exp2 of the masked -inf is many times faster than torch.exp on the CPU), or over the
+    cap when there is one."""
+    return scale / softcap if softcap else scale * _LOG2E
+
+
+def _scores(qh, kt, hidden, softcap):
+    """Masked fp32 base-2 scores [C, Hkv, G, R, S] of each chunk's queries qh [C, Hq, R, D]
+    (already times ``_query_factor``) against its keys kt [C, Hkv, D, S] (``hidden``: -inf on the
+    pairs to mask), and tanh of the capped scores (None without softcap). The query heads of a
+    key head are consecutive: [C, Hkv, G * R, D] times [C, Hkv, D, S] is one batched matmul."""
+    c, hq, r, d = qh.shape
+    hkv = kt.shape[1]
+    s = torch.matmul(qh.view(c, hkv, -1, d), kt).view(c, hkv, hq // hkv, r, -1)
     t = None
     if softcap:
-        t = torch.tanh(torch.einsum("crhgd,cshd->chgrs", qc * (scale / softcap), kc))
+        t = torch.tanh(s)
         s = t * (softcap * _LOG2E)
-    else:
-        s = torch.einsum("crhgd,cshd->chgrs", qc * (scale * _LOG2E), kc)
     if bool(torch.isfinite(s.sum())):  # every score finite (one pass; an overflowing sum only costs the slow path)
         return s.add_(hidden), t
     # a non-finite score (inf + -inf would be NaN): mask by selection, so that a hidden pair is
@@ -195,18 +212,19 @@ def forward(q, k, v, starts, ends, plan, scale, softcap=0.0):
     out = torch.zeros(nq, hq, v.shape[2], dtype=torch.float32, device=q.device)
     lse = torch.full((nq, hq), float("-inf"), dtype=torch.float32, device=q.device)
     for rows, row_ok, keys, key_ok, hidden in _planned(starts, ends, hq):
-        qc = _gather(q, rows).unflatten(2, (hkv, -1))  # [C, R, Hkv, G, D]
-        s, _ = _scores(qc, _gather(k, keys), hidden, scale, softcap)
+        qh = _heads(q, rows, _query_factor(scale, softcap))
+        s, _ = _scores(qh, _heads(k, keys, transposed=True), hidden, softcap)  # [C, Hkv, G, R, S]
         # softmax with one exp2: a row that sees nothing gets p = 0, lse = -inf
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(torch.isneginf(m), 0.0)
         p = torch.exp2(s.sub_(m), out=s)
-        total = p.sum(-1)  # [C, Hkv, G, R]
-        row_lse = (m.squeeze(-1) + torch.log2(total)) * _LN2
-        o = torch.einsum("chgrs,cshd->crhgd", p, _gather(v, keys))
-        o = o / total.masked_fill(total == 0, 1.0).permute(0, 3, 1, 2)[..., None]
-        _scatter(out, rows, row_ok, o.flatten(2, 3), add=False)
-        lse[rows[row_ok]] = row_lse.flatten(1, 2).transpose(1, 2)[row_ok]
+        total = p.sum(-1, keepdim=True)  # [C, Hkv, G, R, 1]
+        row_lse = (m + torch.log2(total)).mul_(_LN2).view(p.shape[0], hq, -1)  # [C, Hq, R]
+        c, _, g, r, _ = p.shape
+        o = torch.matmul(p.view(c, hkv, g * r, -1), _heads(v, keys))  # [C, Hkv, G * R, Dv]
+        o = o.view(c, hkv, g, r, -1).div_(total.masked_fill_(total == 0, 1.0)).view(c, hq, r, -1)
+        _scatter(out, rows, row_ok, o.permute(0, 2, 1, 3), add=False)  # token-major [C, R, Hq, Dv]
+        lse[rows[row_ok]] = row_lse.transpose(1, 2)[row_ok]
     return out.to(q.dtype), lse.T.contiguous()
 
 
@@ -221,20 +239,25 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap=0.0):
     delta = (dout.float() * out.float()).sum(-1)  # [Nq, Hq]
     # rows that see nothing (lse = -inf): subtract +inf instead, so that p = exp(-inf) = 0
     lse_t = lse.T.masked_fill(torch.isneginf(lse.T), float("inf")) * _LOG2E  # [Nq, Hq], base 2
+    factor = _query_factor(scale, softcap)
+    dk_factor = scale / factor if factor else 0.0  # dK from the scaled queries (scale 0: dK = 0)
     for rows, row_ok, keys, key_ok, hidden in _planned(starts, ends, hq):
-        qc, kc, vc = _gather(q, rows).unflatten(2, (hkv, -1)), _gather(k, keys), _gather(v, keys)
-        s, t = _scores(qc, kc, hidden, scale, softcap)
-        row_lse = lse_t[rows].unflatten(2, (hkv, -1)).permute(0, 2, 3, 1)  # [C, Hkv, G, R]
-        p = torch.exp2(s.sub_(row_lse[..., None]), out=s)
-        do = _gather(dout, rows).unflatten(2, (hkv, -1))  # [C, R, Hkv, G, D]
-        dv_c = torch.einsum("chgrs,crhgd->cshd", p, do)
-        row_delta = delta[rows].unflatten(2, (hkv, -1)).permute(0, 2, 3, 1)  # [C, Hkv, G, R]
-        ds = torch.einsum("crhgd,cshd->chgrs", do, vc).sub_(row_delta[..., None]).mul_(p)
+        qh, doh = _heads(q, rows, factor), _heads(dout, rows)
+        kh, kt, vt = _heads(k, keys), _heads(k, keys, transposed=True), _heads(v, keys, transposed=True)
+        c, r, s_len = rows.shape[0], rows.shape[1], keys.shape[1]
+        s, t = _scores(qh, kt, hidden, softcap)  # [C, Hkv, G, R, S]
+        row_lse = lse_t[rows].permute(0, 2, 1).reshape(c, hkv, -1, r, 1)  # [C, Hkv, G, R, 1]
+        p = torch.exp2(s.sub_(row_lse), out=s).view(c, hkv, -1, s_len)  # [C, Hkv, G * R, S]
+        do = doh.view(c, hkv, -1, doh.shape[-1])  # [C, Hkv, G * R, Dv]
+        dv_h = torch.matmul(p.transpose(-1, -2), do)  # [C, Hkv, S, Dv], summed over the group
+        row_delta = delta[rows].permute(0, 2, 1).reshape(c, hkv, -1, 1)  # [C, Hkv, G * R, 1]
+        ds = torch.matmul(do, vt).sub_(row_delta).mul_(p)
         if softcap:  # d(cap * tanh(s / cap)) / ds = 1 - tanh^2
-            ds.mul_(1 - t * t)
-        dq_c = torch.einsum("chgrs,cshd->crhgd", ds, kc).flatten(2, 3) * scale
-        dk_c = torch.einsum("chgrs,crhgd->cshd", ds, qc) * scale
-        _scatter(dq, rows, row_ok, dq_c, add=False)
-        _scatter(dk, keys, key_ok, dk_c, add=True)  # chunks may share keys (a cached prefix)
-        _scatter(dv, keys, key_ok, dv_c, add=True)
+            ds.mul_((1 - t * t).view(ds.shape))
+        dq_h = torch.matmul(ds, kh).mul_(scale).view(c, hq, r, -1)  # [C, Hq, R, D]
+        dk_h = torch.matmul(ds.transpose(-1, -2), qh.view(c, hkv, -1, d)).mul_(dk_factor)  # [C, Hkv, S, D]
+        # token-major [C, L, H, D] views; chunks may share keys (a cached prefix): dK, dV add up
+        _scatter(dq, rows, row_ok, dq_h.permute(0, 2, 1, 3), add=False)
+        _scatter(dk, keys, key_ok, dk_h.permute(0, 2, 1, 3), add=True)
+        _scatter(dv, keys, key_ok, dv_h.permute(0, 2, 1, 3), add=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
