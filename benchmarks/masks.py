@@ -136,8 +136,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = [plan_build(1 if args.quick else 8, 2 if args.quick else 20),
             reference_vs_sdpa(2 if args.quick else 16, 128, 2 if args.quick else 20)]
-    path = write_json("masks", rows, {"quick": args.quick, "command": " ".join(sys.argv)}, device="cpu",
-                      root=args.root)
+    command = " ".join(["python -m benchmarks.masks", *(sys.argv[1:] if argv is None else argv)])
+    path = write_json("masks", rows, {"quick": args.quick, "command": command}, device="cpu", root=args.root)
     table = markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r)))
     with open(path[:-5] + ".md", "w") as f:
         f.write(table + "\n")
