@@ -129,6 +129,11 @@ def test_mismatched_or_wrong_mask(seed):
         ours(input_ids=ids, transfusion_mask=short)
     with pytest.raises(TypeError, match="HybridMask"):
         ours(input_ids=ids, transfusion_mask=mask.to_dense())
+    n = mask.num_queries  # a union of two intervals per query: refused in one line
+    union = tk.HybridMask.from_intervals(torch.zeros(n, 2, dtype=torch.int32, device=DEVICE),
+                                         torch.zeros(n, 2, dtype=torch.int32, device=DEVICE), n)
+    with pytest.raises(ValueError, match="2 intervals per query"):
+        ours(input_ids=ids, transfusion_mask=union)
 
 
 def test_packed_position_ids():

@@ -216,6 +216,10 @@ def _rows_of(mask: HybridMask, B, Sq, Sk, device):
     """A HybridMask over [B * Sq] x [B * Sk] as per-row key indices [B, Sq]."""
     if not isinstance(mask, HybridMask):
         raise TypeError(f"transfusion_mask must be a tk.HybridMask, got {type(mask).__name__}")
+    if mask.num_intervals != 1:
+        raise ValueError(f"transfusion_mask has {mask.num_intervals} intervals per query; the transformers integration "
+                         "folds padding and windows into one interval per query: call tk.hybrid_attention with the "
+                         "mask directly for unions")
     if mask.num_queries != B * Sq or mask.num_keys != B * Sk:
         raise ValueError(
             f"transfusion_mask covers {mask.num_queries} queries x {mask.num_keys} keys, but the layer has "
