@@ -105,3 +105,33 @@ def test_torch_compile_fullgraph(seed):
     torch.testing.assert_close(loss, loss_e)
     for a, b in zip(grads, grads_e):
         torch.testing.assert_close(a, b)
+
+
+def test_score_workspace_is_per_thread(seed):
+    """Score blocks come from a per-thread workspace: two threads running the reference at once
+    on different masks and inputs get what each gets alone."""
+    import threading
+
+    cases = []
+    for n, cu in ((96, [0, 40, 96]), (130, [0, 130])):
+        mask = tk.HybridMask.causal(torch.tensor(cu, dtype=torch.int32))
+        q, k, v = inputs(n, n, 4, 2, 16)
+        alone = torch.autograd.grad(tk.hybrid_attention(q, k, v, mask, backend="reference").sum(), (q, k, v))
+        cases.append((mask, (q, k, v), alone))
+    results = [None, None]
+
+    def run(i):
+        mask, (q, k, v), _ = cases[i]
+        got = []
+        for _ in range(20):
+            got = torch.autograd.grad(tk.hybrid_attention(q, k, v, mask, backend="reference").sum(), (q, k, v))
+        results[i] = got
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (_, _, alone), got in zip(cases, results):
+        for a, b in zip(alone, got):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

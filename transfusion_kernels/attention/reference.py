@@ -8,6 +8,7 @@ documents' L^2, not (sum L)^2, and a chunk's score block stays under ``_CHUNK_EL
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -182,6 +183,27 @@ def _query_factor(scale: float, softcap: float) -> float:
     return scale / softcap if softcap else scale * _LOG2E
 
 
+_WORKSPACE = threading.local()
+_KEEP = 1 << 22  # fp32 elements of score-block workspace a thread keeps between calls (16 MiB)
+
+
+def _block(slot: int, shape, device) -> torch.Tensor:
+    """An uninitialised fp32 score block from this thread's workspace ``slot`` (0: scores and
+    probabilities, 1: dP and dS). Fresh multi-MiB CPU allocations cost their page faults on
+    every call, about as much as the score arithmetic here; larger blocks, and GPU ones, are
+    allocated as usual."""
+    n = 1
+    for x in shape:
+        n *= x
+    if device.type != "cpu" or n > _KEEP:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    slots = _WORKSPACE.__dict__.setdefault("slots", {})
+    buf = slots.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = slots[slot] = torch.empty(n, dtype=torch.float32)
+    return buf[:n].view(shape)
+
+
 def _scores(qh, kt, hidden, softcap):
     """Masked fp32 base-2 scores [C, Hkv, G, R, S] of each chunk's queries qh [C, Hq, R, D]
     (already times ``_query_factor``) against its keys kt [C, Hkv, D, S] (``hidden``: -inf on the
@@ -189,7 +211,8 @@ def _scores(qh, kt, hidden, softcap):
     key head are consecutive: [C, Hkv, G * R, D] times [C, Hkv, D, S] is one batched matmul."""
     c, hq, r, d = qh.shape
     hkv = kt.shape[1]
-    s = torch.matmul(qh.view(c, hkv, -1, d), kt).view(c, hkv, hq // hkv, r, -1)
+    s = torch.matmul(qh.view(c, hkv, -1, d), kt, out=_block(0, (c, hkv, hq // hkv * r, kt.shape[-1]), qh.device))
+    s = s.view(c, hkv, hq // hkv, r, -1)
     t = None
     if softcap:
         t = torch.tanh(s)
@@ -251,7 +274,7 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap=0.0):
         do = doh.view(c, hkv, -1, doh.shape[-1])  # [C, Hkv, G * R, Dv]
         dv_h = torch.matmul(p.transpose(-1, -2), do)  # [C, Hkv, S, Dv], summed over the group
         row_delta = delta[rows].permute(0, 2, 1).reshape(c, hkv, -1, 1)  # [C, Hkv, G * R, 1]
-        ds = torch.matmul(do, vt).sub_(row_delta).mul_(p)
+        ds = torch.matmul(do, vt, out=_block(1, p.shape, p.device)).sub_(row_delta).mul_(p)
         if softcap:  # d(cap * tanh(s / cap)) / ds = 1 - tanh^2
             ds.mul_((1 - t * t).view(ds.shape))
         dq_h = torch.matmul(ds, kh).mul_(scale).view(c, hq, r, -1)  # [C, Hq, R, D]
