@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from transfusion_kernels.masks import INT32_MAX, _check_cu_seqlens, _first_bad, _int_values
+from transfusion_kernels.masks import INT32_MAX, _check_cu_seqlens, _first_bad, _int_values, check_spans
 
 MODES = ("causal", "full", "noise")
 
@@ -125,31 +125,6 @@ def _check_token_count(n: int, what: str) -> int:
     if n > INT32_MAX:
         raise ValueError(f"{what} = {n} tokens does not fit in int32 (at most {INT32_MAX})")
     return n
-
-
-def _check_spans(spans: torch.Tensor, cu: torch.Tensor, name: str) -> None:
-    """[M, 2] half-open spans: non-empty, sorted, disjoint, each inside one document."""
-    if spans.dim() != 2 or spans.shape[1] != 2:
-        raise ValueError(f"{name} must have shape [M, 2], got {tuple(spans.shape)}")
-    if spans.shape[0] == 0:
-        return
-    n = int(cu[-1])
-    s, e = spans[:, 0].contiguous(), spans[:, 1].contiguous()
-    checks = [(s < 0, "starts before 0"), (e > n, f"ends after the last token (N = {n})"),
-              (e <= s, "is empty (end <= start)")]
-    for bad, why in checks:
-        m = _first_bad(bad)
-        if m is not None:
-            raise ValueError(f"{name}[{m}] = ({int(s[m])}, {int(e[m])}) {why}")
-    m = _first_bad(s[1:] < e[:-1])
-    if m is not None:
-        raise ValueError(f"{name}[{m + 1}] = ({int(s[m + 1])}, {int(e[m + 1])}) begins before {name}[{m}] = "
-                         f"({int(s[m])}, {int(e[m])}) ends: spans must be sorted and non-overlapping")
-    doc_first = torch.searchsorted(cu, s, right=True)
-    doc_last = torch.searchsorted(cu, e - 1, right=True)
-    m = _first_bad(doc_first != doc_last)
-    if m is not None:
-        raise ValueError(f"{name}[{m}] = ({int(s[m])}, {int(e[m])}) crosses a document boundary")
 
 
 def _span_tensor(spans, name: str, device) -> torch.Tensor:
@@ -262,8 +237,8 @@ def from_spans(cu_seqlens, image_spans, hidden_spans=None):
     n = _check_token_count(int(cu[-1]), "cu_seqlens[-1]")
     images = _span_tensor(image_spans, "image_spans", device)
     hidden = _span_tensor([] if hidden_spans is None else hidden_spans, "hidden_spans", device)
-    _check_spans(images, cu, "image_spans")
-    _check_spans(hidden, cu, "hidden_spans")
+    check_spans(images, cu, "image_spans")
+    check_spans(hidden, cu, "hidden_spans")
 
     pos = torch.arange(n, device=device)
     first = _take(cu, torch.searchsorted(cu, pos, right=True) - 1)

@@ -77,11 +77,12 @@ def _check_cu_seqlens(cu: torch.Tensor) -> None:
         )
 
 
-def _check_spans(spans: torch.Tensor, cu: torch.Tensor) -> None:
+def check_spans(spans: torch.Tensor, cu: torch.Tensor, name: str = "image_spans") -> None:
+    """[M, 2] half-open spans ``name``: non-empty, sorted, disjoint, each inside one document."""
     if spans.dim() != 2 or spans.shape[1] != 2:
-        raise ValueError(f"image_spans must have shape [M, 2], got {tuple(spans.shape)}")
+        raise ValueError(f"{name} must have shape [M, 2], got {tuple(spans.shape)}")
     if spans.device != cu.device:
-        raise ValueError(f"image_spans is on {spans.device} but cu_seqlens is on {cu.device}")
+        raise ValueError(f"{name} is on {spans.device} but cu_seqlens is on {cu.device}")
     if spans.shape[0] == 0:
         return
     n = int(cu[-1])
@@ -94,19 +95,19 @@ def _check_spans(spans: torch.Tensor, cu: torch.Tensor) -> None:
     for bad_mask, why in checks:
         m = _first_bad(bad_mask)
         if m is not None:
-            raise ValueError(f"image_spans[{m}] = ({int(start[m])}, {int(end[m])}) {why}")
+            raise ValueError(f"{name}[{m}] = ({int(start[m])}, {int(end[m])}) {why}")
     m = _first_bad(start[1:] < end[:-1])
     if m is not None:
         raise ValueError(
-            f"image_spans[{m + 1}] = ({int(start[m + 1])}, {int(end[m + 1])}) begins before "
-            f"image_spans[{m}] = ({int(start[m])}, {int(end[m])}) ends: spans must be sorted and non-overlapping"
+            f"{name}[{m + 1}] = ({int(start[m + 1])}, {int(end[m + 1])}) begins before "
+            f"{name}[{m}] = ({int(start[m])}, {int(end[m])}) ends: spans must be sorted and non-overlapping"
         )
     doc_first = torch.searchsorted(cu, start, right=True)
     doc_last = torch.searchsorted(cu, end - 1, right=True)
     m = _first_bad(doc_first != doc_last)
     if m is not None:
         raise ValueError(
-            f"image_spans[{m}] = ({int(start[m])}, {int(end[m])}) crosses a document boundary "
+            f"{name}[{m}] = ({int(start[m])}, {int(end[m])}) crosses a document boundary "
             f"(cu_seqlens = {cu.tolist() if cu.numel() <= 16 else '...'})"
         )
 
@@ -214,7 +215,7 @@ class HybridMask:
         if spans.numel() == 0:
             spans = spans.reshape(0, 2)
         _check_cu_seqlens(cu)
-        _check_spans(spans, cu)
+        check_spans(spans, cu)
         n = int(cu[-1])
         pos = torch.arange(n, dtype=torch.int32, device=cu.device)
         doc = torch.searchsorted(cu, pos, right=True, out_int32=True) - 1

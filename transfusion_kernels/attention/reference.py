@@ -45,7 +45,7 @@ def prepare(mask, q, k) -> Plan:
     return Plan(_NoConfig())
 
 
-def _chunks(starts: torch.Tensor, ends: torch.Tensor, heads: int):
+def _chunks(starts: torch.Tensor, ends: torch.Tensor, cap: int):
     """Yield (i0, i1, j0, j1): query chunks and the key range [j0, j1) their queries can see."""
     n = starts.shape[0]
     if n == 0:
@@ -57,7 +57,6 @@ def _chunks(starts: torch.Tensor, ends: torch.Tensor, heads: int):
     pad = t * _ROWS - n
     lo = torch.nn.functional.pad(lo, (0, pad), value=torch.iinfo(torch.int32).max).view(t, _ROWS).amin(1).tolist()
     hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(t, _ROWS).amax(1).tolist()
-    cap = max(_CHUNK_ELEMS // max(heads, 1), _ROWS)
     i0, j0, j1 = 0, lo[0], hi[0]
     for b in range(1, t):
         r0, r1 = b * _ROWS, min((b + 1) * _ROWS, n)
@@ -82,8 +81,8 @@ def _groups(starts: torch.Tensor, ends: torch.Tensor, heads: int):
     to the group's largest row count R and key span S wastes little and the [C, H, R, S] score
     block stays under the cap. Yields (rows [C, R], row_ok, keys [C, S], key_ok): token indices
     (padding clamped into the chunk) and which of them are real."""
-    chunks = [c for c in _chunks(starts, ends, heads) if c[3] > c[2]]
-    cap = max(_CHUNK_ELEMS // max(heads, 1), _ROWS)
+    cap = max(_CHUNK_ELEMS // max(heads, 1), _ROWS)  # score elements per head of a chunk or group
+    chunks = [c for c in _chunks(starts, ends, cap) if c[3] > c[2]]
     group: list = []
     for c in chunks + [None]:
         if c is not None and group:

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from transfusion_kernels.attention import _tokens
 from transfusion_kernels.attention.plan import KernelPlan, heaviest_first, key_tiles, query_runs
 
 _LOG2E = 1.4426950408889634
@@ -303,16 +304,13 @@ def _tanh(x):
 
 
 @triton.jit
-def _visible(cols, S, E, rows, row_ok, NI: tl.constexpr, KEYS_FIRST: tl.constexpr):
-    """Whether query rows see key cols through any of their NI intervals: [len(rows), len(cols)]
-    ([len(cols), len(rows)] with KEYS_FIRST); rows with row_ok False see nothing."""
+def _visible(cols, S, E, rows, row_ok, NI: tl.constexpr):
+    """[len(cols), len(rows)]: whether query rows see key cols through any of their NI intervals;
+    rows with row_ok False see nothing."""
     for r in tl.static_range(NI):
         s = tl.load(S + rows * NI + r, mask=row_ok, other=0)
         e = tl.load(E + rows * NI + r, mask=row_ok, other=0)
-        if KEYS_FIRST:
-            v = (cols[:, None] >= s[None, :]) & (cols[:, None] < e[None, :])
-        else:
-            v = (cols[None, :] >= s[:, None]) & (cols[None, :] < e[:, None])
+        v = (cols[:, None] >= s[None, :]) & (cols[:, None] < e[None, :])
         if r == 0:
             vis = v
         else:
@@ -476,7 +474,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
         qkT = _dot(k, tl.trans(q), None, PREC)  # [BN, BM]
         pT, dcapT = _probs(qkT, lse2[None, :], qk_scale, cap_in, cap_out, SOFTCAP)
         if (m0 < f_start) | (m0 >= f_end):  # PARTIAL block: the union test (clamped rows see nothing)
-            pT = tl.where(_visible(cols, KVS, KVE, rc, rows == rc, NI, True), pT, 0.0)
+            pT = tl.where(_visible(cols, KVS, KVE, rc, rows == rc, NI), pT, 0.0)
         dv = _dot(_cast(pT, do.dtype, PREC), do, dv, PREC)
         dpT = _dot(v, tl.trans(do), None, PREC)
         dsT = pT * (dpT - delta[None, :])
@@ -648,11 +646,6 @@ def _device_guard(x: torch.Tensor):
 def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads ({k.shape[-2]})")
-
-
-def _tokens(x: torch.Tensor) -> int:
-    """Tokens of a [tokens, H, D] or batched [B, N, H, D] tensor."""
-    return x.shape[0] * x.shape[1] if x.dim() == 4 else x.shape[0]
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
