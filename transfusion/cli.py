@@ -205,9 +205,12 @@ def resume_command(args) -> str:
 
 
 def _close_bars() -> None:
-    """End the open progress bars' lines, so a message after them starts on its own line."""
+    """End the open progress bars' lines, so a message after them starts on its own line.
+    Innermost first: a nested bar's close moves the cursor up to its parent's line and leaves it
+    mid-line, and only the outermost bar's close returns it to the first column."""
     tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+    for bar in sorted(bars, key=lambda b: -abs(getattr(b, "pos", 0) or 0)):
         bar.close()
 
 

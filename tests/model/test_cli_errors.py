@@ -369,6 +369,28 @@ def test_ctrl_c_leaves_nothing_behind(run, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_closing_nested_bars_leaves_the_cursor_at_the_line_start():
+    """A Ctrl-C inside the denoise bar (nested in the images bar) must not print its message mid-line,
+    whichever order the bars were opened in."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from transfusion.cli import _close_bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for leave in (True, False):
+        term = Terminal()
+        outer = tqdm(total=4, desc="images", file=term, ncols=80, leave=leave)
+        inner = tqdm(total=9, desc="denoise", file=term, ncols=80, leave=False)
+        outer.update(1), inner.update(2)
+        _close_bars()
+        assert term.getvalue().endswith(("\n", "\r")), repr(term.getvalue()[-90:])
+
+
 def test_train_progress_bar_and_quiet(run, tmp_path, capsys, monkeypatch):
     argv = [a for a in _train(run, tmp_path / "r", "--steps", "2") if a != "--no-progress"]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
