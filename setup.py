@@ -20,6 +20,7 @@ Other knobs: TRANSFUSION_CUDA_ARCHS (default "80+PTX;90a": sm_80 SASS and comput
 newer GPUs such as sm_100 and sm_120 run, and the sm_90a kernels for Hopper), CMAKE_BUILD_PARALLEL_LEVEL (default: the
 number of CPUs), CMAKE_BUILD_TYPE (default Release).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,14 +57,16 @@ def find_nvcc() -> str | None:  # as benchmarks/toolchain.py; this file runs bef
 
 
 def build_mode() -> str:
-    """"1", "0" or "auto" from TRANSFUSION_BUILD_CUDA."""
+    """ "1", "0" or "auto" from TRANSFUSION_BUILD_CUDA."""
     flag = os.environ.get(ENV_FLAG, "").strip().lower()
     if flag in ("1", "true", "on", "yes"):
         return "1"
     if flag in ("0", "false", "off", "no"):
         return "0"
     if flag:
-        raise RuntimeError(f"{ENV_FLAG} must be 0 or 1, got {os.environ[ENV_FLAG]!r}; unset it to build when nvcc is found")
+        raise RuntimeError(
+            f"{ENV_FLAG} must be 0 or 1, got {os.environ[ENV_FLAG]!r}; unset it to build when nvcc is found"
+        )
     return "auto"
 
 
@@ -100,8 +103,9 @@ def git_commit() -> str | None:
         try:
             git = ["git", "-C", str(ROOT)]
             sha = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True).stdout.strip()
+            dirty = subprocess.run(
+                git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ).stdout.strip()
             return sha + ("+dirty" if dirty else "")
         except (OSError, subprocess.CalledProcessError):
             return None
@@ -129,16 +133,21 @@ def prebuilt_extension(folder: str, module: str) -> tuple[bytes, dict]:
     and the build record of the one wheel in ``folder``, checked to be built from this commit."""
     wheels = sorted(Path(folder).glob("transfusion_kernels-*.whl"))
     if len(wheels) != 1:
-        raise RuntimeError(f"TRANSFUSION_EXTENSION_FROM={folder} must hold one transfusion_kernels wheel, "
-                           f"found {len(wheels)}")
+        raise RuntimeError(
+            f"TRANSFUSION_EXTENSION_FROM={folder} must hold one transfusion_kernels wheel, found {len(wheels)}"
+        )
     with zipfile.ZipFile(wheels[0]) as whl:
         if module not in whl.namelist():
-            raise RuntimeError(f"TRANSFUSION_EXTENSION_FROM: {wheels[0].name} has no {module} (built without the "
-                               "extension, or for another Python)")
+            raise RuntimeError(
+                f"TRANSFUSION_EXTENSION_FROM: {wheels[0].name} has no {module} (built without the "
+                "extension, or for another Python)"
+            )
         data, record = whl.read(module), json.loads(whl.read(f"transfusion_kernels/{RECORD}"))
     if record.get("commit") != git_commit():
-        raise RuntimeError(f"TRANSFUSION_EXTENSION_FROM: {wheels[0].name} was built from commit {record.get('commit')}, "
-                           f"this source tree is at {git_commit()}; build the wheel again")
+        raise RuntimeError(
+            f"TRANSFUSION_EXTENSION_FROM: {wheels[0].name} was built from commit {record.get('commit')}, "
+            f"this source tree is at {git_commit()}; build the wheel again"
+        )
     return data, record
 
 
@@ -150,8 +159,11 @@ class RecordingBuildPy(build_py):
         target = ROOT if self.editable_mode else Path(self.build_lib)
         if NOT_BUILT is not None and build_mode() != "0" and not PREBUILT:
             warn(f"installing without the CUDA extension: {NOT_BUILT}")
-        write_record(target / "transfusion_kernels", self.distribution.get_version(),
-                     {"built": False, "reason": NOT_BUILT or "the extension's build has not run"})
+        write_record(
+            target / "transfusion_kernels",
+            self.distribution.get_version(),
+            {"built": False, "reason": NOT_BUILT or "the extension's build has not run"},
+        )
 
 
 def _tool(name: str, module: str) -> str:
@@ -194,8 +206,16 @@ class CMakeBuild(build_ext):
                 reason = f"the build failed: {first_error} (TRANSFUSION_BUILD_CUDA=1 fails with the whole message)"
                 write_record(record_dir, self.distribution.get_version(), {"built": False, "reason": reason})
                 continue
-            write_record(record_dir, self.distribution.get_version(), {"built": True, "archs": [f"sm_{a}" for a in archs.split(";")],
-                                                                      "cuda_version": CUDA_VERSION, "nvcc": NVCC})
+            write_record(
+                record_dir,
+                self.distribution.get_version(),
+                {
+                    "built": True,
+                    "archs": [f"sm_{a}" for a in archs.split(";")],
+                    "cuda_version": CUDA_VERSION,
+                    "nvcc": NVCC,
+                },
+            )
 
     def build_cmake(self, out_path: Path, archs: str) -> None:
         import pybind11
@@ -211,7 +231,13 @@ class CMakeBuild(build_ext):
 
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
         configure = [
-            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DCMAKE_CUDA_COMPILER={NVCC}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
@@ -222,16 +248,21 @@ class CMakeBuild(build_ext):
             f"-DTK_CUDA_ARCHS={archs}",
         ]
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
-        print(f"transfusion-kernels: building the CUDA extension with {NVCC} (CUDA {CUDA_VERSION}, archs {archs})",
-              file=sys.stderr, flush=True)
+        print(
+            f"transfusion-kernels: building the CUDA extension with {NVCC} (CUDA {CUDA_VERSION}, archs {archs})",
+            file=sys.stderr,
+            flush=True,
+        )
         for cmd in (configure, [cmake, "--build", str(build_dir), "-j", jobs]):
             # The output is kept: a failure is reported with the compiler's own message.
             run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             print(run.stdout, file=sys.stderr, flush=True)
             if run.returncode != 0:
                 tail = "\n".join(run.stdout.strip().splitlines()[-40:])
-                raise RuntimeError(f"`{Path(cmd[0]).name} {cmd[1]}` exited with code {run.returncode}:\n{tail}\n"
-                                   f"(set {ENV_FLAG}=0 for a pure-Python install)")
+                raise RuntimeError(
+                    f"`{Path(cmd[0]).name} {cmd[1]}` exited with code {run.returncode}:\n{tail}\n"
+                    f"(set {ENV_FLAG}=0 for a pure-Python install)"
+                )
         if not out_path.exists():
             raise RuntimeError(f"the CMake build did not produce {out_path}")
 

@@ -7,6 +7,7 @@ A README code block is marked by an HTML comment on the line before its opening 
 order the names are given. An unknown name is an error, so a renamed block cannot silently drop
 a step from CI.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,8 +32,11 @@ def main(names: list[str]) -> int:
     found = blocks()
     missing = [n for n in names if n not in found]
     if missing or not names:
-        print(f"readme_commands: no README block marked <!-- ci: {', '.join(missing) or 'NAME'} -->; "
-              f"marked: {', '.join(found)}", file=sys.stderr)
+        print(
+            f"readme_commands: no README block marked <!-- ci: {', '.join(missing) or 'NAME'} -->; "
+            f"marked: {', '.join(found)}",
+            file=sys.stderr,
+        )
         return 2
     print("".join(found[n] for n in names), end="")
     return 0

@@ -9,6 +9,7 @@ this driver then writes ``summary.md`` (a markdown table per suite) and PNG plot
 effective TFLOP/s against sequence length per attention method, achieved bandwidth against size
 for the memory-bound ops.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,34 +35,79 @@ SUITES = ("attention", "timestep", "diffusion", "flow", "model")
 def produced_by(name: str, record: dict) -> str:
     """A row's implementation as it ran: ``reference, standing in for tk:triton`` when the
     reference ran in place of a backend that cannot run here (the smoke mode)."""
-    return f"reference, standing in for {name}" if str(record.get("note", "")).startswith("reference standing in") \
+    return (
+        f"reference, standing in for {name}"
+        if str(record.get("note", "")).startswith("reference standing in")
         else name
+    )
 
 
 def summarize(suite: str, data: dict) -> tuple[list[dict], list[str]]:
     """Flat rows and the columns worth showing, per suite's JSON layout."""
     rows = data["rows"]
     if suite == "attention":
-        cols = ["workload", "tokens", "hq", "hkv", "method", "fwd_ms", "fwd_tflops", "bwd_ms", "bwd_tflops", "peak_mem_mb"]
+        cols = [
+            "workload",
+            "tokens",
+            "hq",
+            "hkv",
+            "method",
+            "fwd_ms",
+            "fwd_tflops",
+            "bwd_ms",
+            "bwd_tflops",
+            "peak_mem_mb",
+        ]
         return [{**r, "method": produced_by(r["method"], r)} for r in rows if "fwd_ms" in r], cols
     if suite == "timestep":
-        flat = [dict(P=r["P"], D=r["D"], M=r["M"], copy_GBps=r["copy_GBps"], **v, impl=produced_by(name, v))
-                for r in rows for name, v in r["impls"].items()]
+        flat = [
+            dict(P=r["P"], D=r["D"], M=r["M"], copy_GBps=r["copy_GBps"], **v, impl=produced_by(name, v))
+            for r in rows
+            for name, v in r["impls"].items()
+        ]
         return flat, ["P", "D", "M", "impl", "fwd_nograd_ms", "fwd_GBps", "fwd_frac_of_copy", "bwd_ms", "copy_GBps"]
     if suite == "diffusion":
-        flat = [dict(case=r["case"], op=op, MB=r["ops"][op]["bytes"] / 3 / 2**20, copy_GBps=r["copy_GBps"], **v,
-                     impl=produced_by(name, v))
-                for r in rows for op in r["ops"] for name, v in r["ops"][op]["impls"].items()]
+        flat = [
+            dict(
+                case=r["case"],
+                op=op,
+                MB=r["ops"][op]["bytes"] / 3 / 2**20,
+                copy_GBps=r["copy_GBps"],
+                **v,
+                impl=produced_by(name, v),
+            )
+            for r in rows
+            for op in r["ops"]
+            for name, v in r["ops"][op]["impls"].items()
+        ]
         return flat, ["case", "op", "impl", "MB", "median_ms", "GBps", "frac_of_copy", "copy_GBps"]
     if suite == "flow":
-        flat = [dict(case=r["case"], dtype=r["dtype"], op=op, MB=r["MB_per_tensor"], copy_GBps=r["copy_GBps"], **v,
-                     impl=produced_by(name, v))
-                for r in rows for op in r["ops"] for name, v in r["ops"][op]["impls"].items()]
+        flat = [
+            dict(
+                case=r["case"],
+                dtype=r["dtype"],
+                op=op,
+                MB=r["MB_per_tensor"],
+                copy_GBps=r["copy_GBps"],
+                **v,
+                impl=produced_by(name, v),
+            )
+            for r in rows
+            for op in r["ops"]
+            for name, v in r["ops"][op]["impls"].items()
+        ]
         return flat, ["case", "dtype", "op", "impl", "MB", "median_ms", "GBps", "frac_of_copy", "copy_GBps"]
     if suite == "model":
-        return [{**r, "method": produced_by(r["method"], r)} for r in rows], \
-            ["method", "tokens", "images", "train_tokens_per_s", "images_per_s_cache", "images_per_s_no_cache",
-             "cache_speedup", "error"]
+        return [{**r, "method": produced_by(r["method"], r)} for r in rows], [
+            "method",
+            "tokens",
+            "images",
+            "train_tokens_per_s",
+            "images_per_s_cache",
+            "images_per_s_no_cache",
+            "cache_speedup",
+            "error",
+        ]
     return rows, sorted({k for r in rows for k in r})
 
 
@@ -87,7 +133,9 @@ def plot(suite: str, rows: list[dict], folder: Path) -> list[Path]:
                 for method in sorted({r["method"] for r in sel}):
                     pts = sorted((r["tokens"], r[key]) for r in sel if r["method"] == method)
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-                ax.set(title=f"{workload}, Hq={hq}", xlabel="tokens", ylabel=f"{phase} TFLOP/s (effective)", xscale="log")
+                ax.set(
+                    title=f"{workload}, Hq={hq}", xlabel="tokens", ylabel=f"{phase} TFLOP/s (effective)", xscale="log"
+                )
                 ax.grid(alpha=0.3)
             axes[0][0].legend(fontsize=8)
             fig.tight_layout()
@@ -95,7 +143,7 @@ def plot(suite: str, rows: list[dict], folder: Path) -> list[Path]:
             fig.savefig(made[-1], dpi=120)
             plt.close(fig)
     if suite in ("timestep", "diffusion", "flow") and rows:
-        size_key, bw_key, group_key = (("P", "fwd_GBps", "impl") if suite == "timestep" else ("MB", "GBps", "impl"))
+        size_key, bw_key, group_key = ("P", "fwd_GBps", "impl") if suite == "timestep" else ("MB", "GBps", "impl")
         panels = [None] if suite == "timestep" else sorted({r["op"] for r in rows})
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
         for ax, op in zip(axes[0], panels):
@@ -105,8 +153,12 @@ def plot(suite: str, rows: list[dict], folder: Path) -> list[Path]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
             copy = sorted({(r[size_key], r["copy_GBps"]) for r in sel})
             ax.plot([p[0] for p in copy], [p[1] for p in copy], "k--", label="device copy")
-            ax.set(title=op or "patch_timestep_embedding fwd", xlabel="patches" if suite == "timestep" else "MB per tensor",
-                   ylabel="GB/s", xscale="log")
+            ax.set(
+                title=op or "patch_timestep_embedding fwd",
+                xlabel="patches" if suite == "timestep" else "MB per tensor",
+                ylabel="GB/s",
+                xscale="log",
+            )
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
@@ -135,8 +187,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (the default without a GPU)")
     p.add_argument("--only", default=",".join(SUITES), help=f"comma list from {','.join(SUITES)}")
-    p.add_argument("--root", default=None, help="results root (default benchmarks/results under the current directory; a temporary "
-                        "folder for --smoke)")
+    p.add_argument(
+        "--root",
+        default=None,
+        help="results root (default benchmarks/results under the current directory; a temporary folder for --smoke)",
+    )
     args = p.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke and not args.smoke:
@@ -147,7 +202,9 @@ def main(argv=None) -> int:
         p.error(f"unknown suite(s) {sorted(unknown)}; choose from {SUITES}")
     root = args.root or (tempfile.mkdtemp(prefix="tk-bench-") if smoke else None)
     folder = Path(results_path("x", root=root)).parent
-    summary = [f"# Benchmarks: {folder.name}", ""] + (["Smoke run on a CPU: checks the harness, not speed.", ""] if smoke else [])
+    summary = [f"# Benchmarks: {folder.name}", ""] + (
+        ["Smoke run on a CPU: checks the harness, not speed.", ""] if smoke else []
+    )
     failed = []
     for suite in suites:
         print(f"\n=== {suite} ===", flush=True)
@@ -162,8 +219,15 @@ def main(argv=None) -> int:
         data = json.loads((folder / f"{suite}.json").read_text())
         rows, cols = summarize(suite, data)
         plots = plot(suite, rows, folder)
-        summary += [f"## {suite}", "", f"Command: `{data['environment']['command']}`, commit {data['environment']['commit']}, "
-                    f"device {data['environment']['device']}", "", markdown_table(rows, cols), ""]
+        summary += [
+            f"## {suite}",
+            "",
+            f"Command: `{data['environment']['command']}`, commit {data['environment']['commit']}, "
+            f"device {data['environment']['device']}",
+            "",
+            markdown_table(rows, cols),
+            "",
+        ]
         summary += [f"![{pl.stem}]({pl.name})" for pl in plots] + [""]
     (folder / "summary.md").write_text("\n".join(summary))
     print(f"\nsummary: {folder / 'summary.md'}")

@@ -34,6 +34,7 @@ allocates above the inputs.
     python -m benchmarks.attention --smoke         # CPU: tiny shapes, no speed claims; a backend that
                                                    # cannot run here has the reference standing in
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,14 @@ if ROOT not in sys.path:
 import transfusion_kernels as tk  # noqa: E402
 from transfusion_kernels.attention import plan  # noqa: E402
 from .common import (  # noqa: E402
-    compile_backend, compile_fn, do_bench, flex_block_mask, markdown_table, max_error, peak_memory_mb, write_json,
+    compile_backend,
+    compile_fn,
+    do_bench,
+    flex_block_mask,
+    markdown_table,
+    max_error,
+    peak_memory_mb,
+    write_json,
 )
 
 DOC_LEN = 2048
@@ -119,8 +127,13 @@ def _flex_fn(block_mask, hq, hkv):
 
     def run(q, k, v):
         # [N, H, D] -> [1, H, N, D] views (no copies), and back
-        out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       block_mask=block_mask, enable_gqa=hq != hkv)
+        out = compiled(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            block_mask=block_mask,
+            enable_gqa=hq != hkv,
+        )
         return out[0].transpose(0, 1)
 
     return run
@@ -142,12 +155,19 @@ def sdpa_kernel(q, k, v, attn_mask, gqa: bool) -> str:
     """Which fused SDPA kernel takes these inputs (asked of torch's own dispatch checks); "math"
     is the unfused fallback that materialises the scores."""
     try:
-        from torch.backends.cuda import (SDPAParams, can_use_cudnn_attention, can_use_efficient_attention,
-                                         can_use_flash_attention)
+        from torch.backends.cuda import (
+            SDPAParams,
+            can_use_cudnn_attention,
+            can_use_efficient_attention,
+            can_use_flash_attention,
+        )
 
         params = SDPAParams(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask, 0.0, False, gqa)
-        for name, usable in (("cudnn", can_use_cudnn_attention), ("flash", can_use_flash_attention),
-                             ("efficient", can_use_efficient_attention)):
+        for name, usable in (
+            ("cudnn", can_use_cudnn_attention),
+            ("flash", can_use_flash_attention),
+            ("efficient", can_use_efficient_attention),
+        ):
             if usable(params, False):
                 return name
         return "math" if q.is_cuda else "cpu"
@@ -169,8 +189,9 @@ def _sdpa_fn(attn_mask, hq, hkv):
         if gqa and not native_gqa:  # torch < 2.5: no enable_gqa, expand K/V
             k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
         extra = {"enable_gqa": True} if gqa and native_gqa else {}
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                             attn_mask=attn_mask, **extra)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=attn_mask, **extra
+        )
         return out[0].transpose(0, 1)
 
     return run
@@ -213,29 +234,46 @@ def make_method(name, mask, cu, hq, hkv, n_tokens, dtype, args):
         if not info.available:
             if not args.stand_in:
                 return info.reason
-            return Method(lambda q, k, v: tk.hybrid_attention(q, k, v, mask, backend="reference"), mask.visible_pairs(),
-                          mask, note=f"reference standing in: {info.reason}")
+            return Method(
+                lambda q, k, v: tk.hybrid_attention(q, k, v, mask, backend="reference"),
+                mask.visible_pairs(),
+                mask,
+                note=f"reference standing in: {info.reason}",
+            )
         return Method(lambda q, k, v: tk.hybrid_attention(q, k, v, mask, backend=name), mask.visible_pairs(), mask)
     if name == "flex":
         block_mask, first_s, steady_ms = flex_block_mask(mask)
-        return Method(_flex_fn(block_mask, hq, hkv), mask.visible_pairs(), mask,
-                      backward=mask.device.type == "cuda",  # FlexAttention has no CPU backward
-                      setup={"mask_compile_s": first_s, "mask_build_ms": steady_ms})
+        return Method(
+            _flex_fn(block_mask, hq, hkv),
+            mask.visible_pairs(),
+            mask,
+            backward=mask.device.type == "cuda",  # FlexAttention has no CPU backward
+            setup={"mask_compile_s": first_s, "mask_build_ms": steady_ms},
+        )
     if name == "sdpa":
         if n_tokens > args.sdpa_max_tokens:
             return f"dense N x N mask over {n_tokens} tokens (limit --sdpa-max-tokens {args.sdpa_max_tokens})"
         attn_mask, build_ms = _timed_ms(lambda: additive_mask(mask, dtype))
         note = "naive baseline: dense additive mask" + ("" if sdpa_supports_gqa() or hq == hkv else ", K/V expanded")
         kernel = sdpa_kernel_for(mask, attn_mask, hq, hkv, args.head_dim, dtype)
-        return Method(_sdpa_fn(attn_mask, hq, hkv), mask.visible_pairs(), mask, note=note,
-                      setup={"mask_build_ms": build_ms, "sdpa_kernel": kernel})
+        return Method(
+            _sdpa_fn(attn_mask, hq, hkv),
+            mask.visible_pairs(),
+            mask,
+            note=note,
+            setup={"mask_build_ms": build_ms, "sdpa_kernel": kernel},
+        )
     if name in ("fa2", "fa3"):
         module = "flash_attn" if name == "fa2" else "flash_attn_interface"
         if not _importable(module):
             return f"{module} is not importable"
         causal = tk.HybridMask.causal(cu)
-        return Method(_flash_fn(module, cu, n_tokens), causal.visible_pairs(), causal,
-                      note="speed reference: document-causal mask only (not the same mask)")
+        return Method(
+            _flash_fn(module, cu, n_tokens),
+            causal.visible_pairs(),
+            causal,
+            note="speed reference: document-causal mask only (not the same mask)",
+        )
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -281,8 +319,12 @@ def measure(method, q, k, v, dout, d, hq, args):
         return row
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     out = method.fn(qg, kg, vg)
-    row["bwd_ms"] = do_bench(lambda o=out: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True),
-                             warmup=args.warmup, rep=args.rep, device=q.device)
+    row["bwd_ms"] = do_bench(
+        lambda o=out: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True),
+        warmup=args.warmup,
+        rep=args.rep,
+        device=q.device,
+    )
     row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] / 1e9
     del out
 
@@ -321,13 +363,21 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--name", default="attention", help="JSON file name (without .json)")
-    p.add_argument("--root", default=None, help="results root (default benchmarks/results; a temporary folder for --smoke)")
-    p.add_argument("--triton-config", default=None,
-                   help="12 ints overriding the triton kernels' config for this head dim and dtype: "
-                        "fwd, dk/dv, dq, each BM (query rows),BN (key rows),warps,stages")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU harness check: tiny shapes, every method, the reference standing in for a backend "
-                        "that cannot run here; no speed claims")
+    p.add_argument(
+        "--root", default=None, help="results root (default benchmarks/results; a temporary folder for --smoke)"
+    )
+    p.add_argument(
+        "--triton-config",
+        default=None,
+        help="12 ints overriding the triton kernels' config for this head dim and dtype: "
+        "fwd, dk/dv, dq, each BM (query rows),BN (key rows),warps,stages",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU harness check: tiny shapes, every method, the reference standing in for a backend "
+        "that cannot run here; no speed claims",
+    )
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -353,9 +403,14 @@ def main(argv=None):
         if args.triton_config:
             tk_triton.set_config(d, dtype, tk_triton.AttentionConfig.from_list(args.triton_config.split(",")))
         triton_config = dataclasses.asdict(tk_triton.pick_config(d, dtype, device))
-    config = dict(vars(args), triton_kernel_config=triton_config, sdpa_enable_gqa=sdpa_supports_gqa(),
-                  compile_backend=compile_backend(), oracle="reference backend, fp32, same inputs",
-                  flops="fwd 4*D*Hq*pairs, bwd 2.5x, fwd+bwd 3.5x")
+    config = dict(
+        vars(args),
+        triton_kernel_config=triton_config,
+        sdpa_enable_gqa=sdpa_supports_gqa(),
+        compile_backend=compile_backend(),
+        oracle="reference backend, fp32, same inputs",
+        flops="fwd 4*D*Hq*pairs, bwd 2.5x, fwd+bwd 3.5x",
+    )
     rows, path = [], None
     for workload in args.workloads.split(","):
         for n in (int(x) for x in args.tokens.split(",")):
@@ -365,11 +420,21 @@ def main(argv=None):
             for hq in (int(x) for x in args.heads.split(",")):
                 hkv = max(1, hq // args.gqa)
                 gen = torch.Generator(device=device).manual_seed(n * 1000 + hq)
-                q, k, v, dout = (torch.randn(n, h, d, device=device, dtype=dtype, generator=gen)
-                                 for h in (hq, hkv, hkv, hq))
-                base = {"workload": workload, "tokens": n, "images": len(spans), "hq": hq, "hkv": hkv, "d": d,
-                        "dtype": args.dtype, "visible_pairs": pairs, "density": pairs / (n * n),
-                        "hybrid_mask_build_ms": mask_ms + tiles_ms}
+                q, k, v, dout = (
+                    torch.randn(n, h, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv, hq)
+                )
+                base = {
+                    "workload": workload,
+                    "tokens": n,
+                    "images": len(spans),
+                    "hq": hq,
+                    "hkv": hkv,
+                    "d": d,
+                    "dtype": args.dtype,
+                    "visible_pairs": pairs,
+                    "density": pairs / (n * n),
+                    "hybrid_mask_build_ms": mask_ms + tiles_ms,
+                }
                 for name in methods:
                     row = dict(base, method=name)
                     try:
@@ -391,9 +456,25 @@ def main(argv=None):
                     print(f"{workload:6s} N={n:6d} Hq={hq:3d} {name:9s} {_status(row)}", flush=True)
                     path = write_json(args.name, rows, config, device, out_root)  # a cut-off run keeps its rows
     print()
-    print(markdown_table([r for r in rows if "fwd_ms" in r],
-                         ["workload", "tokens", "hq", "method", "fwd_ms", "fwd_tflops", "bwd_ms", "bwd_tflops",
-                          "fwdbwd_tflops", "err_out", "err_dq", "peak_mem_mb"]))
+    print(
+        markdown_table(
+            [r for r in rows if "fwd_ms" in r],
+            [
+                "workload",
+                "tokens",
+                "hq",
+                "method",
+                "fwd_ms",
+                "fwd_tflops",
+                "bwd_ms",
+                "bwd_tflops",
+                "fwdbwd_tflops",
+                "err_out",
+                "err_dq",
+                "peak_mem_mb",
+            ],
+        )
+    )
     print(f"\nresults: {path}")
     return rows, path
 

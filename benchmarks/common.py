@@ -5,6 +5,7 @@ user names with --root, default ``benchmarks/results`` under the current directo
 installed package) with the device, library versions, git commit, the exact command line, the
 shapes and the medians, so a number in a table can always be traced to the run that printed it.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -43,7 +44,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def do_bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100, device: torch.device | str | None = None) -> float:
+def do_bench(
+    fn: Callable[[], object], warmup: int = 25, rep: int = 100, device: torch.device | str | None = None
+) -> float:
     """Median time of ``fn()`` in milliseconds.
 
     On a GPU: ``triton.testing.do_bench`` (it flushes the L2 cache between calls; ``warmup`` and
@@ -101,8 +104,12 @@ def git_commit() -> str:
 
         return build_record().get("commit") or "unknown"
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -22,6 +22,7 @@ The dry run goes through the same functions: only sizes and backends differ (TRI
 for Triton, the reference standing in for a backend that cannot run on a CPU, ``ninja -n`` instead
 of compiling, torch.compile with the aot_eager backend); its summary says "dry run: no timings".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,8 +96,9 @@ def run_logged(check: Check, cmd: list[str], log: str, timeout: float, cwd: Path
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         start = f.tell()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=check.env(), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=check.env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             code = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
@@ -117,8 +119,10 @@ def python_call(name: str, argv: list[str]) -> list[str]:
     success. The package is ``benchmarks`` in a checkout, ``transfusion_kernels_bench`` installed."""
     module = f"{__package__}.{name}"
     script = str(Path(__file__).with_name(f"{name}.py"))
-    code = (f"import sys; sys.argv = [{script!r}] + {argv!r}; from {module} import main; "
-            f"r = main({argv!r}); sys.exit(r if isinstance(r, int) else 0)")
+    code = (
+        f"import sys; sys.argv = [{script!r}] + {argv!r}; from {module} import main; "
+        f"r = main({argv!r}); sys.exit(r if isinstance(r, int) else 0)"
+    )
     return [sys.executable, "-c", code]
 
 
@@ -133,8 +137,11 @@ def cuda_arch() -> str:
 
 def step_build(check: Check, timeout: float) -> dict:
     if not SOURCES:
-        return {"status": "skipped", "detail": "installed package: no sources to build; transfusion --version "
-                                               "shows the installed extension's build"}
+        return {
+            "status": "skipped",
+            "detail": "installed package: no sources to build; transfusion --version "
+            "shows the installed extension's build",
+        }
     nvcc, cmake, ninja = find_nvcc(), shutil.which("cmake"), shutil.which("ninja")
     missing = [n for n, p in (("nvcc", nvcc), ("cmake", cmake), ("ninja", ninja)) if p is None]
     if missing:
@@ -150,24 +157,45 @@ def step_build(check: Check, timeout: float) -> dict:
     out_dir = build_dir / "dry-run-output" if check.dry_run else ROOT / "transfusion_kernels"
     arch = cuda_arch()
     jobs = str(os.cpu_count() or 2)
-    configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
-                 f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
-                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DTK_OUTPUT_DIR={out_dir}",
-                 f"-DTK_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX') or '.so'}", f"-DTK_CUDA_ARCHS={arch}"]
+    configure = [
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build_dir),
+        "-G",
+        "Ninja",
+        f"-DCMAKE_MAKE_PROGRAM={ninja}",
+        f"-DCMAKE_CUDA_COMPILER={nvcc}",
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        f"-DTK_OUTPUT_DIR={out_dir}",
+        f"-DTK_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX') or '.so'}",
+        f"-DTK_CUDA_ARCHS={arch}",
+    ]
     build = [cmake, "--build", str(build_dir), "-j", jobs] + (["--", "-n"] if check.dry_run else [])
     t0 = time.time()
     for cmd in (configure, build):
         code, tail = run_logged(check, cmd, "build", timeout - (time.time() - t0))
         if code != 0:
             reason = "timed out" if code is None else f"exit code {code}"
-            return {"status": "failed", "detail": f"{Path(cmd[0]).name} {cmd[1]}: {reason}; see build.log",
-                    "arch": arch, "jobs": jobs}
-    probe = ("import json, transfusion_kernels as tk; from transfusion_kernels import _C; "
-             "print(json.dumps({'file': _C.__file__, 'build_info': dict(_C.build_info()), "
-             "'backends': {k: str(v) for k, v in tk.available_backends().items()}}))")
+            return {
+                "status": "failed",
+                "detail": f"{Path(cmd[0]).name} {cmd[1]}: {reason}; see build.log",
+                "arch": arch,
+                "jobs": jobs,
+            }
+    probe = (
+        "import json, transfusion_kernels as tk; from transfusion_kernels import _C; "
+        "print(json.dumps({'file': _C.__file__, 'build_info': dict(_C.build_info()), "
+        "'backends': {k: str(v) for k, v in tk.available_backends().items()}}))"
+    )
     if check.dry_run:  # ninja -n compiled nothing: there is no module to import, only the package
-        probe = ("import json, transfusion_kernels as tk; "
-                 "print(json.dumps({'backends': {k: str(v) for k, v in tk.available_backends().items()}}))")
+        probe = (
+            "import json, transfusion_kernels as tk; "
+            "print(json.dumps({'backends': {k: str(v) for k, v in tk.available_backends().items()}}))"
+        )
     code, tail = run_logged(check, [sys.executable, "-c", probe], "build", max(10.0, timeout - (time.time() - t0)))
     info = {"arch": arch, "jobs": jobs, "build_dir": str(build_dir.relative_to(ROOT))}
     if code != 0:
@@ -176,7 +204,9 @@ def step_build(check: Check, timeout: float) -> dict:
         info.update(json.loads(tail.strip().splitlines()[-1]))
     except (ValueError, IndexError):
         pass
-    return dict(info, status="ok", detail=f"sm_{arch}, {jobs} jobs" + (" (ninja -n: nothing compiled)" if check.dry_run else ""))
+    return dict(
+        info, status="ok", detail=f"sm_{arch}, {jobs} jobs" + (" (ninja -n: nothing compiled)" if check.dry_run else "")
+    )
 
 
 def gpu_test_files() -> list[Path]:
@@ -202,8 +232,24 @@ def step_tests(check: Check, timeout: float) -> dict:
             results.append({"file": rel, "status": "skipped", "detail": "no time left in the step"})
             continue
         cap = min(DRY_TEST_FILE_CAP if check.dry_run else TEST_FILE_CAP, left)
-        code, tail = run_logged(check, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                        "--no-header", "-rfE", *group], "tests", cap)
+        code, tail = run_logged(
+            check,
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "gpu",
+                "-p",
+                "no:cacheprovider",
+                "--no-header",
+                "-rfE",
+                *group,
+            ],
+            "tests",
+            cap,
+        )
         counts = {}
         for n, kind in PYTEST_COUNT.findall(tail.strip().splitlines()[-1] if tail.strip() else ""):
             counts[kind.rstrip("s") if kind == "errors" else kind] = int(n)
@@ -212,8 +258,12 @@ def step_tests(check: Check, timeout: float) -> dict:
         print(f"  tests {rel}: {status} {counts}", flush=True)
     totals = {k: sum(r.get(k, 0) for r in results) for k in ("passed", "failed", "error", "skipped")}
     bad = [r["file"] for r in results if r["status"] != "ok"]
-    return {"status": "ok" if not bad else "failed", "files": results, **totals,
-            "detail": ", ".join(f"{v} {k}" for k, v in totals.items()) + (f"; not ok: {', '.join(bad)}" if bad else "")}
+    return {
+        "status": "ok" if not bad else "failed",
+        "files": results,
+        **totals,
+        "detail": ", ".join(f"{v} {k}" for k, v in totals.items()) + (f"; not ok: {', '.join(bad)}" if bad else ""),
+    }
 
 
 def step_tune(check: Check, timeout: float) -> dict:
@@ -222,8 +272,11 @@ def step_tune(check: Check, timeout: float) -> dict:
     out = check.out / "tuned.json"
     argv = ["--out", str(out), "--short"] + (["--dry-run"] if check.dry_run else [])
     code, _ = run_logged(check, python_call("tune", argv), "bench", timeout)
-    result = {"status": "timeout" if code is None else ("ok" if code == 0 else "failed"), "exit_code": code,
-              "detail": "tuned.json" if out.exists() else "no tuned.json written; see bench.log"}
+    result = {
+        "status": "timeout" if code is None else ("ok" if code == 0 else "failed"),
+        "exit_code": code,
+        "detail": "tuned.json" if out.exists() else "no tuned.json written; see bench.log",
+    }
     if out.exists():
         try:
             result["tuned"] = json.loads(out.read_text())
@@ -235,16 +288,35 @@ def step_tune(check: Check, timeout: float) -> dict:
 # Per suite: (arguments on the GPU, arguments in the dry run). The dry run's are the suites'
 # own --smoke sizes; the GPU's are cut to fit the deadline.
 SUITE_ARGS = {
-    "attention": (["--workloads", "mix", "--tokens", "8192,32768", "--heads", "16", "--gqa", "4",
-                   "--methods", "triton,cuda,flex,sdpa,fa2,fa3", "--sdpa-max-tokens", "32768",
-                   "--warmup", "10", "--rep", "50"],
-                  ["--smoke", "--workloads", "mix"]),
+    "attention": (
+        [
+            "--workloads",
+            "mix",
+            "--tokens",
+            "8192,32768",
+            "--heads",
+            "16",
+            "--gqa",
+            "4",
+            "--methods",
+            "triton,cuda,flex,sdpa,fa2,fa3",
+            "--sdpa-max-tokens",
+            "32768",
+            "--warmup",
+            "10",
+            "--rep",
+            "50",
+        ],
+        ["--smoke", "--workloads", "mix"],
+    ),
     "timestep": (["--sizes", "65536x2048x64,32768x4096x256", "--reps", "30"], ["--smoke", "--sizes", "96x32x3"]),
     "diffusion": (["--cases", "1,2,5", "--reps", "50"], ["--smoke", "--cases", "0"]),
     # training only: sampling would compile FlexAttention for three more shapes
-    "model": (["--methods", "tk:triton,tk:cuda,flex,sdpa-dense", "--reps", "3", "--no-sampling"],
-              # tk:reference for tk:triton: the same code path, without a minute of interpreted kernels
-              ["--smoke", "--methods", "tk:reference,tk:cuda,flex,sdpa-dense", "--reps", "1", "--no-sampling"]),
+    "model": (
+        ["--methods", "tk:triton,tk:cuda,flex,sdpa-dense", "--reps", "3", "--no-sampling"],
+        # tk:reference for tk:triton: the same code path, without a minute of interpreted kernels
+        ["--smoke", "--methods", "tk:reference,tk:cuda,flex,sdpa-dense", "--reps", "1", "--no-sampling"],
+    ),
 }
 
 
@@ -268,8 +340,12 @@ def step_suite(name: str):
     return run
 
 
-STEP_FNS = {"build": step_build, "tests": step_tests, "tune": step_tune,
-            **{name: step_suite(name) for name in SUITE_ARGS}}
+STEP_FNS = {
+    "build": step_build,
+    "tests": step_tests,
+    "tune": step_tune,
+    **{name: step_suite(name) for name in SUITE_ARGS},
+}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -280,8 +356,19 @@ def suite_table(name: str, data: dict, dry_run: bool) -> str:
     rows, cols = summarize(name, data)
     if name == "attention":
         rows = data["rows"]  # skipped and failed rows too
-        cols = ["tokens", "hq", "method", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops", "bwd_tflops",
-                "mask_build_ms", "mask_compile_s", "sdpa_kernel"]
+        cols = [
+            "tokens",
+            "hq",
+            "method",
+            "fwd_ms",
+            "fwd_tflops",
+            "fwdbwd_ms",
+            "fwdbwd_tflops",
+            "bwd_tflops",
+            "mask_build_ms",
+            "mask_compile_s",
+            "sdpa_kernel",
+        ]
     extra = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("err_", "max_abs_diff")) or k == "check"))
     cols = cols + [c for c in extra + ["note", "skipped", "error"] if c not in cols]
     if dry_run:
@@ -294,32 +381,60 @@ def write_summary(check: Check, plots: list[str]) -> None:
     env = environment()
     lines = ["# Device check", ""]
     if check.dry_run:
-        lines += ["**dry run: no timings** (CPU, tiny shapes, Triton interpreter, the reference standing in for "
-                  "backends that cannot run here; it checks that every step runs, not speed)", ""]
-    lines += [f"- device: {env['device']}", f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-              f"python {env['python']}", f"- commit: {env['commit']}", f"- command: `{check.command}`",
-              f"- elapsed: {time.time() - check.started:.0f} s of a {check.deadline - check.started:.0f} s budget", "",
-              "| step | status | seconds | detail |", "|---|---|---|---|"]
+        lines += [
+            "**dry run: no timings** (CPU, tiny shapes, Triton interpreter, the reference standing in for "
+            "backends that cannot run here; it checks that every step runs, not speed)",
+            "",
+        ]
+    lines += [
+        f"- device: {env['device']}",
+        f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, python {env['python']}",
+        f"- commit: {env['commit']}",
+        f"- command: `{check.command}`",
+        f"- elapsed: {time.time() - check.started:.0f} s of a {check.deadline - check.started:.0f} s budget",
+        "",
+        "| step | status | seconds | detail |",
+        "|---|---|---|---|",
+    ]
     for name in STEPS:
         s = check.steps.get(name, {"status": "pending", "detail": "not reached yet"})
         lines.append(f"| {name} | {s['status']} | {s.get('seconds', '-')} | {s.get('detail', '')} |")
     tests = check.steps.get("tests", {}).get("files")
     if tests:
-        lines += ["", "## tests (marked gpu, one run per file)", "",
-                  markdown_table(tests, ["file", "status", "passed", "failed", "error", "skipped", "cap_s"])]
+        lines += [
+            "",
+            "## tests (marked gpu, one run per file)",
+            "",
+            markdown_table(tests, ["file", "status", "passed", "failed", "error", "skipped", "cap_s"]),
+        ]
     tuned = check.steps.get("tune", {}).get("tuned")
     configs = tuned.get("configs") if isinstance(tuned, dict) else None
     if isinstance(configs, list):
         cols = ["head_dim", "dtype", "arch", "fwd", "dkdv", "dq"]
-        rows = [{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in c.items() if k in cols}
-                for c in configs if isinstance(c, dict)]
-        lines += ["", "## tune", "", f"winners (measured: {tuned.get('measured')}; every candidate in tuned.json):", "",
-                  markdown_table(rows, cols)]
+        rows = [
+            {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in c.items() if k in cols}
+            for c in configs
+            if isinstance(c, dict)
+        ]
+        lines += [
+            "",
+            "## tune",
+            "",
+            f"winners (measured: {tuned.get('measured')}; every candidate in tuned.json):",
+            "",
+            markdown_table(rows, cols),
+        ]
     for name in SUITE_ARGS:
         data = check.steps.get(name, {}).get("data")
         if data and data.get("rows"):
-            lines += ["", f"## {name}", "", f"config: `{json.dumps(_short_config(data['config']))}`", "",
-                      suite_table(name, data, check.dry_run)]
+            lines += [
+                "",
+                f"## {name}",
+                "",
+                f"config: `{json.dumps(_short_config(data['config']))}`",
+                "",
+                suite_table(name, data, check.dry_run),
+            ]
     if plots:
         lines += ["", "![plots](plots.png)"]
     (check.out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -330,9 +445,14 @@ def _short_config(config: dict) -> dict:
 
 
 def write_results(check: Check) -> None:
-    payload = {"environment": environment(), "command": check.command, "dry_run": check.dry_run,
-               "budget_s": round(check.deadline - check.started), "elapsed_s": round(time.time() - check.started),
-               "steps": {name: check.steps.get(name, {"status": "pending"}) for name in STEPS}}
+    payload = {
+        "environment": environment(),
+        "command": check.command,
+        "dry_run": check.dry_run,
+        "budget_s": round(check.deadline - check.started),
+        "elapsed_s": round(time.time() - check.started),
+        "steps": {name: check.steps.get(name, {"status": "pending"}) for name in STEPS},
+    }
     tmp = check.out / "results.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     tmp.replace(check.out / "results.json")
@@ -344,8 +464,11 @@ def write_plots(check: Check) -> list[str]:
     panels = []
     att = (check.steps.get("attention", {}).get("data") or {}).get("rows", [])
     for key, title in (("fwd_tflops", "attention fwd TFLOP/s"), ("fwdbwd_tflops", "attention fwd+bwd TFLOP/s")):
-        bars = [(f"{r['method']}\n{r['tokens'] // 1024 or r['tokens']}{'k' if r['tokens'] >= 1024 else ''}", r[key])
-                for r in att if key in r]
+        bars = [
+            (f"{r['method']}\n{r['tokens'] // 1024 or r['tokens']}{'k' if r['tokens'] >= 1024 else ''}", r[key])
+            for r in att
+            if key in r
+        ]
         if bars:
             panels.append((title, bars))
     ts = (check.steps.get("timestep", {}).get("data") or {}).get("rows", [])
@@ -353,7 +476,9 @@ def write_plots(check: Check) -> list[str]:
     if bars:
         panels.append(("timestep fwd GB/s", bars))
     df = (check.steps.get("diffusion", {}).get("data") or {}).get("rows", [])
-    bars = [(f"{impl}\n{op}", v["GBps"]) for r in df[:1] for op, o in r["ops"].items() for impl, v in o["impls"].items()]
+    bars = [
+        (f"{impl}\n{op}", v["GBps"]) for r in df[:1] for op, o in r["ops"].items() for impl, v in o["impls"].items()
+    ]
     if bars:
         panels.append((f"diffusion GB/s ({df[0]['case']})" if df else "diffusion GB/s", bars))
     md = (check.steps.get("model", {}).get("data") or {}).get("rows", [])
@@ -373,8 +498,13 @@ def write_plots(check: Check) -> list[str]:
     for ax, (title, bars) in zip(axes[:, 0], panels):
         ax.bar(range(len(bars)), [b[1] for b in bars])
         crowded = len(bars) > 8
-        ax.set_xticks(range(len(bars)), [b[0].replace("\n", " ") if crowded else b[0] for b in bars], fontsize=7,
-                      rotation=60 if crowded else 0, ha="right" if crowded else "center")
+        ax.set_xticks(
+            range(len(bars)),
+            [b[0].replace("\n", " ") if crowded else b[0] for b in bars],
+            fontsize=7,
+            rotation=60 if crowded else 0,
+            ha="right" if crowded else "center",
+        )
         ax.set_title(title + (" (dry run: no timings)" if check.dry_run else ""), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -398,9 +528,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {__package__}.device_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for results.json, summary.md, logs and plots")
     p.add_argument("--dry-run", action="store_true", help="CPU: every step at tiny sizes, no timings")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="stop starting steps so that the run ends within this many seconds (default 510 on a "
-                        "GPU, 1200 for the dry run: a guard for a loaded CPU)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting steps so that the run ends within this many seconds (default 510 on a "
+        "GPU, 1200 for the dry run: a guard for a loaded CPU)",
+    )
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma list from {','.join(STEPS)}")
     args = p.parse_args(argv)
     steps = [s for s in args.steps.split(",") if s]
@@ -416,8 +550,11 @@ def main(argv=None) -> int:
     budget = args.budget_s or (1200.0 if args.dry_run else 510.0)
     command = " ".join([f"python -m {__package__}.device_check"] + (argv if argv is not None else sys.argv[1:]))
     check = Check(out=out, dry_run=args.dry_run, deadline=time.time() + budget, command=command)
-    print(f"device check{' (dry run)' if args.dry_run else ''}: {environment()['device']}, budget {budget:.0f} s, "
-          f"out {out}", flush=True)
+    print(
+        f"device check{' (dry run)' if args.dry_run else ''}: {environment()['device']}, budget {budget:.0f} s, "
+        f"out {out}",
+        flush=True,
+    )
     for name in STEPS:
         if name not in steps:
             check.steps[name] = {"status": "skipped", "detail": "not asked for (--steps)"}

@@ -22,6 +22,7 @@ bandwidth = those bytes / median time, next to a measured device copy
 Timing, environment record and JSON come from ``benchmarks/common.py`` (``do_bench``: medians of
 ``triton.testing.do_bench`` on a GPU, L2 flushed between runs; wall-clock medians on a CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,7 +93,9 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, bench, gen
         "add_noise": (lambda b: tk.add_noise(x, t_rows, sched, seed=SEED, backend=b), None, True),
         "ddpm_step": (lambda b: tk.ddpm_step(m, t_step, x, sched, clip_sample=True, seed=SEED, backend=b), m, False),
         "ddim_step": (
-            lambda b: tk.ddim_step(m, t_step, x, sched, prev_timestep=prev_ddim, clip_sample=True, backend=b), m, False
+            lambda b: tk.ddim_step(m, t_step, x, sched, prev_timestep=prev_ddim, clip_sample=True, backend=b),
+            m,
+            False,
         ),
     }
     nbytes = 3 * x.numel() * x.element_size()
@@ -117,8 +120,16 @@ def run_case(name, shape, dtype, per_row, device, backends, compile_, bench, gen
                 )
             # the kernels draw the reference's noise (same seed); the baselines draw torch's
             # own, so only the noise-free DDIM step compares
-            time_impls(row, op, impls, first(public("reference")), nbytes, backends, bench,
-                       comparable=lambda impl: ":" in impl or op == "ddim_step")
+            time_impls(
+                row,
+                op,
+                impls,
+                first(public("reference")),
+                nbytes,
+                backends,
+                bench,
+                comparable=lambda impl: ":" in impl or op == "ddim_step",
+            )
     return row
 
 
@@ -126,8 +137,15 @@ def case_row(name, x, bench, **extra) -> dict:
     """A case's result row, with the device copy of ``x``: the bandwidth every op is held to."""
     n, item = x.numel(), x.element_size()
     copy_ms = bench(lambda: torch.empty_like(x).copy_(x))
-    return {"case": name, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", ""), **extra,
-            "copy_ms": copy_ms, "copy_GBps": 2 * n * item / copy_ms / 1e6, "ops": {}}
+    return {
+        "case": name,
+        "shape": list(x.shape),
+        "dtype": str(x.dtype).replace("torch.", ""),
+        **extra,
+        "copy_ms": copy_ms,
+        "copy_GBps": 2 * n * item / copy_ms / 1e6,
+        "ops": {},
+    }
 
 
 def time_impls(row, op, impls, expected, nbytes, backends, bench, comparable) -> None:
@@ -146,8 +164,11 @@ def time_impls(row, op, impls, expected, nbytes, backends, bench, comparable) ->
         ms = bench(fn)
         gbps = nbytes / ms / 1e6
         results[impl] = {"median_ms": ms, "GBps": gbps, "frac_of_copy": gbps / row["copy_GBps"], **check}
-        print(f"{row['case']:32s} {row['dtype']:8s} {op:10s} {impl:18s} {ms:9.4f} ms {gbps:8.1f} GB/s "
-              f"({100 * gbps / row['copy_GBps']:5.1f}% of copy)", flush=True)
+        print(
+            f"{row['case']:32s} {row['dtype']:8s} {op:10s} {impl:18s} {ms:9.4f} ms {gbps:8.1f} GB/s "
+            f"({100 * gbps / row['copy_GBps']:5.1f}% of copy)",
+            flush=True,
+        )
     row["ops"][op] = {"bytes": nbytes, "impls": results}
 
 
@@ -180,8 +201,9 @@ def run_suite(name, doc, argv, smoke_cases, gpu_cases, run_case, extra_config=No
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--reps", type=int, default=None, help="timed calls on a CPU, milliseconds of timing on a GPU")
     ap.add_argument("--cases", default=None, help="comma list of indices into the GPU (or --smoke) cases")
-    ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary "
-                                                 "folder for --smoke)")
+    ap.add_argument(
+        "--root", default=None, help="results folder (default benchmarks/results; a temporary folder for --smoke)"
+    )
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -207,9 +229,17 @@ def run_suite(name, doc, argv, smoke_cases, gpu_cases, run_case, extra_config=No
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
-    config = {"warmup": warmup, "rep": reps, "seed": SEED, "backends": backends, "compile": not args.no_compile,
-              "compile_backend": compile_backend(), "diffusers": diffusers_version, "smoke": args.smoke,
-              **(extra_config or {})}
+    config = {
+        "warmup": warmup,
+        "rep": reps,
+        "seed": SEED,
+        "backends": backends,
+        "compile": not args.no_compile,
+        "compile_backend": compile_backend(),
+        "diffusers": diffusers_version,
+        "smoke": args.smoke,
+        **(extra_config or {}),
+    }
     root = args.root or (tempfile.gettempdir() if args.smoke else None)
     gen = torch.Generator().manual_seed(0)
     rows = []

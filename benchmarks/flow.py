@@ -18,6 +18,7 @@ Achieved bandwidth = bytes / median time, next to a device copy (read + write) a
     python -m benchmarks.flow            # GPU: latents and 64 MB+ tensors, JSON in benchmarks/results/
     python -m benchmarks.flow --smoke    # CPU: tiny shapes, checks the harness, no speed claims
 """
+
 from __future__ import annotations
 
 import os
@@ -109,8 +110,10 @@ def run_case(name, shape, dtype, device, backends, compile_, bench, gen):
     ops = {
         "add_noise": (lambda b: tk.flow_add_noise(x, sigmas, seed=SEED, backend=b), 3 * n * item),
         "euler_step": (lambda b: tk.flow_euler_step(v, SIGMA, SIGMA_NEXT, x, backend=b), 3 * n * item),
-        "euler_cfg": (lambda b: tk.flow_euler_step(v, SIGMA, SIGMA_NEXT, x, guidance_scale=GUIDANCE, uncond_output=u,
-                                                   backend=b), 4 * n * item),
+        "euler_cfg": (
+            lambda b: tk.flow_euler_step(v, SIGMA, SIGMA_NEXT, x, guidance_scale=GUIDANCE, uncond_output=u, backend=b),
+            4 * n * item,
+        ),
         "loss": (loss, 4 * n * item),
     }
     baselines = diffusers_baselines(x, v, u, torch.randn_like)
@@ -138,14 +141,29 @@ def run_case(name, shape, dtype, device, backends, compile_, bench, gen):
         for label, b in backends.items():
             impls[f"tk:{label}"] = lambda b=b: public(b)
         # the tk rows draw the reference's noise (same seed); the baselines their own
-        time_impls(row, op, impls, first(public("reference")), nbytes, backends, bench,
-                   comparable=lambda impl: impl.startswith("tk:") or op != "add_noise")
+        time_impls(
+            row,
+            op,
+            impls,
+            first(public("reference")),
+            nbytes,
+            backends,
+            bench,
+            comparable=lambda impl: impl.startswith("tk:") or op != "add_noise",
+        )
     return row
 
 
 def main(argv=None):
-    return run_suite("flow", __doc__, argv, SMOKE_CASES, GPU_CASES, run_case,
-                     {"guidance_scale": GUIDANCE, "sigma": SIGMA, "sigma_next": SIGMA_NEXT})
+    return run_suite(
+        "flow",
+        __doc__,
+        argv,
+        SMOKE_CASES,
+        GPU_CASES,
+        run_case,
+        {"guidance_scale": GUIDANCE, "sigma": SIGMA, "sigma_next": SIGMA_NEXT},
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 Both write JSON and a markdown table under ``<root>/<device>-<date>/masks.*`` (``--root benchmarks/results/masks``
 for the committed run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,9 +84,15 @@ def plan_build(samples: int, reps: int) -> dict:
     create(mod, None, None, n, n, device="cpu", BLOCK_SIZE=128)
     first_s = time.perf_counter() - t0
     ours_ms, flex_ms = _medians_ms([ours, lambda: create(mod, None, None, n, n, device="cpu", BLOCK_SIZE=128)], reps)
-    return {"case": "plan build, BAGEL-style pack", "tokens": n, "intervals": mask.num_intervals,
-            "ours_ms": round(ours_ms, 3), "flex_create_block_mask_ms": round(flex_ms, 3),
-            "flex_first_call_s": round(first_s, 2), "ratio": round(flex_ms / ours_ms, 1)}
+    return {
+        "case": "plan build, BAGEL-style pack",
+        "tokens": n,
+        "intervals": mask.num_intervals,
+        "ours_ms": round(ours_ms, 3),
+        "flex_create_block_mask_ms": round(flex_ms, 3),
+        "flex_first_call_s": round(first_s, 2),
+        "ratio": round(flex_ms / ours_ms, 1),
+    }
 
 
 def reference_vs_sdpa(docs: int, doc_len: int, reps: int) -> dict:
@@ -102,8 +109,9 @@ def reference_vs_sdpa(docs: int, doc_len: int, reps: int) -> dict:
         return torch.autograd.grad(out, (q, k, v), dout)
 
     dense = mask.to_dense().view(docs, doc_len, docs, doc_len).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    qb, kb, vb = (t.detach().view(docs, doc_len, heads, d).transpose(1, 2).contiguous().requires_grad_()
-                  for t in (q, k, v))
+    qb, kb, vb = (
+        t.detach().view(docs, doc_len, heads, d).transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)
+    )
     dob = dout.view(docs, doc_len, heads, d).transpose(1, 2).contiguous()
 
     def sdpa():
@@ -112,9 +120,10 @@ def reference_vs_sdpa(docs: int, doc_len: int, reps: int) -> dict:
 
     # both checked against float64 autograd of the dense masked softmax
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    scores = torch.einsum("ihd,jhd->hij", exact[0], exact[1]) * d ** -0.5
-    oracle = torch.einsum("hij,jhd->ihd", torch.softmax(scores.masked_fill(~mask.to_dense(), float("-inf")), -1),
-                          exact[2])
+    scores = torch.einsum("ihd,jhd->hij", exact[0], exact[1]) * d**-0.5
+    oracle = torch.einsum(
+        "hij,jhd->ihd", torch.softmax(scores.masked_fill(~mask.to_dense(), float("-inf")), -1), exact[2]
+    )
     want = torch.autograd.grad(oracle, exact, dout.double())
     err_ours = max(float((g - w).abs().max()) for g, w in zip(ours(), want))
     err_sdpa = max(float((g.transpose(1, 2).reshape(n, heads, d) - w).abs().max()) for g, w in zip(sdpa(), want))
@@ -124,9 +133,15 @@ def reference_vs_sdpa(docs: int, doc_len: int, reps: int) -> dict:
         ours_ms, sdpa_ms = _medians_ms([ours, sdpa], reps)
     finally:
         torch.set_num_threads(threads)
-    return {"case": f"reference fwd+bwd, {docs} docs x {doc_len} tokens, {heads} heads, D={d}, 1 thread",
-            "tokens": n, "ours_ms": round(ours_ms, 2), "sdpa_batched_ms": round(sdpa_ms, 2),
-            "ratio": round(ours_ms / sdpa_ms, 2), "grad_err_ours": err_ours, "grad_err_sdpa": err_sdpa}
+    return {
+        "case": f"reference fwd+bwd, {docs} docs x {doc_len} tokens, {heads} heads, D={d}, 1 thread",
+        "tokens": n,
+        "ours_ms": round(ours_ms, 2),
+        "sdpa_batched_ms": round(sdpa_ms, 2),
+        "ratio": round(ours_ms / sdpa_ms, 2),
+        "grad_err_ours": err_ours,
+        "grad_err_sdpa": err_sdpa,
+    }
 
 
 def main(argv=None) -> int:
@@ -134,8 +149,10 @@ def main(argv=None) -> int:
     ap.add_argument("--root", help="results folder (default benchmarks/results under the current directory)")
     ap.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a smoke run)")
     args = ap.parse_args(argv)
-    rows = [plan_build(1 if args.quick else 8, 2 if args.quick else 20),
-            reference_vs_sdpa(2 if args.quick else 16, 128, 2 if args.quick else 20)]
+    rows = [
+        plan_build(1 if args.quick else 8, 2 if args.quick else 20),
+        reference_vs_sdpa(2 if args.quick else 16, 128, 2 if args.quick else 20),
+    ]
     command = " ".join(["python -m benchmarks.masks", *(sys.argv[1:] if argv is None else argv)])
     path = write_json("masks", rows, {"quick": args.quick, "command": command}, device="cpu", root=args.root)
     table = markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r)))

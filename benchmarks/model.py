@@ -18,6 +18,7 @@ queries) and without it (each step recomputes prefix + image).
     python -m benchmarks.model --smoke    # CPU: tiny model, checks the harness (a backend that cannot
                                           # run here has the reference standing in)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,42 @@ from transfusion.train import loss_terms  # noqa: E402
 
 _hybrid_attention = tk.hybrid_attention  # the op itself, while a baseline stands in for it in the model
 SPECIAL = SimpleNamespace(bos_id=1, eos_id=2, boi_id=3, eoi_id=4, pad_id=0)
-GPU = dict(cfg=dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, latent_channels=4, patch_size=2,
-                    timestep_freq_dim=256),
-           tokens=8192, doc=2048, images=((32, 32), (64, 64)), prefix=512, sample_image=(32, 32), steps=250)
-SMOKE = dict(cfg=dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, latent_channels=1, patch_size=2,
-                      timestep_freq_dim=32),
-             tokens=256, doc=128, images=((8, 8),), prefix=16, sample_image=(8, 8), steps=3)
+GPU = dict(
+    cfg=dict(
+        vocab_size=32000,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        latent_channels=4,
+        patch_size=2,
+        timestep_freq_dim=256,
+    ),
+    tokens=8192,
+    doc=2048,
+    images=((32, 32), (64, 64)),
+    prefix=512,
+    sample_image=(32, 32),
+    steps=250,
+)
+SMOKE = dict(
+    cfg=dict(
+        vocab_size=256,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        latent_channels=1,
+        patch_size=2,
+        timestep_freq_dim=32,
+    ),
+    tokens=256,
+    doc=128,
+    images=((8, 8),),
+    prefix=16,
+    sample_image=(8, 8),
+    steps=3,
+)
 
 
 class _PerBatch:
@@ -88,8 +119,12 @@ def flex_attention_fn():
         if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
             # FlexAttention has no CPU backward: the reference stands in (dry runs only)
             return _hybrid_attention(q, k, v, mask, softmax_scale=softmax_scale, backend="reference")
-        out = compiled(*_heads_first(q, k, v), block_mask=block_masks(mask), scale=softmax_scale,
-                       enable_gqa=q.shape[1] != k.shape[1])
+        out = compiled(
+            *_heads_first(q, k, v),
+            block_mask=block_masks(mask),
+            scale=softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
         return out[0].transpose(0, 1)
 
     return attention
@@ -109,8 +144,9 @@ def sdpa_dense_fn():
             extra["enable_gqa"] = True
         elif g > 1:
             k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-        out = F.scaled_dot_product_attention(*_heads_first(q, k, v), attn_mask=masks(mask, q.dtype),
-                                             scale=softmax_scale, **extra)
+        out = F.scaled_dot_product_attention(
+            *_heads_first(q, k, v), attn_mask=masks(mask, q.dtype), scale=softmax_scale, **extra
+        )
         return out[0].transpose(0, 1)
 
     return attention
@@ -197,13 +233,19 @@ def bench_sampling(model, spec, device, dtype, cached: bool, reps: int):
     cfg = model.cfg
     sched = model.schedule()
     gen = torch.Generator().manual_seed(0)
-    prefix = [SPECIAL.bos_id] + torch.randint(5, cfg.vocab_size, (spec["prefix"] - 2,), generator=gen).tolist() + [SPECIAL.boi_id]
+    prefix = (
+        [SPECIAL.bos_id]
+        + torch.randint(5, cfg.vocab_size, (spec["prefix"] - 2,), generator=gen).tolist()
+        + [SPECIAL.boi_id]
+    )
     h, w = spec["sample_image"]
     k = cfg.patch_size
     n = (h // k) * (w // k)
     steps = [(t, t - 1 if t > 0 else -1) for t in range(spec["steps"] - 1, -1, -1)]  # DDPM, T steps
-    full_mask = tk.HybridMask.from_spans(torch.tensor([0, len(prefix) + n], dtype=torch.int32, device=device),
-                                         torch.tensor([[len(prefix), len(prefix) + n]], dtype=torch.int32, device=device))
+    full_mask = tk.HybridMask.from_spans(
+        torch.tensor([0, len(prefix) + n], dtype=torch.int32, device=device),
+        torch.tensor([[len(prefix), len(prefix) + n]], dtype=torch.int32, device=device),
+    )
     ids = torch.tensor(prefix + [SPECIAL.pad_id] * n, device=device)
     positions = torch.arange(len(prefix) + n, device=device)
     image_index = torch.tensor([-1] * len(prefix) + [0] * n, dtype=torch.int32, device=device)
@@ -219,8 +261,9 @@ def bench_sampling(model, spec, device, dtype, cached: bool, reps: int):
                 eps = _image_step(model, cache, [0], x, ts, commit=False)
             else:
                 _, eps = model(ids, positions, image_index, full_mask, [x[0]], ts, label_positions=positions[:1])
-            rows = tk.ddpm_step(eps.float(), t, patchify(x.float(), k), sched, prev_timestep=tp, seed=t,
-                                backend=model.backend)
+            rows = tk.ddpm_step(
+                eps.float(), t, patchify(x.float(), k), sched, prev_timestep=tp, seed=t, backend=model.backend
+            )
             x = unpatchify(rows, 1, cfg.latent_channels, h, w, k).to(dtype)
         return x
 
@@ -231,20 +274,28 @@ def check_losses(model, batch, sched, autocast, reference) -> dict:
     """|loss - reference loss| for both terms, from the same weights and batch."""
     with torch.no_grad():
         lm, ddpm = loss_terms(model, batch, sched, autocast)
-    return {"lm_loss": float(lm), "err_lm_loss": abs(float(lm) - reference[0]),
-            "err_ddpm_loss": abs(float(ddpm) - reference[1])}
+    return {
+        "lm_loss": float(lm),
+        "err_lm_loss": abs(float(lm) - reference[0]),
+        "err_ddpm_loss": abs(float(ddpm) - reference[1]),
+    }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU model: checks the harness, no speed claims")
-    ap.add_argument("--methods", default=None,
-                    help="comma list of tk:<backend>, flex and sdpa-dense (default: every backend that runs here "
-                         "and both baselines)")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of tk:<backend>, flex and sdpa-dense (default: every backend that runs here "
+        "and both baselines)",
+    )
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps per sampled image")
     ap.add_argument("--no-sampling", action="store_true", help="time training only")
-    ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary folder for --smoke)")
+    ap.add_argument(
+        "--root", default=None, help="results folder (default benchmarks/results; a temporary folder for --smoke)"
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         spec, device, dtype, reps = SMOKE, torch.device("cpu"), torch.float32, args.reps or 2
@@ -269,7 +320,9 @@ def main(argv=None):
                 p.normal_(0.0, 0.02)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batch = training_batch(spec, cfg, torch.Generator().manual_seed(0)).to(device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
     sched = model.schedule()
     model.backend = "reference"
     with torch.no_grad():
@@ -306,8 +359,13 @@ def main(argv=None):
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         root = args.root or (tempfile.gettempdir() if args.smoke else None)
         config = {k: v for k, v in spec.items() if k != "cfg"} | {
-            "model": spec["cfg"], "dtype": str(dtype), "reps": reps, "reference_losses": reference,
-            "compile_backend": compile_backend(), "timing": "median wall time, synchronised"}
+            "model": spec["cfg"],
+            "dtype": str(dtype),
+            "reps": reps,
+            "reference_losses": reference,
+            "compile_backend": compile_backend(),
+            "timing": "median wall time, synchronised",
+        }
         out = write_json("model", rows, config, device=device, root=root)  # a cut-off run keeps its rows
     model.backend = None
     print(f"wrote {out}")

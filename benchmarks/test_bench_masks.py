@@ -8,6 +8,7 @@ FlexAttention's side is ``torch.compile(create_block_mask)``, as its users build
 create_block_mask evaluates the N x N mask densely); the first call, compilation included, is
 recorded apart (``extra_info["first_call_s"]``) from the steady-state time that is benchmarked.
 """
+
 import time
 
 import pytest
@@ -29,8 +30,7 @@ def transfusion_layout(n: int, doc: int = 2048):
     spans = []
     for d0 in cu[:-1]:
         spans += [(d0 + 10, d0 + 10 + 256), (d0 + 300, d0 + 300 + 1024)]
-    return (torch.tensor(cu, dtype=torch.int32, device=DEVICE),
-            torch.tensor(spans, dtype=torch.int32, device=DEVICE))
+    return (torch.tensor(cu, dtype=torch.int32, device=DEVICE), torch.tensor(spans, dtype=torch.int32, device=DEVICE))
 
 
 def _sync():

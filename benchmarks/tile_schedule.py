@@ -28,6 +28,7 @@ epilogue with the next tile's prologue) needs a restructured kernel and is not m
 
     python -m benchmarks.tile_schedule            # 8k tokens, 16 query heads, 4 kv heads, D = 128
 """
+
 from __future__ import annotations
 
 import argparse
@@ -130,8 +131,10 @@ def main(argv=None):
     p.add_argument("--sms", type=int, default=N_SMS)
     args = p.parse_args(argv)
     rows = report(workloads(args.tokens), args.heads, args.kv_heads, args.head_dim, args.sms)
-    print(f"load balance, {args.tokens} tokens, hq {args.heads}, hkv {args.kv_heads}, D {args.head_dim}, "
-          f"{args.sms} SMs (greedy list schedule; 1.0 = no idle SM before the last block ends)")
+    print(
+        f"load balance, {args.tokens} tokens, hq {args.heads}, hkv {args.kv_heads}, D {args.head_dim}, "
+        f"{args.sms} SMs (greedy list schedule; 1.0 = no idle SM before the last block ends)"
+    )
     print(" | ".join(["workload", "kernel", "blocks", *COLUMNS]))
     for r in rows:
         print(" | ".join([r["workload"], r["kernel"], str(r["blocks"]), *(f"{r[c]:.3f}" for c in COLUMNS)]))

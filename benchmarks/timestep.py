@@ -17,6 +17,7 @@ minimum traffic, next to a measured device copy of x (read + write) as the ceili
     python -m benchmarks.timestep              # GPU: Transfusion sizes, JSON in benchmarks/results/
     python -m benchmarks.timestep --smoke      # CPU: tiny shapes, reference backend, checks the harness
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,11 @@ def eager_modules(freq_dim, D, device):
     try:
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
-        return (Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0.0),
-                TimestepEmbedding(freq_dim, D, out_dim=D).to(device), "diffusers")
+        return (
+            Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0.0),
+            TimestepEmbedding(freq_dim, D, out_dim=D).to(device),
+            "diffusers",
+        )
     except ImportError:
         proj = lambda t: tk.timestep_embedding(t, freq_dim, True, 0.0)  # noqa: E731
         return proj, tk.TimestepMLP(freq_dim, D, D, device=device), "tk.timestep_embedding + tk.TimestepMLP"
@@ -70,8 +74,18 @@ def gather_add(x, e, idx):
 
 def reference_math(x, t, idx, w1, b1, w2, b2):
     """The op in plain PyTorch (fp32 embedding, one rounding), for torch.compile."""
-    e = reference.embed(t, w1, b1, w2, b2, freq_dim=w1.shape[1], flip_sin_to_cos=True,
-                        downscale_freq_shift=0.0, scale=1.0, max_period=10000.0)
+    e = reference.embed(
+        t,
+        w1,
+        b1,
+        w2,
+        b2,
+        freq_dim=w1.shape[1],
+        flip_sin_to_cos=True,
+        downscale_freq_shift=0.0,
+        scale=1.0,
+        max_period=10000.0,
+    )
     return (x.float() + reference.gather_rows(e, idx)).to(x.dtype)
 
 
@@ -85,7 +99,7 @@ def make_case(P, D, M, freq_dim, dtype, device, gen):
     pos = gap
     for m, n in enumerate(sizes.tolist()):
         n = min(n, P - pos)
-        idx[pos:pos + n] = m
+        idx[pos : pos + n] = m
         pos += n + gap
     x = torch.randn(P, D, generator=gen).to(device, dtype)
     t = torch.randint(0, 1000, (M,), generator=gen).to(device)
@@ -112,7 +126,9 @@ def run_case(P, D, M, freq_dim, dtype, device, backends, compile_, warmup, reps,
     if compiled_fn is not None:
         impls["compiled"] = lambda xr: compiled_fn(xr, t, idx, *mlp.weights())
     for label, b in backends.items():
-        impls[f"tk:{label}"] = lambda xr, b=b: tk.patch_timestep_embedding(xr, t, idx, mlp, freq_dim=freq_dim, backend=b)
+        impls[f"tk:{label}"] = lambda xr, b=b: tk.patch_timestep_embedding(
+            xr, t, idx, mlp, freq_dim=freq_dim, backend=b
+        )
 
     # fp32 oracle on the same inputs: output and gradients (x and the MLP weights)
     x32 = x.detach().float().requires_grad_()
@@ -121,16 +137,28 @@ def run_case(P, D, M, freq_dim, dtype, device, backends, compile_, warmup, reps,
     grads_ref = torch.autograd.grad(y_ref, [x32, *w32], dy.float())
     y_ref = y_ref.detach()
     copy_ms = do_bench(lambda: torch.empty_like(x).copy_(x), warmup, reps, device)
-    row = {"P": P, "D": D, "M": M, "H": D, "freq_dim": freq_dim, "dtype": str(dtype).replace("torch.", ""),
-           "image_patches": int((idx >= 0).sum()), "eager_source": eager_source,
-           "copy_ms": copy_ms, "copy_GBps": 2 * x.numel() * xb / copy_ms / 1e6, "impls": {}}
+    row = {
+        "P": P,
+        "D": D,
+        "M": M,
+        "H": D,
+        "freq_dim": freq_dim,
+        "dtype": str(dtype).replace("torch.", ""),
+        "image_patches": int((idx >= 0).sum()),
+        "eager_source": eager_source,
+        "copy_ms": copy_ms,
+        "copy_GBps": 2 * x.numel() * xb / copy_ms / 1e6,
+        "impls": {},
+    }
     for name, fn in impls.items():
         xr = x.detach().clone().requires_grad_()
         inputs = [xr, *weights]
         y = fn(xr)  # checked before it is timed
         grads = torch.autograd.grad(y, inputs, dy, retain_graph=True)
-        check = {"max_abs_diff_vs_reference": max_error(y, y_ref),
-                 "max_abs_diff_grads_vs_reference": max(max_error(g, r) for g, r in zip(grads, grads_ref))}
+        check = {
+            "max_abs_diff_vs_reference": max_error(y, y_ref),
+            "max_abs_diff_grads_vs_reference": max(max_error(g, r) for g, r in zip(grads, grads_ref)),
+        }
         if name.startswith("tk:") and backends[name[3:]] != name[3:]:
             check["note"] = "reference standing in"
         fwd = do_bench(lambda: fn(xr), warmup, reps, device)  # builds the autograd graph, as in training
@@ -139,9 +167,13 @@ def run_case(P, D, M, freq_dim, dtype, device, backends, compile_, warmup, reps,
         bwd = do_bench(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), warmup, reps, device)
         fwd_bytes, bwd_bytes = 2 * x.numel() * xb, x.numel() * xb
         row["impls"][name] = {
-            "fwd_ms": fwd, "fwd_nograd_ms": fwd_nograd, "bwd_ms": bwd,
-            "fwd_GBps": fwd_bytes / fwd_nograd / 1e6, "bwd_GBps": bwd_bytes / bwd / 1e6,
-            "fwd_frac_of_copy": (fwd_bytes / fwd_nograd / 1e6) / row["copy_GBps"], **check,
+            "fwd_ms": fwd,
+            "fwd_nograd_ms": fwd_nograd,
+            "bwd_ms": bwd,
+            "fwd_GBps": fwd_bytes / fwd_nograd / 1e6,
+            "bwd_GBps": bwd_bytes / bwd / 1e6,
+            "fwd_frac_of_copy": (fwd_bytes / fwd_nograd / 1e6) / row["copy_GBps"],
+            **check,
         }
     return row
 
@@ -154,8 +186,9 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--sizes", default=None, help="comma list of PxDxM (patches x width x images)")
-    ap.add_argument("--root", default=None, help="results folder (default benchmarks/results; a temporary "
-                                                 "folder for --smoke)")
+    ap.add_argument(
+        "--root", default=None, help="results folder (default benchmarks/results; a temporary folder for --smoke)"
+    )
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -174,19 +207,29 @@ def main(argv=None):
 
     gen = torch.Generator().manual_seed(0)
     root = args.root or (tempfile.gettempdir() if args.smoke else None)
-    config = {"warmup": warmup, "reps": reps, "dtype": args.dtype, "backends": backends, "freq_dim": freq_dim,
-              "compile_backend": compile_backend(), "oracle": "fp32 reference math on the same inputs",
-              "timing": "median; triton.testing.do_bench on a GPU, perf_counter on a CPU"}
+    config = {
+        "warmup": warmup,
+        "reps": reps,
+        "dtype": args.dtype,
+        "backends": backends,
+        "freq_dim": freq_dim,
+        "compile_backend": compile_backend(),
+        "oracle": "fp32 reference math on the same inputs",
+        "timing": "median; triton.testing.do_bench on a GPU, perf_counter on a CPU",
+    }
     rows = []
     for P, D, M in sizes:
         row = run_case(P, D, M, freq_dim, dtype, device, backends, not args.no_compile, warmup, reps, gen)
         rows.append(row)
         out = write_json("timestep", rows, config, device=device, root=root)  # a cut-off run keeps its rows
         for name, r in row["impls"].items():
-            print(f"P={P:6d} D={D:5d} M={M:4d} {name:14s} fwd {r['fwd_nograd_ms']:8.4f} ms "
-                  f"({r['fwd_GBps']:7.1f} GB/s, {100 * r['fwd_frac_of_copy']:5.1f}% of copy)  "
-                  f"fwd+graph {r['fwd_ms']:8.4f} ms  bwd {r['bwd_ms']:8.4f} ms  "
-                  f"max|diff| {r['max_abs_diff_vs_reference']:.2e}", flush=True)
+            print(
+                f"P={P:6d} D={D:5d} M={M:4d} {name:14s} fwd {r['fwd_nograd_ms']:8.4f} ms "
+                f"({r['fwd_GBps']:7.1f} GB/s, {100 * r['fwd_frac_of_copy']:5.1f}% of copy)  "
+                f"fwd+graph {r['fwd_ms']:8.4f} ms  bwd {r['bwd_ms']:8.4f} ms  "
+                f"max|diff| {r['max_abs_diff_vs_reference']:.2e}",
+                flush=True,
+            )
 
     print(f"wrote {out}")
     return rows

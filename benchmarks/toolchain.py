@@ -1,5 +1,6 @@
 """Locating the CUDA toolchain, without importing torch (the kernel report's workers and the
 device check share it; setup.py keeps its own copy because it runs before the package exists)."""
+
 from __future__ import annotations
 
 import os

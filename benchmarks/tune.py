@@ -17,6 +17,7 @@ candidates with the dk/dv winner. Times are triton.testing.do_bench medians.
 The output is keyed by (device name, head dim, dtype); point TRANSFUSION_KERNELS_TUNED at it to
 use it (transfusion_kernels/attention/configs.json holds the untimed shipped defaults).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,16 @@ TOKENS, CHECK_TOKENS = 8192, 4096
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {__package__}.tune", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="JSON file to write (default: under benchmarks/results/)")
-    p.add_argument("--short", action="store_true",
-                   help="D 128 bfloat16 only, two candidates per kernel, 2k-token check, shorter timing")
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU, TRITON_INTERPRET=1, tiny shapes: runs every code path, times nothing")
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help="D 128 bfloat16 only, two candidates per kernel, 2k-token check, shorter timing",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU, TRITON_INTERPRET=1, tiny shapes: runs every code path, times nothing",
+    )
     return p
 
 
@@ -202,7 +209,7 @@ def _tune_key(d, dtype_name, device, args, log) -> dict:
     default = tkt.AttentionConfig(*(tkt.KernelConfig(*cands[k][0]) for k in ("fwd", "dkdv", "dq")))
     hq, hkv = (2, 1) if args.dry_run else (HQ, HKV)
     tokens, check_tokens = (64, 64) if args.dry_run else (TOKENS, CHECK_TOKENS // 2 if args.short else CHECK_TOKENS)
-    scale = d ** -0.5
+    scale = d**-0.5
 
     cmask, _ = _workload(check_tokens, device, args.dry_run)
     check = _Check(cmask, *_inputs(check_tokens, hq, hkv, d, dtype, device, seed=1), scale, dtype_name)
@@ -243,11 +250,22 @@ def _tune_key(d, dtype_name, device, args, log) -> dict:
             raise RuntimeError(f"D={d} {dtype_name}: no {kernel} candidate passed the check")
         if not args.dry_run:  # a dry run keeps the defaults: nothing was timed
             best[kernel] = min(timed, key=lambda t: t[0])[1]
-    entry = {"device": _device_name(device), "head_dim": d, "dtype": dtype_name,
-             **{k: list(dataclasses.astuple(best[k])) for k in ("fwd", "dkdv", "dq")},
-             "arch": arch, "workload": {"layout": "mix", "tokens": tokens, "images": images, "hq": hq, "hkv": hkv,
-                                        "check_tokens": check_tokens},
-             "candidates": rows}
+    entry = {
+        "device": _device_name(device),
+        "head_dim": d,
+        "dtype": dtype_name,
+        **{k: list(dataclasses.astuple(best[k])) for k in ("fwd", "dkdv", "dq")},
+        "arch": arch,
+        "workload": {
+            "layout": "mix",
+            "tokens": tokens,
+            "images": images,
+            "hq": hq,
+            "hkv": hkv,
+            "check_tokens": check_tokens,
+        },
+        "candidates": rows,
+    }
     return entry
 
 
@@ -280,10 +298,12 @@ def _tune(args) -> int:
         "format": 1,
         "measured": not args.dry_run,
         "dry_run": args.dry_run,
-        "source": ("dry run under the Triton interpreter: code paths only, nothing timed, not a tuning result"
-                   if args.dry_run else
-                   f"python -m benchmarks.tune{' --short' if args.short else ''}: triton.testing.do_bench medians "
-                   f"on {_device_name(device)}, {_dt.date.today().isoformat()}"),
+        "source": (
+            "dry run under the Triton interpreter: code paths only, nothing timed, not a tuning result"
+            if args.dry_run
+            else f"python -m benchmarks.tune{' --short' if args.short else ''}: triton.testing.do_bench medians "
+            f"on {_device_name(device)}, {_dt.date.today().isoformat()}"
+        ),
         "environment": environment(device),
         "configs": entries,
     }

@@ -52,6 +52,7 @@ mma.sync kernels: "-" (their step tile is not in the binary).
 
 Exits non-zero when a source does not compile warning-free or a hot kernel spills.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -132,8 +133,9 @@ def find_cuobjdump() -> str | None:
 
 def cuda_include_dirs(nvcc: str) -> list[str]:
     """The include directories nvcc passes to the host compiler (nvcc may be a wrapper script)."""
-    out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                         capture_output=True, text=True).stderr
+    out = subprocess.run(
+        [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True
+    ).stderr
     m = re.search(r"^#\$ INCLUDES=(.*)$", out, re.MULTILINE)
     return re.findall(r'"-I([^"]+)"', m.group(1)) if m else []
 
@@ -143,8 +145,24 @@ def nvcc_command(nvcc: str, source: Path, obj: Path, archs=DEFAULT_ARCHS, csrc: 
     warnings TK_WERROR=ON turns on. Warnings do not stop the compile (the SASS is still read);
     warnings_in() finds them in the output."""
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    return [nvcc, "-O3", "-DNDEBUG", "-Xcompiler=-fPIC", *gencode, "-lineinfo", "-Xcompiler=-fvisibility=hidden",
-            "-std=c++17", f"-I{csrc}", "-Xcompiler=-Wall,-Wextra", "-Xptxas", "-v", "-c", str(source), "-o", str(obj)]
+    return [
+        nvcc,
+        "-O3",
+        "-DNDEBUG",
+        "-Xcompiler=-fPIC",
+        *gencode,
+        "-lineinfo",
+        "-Xcompiler=-fvisibility=hidden",
+        "-std=c++17",
+        f"-I{csrc}",
+        "-Xcompiler=-Wall,-Wextra",
+        "-Xptxas",
+        "-v",
+        "-c",
+        str(source),
+        "-o",
+        str(obj),
+    ]
 
 
 def parse_ptxas(text: str, source: str = "") -> list[KernelInfo]:
@@ -197,8 +215,9 @@ def attention_sources(csrc: Path = CSRC) -> list[Path]:
     return sorted((csrc / "attention").glob("*.cu"))
 
 
-def compile_and_report(source: Path, archs=DEFAULT_ARCHS, nvcc: str | None = None, keep_obj: Path | None = None,
-                       csrc: Path = CSRC) -> tuple[int, str, list[KernelInfo]]:
+def compile_and_report(
+    source: Path, archs=DEFAULT_ARCHS, nvcc: str | None = None, keep_obj: Path | None = None, csrc: Path = CSRC
+) -> tuple[int, str, list[KernelInfo]]:
     """Compile one source; returns (returncode, compiler output, kernels). keep_obj: where to
     leave the object file (for the SASS)."""
     nvcc = nvcc or find_nvcc()
@@ -392,20 +411,39 @@ def main_loops(insns: list[Insn]) -> list[LoopStats]:
     out = []
     for h, latch, body in sorted(innermost):
         size = {b: ranges[b][1] - ranges[b][0] for b in body}
-        path = _step_path(h, latch, body, succ, dom, size, [b for b in sorted(body) if any(
-            _is_mma(insns[i]) for i in range(*ranges[b]))])
-        ops: dict[str, int] = {"first_gemm_macs": _first_chain_macs([insns[i] for b in path for i in range(*ranges[b])])}
+        path = _step_path(
+            h,
+            latch,
+            body,
+            succ,
+            dom,
+            size,
+            [b for b in sorted(body) if any(_is_mma(insns[i]) for i in range(*ranges[b]))],
+        )
+        ops: dict[str, int] = {
+            "first_gemm_macs": _first_chain_macs([insns[i] for b in path for i in range(*ranges[b])])
+        }
         for b in path:
             for i in range(*ranges[b]):
                 if c := _op_class(insns[i]):
                     ops[c] = ops.get(c, 0) + 1
                     if c in ("hgmma", "hmma"):
                         ops["macs"] = ops.get("macs", 0) + _macs(insns[i])
-        steady = _steady_path(h, latch, body, succ, dom, [[insns[i] for i in range(*ranges[b])] for b in range(len(ranges))])
+        steady = _steady_path(
+            h, latch, body, succ, dom, [[insns[i] for i in range(*ranges[b])] for b in range(len(ranges))]
+        )
         steady_ops = _path_ops([insns[i] for b in steady for i in range(*ranges[b])])
-        out.append(LoopStats(insns[ranges[h][0]].addr, sum(size.values()), sum(size[b] for b in path), ops,
-                             any(_cta_barrier(insns[i]) for b in body for i in range(*ranges[b])),
-                             sum(size[b] for b in steady), steady_ops))
+        out.append(
+            LoopStats(
+                insns[ranges[h][0]].addr,
+                sum(size.values()),
+                sum(size[b] for b in path),
+                ops,
+                any(_cta_barrier(insns[i]) for b in body for i in range(*ranges[b])),
+                sum(size[b] for b in steady),
+                steady_ops,
+            )
+        )
     return out
 
 
@@ -425,10 +463,15 @@ def _steady_path(h, latch, body, succ, dom, block_insns):
     instructions, then the most async copies (cp.async, TMA loads), then the most global stores
     and reductions, then has the fewest instructions. It skips masking branches but keeps the
     next step's loads and any per-step dQ traffic."""
+
     def weight(b):
         cls = [_op_class(x) for x in block_insns[b]]
-        return (-sum(c in ("hgmma", "hmma") for c in cls), -cls.count("async_copy"), -cls.count("global_store"),
-                len(block_insns[b]))
+        return (
+            -sum(c in ("hgmma", "hmma") for c in cls),
+            -cls.count("async_copy"),
+            -cls.count("global_store"),
+            len(block_insns[b]),
+        )
 
     # topological order of the forward-edge DAG from the head (depth-first post order, reversed)
     order, seen, stack = [], {h}, [(h, iter(succ[h]))]
@@ -545,6 +588,7 @@ def mma_summary(insns: list[Insn]) -> str:
 def count_ops(insns: list[Insn]) -> dict[str, int]:
     def n(pred):
         return sum(1 for x in insns if pred(x.op))
+
     return {
         "hgmma": n(lambda o: o.startswith("HGMMA")),
         "hmma": n(lambda o: o.startswith("HMMA")),
@@ -611,9 +655,16 @@ def analyse(row: dict, insns: list[Insn], step_tile: tuple[int, int, int] | None
     row["cta_barrier_in_loop"] = any(l.cta_barrier for l in loops)
     # the steady step: the main loop whose steady path issues the most MMA, async copies and
     # global stores, then has the fewest instructions
-    steady = min(loops, key=lambda l: (-(l.steady_ops.get("hgmma", 0) + l.steady_ops.get("hmma", 0)),
-                                       -l.steady_ops.get("async_copy", 0), -l.steady_ops.get("global_store", 0),
-                                       l.steady), default=None)
+    steady = min(
+        loops,
+        key=lambda l: (
+            -(l.steady_ops.get("hgmma", 0) + l.steady_ops.get("hmma", 0)),
+            -l.steady_ops.get("async_copy", 0),
+            -l.steady_ops.get("global_store", 0),
+            l.steady,
+        ),
+        default=None,
+    )
     row["steady_instructions"] = steady.steady if steady else None
     row["steady_mma"] = (steady.steady_ops.get("hgmma", 0) + steady.steady_ops.get("hmma", 0)) if steady else None
     row["steady_async_copies"] = steady.steady_ops.get("async_copy", 0) if steady else None
@@ -678,7 +729,9 @@ def _head_dim(name: str) -> int | None:
 #   cudaError_t NAME(const ARGS& args, DType dtype, int head_dim, cudaStream_t stream);
 # is called for every dtype and head dim with a 4096-token, 16/4-head problem, once as a
 # compute-capability 8.0 device and once as 9.0.
-_LAUNCHER = re.compile(r"cudaError_t\s+(\w+)\(\s*const\s+(\w+)&\s*\w*,\s*DType\s+\w*,\s*int\s+\w*,\s*cudaStream_t\s*\w*\)\s*;")
+_LAUNCHER = re.compile(
+    r"cudaError_t\s+(\w+)\(\s*const\s+(\w+)&\s*\w*,\s*DType\s+\w*,\s*int\s+\w*,\s*cudaStream_t\s*\w*\)\s*;"
+)
 _STRUCT = re.compile(r"struct\s+(\w+Args)\s*\{(.*?)\};", re.S)
 _FIELD = re.compile(r"^\s*((?:const\s+)?[\w:]+\s*\*?)\s*([\w\s,*]+);", re.M)
 
@@ -811,12 +864,32 @@ def probe_launches(obj: Path, csrc: Path, nvcc: str, tmp: Path) -> dict[tuple[st
     (tmp / "stubs.c").write_text("".join(f"int {u}(void) {{ return {v}; }}\n" for u, v in stubs))
     exe = tmp / "probe"
     cxx = shutil.which("g++") or "c++"
-    build = subprocess.run([cxx, "-std=c++17", "-O0", "-w", f"-I{csrc}", *cuda_inc, str(tmp / "probe.cpp"),
-                            "-x", "c", str(tmp / "stubs.c"), "-x", "none", str(obj), "-o", str(exe)],
-                           capture_output=True, text=True)
+    build = subprocess.run(
+        [
+            cxx,
+            "-std=c++17",
+            "-O0",
+            "-w",
+            f"-I{csrc}",
+            *cuda_inc,
+            str(tmp / "probe.cpp"),
+            "-x",
+            "c",
+            str(tmp / "stubs.c"),
+            "-x",
+            "none",
+            str(obj),
+            "-o",
+            str(exe),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if build.returncode:
-        print(f"launch probe for {obj.name} did not build (dynamic smem not shown):\n{build.stderr[-2000:]}",
-              file=sys.stderr)
+        print(
+            f"launch probe for {obj.name} did not build (dynamic smem not shown):\n{build.stderr[-2000:]}",
+            file=sys.stderr,
+        )
         return {}
     out = {}
     for cap, arch in ((80, "sm_80"), (90, "sm_90a")):
@@ -830,6 +903,7 @@ def probe_launches(obj: Path, csrc: Path, nvcc: str, tmp: Path) -> dict[tuple[st
 class CudaBuild:
     """One source compiled for the report: compiler output, ptxas' kernels, SASS per (arch,
     mangled name), launch bounds, and (threads, dynamic smem) per launched kernel."""
+
     source: Path
     returncode: int
     output: str
@@ -873,10 +947,23 @@ def cuda_rows(builds: list[CudaBuild]) -> list[dict]:
             if len([x for x in insns if x.op != "NOP"]) <= 4:
                 continue  # a stub for an arch the kernel is not built for (it only exits)
             short = re.sub(r"^.*::", "", k.name.split("<")[0].split("(")[0])
-            row = {"backend": "cuda", "kernel": short, "source": k.source, "arch": k.arch, "d": _head_dim(k.name),
-                   "dtype": _dtype_of(k.name), "registers": k.registers, "spill_stores": k.spill_stores,
-                   "spill_loads": k.spill_loads, "stack": k.stack, "smem": k.smem, "dynamic_smem": None,
-                   "threads": b.max_threads.get((k.arch, k.mangled), 0), "family": _family(short), "name": k.name}
+            row = {
+                "backend": "cuda",
+                "kernel": short,
+                "source": k.source,
+                "arch": k.arch,
+                "d": _head_dim(k.name),
+                "dtype": _dtype_of(k.name),
+                "registers": k.registers,
+                "spill_stores": k.spill_stores,
+                "spill_loads": k.spill_loads,
+                "stack": k.stack,
+                "smem": k.smem,
+                "dynamic_smem": None,
+                "threads": b.max_threads.get((k.arch, k.mangled), 0),
+                "family": _family(short),
+                "name": k.name,
+            }
             if (k.arch, k.mangled) in b.launches:
                 row["threads"], row["dynamic_smem"] = b.launches[(k.arch, k.mangled)]
                 row["smem"] += row["dynamic_smem"]
@@ -963,8 +1050,11 @@ def record_triton_launches(d: int, dtype: str, capability: int):
     if hasattr(mod, "_check_device"):
         patches["_check_device"] = lambda *a, **k: None
     saved = {name: getattr(mod, name) for name in patches}
-    fake_cuda = {"get_device_capability": lambda *a, **k: (capability // 10, capability % 10),
-                 "get_device_name": lambda *a, **k: DEVICE_NAMES[capability], "current_device": lambda: 0}
+    fake_cuda = {
+        "get_device_capability": lambda *a, **k: (capability // 10, capability % 10),
+        "get_device_name": lambda *a, **k: DEVICE_NAMES[capability],
+        "current_device": lambda: 0,
+    }
     saved_cuda = {name: getattr(torch.cuda, name) for name in fake_cuda}
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     n, hq, hkv = LAUNCH_SHAPE["n"], LAUNCH_SHAPE["hq"], LAUNCH_SHAPE["hkv"]
@@ -981,8 +1071,8 @@ def record_triton_launches(d: int, dtype: str, capability: int):
         starts, ends = (mask.starts, mask.ends) if hasattr(mask, "starts") else (mask.kv_start, mask.kv_end)
         plan = mod.prepare(mask, q, k)
         plan = plan if isinstance(plan, tuple) else (plan,)
-        out, lse = mod.forward(q, k, v, starts, ends, *plan, d ** -0.5)
-        mod.backward(torch.empty_like(q), q, k, v, out, lse, starts, ends, *plan, d ** -0.5)
+        out, lse = mod.forward(q, k, v, starts, ends, *plan, d**-0.5)
+        mod.backward(torch.empty_like(q), q, k, v, out, lse, starts, ends, *plan, d**-0.5)
     finally:
         for name, value in saved.items():
             setattr(mod, name, value)
@@ -1027,8 +1117,20 @@ def _ptxas_log(ptx: str, capability: int) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        return subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(capability)}",
-                               f.name, "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+        return subprocess.run(
+            [
+                ptxas,
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(capability)}",
+                f.name,
+                "-o",
+                os.devnull,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
 
 
 def triton_rows_for(d: int, dtype: str, arch: str, kernels: str | None = None, keep_ir: bool = False) -> list[dict]:
@@ -1051,17 +1153,38 @@ def triton_rows_for(d: int, dtype: str, arch: str, kernels: str | None = None, k
         num_warps = getattr(meta, "num_warps", kwargs.get("num_warps", 4))
         bm, bn, dp = consts.get("BM"), consts.get("BN"), consts.get("DP", d)
         tile = (bm, bn, dp) if bm and bn else None
-        row = {"backend": "triton", "kernel": name, "source": TRITON_MODULE.replace(".", "/") + ".py",
-               "arch": "sm_90a" if capability == 90 else f"sm_{capability}", "d": d, "dtype": dtype,
-               "registers": info.registers, "spill_stores": info.spill_stores, "spill_loads": info.spill_loads,
-               "stack": info.stack, "smem": meta.shared, "dynamic_smem": meta.shared, "threads": num_warps * 32,
-               "family": _family(name), "name": name,
-               "config": {"num_warps": num_warps, "num_stages": getattr(meta, "num_stages", kwargs.get("num_stages")),
-                          **{k: v for k, v in consts.items() if isinstance(v, (int, str, bool))}}}
+        row = {
+            "backend": "triton",
+            "kernel": name,
+            "source": TRITON_MODULE.replace(".", "/") + ".py",
+            "arch": "sm_90a" if capability == 90 else f"sm_{capability}",
+            "d": d,
+            "dtype": dtype,
+            "registers": info.registers,
+            "spill_stores": info.spill_stores,
+            "spill_loads": info.spill_loads,
+            "stack": info.stack,
+            "smem": meta.shared,
+            "dynamic_smem": meta.shared,
+            "threads": num_warps * 32,
+            "family": _family(name),
+            "name": name,
+            "config": {
+                "num_warps": num_warps,
+                "num_stages": getattr(meta, "num_stages", kwargs.get("num_stages")),
+                **{k: v for k, v in consts.items() if isinstance(v, (int, str, bool))},
+            },
+        }
         if keep_ir:  # the TTIR and the launch's runtime arguments, to check the specialisation against
             row["ttir"] = kernel.asm.get("ttir", "")
-            row["launch_args"] = [(p, "tensor" if hasattr(a, "data_ptr") else type(a).__name__,
-                                   a.data_ptr() if hasattr(a, "data_ptr") else a) for p, a in zip(fn.arg_names, args)]
+            row["launch_args"] = [
+                (
+                    p,
+                    "tensor" if hasattr(a, "data_ptr") else type(a).__name__,
+                    a.data_ptr() if hasattr(a, "data_ptr") else a,
+                )
+                for p, a in zip(fn.arg_names, args)
+            ]
         rows.append(analyse(row, insns, tile))
     return rows
 
@@ -1107,21 +1230,65 @@ def triton_rows(archs, dims=None, dtypes=TRITON_DTYPES, kernels=None, jobs=2, ke
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
-COLUMNS = ("kernel", "arch", "d", "dtype", "regs", "spills", "smem", "thr", "CTA/SM", "tensor-core ops",
-           "TMA ld/st", "cp.async", "setmaxnreg", "step instr", "steady step", "warp-instr/elem", "loop body",
-           "step MMA", "step bar", "step mbar", "bar 0 in loop", "GEMMs/step", "work ratio")
+COLUMNS = (
+    "kernel",
+    "arch",
+    "d",
+    "dtype",
+    "regs",
+    "spills",
+    "smem",
+    "thr",
+    "CTA/SM",
+    "tensor-core ops",
+    "TMA ld/st",
+    "cp.async",
+    "setmaxnreg",
+    "step instr",
+    "steady step",
+    "warp-instr/elem",
+    "loop body",
+    "step MMA",
+    "step bar",
+    "step mbar",
+    "bar 0 in loop",
+    "GEMMs/step",
+    "work ratio",
+)
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
+
         def v(x):
             return "-" if x is None else str(x)
-        cells = [f"{r['backend']} {r['kernel']}", r["arch"], v(r["d"]), r["dtype"], r["registers"],
-                 f"{r['spill_stores']}/{r['spill_loads']}", _fmt_smem(r), r["threads"], r["ctas_per_sm"], r["mma"],
-                 f"{r['tma_load']}/{r['tma_store']}", r["cp_async"], r["setmaxnreg"], v(r["step_instructions"]),
-                 v(r.get("steady_instructions")), v(r.get("steady_per_element")), v(r["body_instructions"]), v(r["step_mma"]), v(r["step_barriers"]), v(r["step_mbarrier_ops"]),
-                 "yes" if r["cta_barrier_in_loop"] else "no", v(r["gemms_per_step"]), v(r["work_ratio"])]
+
+        cells = [
+            f"{r['backend']} {r['kernel']}",
+            r["arch"],
+            v(r["d"]),
+            r["dtype"],
+            r["registers"],
+            f"{r['spill_stores']}/{r['spill_loads']}",
+            _fmt_smem(r),
+            r["threads"],
+            r["ctas_per_sm"],
+            r["mma"],
+            f"{r['tma_load']}/{r['tma_store']}",
+            r["cp_async"],
+            r["setmaxnreg"],
+            v(r["step_instructions"]),
+            v(r.get("steady_instructions")),
+            v(r.get("steady_per_element")),
+            v(r["body_instructions"]),
+            v(r["step_mma"]),
+            v(r["step_barriers"]),
+            v(r["step_mbarrier_ops"]),
+            "yes" if r["cta_barrier_in_loop"] else "no",
+            v(r["gemms_per_step"]),
+            v(r["work_ratio"]),
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -1136,11 +1303,18 @@ def build_report(args) -> tuple[list[dict], list[str]]:
     if args.only in (None, "cuda"):
         files = [f.resolve() for f in args.files] or attention_sources(args.csrc)
         builds = compile_all(files, archs, args.jobs, args.csrc)
-        failures = [f"{b.source}: compile {'failed' if b.returncode else 'warned'}\n{b.output}" for b in builds if not b.clean]
+        failures = [
+            f"{b.source}: compile {'failed' if b.returncode else 'warned'}\n{b.output}" for b in builds if not b.clean
+        ]
         rows += [x for x in cuda_rows(builds) if not args.kernel or re.search(args.kernel, x["kernel"])]
     if args.only in (None, "triton"):
-        rows += triton_rows([("90a" if a.startswith("90") else a) for a in archs], args.dim or None,
-                            tuple(args.dtype or TRITON_DTYPES), args.kernel, args.jobs)
+        rows += triton_rows(
+            [("90a" if a.startswith("90") else a) for a in archs],
+            args.dim or None,
+            tuple(args.dtype or TRITON_DTYPES),
+            args.kernel,
+            args.jobs,
+        )
     if args.dim:
         rows = [r for r in rows if r["d"] in args.dim]
     if args.dtype:
@@ -1158,16 +1332,27 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", help="regex on the kernel name")
     ap.add_argument("--dim", type=int, action="append", help="head dim (repeatable)")
     ap.add_argument("--dtype", action="append", choices=TRITON_DTYPES, help="dtype (repeatable)")
-    ap.add_argument("--root", type=Path, default=ROOT,
-                    help="checkout to report on (its csrc/ and its triton module), e.g. an older commit's")
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="checkout to report on (its csrc/ and its triton module), e.g. an older commit's",
+    )
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
     ap.add_argument("--markdown", type=Path, help="write the table as markdown")
-    ap.add_argument("--load", type=Path, action="append",
-                    help="rows from an earlier --json instead of compiling (repeatable: merged)")
+    ap.add_argument(
+        "--load",
+        type=Path,
+        action="append",
+        help="rows from an earlier --json instead of compiling (repeatable: merged)",
+    )
     ap.add_argument("--title", help="a line written above the markdown table")
     ap.add_argument("--hot", default=".", help="regex on the kernel name: kernels that must not spill")
-    ap.add_argument("--spill-check", action="store_true",
-                    help="only compile the given CUDA sources (default csrc/**/*.cu) and check warnings and spills")
+    ap.add_argument(
+        "--spill-check",
+        action="store_true",
+        help="only compile the given CUDA sources (default csrc/**/*.cu) and check warnings and spills",
+    )
     ap.add_argument("-j", "--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     args.root = args.root.resolve()
@@ -1177,8 +1362,13 @@ def main(argv=None) -> int:
         use_checkout(str(args.root))
     hot = re.compile(args.hot)
     if args.spill_check:
-        return spill_check([f.resolve() for f in args.files] or sources(args.csrc), tuple(args.arch or DEFAULT_ARCHS),
-                           hot, args.jobs, args.csrc)
+        return spill_check(
+            [f.resolve() for f in args.files] or sources(args.csrc),
+            tuple(args.arch or DEFAULT_ARCHS),
+            hot,
+            args.jobs,
+            args.csrc,
+        )
 
     start = time.monotonic()
     if args.load:
@@ -1216,8 +1406,10 @@ def spill_check(files, archs, hot, jobs, csrc) -> int:
             if k.spills and hot.search(k.name):
                 failed, flag = True, "  <- SPILLS"
             name = k.name if len(k.name) <= 72 else k.name[:69] + "..."
-            print(f"{name:<72} {k.arch:<7} {k.registers:>4} {k.smem:>7} {k.stack:>5} "
-                  f"{k.spill_stores:>5}/{k.spill_loads:<5}{flag}")
+            print(
+                f"{name:<72} {k.arch:<7} {k.registers:>4} {k.smem:>7} {k.stack:>5} "
+                f"{k.spill_stores:>5}/{k.spill_loads:<5}{flag}"
+            )
     return 1 if failed else 0
 
 

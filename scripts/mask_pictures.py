@@ -5,6 +5,7 @@
 Every picture is built with the constructor the document shows, turned into a HybridMask and
 drawn from its ``to_dense()``: rows are queries, columns keys, a filled cell a visible pair.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ def transfusion():
 
 def bagel_splits():
     # sample 0: prompt (causal), noised latents (noise), clean latents (full), answer (causal); sample 1: text, noise
-    return (mc.from_splits([[3, 4, 4, 3], [3, 3]], [["causal", "noise", "full", "causal"], ["causal", "noise"]]),
-            "BAGEL splits: from_splits")
+    return (
+        mc.from_splits([[3, 4, 4, 3], [3, 3]], [["causal", "noise", "full", "causal"], ["causal", "noise"]]),
+        "BAGEL splits: from_splits",
+    )
 
 
 def hidden_spans():
@@ -43,18 +46,28 @@ def prefix_lm():
 
 def sliding_window():
     window = 4
-    return (mc.from_mask_mod(lambda b, h, q, kv: (kv <= q) & (q - kv < window), [0, 20]),
-            f"Sliding window ({window}): from_mask_mod")
+    return (
+        mc.from_mask_mod(lambda b, h, q, kv: (kv <= q) & (q - kv < window), [0, 20]),
+        f"Sliding window ({window}): from_mask_mod",
+    )
 
 
 def sink_window():
     window, sinks = 4, 2
-    return (mc.from_mask_mod(lambda b, h, q, kv: (kv <= q) & ((q - kv < window) | (kv < sinks)), [0, 20]),
-            f"{sinks} sinks + window {window}: from_mask_mod")
+    return (
+        mc.from_mask_mod(lambda b, h, q, kv: (kv <= q) & ((q - kv < window) | (kv < sinks)), [0, 20]),
+        f"{sinks} sinks + window {window}: from_mask_mod",
+    )
 
 
-FAMILIES = {"transfusion": transfusion, "bagel_splits": bagel_splits, "hidden_spans": hidden_spans,
-            "prefix_lm": prefix_lm, "sliding_window": sliding_window, "sink_window": sink_window}
+FAMILIES = {
+    "transfusion": transfusion,
+    "bagel_splits": bagel_splits,
+    "hidden_spans": hidden_spans,
+    "prefix_lm": prefix_lm,
+    "sliding_window": sliding_window,
+    "sink_window": sink_window,
+}
 
 
 def draw(dense: torch.Tensor, title: str, path: Path) -> None:

@@ -10,6 +10,7 @@ copy, so the checkout is never modified) under the Triton interpreter. A mutant 
     python scripts/mutants.py --only affine,masks   # mutants whose name contains "affine" or "masks"
     python scripts/mutants.py --list
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Mutant:
     name: str
     path: str  # relative to the repository root
-    old: str   # must occur exactly once in the file
+    old: str  # must occur exactly once in the file
     new: str
     tests: tuple[str, ...]  # pytest arguments (files and -k), relative to the repository root
 
@@ -41,8 +42,12 @@ PLAN = "transfusion_kernels/attention/plan.py"
 
 TS_KERNELS = ("tests/timestep/test_timestep_triton.py", "-k", "kernel or many_programs or flip")
 TS_PUBLIC = ("tests/timestep/test_timestep_triton.py", "-k", "many_programs or flip or segment or add_kernel")
-DF_AFFINE = ("tests/diffusion/test_triton_kernels.py", "tests/diffusion/test_steps.py", "-k",
-             "affine or philox_high_counter")
+DF_AFFINE = (
+    "tests/diffusion/test_triton_kernels.py",
+    "tests/diffusion/test_steps.py",
+    "-k",
+    "affine or philox_high_counter",
+)
 TS_SEGMENT = ("tests/timestep/test_timestep_triton.py", "-k", "segment_sum_kernel")
 DF_LOSS = ("tests/diffusion/test_triton_kernels.py", "-k", "loss")
 ATT_TESTS = ("tests/attention/test_attention_triton.py", "-k", "layouts and not gpu and not compile")
@@ -51,133 +56,317 @@ MASK_TESTS = ("tests/test_masks.py",)
 
 MUTANTS = [
     # ---- timestep: sinusoid
-    Mutant("timestep sinusoid: sin and cos swapped when flip_sin_to_cos", TS,
-           "v = tl.where(second[None, :], tl.sin(r), tl.cos(r))", "v = tl.where(second[None, :], tl.cos(r), tl.sin(r))",
-           TS_KERNELS),
-    Mutant("timestep sinusoid: second half starts one column late", TS,
-           "second = cols >= half", "second = cols > half", TS_KERNELS),
-    Mutant("timestep sinusoid: odd-dim pad column not zeroed", TS,
-           "valid = cols < 2 * half", "valid = cols <= 2 * half", TS_KERNELS),
-    Mutant("timestep sinusoid: low part of the 2 pi reduction dropped", TS,
-           "r = (arg - n * _2PI_HI) - n * _2PI_LO", "r = arg - n * _2PI_HI", TS_KERNELS),
-    Mutant("timestep sinusoid: row pointer ignores the program id", TS,
-           "    rm = tl.program_id(0) * BM + tl.arange(0, BM)\n    cols = tl.program_id(1) * BD",
-           "    rm = tl.arange(0, BM)\n    cols = tl.program_id(1) * BD", TS_KERNELS),
+    Mutant(
+        "timestep sinusoid: sin and cos swapped when flip_sin_to_cos",
+        TS,
+        "v = tl.where(second[None, :], tl.sin(r), tl.cos(r))",
+        "v = tl.where(second[None, :], tl.cos(r), tl.sin(r))",
+        TS_KERNELS,
+    ),
+    Mutant(
+        "timestep sinusoid: second half starts one column late",
+        TS,
+        "second = cols >= half",
+        "second = cols > half",
+        TS_KERNELS,
+    ),
+    Mutant(
+        "timestep sinusoid: odd-dim pad column not zeroed",
+        TS,
+        "valid = cols < 2 * half",
+        "valid = cols <= 2 * half",
+        TS_KERNELS,
+    ),
+    Mutant(
+        "timestep sinusoid: low part of the 2 pi reduction dropped",
+        TS,
+        "r = (arg - n * _2PI_HI) - n * _2PI_LO",
+        "r = arg - n * _2PI_HI",
+        TS_KERNELS,
+    ),
+    Mutant(
+        "timestep sinusoid: row pointer ignores the program id",
+        TS,
+        "    rm = tl.program_id(0) * BM + tl.arange(0, BM)\n    cols = tl.program_id(1) * BD",
+        "    rm = tl.arange(0, BM)\n    cols = tl.program_id(1) * BD",
+        TS_KERNELS,
+    ),
     # ---- timestep: hidden layer
-    Mutant("timestep hidden: row pointer ignores the program id", TS,
-           "    rm = tl.program_id(0) * BM + tl.arange(0, BM)\n    rh = ", "    rm = tl.arange(0, BM)\n    rh = ",
-           TS_PUBLIC),
-    Mutant("timestep hidden: hidden column pointer ignores the program id", TS,
-           "rh = tl.program_id(1) * BH + tl.arange(0, BH)", "rh = tl.arange(0, BH)", TS_PUBLIC),
-    Mutant("timestep hidden: bias b1 dropped", TS,
-           "        acc += tl.load(b1_ptr + rh, mask=rh < H, other=0.0).to(tl.float32)[None, :]\n",
-           "        acc += 0.0\n", TS_PUBLIC),
-    Mutant("timestep hidden: SiLU derivative uses sig for 1 - sig", TS,
-           "sig * (1.0 + acc * (1.0 - sig))", "sig * (1.0 + acc * sig)", TS_PUBLIC),
+    Mutant(
+        "timestep hidden: row pointer ignores the program id",
+        TS,
+        "    rm = tl.program_id(0) * BM + tl.arange(0, BM)\n    rh = ",
+        "    rm = tl.arange(0, BM)\n    rh = ",
+        TS_PUBLIC,
+    ),
+    Mutant(
+        "timestep hidden: hidden column pointer ignores the program id",
+        TS,
+        "rh = tl.program_id(1) * BH + tl.arange(0, BH)",
+        "rh = tl.arange(0, BH)",
+        TS_PUBLIC,
+    ),
+    Mutant(
+        "timestep hidden: bias b1 dropped",
+        TS,
+        "        acc += tl.load(b1_ptr + rh, mask=rh < H, other=0.0).to(tl.float32)[None, :]\n",
+        "        acc += 0.0\n",
+        TS_PUBLIC,
+    ),
+    Mutant(
+        "timestep hidden: SiLU derivative uses sig for 1 - sig",
+        TS,
+        "sig * (1.0 + acc * (1.0 - sig))",
+        "sig * (1.0 + acc * sig)",
+        TS_PUBLIC,
+    ),
     # ---- timestep: add pass
-    Mutant("timestep add: image 0 treated as text", TS,
-           "has = (idx >= 0) & (idx < M)", "has = (idx > 0) & (idx < M)", TS_PUBLIC),
-    Mutant("timestep add: column pointer ignores the program id", TS,
-           "    cols = tl.program_id(1) * BD + tl.arange(0, BD)\n    pmask = rp < P",
-           "    cols = tl.arange(0, BD)\n    pmask = rp < P", TS_PUBLIC),
-    Mutant("timestep add: bf16 rounding half-up instead of half-even", TS,
-           "u = u + 0x7FFF + ((u >> 16) & 1)", "u = u + 0x7FFF", TS_PUBLIC),
+    Mutant(
+        "timestep add: image 0 treated as text",
+        TS,
+        "has = (idx >= 0) & (idx < M)",
+        "has = (idx > 0) & (idx < M)",
+        TS_PUBLIC,
+    ),
+    Mutant(
+        "timestep add: column pointer ignores the program id",
+        TS,
+        "    cols = tl.program_id(1) * BD + tl.arange(0, BD)\n    pmask = rp < P",
+        "    cols = tl.arange(0, BD)\n    pmask = rp < P",
+        TS_PUBLIC,
+    ),
+    Mutant(
+        "timestep add: bf16 rounding half-up instead of half-even",
+        TS,
+        "u = u + 0x7FFF + ((u >> 16) & 1)",
+        "u = u + 0x7FFF",
+        TS_PUBLIC,
+    ),
     # ---- timestep: segment sum
     Mutant("timestep segment sum: piece end inclusive", TS, "rmask = r < end", "rmask = r <= end", TS_SEGMENT),
-    Mutant("timestep segment sum: image's last partial row included twice (end inclusive)", TS,
-           "mask=(p < hi)[:, None] & cmask[None, :]", "mask=(p <= hi)[:, None] & cmask[None, :]", TS_SEGMENT),
-    Mutant("timestep segment sum: image's first partial row skipped", TS,
-           "lo = tl.load(off_ptr + m)\n", "lo = tl.load(off_ptr + m) + 1\n", TS_SEGMENT),
-    Mutant("timestep segment sum: pieces cross image ends", TS,
-           "end = torch.minimum(start + rows, seg_end[m])", "end = start + rows", TS_SEGMENT),
+    Mutant(
+        "timestep segment sum: image's last partial row included twice (end inclusive)",
+        TS,
+        "mask=(p < hi)[:, None] & cmask[None, :]",
+        "mask=(p <= hi)[:, None] & cmask[None, :]",
+        TS_SEGMENT,
+    ),
+    Mutant(
+        "timestep segment sum: image's first partial row skipped",
+        TS,
+        "lo = tl.load(off_ptr + m)\n",
+        "lo = tl.load(off_ptr + m) + 1\n",
+        TS_SEGMENT,
+    ),
+    Mutant(
+        "timestep segment sum: pieces cross image ends",
+        TS,
+        "end = torch.minimum(start + rows, seg_end[m])",
+        "end = start + rows",
+        TS_SEGMENT,
+    ),
     # ---- diffusion: affine step
-    Mutant("diffusion affine: coefficient row pointer ignores the program id", DF,
-           "cptr = coef_ptr + rows * 6", "cptr = coef_ptr + tl.arange(0, BLOCK_R) * 6", DF_AFFINE),
-    Mutant("diffusion affine: column pointer ignores the program id", DF,
-           "cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)", "cols = tl.arange(0, BLOCK_L)", DF_AFFINE),
-    Mutant("diffusion affine: column mask inclusive at the row end", DF,
-           "mask = rmask[:, None] & (cols < L)[None, :]\n    offs", "mask = rmask[:, None] & (cols <= L)[None, :]\n    offs",
-           DF_AFFINE),
+    Mutant(
+        "diffusion affine: coefficient row pointer ignores the program id",
+        DF,
+        "cptr = coef_ptr + rows * 6",
+        "cptr = coef_ptr + tl.arange(0, BLOCK_R) * 6",
+        DF_AFFINE,
+    ),
+    Mutant(
+        "diffusion affine: column pointer ignores the program id",
+        DF,
+        "cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)",
+        "cols = tl.arange(0, BLOCK_L)",
+        DF_AFFINE,
+    ),
+    Mutant(
+        "diffusion affine: column mask inclusive at the row end",
+        DF,
+        "mask = rmask[:, None] & (cols < L)[None, :]\n    offs",
+        "mask = rmask[:, None] & (cols <= L)[None, :]\n    offs",
+        DF_AFFINE,
+    ),
     Mutant("diffusion affine: c0 and c1 swapped", DF, "x0 = x0 + c1 * m", "x0 = x0 + c0 * m", DF_AFFINE),
-    Mutant("diffusion affine: clamp drops its lower bound", DF,
-           "x0 = tl.minimum(tl.maximum(x0, -clip), clip)", "x0 = tl.minimum(x0, clip)", DF_AFFINE),
-    Mutant("diffusion affine: model_output term dropped", DF,
-           "        out = out + c4 * m\n", "        out = out + 0.0 * m\n", DF_AFFINE),
+    Mutant(
+        "diffusion affine: clamp drops its lower bound",
+        DF,
+        "x0 = tl.minimum(tl.maximum(x0, -clip), clip)",
+        "x0 = tl.minimum(x0, clip)",
+        DF_AFFINE,
+    ),
+    Mutant(
+        "diffusion affine: model_output term dropped",
+        DF,
+        "        out = out + c4 * m\n",
+        "        out = out + 0.0 * m\n",
+        DF_AFFINE,
+    ),
     Mutant("diffusion affine: c3 and c2 swapped", DF, "out = c2 * x0 + c3 * s", "out = c3 * x0 + c2 * s", DF_AFFINE),
     Mutant("diffusion philox: key words swapped", DF, "c2 = hi0 ^ c3 ^ k1", "c2 = hi0 ^ c3 ^ k0", DF_AFFINE),
-    Mutant("diffusion philox: counter high word dropped", DF,
-           "c1 = (offs >> 32).to(tl.uint32)", "c1 = (offs >> 33).to(tl.uint32)", DF_AFFINE),
+    Mutant(
+        "diffusion philox: counter high word dropped",
+        DF,
+        "c1 = (offs >> 32).to(tl.uint32)",
+        "c1 = (offs >> 33).to(tl.uint32)",
+        DF_AFFINE,
+    ),
     # ---- diffusion: loss
     # ---- attention forward and backward
-    Mutant("attention fwd: interval end inclusive", ATT,
-           "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
-           "                    qk = tl.where",
-           "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] <= kve[:, None])\n"
-           "                    qk = tl.where", ATT_TESTS),
-    Mutant("attention fwd: rescale factor with swapped operands", ATT,
-           "alpha = tl.math.exp2(m_i - m_sub)", "alpha = tl.math.exp2(m_sub - m_i)", ATT_TESTS),
-    Mutant("attention fwd: running sum not rescaled (dropped term)", ATT,
-           "l_i = l_i * alpha + tl.sum(p, 1)", "l_i = l_i + tl.sum(p, 1)", ATT_TESTS),
-    Mutant("attention fwd: rows of intervals and output from the program id, not the tile order", ATT,
-           "    m_i = tl.full([BM], float(\"-inf\"), tl.float32)",
-           "    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)\n    row_ok = offs_m < Nq\n"
-           "    m_i = tl.full([BM], float(\"-inf\"), tl.float32)", ATT_TESTS),
-    Mutant("attention dk/dv: interval start exclusive", ATT,
-           "v = (cols[:, None] >= s[None, :]) & (cols[:, None] < e[None, :])",
-           "v = (cols[:, None] > s[None, :]) & (cols[:, None] < e[None, :])", ATT_TESTS),
+    Mutant(
+        "attention fwd: interval end inclusive",
+        ATT,
+        "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
+        "                    qk = tl.where",
+        "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] <= kve[:, None])\n"
+        "                    qk = tl.where",
+        ATT_TESTS,
+    ),
+    Mutant(
+        "attention fwd: rescale factor with swapped operands",
+        ATT,
+        "alpha = tl.math.exp2(m_i - m_sub)",
+        "alpha = tl.math.exp2(m_sub - m_i)",
+        ATT_TESTS,
+    ),
+    Mutant(
+        "attention fwd: running sum not rescaled (dropped term)",
+        ATT,
+        "l_i = l_i * alpha + tl.sum(p, 1)",
+        "l_i = l_i + tl.sum(p, 1)",
+        ATT_TESTS,
+    ),
+    Mutant(
+        "attention fwd: rows of intervals and output from the program id, not the tile order",
+        ATT,
+        '    m_i = tl.full([BM], float("-inf"), tl.float32)',
+        "    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)\n    row_ok = offs_m < Nq\n"
+        '    m_i = tl.full([BM], float("-inf"), tl.float32)',
+        ATT_TESTS,
+    ),
+    Mutant(
+        "attention dk/dv: interval start exclusive",
+        ATT,
+        "v = (cols[:, None] >= s[None, :]) & (cols[:, None] < e[None, :])",
+        "v = (cols[:, None] > s[None, :]) & (cols[:, None] < e[None, :])",
+        ATT_TESTS,
+    ),
     Mutant("attention dq: ds without delta", ATT, "ds = p * (dp - delta[:, None])", "ds = p * dp", ATT_TESTS),
     # ---- attention over unions of intervals, softcap
-    Mutant("attention fwd union: every run tests slot 0's interval", ATT,
-           "kvs = tl.load(KVS + offs_m * NI + r, mask=row_ok, other=0)\n        kve = tl.load(KVE + offs_m * NI + r,",
-           "kvs = tl.load(KVS + offs_m * NI + 0, mask=row_ok, other=0)\n        kve = tl.load(KVE + offs_m * NI + 0,",
-           ATT_UNION),
-    Mutant("attention fwd union: softcap run's interval end inclusive", ATT,
-           "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
-           "                    z = tl.where",
-           "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] <= kve[:, None])\n"
-           "                    z = tl.where", ATT_UNION),
-    Mutant("attention fwd union: run table read one slot off", ATT,
-           "    for r in tl.static_range(NI):\n        kv_lo = tl.load(TAB + (tile * NI + r) * 4)\n",
-           "    for r in tl.static_range(NI):\n        kv_lo = tl.load(TAB + (tile * NI + (r + 1) % NI) * 4)\n",
-           ATT_UNION),
-    Mutant("attention dk/dv union: only the first interval tested", ATT,
-           "    for r in tl.static_range(NI):\n        s = tl.load(S + rows * NI + r",
-           "    for r in tl.static_range(1):\n        s = tl.load(S + rows * NI + r", ATT_UNION),
-    Mutant("attention dq union: run's interval start exclusive", ATT,
-           "                vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
-           "                p = tl.where(vis, p, 0.0)",
-           "                vis = (cols[None, :] > kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
-           "                p = tl.where(vis, p, 0.0)", ATT_UNION),
+    Mutant(
+        "attention fwd union: every run tests slot 0's interval",
+        ATT,
+        "kvs = tl.load(KVS + offs_m * NI + r, mask=row_ok, other=0)\n        kve = tl.load(KVE + offs_m * NI + r,",
+        "kvs = tl.load(KVS + offs_m * NI + 0, mask=row_ok, other=0)\n        kve = tl.load(KVE + offs_m * NI + 0,",
+        ATT_UNION,
+    ),
+    Mutant(
+        "attention fwd union: softcap run's interval end inclusive",
+        ATT,
+        "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
+        "                    z = tl.where",
+        "                    vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] <= kve[:, None])\n"
+        "                    z = tl.where",
+        ATT_UNION,
+    ),
+    Mutant(
+        "attention fwd union: run table read one slot off",
+        ATT,
+        "    for r in tl.static_range(NI):\n        kv_lo = tl.load(TAB + (tile * NI + r) * 4)\n",
+        "    for r in tl.static_range(NI):\n        kv_lo = tl.load(TAB + (tile * NI + (r + 1) % NI) * 4)\n",
+        ATT_UNION,
+    ),
+    Mutant(
+        "attention dk/dv union: only the first interval tested",
+        ATT,
+        "    for r in tl.static_range(NI):\n        s = tl.load(S + rows * NI + r",
+        "    for r in tl.static_range(1):\n        s = tl.load(S + rows * NI + r",
+        ATT_UNION,
+    ),
+    Mutant(
+        "attention dq union: run's interval start exclusive",
+        ATT,
+        "                vis = (cols[None, :] >= kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
+        "                p = tl.where(vis, p, 0.0)",
+        "                vis = (cols[None, :] > kvs[:, None]) & (cols[None, :] < kve[:, None])\n"
+        "                p = tl.where(vis, p, 0.0)",
+        ATT_UNION,
+    ),
     Mutant("attention softcap: derivative 1 + tanh^2", ATT, "dcap = 1.0 - t * t", "dcap = 1.0 + t * t", ATT_UNION),
-    Mutant("attention softcap: the cap's scale dropped from the forward logits", ATT,
-           "z = _tanh(qk * cap_in) * cap_out", "z = _tanh(qk * cap_in) * LOG2E", ATT_UNION),
+    Mutant(
+        "attention softcap: the cap's scale dropped from the forward logits",
+        ATT,
+        "z = _tanh(qk * cap_in) * cap_out",
+        "z = _tanh(qk * cap_in) * LOG2E",
+        ATT_UNION,
+    ),
     # ---- tile plans
-    Mutant("plan: query run's full range from the wrong bound", PLAN,
-           "full_lo = tiled(s, 0).amax(1)", "full_lo = tiled(s, 0).amin(1)", MASK_TESTS),
-    Mutant("plan: union run bounds include empty slots", PLAN,
-           "lo = tiled(torch.where(nonempty, s, INT32_MAX), INT32_MAX).amin(1)",
-           "lo = tiled(torch.where(nonempty, s, INT32_MAX), INT32_MAX).amin(1) + 1", MASK_TESTS),
-    Mutant("plan: key tile's last query off by one", PLAN,
-           "q_hi = torch.searchsorted(s, n1, right=False, out_int32=True)",
-           "q_hi = torch.searchsorted(s, n1, right=False, out_int32=True) - 1", MASK_TESTS),
-    Mutant("plan: key tile's full queries include one that starts after n0", PLAN,
-           "full_hi = torch.searchsorted(s, n0, right=True, out_int32=True)",
-           "full_hi = torch.searchsorted(s, n0, right=True, out_int32=True) + 1", MASK_TESTS),
-    Mutant("plan: union key tile's FULL run jumps over a tile that is not full", PLAN,
-           "f_end = torch.where(~full & (idx > f_first), idx, runs.shape[0]).amin(0)",
-           "f_end = torch.where(full, idx + 1, 0).amax(0)", MASK_TESTS),
-    Mutant("plan: query runs built from a dense N x N mask", PLAN,
-           "    nonempty = e > s\n",
-           "    nonempty = e > s\n    assert (torch.arange(n)[None, :] >= s[:, :1]).shape[0] == n\n", MASK_TESTS),
-    Mutant("diffusion loss: row pointer ignores the program id", DF,
-           "rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)", "rows = tl.arange(0, BLOCK_P)", DF_LOSS),
-    Mutant("diffusion loss: last channel tile skipped", DF,
-           "for c_start in range(0, C, BLOCK_C):", "for c_start in range(0, C - BLOCK_C, BLOCK_C):", DF_LOSS),
-    Mutant("diffusion loss: gradient without the factor 2", DF, "g = (2.0 * w)[:, None] * d", "g = w[:, None] * d",
-           DF_LOSS),
-    Mutant("diffusion loss: weight not applied to the partial sum", DF,
-           "tl.store(partial_ptr + pid, tl.sum(acc * w, axis=0))", "tl.store(partial_ptr + pid, tl.sum(acc, axis=0) / P)",
-           DF_LOSS),
+    Mutant(
+        "plan: query run's full range from the wrong bound",
+        PLAN,
+        "full_lo = tiled(s, 0).amax(1)",
+        "full_lo = tiled(s, 0).amin(1)",
+        MASK_TESTS,
+    ),
+    Mutant(
+        "plan: union run bounds include empty slots",
+        PLAN,
+        "lo = tiled(torch.where(nonempty, s, INT32_MAX), INT32_MAX).amin(1)",
+        "lo = tiled(torch.where(nonempty, s, INT32_MAX), INT32_MAX).amin(1) + 1",
+        MASK_TESTS,
+    ),
+    Mutant(
+        "plan: key tile's last query off by one",
+        PLAN,
+        "q_hi = torch.searchsorted(s, n1, right=False, out_int32=True)",
+        "q_hi = torch.searchsorted(s, n1, right=False, out_int32=True) - 1",
+        MASK_TESTS,
+    ),
+    Mutant(
+        "plan: key tile's full queries include one that starts after n0",
+        PLAN,
+        "full_hi = torch.searchsorted(s, n0, right=True, out_int32=True)",
+        "full_hi = torch.searchsorted(s, n0, right=True, out_int32=True) + 1",
+        MASK_TESTS,
+    ),
+    Mutant(
+        "plan: union key tile's FULL run jumps over a tile that is not full",
+        PLAN,
+        "f_end = torch.where(~full & (idx > f_first), idx, runs.shape[0]).amin(0)",
+        "f_end = torch.where(full, idx + 1, 0).amax(0)",
+        MASK_TESTS,
+    ),
+    Mutant(
+        "plan: query runs built from a dense N x N mask",
+        PLAN,
+        "    nonempty = e > s\n",
+        "    nonempty = e > s\n    assert (torch.arange(n)[None, :] >= s[:, :1]).shape[0] == n\n",
+        MASK_TESTS,
+    ),
+    Mutant(
+        "diffusion loss: row pointer ignores the program id",
+        DF,
+        "rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)",
+        "rows = tl.arange(0, BLOCK_P)",
+        DF_LOSS,
+    ),
+    Mutant(
+        "diffusion loss: last channel tile skipped",
+        DF,
+        "for c_start in range(0, C, BLOCK_C):",
+        "for c_start in range(0, C - BLOCK_C, BLOCK_C):",
+        DF_LOSS,
+    ),
+    Mutant(
+        "diffusion loss: gradient without the factor 2", DF, "g = (2.0 * w)[:, None] * d", "g = w[:, None] * d", DF_LOSS
+    ),
+    Mutant(
+        "diffusion loss: weight not applied to the partial sum",
+        DF,
+        "tl.store(partial_ptr + pid, tl.sum(acc * w, axis=0))",
+        "tl.store(partial_ptr + pid, tl.sum(acc, axis=0) / P)",
+        DF_LOSS,
+    ),
 ]
 
 
@@ -195,8 +384,10 @@ def apply(mutant: Mutant, dest: Path) -> None:
     target = dest / mutant.path
     text = target.read_text()
     if text.count(mutant.old) != 1:
-        raise SystemExit(f"{mutant.name}: the patch text occurs {text.count(mutant.old)} times in {mutant.path} "
-                         f"(must be once): {mutant.old!r}")
+        raise SystemExit(
+            f"{mutant.name}: the patch text occurs {text.count(mutant.old)} times in {mutant.path} "
+            f"(must be once): {mutant.old!r}"
+        )
     target.write_text(text.replace(mutant.old, mutant.new))
 
 
@@ -209,8 +400,11 @@ def run_tests(dest: Path, tests: tuple[str, ...], timeout: int) -> tuple[str, st
         proc = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timed out", ""
-    out = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if " in " in line and "passed" in line
-           or "failed" in line]
+    out = [
+        line
+        for line in (proc.stdout + proc.stderr).strip().splitlines()
+        if " in " in line and "passed" in line or "failed" in line
+    ]
     result = {0: "passed", 1: "failed"}.get(proc.returncode, "crashed")
     return result, (out[-1] if out else f"exit {proc.returncode}")
 

@@ -14,6 +14,7 @@ dead code on hardware too or a behaviour the emulator does not model: both need 
 Exit status 1 when a site survives (or its kernel has no emulation mode; a KNOWN_GAPS one too),
 or a call listed in SCHEDULING_ONLY is caught.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,18 +32,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRIMITIVES = ("mbar_wait", "mbar_arrive", "mbar_expect_tx", "mbar_fence_init", "wgmma_wait", "wgmma_commit",
-              "wgmma_fence", "fence_proxy_async", "fence_operands", "__syncthreads", "named_bar_sync",
-              "named_bar_arrive", "cp_async_wait", "cp_async_commit", "tma_store_commit", "tma_store_wait",
-              "__syncwarp")
+PRIMITIVES = (
+    "mbar_wait",
+    "mbar_arrive",
+    "mbar_expect_tx",
+    "mbar_fence_init",
+    "wgmma_wait",
+    "wgmma_commit",
+    "wgmma_fence",
+    "fence_proxy_async",
+    "fence_operands",
+    "__syncthreads",
+    "named_bar_sync",
+    "named_bar_arrive",
+    "cp_async_wait",
+    "cp_async_commit",
+    "tma_store_commit",
+    "tma_store_wait",
+    "__syncwarp",
+)
 CALL = re.compile(r"\b(?:\w+::)*(" + "|".join(PRIMITIVES) + r")\s*(?:<[^<>;()]*>)?\s*\(")
 
 # Cases run against each mutant, in order (the first failure catches it), and the schedules. A
 # case is an EMU_CASES name with options: ":ordered" (blocks take their tiles heaviest first, as
 # cuda.prepare passes them: the k_order paths), ":scale=X" (softmax scale; negative: the sm80 forward's
 # own-row Q negation, the sm90 forward through -q and -scale as cuda.forward passes them).
-CASES = ("nan-outside-empty-rows-d128-f16", "ring-wraps-cache-d64-f16", "gap-in-query-range-d64-f16",
-         "long-documents-gqa-d64-bf16:ordered:scale=-0.3")
+CASES = (
+    "nan-outside-empty-rows-d128-f16",
+    "ring-wraps-cache-d64-f16",
+    "gap-in-query-range-d64-f16",
+    "long-documents-gqa-d64-bf16:ordered:scale=-0.3",
+)
 SCHEDULES = (1, 2, 3)  # EMU_SEED; 3: warp 0 lags after its waits (attention_host/cuda_emu.h)
 DATA_SEED = 20240607
 TIMEOUT_S = 240
@@ -51,9 +71,12 @@ TIMEOUT_S = 240
 # (only slower), so no emulated run can fail. They are still mutated and must survive (a catch
 # would mean they order something after all). (file, text of the call, which such call) -> why.
 SCHEDULING_ONLY = {
-    ("attention_fwd_sm90.cu", "named_bar_sync(kTurnBar + cg, kConsumerThreads)", 0):
-        "the consumer warpgroups' turns on the tensor cores (ping-pong): it orders wgmma issue, no data; "
-        "without it the other warpgroup's arrivals complete the barrier among themselves",
+    (
+        "attention_fwd_sm90.cu",
+        "named_bar_sync(kTurnBar + cg, kConsumerThreads)",
+        0,
+    ): "the consumer warpgroups' turns on the tensor cores (ping-pong): it orders wgmma issue, no data; "
+    "without it the other warpgroup's arrivals complete the barrier among themselves",
 }
 # Calls needed on hardware whose deletion the emulator catches only by chance: a full run still
 # fails on their survival (the gap stays visible); a rotating shard does not. -> what it misses.
@@ -89,16 +112,16 @@ def find_sites(csrc: Path) -> list[Site]:
         text = path.read_text()
         for m in CALL.finditer(text):
             line_start = text.rfind("\n", 0, m.start()) + 1
-            if "//" in text[line_start:m.start()]:
+            if "//" in text[line_start : m.start()]:
                 continue  # a comment
             line_no = text.count("\n", 0, m.start()) + 1
-            line = text[line_start:text.find("\n", m.start())].strip()
+            line = text[line_start : text.find("\n", m.start())].strip()
             sites.append(Site(path.name, line_no, m.group(1), m.start(), _call_end(text, m.end() - 1), line))
     return sites
 
 
 def mutate(text: str, site: Site) -> str:
-    return text[:site.start] + "(void)0" + text[site.end:]
+    return text[: site.start] + "(void)0" + text[site.end :]
 
 
 def select(sites: list[Site], sample: int | None, seed: int, shard: str | None, site: str | None = None) -> list[Site]:
@@ -106,21 +129,21 @@ def select(sites: list[Site], sample: int | None, seed: int, shard: str | None, 
         return [s for s in sites if re.search(site, f"{s.where}\t{s.call}\t{s.text}")]
     if shard:
         i, n = map(int, shard.split("/"))
-        return sites[i % n::n]
+        return sites[i % n :: n]
     if sample is not None and sample < len(sites):
         return sorted(random.Random(seed).sample(sites, sample), key=lambda s: (s.file, s.line))
     return sites
 
 
 def case_options(spec: str) -> tuple[str, dict]:
-    """"name:ordered:scale=X" -> (name, emulation_check keyword arguments)."""
+    """ "name:ordered:scale=X" -> (name, emulation_check keyword arguments)."""
     name, *opts = spec.split(":")
     kw = {}
     for opt in opts:
         if opt == "ordered":
             kw["ordered"] = True
         elif opt.startswith("scale="):
-            kw["scale"] = float(opt[len("scale="):])
+            kw["scale"] = float(opt[len("scale=") :])
         else:
             raise ValueError(f"case option {opt!r} of {spec!r}: use ordered or scale=X")
     return name, kw
@@ -161,9 +184,14 @@ def run(sites: list[Site], cases, schedules, timeout: float, jobs: int, log) -> 
 
         def one(k: int, site: Site) -> dict:
             t0 = time.time()
-            row = {**asdict(site), "where": site.where, "caught_by": None, "reason": None,
-                   "scheduling_only": listed(site, SCHEDULING_ONLY, all_sites),
-                   "known_gap": listed(site, KNOWN_GAPS, all_sites)}
+            row = {
+                **asdict(site),
+                "where": site.where,
+                "caught_by": None,
+                "reason": None,
+                "scheduling_only": listed(site, SCHEDULING_ONLY, all_sites),
+                "known_gap": listed(site, KNOWN_GAPS, all_sites),
+            }
             del row["start"], row["end"]
             modes = emu.EMU_MODES.get(site.file)
             if modes is None:
@@ -195,8 +223,11 @@ def run(sites: list[Site], cases, schedules, timeout: float, jobs: int, log) -> 
                 if row["caught_by"]:
                     break
             status = f"caught by {row['caught_by']}: {row['reason']}" if row["caught_by"] else "survived"
-            print(f"[{k + 1}/{len(sites)}] {site.where} {site.call}: {status} ({time.time() - t0:.0f} s)", file=log,
-                  flush=True)
+            print(
+                f"[{k + 1}/{len(sites)}] {site.where} {site.call}: {status} ({time.time() - t0:.0f} s)",
+                file=log,
+                flush=True,
+            )
             return row
 
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -207,14 +238,19 @@ def markdown(results: list[dict]) -> str:
     lines = ["| file | sites | caught | scheduling only (survive) | survived |", "|---|---|---|---|---|"]
     for file in sorted({r["file"] for r in results}):
         rows = [r for r in results if r["file"] == file]
-        lines.append(f"| {file} | {len(rows)} | {sum(bool(r['caught_by']) for r in rows)} | "
-                     f"{sum(bool(r.get('scheduling_only')) for r in rows)} | "
-                     f"{sum(not r['caught_by'] and not r.get('scheduling_only') for r in rows)} |")
+        lines.append(
+            f"| {file} | {len(rows)} | {sum(bool(r['caught_by']) for r in rows)} | "
+            f"{sum(bool(r.get('scheduling_only')) for r in rows)} | "
+            f"{sum(not r['caught_by'] and not r.get('scheduling_only') for r in rows)} |"
+        )
     lines += ["", "| site | call | caught by | failure |", "|---|---|---|---|"]
     for r in results:
         if r.get("scheduling_only"):
-            caught = f"**CAUGHT**: {r['caught_by']} (listed as scheduling only)" if r["caught_by"] else \
-                "survives: scheduling only"
+            caught = (
+                f"**CAUGHT**: {r['caught_by']} (listed as scheduling only)"
+                if r["caught_by"]
+                else "survives: scheduling only"
+            )
             reason = (r["reason"] or r["scheduling_only"]).replace("|", "\\|")
             lines.append(f"| {r['where']} | `{r['call']}` | {caught} | {reason} |")
             continue
@@ -249,8 +285,9 @@ def main(argv=None) -> int:
     chosen = select(sites, args.sample, args.seed, args.shard, args.site)
     if not chosen:
         ap.error(f"no call site matches --site {args.site!r} (see --list)")
-    results = run(chosen, args.cases.split(","), [int(s) for s in args.schedules.split(",")], args.timeout, args.jobs,
-                  sys.stderr)
+    results = run(
+        chosen, args.cases.split(","), [int(s) for s in args.schedules.split(",")], args.timeout, args.jobs, sys.stderr
+    )
     table = markdown(results)
     print(table)
     if args.markdown:
@@ -260,8 +297,11 @@ def main(argv=None) -> int:
     bad = [r for r in results if failed(r) or (r.get("known_gap") and not r["caught_by"])]
     expected = sum(1 for r in results if r.get("scheduling_only"))
     caught = sum(1 for r in results if r["caught_by"] and not r.get("scheduling_only"))
-    print(f"{caught} of {len(results) - expected} sites caught ({expected} scheduling-only left out); "
-          f"failing: {' '.join(r['where'] for r in bad) or 'none'}", file=sys.stderr)
+    print(
+        f"{caught} of {len(results) - expected} sites caught ({expected} scheduling-only left out); "
+        f"failing: {' '.join(r['where'] for r in bad) or 'none'}",
+        file=sys.stderr,
+    )
     return 1 if bad else 0
 
 

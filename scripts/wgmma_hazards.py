@@ -23,6 +23,7 @@ kernel_report.py builds them) until it settles: a hazard on any path is reported
 
 Exits 1 when a hazard is found or a source does not compile.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,10 @@ class Hazard:
     hgmma: int  # address of the HGMMA whose register it is
 
     def __str__(self) -> str:
-        return f"{self.function}: /*{self.addr:04x}*/ {self.insn} touches R{self.register} of the HGMMA at " \
-               f"/*{self.hgmma:04x}*/ before the WARPGROUP.DEPBAR that retires it"
+        return (
+            f"{self.function}: /*{self.addr:04x}*/ {self.insn} touches R{self.register} of the HGMMA at "
+            f"/*{self.hgmma:04x}*/ before the WARPGROUP.DEPBAR that retires it"
+        )
 
 
 def _width(op: str) -> int:
@@ -128,7 +131,7 @@ def _step(state: State, insn: kr.Insn, function: str, out: set[Hazard]) -> State
     if insn.op.startswith("WARPGROUP.DEPBAR"):
         m = _DEPBAR.search(insn.args)
         keep = int(m.group(1), 0) if m else 0
-        return groups[max(0, len(groups) - keep):], open_group
+        return groups[max(0, len(groups) - keep) :], open_group
     if insn.op.startswith(("WARPGROUP", "NOP")) or not (groups or open_group):
         return state
     touched = registers(insn)
@@ -136,8 +139,11 @@ def _step(state: State, insn: kr.Insn, function: str, out: set[Hazard]) -> State
         for group in (*groups, open_group):
             for r, at in group:
                 if r in touched:
-                    out.add(Hazard(function, insn.addr, f"{insn.pred + ' ' if insn.pred else ''}{insn.op} {insn.args}",
-                                   r, at))
+                    out.add(
+                        Hazard(
+                            function, insn.addr, f"{insn.pred + ' ' if insn.pred else ''}{insn.op} {insn.args}", r, at
+                        )
+                    )
     return state
 
 

@@ -1,4 +1,5 @@
 """Mask layouts shared by the attention tests (docs/design.md §5)."""
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,9 @@ LAYOUTS = {
 
 def random_layout(gen: torch.Generator, n: int, max_docs: int = 4, max_images: int = 6):
     """Random documents with random non-empty images inside them."""
-    cuts = sorted(torch.randint(0, n + 1, (torch.randint(0, max_docs, (1,), generator=gen).item(),), generator=gen).tolist())
+    cuts = sorted(
+        torch.randint(0, n + 1, (torch.randint(0, max_docs, (1,), generator=gen).item(),), generator=gen).tolist()
+    )
     cu = [0] + cuts + [n]
     spans = []
     for a, b in zip(cu[:-1], cu[1:]):

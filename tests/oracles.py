@@ -5,6 +5,7 @@ The 2x rule: a result's max error against the float64 oracle is at most twice th
 same computation done by PyTorch in the same dtype (the baseline) plus a small floor; NaN, inf
 where the oracle is finite, and unwritten (NaN-poisoned) elements never pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,11 @@ import torch
 def assert_2x(name, got, oracle, baseline, floor, *, neg_inf_exact=False):
     """The 2x rule. ``neg_inf_exact``: -inf must appear exactly where the oracle has it (a log-sum-exp
     of an empty row); those positions are then left out of the error."""
-    got, oracle, baseline = got.detach().cpu().double(), oracle.detach().cpu().double(), baseline.detach().cpu().double()
+    got, oracle, baseline = (
+        got.detach().cpu().double(),
+        oracle.detach().cpu().double(),
+        baseline.detach().cpu().double(),
+    )
     assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
     if neg_inf_exact:
         empty = oracle == float("-inf")
@@ -55,7 +60,7 @@ def sinusoid64(t, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)
     out = torch.zeros(t.shape[0], dim, dtype=torch.float64, device=t.device)
     first, second = (arg.cos(), arg.sin()) if flip_sin_to_cos else (arg.sin(), arg.cos())
     out[:, :half] = first
-    out[:, half:2 * half] = second
+    out[:, half : 2 * half] = second
     return out
 
 

@@ -116,8 +116,11 @@ def test_a_named_backend_that_does_not_cover_the_inputs_raises(monkeypatch, name
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert select(op, name, torch.zeros(2, 8)) == name
-    with pytest.raises(tk.BackendUnavailableError, match=rf"^cover_op: backend '{name}' does not cover these inputs: "
-                                                         rf"last dim 16 \({name}\)\. Use backend='auto'"):
+    with pytest.raises(
+        tk.BackendUnavailableError,
+        match=rf"^cover_op: backend '{name}' does not cover these inputs: "
+        rf"last dim 16 \({name}\)\. Use backend='auto'",
+    ):
         select(op, name, torch.zeros(2, 16))
     with tk.use_backend(name), pytest.raises(tk.BackendUnavailableError, match="last dim 16"):
         select(op, None, torch.zeros(2, 16))  # named by the block: as strict
@@ -130,8 +133,11 @@ def test_auto_on_a_gpu_tries_triton_then_cuda_then_the_reference(monkeypatch):
         warnings.simplefilter("error")
         assert select(op, "auto", _OnGPU(2, 8)) == "triton"
         assert select(op, "auto", _OnGPU(2, 16)) == "cuda"  # quietly: a kernel still runs
-    with pytest.warns(UserWarning, match=r"cover_op: backend 'auto' runs on 'reference';  triton does not cover "
-                                         r"these inputs: last dim 32 \(triton\);  cuda does not cover"):
+    with pytest.warns(
+        UserWarning,
+        match=r"cover_op: backend 'auto' runs on 'reference';  triton does not cover "
+        r"these inputs: last dim 32 \(triton\);  cuda does not cover",
+    ):
         assert select(op, "auto", _OnGPU(2, 32)) == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same op and reasons: warned once
@@ -156,14 +162,20 @@ def test_explain_says_what_runs_and_why_without_running_it(monkeypatch):
     calls = []
     monkeypatch.setattr(tk_backends.Op, "module", lambda self, b: calls.append(b))  # a kernel would call it
     choice = tk.explain("hybrid_attention", q, q, q, mask)
-    assert (choice.op, choice.requested, choice.backend, choice.passed_over) == ("hybrid_attention", "auto",
-                                                                                 "reference", ())
+    assert (choice.op, choice.requested, choice.backend, choice.passed_over) == (
+        "hybrid_attention",
+        "auto",
+        "reference",
+        (),
+    )
     assert str(choice) == "hybrid_attention: backend 'auto' runs on 'reference'"
     choice = tk.explain(tk.hybrid_attention, q, q, q, mask, backend="cuda")
     assert choice.backend is None and choice.passed_over[0][0] == "cuda"
     assert "raises BackendUnavailableError" in str(choice) and "cannot run here" in str(choice)
     x = torch.randn(2, 4)
-    assert tk.explain("add_noise", x, 3, tk.DiffusionSchedule()).op == "add_noise"  # the public function, not the internal op
+    assert (
+        tk.explain("add_noise", x, 3, tk.DiffusionSchedule()).op == "add_noise"
+    )  # the public function, not the internal op
     assert calls == []
     with pytest.raises(ValueError, match="unknown op 'attention'"):
         tk.explain("attention", q)
@@ -178,8 +190,14 @@ def test_debug_log_says_what_ran(caplog):
 
 # ---- compute capabilities against the extension's archs -----------------------------------
 DEFAULT_BUILD = ("sm_80+PTX", "sm_90a")
-CAPABILITIES = {"sm_75": (7, 5), "sm_80": (8, 0), "sm_89": (8, 9), "sm_90": (9, 0), "sm_100": (10, 0),
-                "sm_120": (12, 0)}
+CAPABILITIES = {
+    "sm_75": (7, 5),
+    "sm_80": (8, 0),
+    "sm_89": (8, 9),
+    "sm_90": (9, 0),
+    "sm_100": (10, 0),
+    "sm_120": (12, 0),
+}
 # (archs the extension was built for, GPU) -> (triton runs, cuda runs)
 TABLE = {
     (DEFAULT_BUILD, "sm_75"): (False, False),
@@ -211,16 +229,29 @@ def test_capability_table_with_faked_devices(monkeypatch, archs, gpu):
     assert info["reference"].available
     if not info["cuda"].available:
         assert gpu in info["cuda"].reason
-        assert ("compute capability 8.0 or newer" if gpu == "sm_75" else f"built for {', '.join(archs)}") in info["cuda"].reason
+        assert ("compute capability 8.0 or newer" if gpu == "sm_75" else f"built for {', '.join(archs)}") in info[
+            "cuda"
+        ].reason
     if not info["triton"].available:
         assert "compute capability 8.0 or newer" in info["triton"].reason
 
 
-@pytest.mark.parametrize("arch,capability,runs", [
-    ("sm_80", (8, 0), True), ("sm_80", (8, 6), True), ("sm_80", (9, 0), False), ("sm_86", (8, 0), False),
-    ("sm_90a", (9, 0), True), ("sm_90a", (10, 0), False), ("sm_80+PTX", (12, 0), True), ("sm_90+PTX", (8, 9), False),
-    ("sm_100", (10, 3), True), ("sm_120", (12, 0), True), ("compute_80", (8, 0), False),
-])
+@pytest.mark.parametrize(
+    "arch,capability,runs",
+    [
+        ("sm_80", (8, 0), True),
+        ("sm_80", (8, 6), True),
+        ("sm_80", (9, 0), False),
+        ("sm_86", (8, 0), False),
+        ("sm_90a", (9, 0), True),
+        ("sm_90a", (10, 0), False),
+        ("sm_80+PTX", (12, 0), True),
+        ("sm_90+PTX", (8, 9), False),
+        ("sm_100", (10, 3), True),
+        ("sm_120", (12, 0), True),
+        ("compute_80", (8, 0), False),
+    ],
+)
 def test_arch_runs_on(arch, capability, runs):
     assert tk_backends._arch_runs_on(arch, capability) is runs
 
@@ -265,8 +296,9 @@ def test_use_backend_traces_under_fullgraph_compile(monkeypatch):
         compiled(x0, t)
     # fullgraph: dynamo reports the traced raise as Unsupported, caused by the op's error
     chain = [raised.value, raised.value.__cause__]
-    assert any(isinstance(e, tk.BackendUnavailableError) or "BackendUnavailableError" in type(e).__name__
-               for e in chain), chain
+    assert any(
+        isinstance(e, tk.BackendUnavailableError) or "BackendUnavailableError" in type(e).__name__ for e in chain
+    ), chain
     assert "'cuda' cannot run here" in " ".join(str(e) for e in chain)
 
 
@@ -301,7 +333,9 @@ def test_every_op_refuses_a_named_backend_that_cannot_run(monkeypatch, name):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(tk.BackendUnavailableError, match=f"^{name}: backend 'cuda' cannot run here: "):
         fn(*args, **kwargs, backend="cuda")
-    with pytest.raises(tk.BackendUnavailableError, match="backend 'triton' cannot run here: triton needs a CUDA device"):
+    with pytest.raises(
+        tk.BackendUnavailableError, match="backend 'triton' cannot run here: triton needs a CUDA device"
+    ):
         fn(*args, **kwargs, backend="triton")
     assert tk.explain(fn, *args, **kwargs).backend == "reference"
     choice = tk.explain(name, *args, **kwargs, backend="cuda")
@@ -329,8 +363,10 @@ def test_missing_extension_reason_names_the_fix():
 
 
 def test_package_import_does_not_import_the_extension():
-    code = ("import sys, transfusion_kernels as tk; assert 'transfusion_kernels._C' not in sys.modules; "
-            "info = tk.available_backends('cpu')['cuda']; assert 'circular' not in info.reason, info.reason")
+    code = (
+        "import sys, transfusion_kernels as tk; assert 'transfusion_kernels._C' not in sys.modules; "
+        "info = tk.available_backends('cpu')['cuda']; assert 'circular' not in info.reason, info.reason"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -341,6 +377,12 @@ def test_constant_marker_is_torchs():
     from torch._dynamo import assume_constant_result
 
     assert assume_constant_result(lambda: 0).__dict__ == {"_dynamo_marked_constant": True}
-    for fn in (tk_backends._import, tk_backends._module_exists, tk_backends.load_extension,
-               tk_backends.device_capability, tk_backends.extension_archs, tk_backends._capability_reason):
+    for fn in (
+        tk_backends._import,
+        tk_backends._module_exists,
+        tk_backends.load_extension,
+        tk_backends.device_capability,
+        tk_backends.extension_archs,
+        tk_backends._capability_reason,
+    ):
         assert fn._dynamo_marked_constant is True

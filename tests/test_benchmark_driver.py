@@ -1,4 +1,5 @@
 """The benchmark driver's smoke mode writes JSON, summary.md and plots (harness check only)."""
+
 import json
 
 from benchmarks.__main__ import main

@@ -1,5 +1,6 @@
 """The GPU check's dry run: every step runs on the CPU through the real run's functions and
 leaves results.json and summary.md that list every step, with no timing claims."""
+
 import json
 import math
 

@@ -7,6 +7,7 @@
 3. The fallback policy (README, "Supported shapes and dtypes"): inputs a backend's kernels do not
    cover run on the next backend with one warning per (op, backend, reason).
 """
+
 import math
 
 import pytest
@@ -17,8 +18,10 @@ from transfusion_kernels.attention import plan
 from transfusion_kernels import backends as tk_backends
 
 # numpy under the Triton interpreter notes the NaN these tests make on purpose
-pytestmark = [pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -32,6 +35,7 @@ def _can_run(name: str) -> bool:
 def backends(xfail_reference: str | None = None, xfail_triton: str | None = None, xfail_cuda: str | None = None):
     """Every backend, each skipped where it cannot run; cuda ones are marked gpu. ``xfail_*``:
     a known bug of that backend (strict: the test fails once it is fixed, so the mark goes)."""
+
     def marks(name, reason):
         m = [pytest.mark.skipif(not _can_run(name), reason=f"{name} cannot run here")]
         return m + ([pytest.mark.xfail(strict=True, reason=reason)] if reason else [])
@@ -68,89 +72,175 @@ def attn(**kw):
 
 
 def patch(**kw):
-    args = dict(x=torch.randn(10, 16), timesteps=torch.tensor([1, 50, 999]), image_index=IDX10, mlp=None,
-                freq_dim=16, backend="reference") | kw
-    return lambda: tk.patch_timestep_embedding(args.pop("x"), args.pop("timesteps"), args.pop("image_index"),
-                                               args.pop("mlp"), **args)
+    args = (
+        dict(
+            x=torch.randn(10, 16),
+            timesteps=torch.tensor([1, 50, 999]),
+            image_index=IDX10,
+            mlp=None,
+            freq_dim=16,
+            backend="reference",
+        )
+        | kw
+    )
+    return lambda: tk.patch_timestep_embedding(
+        args.pop("x"), args.pop("timesteps"), args.pop("image_index"), args.pop("mlp"), **args
+    )
 
 
 BAD_INPUT = {
     # HybridMask
     "mask: float token positions are not truncated": (
-        lambda: tk.HybridMask.from_spans([0, 4.5], []), ValueError, "cu_seqlens must hold integers"),
+        lambda: tk.HybridMask.from_spans([0, 4.5], []),
+        ValueError,
+        "cu_seqlens must hold integers",
+    ),
     "mask: python ints beyond int32": (
-        lambda: tk.HybridMask.from_intervals([0], [2**31]), ValueError, "kv_end values must fit in int32"),
-    "mask: no integers at all": (
-        lambda: tk.HybridMask.causal(None), ValueError, "cu_seqlens must be integers"),
+        lambda: tk.HybridMask.from_intervals([0], [2**31]),
+        ValueError,
+        "kv_end values must fit in int32",
+    ),
+    "mask: no integers at all": (lambda: tk.HybridMask.causal(None), ValueError, "cu_seqlens must be integers"),
     "mask: num_keys not an int": (
-        lambda: tk.HybridMask.from_intervals([0], [1], num_keys=1.0), ValueError, "num_keys must be an int"),
+        lambda: tk.HybridMask.from_intervals([0], [1], num_keys=1.0),
+        ValueError,
+        "num_keys must be an int",
+    ),
     "mask: num_keys negative": (
-        lambda: tk.HybridMask.from_intervals([], [], num_keys=-1), ValueError, "num_keys must be an int in"),
+        lambda: tk.HybridMask.from_intervals([], [], num_keys=-1),
+        ValueError,
+        "num_keys must be an int in",
+    ),
     "mask: 3-D intervals": (
-        lambda: tk.HybridMask.from_intervals([[[0]]], [[[1]]]), ValueError, r"kv_start must be an int32 tensor \[Nq\] or \[Nq, K\]"),
+        lambda: tk.HybridMask.from_intervals([[[0]]], [[[1]]]),
+        ValueError,
+        r"kv_start must be an int32 tensor \[Nq\] or \[Nq, K\]",
+    ),
     "mask: constructor checks the intervals": (
         lambda: tk.HybridMask(torch.tensor([0, 2], dtype=I32), torch.tensor([1, 5], dtype=I32), 4),
-        ValueError, r"query 1: interval \[2, 5\) is invalid: kv_end > num_keys = 4"),
+        ValueError,
+        r"query 1: interval \[2, 5\) is invalid: kv_end > num_keys = 4",
+    ),
     "mask: constructor checks a monotone claim": (
         lambda: tk.HybridMask(torch.tensor([1, 0], dtype=I32), torch.tensor([2, 2], dtype=I32), 2, monotone=True),
-        ValueError, "monotone=True, but"),
+        ValueError,
+        "monotone=True, but",
+    ),
     "mask: cached lengths are not floats": (
-        lambda: tk.HybridMask.cached([2.5], [1]), ValueError, "cache_lens must hold integers"),
+        lambda: tk.HybridMask.cached([2.5], [1]),
+        ValueError,
+        "cache_lens must hold integers",
+    ),
     "mask: cached total beyond int32": (
-        lambda: tk.HybridMask.cached([2**31 - 1], [1]), ValueError, "does not fit in int32"),
+        lambda: tk.HybridMask.cached([2**31 - 1], [1]),
+        ValueError,
+        "does not fit in int32",
+    ),
     "mask: tile block size": (lambda: plan.query_runs(MASK8, 0), ValueError, "block_m must be a positive int"),
     "mask: key tile block size": (lambda: plan.key_tiles(MASK8, 16.0), ValueError, "block_n must be a positive int"),
     # hybrid_attention
     "attention: no key/value heads": (
-        attn(k=torch.randn(8, 0, 16), v=torch.randn(8, 0, 16)), ValueError, "k must have at least one head"),
+        attn(k=torch.randn(8, 0, 16), v=torch.randn(8, 0, 16)),
+        ValueError,
+        "k must have at least one head",
+    ),
     "attention: empty head dim": (
-        attn(q=torch.randn(8, 2, 0), k=torch.randn(8, 1, 0), v=torch.randn(8, 1, 0)), ValueError, "head_dim >= 1"),
+        attn(q=torch.randn(8, 2, 0), k=torch.randn(8, 1, 0), v=torch.randn(8, 1, 0)),
+        ValueError,
+        "head_dim >= 1",
+    ),
     "attention: v head dim differs from k": (
-        attn(v=torch.randn(8, 1, 8)), ValueError, "k and v must have the same shape"),
+        attn(v=torch.randn(8, 1, 8)),
+        ValueError,
+        "k and v must have the same shape",
+    ),
     "attention: NaN softmax_scale": (attn(softmax_scale=NAN), ValueError, "softmax_scale must be a finite real"),
     "attention: softmax_scale not a number": (attn(softmax_scale="1/8"), ValueError, "softmax_scale must be"),
     "attention: tensors on another device than the mask": (
-        attn(q=Q.to(META), k=KV.to(META), v=KV.to(META)), ValueError, "q is on meta but the mask is on cpu"),
+        attn(q=Q.to(META), k=KV.to(META), v=KV.to(META)),
+        ValueError,
+        "q is on meta but the mask is on cpu",
+    ),
     "attention: not a tensor": (attn(q=Q.tolist()), ValueError, "q must be a 3-D tensor"),
     # timestep
     "timestep_embedding: max_period <= 0": (
-        lambda: tk.timestep_embedding(torch.tensor([3]), 8, max_period=0.0), ValueError, "max_period must be positive"),
+        lambda: tk.timestep_embedding(torch.tensor([3]), 8, max_period=0.0),
+        ValueError,
+        "max_period must be positive",
+    ),
     "timestep_embedding: non-finite scale": (
-        lambda: tk.timestep_embedding(torch.tensor([3]), 8, scale=INF), ValueError, "scale must be a finite real"),
+        lambda: tk.timestep_embedding(torch.tensor([3]), 8, scale=INF),
+        ValueError,
+        "scale must be a finite real",
+    ),
     "timestep_embedding: frequency exponent divides by zero": (
-        lambda: tk.timestep_embedding(torch.tensor([3]), 8, downscale_freq_shift=4), ValueError,
-        "downscale_freq_shift must differ from dim // 2 = 4"),
+        lambda: tk.timestep_embedding(torch.tensor([3]), 8, downscale_freq_shift=4),
+        ValueError,
+        "downscale_freq_shift must differ from dim // 2 = 4",
+    ),
     "patch_timestep_embedding: config": (patch(max_period="1e4"), ValueError, "max_period must be a finite real"),
     "patch_timestep_embedding: timesteps on another device": (
-        patch(timesteps=torch.tensor([1, 50, 999], device=META)), ValueError, "timesteps is on meta but x is on cpu"),
+        patch(timesteps=torch.tensor([1, 50, 999], device=META)),
+        ValueError,
+        "timesteps is on meta but x is on cpu",
+    ),
     "patch_timestep_embedding: image_index of a float dtype": (
-        patch(image_index=IDX10.float()), ValueError, "image_index must be an int32 tensor"),
+        patch(image_index=IDX10.float()),
+        ValueError,
+        "image_index must be an int32 tensor",
+    ),
     "TimestepMLP: dims": (lambda: tk.TimestepMLP(16, 0), ValueError, "hidden_dim must be a positive int"),
     "TimestepMLP: input width": (
-        lambda: tk.TimestepMLP(16, 8)(torch.randn(3, 15)), ValueError,
-        r"sample must be a tensor \[\.\.\., freq_dim = 16\]"),
+        lambda: tk.TimestepMLP(16, 8)(torch.randn(3, 15)),
+        ValueError,
+        r"sample must be a tensor \[\.\.\., freq_dim = 16\]",
+    ),
     # diffusion
     "DiffusionSchedule: beta_end": (
-        lambda: tk.DiffusionSchedule(beta_end=1.5), ValueError, r"betas must lie in \(0, 1\]: beta_end = 1.5"),
+        lambda: tk.DiffusionSchedule(beta_end=1.5),
+        ValueError,
+        r"betas must lie in \(0, 1\]: beta_end = 1.5",
+    ),
     "DiffusionSchedule: beta_start not a number": (
-        lambda: tk.DiffusionSchedule(beta_start="1e-4"), ValueError, "beta_start must be a real number"),
+        lambda: tk.DiffusionSchedule(beta_start="1e-4"),
+        ValueError,
+        "beta_start must be a real number",
+    ),
     "DiffusionSchedule: trained_betas of complex numbers": (
-        lambda: tk.DiffusionSchedule(trained_betas=torch.full((4,), 0.1j)), ValueError, "trained_betas must hold real"),
+        lambda: tk.DiffusionSchedule(trained_betas=torch.full((4,), 0.1j)),
+        ValueError,
+        "trained_betas must hold real",
+    ),
     "DiffusionSchedule: zero-SNR rescale of one step": (
-        lambda: tk.DiffusionSchedule(1, rescale_betas_zero_snr=True), ValueError, "num_train_timesteps >= 2"),
+        lambda: tk.DiffusionSchedule(1, rescale_betas_zero_snr=True),
+        ValueError,
+        "num_train_timesteps >= 2",
+    ),
     "ddpm_step: clip_sample_range not a number": (
-        lambda: tk.ddpm_step(X4, 5, X4, SCHED, clip_sample=True, clip_sample_range="1"), ValueError,
-        "clip_sample_range must be a positive real number"),
+        lambda: tk.ddpm_step(X4, 5, X4, SCHED, clip_sample=True, clip_sample_range="1"),
+        ValueError,
+        "clip_sample_range must be a positive real number",
+    ),
     "ddim_step: eta NaN": (
-        lambda: tk.ddim_step(X4, 5, X4, SCHED, prev_timestep=4, eta=NAN), ValueError,
-        r"eta must be a float in \[0, 1\]"),
+        lambda: tk.ddim_step(X4, 5, X4, SCHED, prev_timestep=4, eta=NAN),
+        ValueError,
+        r"eta must be a float in \[0, 1\]",
+    ),
     "add_noise: timesteps of a float dtype": (
-        lambda: tk.add_noise(X4, torch.full((4,), 5.0), SCHED), TypeError, "timesteps must be an integer tensor"),
+        lambda: tk.add_noise(X4, torch.full((4,), 5.0), SCHED),
+        TypeError,
+        "timesteps must be an integer tensor",
+    ),
     "add_noise: noise on another device": (
-        lambda: tk.add_noise(X4, 5, SCHED, noise=X4.to(META)), ValueError, "noise must be on the device of sample"),
+        lambda: tk.add_noise(X4, 5, SCHED, noise=X4.to(META)),
+        ValueError,
+        "noise must be on the device of sample",
+    ),
     "diffusion_loss: image_index on another device": (
-        lambda: tk.diffusion_loss(X4, X4, torch.zeros(4, dtype=I32, device=META)), ValueError,
-        "image_index must be on the device of pred"),
+        lambda: tk.diffusion_loss(X4, X4, torch.zeros(4, dtype=I32, device=META)),
+        ValueError,
+        "image_index must be on the device of pred",
+    ),
 }
 
 
@@ -176,11 +266,14 @@ def test_python_ints_and_strided_tensors_are_accepted():
     assert torch.equal(strided.to_dense(), listed.to_dense())
     direct = tk.HybridMask(listed.kv_start, listed.kv_end, np.int64(12))
     assert direct.monotone and torch.equal(direct.to_dense(), listed.to_dense())
-    assert torch.equal(tk.HybridMask.cached(np.array([3]), torch.tensor([2], dtype=torch.int16)).to_dense(),
-                       tk.HybridMask.cached([3], [2]).to_dense())
+    assert torch.equal(
+        tk.HybridMask.cached(np.array([3]), torch.tensor([2], dtype=torch.int16)).to_dense(),
+        tk.HybridMask.cached([3], [2]).to_dense(),
+    )
     out = tk.hybrid_attention(Q, KV, KV, MASK8, softmax_scale=np.float32(0.25), backend="reference")
-    torch.testing.assert_close(out, tk.hybrid_attention(Q, KV, KV, MASK8, softmax_scale=0.25, backend="reference"),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, tk.hybrid_attention(Q, KV, KV, MASK8, softmax_scale=0.25, backend="reference"), rtol=0, atol=0
+    )
     x = tk.ddim_step(X4, 5, X4, SCHED, prev_timestep=4, eta=np.float32(0.5), seed=3)
     torch.testing.assert_close(x, tk.ddim_step(X4, 5, X4, SCHED, prev_timestep=4, eta=0.5, seed=3), rtol=0, atol=0)
 
@@ -202,8 +295,9 @@ def assert_same_where_finite(got, clean, what):
 def attention_case(backend, poison: str, where: int):
     """Run a two-document Transfusion mask with one NaN element in q, k, v or dout at token
     ``where``, and the same inputs without it; returns (mask, dirty, clean) results."""
-    mask = tk.HybridMask.from_spans(torch.tensor([0, 40, 70], dtype=I32, device=DEVICE),
-                                    torch.tensor([[5, 21], [45, 60]], dtype=I32, device=DEVICE))
+    mask = tk.HybridMask.from_spans(
+        torch.tensor([0, 40, 70], dtype=I32, device=DEVICE), torch.tensor([[5, 21], [45, 60]], dtype=I32, device=DEVICE)
+    )
     g = torch.Generator().manual_seed(7)
     q, k, v, dout = (torch.randn(70, h, 64, generator=g).to(DEVICE, torch.float16) for h in (2, 1, 1, 2))
 
@@ -341,8 +435,9 @@ def test_timestep_non_finite_timesteps_and_weights(backend):
     MLP weight reaches every patch but never a text row."""
     x, t, idx, mlp, F = timestep_case(backend)
     clean = tk.patch_timestep_embedding(x, t, idx, mlp, freq_dim=F, backend=backend)
-    y = tk.patch_timestep_embedding(x, torch.tensor([5.0, NAN, INF], device=DEVICE), idx, mlp, freq_dim=F,
-                                    backend=backend)
+    y = tk.patch_timestep_embedding(
+        x, torch.tensor([5.0, NAN, INF], device=DEVICE), idx, mlp, freq_dim=F, backend=backend
+    )
     bad = (idx == 1) | (idx == 2)
     assert torch.equal(nan_rows(y), bad) and torch.isnan(y[bad]).all()
     assert torch.equal(y[~bad], clean[~bad])
@@ -387,8 +482,7 @@ def test_diffusion_nan_stays_in_its_element(backend, clip, op):
             return tk.add_noise(s, t, SCHED, noise=n, backend=backend)[0]
         if op == "ddpm":
             return tk.ddpm_step(m, t, s, SCHED, noise=n, clip_sample=clip, backend=backend)
-        return tk.ddim_step(m, t, s, SCHED, prev_timestep=t - 3, eta=0.5, noise=n, clip_sample=clip,
-                            backend=backend)
+        return tk.ddim_step(m, t, s, SCHED, prev_timestep=t - 3, eta=0.5, noise=n, clip_sample=clip, backend=backend)
 
     clean = run(s, m, n)
     s, m, n = s.clone(), m.clone(), n.clone()
@@ -402,8 +496,10 @@ def test_diffusion_nan_stays_in_its_element(backend, clip, op):
     assert_same_where_finite(out, clean, op)
 
 
-ZERO_TIMES_INF = ("the fused step adds every term of c0..c5 even where a coefficient is 0 "
-                  "(add_noise: c3 * sample with c3 = 0), so inf in x0 gives 0 * inf = NaN, not inf")
+ZERO_TIMES_INF = (
+    "the fused step adds every term of c0..c5 even where a coefficient is 0 "
+    "(add_noise: c3 * sample with c3 = 0), so inf in x0 gives 0 * inf = NaN, not inf"
+)
 
 
 @pytest.mark.parametrize("backend", backends(ZERO_TIMES_INF, ZERO_TIMES_INF, ZERO_TIMES_INF))
@@ -453,8 +549,9 @@ def test_loss_gradient_of_an_ignored_nan_row_is_zero(backend):
 # 3. fallback policy
 # ==============================================================================================
 def _attention_inputs(d, dtype, n=24):
-    mask = tk.HybridMask.from_spans(torch.tensor([0, n], dtype=I32, device=DEVICE),
-                                    torch.tensor([[3, 11]], dtype=I32, device=DEVICE))
+    mask = tk.HybridMask.from_spans(
+        torch.tensor([0, n], dtype=I32, device=DEVICE), torch.tensor([[3, 11]], dtype=I32, device=DEVICE)
+    )
     q = torch.randn(n, 2, d, device=DEVICE).to(dtype)
     k = torch.randn(n, 1, d, device=DEVICE).to(dtype)
     return q, k, mask
@@ -463,8 +560,11 @@ def _attention_inputs(d, dtype, n=24):
 @pytest.mark.skipif(not _can_run("triton"), reason="triton cannot run here")
 def test_triton_head_dim_beyond_256_is_refused_by_name_and_runs_under_auto():
     q, k, mask = _attention_inputs(264, torch.float16)
-    with pytest.raises(tk.BackendUnavailableError, match=r"backend 'triton' does not cover these inputs: "
-                                                         r"torch.float16 with head dim 264"):
+    with pytest.raises(
+        tk.BackendUnavailableError,
+        match=r"backend 'triton' does not cover these inputs: "
+        r"torch.float16 with head dim 264",
+    ):
         tk.hybrid_attention(q, k, k, mask, backend="triton")
     import warnings
 
@@ -493,11 +593,15 @@ def test_cuda_attention_refuses_what_its_kernels_do_not_cover(dtype, d, monkeypa
     from transfusion_kernels.attention import cuda as tkc
 
     real = tk_backends.backend_info
-    monkeypatch.setattr(tk_backends, "backend_info", lambda name, device: tk_backends.BackendInfo(name, True, "faked")
-                        if name == "cuda" else real(name, device))
+    monkeypatch.setattr(
+        tk_backends,
+        "backend_info",
+        lambda name, device: tk_backends.BackendInfo(name, True, "faked") if name == "cuda" else real(name, device),
+    )
     q, k, mask = _attention_inputs(d, dtype)
-    with pytest.raises(tk.BackendUnavailableError, match=f"backend 'cuda' does not cover these inputs: {dtype} "
-                                                         f"with head dim {d}"):
+    with pytest.raises(
+        tk.BackendUnavailableError, match=f"backend 'cuda' does not cover these inputs: {dtype} with head dim {d}"
+    ):
         tk.hybrid_attention(q, k, k, mask, backend="cuda")
     monkeypatch.setenv(tkc.FALLBACK_ENV, "0")
     with pytest.raises(ValueError, match=f"head dim {d}"):
@@ -510,8 +614,11 @@ def test_diffusion_loss_has_no_cuda_kernel(monkeypatch):
     pred, target = torch.randn(6, 3, device=DEVICE), torch.randn(6, 3, device=DEVICE)
     idx = torch.tensor([-1, 0, 0, 1, -1, 1], dtype=I32, device=DEVICE)
     real = tk_backends.backend_info
-    monkeypatch.setattr(tk_backends, "backend_info", lambda name, device: tk_backends.BackendInfo(name, True, "faked")
-                        if name == "cuda" else real(name, device))
+    monkeypatch.setattr(
+        tk_backends,
+        "backend_info",
+        lambda name, device: tk_backends.BackendInfo(name, True, "faked") if name == "cuda" else real(name, device),
+    )
     with pytest.raises(tk.BackendUnavailableError, match="diffusion_loss: backend 'cuda'.*no CUDA C\\+\\+ kernel"):
         tk.diffusion_loss(pred, target, idx, backend="cuda")
     with tk.use_backend("cuda"), pytest.raises(tk.BackendUnavailableError, match="no CUDA"):

@@ -1,6 +1,7 @@
 """scripts/kernel_report.py: the ptxas and SASS readers on fixed text, and the Triton kernels
 compiled as the JIT specialises a real launch (sm_90a, bf16, every head dim; no spills in the
 hot kernels). The Triton part needs triton's NVIDIA backend, not a GPU."""
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,7 @@ SASS = """
 
 
 def test_main_loop_from_back_edges():
-    ((arch, name), insns), = kernel_report.parse_sass(SASS).items()
+    (((arch, name), insns),) = kernel_report.parse_sass(SASS).items()
     assert (arch, name, len(insns)) == ("sm_90a", "_Z4loopv", 21)
     # one main loop (head 0x20); the mbarrier retry (0x130 -> 0x30) is an inner loop without MMA
     (loop,) = kernel_report.main_loops(insns)
@@ -66,8 +67,9 @@ def test_steady_step_keeps_copies_and_stores():
     ((_, insns),) = kernel_report.parse_sass(copy).items()
     (loop,) = kernel_report.main_loops(insns)
     assert loop.steady == loop.step + 3 and loop.steady_ops["async_copy"] == 1
-    row = kernel_report.analyse({"arch": "sm_90a", "registers": 168, "smem": 0, "threads": 384, "setmaxnreg": 1,
-                                 "d": 128}, insns, None)
+    row = kernel_report.analyse(
+        {"arch": "sm_90a", "registers": 168, "smem": 0, "threads": 384, "setmaxnreg": 1, "d": 128}, insns, None
+    )
     # 4 warps x step x D over the MACs of the first GEMM chain (the two 64x128x16 HGMMA)
     assert row["steady_instructions"] == loop.steady
     assert row["steady_per_element"] == round(4 * loop.steady * 128 / (2 * 64 * 128 * 16), 3)
@@ -93,7 +95,14 @@ ptxas-blackwell info    : Used 12 registers, used 0 barriers
 """
     foo, bar = kernel_report.parse_ptxas(text)
     assert (foo.name, foo.arch, foo.registers, foo.smem, foo.stack, foo.spill_stores, foo.spill_loads) == (
-        "foo(float*)", "sm_80", 255, 16384, 8, 4, 12)
+        "foo(float*)",
+        "sm_80",
+        255,
+        16384,
+        8,
+        4,
+        12,
+    )
     assert (bar.name, bar.arch, bar.registers, bar.smem, bar.spills) == ("bar()", "sm_90a", 12, 0, 0)
     assert kernel_report.warnings_in("x.cu(3): warning #177-D: variable declared but never referenced")
     assert not kernel_report.warnings_in(text)
@@ -149,10 +158,15 @@ def test_triton_hot_kernels_do_not_spill(triton_rows):
     hot = [r for r in triton_rows if HOT.search(r["kernel"])]
     assert {r["d"] for r in hot} == set(kernel_report.triton_dims())
     for r in triton_rows:
-        print(f"{r['kernel']} d={r['d']} {r['dtype']}: {r['registers']} regs, {r['smem']} B smem, "
-              f"{r['mma']}, step {r['step_instructions']}")
-    spilling = [f"{r['kernel']} d={r['d']}: {r['spill_stores']}/{r['spill_loads']} B" for r in hot
-                if r["spill_stores"] or r["spill_loads"]]
+        print(
+            f"{r['kernel']} d={r['d']} {r['dtype']}: {r['registers']} regs, {r['smem']} B smem, "
+            f"{r['mma']}, step {r['step_instructions']}"
+        )
+    spilling = [
+        f"{r['kernel']} d={r['d']}: {r['spill_stores']}/{r['spill_loads']} B"
+        for r in hot
+        if r["spill_stores"] or r["spill_loads"]
+    ]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
     assert all(r["hgmma"] for r in hot), "a hot kernel without wgmma on sm_90a"
     assert all(r["smem"] <= 227 * 1024 for r in triton_rows), "more shared memory than an sm_90 block can have"

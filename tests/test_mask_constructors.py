@@ -4,6 +4,7 @@ Each constructor must give exactly the canonical intervals of its oracle's dense
 row's maximal runs of visible keys in order, then empty (last end, last end) slots, K the most
 runs of any row (at least 1). The canonical lists are also computed here by a plain loop.
 """
+
 from __future__ import annotations
 
 import random
@@ -109,7 +110,7 @@ def padded_oracle(lengths, seq_len, images, hidden) -> torch.Tensor:
     for b, length in enumerate(lengths):
         local = spans_oracle([0, length], images[b], hidden[b])
         o = b * seq_len
-        dense[o:o + length, o:o + length] = local
+        dense[o : o + length, o : o + length] = local
     return dense
 
 
@@ -226,15 +227,18 @@ def test_from_splits_examples():
     assert s.tolist() == [[0]] * 3 and e.tolist() == [[3]] * 3
 
 
-@pytest.mark.parametrize("split_lens, modes, message", [
-    ([[2, 3]], [["causal"]], r"sample 0: 2 split lengths but modes\[0\]"),
-    ([[2], [3]], [["causal"]], "split_lens has 2 samples but modes has 1"),
-    ([[2], [3, 1]], [["full"], ["causal", "bidirectional"]], "sample 1, split 1: mode 'bidirectional'"),
-    ([[2, -1]], [["full", "noise"]], "sample 0, split 1: length -1 is negative"),
-    ([[2.5]], [["full"]], r"split_lens\[0\] must hold integers"),
-    ([2, 3], ["causal", "full"], r"split_lens\[0\] must|modes\[0\]"),
-    (torch.tensor([[2, 3]]), [["causal", "full"]], "one inner list per sample"),
-])
+@pytest.mark.parametrize(
+    "split_lens, modes, message",
+    [
+        ([[2, 3]], [["causal"]], r"sample 0: 2 split lengths but modes\[0\]"),
+        ([[2], [3]], [["causal"]], "split_lens has 2 samples but modes has 1"),
+        ([[2], [3, 1]], [["full"], ["causal", "bidirectional"]], "sample 1, split 1: mode 'bidirectional'"),
+        ([[2, -1]], [["full", "noise"]], "sample 0, split 1: length -1 is negative"),
+        ([[2.5]], [["full"]], r"split_lens\[0\] must hold integers"),
+        ([2, 3], ["causal", "full"], r"split_lens\[0\] must|modes\[0\]"),
+        (torch.tensor([[2, 3]]), [["causal", "full"]], "one inner list per sample"),
+    ],
+)
 def test_from_splits_errors(split_lens, modes, message):
     with pytest.raises(ValueError, match=message):
         mc.from_splits(split_lens, modes)
@@ -251,7 +255,11 @@ def test_from_spans_with_hidden_matches_rule():
         hidden = random_spans(rng, n, cu, 4)
         kind = rng.choice(["list", "int32", "int64"])
         args = [as_kind(cu, kind), images if kind == "list" else as_kind(images, kind).reshape(-1, 2)]
-        hid = None if (not hidden and rng.random() < 0.5) else (hidden if kind == "list" else as_kind(hidden, kind).reshape(-1, 2))
+        hid = (
+            None
+            if (not hidden and rng.random() < 0.5)
+            else (hidden if kind == "list" else as_kind(hidden, kind).reshape(-1, 2))
+        )
         got = mc.from_spans(*args, hid)
         widest = max(widest, assert_canonical_of(got, spans_oracle(cu, images, hidden)))
     assert widest >= 4
@@ -265,14 +273,17 @@ def test_hidden_noisy_copy_is_invisible_to_later_text():
     assert s[12].tolist() == [0, 7] and e[12].tolist() == [3, 13]
 
 
-@pytest.mark.parametrize("hidden, message", [
-    ([[3, 3]], r"hidden_spans\[0\] = \(3, 3\) is empty"),
-    ([[4, 6], [5, 8]], r"hidden_spans\[1\] = \(5, 8\) begins before"),
-    ([[8, 12]], r"hidden_spans\[0\] = \(8, 12\) crosses a document boundary"),
-    ([[0, 30]], "ends after the last token"),
-    ([[1, 2, 3]], r"hidden_spans must have shape \[M, 2\]"),
-    ([[1.0, 2.0]], "must hold integers"),
-])
+@pytest.mark.parametrize(
+    "hidden, message",
+    [
+        ([[3, 3]], r"hidden_spans\[0\] = \(3, 3\) is empty"),
+        ([[4, 6], [5, 8]], r"hidden_spans\[1\] = \(5, 8\) begins before"),
+        ([[8, 12]], r"hidden_spans\[0\] = \(8, 12\) crosses a document boundary"),
+        ([[0, 30]], "ends after the last token"),
+        ([[1, 2, 3]], r"hidden_spans must have shape \[M, 2\]"),
+        ([[1.0, 2.0]], "must hold integers"),
+    ],
+)
 def test_from_spans_errors(hidden, message):
     with pytest.raises(ValueError, match=message):
         mc.from_spans([0, 10, 20], [], hidden)
@@ -288,22 +299,32 @@ def test_from_padded_matches_rule():
         hidden = [random_spans(rng, n, [0, n], 2) for n in lengths]
         if trial % 2:  # the [B, M, 2] tensor form, padded with (0, 0) entries
             m = max([1] + [len(x) for x in images + hidden])
-            pad = lambda spans: torch.tensor([x + [(0, 0)] * (m - len(x)) for x in spans],
-                                             dtype=torch.int64).reshape(batch, m, 2)
+            pad = lambda spans: torch.tensor([x + [(0, 0)] * (m - len(x)) for x in spans], dtype=torch.int64).reshape(
+                batch, m, 2
+            )
             got = mc.from_padded(torch.tensor(lengths, dtype=torch.int64), seq_len, pad(images), pad(hidden))
         else:
             got = mc.from_padded(lengths, seq_len, images, hidden)
         assert_canonical_of(got, padded_oracle(lengths, seq_len, images, hidden))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lengths=[3, 9], seq_len=8), r"lengths\[1\] = 9 is outside \[0, seq_len = 8\]"),
-    (dict(lengths=[3, 5], seq_len=8, image_spans=[[], [(2, 6)]]), r"sample 1 has span \(2, 6\), not a range inside its 5"),
-    (dict(lengths=[3, 5], seq_len=8, hidden_spans=[[]]), "hidden_spans has 1 samples but lengths has 2"),
-    (dict(lengths=[3], seq_len=-1), "seq_len must be a non-negative int"),
-    (dict(lengths=[3, 5], seq_len=8, hidden_spans=torch.tensor([[[0, 0]], [[4, 2]]])), r"sample 1 has span \(4, 2\)"),
-    (dict(lengths=[3, 5], seq_len=8, image_spans=torch.zeros(3, 1, 2, dtype=torch.int64)), r"\[B = 2, M, 2\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lengths=[3, 9], seq_len=8), r"lengths\[1\] = 9 is outside \[0, seq_len = 8\]"),
+        (
+            dict(lengths=[3, 5], seq_len=8, image_spans=[[], [(2, 6)]]),
+            r"sample 1 has span \(2, 6\), not a range inside its 5",
+        ),
+        (dict(lengths=[3, 5], seq_len=8, hidden_spans=[[]]), "hidden_spans has 1 samples but lengths has 2"),
+        (dict(lengths=[3], seq_len=-1), "seq_len must be a non-negative int"),
+        (
+            dict(lengths=[3, 5], seq_len=8, hidden_spans=torch.tensor([[[0, 0]], [[4, 2]]])),
+            r"sample 1 has span \(4, 2\)",
+        ),
+        (dict(lengths=[3, 5], seq_len=8, image_spans=torch.zeros(3, 1, 2, dtype=torch.int64)), r"\[B = 2, M, 2\]"),
+    ],
+)
 def test_from_padded_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         mc.from_padded(**kwargs)
@@ -340,12 +361,15 @@ def test_from_dense_max_intervals():
         mc.from_dense(dense, max_intervals=2)
 
 
-@pytest.mark.parametrize("mask, message", [
-    (torch.zeros(3, 3), "must be bool.*mask == 0"),
-    (torch.zeros(2, 3, 4, dtype=torch.bool), r"must be \[B, L, L\]"),
-    (torch.zeros(3, dtype=torch.bool), r"\[N, N\] \(packed\) or \[B, L, L\]"),
-    ([[True]], "must be a bool tensor"),
-])
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.zeros(3, 3), "must be bool.*mask == 0"),
+        (torch.zeros(2, 3, 4, dtype=torch.bool), r"must be \[B, L, L\]"),
+        (torch.zeros(3, dtype=torch.bool), r"\[N, N\] \(packed\) or \[B, L, L\]"),
+        ([[True]], "must be a bool tensor"),
+    ],
+)
 def test_from_dense_errors(mask, message):
     with pytest.raises(ValueError, match=message):
         mc.from_dense(mask)
@@ -356,6 +380,7 @@ def sliding_window(doc, window, sinks):
     def mask_mod(b, h, q, kv):
         same = doc[q] == doc[kv]
         return same & (kv <= q) & ((q - kv < window) | (kv - doc_first[doc[kv]] < sinks))
+
     doc_first = torch.zeros(int(doc.max()) + 2 if doc.numel() else 1, dtype=torch.int64)
     doc_first.scatter_reduce_(0, doc, torch.arange(doc.numel()), "amin", include_self=False)
     return mask_mod
@@ -373,8 +398,13 @@ def test_from_mask_mod_packed(small_probes):
             window, sinks = rng.randint(1, 6), rng.randint(0, 3)
             mm = sliding_window(doc, window, sinks)
             d = doc.tolist()
-            dense = torch.tensor([[d[i] == d[j] and j <= i and (i - j < window or j - cu[d[i]] < sinks)
-                                   for j in range(n)] for i in range(n)], dtype=torch.bool).reshape(n, n)
+            dense = torch.tensor(
+                [
+                    [d[i] == d[j] and j <= i and (i - j < window or j - cu[d[i]] < sinks) for j in range(n)]
+                    for i in range(n)
+                ],
+                dtype=torch.bool,
+            ).reshape(n, n)
         else:  # anything inside each document, looked up from a table
             dense = random_dense_rows(gen, n, n) & (doc[:, None] == doc[None, :])
             mm = lambda b, h, q, kv, table=dense: table[q, kv]
@@ -421,14 +451,17 @@ def test_probes_hold_one_chunk_at_a_time(monkeypatch):
     assert len(sizes) > 10 and max(sizes) <= 100
 
 
-@pytest.mark.parametrize("args, kwargs, message", [
-    ((lambda b, h, q, kv: kv <= q,), {}, "either cu_seqlens .* or batch_size and seq_len"),
-    ((lambda b, h, q, kv: kv <= q, [0, 4]), dict(batch_size=1, seq_len=4), "not both or neither"),
-    ((lambda b, h, q, kv: kv <= q,), dict(batch_size=2, seq_len=-1), "seq_len must be a non-negative int"),
-    ((lambda b, h, q, kv: (kv <= q).int(), [0, 4]), {}, "must return a bool"),
-    (("causal", [0, 4]), {}, "mask_mod must be callable"),
-    ((lambda b, h, q, kv: kv <= q, [0, 4, 3]), {}, "cu_seqlens must be non-decreasing"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        ((lambda b, h, q, kv: kv <= q,), {}, "either cu_seqlens .* or batch_size and seq_len"),
+        ((lambda b, h, q, kv: kv <= q, [0, 4]), dict(batch_size=1, seq_len=4), "not both or neither"),
+        ((lambda b, h, q, kv: kv <= q,), dict(batch_size=2, seq_len=-1), "seq_len must be a non-negative int"),
+        ((lambda b, h, q, kv: (kv <= q).int(), [0, 4]), {}, "must return a bool"),
+        (("causal", [0, 4]), {}, "mask_mod must be callable"),
+        ((lambda b, h, q, kv: kv <= q, [0, 4, 3]), {}, "cu_seqlens must be non-decreasing"),
+    ],
+)
 def test_from_mask_mod_errors(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mc.from_mask_mod(*args, **kwargs)
@@ -460,8 +493,9 @@ def test_from_block_mask_follows_full_blocks_and_heads():
     full_num = torch.tensor([[[0, 1, 0]]], dtype=torch.int32)
     full_idx = torch.tensor([[[[0, 0], [1, 0], [0, 0]]]], dtype=torch.int32)
     causal = lambda b, h, q, kv: kv <= q
-    bm = flex.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=causal,
-                                       seq_lengths=(n, n))
+    bm = flex.BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=causal, seq_lengths=(n, n)
+    )
     expect = torch.zeros(n, n, dtype=torch.bool)
     for i in range(n):
         for j in range(n):
@@ -497,8 +531,11 @@ def test_hybrid_mask_classmethods_wrap_the_constructors():
         s, e, _ = mc.from_splits(split_lens, modes)
         assert torch.equal(got.starts, s) and torch.equal(got.ends, e)
     dense = spans_oracle([0, 9, 16], [(2, 5)], [(10, 12)])
-    for mask in (HybridMask.from_dense(dense), HybridMask.from_mask_mod(lambda b, h, q, kv: dense[q, kv], [0, 9, 16]),
-                 HybridMask.from_padded([9], 16, [[(2, 5)]])):
+    for mask in (
+        HybridMask.from_dense(dense),
+        HybridMask.from_mask_mod(lambda b, h, q, kv: dense[q, kv], [0, 9, 16]),
+        HybridMask.from_padded([9], 16, [[(2, 5)]]),
+    ):
         assert torch.equal(mask.to_dense()[:9, :9], dense[:9, :9])
 
 
@@ -531,11 +568,27 @@ def test_from_block_mask_random_blocks(small_probes):
             order = torch.argsort((kind != which).to(torch.int8), dim=-1, stable=True).to(torch.int32)
             return num, order[:, None]
 
-        bm = flex.BlockMask.from_kv_blocks(*listing(1), *listing(2), BLOCK_SIZE=bs,
-                                           mask_mod=lambda b, h, q, kv, t=table: t[b, q, kv], seq_lengths=(n, n))
+        bm = flex.BlockMask.from_kv_blocks(
+            *listing(1),
+            *listing(2),
+            BLOCK_SIZE=bs,
+            mask_mod=lambda b, h, q, kv, t=table: t[b, q, kv],
+            seq_lengths=(n, n),
+        )
         kinds, allowed = kind.tolist(), table.tolist()
-        per = torch.tensor([[[kinds[b][i // bs][j // bs] == 2 or (kinds[b][i // bs][j // bs] == 1 and allowed[b][i][j])
-                              for j in range(n)] for i in range(n)] for b in range(batch)], dtype=torch.bool)
+        per = torch.tensor(
+            [
+                [
+                    [
+                        kinds[b][i // bs][j // bs] == 2 or (kinds[b][i // bs][j // bs] == 1 and allowed[b][i][j])
+                        for j in range(n)
+                    ]
+                    for i in range(n)
+                ]
+                for b in range(batch)
+            ],
+            dtype=torch.bool,
+        )
         assert_canonical_of(mc.from_block_mask(bm), torch.block_diag(*per))
 
 
@@ -547,8 +600,12 @@ def test_mask_pictures_script_draws_every_picture_the_docs_show(tmp_path):
 
     pytest.importorskip("matplotlib")
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(root / "scripts" / "mask_pictures.py"), "--out", str(tmp_path)], check=True,
-                   capture_output=True, cwd=root)
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "mask_pictures.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        cwd=root,
+    )
     drawn = {p.name for p in tmp_path.glob("*.png")}
     shown = set(re.findall(r"\(img/(mask_\w+\.png)\)", (root / "docs" / "masks.md").read_text()))
     assert len(shown) == 6 and drawn == shown

@@ -41,7 +41,7 @@ def check_tables(mask: HybridMask, dense: torch.Tensor, bm: int, bn: int, exact:
             if exact and seen.numel():  # min/max over the tile's non-empty intervals
                 assert (lo, hi) == (int(seen.min()), int(seen.max()) + 1)
     for t, (q_lo, q_hi, f_lo, f_hi) in enumerate(key_tiles(mask, bn).tolist()):
-        cols = dense[:, t * bn:(t + 1) * bn]
+        cols = dense[:, t * bn : (t + 1) * bn]
         seers = cols.any(1).nonzero().flatten()
         if seers.numel():
             assert q_lo <= seers.min() and seers.max() < q_hi
@@ -80,7 +80,12 @@ def test_causal_is_spans_free_transfusion():
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 150), seed=st.integers(0, 2**31 - 1), bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]))
+@given(
+    n=st.integers(1, 150),
+    seed=st.integers(0, 2**31 - 1),
+    bm=st.sampled_from([16, 32, 64]),
+    bn=st.sampled_from([16, 32, 64]),
+)
 def test_random_layouts(n, seed, bm, bn):
     cu, spans = random_layout(torch.Generator().manual_seed(seed), n)
     mask = build(cu, spans)
@@ -104,16 +109,23 @@ def test_arbitrary_intervals_tables_are_conservative(nq, nk, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(nq=st.integers(1, 90), nk=st.integers(1, 90), k=st.integers(1, 8), seed=st.integers(0, 2**31 - 1),
-       bm=st.sampled_from([16, 32]), bn=st.sampled_from([16, 64]))
+@given(
+    nq=st.integers(1, 90),
+    nk=st.integers(1, 90),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+    bm=st.sampled_from([16, 32]),
+    bn=st.sampled_from([16, 64]),
+)
 def test_union_masks_and_their_plans(nq, nk, k, seed, bm, bn):
     """K sorted, disjoint intervals per query: the dense mask is the union (a naive loop), the
     visible pairs count it, and the plans hold every claim."""
     s, e = random_union(torch.Generator().manual_seed(seed), nq, nk, k)
     mask = HybridMask.from_intervals(s.long(), e.tolist(), num_keys=nk)  # int64 and lists convert once
     assert mask.num_intervals == k and mask.starts.dtype == torch.int32
-    naive = torch.tensor([[any(s[i, c] <= j < e[i, c] for c in range(k)) for j in range(nk)] for i in range(nq)],
-                         dtype=torch.bool).reshape(nq, nk)
+    naive = torch.tensor(
+        [[any(s[i, c] <= j < e[i, c] for c in range(k)) for j in range(nk)] for i in range(nq)], dtype=torch.bool
+    ).reshape(nq, nk)
     dense = mask.to_dense()
     assert torch.equal(dense, naive)
     assert mask.visible_pairs() == int(naive.sum())
@@ -158,7 +170,7 @@ def test_cached_mask(bidirectional):
     q = k0 = 0
     for c, n in zip(cache, new):
         for j in range(n):
-            expect[q, k0:k0 + c + (n if bidirectional else j + 1)] = True
+            expect[q, k0 : k0 + c + (n if bidirectional else j + 1)] = True
             q += 1
         k0 += c + n
     assert torch.equal(mask.to_dense(), expect)
@@ -262,8 +274,9 @@ def test_metadata_is_linear_memory():
 def test_heaviest_first_orders_tiles_by_visited_length():
     """Longest visited length (hi - lo, summed over runs) first, ties in tile order, empty rows
     (lo >= hi) last; plans (and their orders) are cached on the mask."""
-    table = torch.tensor([[0, 5, 0, 0], [0, 64, 0, 0], [3, 40, 0, 0], [9, 9, 0, 0], [7, 2, 0, 0], [10, 15, 0, 0]],
-                         dtype=torch.int32)
+    table = torch.tensor(
+        [[0, 5, 0, 0], [0, 64, 0, 0], [3, 40, 0, 0], [9, 9, 0, 0], [7, 2, 0, 0], [10, 15, 0, 0]], dtype=torch.int32
+    )
     order = heaviest_first(table)
     assert order.dtype == torch.int32 and order.tolist() == [1, 2, 0, 5, 3, 4]
     runs = torch.tensor([[[0, 10, 0, 0], [20, 50, 0, 0]], [[0, 35, 0, 0], [0, 0, 0, 0]]], dtype=torch.int32)

@@ -2,6 +2,7 @@
 modes, and the build record behind tk.build_info() and `transfusion --version`.
 
 Installing the wheel and the sdist into fresh environments is .ci/package's job (minutes)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ def sdist(tmp_path_factory) -> dict[str, bytes]:
     if not (ROOT / ".git").exists():
         pytest.skip("compares the sdist with the files of a git checkout")
     out = tmp_path_factory.mktemp("sdist")
-    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     (archive,) = out.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         return {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
@@ -42,7 +48,9 @@ def sdist(tmp_path_factory) -> dict[str, bytes]:
 def test_sdist_holds_what_cmake_reads(sdist):
     """CMakeLists.txt, every source its globs take (csrc/*.cu, *.cuh, *.h, *.cpp) and every file
     those sources include with quotes, found beside the includer or under csrc/ as the build does."""
-    sources = sorted(str(p.relative_to(ROOT)) for ext in ("cu", "cuh", "h", "cpp") for p in (ROOT / "csrc").rglob(f"*.{ext}"))
+    sources = sorted(
+        str(p.relative_to(ROOT)) for ext in ("cu", "cuh", "h", "cpp") for p in (ROOT / "csrc").rglob(f"*.{ext}")
+    )
     assert sources and "csrc/bindings.cpp" in sources
     missing = [f for f in ["CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", *sources] if f not in sdist]
     assert not missing, f"the sdist lacks files the build reads: {missing}; add them to MANIFEST.in"
@@ -55,7 +63,9 @@ def test_sdist_holds_what_cmake_reads(sdist):
 def test_sdist_holds_every_file_of_the_checkout(sdist):
     """The tests, the scripts they import (scripts/kernel_report.py, scripts/sync_mutants.py), the
     benchmarks, the docs: every file of the checkout but CI's and git's, and nothing else."""
-    tree = {p for p in git("ls-files", "--cached", "--others", "--exclude-standard").splitlines() if (ROOT / p).is_file()}
+    tree = {
+        p for p in git("ls-files", "--cached", "--others", "--exclude-standard").splitlines() if (ROOT / p).is_file()
+    }
     expected = {p for p in tree if not p.startswith(NOT_SHIPPED)}
     shipped = {p for p in sdist if not p.startswith(GENERATED)}
     assert sorted(expected - shipped) == [], "files of the checkout missing from the sdist: add them to MANIFEST.in"
@@ -73,8 +83,14 @@ def wheel(tmp_path_factory) -> tuple[set[str], str]:
     """(paths inside a pure-Python wheel built from this checkout, its METADATA)."""
     out = tmp_path_factory.mktemp("wheel")
     env = dict(os.environ, TRANSFUSION_BUILD_CUDA="0")
-    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_wheel({str(out)!r})"],
-                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_wheel({str(out)!r})"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (archive,) = out.glob("*.whl")
     with zipfile.ZipFile(archive) as whl:
         names = set(whl.namelist())
@@ -96,8 +112,11 @@ def test_wheel_installs_benchmarks_under_a_collision_free_name(wheel):
     names, _ = wheel
     top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert top == {"transfusion_kernels", "transfusion", "transfusion_kernels_bench"}, top
-    for folder, installed in (("transfusion_kernels", "transfusion_kernels"), ("transfusion", "transfusion"),
-                              ("benchmarks", "transfusion_kernels_bench")):
+    for folder, installed in (
+        ("transfusion_kernels", "transfusion_kernels"),
+        ("transfusion", "transfusion"),
+        ("benchmarks", "transfusion_kernels_bench"),
+    ):
         for init in (ROOT / folder).rglob("__init__.py"):
             rel = init.relative_to(ROOT / folder).as_posix()
             assert f"{installed}/{rel}" in names, f"{folder}/{rel}: add its package to pyproject's packages list"
@@ -110,7 +129,7 @@ FAKE_NVCC = {
     "broken": 'echo "nvcc: cannot find libnvvm (fake)" >&2; exit 1',
     # nvcc that reports a version but cannot compile (missing headers)
     "no-headers": 'case "$*" in *--version*) echo "Cuda compilation tools, release 13.0, V13.0.88"; exit 0;; esac\n'
-                  'echo "fatal error: cuda_runtime.h: No such file or directory (fake)" >&2; exit 1',
+    'echo "fatal error: cuda_runtime.h: No such file or directory (fake)" >&2; exit 1',
 }
 WARNING = "WARNING: transfusion-kernels: installing without the CUDA extension"
 
@@ -125,8 +144,14 @@ def build(tmp_path, nvcc: str, mode: str | None):
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     if mode is not None:
         env["TRANSFUSION_BUILD_CUDA"] = mode
-    r = subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     records = list((tmp_path / "build").glob("lib*/transfusion_kernels/_build_info.json"))
     return r, json.loads(records[0].read_text()) if records else None
 
@@ -162,10 +187,16 @@ def test_build_cuda_other_values_are_refused(tmp_path):
     assert r.returncode != 0 and "TRANSFUSION_BUILD_CUDA must be 0 or 1, got 'maybe'" in r.stderr
 
 
-@pytest.mark.parametrize("archs,gencode", [
-    ("80+PTX;90a", ["arch=compute_80,code=sm_80", "arch=compute_80,code=compute_80", "arch=compute_90a,code=sm_90a"]),
-    ("90", ["arch=compute_90,code=sm_90"]),
-])
+@pytest.mark.parametrize(
+    "archs,gencode",
+    [
+        (
+            "80+PTX;90a",
+            ["arch=compute_80,code=sm_80", "arch=compute_80,code=compute_80", "arch=compute_90a,code=sm_90a"],
+        ),
+        ("90", ["arch=compute_90,code=sm_90"]),
+    ],
+)
 def test_cmake_targets_embed_ptx_where_asked(tmp_path, archs, gencode):
     """The default targets embed compute_80 PTX (newer GPUs run the mma.sync kernels) beside the
     sm_80 and sm_90a SASS; the build info names them as the backends read them."""
@@ -178,9 +209,23 @@ def test_cmake_targets_embed_ptx_where_asked(tmp_path, archs, gencode):
     if find_nvcc() is None or shutil.which("cmake") is None or shutil.which("ninja") is None:
         pytest.skip("configuring the CUDA build needs nvcc, cmake and ninja")
     build = tmp_path / "cmake"
-    r = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
-                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DTK_CUDA_ARCHS={archs}"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            "-G",
+            "Ninja",
+            f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DTK_CUDA_ARCHS={archs}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     commands = subprocess.run(["ninja", "-C", str(build), "-t", "commands"], capture_output=True, text=True).stdout
     kernel = next(line for line in commands.splitlines() if "timestep.cu" in line and "-gencode" in line)
@@ -193,8 +238,12 @@ def test_cmake_refuses_an_unknown_target(tmp_path):
 
     if shutil.which("cmake") is None:
         pytest.skip("needs cmake")
-    r = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "cmake"), "-G", "Ninja", "-DTK_CUDA_ARCHS=90a+PTX"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "cmake"), "-G", "Ninja", "-DTK_CUDA_ARCHS=90a+PTX"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and "'90a+PTX' is not a target such as 80, 90a or 80+PTX" in r.stdout + r.stderr
 
 
@@ -204,8 +253,11 @@ def _fake_wheel(folder: Path, commit: str) -> bytes:
 
     folder.mkdir()
     module = b"stand-in for a compiled extension"
-    record = {"version": "0.1.0", "commit": commit,
-              "cuda_extension": {"built": True, "archs": ["sm_80+PTX", "sm_90a"], "cuda_version": "13.0.88"}}
+    record = {
+        "version": "0.1.0",
+        "commit": commit,
+        "cuda_extension": {"built": True, "archs": ["sm_80+PTX", "sm_90a"], "cuda_version": "13.0.88"},
+    }
     with zipfile.ZipFile(folder / "transfusion_kernels-0.1.0-cp311-cp311-linux_x86_64.whl", "w") as whl:
         whl.writestr(f"transfusion_kernels/_C{sysconfig.get_config_var('EXT_SUFFIX')}", module)
         whl.writestr("transfusion_kernels/_build_info.json", json.dumps(record))
@@ -215,8 +267,14 @@ def _fake_wheel(folder: Path, commit: str) -> bytes:
 def _build_from(tmp_path, folder: Path):
     env = {k: v for k, v in os.environ.items() if k != "TRANSFUSION_BUILD_CUDA"}
     env["TRANSFUSION_EXTENSION_FROM"] = str(folder)
-    return subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_extension_from_a_wheel_of_this_commit_is_reused(tmp_path):
@@ -252,13 +310,18 @@ def test_build_info_and_version_show_the_record(monkeypatch, capsys):
 
     monkeypatch.setattr(backends, "build_record", lambda: {"commit": "abc123"})
     monkeypatch.setattr(backends, "load_extension", lambda: (None, "the extension is not built: because"))
-    assert tk.build_info() == {"version": tk.__version__, "commit": "abc123",
-                               "cuda_extension": {"built": False, "reason": "the extension is not built: because"}}
+    assert tk.build_info() == {
+        "version": tk.__version__,
+        "commit": "abc123",
+        "cuda_extension": {"built": False, "reason": "the extension is not built: because"},
+    }
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0
-    assert capsys.readouterr().out == (f"transfusion-kernels {tk.__version__} (commit abc123)\n"
-                                       "no CUDA extension: the extension is not built: because\n")
+    assert capsys.readouterr().out == (
+        f"transfusion-kernels {tk.__version__} (commit abc123)\n"
+        "no CUDA extension: the extension is not built: because\n"
+    )
 
 
 def test_build_info_of_a_built_extension():
@@ -268,7 +331,11 @@ def test_build_info_of_a_built_extension():
     if ext is None:
         pytest.skip("the extension is not built here")
     cuda = tk.build_info()["cuda_extension"]
-    assert cuda["built"] and cuda["archs"] == list(ext.build_info()["archs"]) and re.fullmatch(r"\d+\.\d+\.\d+", cuda["cuda_version"])
+    assert (
+        cuda["built"]
+        and cuda["archs"] == list(ext.build_info()["archs"])
+        and re.fullmatch(r"\d+\.\d+\.\d+", cuda["cuda_version"])
+    )
 
 
 def test_missing_extension_reason_quotes_the_install(monkeypatch):
@@ -276,7 +343,9 @@ def test_missing_extension_reason_quotes_the_install(monkeypatch):
 
     monkeypatch.setattr(backends, "EXTENSION", "transfusion_kernels._C_not_built")
     monkeypatch.setattr(backends, "_EXTENSIONS", {})
-    monkeypatch.setattr(backends, "build_record", lambda: {"cuda_extension": {"built": False, "reason": "nvcc was not found"}})
+    monkeypatch.setattr(
+        backends, "build_record", lambda: {"cuda_extension": {"built": False, "reason": "nvcc was not found"}}
+    )
     ext, reason = backends.extension_status("transfusion_kernels._C_not_built")
     assert ext is None and reason.endswith("; the install said: nvcc was not found")
 
@@ -296,16 +365,25 @@ def test_bench_results_default_under_the_current_directory(tmp_path, monkeypatch
 # ---- a feature whose extra is missing says which extra to install ----------------------------
 def _run_without(module: str, code: str) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter where ``module`` cannot be imported or found."""
-    hide = (f"import importlib.util, sys; sys.modules[{module!r}] = None; real = importlib.util.find_spec; "
-            f"importlib.util.find_spec = lambda name, *a: None if name == {module!r} else real(name, *a)\n")
+    hide = (
+        f"import importlib.util, sys; sys.modules[{module!r}] = None; real = importlib.util.find_spec; "
+        f"importlib.util.find_spec = lambda name, *a: None if name == {module!r} else real(name, *a)\n"
+    )
     return subprocess.run([sys.executable, "-c", hide + code], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("module,code,extra", [
-    ("sentencepiece", "import transfusion.cli", "model"),
-    ("diffusers", "import transfusion_kernels.integrations.diffusers", "diffusers"),
-    ("transformers", "from transfusion_kernels.integrations import transformers as t; t.register()", "transformers"),
-])
+@pytest.mark.parametrize(
+    "module,code,extra",
+    [
+        ("sentencepiece", "import transfusion.cli", "model"),
+        ("diffusers", "import transfusion_kernels.integrations.diffusers", "diffusers"),
+        (
+            "transformers",
+            "from transfusion_kernels.integrations import transformers as t; t.register()",
+            "transformers",
+        ),
+    ],
+)
 def test_missing_extra_is_named_in_one_line(module, code, extra):
     r = _run_without(module, code)
     assert r.returncode != 0

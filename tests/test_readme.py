@@ -1,6 +1,7 @@
 """The README's examples run as written: its Python blocks (in order, sharing their names), and
 the shell commands CI takes from it (.ci/readme_commands.py): the install and test blocks that
 .ci/run executes, and the quick demo line, run here."""
+
 import os
 import re
 import runpy
@@ -31,11 +32,16 @@ def test_ci_runs_the_readmes_install_and_test_blocks():
     # nothing of the README's commands is copied into CI, so the two cannot drift apart
     for line in (blocks["install"] + blocks["test"]).splitlines():
         assert line.split("#")[0].strip() not in ci
-    r = subprocess.run([sys.executable, str(ROOT / ".ci" / "readme_commands.py"), "install", "test"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "readme_commands.py"), "install", "test"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert r.stdout == blocks["install"] + blocks["test"]
-    r = subprocess.run([sys.executable, str(ROOT / ".ci" / "readme_commands.py"), "instal"], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "readme_commands.py"), "instal"], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "no README block marked <!-- ci: instal -->" in r.stderr
 
 
@@ -45,8 +51,14 @@ def test_the_readmes_quick_demo_runs(tmp_path):
     quick = shlex.split(next(line for line in lines if "--quick" in line))
     assert quick[:2] == ["transfusion", "demo"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "transfusion", *quick[1:], "--threads", "1"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "transfusion", *quick[1:], "--threads", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # no warnings and, off a terminal, no progress bars
     out = tmp_path / quick[quick.index("--out") + 1]

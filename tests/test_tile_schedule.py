@@ -1,4 +1,5 @@
 """benchmarks/tile_schedule.py: the list-schedule model behind the attention kernels' tile orders."""
+
 import pytest
 
 from benchmarks import tile_schedule as ts
@@ -21,8 +22,9 @@ def test_heaviest_first_balances_the_transfusion_mix():
     than each kernel's order before (reversed per head for the forward and dq, block order per
     head for dk/dv)."""
     rows = ts.report(ts.workloads(8192), hq=16, hkv=4, d=128)
-    assert {(r["workload"], r["kernel"]) for r in rows} == {(w, k) for w in ("mix", "text")
-                                                             for k in ("fwd (mma)", "dq", "dk/dv")}
+    assert {(r["workload"], r["kernel"]) for r in rows} == {
+        (w, k) for w in ("mix", "text") for k in ("fwd (mma)", "dq", "dk/dv")
+    }
     for r in rows:
         before = r["block, per head"] if r["kernel"] == "dk/dv" else r["reversed, per head"]
         assert r["heaviest, head fastest"] > max(before, 0.94), r

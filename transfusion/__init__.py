@@ -6,20 +6,32 @@ switches between LM mode and diffusion mode. See ``transfusion --help``.
 
 Names are imported lazily, so ``transfusion.cli`` can set OpenMP's environment before torch loads.
 """
+
 import importlib
 import importlib.util
 
 # The model and its CLI need the [model] extra (the kernels alone need torch only): say so in one
 # line. find_spec imports nothing, so OpenMP's environment can still be set before torch loads.
-_MODEL_EXTRA = {"diffusers": "diffusers", "sentencepiece": "sentencepiece", "safetensors": "safetensors",
-                "tqdm": "tqdm", "PIL": "pillow", "sklearn": "scikit-learn", "scipy": "scipy"}
+_MODEL_EXTRA = {
+    "diffusers": "diffusers",
+    "sentencepiece": "sentencepiece",
+    "safetensors": "safetensors",
+    "tqdm": "tqdm",
+    "PIL": "pillow",
+    "sklearn": "scikit-learn",
+    "scipy": "scipy",
+}
 _missing = [dist for module, dist in _MODEL_EXTRA.items() if importlib.util.find_spec(module) is None]
 if _missing:
     raise ImportError(f"the transfusion model needs {', '.join(_missing)}: pip install 'transfusion-kernels[model]'")
 
 _EXPORTS = {
-    "Config": "transfusion.config", "DataConfig": "transfusion.config", "ModelConfig": "transfusion.config",
-    "TrainConfig": "transfusion.config", "KVCache": "transfusion.model", "TransfusionModel": "transfusion.model",
+    "Config": "transfusion.config",
+    "DataConfig": "transfusion.config",
+    "ModelConfig": "transfusion.config",
+    "TrainConfig": "transfusion.config",
+    "KVCache": "transfusion.model",
+    "TransfusionModel": "transfusion.model",
     "Tokenizer": "transfusion.tokenizer",
 }
 

@@ -20,6 +20,7 @@ Results: ``OUT/runs/<variant>__seed<k>.json`` per run (written atomically; a run
 is skipped, so an interrupted grid resumes), ``OUT/summary.{md,json}`` (mean and std over seeds)
 and one figure per group ``OUT/<group>.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,9 @@ TEXT_LINES = 1000
 FD_FLOOR_DRAWS = 5
 
 # --quick: the harness end to end in seconds; no claims
-QUICK = dict(variants=("baseline", "causal_p2", "unet_p4"), steps=3, step_counts=(2, 4), templates=1,
-             caption_n=20, text_lines=40)
+QUICK = dict(
+    variants=("baseline", "causal_p2", "unet_p4"), steps=3, step_counts=(2, 4), templates=1, caption_n=20, text_lines=40
+)
 
 
 def baseline_config(vocab_size: int, steps: int, model: str = "small"):
@@ -112,6 +114,7 @@ def variant_config(base, variant: Variant, seed: int):
 
 
 # -- yardsticks ------------------------------------------------------------------------------
+
 
 class FeatureNet:
     """The Frechet distance's feature space: the 32-unit tanh hidden layer of an MLP classifier
@@ -178,8 +181,11 @@ class Yardsticks:
             "fd_real_train_vs_heldout": frechet_distance(train_f, self.heldout_features),
             "fd_real_subset_vs_heldout_mean": float(np.mean(draws)),
             "fd_real_subset_vs_heldout_std": float(np.std(draws)),
-            "fd_subset_per_digit": per_digit, "fd_subset_draws": FD_FLOOR_DRAWS,
-            "svc_accuracy_on_heldout": float((self.svc.predict(to_pixels8(p.test_images)) == p.test_labels.numpy()).mean()),
+            "fd_subset_per_digit": per_digit,
+            "fd_subset_draws": FD_FLOOR_DRAWS,
+            "svc_accuracy_on_heldout": float(
+                (self.svc.predict(to_pixels8(p.test_images)) == p.test_labels.numpy()).mean()
+            ),
             "feature_net_accuracy_on_heldout": self.features.accuracy(p.test_images, p.test_labels),
         }
 
@@ -208,8 +214,12 @@ def text_perplexity(model, tokenizer, lines, batch_docs: int = 128) -> float:
     sched = model.schedule()
     with torch.no_grad():
         for i in range(0, len(lines), batch_docs):
-            batch = pack_documents([[tokenizer.encode(t)] for t in lines[i:i + batch_docs]], tokenizer,
-                                   model.cfg.patch_size, model.cfg.num_train_timesteps)
+            batch = pack_documents(
+                [[tokenizer.encode(t)] for t in lines[i : i + batch_docs]],
+                tokenizer,
+                model.cfg.patch_size,
+                model.cfg.num_train_timesteps,
+            )
             n = int((batch.labels != -100).sum())
             lm, _ = loss_terms(model, batch, sched)
             total += float(lm) * n
@@ -217,8 +227,9 @@ def text_perplexity(model, tokenizer, lines, batch_docs: int = 128) -> float:
     return math.exp(total / count)
 
 
-def evaluate(model, tokenizer, ys: Yardsticks, step_counts, templates: int, caption_n: int | None,
-             text_lines: int | None) -> dict:
+def evaluate(
+    model, tokenizer, ys: Yardsticks, step_counts, templates: int, caption_n: int | None, text_lines: int | None
+) -> dict:
     """All yardsticks for one trained model (see the module docstring)."""
     from transfusion.data import CAPTION_TEMPLATES, WORDS, parse_digit, to_pixels8
     from transfusion.sample import SampleConfig, caption
@@ -286,26 +297,44 @@ def run_one(task: dict) -> dict:
     cfg = Config.from_dict(task["config"])
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend=cfg.train.backend)
-    batches = MixedBatches(p.train_latents, p.train_labels, p.corpus, p.tokenizer, cfg.data, cfg.model.patch_size,
-                           cfg.model.num_train_timesteps)
+    batches = MixedBatches(
+        p.train_latents,
+        p.train_labels,
+        p.corpus,
+        p.tokenizer,
+        cfg.data,
+        cfg.model.patch_size,
+        cfg.model.num_train_timesteps,
+    )
     trainer = Trainer(model, cfg, p.tokenizer, batches)
     t = time.perf_counter()
     hist = trainer.fit(progress=False)
     train_s = time.perf_counter() - t
-    tail = hist[-max(1, len(hist) // 10):]
+    tail = hist[-max(1, len(hist) // 10) :]
     t = time.perf_counter()
-    metrics = evaluate(model, p.tokenizer, ys, task["step_counts"], task["templates"], task["caption_n"],
-                       task["text_lines"])
+    metrics = evaluate(
+        model, p.tokenizer, ys, task["step_counts"], task["templates"], task["caption_n"], task["text_lines"]
+    )
     result = {
-        "variant": task["variant"], "groups": task["groups"], "seed": task["seed"], "overrides": task["overrides"],
-        "config": task["config"], "metrics": metrics,
-        "training": {"steps": trainer.step, "final_lm_loss": float(np.mean([h["lm_loss"] for h in tail])),
-                     "final_ddpm_loss": float(np.mean([h["ddpm_loss"] for h in tail])),
-                     "tokens_per_step": float(np.mean([h["tokens"] for h in hist])) if hist else 0.0,
-                     "parameters": sum(q.numel() for q in model.parameters())},
+        "variant": task["variant"],
+        "groups": task["groups"],
+        "seed": task["seed"],
+        "overrides": task["overrides"],
+        "config": task["config"],
+        "metrics": metrics,
+        "training": {
+            "steps": trainer.step,
+            "final_lm_loss": float(np.mean([h["lm_loss"] for h in tail])),
+            "final_ddpm_loss": float(np.mean([h["ddpm_loss"] for h in tail])),
+            "tokens_per_step": float(np.mean([h["tokens"] for h in hist])) if hist else 0.0,
+            "parameters": sum(q.numel() for q in model.parameters()),
+        },
         "wall_s": {"train": train_s, "evaluate": time.perf_counter() - t, "total": time.perf_counter() - t0},
-        "threads": torch.get_num_threads(), "quick": task["quick"],
-        "commit": task["commit"], "command": task["command"], "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "quick": task["quick"],
+        "commit": task["commit"],
+        "command": task["command"],
+        "versions": versions(),
     }
     write_json_atomic(Path(task["path"]), result)
     return result
@@ -320,8 +349,13 @@ def versions() -> dict:
     import sklearn
     import torch
 
-    return {"torch": torch.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -338,12 +372,16 @@ def _init_worker(threads: int) -> None:
 
 # -- the grid ----------------------------------------------------------------------------------
 
+
 def git_commit() -> dict:
     root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "transfusion"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "transfusion"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "transfusion_dirty": None}
     return {"commit": head, "transfusion_dirty": bool(dirty)}
@@ -366,12 +404,22 @@ def plan(args) -> tuple[list[Variant], list[int], dict]:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in wanted if n not in names]
         if unknown or not wanted:
-            raise UserError(f"--only: unknown variant {', '.join(unknown) or repr(args.only)}; choose from {', '.join(names)}")
+            raise UserError(
+                f"--only: unknown variant {', '.join(unknown) or repr(args.only)}; choose from {', '.join(names)}"
+            )
         pool = [v for v in VARIANTS if v.name in wanted]
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else SEEDS)))
-    ev = (dict(steps=QUICK["steps"], step_counts=QUICK["step_counts"], templates=QUICK["templates"],
-               caption_n=QUICK["caption_n"], text_lines=QUICK["text_lines"]) if args.quick else
-          dict(steps=TRAIN_STEPS, step_counts=STEP_COUNTS, templates=10, caption_n=None, text_lines=None))
+    ev = (
+        dict(
+            steps=QUICK["steps"],
+            step_counts=QUICK["step_counts"],
+            templates=QUICK["templates"],
+            caption_n=QUICK["caption_n"],
+            text_lines=QUICK["text_lines"],
+        )
+        if args.quick
+        else dict(steps=TRAIN_STEPS, step_counts=STEP_COUNTS, templates=10, caption_n=None, text_lines=None)
+    )
     if args.steps is not None:
         ev["steps"] = args.steps
     return pool, seeds, ev
@@ -400,15 +448,20 @@ def run(args) -> int:
 
         no_plots = None
     except ImportError:
-        no_plots = ("matplotlib is not installed, so summary.md and summary.json are written without plots; "
-                    "pip install 'transfusion-kernels[bench]' and run the same command again to draw them "
-                    "(finished runs are kept)")
+        no_plots = (
+            "matplotlib is not installed, so summary.md and summary.json are written without plots; "
+            "pip install 'transfusion-kernels[bench]' and run the same command again to draw them "
+            "(finished runs are kept)"
+        )
         print(f"transfusion ablate: note: {no_plots}", file=sys.stderr, flush=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     write_marker(out, "ablate")
     data_dir = out / "data"
-    prepared = load_prepared(data_dir) if (data_dir / "prepare.json").is_file() else \
-        prepare(data_dir, image_size=8, vocab_size=256, seed=0, made_by="ablate")
+    prepared = (
+        load_prepared(data_dir)
+        if (data_dir / "prepare.json").is_file()
+        else prepare(data_dir, image_size=8, vocab_size=256, seed=0, made_by="ablate")
+    )
     base = baseline_config(prepared.tokenizer.vocab_size, ev["steps"], args.model)
     threads = args.threads or 1
     commit = git_commit()
@@ -425,21 +478,40 @@ def run(args) -> int:
                 except (OSError, ValueError) as e:
                     raise UserError(f"{path} is not a readable result ({e}); delete it to rerun that run") from e
                 if old.get("config") != cfg or old.get("quick") != args.quick:
-                    raise UserError(f"{path} was made with other settings (config or --quick); "
-                                    "pass a new --out, or delete that file to rerun it")
+                    raise UserError(
+                        f"{path} was made with other settings (config or --quick); "
+                        "pass a new --out, or delete that file to rerun it"
+                    )
                 skipped += 1
                 continue
-            tasks.append({"variant": v.name, "groups": list(v.groups), "overrides": v.overrides, "seed": seed,
-                          "config": cfg, "path": str(path), "data": str(data_dir), "threads": threads,
-                          "step_counts": list(ev["step_counts"]), "templates": ev["templates"],
-                          "caption_n": ev["caption_n"], "text_lines": ev["text_lines"], "quick": args.quick,
-                          "commit": commit, "command": command})
+            tasks.append(
+                {
+                    "variant": v.name,
+                    "groups": list(v.groups),
+                    "overrides": v.overrides,
+                    "seed": seed,
+                    "config": cfg,
+                    "path": str(path),
+                    "data": str(data_dir),
+                    "threads": threads,
+                    "step_counts": list(ev["step_counts"]),
+                    "templates": ev["templates"],
+                    "caption_n": ev["caption_n"],
+                    "text_lines": ev["text_lines"],
+                    "quick": args.quick,
+                    "commit": commit,
+                    "command": command,
+                }
+            )
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    log(f"ablate: {len(tasks)} runs to do, {skipped} already done; {ev['steps']} training steps each; "
-        f"{args.jobs} jobs x {threads} threads")
+    log(
+        f"ablate: {len(tasks)} runs to do, {skipped} already done; {ev['steps']} training steps each; "
+        f"{args.jobs} jobs x {threads} threads"
+    )
     t0 = time.perf_counter()
-    bar = tqdm(total=len(tasks), desc="ablate", unit="run", disable=args.quiet or not sys.stderr.isatty(),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(tasks), desc="ablate", unit="run", disable=args.quiet or not sys.stderr.isatty(), dynamic_ncols=True
+    )
     if args.jobs == 1 or len(tasks) <= 1:
         previous = torch.get_num_threads()
         try:
@@ -463,13 +535,20 @@ def run(args) -> int:
     if no_plots is None:
         plot(out, summary)
     # printed with --quiet too: where the results went is the command's answer
-    print(f"transfusion ablate: {len(tasks)} runs in {elapsed:.0f} s ({skipped} already done); results in {out}: "
-          f"runs/, summary.md, summary.json" + (f", {len(summary['groups'])} plots (*.png)" if no_plots is None
-                                                 else "; no plots (matplotlib is not installed)"))
+    print(
+        f"transfusion ablate: {len(tasks)} runs in {elapsed:.0f} s ({skipped} already done); results in {out}: "
+        f"runs/, summary.md, summary.json"
+        + (
+            f", {len(summary['groups'])} plots (*.png)"
+            if no_plots is None
+            else "; no plots (matplotlib is not installed)"
+        )
+    )
     return 0
 
 
 # -- results -------------------------------------------------------------------------------------
+
 
 def _stats(values) -> dict:
     v = np.asarray(values, np.float64)
@@ -490,7 +569,9 @@ def variant_stats(runs: list[dict]) -> dict:
             continue
         counts = list(rs[0]["metrics"]["generation"])
         variants[name] = {
-            "groups": rs[0]["groups"], "overrides": rs[0]["overrides"], "seeds": sorted(r["seed"] for r in rs),
+            "groups": rs[0]["groups"],
+            "overrides": rs[0]["overrides"],
+            "seeds": sorted(r["seed"] for r in rs),
             "generation_accuracy": {s: _stats([r["metrics"]["generation"][s]["accuracy"] for r in rs]) for s in counts},
             "fd": {s: _stats([r["metrics"]["generation"][s]["fd"] for r in rs]) for s in counts},
             "caption_accuracy": _stats([r["metrics"]["caption_accuracy"] for r in rs]),
@@ -499,7 +580,8 @@ def variant_stats(runs: list[dict]) -> dict:
             "run_s": _stats([r["wall_s"]["total"] for r in rs]),
             "tokens_per_step": rs[0]["training"]["tokens_per_step"],
             "train_steps": rs[0]["training"]["steps"],
-            "quick": rs[0]["quick"], "commits": sorted({r["commit"]["commit"] or "" for r in rs}),
+            "quick": rs[0]["quick"],
+            "commits": sorted({r["commit"]["commit"] or "" for r in rs}),
             "commands": sorted({r["command"] for r in rs}),
         }
     return variants
@@ -515,13 +597,21 @@ def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None) -> dict:
         if v.name in variants:
             for g in v.groups:
                 groups.setdefault(g, []).append(v.name)
-    summary = {"variants": variants, "groups": groups, "floors": floors, "evaluation": ev,
-               "verdicts": verdicts(variants), "last_invocation_wall_s": elapsed, "runs": len(runs)}
+    summary = {
+        "variants": variants,
+        "groups": groups,
+        "floors": floors,
+        "evaluation": ev,
+        "verdicts": verdicts(variants),
+        "last_invocation_wall_s": elapsed,
+        "runs": len(runs),
+    }
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
 # -- verdicts ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -529,6 +619,7 @@ class Verdict:
     at the most sampling steps evaluated). ``expect``: the paper's claim, ``">"`` (a is higher), ``"<"`` (a is
     lower), ``"small:D"`` (the two differ by less than D), or None (no claim: only whether they
     differ)."""
+
     group: str
     what: str
     a: str
@@ -538,32 +629,63 @@ class Verdict:
 
 
 VERDICTS = [
-    Verdict("attention", "bidirectional vs causal attention inside images, generation", "linear_p2", "causal_p2",
-            "generation_accuracy", ">"),
-    Verdict("attention", "bidirectional vs causal attention inside images, captioning", "linear_p2", "causal_p2",
-            "caption_accuracy", ">"),
-    Verdict("attention", "bidirectional vs causal attention inside images, FD", "linear_p2", "causal_p2",
-            "fd", "<"),
-    Verdict("encoder", "linear encoder, patch 2 vs patch 4, generation", "linear_p2", "baseline",
-            "generation_accuracy", ">"),
-    Verdict("encoder", "linear encoder, patch 2 vs patch 4, captioning", "linear_p2", "baseline",
-            "caption_accuracy", ">"),
+    Verdict(
+        "attention",
+        "bidirectional vs causal attention inside images, generation",
+        "linear_p2",
+        "causal_p2",
+        "generation_accuracy",
+        ">",
+    ),
+    Verdict(
+        "attention",
+        "bidirectional vs causal attention inside images, captioning",
+        "linear_p2",
+        "causal_p2",
+        "caption_accuracy",
+        ">",
+    ),
+    Verdict("attention", "bidirectional vs causal attention inside images, FD", "linear_p2", "causal_p2", "fd", "<"),
+    Verdict(
+        "encoder", "linear encoder, patch 2 vs patch 4, generation", "linear_p2", "baseline", "generation_accuracy", ">"
+    ),
+    Verdict(
+        "encoder", "linear encoder, patch 2 vs patch 4, captioning", "linear_p2", "baseline", "caption_accuracy", ">"
+    ),
     Verdict("encoder", "linear encoder, patch 2 vs patch 4, FD", "linear_p2", "baseline", "fd", "<"),
-    Verdict("encoder", "linear encoder, patch 1 vs patch 2, generation", "linear_p1", "linear_p2",
-            "generation_accuracy", ">"),
-    Verdict("encoder", "U-Net vs linear encoder at patch 4, generation", "unet_p4", "baseline",
-            "generation_accuracy", ">"),
+    Verdict(
+        "encoder",
+        "linear encoder, patch 1 vs patch 2, generation",
+        "linear_p1",
+        "linear_p2",
+        "generation_accuracy",
+        ">",
+    ),
+    Verdict(
+        "encoder", "U-Net vs linear encoder at patch 4, generation", "unet_p4", "baseline", "generation_accuracy", ">"
+    ),
     Verdict("encoder", "U-Net vs linear encoder at patch 4, FD", "unet_p4", "baseline", "fd", "<"),
     Verdict("noise_cap", "noise cap vs none, captioning", "baseline", "no_cap", "caption_accuracy", ">"),
-    Verdict("noise_cap", "noise cap vs none, generation (paper: under 1% apart)", "baseline", "no_cap",
-            "generation_accuracy", "small:0.01"),
-    Verdict("noise_cap", "noise cap vs none, training-text perplexity (paper: under 1% apart)", "baseline", "no_cap",
-            "text_perplexity", "small:0.055"),
+    Verdict(
+        "noise_cap",
+        "noise cap vs none, generation (paper: under 1% apart)",
+        "baseline",
+        "no_cap",
+        "generation_accuracy",
+        "small:0.01",
+    ),
+    Verdict(
+        "noise_cap",
+        "noise cap vs none, training-text perplexity (paper: under 1% apart)",
+        "baseline",
+        "no_cap",
+        "text_perplexity",
+        "small:0.055",
+    ),
     Verdict("lambda", "lambda 5 vs 1, generation", "lambda_5", "baseline", "generation_accuracy", None),
     Verdict("lambda", "lambda 5 vs 1, captioning", "lambda_5", "baseline", "caption_accuracy", None),
     Verdict("lambda", "lambda 5 vs 1, training-text perplexity", "lambda_5", "baseline", "text_perplexity", None),
-    Verdict("lambda", "lambda 0.5 vs 1, generation", "lambda_0.5", "baseline",
-            "generation_accuracy", None),
+    Verdict("lambda", "lambda 0.5 vs 1, generation", "lambda_0.5", "baseline", "generation_accuracy", None),
     Verdict("objective", "flow vs DDPM, generation", "flow", "baseline", "generation_accuracy", None),
     Verdict("objective", "flow vs DDPM, captioning", "flow", "baseline", "caption_accuracy", None),
 ]
@@ -590,8 +712,9 @@ def judge(a: dict, b: dict, expect: str | None) -> dict:
         verdict = "differs" if differs else "within noise"
     elif expect.startswith("small:"):
         bound = float(expect.split(":")[1])
-        verdict = ("agrees" if abs(diff) + 2 * se < bound else "disagrees" if abs(diff) - 2 * se > bound
-                   else "unresolved")
+        verdict = (
+            "agrees" if abs(diff) + 2 * se < bound else "disagrees" if abs(diff) - 2 * se > bound else "unresolved"
+        )
     else:
         verdict = "unresolved" if not differs else ("agrees" if (diff > 0) == (expect == ">") else "disagrees")
     return {"diff": diff, "se": se, "z": z, "differs": differs, "verdict": verdict}
@@ -610,15 +733,20 @@ def verdicts(variants: dict) -> list[dict]:
 def verdict_line(r: dict) -> str:
     """A verdict as one table row (summary.md and docs/ablations.md quote it verbatim)."""
     fmt = ".2f" if r["metric"].startswith(("fd", "text")) else ".3f"
-    claim = {">": "higher", "<": "lower", None: "(no claim)"}.get(r["expect"]) or \
-        f"within {float(r['expect'].split(':')[1]):g}"
+    claim = {">": "higher", "<": "lower", None: "(no claim)"}.get(
+        r["expect"]
+    ) or f"within {float(r['expect'].split(':')[1]):g}"
     z = "inf" if math.isinf(r["z"]) else f"{r['z']:+.1f}"
-    return (f"| {r['group']} | {r['what']} | {r['a']} {_pm(r['a_stats'], fmt)} (n={r['a_stats']['n']}) | "
-            f"{r['b']} {_pm(r['b_stats'], fmt)} (n={r['b_stats']['n']}) | {claim} | {z} | **{r['verdict']}** |")
+    return (
+        f"| {r['group']} | {r['what']} | {r['a']} {_pm(r['a_stats'], fmt)} (n={r['a_stats']['n']}) | "
+        f"{r['b']} {_pm(r['b_stats'], fmt)} (n={r['b_stats']['n']}) | {claim} | {z} | **{r['verdict']}** |"
+    )
 
 
-VERDICT_HEAD = ["| group | comparison (a vs b) | a | b | paper's claim for a | z | verdict |",
-                "|---|---|---|---|---|---|---|"]
+VERDICT_HEAD = [
+    "| group | comparison (a vs b) | a | b | paper's claim for a | z | verdict |",
+    "|---|---|---|---|---|---|---|",
+]
 
 
 def _pm(s: dict, fmt: str) -> str:
@@ -629,29 +757,44 @@ def write_table(out: Path, summary: dict) -> None:
     """``summary.md``: one table per group, mean ± std (sample std over seeds)."""
     lines = ["# Ablations on the digits: mean ± std over seeds", ""]
     f = summary["floors"]
-    lines += [f"Frechet distance floor (real digits vs held-out): whole training split "
-              f"{f['fd_real_train_vs_heldout']:.3f}; {f['fd_subset_per_digit']} training digits per class "
-              f"(the generated set's size) {f['fd_real_subset_vs_heldout_mean']:.3f} ± "
-              f"{f['fd_real_subset_vs_heldout_std']:.3f} over {f['fd_subset_draws']} draws. "
-              f"SVC accuracy on held-out real digits {f['svc_accuracy_on_heldout']:.3f}.", ""]
+    lines += [
+        f"Frechet distance floor (real digits vs held-out): whole training split "
+        f"{f['fd_real_train_vs_heldout']:.3f}; {f['fd_subset_per_digit']} training digits per class "
+        f"(the generated set's size) {f['fd_real_subset_vs_heldout_mean']:.3f} ± "
+        f"{f['fd_real_subset_vs_heldout_std']:.3f} over {f['fd_subset_draws']} draws. "
+        f"SVC accuracy on held-out real digits {f['svc_accuracy_on_heldout']:.3f}.",
+        "",
+    ]
     for group, names in summary["groups"].items():
         counts = list(summary["variants"][names[0]]["generation_accuracy"])
-        head = (["variant", "seeds"] + [f"gen acc @{s}" for s in counts] + [f"FD @{s}" for s in counts]
-                + ["caption acc", "training-text ppl", "train s"])
+        head = (
+            ["variant", "seeds"]
+            + [f"gen acc @{s}" for s in counts]
+            + [f"FD @{s}" for s in counts]
+            + ["caption acc", "training-text ppl", "train s"]
+        )
         lines += [f"## {group}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for n in names:
             v = summary["variants"][n]
-            row = ([n, str(len(v["seeds"]))] + [_pm(v["generation_accuracy"][s], ".3f") for s in counts]
-                   + [_pm(v["fd"][s], ".2f") for s in counts]
-                   + [_pm(v["caption_accuracy"], ".3f"), _pm(v["text_perplexity"], ".3f"), _pm(v["train_s"], ".0f")])
+            row = (
+                [n, str(len(v["seeds"]))]
+                + [_pm(v["generation_accuracy"][s], ".3f") for s in counts]
+                + [_pm(v["fd"][s], ".2f") for s in counts]
+                + [_pm(v["caption_accuracy"], ".3f"), _pm(v["text_perplexity"], ".3f"), _pm(v["train_s"], ".0f")]
+            )
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if summary.get("verdicts"):
-        lines += ["## Verdicts", "",
-                  "z = (mean a - mean b) / sqrt(s_a^2/n_a + s_b^2/n_b); a and b differ when |z| > 2. Against the "
-                  "paper's claim: agrees / disagrees when they differ in / against its direction, unresolved when "
-                  "within noise; a claim of a small effect agrees only when the 2-SE interval of the difference "
-                  "lies within it. Generation and FD at the most sampling steps evaluated.", "", *VERDICT_HEAD]
+        lines += [
+            "## Verdicts",
+            "",
+            "z = (mean a - mean b) / sqrt(s_a^2/n_a + s_b^2/n_b); a and b differ when |z| > 2. Against the "
+            "paper's claim: agrees / disagrees when they differ in / against its direction, unresolved when "
+            "within noise; a claim of a small effect agrees only when the 2-SE interval of the difference "
+            "lies within it. Generation and FD at the most sampling steps evaluated.",
+            "",
+            *VERDICT_HEAD,
+        ]
         lines += [verdict_line(r) for r in summary["verdicts"]] + [""]
     (out / "summary.md").write_text("\n".join(lines))
 
@@ -670,12 +813,25 @@ def plot(out: Path, summary: dict) -> None:
             v = summary["variants"][n]
             xs = [int(s) for s in v["generation_accuracy"]]
             for a, key in ((ax[0], "generation_accuracy"), (ax[1], "fd")):
-                a.errorbar(xs, [v[key][s]["mean"] for s in v[key]], yerr=[v[key][s]["std"] for s in v[key]],
-                           marker="o", capsize=3, label=n)
-        for a, key, title in ((ax[2], "caption_accuracy", "captioning accuracy (held-out)"),
-                              (ax[3], "text_perplexity", "training-text perplexity")):
-            a.bar(range(len(names)), [summary["variants"][n][key]["mean"] for n in names],
-                  yerr=[summary["variants"][n][key]["std"] for n in names], capsize=3, color="C0")
+                a.errorbar(
+                    xs,
+                    [v[key][s]["mean"] for s in v[key]],
+                    yerr=[v[key][s]["std"] for s in v[key]],
+                    marker="o",
+                    capsize=3,
+                    label=n,
+                )
+        for a, key, title in (
+            (ax[2], "caption_accuracy", "captioning accuracy (held-out)"),
+            (ax[3], "text_perplexity", "training-text perplexity"),
+        ):
+            a.bar(
+                range(len(names)),
+                [summary["variants"][n][key]["mean"] for n in names],
+                yerr=[summary["variants"][n][key]["std"] for n in names],
+                capsize=3,
+                color="C0",
+            )
             a.set_xticks(range(len(names)), names, rotation=30, ha="right")
             a.set_title(title)
         ax[0].set(title="generation accuracy (SVC)", xlabel="sampling steps")
@@ -691,24 +847,40 @@ def plot(out: Path, summary: dict) -> None:
 
 # -- command line ------------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(v.name for v in VARIANTS)
     parser.add_argument("--out", required=True, help="results folder (runs/, summary.md/.json, one plot per group)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny grid (few steps, one seed, few variants) to check the harness; no claims")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny grid (few steps, one seed, few variants) to check the harness; no claims",
+    )
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per variant (default {SEEDS}; --quick: 1)")
-    parser.add_argument("--only", default=None,
-                        help=f"comma-separated variants to run, of: {names} (the default grid: all but "
-                             + ", ".join(v.name for v in VARIANTS if not v.in_grid) + ")")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated variants to run, of: {names} (the default grid: all but "
+        + ", ".join(v.name for v in VARIANTS if not v.in_grid)
+        + ")",
+    )
     # one thread per job: on a busy machine a multi-threaded job waits in OpenMP barriers for
     # its descheduled threads (measured 4x slower); on a quiet one, 1 job x 2 threads is faster
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per job (default 1)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"training steps per run (default {TRAIN_STEPS}; --quick: {QUICK['steps']})")
-    parser.add_argument("--model", choices=("small", "demo"), default="small",
-                        help="baseline size: small (dim 64, 32 documents per batch) or the CPU demo's "
-                             "(dim 128, 64 documents) (default small)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps per run (default {TRAIN_STEPS}; --quick: {QUICK['steps']})",
+    )
+    parser.add_argument(
+        "--model",
+        choices=("small", "demo"),
+        default="small",
+        help="baseline size: small (dim 64, 32 documents per batch) or the CPU demo's "
+        "(dim 128, 64 documents) (default small)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 

@@ -16,6 +16,7 @@ process leaves the previous checkpoint, and a ``*.tmp-*`` directory). ``config.j
 the tokenizer's size, special ids and SHA-256, checked on load: a replaced or damaged
 ``tokenizer.model`` is refused before the model is built.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,9 +86,15 @@ def _write_json(path: Path, obj) -> None:
 
 def tokenizer_record(tokenizer) -> dict:
     """What a checkpoint's config.json records of its tokenizer (checked by ``load_checkpoint``)."""
-    return {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-            "pad_id": tokenizer.pad_id, "boi_id": tokenizer.boi_id, "eoi_id": tokenizer.eoi_id,
-            "sha256": hashlib.sha256(tokenizer.model_proto).hexdigest()}
+    return {
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "boi_id": tokenizer.boi_id,
+        "eoi_id": tokenizer.eoi_id,
+        "sha256": hashlib.sha256(tokenizer.model_proto).hexdigest(),
+    }
 
 
 def check_tokenizer(path, tokenizer, model_vocab_size: int, record: dict | None) -> None:
@@ -97,8 +104,10 @@ def check_tokenizer(path, tokenizer, model_vocab_size: int, record: dict | None)
     f = Path(path) / "tokenizer.model"
     fix = "copy back the tokenizer.model this checkpoint was saved with"
     if tokenizer.vocab_size != model_vocab_size:
-        raise ValueError(f"{f} gives {tokenizer.vocab_size} token ids but the model was trained with "
-                         f"{model_vocab_size} (config.json model.vocab_size): the file was replaced or damaged; {fix}")
+        raise ValueError(
+            f"{f} gives {tokenizer.vocab_size} token ids but the model was trained with "
+            f"{model_vocab_size} (config.json model.vocab_size): the file was replaced or damaged; {fix}"
+        )
     if record is None:
         return
     got = tokenizer_record(tokenizer)
@@ -134,8 +143,9 @@ def optimizer_from_flat(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path, *, model, config, tokenizer, ema: dict | None = None, trainer: dict | None = None,
-                    latents=None) -> Path:
+def save_checkpoint(
+    path, *, model, config, tokenizer, ema: dict | None = None, trainer: dict | None = None, latents=None
+) -> Path:
     """Write a checkpoint directory atomically. ``trainer`` (optional) holds
     ``{"optimizer": state_dict, "scheduler": state_dict, "step": int, "data": dict, "rng": dict, ...}``."""
     path = Path(path)
@@ -145,8 +155,9 @@ def save_checkpoint(path, *, model, config, tokenizer, ema: dict | None = None, 
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_checkpoint(tmp, model=model, config=config, tokenizer=tokenizer, ema=ema, trainer=trainer,
-                          latents=latents)
+        _write_checkpoint(
+            tmp, model=model, config=config, tokenizer=tokenizer, ema=ema, trainer=trainer, latents=latents
+        )
     except BaseException:  # an error or Ctrl-C: no half-written directory stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -249,7 +260,7 @@ def load_trainer_state(path):
         raise FileNotFoundError(f"{path} has no trainer state (not a training checkpoint)")
     state = json.loads((path / "trainer_state.json").read_text())
     tensors = _load_tensors(path / "optimizer.safetensors")
-    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
     opt = optimizer_from_flat({k: v for k, v in tensors.items() if k.startswith("state.")}, state.pop("optimizer_meta"))
     ema = _load_tensors(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
     return state, opt, rng, ema

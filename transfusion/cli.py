@@ -6,6 +6,7 @@ raised as ``UserError`` where it is found, before any heavy work or any file is 
 (``--debug`` or ``TRANSFUSION_DEBUG=1``: the traceback). Any other exception is a bug and keeps
 its traceback. Ctrl-C prints ``transfusion <command>: interrupted ...`` and exits with 130 (128 +
 SIGINT, the shell's convention), after the temporary outputs are removed."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,25 +29,36 @@ from transfusion.outdir import check_out, subfolder_with, write_marker
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
 # Optional dependencies: the import name, what pip calls it, and the extra that installs it.
-EXTRAS = {"sentencepiece": ("sentencepiece", "model"), "safetensors": ("safetensors", "model"),
-          "tqdm": ("tqdm", "model"), "PIL": ("pillow", "model"), "sklearn": ("scikit-learn", "model"),
-          "scipy": ("scipy", "model"), "diffusers": ("diffusers", "model"), "matplotlib": ("matplotlib", "bench"),
-          "triton": ("triton", "triton")}
+EXTRAS = {
+    "sentencepiece": ("sentencepiece", "model"),
+    "safetensors": ("safetensors", "model"),
+    "tqdm": ("tqdm", "model"),
+    "PIL": ("pillow", "model"),
+    "sklearn": ("scikit-learn", "model"),
+    "scipy": ("scipy", "model"),
+    "diffusers": ("diffusers", "model"),
+    "matplotlib": ("matplotlib", "bench"),
+    "triton": ("triton", "triton"),
+}
 # What each command imports before its work starts (checked first, so a missing one costs nothing).
-NEEDS = {"prepare": ("sentencepiece", "safetensors", "sklearn", "tqdm"),
-         "train": ("sentencepiece", "safetensors", "tqdm"),
-         "sample": ("sentencepiece", "safetensors", "tqdm", "PIL"),
-         "caption": ("sentencepiece", "safetensors", "tqdm", "PIL"),
-         "demo": ("sentencepiece", "safetensors", "sklearn", "tqdm", "PIL"),
-         "ablate": ("sentencepiece", "safetensors", "sklearn", "scipy", "tqdm"),
-         "bench": ()}
+NEEDS = {
+    "prepare": ("sentencepiece", "safetensors", "sklearn", "tqdm"),
+    "train": ("sentencepiece", "safetensors", "tqdm"),
+    "sample": ("sentencepiece", "safetensors", "tqdm", "PIL"),
+    "caption": ("sentencepiece", "safetensors", "tqdm", "PIL"),
+    "demo": ("sentencepiece", "safetensors", "sklearn", "tqdm", "PIL"),
+    "ablate": ("sentencepiece", "safetensors", "sklearn", "scipy", "tqdm"),
+    "bench": (),
+}
 
 
 def missing_dependency(name: str) -> str:
     """The one-line fix for a missing optional module ``name``."""
     pip, extra = EXTRAS[name]
-    return (f"{pip}, which is not installed: pip install 'transfusion-kernels[{extra}]' (in a checkout: "
-            f"pip install -e '.[{extra}]')")
+    return (
+        f"{pip}, which is not installed: pip install 'transfusion-kernels[{extra}]' (in a checkout: "
+        f"pip install -e '.[{extra}]')"
+    )
 
 
 def _check_dependencies(args) -> None:
@@ -79,8 +91,10 @@ def _device(name: str | None):
         raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from e
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        _require((dev.index or 0) < n, f"--device {name}: torch sees {n} CUDA devices here; "
-                                       "use --device cpu, or leave --device out")
+        _require(
+            (dev.index or 0) < n,
+            f"--device {name}: torch sees {n} CUDA devices here; use --device cpu, or leave --device out",
+        )
     return dev
 
 
@@ -91,9 +105,13 @@ def _check_backend(name: str | None, device) -> None:
 
         info = tk.available_backends(device)[name]
         if name == "triton" and not info.available and "not importable" in info.reason:
-            raise UserError(f"--backend triton needs {missing_dependency('triton')}; or use --backend auto or reference")
-        _require(info.available, f"--backend {name} cannot run on {device.type}: {info.reason}; "
-                                 "use --backend auto or reference")
+            raise UserError(
+                f"--backend triton needs {missing_dependency('triton')}; or use --backend auto or reference"
+            )
+        _require(
+            info.available,
+            f"--backend {name} cannot run on {device.type}: {info.reason}; use --backend auto or reference",
+        )
 
 
 def _backend_ctx(args):
@@ -120,8 +138,16 @@ def _threads(args):
 def cmd_prepare(args) -> int:
     from transfusion.prepare import prepare
 
-    p = prepare(args.out, image_size=args.image_size, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                vae=args.vae, holdout_fraction=args.holdout, seed=args.seed, overwrite=args.overwrite)
+    p = prepare(
+        args.out,
+        image_size=args.image_size,
+        vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        vae=args.vae,
+        holdout_fraction=args.holdout,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(p.info, indent=2))
     print(f"prepared {args.out}")
     return 0
@@ -174,8 +200,9 @@ def cmd_train(args) -> int:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # checkpoint/ is replaced at the first save
     try:
         with _backend_ctx(args):
-            trainer, hist = run_training(prepared, cfg, out, device=device, resume=args.resume,
-                                         progress=_progress(args), latents=latents)
+            trainer, hist = run_training(
+                prepared, cfg, out, device=device, resume=args.resume, progress=_progress(args), latents=latents
+            )
     except KeyboardInterrupt:
         if not (out / "checkpoint" / "trainer_state.json").is_file():
             if new_folder:  # Ctrl-C before any checkpoint: no run folder stays behind
@@ -183,8 +210,11 @@ def cmd_train(args) -> int:
             raise
         _close_bars()
         step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
-        print(f"transfusion train: interrupted; kept the checkpoint of step {step} in {out / 'checkpoint'}; "
-              f"continue with: {resume_command(args)}", file=sys.stderr)
+        print(
+            f"transfusion train: interrupted; kept the checkpoint of step {step} in {out / 'checkpoint'}; "
+            f"continue with: {resume_command(args)}",
+            file=sys.stderr,
+        )
         return 130
     except BaseException:  # an error before any checkpoint: no run folder stays behind
         if new_folder and not (out / "checkpoint").exists():
@@ -216,8 +246,16 @@ def _close_bars() -> None:
 
 # -- sampling --------------------------------------------------------------------------------
 def _check_sampling_args(args) -> None:
-    for name, low in (("steps", 1), ("max_new_tokens", 0), ("max_images", 0), ("image_size", 1),
-                      ("temperature", 0), ("eta", 0), ("num_images", 1), ("png_scale", 1)):
+    for name, low in (
+        ("steps", 1),
+        ("max_new_tokens", 0),
+        ("max_images", 0),
+        ("image_size", 1),
+        ("temperature", 0),
+        ("eta", 0),
+        ("num_images", 1),
+        ("png_scale", 1),
+    ):
         v = getattr(args, name, None)
         _require(v is None or v >= low, f"--{name.replace('_', '-')} must be >= {low}, got {v}")
 
@@ -239,8 +277,9 @@ def _load(args):
         model, cfg, tok = load_checkpoint(args.checkpoint, device=device, backend=args.backend, use_ema=not args.no_ema)
         latents = make_latents(cfg.data.latents, cfg.model.latent_channels, device, checkpoint_dir=args.checkpoint)
     except (OSError, ValueError) as e:
-        raise UserError(f"{e}; pass --checkpoint a complete checkpoint folder (RUN/checkpoint, "
-                        "written by `transfusion train`)") from e
+        raise UserError(
+            f"{e}; pass --checkpoint a complete checkpoint folder (RUN/checkpoint, written by `transfusion train`)"
+        ) from e
     return model, cfg, tok, latents, device
 
 
@@ -260,19 +299,32 @@ def _sample_cfg(args, cfg, latents):
         except ValueError as e:
             raise UserError(str(e)) from e
     T = cfg.model.num_train_timesteps
-    _require(steps <= T, f"--steps {steps} is more than the {T} timesteps the model was trained on; "
-                         f"use --steps {T} or fewer")
+    _require(
+        steps <= T, f"--steps {steps} is more than the {T} timesteps the model was trained on; use --steps {T} or fewer"
+    )
     trained = cfg.data.image_size
     size = getattr(args, "image_size", None) or trained
     lat = size // latents.downsample
     k = cfg.model.patch_size
-    _require(size % latents.downsample == 0 and lat % k == 0,
-             f"--image-size {size} does not fit the model: it must be a multiple of "
-             f"{latents.downsample * k} (latent downsampling {latents.downsample} x patch size {k})")
-    _require(size == trained, f"--image-size {size}: this model was trained on {trained}x{trained} images only "
-                              f"and other sizes come out as noise; leave --image-size out (or pass {trained})")
-    return SampleConfig(steps=steps, sampler=sampler, image_size=(lat, lat), max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, seed=args.seed, **opt)
+    _require(
+        size % latents.downsample == 0 and lat % k == 0,
+        f"--image-size {size} does not fit the model: it must be a multiple of "
+        f"{latents.downsample * k} (latent downsampling {latents.downsample} x patch size {k})",
+    )
+    _require(
+        size == trained,
+        f"--image-size {size}: this model was trained on {trained}x{trained} images only "
+        f"and other sizes come out as noise; leave --image-size out (or pass {trained})",
+    )
+    return SampleConfig(
+        steps=steps,
+        sampler=sampler,
+        image_size=(lat, lat),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        **opt,
+    )
 
 
 def cmd_sample(args) -> int:
@@ -343,8 +395,9 @@ def _write_samples(args, model, tok, latents, device, scfg, out: Path) -> int:
 
 def _is_grid(p: Path) -> bool:
     """The grid image ``sample`` or ``demo`` writes beside its samples."""
-    return ((p.name == "grid.png" and (p.parent / "samples.json").is_file())
-            or (p.name == "samples_grid.png" and (p.parent / "report.json").is_file()))
+    return (p.name == "grid.png" and (p.parent / "samples.json").is_file()) or (
+        p.name == "samples_grid.png" and (p.parent / "report.json").is_file()
+    )
 
 
 def cmd_caption(args) -> int:
@@ -358,10 +411,14 @@ def cmd_caption(args) -> int:
     grids = [p for p in args.images if _is_grid(Path(p))]
     if grids:  # `caption out/*.png` names the grid of the samples too: it is not one image
         args.images = [p for p in args.images if p not in grids]
-        _require(bool(args.images), f"{', '.join(grids)}: a grid of samples, not one image, so nothing is left "
-                                    "to caption; pass the sample_*.png files")
-        print(f"transfusion caption: note: skipped {', '.join(grids)}: a grid of samples, not one image",
-              file=sys.stderr)
+        _require(
+            bool(args.images),
+            f"{', '.join(grids)}: a grid of samples, not one image, so nothing is left "
+            "to caption; pass the sample_*.png files",
+        )
+        print(
+            f"transfusion caption: note: skipped {', '.join(grids)}: a grid of samples, not one image", file=sys.stderr
+        )
     bad = []
     for p in args.images:  # every file, before the model is loaded
         try:
@@ -370,18 +427,25 @@ def cmd_caption(args) -> int:
         except OSError as e:  # missing, unreadable, or not an image (PIL.UnidentifiedImageError)
             bad.append(f"{p} ({e.strerror or 'not an image file'})")
     if bad:
-        raise UserError(f"{len(bad)} of {len(args.images)} files cannot be read as images: {', '.join(bad)}; "
-                        "pass PNG or other image files (nothing was captioned)")
+        raise UserError(
+            f"{len(bad)} of {len(args.images)} files cannot be read as images: {', '.join(bad)}; "
+            "pass PNG or other image files (nothing was captioned)"
+        )
     model, cfg, tok, latents, device = _load(args)
     scfg = _sample_cfg(args, cfg, latents)
     size = cfg.data.image_size
-    imgs = torch.stack([load_png(p, size, getattr(latents, "in_channels", cfg.model.latent_channels)) for p in args.images])
+    imgs = torch.stack(
+        [load_png(p, size, getattr(latents, "in_channels", cfg.model.latent_channels)) for p in args.images]
+    )
     if latents.kind == "pixel":  # the digits are light ink on a dark ground
         for p, x in zip(args.images, imgs):
             if border_mean(x) > 0:
                 x.neg_()
-                print(f"transfusion caption: note: {p} has a light background; captioned inverted "
-                      "(light on dark, as the model was trained)", file=sys.stderr)
+                print(
+                    f"transfusion caption: note: {p} has a light background; captioned inverted "
+                    "(light on dark, as the model was trained)",
+                    file=sys.stderr,
+                )
     z = latents.encode(imgs.to(device)) if latents.kind == "vae" else imgs.to(device)
     with _backend_ctx(args):
         caps = caption(model, tok, z, scfg, progress=_progress(args))
@@ -411,12 +475,22 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from transfusion.demo import run_demo
 
-    check_out(args.out, "demo", args.overwrite,
-              legacy=lambda d: (d / "report.json").is_file() and (d / "samples_grid.png").is_file())
+    check_out(
+        args.out,
+        "demo",
+        args.overwrite,
+        legacy=lambda d: (d / "report.json").is_file() and (d / "samples_grid.png").is_file(),
+    )
     _require(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     _require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    report = run_demo(args.out, backend=args.backend, threads=args.threads, steps=args.steps, quick=args.quick,
-                      progress=_progress(args))
+    report = run_demo(
+        args.out,
+        backend=args.backend,
+        threads=args.threads,
+        steps=args.steps,
+        quick=args.quick,
+        progress=_progress(args),
+    )
     return 0 if report["passed"] or args.quick else 2
 
 
@@ -439,33 +513,54 @@ leaves nothing half-written."""
 
 def _text_args(p):
     """Options of LM-mode decoding and of loading a checkpoint (sample and caption)."""
-    p.add_argument("--max-new-tokens", type=int, default=32, help="most text tokens generated per sequence (default 32)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=32, help="most text tokens generated per sequence (default 32)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="text sampling temperature; 0: greedy (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr (shown only when stderr is a terminal)")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars on stderr (shown only when stderr is a terminal)"
+    )
 
 
 def _diffusion_args(p):
     """Options of diffusion-mode sampling (sample only: captioning never denoises)."""
-    p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: the checkpoint's sampling default, 50 or the paper preset's 250)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm", "euler"), default=None,
-                   help="denoising update: ddim or ddpm for a DDPM model, euler for a flow model (default: the "
-                        "checkpoint's sampling default: ddim, the paper preset's ddpm, euler for flow)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: the checkpoint's sampling default, 50 or the paper preset's 250)",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("ddim", "ddpm", "euler"),
+        default=None,
+        help="denoising update: ddim or ddpm for a DDPM model, euler for a flow model (default: the "
+        "checkpoint's sampling default: ddim, the paper preset's ddpm, euler for flow)",
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0: deterministic (default 0)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1: off (default 3)")
     p.add_argument("--clip-sample", action="store_true", help="clip the predicted clean image to [-1, 1]")
     p.add_argument("--max-images", type=int, default=1, help="most images per generated sequence (default 1)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="pixel size of generated images; must be the trained size (default: the trained size)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="pixel size of generated images; must be the trained size (default: the trained size)",
+    )
 
 
 def _quiet(p):
-    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
-                   help="no progress bars on stderr (shown only when stderr is a terminal; --no-progress: the same)")
+    p.add_argument(
+        "--quiet",
+        "--no-progress",
+        dest="quiet",
+        action="store_true",
+        help="no progress bars on stderr (shown only when stderr is a terminal; --no-progress: the same)",
+    )
 
 
 def _overwrite(p, what):
@@ -478,8 +573,11 @@ def version_text() -> str:
 
     info = tk.build_info()
     cuda = info["cuda_extension"]
-    ext = (f"CUDA extension built for {','.join(cuda['archs'])} with CUDA {cuda['cuda_version']}" if cuda["built"]
-           else f"no CUDA extension: {cuda['reason']}")
+    ext = (
+        f"CUDA extension built for {','.join(cuda['archs'])} with CUDA {cuda['cuda_version']}"
+        if cuda["built"]
+        else f"no CUDA extension: {cuda['reason']}"
+    )
     return f"transfusion-kernels {info['version']} (commit {info['commit'] or 'unknown'})\n{ext}"
 
 
@@ -490,8 +588,10 @@ class _StoreOnce(argparse._StoreAction):
     def __call__(self, parser, namespace, values, option_string=None):
         given = namespace.__dict__.setdefault("_given", set())
         if self.dest in given:
-            parser.error(f"{option_string} was given twice (first {getattr(namespace, self.dest)!r}, then {values!r}); "
-                         "give it once")
+            parser.error(
+                f"{option_string} was given twice (first {getattr(namespace, self.dest)!r}, then {values!r}); "
+                "give it once"
+            )
         given.add(self.dest)
         setattr(namespace, self.dest, values)
 
@@ -514,10 +614,15 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.register("action", None, _StoreOnce)  # every option that takes one value
         p.register("action", "store", _StoreOnce)
-        p.add_argument("--backend", choices=BACKENDS, default=None,
-                       help="kernel backend for every op (default: TRANSFUSION_KERNELS_BACKEND or auto)")
-        p.add_argument("--debug", action="store_true",
-                       help="show the traceback of an error (also: TRANSFUSION_DEBUG=1)")
+        p.add_argument(
+            "--backend",
+            choices=BACKENDS,
+            default=None,
+            help="kernel backend for every op (default: TRANSFUSION_KERNELS_BACKEND or auto)",
+        )
+        p.add_argument(
+            "--debug", action="store_true", help="show the traceback of an error (also: TRANSFUSION_DEBUG=1)"
+        )
         return p
 
     p = add("prepare", "build the digits data set and tokenizer")
@@ -536,9 +641,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: checkpoint/ and metrics.jsonl")
     _overwrite(p, "its checkpoint/ and metrics.jsonl")
     p.add_argument("--config", default=None, help="JSON config (model/data/train/sample sections) to start from")
-    p.add_argument("--preset", choices=("default", "paper", "demo"), default="default",
-                   help="starting config when no --config: the library defaults, the paper's stated values "
-                        "(docs/model.md), or the CPU demo's settings (default: default)")
+    p.add_argument(
+        "--preset",
+        choices=("default", "paper", "demo"),
+        default="default",
+        help="starting config when no --config: the library defaults, the paper's stated values "
+        "(docs/model.md), or the CPU demo's settings (default: default)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
     presets = {"default": Config(), "paper": paper_config(1), "demo": demo_config(1)}
 
@@ -547,40 +656,69 @@ def parser() -> argparse.ArgumentParser:
         return f"{what} (default: --config's, else the preset's: {vals})"
 
     for name, typ, what, section, field in (
-            ("steps", int, "training steps", "train", "steps"), ("lr", float, "peak learning rate", "train", "lr"),
-            ("dim", int, "model width", "model", "dim"), ("layers", int, "transformer layers", "model", "n_layers"),
-            ("heads", int, "attention heads", "model", "n_heads"),
-            ("patch-size", int, "latent pixels per patch side; must divide the latent size", "model", "patch_size"),
-            ("docs-per-batch", int, "documents per batch", "data", "docs_per_batch"),
-            ("seed", int, "training seed", "train", "seed"),
-            ("ema-decay", float, "keep an EMA of the weights with this decay", "train", "ema_decay"),
-            ("diffusion-weight", float, "lambda in L_LM + lambda * L_DDPM", "train", "diffusion_weight"),
-            ("warmup-steps", int, "linear warmup steps", "train", "warmup_steps"),
-            ("save-every", int, "checkpoint every N steps; 0: only at the end", "train", "save_every")):
+        ("steps", int, "training steps", "train", "steps"),
+        ("lr", float, "peak learning rate", "train", "lr"),
+        ("dim", int, "model width", "model", "dim"),
+        ("layers", int, "transformer layers", "model", "n_layers"),
+        ("heads", int, "attention heads", "model", "n_heads"),
+        ("patch-size", int, "latent pixels per patch side; must divide the latent size", "model", "patch_size"),
+        ("docs-per-batch", int, "documents per batch", "data", "docs_per_batch"),
+        ("seed", int, "training seed", "train", "seed"),
+        ("ema-decay", float, "keep an EMA of the weights with this decay", "train", "ema_decay"),
+        ("diffusion-weight", float, "lambda in L_LM + lambda * L_DDPM", "train", "diffusion_weight"),
+        ("warmup-steps", int, "linear warmup steps", "train", "warmup_steps"),
+        ("save-every", int, "checkpoint every N steps; 0: only at the end", "train", "save_every"),
+    ):
         p.add_argument(f"--{name}", type=typ, default=None, help=preset_default(what, section, field))
-    p.add_argument("--image-encoder", choices=("linear", "unet"), default=None,
-                   help=preset_default("patch encoder and decoder", "model", "image_encoder"))
-    p.add_argument("--objective", choices=("ddpm", "flow"), default=None,
-                   help=preset_default("image objective: the paper's DDPM noise prediction, or flow matching "
-                                       "(velocity prediction, sampled with Euler steps)", "model", "objective"))
+    p.add_argument(
+        "--image-encoder",
+        choices=("linear", "unet"),
+        default=None,
+        help=preset_default("patch encoder and decoder", "model", "image_encoder"),
+    )
+    p.add_argument(
+        "--objective",
+        choices=("ddpm", "flow"),
+        default=None,
+        help=preset_default(
+            "image objective: the paper's DDPM noise prediction, or flow matching "
+            "(velocity prediction, sampled with Euler steps)",
+            "model",
+            "objective",
+        ),
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _quiet(p)
-    p.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
-                   help="data-parallel training under torchrun: torchrun --nproc-per-node N -m transfusion train ... "
-                        "(default: one process)")
+    p.add_argument(
+        "--distributed",
+        choices=("ddp", "fsdp"),
+        default=None,
+        help="data-parallel training under torchrun: torchrun --nproc-per-node N -m transfusion train ... "
+        "(default: one process)",
+    )
     p.set_defaults(fn=cmd_train)
 
     p = add("sample", "generate images (and text) from a prompt")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (RUN/checkpoint)")
-    p.add_argument("--prompt", required=True, action="append",
-                   help="the text to continue; give it several times for several prompts (--num-images each)")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        action="append",
+        help="the text to continue; give it several times for several prompts (--num-images each)",
+    )
     p.add_argument("--num-images", type=int, default=4, help="number of samples of each prompt (default 4)")
     p.add_argument("--out", required=True, help="folder for sample_*.png, grid.png and samples.json")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --out, replacing its sample_*.png, grid.png and samples.json")
-    p.add_argument("--free", action="store_true",
-                   help="let the model decide whether to open an image (default: BOI follows the prompt)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out, replacing its sample_*.png, grid.png and samples.json",
+    )
+    p.add_argument(
+        "--free",
+        action="store_true",
+        help="let the model decide whether to open an image (default: BOI follows the prompt)",
+    )
     p.add_argument("--png-scale", type=int, default=8, help="nearest-neighbour upscale of written PNGs (default 8)")
     _diffusion_args(p)
     _text_args(p)
@@ -592,13 +730,18 @@ def parser() -> argparse.ArgumentParser:
     _text_args(p)
     p.set_defaults(fn=cmd_caption)
 
-    p = add("bench", "run the kernel benchmarks (python -m transfusion_kernels_bench); other arguments go to it, e.g. --smoke, "
-                     "--root DIR (results folder; default benchmarks/results under the current directory)")
+    p = add(
+        "bench",
+        "run the kernel benchmarks (python -m transfusion_kernels_bench); other arguments go to it, e.g. --smoke, "
+        "--root DIR (results folder; default benchmarks/results under the current directory)",
+    )
     p.add_argument("rest", nargs="*", help="arguments passed to the benchmarks")
     p.set_defaults(fn=cmd_bench)
 
     p = add("demo", "prepare, train, sample and evaluate on the digits data (CPU, minutes)")
-    p.add_argument("--out", required=True, help="folder for data/, checkpoint/, metrics.jsonl, samples_grid.png, report.json")
+    p.add_argument(
+        "--out", required=True, help="folder for data/, checkpoint/, metrics.jsonl, samples_grid.png, report.json"
+    )
     _overwrite(p, "the whole folder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the number of cores, at most 4)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 1000; 5 with --quick)")
@@ -606,8 +749,11 @@ def parser() -> argparse.ArgumentParser:
     _quiet(p)
     p.set_defaults(fn=cmd_demo)
 
-    p = add("ablate", "the paper's ablations at small scale on the digits: a grid of variants x seeds, "
-                      "trained and scored alike (docs/ablations.md)")
+    p = add(
+        "ablate",
+        "the paper's ablations at small scale on the digits: a grid of variants x seeds, "
+        "trained and scored alike (docs/ablations.md)",
+    )
     ablate_arguments(p)
     p.set_defaults(fn=cmd_ablate)
     return ap

@@ -1,4 +1,5 @@
 """Configuration dataclasses: model, data and training. All JSON-serialisable."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ def _has_type(value, annotation: str) -> bool:
             if t == "float" or isinstance(value, int):
                 return True
         if t.startswith("tuple[") and isinstance(value, (list, tuple)):
-            items = [a.strip() for a in t[len("tuple["):-1].split(",")]
+            items = [a.strip() for a in t[len("tuple[") : -1].split(",")]
             if len(value) == len(items) and all(_has_type(v, a) for v, a in zip(value, items)):
                 return True
     return False
@@ -73,21 +74,31 @@ class ModelConfig:
         _check(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
         _check(self.dim % self.n_heads == 0, f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         _check((self.dim // self.n_heads) % 2 == 0, "head dim (dim / n_heads) must be even for rotary embeddings")
-        _check(self.n_heads % self.n_kv_heads == 0,
-               f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        _check(self.image_encoder in ("linear", "unet"),
-               f"image_encoder must be 'linear' or 'unet', got {self.image_encoder!r}")
+        _check(
+            self.n_heads % self.n_kv_heads == 0,
+            f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
+        )
+        _check(
+            self.image_encoder in ("linear", "unet"),
+            f"image_encoder must be 'linear' or 'unet', got {self.image_encoder!r}",
+        )
         _check(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
         if self.image_encoder == "unet":
             _check(len(self.unet_channels) == 2, f"unet_channels needs two entries, got {self.unet_channels}")
         _check(self.timestep_freq_dim % 2 == 0, "timestep_freq_dim must be even")
-        _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
-               f"unknown beta_schedule {self.beta_schedule!r}")
+        _check(
+            self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+            f"unknown beta_schedule {self.beta_schedule!r}",
+        )
         _check(self.objective in ("ddpm", "flow"), f"objective must be 'ddpm' or 'flow', got {self.objective!r}")
-        _check(self.image_attention in ("bidirectional", "causal"),
-               f"image_attention must be 'bidirectional' or 'causal', got {self.image_attention!r}")
-        _check(self.prediction_type in ("epsilon", "v_prediction", "sample"),
-               f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}")
+        _check(
+            self.image_attention in ("bidirectional", "causal"),
+            f"image_attention must be 'bidirectional' or 'causal', got {self.image_attention!r}",
+        )
+        _check(
+            self.prediction_type in ("epsilon", "v_prediction", "sample"),
+            f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}",
+        )
 
     @property
     def bidirectional_images(self) -> bool:
@@ -143,14 +154,17 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         _check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
-        _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
-               f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
+        _check(
+            self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+            f"ema_decay must be None or in (0, 1), got {self.ema_decay}",
+        )
 
 
 @dataclass
 class SampleDefaults:
     """How ``sample`` denoises when the command line does not say (``--sampler``, ``--steps``);
     saved in the checkpoint with the rest of the Config."""
+
     sampler: str | None = None  # None: the objective's own (ddim; euler for a flow model)
     steps: int = 50
 
@@ -211,18 +225,25 @@ def paper_config(vocab_size: int) -> Config:
     return Config(
         model=ModelConfig(
             vocab_size=vocab_size,
-            image_encoder="unet", patch_size=2,  # section 4.4: U-Net down/up blocks, 2x2 latent patches
+            image_encoder="unet",
+            patch_size=2,  # section 4.4: U-Net down/up blocks, 2x2 latent patches
             num_train_timesteps=1000,  # section 4.1: T = 1000 training timesteps
             beta_schedule="squaredcos_cap_v2",  # section 2.2: the cosine schedule (Nichol & Dhariwal)
             prediction_type="epsilon",  # section 2.2: L_DDPM regresses the added noise
-            image_attention="bidirectional"),  # section 3: bidirectional within each image
+            image_attention="bidirectional",
+        ),  # section 3: bidirectional within each image
         data=DataConfig(
             image_first_fraction=0.2,  # section 4.3: 80% caption first, 20% image first
-            image_first_max_timestep=500),  # section 4.3 (Table 11): t <= 500 for image-first pairs
+            image_first_max_timestep=500,
+        ),  # section 4.3 (Table 11): t <= 500 for image-first pairs
         train=TrainConfig(
             diffusion_weight=5.0,  # section 4.1: lambda = 5 in L_LM + lambda * L_DDPM
-            lr=3e-4, min_lr_ratio=0.05,  # section 4.1: 3e-4, cosine decay to 1.5e-5
-            betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0),  # section 4.1: AdamW, clip norm 1
+            lr=3e-4,
+            min_lr_ratio=0.05,  # section 4.1: 3e-4, cosine decay to 1.5e-5
+            betas=(0.9, 0.95),
+            weight_decay=0.1,
+            grad_clip=1.0,
+        ),  # section 4.1: AdamW, clip norm 1
         sample=SampleDefaults(sampler="ddpm", steps=250),  # section 4.1: 250 DDPM steps at inference
     )
 
@@ -231,11 +252,28 @@ def demo_config(vocab_size: int, steps: int | None = None, backend: str | None =
     return Config(
         # 4x4 patches: an 8x8 digit is 4 tokens; v-prediction (not the paper's epsilon) learns
         # the caption conditioning in far fewer steps (measured: see README)
-        model=ModelConfig(vocab_size=vocab_size, dim=128, n_layers=4, n_heads=4, patch_size=4,
-                          image_encoder="linear", timestep_freq_dim=128, beta_schedule="squaredcos_cap_v2",
-                          prediction_type="v_prediction"),
-        data=DataConfig(image_size=8, docs_per_batch=64, text_fraction=0.1, image_first_fraction=0.4,
-                        caption_dropout=0.1, seed=0),
-        train=TrainConfig(steps=steps if steps is not None else 1000, lr=2e-3, warmup_steps=30, min_lr_ratio=0.05,
-                          ema_decay=None, seed=0, log_every=10, backend=backend),
+        model=ModelConfig(
+            vocab_size=vocab_size,
+            dim=128,
+            n_layers=4,
+            n_heads=4,
+            patch_size=4,
+            image_encoder="linear",
+            timestep_freq_dim=128,
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type="v_prediction",
+        ),
+        data=DataConfig(
+            image_size=8, docs_per_batch=64, text_fraction=0.1, image_first_fraction=0.4, caption_dropout=0.1, seed=0
+        ),
+        train=TrainConfig(
+            steps=steps if steps is not None else 1000,
+            lr=2e-3,
+            warmup_steps=30,
+            min_lr_ratio=0.05,
+            ema_decay=None,
+            seed=0,
+            log_every=10,
+            backend=backend,
+        ),
     )

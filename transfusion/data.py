@@ -6,6 +6,7 @@ builder packs documents into one token stream as the kernels expect (FlashAttent
 layout): ``[BOS] text [BOI] patches [EOI] text ... [EOS]`` per document, positions restarting at
 each document, ``cu_seqlens`` and absolute ``image_spans`` over the patch tokens.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,7 @@ import torch.nn.functional as F
 IGNORE = -100
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-         "eighteen", "nineteen"]
+TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 CAPTION_TEMPLATES = [
@@ -80,7 +80,7 @@ def text_corpus(seed: int = 0, n: int = 4000) -> list[str]:
         elif kind == 4:
             start = rng.randrange(8)
             k = rng.randrange(3, 10 - start + 1) if start <= 7 else 2
-            lines.append(" ".join(WORDS[start:start + k]))
+            lines.append(" ".join(WORDS[start : start + k]))
         else:
             lines.append(f"the number after {number_word(a)} is {number_word(a + 1)}")
     return lines
@@ -96,6 +96,7 @@ def tokenizer_training_text(seed: int = 0, n: int = 4000) -> list[str]:
 
 
 # -- digits ----------------------------------------------------------------------------------
+
 
 @dataclass
 class DigitsData:
@@ -133,6 +134,7 @@ def to_pixels8(images: torch.Tensor) -> np.ndarray:
 
 # -- packing ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Image:
     latent: torch.Tensor  # [C, H, W]
@@ -153,9 +155,17 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         mv = lambda t: None if t is None else t.to(device)
-        return PackedBatch(mv(self.input_ids), mv(self.labels), mv(self.positions), mv(self.image_index),
-                           mv(self.cu_seqlens), mv(self.image_spans), [mv(x) for x in self.images],
-                           mv(self.timesteps), self.noise_seed)
+        return PackedBatch(
+            mv(self.input_ids),
+            mv(self.labels),
+            mv(self.positions),
+            mv(self.image_index),
+            mv(self.cu_seqlens),
+            mv(self.image_spans),
+            [mv(x) for x in self.images],
+            mv(self.timesteps),
+            self.noise_seed,
+        )
 
     def mask(self, bidirectional_images: bool = True):
         """The attention mask: causal per document, plus (by default) bidirectional inside each image."""
@@ -165,8 +175,9 @@ class PackedBatch:
         return tk.HybridMask.from_spans(self.cu_seqlens, spans)
 
 
-def pack_documents(docs, tokenizer, patch_size: int, num_train_timesteps: int = 1000,
-                   generator: torch.Generator | None = None) -> PackedBatch:
+def pack_documents(
+    docs, tokenizer, patch_size: int, num_train_timesteps: int = 1000, generator: torch.Generator | None = None
+) -> PackedBatch:
     """Pack documents (lists of ``list[int]`` text segments and ``Image`` segments) into one
     batch. Each image gets a training timestep drawn uniformly from [0, cap] (cap = its
     ``max_timestep`` or ``num_train_timesteps - 1``)."""
@@ -180,7 +191,9 @@ def pack_documents(docs, tokenizer, patch_size: int, num_train_timesteps: int = 
             if isinstance(seg, Image):
                 c, h, w = seg.latent.shape
                 if h % patch_size or w % patch_size:
-                    raise ValueError(f"image of size {h}x{w} in document {d} is not divisible by patch_size={patch_size}")
+                    raise ValueError(
+                        f"image of size {h}x{w} in document {d} is not divisible by patch_size={patch_size}"
+                    )
                 seq.append(("t", tokenizer.boi_id))
                 seq.append(("i", (seg, (h // patch_size) * (w // patch_size))))
                 seq.append(("t", tokenizer.eoi_id))
@@ -199,7 +212,11 @@ def pack_documents(docs, tokenizer, patch_size: int, num_train_timesteps: int = 
                 m = len(images)
                 spans.append((len(ids), len(ids) + n))
                 images.append(seg.latent)
-                cap = num_train_timesteps - 1 if seg.max_timestep is None else min(seg.max_timestep, num_train_timesteps - 1)
+                cap = (
+                    num_train_timesteps - 1
+                    if seg.max_timestep is None
+                    else min(seg.max_timestep, num_train_timesteps - 1)
+                )
                 caps.append(cap)
                 ids.extend([tokenizer.pad_id] * n)
                 is_text.extend([False] * n)
@@ -226,11 +243,15 @@ def pack_documents(docs, tokenizer, patch_size: int, num_train_timesteps: int = 
         timesteps = torch.zeros(0, dtype=torch.long)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     return PackedBatch(
-        input_ids=input_ids, labels=labels, positions=torch.tensor(pos, dtype=torch.long),
+        input_ids=input_ids,
+        labels=labels,
+        positions=torch.tensor(pos, dtype=torch.long),
         image_index=torch.tensor(img_idx, dtype=torch.int32),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32),
         image_spans=torch.tensor(spans, dtype=torch.int32).reshape(-1, 2),
-        images=images, timesteps=timesteps, noise_seed=seed,
+        images=images,
+        timesteps=timesteps,
+        noise_seed=seed,
     )
 
 
@@ -244,8 +265,16 @@ class MixedBatches:
     and the others put the caption first, dropping it with probability ``caption_dropout``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, corpus: list[str], tokenizer,
-                 data_cfg, patch_size: int, num_train_timesteps: int = 1000):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        corpus: list[str],
+        tokenizer,
+        data_cfg,
+        patch_size: int,
+        num_train_timesteps: int = 1000,
+    ):
         if len(images) != len(labels):
             raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
         self.images, self.labels = images, labels
@@ -253,8 +282,11 @@ class MixedBatches:
         self.patch_size, self.T = patch_size, num_train_timesteps
         self.corpus_ids = [tokenizer.encode(t) for t in corpus]
         # every caption pre-tokenised: (digit, template) -> ids
-        self.caption_ids = {(d, j): tokenizer.encode(t.format(word=WORDS[d], num=d))
-                            for d in range(10) for j, t in enumerate(CAPTION_TEMPLATES)}
+        self.caption_ids = {
+            (d, j): tokenizer.encode(t.format(word=WORDS[d], num=d))
+            for d in range(10)
+            for j, t in enumerate(CAPTION_TEMPLATES)
+        }
         self.step = 0
 
     def documents(self, step: int):

@@ -21,6 +21,7 @@ losses are the all-reduced sums of the unscaled terms, i.e. ``L`` and its two pa
 Checkpoints are written by rank 0 with full (unsharded) tensors in the ordinary format of
 ``transfusion.checkpoint``: they load in one process or on another world size.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,10 @@ def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:  # FSDP2 is public in torch >= 2.6
-        raise RuntimeError(f"strategy 'fsdp' needs torch.distributed.fsdp.fully_shard (FSDP2), "
-                           f"which torch {torch.__version__} does not provide; use strategy 'ddp'") from e
+        raise RuntimeError(
+            f"strategy 'fsdp' needs torch.distributed.fsdp.fully_shard (FSDP2), "
+            f"which torch {torch.__version__} does not provide; use strategy 'ddp'"
+        ) from e
     return fully_shard
 
 
@@ -67,8 +70,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def doc_range(num_docs: int, rank: int, world: int) -> tuple[int, int]:
     """Documents ``[a, b)`` of a global batch that ``rank`` of ``world`` trains on."""
     if num_docs < world:
-        raise ValueError(f"a global batch of {num_docs} documents cannot be split over {world} ranks "
-                         f"(docs_per_batch must be >= the world size)")
+        raise ValueError(
+            f"a global batch of {num_docs} documents cannot be split over {world} ranks "
+            f"(docs_per_batch must be >= the world size)"
+        )
     return rank * num_docs // world, (rank + 1) * num_docs // world
 
 
@@ -97,15 +102,17 @@ def shard_batch(batch: PackedBatch, a: int, b: int, pad_image: bool = False):
         lab = batch.labels[s0:s1]
         labels.append(lab if k == 0 else torch.full_like(lab, IGNORE))
         pos.append(batch.positions[s0:s1])
-        new_cu += [c + off for c in cu[da + 1:db + 1]]
+        new_cu += [c + off for c in cu[da + 1 : db + 1]]
         new_spans += [(s + off, e + off) for s, e in spans if s0 <= s < s1]
     first = imgs[0] if imgs else 0
     for k, (da, db) in enumerate(docs):
-        ii = batch.image_index[cu[da]:cu[db]]
+        ii = batch.image_index[cu[da] : cu[db]]
         img_index.append(torch.where(ii >= 0, ii - first if k == 0 else ii - imgs[0] + real, ii))
     dev = batch.input_ids.device
     local = PackedBatch(
-        input_ids=torch.cat(ids), labels=torch.cat(labels), positions=torch.cat(pos),
+        input_ids=torch.cat(ids),
+        labels=torch.cat(labels),
+        positions=torch.cat(pos),
         image_index=torch.cat(img_index),
         cu_seqlens=torch.tensor(new_cu, dtype=torch.int32, device=dev),
         image_spans=torch.tensor(new_spans, dtype=torch.int32, device=dev).reshape(-1, 2),
@@ -122,8 +129,9 @@ class DistributedTrainer(Trainer):
     ``model`` is the plain module, built identically (same seed) on every rank; with
     ``strategy="fsdp"`` it is sharded in place before the optimizer is built."""
 
-    def __init__(self, model, config, tokenizer, batches, *, strategy: str = "ddp", device="cpu",
-                 metrics_path=None, latents=None):
+    def __init__(
+        self, model, config, tokenizer, batches, *, strategy: str = "ddp", device="cpu", metrics_path=None, latents=None
+    ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not dist.is_initialized():
@@ -132,14 +140,22 @@ class DistributedTrainer(Trainer):
         device = torch.device(device)
         if strategy == "fsdp":
             _fully_shard()(model)
-        super().__init__(model, config, tokenizer, batches, device=device,
-                         metrics_path=metrics_path if self.rank == 0 else None, latents=latents)
+        super().__init__(
+            model,
+            config,
+            tokenizer,
+            batches,
+            device=device,
+            metrics_path=metrics_path if self.rank == 0 else None,
+            latents=latents,
+        )
         if strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             # unused parameters: a global batch without images leaves the image side idle
             self.forward_module = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            )
         else:
             self.forward_module = model
 
@@ -156,10 +172,12 @@ class DistributedTrainer(Trainer):
         if n_images:
             x0 = images_to_rows(batch.images, k).float()
             counts = [(x.shape[1] // k) * (x.shape[2] // k) for x in batch.images]
-            row_img = torch.repeat_interleave(torch.arange(n_images, device=x0.device),
-                                              torch.tensor(counts, device=x0.device))
-            x_t, target_all, model_t = training_inputs(model.cfg, x0, batch.timesteps, row_img, batch.noise_seed,
-                                                       sched, model.backend)
+            row_img = torch.repeat_interleave(
+                torch.arange(n_images, device=x0.device), torch.tensor(counts, device=x0.device)
+            )
+            x_t, target_all, model_t = training_inputs(
+                model.cfg, x0, batch.timesteps, row_img, batch.noise_seed, sched, model.backend
+            )
             starts = [0]
             for c in counts:
                 starts.append(starts[-1] + c)
@@ -176,8 +194,15 @@ class DistributedTrainer(Trainer):
             patch_img = torch.repeat_interleave(torch.where(ids < real, ids, -1), lens)  # pad image: -1
         with self.autocast():
             mask = local.mask(self.config.model.bidirectional_images)
-            logits, pred = self.forward_module(local.input_ids, local.positions, local.image_index, mask,
-                                               noisy, model_t[imgs] if imgs else local.timesteps, label_pos)
+            logits, pred = self.forward_module(
+                local.input_ids,
+                local.positions,
+                local.image_index,
+                mask,
+                noisy,
+                model_t[imgs] if imgs else local.timesteps,
+                label_pos,
+            )
         if len(label_pos):
             lm = F.cross_entropy(logits.float(), local.labels[label_pos], reduction="sum") / n_labels
         else:
@@ -215,9 +240,14 @@ class DistributedTrainer(Trainer):
                     self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
         loss = lm + tc.diffusion_weight * ddpm
         return {
-            "step": self.step, "loss": loss.item(), "lm_loss": lm.item(), "ddpm_loss": ddpm.item(),
-            "lr": lr, "grad_norm": None if gnorm is None else float(gnorm),
-            "tokens": int(batch.input_ids.numel()), "step_time": time.perf_counter() - t0,
+            "step": self.step,
+            "loss": loss.item(),
+            "lm_loss": lm.item(),
+            "ddpm_loss": ddpm.item(),
+            "lr": lr,
+            "grad_norm": None if gnorm is None else float(gnorm),
+            "tokens": int(batch.input_ids.numel()),
+            "step_time": time.perf_counter() - t0,
             "world_size": self.world,
         }
 
@@ -232,8 +262,9 @@ class DistributedTrainer(Trainer):
     def trainer_state(self) -> dict:
         state = super().trainer_state()
         opt = state["optimizer"]
-        opt["state"] = {i: {k: _full(v) if torch.is_tensor(v) else v for k, v in st.items()}
-                        for i, st in opt["state"].items()}
+        opt["state"] = {
+            i: {k: _full(v) if torch.is_tensor(v) else v for k, v in st.items()} for i, st in opt["state"].items()
+        }
         return state
 
     def save(self, path) -> Path:
@@ -243,8 +274,15 @@ class DistributedTrainer(Trainer):
         trainer = self.trainer_state()
         ema = {k: _full(v) for k, v in self.ema.items()} if self.ema is not None else None
         if self.rank == 0:
-            save_checkpoint(path, model=_StateDict(model_sd), config=self.config, tokenizer=self.tokenizer,
-                            ema=ema, trainer=trainer, latents=self.latents)
+            save_checkpoint(
+                path,
+                model=_StateDict(model_sd),
+                config=self.config,
+                tokenizer=self.tokenizer,
+                ema=ema,
+                trainer=trainer,
+                latents=self.latents,
+            )
         dist.barrier()
         return Path(path)
 
@@ -258,8 +296,9 @@ class DistributedTrainer(Trainer):
         from transfusion.checkpoint import load_trainer_state
 
         state, opt, rng, ema = load_trainer_state(path)
-        set_model_state_dict(self.model, load_file(str(Path(path) / "model.safetensors")),
-                             options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(
+            self.model, load_file(str(Path(path) / "model.safetensors")), options=StateDictOptions(full_state_dict=True)
+        )
         self.opt.load_state_dict(opt)
         for group in self.opt.param_groups:  # full optimizer tensors -> this rank's shards
             for p in group["params"]:
@@ -276,8 +315,12 @@ class DistributedTrainer(Trainer):
             if ema is None:
                 raise ValueError(f"{path}: the config asks for EMA but the checkpoint has no ema.safetensors")
             cur = self.model.state_dict()
-            self.ema = {k: distribute_tensor(v.float().to(self.device), cur[k].device_mesh, cur[k].placements)
-                        if _is_dtensor(cur[k]) else v.float().to(self.device) for k, v in ema.items()}
+            self.ema = {
+                k: distribute_tensor(v.float().to(self.device), cur[k].device_mesh, cur[k].placements)
+                if _is_dtensor(cur[k])
+                else v.float().to(self.device)
+                for k, v in ema.items()
+            }
 
 
 class _StateDict:
@@ -338,10 +381,25 @@ def train(args, strategy: str) -> int:
                 write_marker(out, "train")
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
-        batches = MixedBatches(prepared.train_latents, prepared.train_labels, prepared.corpus, prepared.tokenizer,
-                               cfg.data, cfg.model.patch_size, cfg.model.num_train_timesteps)
-        trainer = DistributedTrainer(model, cfg, prepared.tokenizer, batches, strategy=strategy, device=device,
-                                     metrics_path=out / "metrics.jsonl", latents=latents)
+        batches = MixedBatches(
+            prepared.train_latents,
+            prepared.train_labels,
+            prepared.corpus,
+            prepared.tokenizer,
+            cfg.data,
+            cfg.model.patch_size,
+            cfg.model.num_train_timesteps,
+        )
+        trainer = DistributedTrainer(
+            model,
+            cfg,
+            prepared.tokenizer,
+            batches,
+            strategy=strategy,
+            device=device,
+            metrics_path=out / "metrics.jsonl",
+            latents=latents,
+        )
         ckpt = out / "checkpoint"
         if args.resume and (ckpt / "trainer_state.json").is_file():
             trainer.resume(ckpt)
@@ -353,8 +411,10 @@ def train(args, strategy: str) -> int:
         if rank == 0:
             if hist:
                 last = hist[-1]
-                print(f"step {last['step']}: loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}, "
-                      f"ddpm {last['ddpm_loss']:.4f}) on {dist.get_world_size()} ranks ({strategy})")
+                print(
+                    f"step {last['step']}: loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}, "
+                    f"ddpm {last['ddpm_loss']:.4f}) on {dist.get_world_size()} ranks ({strategy})"
+                )
             print(f"checkpoint: {ckpt}")
     except BaseException:  # an error or Ctrl-C before any checkpoint: no run folder stays behind
         if dist.get_rank() == 0 and new_folder and not (out / "checkpoint").exists():

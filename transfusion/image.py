@@ -7,6 +7,7 @@ size), emit patch vectors in sequence order (image by image, rows left to right,
 and turn the transformer's outputs at those positions back into per-patch predictions
 ``[P, C * k * k]`` in the same order.
 """
+
 from __future__ import annotations
 
 import math

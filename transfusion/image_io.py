@@ -1,4 +1,5 @@
 """Image files: PNG in and out, and a grid of images, all in the model's [-1, 1] range."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ def image_grid(images, ncol: int, pad: int = 1):
     grid = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), -1.0)
     for i, x in enumerate(images):
         r, q = divmod(i, ncol)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x
     return grid
 
 

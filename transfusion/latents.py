@@ -3,6 +3,7 @@
 Images are float tensors ``[B, C, H, W]`` in [-1, 1]. ``encode`` returns the latents the model
 diffuses (for a VAE: the posterior mean times the scaling factor), ``decode`` inverts it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ class VAELatents:
     def __init__(self, vae, scaling_factor: float | None = None, sample_posterior: bool = False):
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
-        self.scaling_factor = float(scaling_factor if scaling_factor is not None else getattr(cfg, "scaling_factor", 1.0))
+        self.scaling_factor = float(
+            scaling_factor if scaling_factor is not None else getattr(cfg, "scaling_factor", 1.0)
+        )
         self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
         self.channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)

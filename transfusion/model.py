@@ -6,6 +6,7 @@ everywhere, bidirectional inside each image). Text goes through an embedding tab
 head; images through ``LinearPatches`` or ``UNetPatches``, with the diffusion timestep added to
 each patch vector by ``tk.patch_timestep_embedding``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,10 @@ def _attention_backend(backend, device) -> str:
     name = requested_backend(backend)
     if name != "auto":
         return name
-    return next((c for c in AUTO_ORDER if device.type == "cuda" and ATTENTION.has(c)
-                 and backend_info(c, device).available), "reference")
+    return next(
+        (c for c in AUTO_ORDER if device.type == "cuda" and ATTENTION.has(c) and backend_info(c, device).available),
+        "reference",
+    )
 
 
 class RMSNorm(nn.Module):
@@ -149,8 +152,9 @@ class TransfusionModel(nn.Module):
         if cfg.image_encoder == "linear":
             self.image = LinearPatches(cfg.latent_channels, cfg.patch_size, cfg.dim)
         else:
-            self.image = UNetPatches(cfg.latent_channels, cfg.patch_size, cfg.dim, cfg.unet_channels,
-                                     cfg.timestep_freq_dim)
+            self.image = UNetPatches(
+                cfg.latent_channels, cfg.patch_size, cfg.dim, cfg.unet_channels, cfg.timestep_freq_dim
+            )
         self.t_mlp = tk.TimestepMLP(cfg.timestep_freq_dim, cfg.dim, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -167,19 +171,26 @@ class TransfusionModel(nn.Module):
 
     def schedule(self) -> "tk.DiffusionSchedule":
         c = self.cfg
-        return tk.DiffusionSchedule(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
-                                    beta_start=c.beta_start, beta_end=c.beta_end)
+        return tk.DiffusionSchedule(
+            num_train_timesteps=c.num_train_timesteps,
+            beta_schedule=c.beta_schedule,
+            beta_start=c.beta_start,
+            beta_end=c.beta_end,
+        )
 
     # -- pieces ------------------------------------------------------------------------------
     def embed_images(self, images, timesteps):
         """Patch vectors of ``images`` (noisy latents at ``timesteps``) with the timestep
         embedding added, and the codec state the output side needs."""
         tok, state = self.image.encode(images, timesteps)
-        counts = torch.tensor([(x.shape[1] // self.cfg.patch_size) * (x.shape[2] // self.cfg.patch_size)
-                               for x in images], device=tok.device)
+        counts = torch.tensor(
+            [(x.shape[1] // self.cfg.patch_size) * (x.shape[2] // self.cfg.patch_size) for x in images],
+            device=tok.device,
+        )
         img_index = torch.repeat_interleave(torch.arange(len(images), device=tok.device, dtype=torch.int32), counts)
-        tok = tk.patch_timestep_embedding(tok, timesteps, img_index, mlp=self.t_mlp,
-                                          freq_dim=self.cfg.timestep_freq_dim, backend=self.backend)
+        tok = tk.patch_timestep_embedding(
+            tok, timesteps, img_index, mlp=self.t_mlp, freq_dim=self.cfg.timestep_freq_dim, backend=self.backend
+        )
         return tok, state, img_index
 
     def run_layers(self, x, positions, mask, cache=None, step=None):
@@ -260,9 +271,14 @@ class KVCache:
         qb = torch.repeat_interleave(s, ql)
         qj = torch.arange(len(qb), device=self.device) - (torch.cumsum(ql, 0) - ql)[qb]
         return {
-            "seq_ids": seq_ids, "query_lens": ql, "n_keys": int((cl + ql).sum()), "commit": commit,
-            "cache_src": (seq_ids[cb], cj), "cache_dst": key_off[cb] + cj,
-            "new_dst": key_off[qb] + cl[qb] + qj, "new_slot": (seq_ids[qb], cl[qb] + qj),
+            "seq_ids": seq_ids,
+            "query_lens": ql,
+            "n_keys": int((cl + ql).sum()),
+            "commit": commit,
+            "cache_src": (seq_ids[cb], cj),
+            "cache_dst": key_off[cb] + cj,
+            "new_dst": key_off[qb] + cl[qb] + qj,
+            "new_slot": (seq_ids[qb], cl[qb] + qj),
             "positions": cl[qb] + qj,
             "mask": tk.HybridMask.cached(cl.to(torch.int32), ql.to(torch.int32), bidirectional),
         }

@@ -15,6 +15,7 @@ is at timestep 0 (s = 0) for both objectives.
 All noising, steps and losses run on the fused ops of ``transfusion_kernels`` (one dispatch path
 per op: ``backend=`` picks the implementation).
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,9 @@ def check_sampler(cfg, sampler: str, name: str = "sampler") -> None:
     the setting as its user spells it (an option, a config field)."""
     fits = SAMPLERS[cfg.objective]
     if sampler not in fits:
-        raise ValueError(f"{name} {sampler!r} does not fit objective {cfg.objective!r}; "
-                         f"use {' or '.join(map(repr, fits))}")
+        raise ValueError(
+            f"{name} {sampler!r} does not fit objective {cfg.objective!r}; use {' or '.join(map(repr, fits))}"
+        )
 
 
 def sampling_steps(cfg, steps: int):
@@ -75,12 +77,24 @@ def denoise(cfg, sample_cfg, sched, rows, pred, uncond, t, t_next, seed: int, ba
     ``pred`` and, under classifier-free guidance, its unconditional one ``uncond`` (else None)."""
     g = sample_cfg.cfg_scale
     if cfg.objective == "flow":  # the guidance combine runs inside the fused Euler step
-        return tk.flow_euler_step(pred, t, t_next, rows, guidance_scale=g if uncond is not None else None,
-                                  uncond_output=uncond, backend=backend)
+        return tk.flow_euler_step(
+            pred,
+            t,
+            t_next,
+            rows,
+            guidance_scale=g if uncond is not None else None,
+            uncond_output=uncond,
+            backend=backend,
+        )
     if uncond is not None:
         pred = uncond + g * (pred - uncond)
-    common = dict(prev_timestep=t_next, clip_sample=sample_cfg.clip_sample, prediction_type=cfg.prediction_type,
-                  seed=seed, backend=backend)
+    common = dict(
+        prev_timestep=t_next,
+        clip_sample=sample_cfg.clip_sample,
+        prediction_type=cfg.prediction_type,
+        seed=seed,
+        backend=backend,
+    )
     if sample_cfg.sampler == "ddim":
         return tk.ddim_step(pred, t, rows, sched, eta=sample_cfg.eta, **common)
     return tk.ddpm_step(pred, t, rows, sched, **common)

@@ -7,6 +7,7 @@ refused with a line that says what is there. Hints point at what the user most l
 (``--data demo`` -> ``--data demo/data``), never at a flag that would delete another command's
 work.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,12 +52,20 @@ def check_out(out, command: str, overwrite: bool, *, also: str = "", legacy=None
     if own and overwrite:
         return
     if own:
-        raise UserError(f"--out {out} is not empty: it holds an earlier `transfusion {command}` output "
-                        f"({contents(out)}); pass --overwrite{also} or another --out")
-    what = (f"the output of `transfusion {owner}` ({contents(out)})" if owner
-            else f"files `transfusion {command}` did not write ({contents(out)})")
-    rule = (f"--overwrite replaces only an earlier `transfusion {command}` output" if flag
-            else f"`transfusion {command}` adds only to its own earlier output")
+        raise UserError(
+            f"--out {out} is not empty: it holds an earlier `transfusion {command}` output "
+            f"({contents(out)}); pass --overwrite{also} or another --out"
+        )
+    what = (
+        f"the output of `transfusion {owner}` ({contents(out)})"
+        if owner
+        else f"files `transfusion {command}` did not write ({contents(out)})"
+    )
+    rule = (
+        f"--overwrite replaces only an earlier `transfusion {command}` output"
+        if flag
+        else f"`transfusion {command}` adds only to its own earlier output"
+    )
     raise UserError(f"--out {out} holds {what}; {rule}, so nothing was changed: pass a new or empty --out")
 
 

@@ -5,6 +5,7 @@ Writes ``tokenizer.model`` (SentencePiece trained on the corpus and captions, or
 labels) and ``prepare.json`` (the settings, so ``train`` can rebuild the configuration). The folder
 is written under a temporary name beside ``out`` and renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,21 @@ def _encode(latents, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     x = images
     if x.shape[1] != latents.in_channels:  # grayscale digits into an RGB autoencoder
         x = x.expand(-1, latents.in_channels, -1, -1)
-    return torch.cat([latents.encode(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return torch.cat([latents.encode(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def prepare(out, *, image_size: int = 8, vocab_size: int = 256, tokenizer: str | None = None,
-            vae: str | None = None, holdout_fraction: float = 0.2, seed: int = 0, overwrite: bool = False,
-            made_by: str = "prepare") -> Prepared:
+def prepare(
+    out,
+    *,
+    image_size: int = 8,
+    vocab_size: int = 256,
+    tokenizer: str | None = None,
+    vae: str | None = None,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    overwrite: bool = False,
+    made_by: str = "prepare",
+) -> Prepared:
     """Write the data set to ``out`` (replacing a non-empty one only with ``overwrite``); the
     arguments are checked (UserError) before anything is written. ``made_by``: the command its
     marker names (``demo`` and ``ablate`` keep their data inside their own output)."""
@@ -79,16 +89,25 @@ def _write(out: Path, tok, corpus, image_size, vae, holdout_fraction, seed, toke
     if vae:
         shutil.copytree(vae, out / "vae", dirs_exist_ok=True)
     tensors = {
-        "train_images": data.train_images, "train_labels": data.train_labels,
-        "test_images": data.test_images, "test_labels": data.test_labels,
-        "train_latents": _encode(lat, data.train_images), "test_latents": _encode(lat, data.test_images),
+        "train_images": data.train_images,
+        "train_labels": data.train_labels,
+        "test_images": data.test_images,
+        "test_labels": data.test_labels,
+        "train_latents": _encode(lat, data.train_images),
+        "test_latents": _encode(lat, data.test_images),
     }
     save_tensors({k: v.contiguous() for k, v in tensors.items()}, out / "digits.safetensors")
     info = {
-        "image_size": image_size, "latents": "vae" if vae else "pixel", "latent_channels": int(tensors["train_latents"].shape[1]),
-        "latent_size": list(tensors["train_latents"].shape[2:]), "vocab_size": tok.vocab_size,
-        "holdout_fraction": holdout_fraction, "seed": seed, "n_train": len(data.train_labels),
-        "n_test": len(data.test_labels), "corpus_lines": len(corpus),
+        "image_size": image_size,
+        "latents": "vae" if vae else "pixel",
+        "latent_channels": int(tensors["train_latents"].shape[1]),
+        "latent_size": list(tensors["train_latents"].shape[2:]),
+        "vocab_size": tok.vocab_size,
+        "holdout_fraction": holdout_fraction,
+        "seed": seed,
+        "n_train": len(data.train_labels),
+        "n_test": len(data.test_labels),
+        "corpus_lines": len(corpus),
         "tokenizer": tokenizer or "trained (sentencepiece bpe)",
     }
     (out / "prepare.json").write_text(json.dumps(info, indent=2))
@@ -109,8 +128,10 @@ def _load_tokenizer(path, what: str) -> Tokenizer:
     except OSError as e:
         raise UserError(f"{what} {path}: {e.strerror or e}; pass a SentencePiece .model file") from e
     except RuntimeError as e:  # sentencepiece reports a bad model file as RuntimeError
-        raise UserError(f"{what} {path} is not a SentencePiece model; pass a .model file written by "
-                        "SentencePiece, or leave the option out to train one") from e
+        raise UserError(
+            f"{what} {path} is not a SentencePiece model; pass a .model file written by "
+            "SentencePiece, or leave the option out to train one"
+        ) from e
 
 
 def load_prepared(path) -> Prepared:
@@ -120,8 +141,10 @@ def load_prepared(path) -> Prepared:
         if inner is not None:
             raise FileNotFoundError(f"--data {path} has no prepare.json but {inner} does: pass --data {inner}")
         if path.is_dir() and any(path.iterdir()):  # never suggest writing into another command's folder
-            raise FileNotFoundError(f"--data {path} has no prepare.json (it holds {contents(path)}): run "
-                                    "`transfusion prepare --out DIR` with a new DIR, then pass --data DIR")
+            raise FileNotFoundError(
+                f"--data {path} has no prepare.json (it holds {contents(path)}): run "
+                "`transfusion prepare --out DIR` with a new DIR, then pass --data DIR"
+            )
         raise FileNotFoundError(f"--data {path}: no prepare.json; run `transfusion prepare --out {path}` first")
     t = load_file(str(path / "digits.safetensors"))
     info = json.loads((path / "prepare.json").read_text())
@@ -131,13 +154,19 @@ def load_prepared(path) -> Prepared:
     except (OSError, RuntimeError) as e:  # missing, or not a SentencePiece model
         raise UserError(f"{f}: not a readable SentencePiece model ({e}); run `transfusion prepare` again") from e
     if tok.vocab_size != info["vocab_size"]:
-        raise UserError(f"{f} gives {tok.vocab_size} token ids, prepare.json says {info['vocab_size']}: "
-                        "the file was replaced or damaged; run `transfusion prepare` again")
+        raise UserError(
+            f"{f} gives {tok.vocab_size} token ids, prepare.json says {info['vocab_size']}: "
+            "the file was replaced or damaged; run `transfusion prepare` again"
+        )
     return Prepared(
         tokenizer=tok,
         corpus=(path / "corpus.txt").read_text().splitlines(),
-        train_latents=t["train_latents"], train_labels=t["train_labels"], train_images=t["train_images"],
-        test_images=t["test_images"], test_latents=t["test_latents"], test_labels=t["test_labels"],
+        train_latents=t["train_latents"],
+        train_labels=t["train_labels"],
+        train_images=t["train_images"],
+        test_images=t["test_images"],
+        test_latents=t["test_latents"],
+        test_labels=t["test_labels"],
         info=info,
     )
 

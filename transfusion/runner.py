@@ -1,6 +1,7 @@
 """Building a run: its Config from prepared data and command-line overrides, and the model,
 batch stream and Trainer of a run folder. Used by the command line, the demo and distributed
 training."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,16 @@ from pathlib import Path
 import torch
 
 from transfusion.checkpoint import model_config_differences
-from transfusion.config import (Config, DataConfig, ModelConfig, SampleDefaults, TrainConfig, UserError, demo_config,
-                                paper_config)
+from transfusion.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    SampleDefaults,
+    TrainConfig,
+    UserError,
+    demo_config,
+    paper_config,
+)
 from transfusion.data import MixedBatches
 from transfusion.model import TransfusionModel
 from transfusion.objective import check_sampler
@@ -45,11 +54,27 @@ def build_config(info: dict, args):
         base = Config()
     m, d, t = base.model.__dict__.copy(), base.data.__dict__.copy(), base.train.__dict__.copy()
     m.update(vocab_size=info["vocab_size"], latent_channels=info["latent_channels"])
-    d.update(image_size=info["image_size"], holdout_fraction=info["holdout_fraction"],
-             latents="pixel" if info["latents"] == "pixel" else "vae")
-    for key, dest in (("dim", m), ("layers", m), ("heads", m), ("patch_size", m), ("image_encoder", m),
-                      ("docs_per_batch", d), ("steps", t), ("lr", t), ("seed", t), ("ema_decay", t),
-                      ("diffusion_weight", t), ("warmup_steps", t), ("save_every", t), ("objective", m)):
+    d.update(
+        image_size=info["image_size"],
+        holdout_fraction=info["holdout_fraction"],
+        latents="pixel" if info["latents"] == "pixel" else "vae",
+    )
+    for key, dest in (
+        ("dim", m),
+        ("layers", m),
+        ("heads", m),
+        ("patch_size", m),
+        ("image_encoder", m),
+        ("docs_per_batch", d),
+        ("steps", t),
+        ("lr", t),
+        ("seed", t),
+        ("ema_decay", t),
+        ("diffusion_weight", t),
+        ("warmup_steps", t),
+        ("save_every", t),
+        ("objective", m),
+    ):
         v = getattr(args, key, None)
         if v is not None:
             dest[{"layers": "n_layers", "heads": "n_heads"}.get(key, key)] = v
@@ -71,8 +96,10 @@ def build_config(info: dict, args):
             raise UserError(f"{e} (or null: the objective's own)") from e
     k = cfg.model.patch_size
     if any(s % k for s in info["latent_size"]):
-        raise UserError(f"patch size {k} does not divide the {'x'.join(map(str, info['latent_size']))} latent images; "
-                        f"choose a --patch-size that divides {info['latent_size'][0]}")
+        raise UserError(
+            f"patch size {k} does not divide the {'x'.join(map(str, info['latent_size']))} latent images; "
+            f"choose a --patch-size that divides {info['latent_size'][0]}"
+        )
     return cfg
 
 
@@ -82,8 +109,10 @@ def warmup_warning(cfg, fix: str | None = None) -> str | None:
     if t.steps >= t.warmup_steps:
         return None
     fix = fix or f"pass --warmup-steps {max(1, t.steps // 10)} or more --steps"
-    return (f"warning: {t.steps} step{'s' * (t.steps != 1)} is less than the {t.warmup_steps} warmup steps, so the learning rate never "
-            f"reaches its peak {t.lr:g} (it ends at {t.lr * t.steps / t.warmup_steps:.3g}); {fix}")
+    return (
+        f"warning: {t.steps} step{'s' * (t.steps != 1)} is less than the {t.warmup_steps} warmup steps, so the learning rate never "
+        f"reaches its peak {t.lr:g} (it ends at {t.lr * t.steps / t.warmup_steps:.3g}); {fix}"
+    )
 
 
 def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=None):
@@ -98,26 +127,45 @@ def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=N
         except (OSError, ValueError) as e:
             raise UserError(f"cannot resume {ckpt}: {e}; pass a new --out, or leave --resume out") from e
         if diff:
-            raise UserError(f"cannot resume {ckpt}: its model differs ({'; '.join(diff)}); "
-                            "pass the options it was trained with, or a new --out")
+            raise UserError(
+                f"cannot resume {ckpt}: its model differs ({'; '.join(diff)}); "
+                "pass the options it was trained with, or a new --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
     if written_by(out) is None:
         write_marker(out, "train")
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
-    batches = MixedBatches(prepared.train_latents, prepared.train_labels, prepared.corpus, prepared.tokenizer,
-                           cfg.data, cfg.model.patch_size, cfg.model.num_train_timesteps)
-    trainer = Trainer(model, cfg, prepared.tokenizer, batches, device=device, metrics_path=out / "metrics.jsonl",
-                      latents=latents)
+    batches = MixedBatches(
+        prepared.train_latents,
+        prepared.train_labels,
+        prepared.corpus,
+        prepared.tokenizer,
+        cfg.data,
+        cfg.model.patch_size,
+        cfg.model.num_train_timesteps,
+    )
+    trainer = Trainer(
+        model, cfg, prepared.tokenizer, batches, device=device, metrics_path=out / "metrics.jsonl", latents=latents
+    )
     if resume and (ckpt / "trainer_state.json").is_file():
         trainer.resume(ckpt)
         print(f"resumed from {ckpt} at step {trainer.step}")
     return trainer
 
 
-def run_training(prepared, cfg, out, *, device, resume: bool = False, progress: bool = True, time_limit=None,
-                 latents=None, on_log=None):
+def run_training(
+    prepared,
+    cfg,
+    out,
+    *,
+    device,
+    resume: bool = False,
+    progress: bool = True,
+    time_limit=None,
+    latents=None,
+    on_log=None,
+):
     trainer = build_trainer(prepared, cfg, out, device=device, resume=resume, latents=latents)
-    hist = trainer.fit(checkpoint_dir=Path(out) / "checkpoint", progress=progress, time_limit=time_limit,
-                       on_log=on_log)
+    hist = trainer.fit(checkpoint_dir=Path(out) / "checkpoint", progress=progress, time_limit=time_limit, on_log=on_log)
     return trainer, hist

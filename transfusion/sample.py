@@ -7,6 +7,7 @@ Classifier-free guidance runs an unconditional copy of each image (context ``[BO
 trained by caption dropout) in the same batch. After the last step the clean image (timestep 0)
 is written into the cache, EOI is appended and text generation continues.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,16 +61,21 @@ def _image_step(model, cache, seq_ids, images, timesteps, commit):
     n = (images.shape[2] // k) * (images.shape[3] // k)
     imgs = list(images)
     tok, state, _ = model.embed_images(imgs, timesteps)
-    step = cache.plan(torch.as_tensor(seq_ids, device=dev), torch.full((len(imgs),), n, device=dev),
-                      bidirectional=model.cfg.bidirectional_images, commit=commit)
+    step = cache.plan(
+        torch.as_tensor(seq_ids, device=dev),
+        torch.full((len(imgs),), n, device=dev),
+        bidirectional=model.cfg.bidirectional_images,
+        commit=commit,
+    )
     h = model.run_layers(tok, step["positions"], step["mask"], cache, step)
     cache.advance(step)
     return model.image.decode(h, imgs, timesteps, state)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg: SampleConfig | None = None, open_image: bool = False,
-             progress: bool = False):
+def generate(
+    model, tokenizer, prompts, cfg: SampleConfig | None = None, open_image: bool = False, progress: bool = False
+):
     """Generate a continuation for each prompt.
 
     A prompt is a string or a list of segments: strings and clean image latents ``[C, H, W]``.
@@ -109,7 +115,9 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
                 text += tokenizer.encode(seg)
             elif isinstance(seg, torch.Tensor):
                 if seg.dim() != 3 or seg.shape[0] != mc.latent_channels:
-                    raise ValueError(f"prompt images must be [C={mc.latent_channels}, H, W] latents, got {tuple(seg.shape)}")
+                    raise ValueError(
+                        f"prompt images must be [C={mc.latent_channels}, H, W] latents, got {tuple(seg.shape)}"
+                    )
                 seq.append(text + [tokenizer.boi_id])
                 seq.append(seg)
                 text = [tokenizer.eoi_id]
@@ -140,8 +148,13 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
     segs = [[] for _ in range(B)]
     toks = [[] for _ in range(B)]
     banned = torch.tensor([tokenizer.pad_id, tokenizer.bos_id, tokenizer.eoi_id], device=dev)
-    bar = tqdm(total=B * cfg.max_images, desc="images", unit="image", disable=not progress or cfg.max_images == 0,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=B * cfg.max_images,
+        desc="images",
+        unit="image",
+        disable=not progress or cfg.max_images == 0,
+        dynamic_ncols=True,
+    )
     while not all(done):
         need = [b for b in range(B) if not done[b] and last[b] == tokenizer.boi_id]
         if need:
@@ -188,12 +201,14 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
     results = []
     for b in range(B):
         out_segs = [("text", tokenizer.decode(v)) if kind == "text_ids" else (kind, v) for kind, v in segs[b]]
-        results.append({
-            "segments": out_segs,
-            "text": " ".join(v for kind, v in out_segs if kind == "text").strip(),
-            "images": [v for kind, v in out_segs if kind == "image"],
-            "tokens": toks[b],
-        })
+        results.append(
+            {
+                "segments": out_segs,
+                "text": " ".join(v for kind, v in out_segs if kind == "text").strip(),
+                "images": [v for kind, v in out_segs if kind == "image"],
+                "tokens": toks[b],
+            }
+        )
     return results
 
 
@@ -210,30 +225,51 @@ def _diffuse(model, cache, seq_ids, uncond_offset, cfg: SampleConfig, sched, g, 
     ids = list(seq_ids)
     if uncond_offset is not None:
         ids = ids + [uncond_offset + b for b in seq_ids]
-    for model_t, t, t_next in tqdm(sampling_steps(mc, cfg.steps), desc="denoise", unit="step",
-                                   disable=not progress, leave=False, dynamic_ncols=True):
+    for model_t, t, t_next in tqdm(
+        sampling_steps(mc, cfg.steps),
+        desc="denoise",
+        unit="step",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    ):
         inp = torch.cat([x, x]) if uncond_offset is not None else x
         ts = torch.full((inp.shape[0],), model_t, device=dev)
         pred = _image_step(model, cache, ids, inp, ts, commit=False).float()
         pred, uncond = pred.chunk(2) if uncond_offset is not None else (pred, None)
-        rows = denoise(mc, cfg, sched, patchify(x.float(), k), pred, uncond, t, t_next,
-                       seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)), backend=model.backend)
+        rows = denoise(
+            mc,
+            cfg,
+            sched,
+            patchify(x.float(), k),
+            pred,
+            uncond,
+            t,
+            t_next,
+            seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
+            backend=model.backend,
+        )
         x = unpatchify(rows, S, mc.latent_channels, H, W, k).to(dtype)
     _image_step(model, cache, seq_ids, x, torch.zeros(S, dtype=torch.long, device=dev), commit=True)
     return x
 
 
 @torch.no_grad()
-def caption(model, tokenizer, latents, cfg: SampleConfig | None = None, batch_size: int = 256,
-            progress: bool = False) -> list[str]:
+def caption(
+    model, tokenizer, latents, cfg: SampleConfig | None = None, batch_size: int = 256, progress: bool = False
+) -> list[str]:
     """One caption per clean latent image ``[N, C, H, W]`` (greedy unless cfg says otherwise);
     ``progress``: a tqdm bar on stderr over the images, advanced per batch of ``batch_size``."""
     cfg = cfg or SampleConfig(max_images=0)
     out = []
     with tqdm(total=len(latents), desc="caption", unit="image", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(latents), batch_size):
-            res = generate(model, tokenizer, [[x] for x in latents[i:i + batch_size]],
-                           SampleConfig(**{**cfg.__dict__, "max_images": 0, "cfg_scale": 1.0}))
+            res = generate(
+                model,
+                tokenizer,
+                [[x] for x in latents[i : i + batch_size]],
+                SampleConfig(**{**cfg.__dict__, "max_images": 0, "cfg_scale": 1.0}),
+            )
             out += [r["text"] for r in res]
             bar.update(len(res))
     return out

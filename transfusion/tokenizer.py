@@ -3,6 +3,7 @@
 BOI and EOI (begin / end of image) and PAD are appended after the SentencePiece vocabulary, and
 so are BOS / EOS when the SentencePiece model has none: any ``.model`` file works unchanged.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,7 +47,10 @@ class Tokenizer:
             model_type=model_type,
             character_coverage=1.0,
             hard_vocab_limit=False,  # small corpora may support fewer pieces than asked for
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
             num_threads=1,
             minloglevel=2,
         )

@@ -4,6 +4,7 @@ AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA
 resumable checkpoints (optimizer, scheduler, RNG and data-iterator state), a tqdm bar with both
 losses and metrics appended to a JSONL file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,7 @@ def rows_to_images(rows: torch.Tensor, shapes, k: int):
     out, o = [], 0
     for c, h, w in shapes:
         n = (h // k) * (w // k)
-        out.append(unpatchify(rows[o:o + n], 1, c, h, w, k)[0])
+        out.append(unpatchify(rows[o : o + n], 1, c, h, w, k)[0])
         o += n
     return out
 
@@ -49,7 +50,9 @@ def loss_terms(model, batch: PackedBatch, sched, autocast=contextlib.nullcontext
     if batch.images:
         x0 = images_to_rows(batch.images, k).float()
         counts = torch.tensor([(x.shape[1] // k) * (x.shape[2] // k) for x in batch.images], device=x0.device)
-        patch_img = torch.repeat_interleave(torch.arange(len(batch.images), device=x0.device, dtype=torch.int32), counts)
+        patch_img = torch.repeat_interleave(
+            torch.arange(len(batch.images), device=x0.device, dtype=torch.int32), counts
+        )
         x_t, target, t = training_inputs(model.cfg, x0, t, patch_img, batch.noise_seed, sched, model.backend)
         noisy = rows_to_images(x_t, [tuple(x.shape) for x in batch.images], k)
     with autocast():
@@ -65,6 +68,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
             return (step + 1) / warmup
         p = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
     return f
 
 
@@ -78,16 +82,20 @@ class Trainer:
         no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=tc.betas, foreach=False,
+            lr=tc.lr,
+            betas=tc.betas,
+            foreach=False,
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio))
         self.diff_sched = model.schedule()
         self.step = 0
-        self.ema = ({k: v.detach().clone().float() for k, v in model.state_dict().items()}
-                    if tc.ema_decay is not None else None)
+        self.ema = (
+            {k: v.detach().clone().float() for k, v in model.state_dict().items()} if tc.ema_decay is not None else None
+        )
         bf16 = tc.bf16 if tc.bf16 is not None else self.device.type == "cuda"
-        self.autocast = ((lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16
-                         else contextlib.nullcontext)
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        )
         self.metrics_path = Path(metrics_path) if metrics_path else None
 
     # -- one step ----------------------------------------------------------------------------
@@ -113,9 +121,14 @@ class Trainer:
                 for k, v in self.model.state_dict().items():
                     self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
         return {
-            "step": self.step, "loss": loss.item(), "lm_loss": lm.item(), "ddpm_loss": ddpm.item(),
-            "lr": lr, "grad_norm": None if gnorm is None else float(gnorm),
-            "tokens": int(batch.input_ids.numel()), "step_time": time.perf_counter() - t0,
+            "step": self.step,
+            "loss": loss.item(),
+            "lm_loss": lm.item(),
+            "ddpm_loss": ddpm.item(),
+            "lr": lr,
+            "grad_norm": None if gnorm is None else float(gnorm),
+            "tokens": int(batch.input_ids.numel()),
+            "step_time": time.perf_counter() - t0,
         }
 
     def set_total_steps(self, total: int) -> None:
@@ -128,8 +141,14 @@ class Trainer:
         self.sched.lr_lambdas = [lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio) for _ in self.opt.param_groups]
 
     # -- loop --------------------------------------------------------------------------------
-    def fit(self, steps: int | None = None, checkpoint_dir=None, progress: bool = True,
-            time_limit: float | None = None, on_log=None) -> list[dict]:
+    def fit(
+        self,
+        steps: int | None = None,
+        checkpoint_dir=None,
+        progress: bool = True,
+        time_limit: float | None = None,
+        on_log=None,
+    ) -> list[dict]:
         """Train until ``steps`` (default: the config's) or ``time_limit`` seconds."""
         from tqdm.auto import tqdm
 
@@ -163,12 +182,24 @@ class Trainer:
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda{i}"] = s
         sched = self.sched.state_dict()  # JSON-able: the lambdas are closures (stored as None)
-        return {"optimizer": self.opt.state_dict(), "scheduler": sched, "step": self.step,
-                "data": self.batches.state_dict(), "rng": rng}
+        return {
+            "optimizer": self.opt.state_dict(),
+            "scheduler": sched,
+            "step": self.step,
+            "data": self.batches.state_dict(),
+            "rng": rng,
+        }
 
     def save(self, path) -> Path:
-        return save_checkpoint(path, model=self.model, config=self.config, tokenizer=self.tokenizer,
-                               ema=self.ema, trainer=self.trainer_state(), latents=self.latents)
+        return save_checkpoint(
+            path,
+            model=self.model,
+            config=self.config,
+            tokenizer=self.tokenizer,
+            ema=self.ema,
+            trainer=self.trainer_state(),
+            latents=self.latents,
+        )
 
     def _cut_metrics(self) -> None:
         """Drop the metrics lines past the resumed step: a run stopped after its last checkpoint

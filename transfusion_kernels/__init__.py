@@ -5,6 +5,7 @@ chosen per call (``backend=``), per block and thread (``use_backend``) or per pr
 (``TRANSFUSION_KERNELS_BACKEND``). A named backend runs or raises ``BackendUnavailableError``;
 ``"auto"`` chooses, and ``explain`` says what it chose and why.
 """
+
 from transfusion_kernels.backends import (
     BackendUnavailableError,
     available_backends,
@@ -38,8 +39,13 @@ def build_info() -> dict:
         cuda = {"built": False, "reason": err}
     else:
         compiled = dict(ext.build_info())
-        cuda = {"built": True, "archs": list(compiled["archs"]), "cuda_version": compiled["nvcc_version"],
-                "source_hash": compiled["source_hash"], "file": ext.__file__}
+        cuda = {
+            "built": True,
+            "archs": list(compiled["archs"]),
+            "cuda_version": compiled["nvcc_version"],
+            "source_hash": compiled["source_hash"],
+            "file": ext.__file__,
+        }
     return {"version": __version__, "commit": record.get("commit"), "cuda_extension": cuda}
 
 

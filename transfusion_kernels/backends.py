@@ -23,6 +23,7 @@ A kernel backend's module declares what its kernels cover with a function (``sup
 names another) that returns why it does not cover the inputs, or None. :func:`select` is the one
 place that turns a request into the backend that runs (docs/design.md §3).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -122,15 +123,21 @@ def extension_status(name: str = EXTENSION) -> tuple:
     if name not in _EXTENSIONS:
         if importlib.util.find_spec(name) is None:
             skipped = build_record().get("cuda_extension", {}).get("reason") if name == EXTENSION else None
-            _EXTENSIONS[name] = (None, f"the extension {name} is not built: install with nvcc on PATH "
-                                       "(or TRANSFUSION_BUILD_CUDA=1): pip install -e . in a checkout, "
-                                       "or pip install of the sdist" + (f"; the install said: {skipped}" if skipped else ""))
+            _EXTENSIONS[name] = (
+                None,
+                f"the extension {name} is not built: install with nvcc on PATH "
+                "(or TRANSFUSION_BUILD_CUDA=1): pip install -e . in a checkout, "
+                "or pip install of the sdist" + (f"; the install said: {skipped}" if skipped else ""),
+            )
         else:
             try:
                 _EXTENSIONS[name] = (importlib.import_module(name), None)
             except ImportError as e:
-                _EXTENSIONS[name] = (None, f"the extension {name} is built but does not load ({e}); "
-                                           "rebuild it against this Python and CUDA: pip install -e .")
+                _EXTENSIONS[name] = (
+                    None,
+                    f"the extension {name} is built but does not load ({e}); "
+                    "rebuild it against this Python and CUDA: pip install -e .",
+                )
     return _EXTENSIONS[name]
 
 
@@ -194,13 +201,17 @@ def _capability_reason(name: str, capability: tuple[int, int]) -> str | None:
     sm = f"sm_{capability[0]}{capability[1]}"
     lowest = MIN_CAPABILITY[name]
     if capability < lowest:
-        return (f"the {name} kernels need compute capability {lowest[0]}.{lowest[1]} or newer (bf16 tensor cores); "
-                f"this GPU is {sm}: use backend='reference' or 'auto'")
+        return (
+            f"the {name} kernels need compute capability {lowest[0]}.{lowest[1]} or newer (bf16 tensor cores); "
+            f"this GPU is {sm}: use backend='reference' or 'auto'"
+        )
     if name == "cuda":
         archs = extension_archs()
         if not any(_arch_runs_on(a, capability) for a in archs):
-            return (f"the extension has no code for {sm} (built for {', '.join(archs)}); rebuild it with "
-                    f"TRANSFUSION_CUDA_ARCHS including {capability[0]}{capability[1]} or 80+PTX: pip install -e .")
+            return (
+                f"the extension has no code for {sm} (built for {', '.join(archs)}); rebuild it with "
+                f"TRANSFUSION_CUDA_ARCHS including {capability[0]}{capability[1]} or 80+PTX: pip install -e ."
+            )
     return None
 
 
@@ -220,9 +231,7 @@ def backend_info(name: str, device: torch.device) -> BackendInfo:
             return BackendInfo(name, True, "triton kernels on the GPU")
         if device.type == "cpu" and triton_interpret():
             return BackendInfo(name, True, "triton interpreter on the CPU (TRITON_INTERPRET=1; slow, for tests)")
-        return BackendInfo(
-            name, False, f"triton needs a CUDA device, or TRITON_INTERPRET=1 for {device.type} tensors"
-        )
+        return BackendInfo(name, False, f"triton needs a CUDA device, or TRITON_INTERPRET=1 for {device.type} tensors")
     if name == "cuda":
         ext, err = load_extension()
         if err:
@@ -234,8 +243,12 @@ def backend_info(name: str, device: torch.device) -> BackendInfo:
         status = _cuda_status()
         if status["device_count"] == 0:
             # The extension's statically linked runtime may need a newer driver than torch's.
-            return BackendInfo(name, False, f"the extension sees no CUDA device ({status['error']}); "
-                               "update the NVIDIA driver or rebuild with a matching CUDA toolkit")
+            return BackendInfo(
+                name,
+                False,
+                f"the extension sees no CUDA device ({status['error']}); "
+                "update the NVIDIA driver or rebuild with a matching CUDA toolkit",
+            )
         index = device.index if device.index is not None else torch.cuda.current_device()
         why = _capability_reason(name, device_capability(index))
         if why:

@@ -13,6 +13,7 @@ rows at a time. Python lists and tensors of any integer dtype are accepted and c
 Anything a constructor cannot express exactly is a one-line ``ValueError`` naming the first
 offending sample, split, span or row.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -52,8 +53,10 @@ def _finish(starts, ends, count, width: int | None = None):
 def canonical_from_dense_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The canonical (starts, ends), int32 ``[R, K]``, of the rows of a bool ``[R, Nk]`` mask."""
     if not isinstance(dense, torch.Tensor) or dense.dtype != torch.bool or dense.dim() != 2:
-        raise ValueError(f"dense rows must be a 2-D bool tensor, got {getattr(dense, 'dtype', type(dense).__name__)} "
-                         f"of shape {tuple(getattr(dense, 'shape', ()))}")
+        raise ValueError(
+            f"dense rows must be a 2-D bool tensor, got {getattr(dense, 'dtype', type(dense).__name__)} "
+            f"of shape {tuple(getattr(dense, 'shape', ()))}"
+        )
     rows = dense.shape[0]
     padded = torch.nn.functional.pad(dense.to(torch.int8), (1, 1))
     step = padded[:, 1:] - padded[:, :-1]  # +1 where a run starts, -1 one past where it ends
@@ -172,16 +175,20 @@ def from_splits(split_lens, modes, *, device=None):
     ``[sample_start, own_end)`` minus the noise splits before its own. Splits may be empty.
     """
     if isinstance(split_lens, torch.Tensor) or isinstance(modes, (str, torch.Tensor)):
-        raise ValueError("split_lens and modes must be lists with one inner list per sample, "
-                         "e.g. split_lens=[[5, 16], [8]], modes=[['causal', 'noise'], ['causal']]")
+        raise ValueError(
+            "split_lens and modes must be lists with one inner list per sample, "
+            "e.g. split_lens=[[5, 16], [8]], modes=[['causal', 'noise'], ['causal']]"
+        )
     if len(split_lens) != len(modes):
         raise ValueError(f"split_lens has {len(split_lens)} samples but modes has {len(modes)}")
     lens, codes, sample_of = [], [], []
     for b, (lengths, sample_modes) in enumerate(zip(split_lens, modes)):
         lengths = _ints(lengths, f"split_lens[{b}]").flatten().cpu()
         if isinstance(sample_modes, str) or len(sample_modes) != lengths.numel():
-            raise ValueError(f"sample {b}: {lengths.numel()} split lengths but modes[{b}] = {sample_modes!r}: "
-                             f"give one mode per split")
+            raise ValueError(
+                f"sample {b}: {lengths.numel()} split lengths but modes[{b}] = {sample_modes!r}: "
+                f"give one mode per split"
+            )
         for t, mode in enumerate(sample_modes):
             if mode not in MODES:
                 raise ValueError(f"sample {b}, split {t}: mode {mode!r} is not one of {MODES}")
@@ -193,7 +200,9 @@ def from_splits(split_lens, modes, *, device=None):
         sample_of.append(torch.full((lengths.numel(),), b, dtype=torch.int64))
     if device is None:
         device = next((x.device for x in split_lens if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    cat = (lambda xs: torch.cat(xs).to(device)) if lens else (lambda xs: torch.zeros(0, dtype=torch.int64, device=device))
+    cat = (
+        (lambda xs: torch.cat(xs).to(device)) if lens else (lambda xs: torch.zeros(0, dtype=torch.int64, device=device))
+    )
     lens, codes, sample_of = cat(lens), cat(codes), cat(sample_of)
     n = _check_token_count(int(lens.sum()), "the packed length (sum of split_lens)")
 
@@ -209,8 +218,9 @@ def from_splits(split_lens, modes, *, device=None):
     # themselves: two gathers per token.
     noise = (codes == 2) & (lens > 0)
     own = torch.where(noise, torch.cumsum(noise.to(torch.int64), 0) - 1, -1)  # index among noise splits
-    split_starts, split_ends = _visible_minus_hidden(sample_start[sample_of], split_end, split_start[noise],
-                                                     split_end[noise], own)
+    split_starts, split_ends = _visible_minus_hidden(
+        sample_start[sample_of], split_end, split_start[noise], split_end[noise], own
+    )
     split_of = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens, output_size=n)
     starts, ends = split_starts[split_of], split_ends[split_of]
     last = (split_ends > split_starts).sum(1, keepdim=True)[split_of] - 1  # the slot holding the split itself
@@ -275,8 +285,12 @@ def from_padded(lengths, seq_len: int, image_spans=None, hidden_spans=None):
     _check_token_count(batch * seq_len, "batch size * seq_len")
     base = torch.arange(batch, device=device) * seq_len
     # Documents: each sample's real tokens, then its padding as a document of its own.
-    cu = torch.cat([torch.zeros(1 if batch else 2, dtype=torch.int64, device=device),
-                    torch.stack([base + lens, base + seq_len], 1).flatten()])
+    cu = torch.cat(
+        [
+            torch.zeros(1 if batch else 2, dtype=torch.int64, device=device),
+            torch.stack([base + lens, base + seq_len], 1).flatten(),
+        ]
+    )
 
     def absolute(spans, name):
         if spans is None:
@@ -284,23 +298,33 @@ def from_padded(lengths, seq_len: int, image_spans=None, hidden_spans=None):
         if isinstance(spans, torch.Tensor):
             t = _ints(spans, name, device)
             if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != 2:
-                raise ValueError(f"{name} must be [B = {batch}, M, 2] or a list of B lists of (start, end), "
-                                 f"got shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must be [B = {batch}, M, 2] or a list of B lists of (start, end), "
+                    f"got shape {tuple(t.shape)}"
+                )
             sample = torch.arange(batch, device=device)[:, None].expand(t.shape[:2])
             keep = t[..., 0] != t[..., 1]
             t, sample = t[keep], sample[keep]
         else:
             if len(spans) != batch:
                 raise ValueError(f"{name} has {len(spans)} samples but lengths has {batch}")
-            per = [_ints(s, f"{name}[{i}]", device).reshape(-1, 2) if len(s) else
-                   torch.zeros(0, 2, dtype=torch.int64, device=device) for i, s in enumerate(spans)]
-            sample = torch.repeat_interleave(torch.arange(batch, device=device),
-                                             torch.tensor([p.shape[0] for p in per], dtype=torch.int64, device=device))
+            per = [
+                _ints(s, f"{name}[{i}]", device).reshape(-1, 2)
+                if len(s)
+                else torch.zeros(0, 2, dtype=torch.int64, device=device)
+                for i, s in enumerate(spans)
+            ]
+            sample = torch.repeat_interleave(
+                torch.arange(batch, device=device),
+                torch.tensor([p.shape[0] for p in per], dtype=torch.int64, device=device),
+            )
             t = torch.cat(per) if per else torch.zeros(0, 2, dtype=torch.int64, device=device)
         m = _first_bad((t[:, 0] < 0) | (t[:, 1] > lens[sample]) | (t[:, 1] < t[:, 0]))
         if m is not None:
-            raise ValueError(f"{name}: sample {int(sample[m])} has span ({int(t[m, 0])}, {int(t[m, 1])}), not a range "
-                             f"inside its {int(lens[sample[m]])} real tokens")
+            raise ValueError(
+                f"{name}: sample {int(sample[m])} has span ({int(t[m, 0])}, {int(t[m, 1])}), not a range "
+                f"inside its {int(lens[sample[m]])} real tokens"
+            )
         return t + base[sample][:, None]
 
     starts, ends, n = from_spans(cu, absolute(image_spans, "image_spans"), absolute(hidden_spans, "hidden_spans"))
@@ -317,10 +341,12 @@ def from_dense(mask: torch.Tensor, max_intervals: int | None = None):
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"mask must be a bool tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool (True: may attend), got {mask.dtype}; an additive float mask "
-                         f"converts with `mask == 0`")
-    if max_intervals is not None and (isinstance(max_intervals, bool) or not isinstance(max_intervals, int)
-                                      or max_intervals < 1):
+        raise ValueError(
+            f"mask must be bool (True: may attend), got {mask.dtype}; an additive float mask converts with `mask == 0`"
+        )
+    if max_intervals is not None and (
+        isinstance(max_intervals, bool) or not isinstance(max_intervals, int) or max_intervals < 1
+    ):
         raise ValueError(f"max_intervals must be a positive int or None, got {max_intervals!r}")
     if mask.dim() == 2:
         starts, ends = _rows_in_chunks(mask)
@@ -331,7 +357,7 @@ def from_dense(mask: torch.Tensor, max_intervals: int | None = None):
             raise ValueError(f"a batched mask must be [B, L, L], got {tuple(mask.shape)}")
         starts, ends = _rows_in_chunks(mask.reshape(batch * length, length))
         offset = (torch.arange(batch * length, device=mask.device) // max(length, 1) * length).to(torch.int32)
-        seen = (ends[:, :1] > starts[:, :1])  # canonical: a row sees something iff its first slot is non-empty
+        seen = ends[:, :1] > starts[:, :1]  # canonical: a row sees something iff its first slot is non-empty
         starts = torch.where(seen, starts + offset[:, None], starts)
         ends = torch.where(seen, ends + offset[:, None], ends)
         num_keys = batch * length
@@ -352,8 +378,9 @@ def _check_max_intervals(starts, ends, max_intervals):
         return
     count = interval_counts(starts, ends)
     row = _first_bad(count > max_intervals)
-    raise ValueError(f"row {row} of the mask sees {int(count[row])} separate key ranges, more than "
-                     f"max_intervals = {max_intervals}")
+    raise ValueError(
+        f"row {row} of the mask sees {int(count[row])} separate key ranges, more than max_intervals = {max_intervals}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- mask_mods
@@ -365,8 +392,10 @@ def _probe(mask_mod, b: int, h: int, rows: torch.Tensor, cols: torch.Tensor) -> 
     ht = torch.tensor(h, device=rows.device)
     out = fn(bt, ht, rows, cols)
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool or tuple(out.shape) != (rows.numel(), cols.numel()):
-        raise ValueError(f"mask_mod must return a bool scalar per (b, h, q_idx, kv_idx), got "
-                         f"{getattr(out, 'dtype', type(out).__name__)} of shape {tuple(getattr(out, 'shape', ()))}")
+        raise ValueError(
+            f"mask_mod must return a bool scalar per (b, h, q_idx, kv_idx), got "
+            f"{getattr(out, 'dtype', type(out).__name__)} of shape {tuple(getattr(out, 'shape', ()))}"
+        )
     return out
 
 
@@ -374,8 +403,10 @@ def _probe_rows(visible_rows: Callable[[int, int], torch.Tensor], row_count: int
     """Canonical pair of ``row_count`` rows, probing ``visible_rows(r0, r1)`` (bool [r1 - r0, key_count])
     in chunks of at most PROBE_ELEMENTS booleans."""
     step = max(1, PROBE_ELEMENTS // max(key_count, 1))
-    return _stack([canonical_from_dense_rows(visible_rows(r0, min(r0 + step, row_count)))
-                   for r0 in range(0, row_count, step)], device)
+    return _stack(
+        [canonical_from_dense_rows(visible_rows(r0, min(r0 + step, row_count))) for r0 in range(0, row_count, step)],
+        device,
+    )
 
 
 def _stack(pairs, device):
@@ -401,20 +432,24 @@ def _padded_probe(visible, batch: int, seq_len: int, device):
 def _check_documents(dense_rows, r0, doc_start, doc_end):
     """A packed mask keeps documents apart: the first visible pair across documents is an error."""
     cols = torch.arange(dense_rows.shape[1], device=dense_rows.device)
-    lo, hi = doc_start[r0:r0 + dense_rows.shape[0], None], doc_end[r0:r0 + dense_rows.shape[0], None]
+    lo, hi = doc_start[r0 : r0 + dense_rows.shape[0], None], doc_end[r0 : r0 + dense_rows.shape[0], None]
     across = dense_rows & ((cols[None, :] < lo) | (cols[None, :] >= hi))
     row = _first_bad(across.any(1))
     if row is not None:
         key = _first_bad(across[row])
-        raise ValueError(f"the mask lets query {r0 + row} (document [{int(lo[row])}, {int(hi[row])})) see key {key} "
-                         f"in another document; fix the mask_mod or cu_seqlens (a packed mask must keep documents apart)")
+        raise ValueError(
+            f"the mask lets query {r0 + row} (document [{int(lo[row])}, {int(hi[row])})) see key {key} "
+            f"in another document; fix the mask_mod or cu_seqlens (a packed mask must keep documents apart)"
+        )
 
 
 def _layout(cu_seqlens, batch_size, seq_len, device):
     """('packed', cu int64) or ('padded', (B, L)) from the keyword form of the mask_mod constructors."""
     if (cu_seqlens is None) == (batch_size is None and seq_len is None):
-        raise ValueError("give either cu_seqlens (packed, FlexAttention's b = 0 with global indices) or "
-                         "batch_size and seq_len (a padded [B, L] batch), not both or neither")
+        raise ValueError(
+            "give either cu_seqlens (packed, FlexAttention's b = 0 with global indices) or "
+            "batch_size and seq_len (a padded [B, L] batch), not both or neither"
+        )
     if cu_seqlens is not None:
         cu = _ints(cu_seqlens, "cu_seqlens", device)
         _check_cu_seqlens(cu)
@@ -427,8 +462,7 @@ def _layout(cu_seqlens, batch_size, seq_len, device):
     return "padded", (batch_size, seq_len)
 
 
-def from_mask_mod(mask_mod, cu_seqlens=None, *, batch_size: int | None = None, seq_len: int | None = None,
-                  device=None):
+def from_mask_mod(mask_mod, cu_seqlens=None, *, batch_size: int | None = None, seq_len: int | None = None, device=None):
     """Probe a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` exactly, a chunk of rows at
     a time (never N x N at once), at head 0 (the mask must not depend on the head).
 
@@ -508,8 +542,10 @@ def from_block_mask(block_mask, cu_seqlens=None):
             other = rows(b, h, r0, r1, cols)
             row = _first_bad((other != first).any(1))
             if row is not None:
-                raise ValueError(f"the BlockMask differs between heads 0 and {h} at query {r0 + row}; "
-                                 f"one mask serves every head (build it with H=None)")
+                raise ValueError(
+                    f"the BlockMask differs between heads 0 and {h} at query {r0 + row}; "
+                    f"one mask serves every head (build it with H=None)"
+                )
         return first
 
     if batch == 1:
@@ -541,6 +577,14 @@ def from_block_mask(block_mask, cu_seqlens=None):
 
 
 __all__ = [
-    "MODES", "canonical_from_dense_rows", "canonical_from_intervals", "from_block_mask", "from_dense",
-    "from_mask_mod", "from_padded", "from_spans", "from_splits", "interval_counts",
+    "MODES",
+    "canonical_from_dense_rows",
+    "canonical_from_intervals",
+    "from_block_mask",
+    "from_dense",
+    "from_mask_mod",
+    "from_padded",
+    "from_spans",
+    "from_splits",
+    "interval_counts",
 ]

@@ -15,6 +15,7 @@ is built with vectorised torch ops on the input's device in O(N * K) memory. The
 plans are built beside the attention op (``transfusion_kernels/attention/plan.py``) and cached on
 the mask, so one mask serves every layer.
 """
+
 from __future__ import annotations
 
 import operator
@@ -127,8 +128,10 @@ def _check_intervals(s, e, num_keys: int, monotone: bool | None) -> bool:
     kv_start and kv_end both non-decreasing)."""
     for name, t in (("kv_start", s), ("kv_end", e)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() not in (1, 2):
-            raise ValueError(f"{name} must be an int32 tensor [Nq] or [Nq, K], got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{name} must be an int32 tensor [Nq] or [Nq, K], got "
+                f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}"
+            )
     if s.shape != e.shape:
         raise ValueError(f"kv_start and kv_end must have the same shape, got {tuple(s.shape)} and {tuple(e.shape)}")
     if s.dim() == 2 and s.shape[1] < 1:
@@ -144,10 +147,15 @@ def _check_intervals(s, e, num_keys: int, monotone: bool | None) -> bool:
         is_monotone = bool(((s[1:] >= s[:-1]) & (e[1:] >= e[:-1])).all()) if s.numel() > 1 else True
     else:
         ends = torch.stack([s, e], 2).flatten(1)  # [Nq, 2K]: s0, e0, s1, e1, ...
-        checks = ((ends[:, 0] < 0, "a start < 0"), (ends[:, -1] > n, f"an end > num_keys = {n}"),
-                  ((ends[:, 1:] < ends[:, :-1]).any(1),
-                   "the endpoints must be non-decreasing (s0 <= e0 <= s1 <= e1 <= ...: sorted, disjoint intervals, "
-                   "unused slots empty)"))
+        checks = (
+            (ends[:, 0] < 0, "a start < 0"),
+            (ends[:, -1] > n, f"an end > num_keys = {n}"),
+            (
+                (ends[:, 1:] < ends[:, :-1]).any(1),
+                "the endpoints must be non-decreasing (s0 <= e0 <= s1 <= e1 <= ...: sorted, disjoint intervals, "
+                "unused slots empty)",
+            ),
+        )
         for bad, why in checks:
             i = _first_bad(bad)
             if i is not None:
@@ -168,8 +176,15 @@ class HybridMask:
     :meth:`from_block_mask`).
     """
 
-    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, *,
-                 monotone: bool | None = None, _checked: bool = False):
+    def __init__(
+        self,
+        kv_start: torch.Tensor,
+        kv_end: torch.Tensor,
+        num_keys: int,
+        *,
+        monotone: bool | None = None,
+        _checked: bool = False,
+    ):
         """Query i sees keys [kv_start[i, k], kv_end[i, k]) of ``num_keys`` for each k; both
         int32 [Nq] (one interval per query) or [Nq, K] (a union of K sorted, disjoint intervals,
         unused slots empty), on one device. The intervals are checked (one device sync);
@@ -259,7 +274,9 @@ class HybridMask:
         cache = cache if device is None else cache.to(device)
         new = _int_values(query_lens, "query_lens", cache.device).flatten().to(cache.device)
         if cache.shape != new.shape:
-            raise ValueError(f"cache_lens and query_lens must have the same length, got {cache.numel()} and {new.numel()}")
+            raise ValueError(
+                f"cache_lens and query_lens must have the same length, got {cache.numel()} and {new.numel()}"
+            )
         for name, t in (("cache_lens", cache), ("query_lens", new)):
             b = _first_bad(t < 0)
             if b is not None:
@@ -290,12 +307,15 @@ class HybridMask:
         return int((self.ends - self.starts).to(torch.int64).sum())
 
     def to(self, device) -> "HybridMask":
-        return HybridMask(self.starts.to(device), self.ends.to(device), self.num_keys, monotone=self.monotone,
-                          _checked=True)
+        return HybridMask(
+            self.starts.to(device), self.ends.to(device), self.num_keys, monotone=self.monotone, _checked=True
+        )
 
     def __repr__(self) -> str:
-        return (f"HybridMask(num_queries={self.num_queries}, num_keys={self.num_keys}, "
-                f"num_intervals={self.num_intervals}, device={self.device})")
+        return (
+            f"HybridMask(num_queries={self.num_queries}, num_keys={self.num_keys}, "
+            f"num_intervals={self.num_intervals}, device={self.device})"
+        )
 
     def visible(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """bool [len(rows), len(cols)]: whether query rows[a] sees key cols[b]."""
@@ -306,8 +326,9 @@ class HybridMask:
     # ------------------------------------------------------------------ exports
     def to_dense(self) -> torch.Tensor:
         """bool [Nq, Nk]; allocates N^2: for tests and small cases only."""
-        return self.visible(torch.arange(self.num_queries, device=self.device),
-                            torch.arange(self.num_keys, device=self.device))
+        return self.visible(
+            torch.arange(self.num_queries, device=self.device), torch.arange(self.num_keys, device=self.device)
+        )
 
     def to_flex_block_mask(self, block_size: int = 128):
         """The same mask as a torch FlexAttention BlockMask (for comparison and benchmarks)."""
@@ -324,8 +345,13 @@ class HybridMask:
             return seen
 
         return create_block_mask(
-            interval_mask, B=None, H=None, Q_LEN=self.num_queries, KV_LEN=self.num_keys,
-            device=self.device, BLOCK_SIZE=block_size,
+            interval_mask,
+            B=None,
+            H=None,
+            Q_LEN=self.num_queries,
+            KV_LEN=self.num_keys,
+            device=self.device,
+            BLOCK_SIZE=block_size,
         )
 
     # ------------------------------------------------------------------ other models' masks
@@ -374,14 +400,18 @@ class HybridMask:
         return cls(*mask_constructors.from_dense(mask, max_intervals))
 
     @classmethod
-    def from_mask_mod(cls, mask_mod, cu_seqlens=None, *, batch_size: int | None = None,
-                      seq_len: int | None = None, device=None) -> "HybridMask":
+    def from_mask_mod(
+        cls, mask_mod, cu_seqlens=None, *, batch_size: int | None = None, seq_len: int | None = None, device=None
+    ) -> "HybridMask":
         """A FlexAttention mask_mod probed exactly in chunks: packed (``cu_seqlens``, b = 0, global
         indices; pairs across documents are an error) or padded (``batch_size``, ``seq_len``)."""
         from transfusion_kernels import mask_constructors
 
-        return cls(*mask_constructors.from_mask_mod(mask_mod, cu_seqlens, batch_size=batch_size,
-                                                    seq_len=seq_len, device=device))
+        return cls(
+            *mask_constructors.from_mask_mod(
+                mask_mod, cu_seqlens, batch_size=batch_size, seq_len=seq_len, device=device
+            )
+        )
 
     @classmethod
     def from_block_mask(cls, block_mask, cu_seqlens=None) -> "HybridMask":

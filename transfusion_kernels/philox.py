@@ -11,6 +11,7 @@ The Triton and CUDA kernels implement the same function (csrc/common/philox.cuh)
 seed gives the same noise on every backend up to the rounding of log/cos/sqrt. This module is
 the readable reference: int64 tensors hold the uint32 lanes.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ backward), the patch timestep embedding and the diffusion updates on each availa
 and prints one row per (op, backend): max abs error against the reference and the median time.
 On a CPU the Triton kernels run under the Triton interpreter (slow: shapes are kept small).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,11 @@ import time
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--no-triton-interpreter", action="store_true",
-                   help="on a CPU, do not run the Triton kernels under TRITON_INTERPRET=1")
+    p.add_argument(
+        "--no-triton-interpreter",
+        action="store_true",
+        help="on a CPU, do not run the Triton kernels under TRITON_INTERPRET=1",
+    )
     p.add_argument("--repeats", type=int, default=3)
     return p.parse_args()
 
@@ -42,8 +46,10 @@ def main() -> int:
     spans = torch.tensor([[5, 21], [30, 62]], dtype=torch.int32, device=device)
     t0 = time.perf_counter()
     mask = tk.HybridMask.from_spans(cu, spans)
-    print(f"mask: {mask.num_queries} tokens, {spans.shape[0]} images, {mask.visible_pairs()} visible pairs "
-          f"({(time.perf_counter() - t0) * 1e3:.2f} ms to build)")
+    print(
+        f"mask: {mask.num_queries} tokens, {spans.shape[0]} images, {mask.visible_pairs()} visible pairs "
+        f"({(time.perf_counter() - t0) * 1e3:.2f} ms to build)"
+    )
 
     n, hq, hkv, d = mask.num_queries, 4, 2, 64
     q = torch.randn(n, hq, d, device=device, dtype=dtype)
@@ -80,7 +86,9 @@ def main() -> int:
         return (tk.ddpm_step(eps, rows_t, lat, sched, noise=noise, backend=backend),)
 
     def ddim(backend):
-        return (tk.ddim_step(eps, rows_t, lat, sched, prev_timestep=rows_t - 20, eta=0.5, noise=noise, backend=backend),)
+        return (
+            tk.ddim_step(eps, rows_t, lat, sched, prev_timestep=rows_t - 20, eta=0.5, noise=noise, backend=backend),
+        )
 
     pred = torch.randn(n, 16, device=device, dtype=dtype)
     target = torch.randn(n, 16, device=device, dtype=dtype)
@@ -95,8 +103,11 @@ def main() -> int:
         return tk.flow_add_noise(lat, sigmas, noise=noise, backend=backend)
 
     def flow_euler(backend):
-        return (tk.flow_euler_step(eps, sigmas, sigmas - 0.1, lat, guidance_scale=3.0, uncond_output=noise,
-                                   backend=backend),)
+        return (
+            tk.flow_euler_step(
+                eps, sigmas, sigmas - 0.1, lat, guidance_scale=3.0, uncond_output=noise, backend=backend
+            ),
+        )
 
     def flow_loss(backend):
         return (tk.flow_loss(pred, target, x0_rows, image_index, backend=backend),)
@@ -144,8 +155,10 @@ def main() -> int:
             failures += not ok
             checked[backend] += 1
             times.sort()
-            print(f"{name:<26} {backend:<10} {err:>12.3e} {times[len(times) // 2] * 1e3:>10.2f}"
-                  + ("" if ok else "  MISMATCH"))
+            print(
+                f"{name:<26} {backend:<10} {err:>12.3e} {times[len(times) // 2] * 1e3:>10.2f}"
+                + ("" if ok else "  MISMATCH")
+            )
     print(f"\n{patches} image patches; dtype {dtype}; device {device}.")
     print(verdict(checked, [b for b in backends if b not in ran], failures, not_covered))
     return 1 if failures else 0
@@ -161,8 +174,10 @@ def _enable(backend: str, reason: str, device) -> str:
         return "a GPU Triton supports (see the reason)"
     if backend == "cuda":
         if "not built" in reason or "does not load" in reason:
-            return ("pip install -e . with nvcc on PATH (TRANSFUSION_BUILD_CUDA=1 makes a failed build an error), "
-                    "on a machine with an NVIDIA GPU, then python -m transfusion_kernels.selfcheck --device cuda")
+            return (
+                "pip install -e . with nvcc on PATH (TRANSFUSION_BUILD_CUDA=1 makes a failed build an error), "
+                "on a machine with an NVIDIA GPU, then python -m transfusion_kernels.selfcheck --device cuda"
+            )
         return "python -m transfusion_kernels.selfcheck --device cuda on a machine with an NVIDIA GPU"
     return "see the reason"
 
@@ -178,6 +193,7 @@ def verdict(checked: dict, not_run: list, failures: int, not_covered: list) -> s
         return f"Only the reference ran: no kernel backend was checked.{missing}{gaps}"
     done = ", ".join(f"{b} ({checked[b]} ops)" for b in kernels)
     return f"Agree with the reference: {done}.{missing}{gaps}"
+
 
 if __name__ == "__main__":
     sys.exit(main())

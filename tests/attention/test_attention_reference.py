@@ -1,4 +1,5 @@
 """The reference backend against a naive dense softmax whose mask comes from a double loop."""
+
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ def check_against_dense(mask, allowed, hq=4, hkv=2, d=16, chunk_elems=None, monk
     q, k, v = inputs(mask.num_queries, mask.num_keys, hq, hkv, d)
     out, lse = tk.hybrid_attention(q, k, v, mask, return_lse=True, backend="reference")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = dense_attention(q64, k64, v64, allowed, d ** -0.5)
+    ref, ref_lse = dense_attention(q64, k64, v64, allowed, d**-0.5)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
     dout = torch.randn_like(out)
@@ -34,14 +35,18 @@ def check_against_dense(mask, allowed, hq=4, hkv=2, d=16, chunk_elems=None, monk
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layouts(name, seed):
     cu, spans = LAYOUTS[name]
-    mask = tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32), torch.tensor(spans, dtype=torch.int32).reshape(-1, 2))
+    mask = tk.HybridMask.from_spans(
+        torch.tensor(cu, dtype=torch.int32), torch.tensor(spans, dtype=torch.int32).reshape(-1, 2)
+    )
     check_against_dense(mask, naive_dense(cu, spans))
 
 
 def test_chunking_does_not_change_results(seed, monkeypatch):
     cu, spans = LAYOUTS["several_documents"]
     mask = tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32), torch.tensor(spans, dtype=torch.int32))
-    check_against_dense(mask, naive_dense(cu, spans), chunk_elems=4 * 127 * 16, monkeypatch=monkeypatch)  # 16 queries a chunk
+    check_against_dense(
+        mask, naive_dense(cu, spans), chunk_elems=4 * 127 * 16, monkeypatch=monkeypatch
+    )  # 16 queries a chunk
 
 
 def test_cached_prefix_and_empty_rows(seed):
@@ -59,7 +64,7 @@ def test_low_precision_output_dtype(dtype, seed):
     q, k, v = inputs(20, 20, 2, 2, 8, dtype)
     out, lse = tk.hybrid_attention(q, k, v, mask, return_lse=True, backend="reference")
     assert out.dtype == dtype and lse.dtype == torch.float32
-    ref, _ = dense_attention(q.double(), k.double(), v.double(), mask.to_dense(), 8 ** -0.5)
+    ref, _ = dense_attention(q.double(), k.double(), v.double(), mask.to_dense(), 8**-0.5)
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
 
 
@@ -91,7 +96,9 @@ def test_bad_inputs():
 
 
 def test_torch_compile_fullgraph(seed):
-    mask = tk.HybridMask.from_spans(torch.tensor([0, 24], dtype=torch.int32), torch.tensor([[4, 12]], dtype=torch.int32))
+    mask = tk.HybridMask.from_spans(
+        torch.tensor([0, 24], dtype=torch.int32), torch.tensor([[4, 12]], dtype=torch.int32)
+    )
     q, k, v = inputs(24, 24, 2, 2, 8)
 
     def f(q, k, v):

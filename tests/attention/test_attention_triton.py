@@ -8,6 +8,7 @@ must be at most twice the error of the same computation done by PyTorch in the i
 (dense softmax attention), plus a small absolute floor. Every buffer the kernels write is
 allocated NaN-filled, so an element they forget to write fails the test.
 """
+
 import dataclasses
 import json
 import os
@@ -74,11 +75,23 @@ def run_triton(q, k, v, mask, dout, scale, config=None, softcap=0.0):
     return out, lse, grads
 
 
-def check(mask, *, hq=HQ, hkv=HKV, d=64, dtype=torch.bfloat16, allowed=None, grads=True,
-          config=None, scale=None, inputs=None, softcap=None):
+def check(
+    mask,
+    *,
+    hq=HQ,
+    hkv=HKV,
+    d=64,
+    dtype=torch.bfloat16,
+    allowed=None,
+    grads=True,
+    config=None,
+    scale=None,
+    inputs=None,
+    softcap=None,
+):
     """Kernel vs float64 oracle vs same-dtype PyTorch: out, lse and (optionally) dq, dk, dv."""
     allowed = mask.to_dense() if allowed is None else allowed.to(DEVICE)
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     q, k, v = inputs if inputs is not None else make_inputs(mask.num_queries, mask.num_keys, hq, hkv, d, dtype)
     dout = torch.randn(q.shape, device=DEVICE).to(dtype) if grads else None
     out, lse, kgrads = run_triton(q, k, v, mask, dout, scale, config, softcap or 0.0)
@@ -148,8 +161,14 @@ def test_long_random_layout(seed):
     gen = torch.Generator().manual_seed(seed)
     cu, spans = random_layout(gen, 1000 if not GPU else 4096, max_docs=4, max_images=5)
     config = None if GPU else blocks((64, 64), (32, 64), (64, 64))  # fewer interpreted steps
-    check(spans_mask(cu, spans), hq=2 if not GPU else HQ, hkv=1 if not GPU else HKV, d=64, dtype=torch.bfloat16,
-          config=config)
+    check(
+        spans_mask(cu, spans),
+        hq=2 if not GPU else HQ,
+        hkv=1 if not GPU else HKV,
+        d=64,
+        dtype=torch.bfloat16,
+        config=config,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +179,7 @@ def union_mask(nq, nk, k, gen, empty_rows=True):
     whose slots are numbered differently from their neighbours', and (optionally) empty rows."""
     pts = torch.randint(0, nk + 1, (nq, 2 * k), generator=gen).sort(1).values
     if empty_rows:
-        pts[nq // 3: nq // 3 + 5] = pts[nq // 3: nq // 3 + 5, :1]  # five rows that see nothing
+        pts[nq // 3 : nq // 3 + 5] = pts[nq // 3 : nq // 3 + 5, :1]  # five rows that see nothing
     return tk.HybridMask.from_intervals(pts[:, 0::2].to(DEVICE), pts[:, 1::2].to(DEVICE), nk)
 
 
@@ -240,8 +259,11 @@ def test_batched_strided_inputs(layout, seed):
     out, lse = tk.hybrid_attention(*ins, mask, return_lse=True, backend="triton", layout=kind)
     flat_ins = [x.clone().requires_grad_() for x in flat]
     want, want_lse = tk.hybrid_attention(*flat_ins, mask, return_lse=True, backend="triton")
-    to_flat = (lambda t: t.transpose(1, 2).reshape(b * n, *t.shape[1:2], d)) if kind == "bhnd" else (
-        lambda t: t.reshape(b * n, t.shape[2], d))
+    to_flat = (
+        (lambda t: t.transpose(1, 2).reshape(b * n, *t.shape[1:2], d))
+        if kind == "bhnd"
+        else (lambda t: t.reshape(b * n, t.shape[2], d))
+    )
     torch.testing.assert_close(to_flat(out), want, rtol=0, atol=0)
     torch.testing.assert_close(lse.transpose(0, 1).reshape(HQ, b * n), want_lse, rtol=0, atol=0)
     dout = torch.randn(out.shape, device=DEVICE).to(out.dtype)
@@ -306,7 +328,7 @@ def test_empty_rows_and_unsorted_intervals(seed):
     assert torch.all(out[40:72] == 0) and torch.all(lse[:, 40:72] == float("-inf"))
     assert torch.all(dq[40:72] == 0)
     unseen = ~mask.to_dense().any(0)
-    assert unseen[nk - 20:].all()
+    assert unseen[nk - 20 :].all()
     assert torch.all(dk[unseen] == 0) and torch.all(dv[unseen] == 0)
 
 
@@ -323,8 +345,8 @@ def test_keys_outside_the_tables_are_never_read(seed):
         t[:40] = float("nan")
         t[80:] = float("nan")
     dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
-    out, lse, (dq, dk, dv) = run_triton(q, dirty_k, dirty_v, mask, dout, d ** -0.5)
-    c_out, c_lse, (c_dq, c_dk, c_dv) = run_triton(q, k, v, mask, dout, d ** -0.5)
+    out, lse, (dq, dk, dv) = run_triton(q, dirty_k, dirty_v, mask, dout, d**-0.5)
+    c_out, c_lse, (c_dq, c_dk, c_dv) = run_triton(q, k, v, mask, dout, d**-0.5)
     for got, want in ((out, c_out), (lse, c_lse), (dq, c_dq), (dk[40:80], c_dk[40:80]), (dv[40:80], c_dv[40:80])):
         assert torch.isfinite(want).all()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -341,8 +363,8 @@ def test_strided_inputs(seed):
     assert not q.is_contiguous() and not k.is_contiguous()
     out, lse, _ = check(mask, d=d, dtype=torch.float16, inputs=(q, k, v), allowed=naive_dense(cu, spans))
     dout = torch.randn(HQ, n, d, device=DEVICE).to(torch.float16).transpose(0, 1)
-    grads = run_triton(q, k, v, mask, dout, d ** -0.5)[2]
-    grads_c = run_triton(q.contiguous(), k.contiguous(), v.contiguous(), mask, dout.contiguous(), d ** -0.5)[2]
+    grads = run_triton(q, k, v, mask, dout, d**-0.5)[2]
+    grads_c = run_triton(q.contiguous(), k.contiguous(), v.contiguous(), mask, dout.contiguous(), d**-0.5)[2]
     for g, gc in zip(grads, grads_c):
         torch.testing.assert_close(g, gc, rtol=0, atol=0)
 
@@ -377,7 +399,7 @@ def test_through_dispatcher(seed):
     mask = spans_mask(cu, spans)
     q, k, v = make_inputs(mask.num_queries, mask.num_keys, HQ, HKV, 64, torch.bfloat16)
     dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
-    out, lse, grads = run_triton(q, k, v, mask, dout, 64 ** -0.5)
+    out, lse, grads = run_triton(q, k, v, mask, dout, 64**-0.5)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     d_out, d_lse = tk.hybrid_attention(qg, kg, vg, mask, return_lse=True, backend="triton")
     torch.testing.assert_close(d_out, out, rtol=0, atol=0)
@@ -461,8 +483,15 @@ def fresh_config_tables(monkeypatch):
 
 
 def test_tuned_file_overrides_its_device_only(tmp_path, fresh_config_tables):
-    entry = {"device": "Fake GPU 80GB", "head_dim": 128, "dtype": "bfloat16",
-             "fwd": [64, 32, 4, 2], "dkdv": [16, 64, 4, 2], "dq": [64, 32, 4, 2], "candidates": []}
+    entry = {
+        "device": "Fake GPU 80GB",
+        "head_dim": 128,
+        "dtype": "bfloat16",
+        "fwd": [64, 32, 4, 2],
+        "dkdv": [16, 64, 4, 2],
+        "dq": [64, 32, 4, 2],
+        "candidates": [],
+    }
     path = tmp_path / "tuned.json"
     path.write_text(json.dumps({"format": 1, "measured": True, "configs": [entry]}))
     fresh_config_tables.setenv(tkt.TUNED_ENV, str(path))
@@ -473,13 +502,34 @@ def test_tuned_file_overrides_its_device_only(tmp_path, fresh_config_tables):
     assert tkt.config_for("Fake GPU 80GB", 128, torch.float16) == shipped[("*", 128, "float16")]
 
 
-@pytest.mark.parametrize("content,problem", [
-    ("{not json", "Expecting property name"),
-    (json.dumps({"configs": [{"device": "*", "head_dim": 64, "dtype": "bfloat16", "fwd": [64, 64, 4, 2]}]}),
-     "missing field 'dkdv'"),
-    (json.dumps({"configs": [{"device": "*", "head_dim": 64, "dtype": "bfloat16", "fwd": [64, 60, 4, 2],
-                              "dkdv": [64, 64, 4, 2], "dq": [64, 64, 4, 2]}]}), "block_n must be a power of two"),
-], ids=["syntax", "missing", "bad_block"])
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        ("{not json", "Expecting property name"),
+        (
+            json.dumps({"configs": [{"device": "*", "head_dim": 64, "dtype": "bfloat16", "fwd": [64, 64, 4, 2]}]}),
+            "missing field 'dkdv'",
+        ),
+        (
+            json.dumps(
+                {
+                    "configs": [
+                        {
+                            "device": "*",
+                            "head_dim": 64,
+                            "dtype": "bfloat16",
+                            "fwd": [64, 60, 4, 2],
+                            "dkdv": [64, 64, 4, 2],
+                            "dq": [64, 64, 4, 2],
+                        }
+                    ]
+                }
+            ),
+            "block_n must be a power of two",
+        ),
+    ],
+    ids=["syntax", "missing", "bad_block"],
+)
 def test_bad_tuned_file_is_one_clear_error(tmp_path, fresh_config_tables, content, problem):
     path = tmp_path / "tuned.json"
     path.write_text(content)
@@ -495,7 +545,7 @@ def test_tune_check_rejects_a_wrong_kernel(monkeypatch):
     from benchmarks import tune
 
     mask, _ = tune._workload(64, torch.device(DEVICE), dry_run=True)
-    check = tune._Check(mask, *tune._inputs(64, 2, 1, 32, torch.float16, DEVICE, seed=3), 32 ** -0.5, "float16")
+    check = tune._Check(mask, *tune._inputs(64, 2, 1, 32, torch.float16, DEVICE, seed=3), 32**-0.5, "float16")
     assert check.failures(tkt.INTERPRET_CONFIG) == []
     forward = tkt.forward
     monkeypatch.setattr(tkt, "forward", lambda *a: (lambda o, lse: (o * 1.01, lse))(*forward(*a)))

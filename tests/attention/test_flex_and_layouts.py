@@ -1,6 +1,7 @@
 """tk.flex_attention against torch's flex_attention, and batched [B, N, H, D] / [B, H, N, D]
 inputs of tk.hybrid_attention against the packed call (reference backend: the same kernels'
 inputs, so the layout handling is what is tested; the kernels themselves are tested per backend)."""
+
 import gc
 
 import pytest
@@ -30,8 +31,7 @@ def test_flex_attention_matches_torch(mask_batch, softcap, seed):
     q = torch.randn(b, hq, n, d)
     k, v = torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
     score_mod = None if softcap is None else (lambda s, *_: softcap * torch.tanh(s / softcap))
-    want, want_lse = flex.flex_attention(q, k, v, block_mask=bm, score_mod=score_mod, enable_gqa=True,
-                                         return_lse=True)
+    want, want_lse = flex.flex_attention(q, k, v, block_mask=bm, score_mod=score_mod, enable_gqa=True, return_lse=True)
     got, lse = tk.flex_attention(q, k, v, block_mask=bm, softcap=softcap, enable_gqa=True, return_lse=True)
     assert got.shape == want.shape and lse.shape == want_lse.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -99,7 +99,9 @@ def test_batched_layouts_equal_the_packed_call(layout, seed):
     shape = (b, n, h, d) if layout == "bnhd" else (b, h, n, d)
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
     out, lse = tk.hybrid_attention(q, k, v, mask, return_lse=True, layout=layout)
-    to_packed = (lambda t: t.reshape(b * n, h, d)) if layout == "bnhd" else (lambda t: t.transpose(1, 2).reshape(b * n, h, d))
+    to_packed = (
+        (lambda t: t.reshape(b * n, h, d)) if layout == "bnhd" else (lambda t: t.transpose(1, 2).reshape(b * n, h, d))
+    )
     packed = [to_packed(t.detach()).requires_grad_() for t in (q, k, v)]
     ref, ref_lse = tk.hybrid_attention(*packed, mask, return_lse=True)
     assert out.shape == shape and lse.shape == (b, h, n)
@@ -133,8 +135,11 @@ def test_explicit_cuda_with_a_union_or_softcap_names_the_reason(what, monkeypatc
     from transfusion_kernels import backends
 
     real = backends.backend_info
-    monkeypatch.setattr(backends, "backend_info", lambda name, device: backends.BackendInfo(name, True, "faked")
-                        if name == "cuda" else real(name, device))
+    monkeypatch.setattr(
+        backends,
+        "backend_info",
+        lambda name, device: backends.BackendInfo(name, True, "faked") if name == "cuda" else real(name, device),
+    )
     q = torch.randn(4, 2, 64, dtype=torch.float16)
     if what == "union":
         mask, cap, reason = tk.HybridMask.from_intervals([[0, 2]] * 4, [[1, 4]] * 4), None, "one interval per query"

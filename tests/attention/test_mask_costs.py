@@ -1,5 +1,6 @@
 """The mask-cost benchmark (benchmarks/masks.py) runs end to end in its quick mode: its checks
 hold and it writes its rows; the speeds themselves are the benchmark's to report, not a test's."""
+
 import json
 
 import pytest

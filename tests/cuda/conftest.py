@@ -1,4 +1,5 @@
 """Fixtures for the CUDA extension tests: the compiled module, built at most once per session."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +23,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUD
 
 def source_hash() -> str:
     """Same digest as CMakeLists.txt records in build_info()['source_hash']."""
-    files = sorted(
-        p.relative_to(ROOT).as_posix() for ext in ("cu", "cuh", "h", "cpp") for p in CSRC.rglob(f"*.{ext}")
-    )
+    files = sorted(p.relative_to(ROOT).as_posix() for ext in ("cu", "cuh", "h", "cpp") for p in CSRC.rglob(f"*.{ext}"))
     digest = "".join(f"{f} {hashlib.sha256((ROOT / f).read_bytes()).hexdigest()}\n" for f in files)
     return hashlib.sha256(digest.encode()).hexdigest()
 
@@ -37,9 +36,18 @@ def _build_with_cmake(build_dir: Path):
     if cmake is None or ninja is None:
         pytest.fail("cmake and ninja are needed to build the extension (pip install cmake ninja)")
     configure = [
-        cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
-        f"-DCMAKE_CUDA_COMPILER={NVCC}", f"-DPython_EXECUTABLE={sys.executable}",
-        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DTK_WERROR=ON",
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build_dir),
+        "-G",
+        "Ninja",
+        f"-DCMAKE_MAKE_PROGRAM={ninja}",
+        f"-DCMAKE_CUDA_COMPILER={NVCC}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        "-DTK_WERROR=ON",
     ]
     for cmd in (configure, [cmake, "--build", str(build_dir), "-j", str(min(2, os.cpu_count() or 1))]):
         proc = subprocess.run(cmd, capture_output=True, text=True)

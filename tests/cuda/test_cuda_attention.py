@@ -11,6 +11,7 @@ FlashAttention's tests and tests/attention/test_attention_triton.py); kernel out
 NaN-filled. The forward runs with both implementations where the device has them (wgmma on
 compute capability 9.0).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -125,11 +126,11 @@ def ldmatrix_x4(smem, addrs, trans=False):
     2 (t % 4) and 2 (t % 4) + 1; with .trans the same of the transposed matrix."""
     regs = np.zeros((32, 4, 2))
     for j in range(4):
-        m = np.stack([smem[addrs[8 * j + i]: addrs[8 * j + i] + 8] for i in range(8)])
+        m = np.stack([smem[addrs[8 * j + i] : addrs[8 * j + i] + 8] for i in range(8)])
         if trans:
             m = m.T
         for t in range(32):
-            regs[t, j] = m[t // 4, 2 * (t % 4): 2 * (t % 4) + 2]
+            regs[t, j] = m[t // 4, 2 * (t % 4) : 2 * (t % 4) + 2]
     return regs
 
 
@@ -139,11 +140,15 @@ def mma_16816(a, b0, b1):
     A, B = np.zeros((16, 16)), np.zeros((16, 8))
     for t in range(32):
         g, c = t // 4, 2 * (t % 4)
-        A[g, c:c + 2], A[g + 8, c:c + 2], A[g, 8 + c:10 + c], A[g + 8, 8 + c:10 + c] = a[t]
-        B[c:c + 2, g], B[8 + c:10 + c, g] = b0[t], b1[t]
+        A[g, c : c + 2], A[g + 8, c : c + 2], A[g, 8 + c : 10 + c], A[g + 8, 8 + c : 10 + c] = a[t]
+        B[c : c + 2, g], B[8 + c : 10 + c, g] = b0[t], b1[t]
     C = A @ B
-    return np.stack([np.concatenate([C[t // 4, 2 * (t % 4): 2 * (t % 4) + 2],
-                                     C[t // 4 + 8, 2 * (t % 4): 2 * (t % 4) + 2]]) for t in range(32)])
+    return np.stack(
+        [
+            np.concatenate([C[t // 4, 2 * (t % 4) : 2 * (t % 4) + 2], C[t // 4 + 8, 2 * (t % 4) : 2 * (t % 4) + 2]])
+            for t in range(32)
+        ]
+    )
 
 
 def c_to_matrix(acc):
@@ -152,16 +157,20 @@ def c_to_matrix(acc):
     for t in range(32):
         g, c = t // 4, 2 * (t % 4)
         for j in range(acc.shape[1]):
-            out[g, 8 * j + c: 8 * j + c + 2] = acc[t, j, :2]
-            out[g + 8, 8 * j + c: 8 * j + c + 2] = acc[t, j, 2:]
+            out[g, 8 * j + c : 8 * j + c + 2] = acc[t, j, :2]
+            out[g + 8, 8 * j + c : 8 * j + c + 2] = acc[t, j, 2:]
     return out
 
 
 def c_to_a(acc, kk):
     """Two adjacent C blocks (2 kk, 2 kk + 1) as the A operand of a k16 step, packed as the
     kernels pack them: {c0 c1 of block 2kk, c2 c3 of 2kk, c0 c1 of 2kk + 1, c2 c3 of 2kk + 1}."""
-    return np.stack([np.stack([acc[t, 2 * kk, :2], acc[t, 2 * kk, 2:], acc[t, 2 * kk + 1, :2],
-                               acc[t, 2 * kk + 1, 2:]]) for t in range(32)])
+    return np.stack(
+        [
+            np.stack([acc[t, 2 * kk, :2], acc[t, 2 * kk, 2:], acc[t, 2 * kk + 1, :2], acc[t, 2 * kk + 1, 2:]])
+            for t in range(32)
+        ]
+    )
 
 
 def parse_frag(text):
@@ -183,7 +192,7 @@ def to_smem(x, swz, d):
     smem = np.full(x.shape[0] * d, np.nan)
     for r in range(x.shape[0]):
         for c in range(d // 8):
-            smem[swz[r, c]: swz[r, c] + 8] = x[r, 8 * c: 8 * c + 8]
+            smem[swz[r, c] : swz[r, c] + 8] = x[r, 8 * c : 8 * c + 8]
     return smem
 
 
@@ -218,7 +227,7 @@ def test_mma_fragments_compute_the_products(layouts, d, cols, seed):
                 b = ldmatrix_x4(ys, offs["b", 16 * npair, kk])
                 acc[:, 2 * npair] += mma_16816(a, b[:, 0], b[:, 1])
                 acc[:, 2 * npair + 1] += mma_16816(a, b[:, 2], b[:, 3])
-        np.testing.assert_allclose(c_to_matrix(acc), x[r0:r0 + 16] @ y.T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(c_to_matrix(acc), x[r0 : r0 + 16] @ y.T, rtol=1e-12, atol=1e-12)
 
         out = np.zeros((32, d // 8, 4))
         for kk in range(cols // 16):
@@ -227,7 +236,7 @@ def test_mma_fragments_compute_the_products(layouts, d, cols, seed):
                 b = ldmatrix_x4(zs, offs["bt", 16 * kk, npair], trans=True)
                 out[:, 2 * npair] += mma_16816(pa, b[:, 0], b[:, 1])
                 out[:, 2 * npair + 1] += mma_16816(pa, b[:, 2], b[:, 3])
-        np.testing.assert_allclose(c_to_matrix(out), (x[r0:r0 + 16] @ y.T) @ z, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(c_to_matrix(out), (x[r0 : r0 + 16] @ y.T) @ z, rtol=1e-10, atol=1e-10)
 
 
 # ---- sm_90a: TMA SWIZZLE_128B tiles read through wgmma descriptors --------------------------
@@ -256,16 +265,22 @@ def kmajor_reads(desc, mn):
     operand: 8-row groups SBO apart, rows 128 bytes, the two 8-element halves of k adjacent
     (PTX ISA / CUTLASS canonical layout ((8, m), (8, 2)) : ((8T, SBO), (1, T)))."""
     start, _, sbo = decode(desc)
-    return {(i, k): swizzle_addr(start + (i % 8) * 128 + (i // 8) * sbo + (k // 8) * 16 + (k % 8) * 2)
-            for i in range(mn) for k in range(16)}
+    return {
+        (i, k): swizzle_addr(start + (i % 8) * 128 + (i // 8) * sbo + (k // 8) * 16 + (k % 8) * 2)
+        for i in range(mn)
+        for k in range(16)
+    }
 
 
 def mnmajor_reads(desc, n):
     """Same for an MN-major operand element (k, j), j < n: 64 contiguous elements per 128-byte
     row, the next 64 LBO further; k rows 128 bytes apart, 8-row groups SBO apart."""
     start, lbo, sbo = decode(desc)
-    return {(k, j): swizzle_addr(start + (j % 64) * 2 + (j // 64) * lbo + (k % 8) * 128 + (k // 8) * sbo)
-            for k in range(16) for j in range(n)}
+    return {
+        (k, j): swizzle_addr(start + (j % 64) * 2 + (j // 64) * lbo + (k % 8) * 128 + (k // 8) * sbo)
+        for k in range(16)
+        for j in range(n)
+    }
 
 
 @pytest.mark.parametrize("rows,d", [(128, 64), (128, 128), (64, 128)])
@@ -302,16 +317,20 @@ def test_wgmma_descriptors_read_the_right_elements(layouts, d):
 
 # ---- masked / FULL steps of the tile tables -------------------------------------------------
 def spans_mask_cpu(cu, spans):
-    return tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32),
-                                    torch.tensor(spans, dtype=torch.int32).reshape(-1, 2))
+    return tk.HybridMask.from_spans(
+        torch.tensor(cu, dtype=torch.int32), torch.tensor(spans, dtype=torch.int32).reshape(-1, 2)
+    )
 
 
 def _step_cases():
     gen = torch.Generator().manual_seed(0)
     layouts = list(LAYOUTS.values()) + [random_layout(gen, 700, max_docs=4, max_images=5)]
     masks = [spans_mask_cpu(cu, sp) for cu, sp in layouts]
-    masks += [tk.HybridMask.cached([37], [16], True), tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], False),
-              tk.HybridMask.cached([300, 5, 129], [64, 65, 1], True)]
+    masks += [
+        tk.HybridMask.cached([37], [16], True),
+        tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], False),
+        tk.HybridMask.cached([300, 5, 129], [64, 65, 1], True),
+    ]
     s = torch.randint(0, 230, (200,), generator=gen)
     e = torch.maximum(torch.minimum(s + torch.randint(0, 90, (200,), generator=gen), torch.tensor(210)), s)
     s[64:128], e[64:128] = 5, 5
@@ -350,7 +369,7 @@ def test_steps_cover_the_tables_and_full_steps_are_full(layouts, mask):
         for i in range(count):
             s0 = first + i * b
             if fb <= s0 < fe:
-                assert 0 <= s0 and s0 + b <= m.shape[1] and m[r0:r1, s0:s0 + b].all(), (i, s0)
+                assert 0 <= s0 and s0 + b <= m.shape[1] and m[r0:r1, s0 : s0 + b].all(), (i, s0)
 
 
 # ==============================================================================================
@@ -371,10 +390,16 @@ EMU_SCHEDULES = (1, 2)
 
 def emulation_source(text: str) -> str:
     """A kernel source as g++ compiles it against attention_host/cuda_emu.h (see its header)."""
-    text = re.sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned char (\w+)\[\];",
-                  r"unsigned char* \1 = ::emu::dynamic_smem();", text)
-    text = re.sub(r"__shared__\s+(?:alignas\(\d+\)\s+|__align__\(\d+\)\s+)?([\w:<>]+)\s+(\w+)\[([^\]]+)\];",
-                  r"auto& \2 = ::emu::static_array<\1, (\3)>();", text)
+    text = re.sub(
+        r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned char (\w+)\[\];",
+        r"unsigned char* \1 = ::emu::dynamic_smem();",
+        text,
+    )
+    text = re.sub(
+        r"__shared__\s+(?:alignas\(\d+\)\s+|__align__\(\d+\)\s+)?([\w:<>]+)\s+(\w+)\[([^\]]+)\];",
+        r"auto& \2 = ::emu::static_array<\1, (\3)>();",
+        text,
+    )
     text = re.sub(r"__shared__\s+([\w:<>]+)\s+(\w+);", r"auto& \2 = ::emu::static_array<\1, 1>()[0];", text)
     text = re.sub(r"((?:\w+::)*\w+<[^;<>]*>)<<<(.*?)>>>\((.*?)\);", r"::emu::launch(\1, \2, \3);", text)
     assert "__shared__" not in text and "<<<" not in text, "a construct the emulation does not rewrite"
@@ -384,8 +409,17 @@ def emulation_source(text: str) -> str:
 def emulation_compile(tmp: Path, name: str, text: str | None = None) -> subprocess.CompletedProcess:
     """Compiles one kernel source (its text, rewritten) or an attention_host/ file to tmp/name.o."""
     cxx = shutil.which("g++")
-    flags = [cxx, "-std=c++20", "-O1", "-pthread", "-include", str(EMU_DIR / "cuda_emu.h"), f"-I{EMU_DIR / 'shadow'}",
-             f"-I{CSRC}", *(f"-isystem{d}" for d in kernel_report.cuda_include_dirs(NVCC))]
+    flags = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-pthread",
+        "-include",
+        str(EMU_DIR / "cuda_emu.h"),
+        f"-I{EMU_DIR / 'shadow'}",
+        f"-I{CSRC}",
+        *(f"-isystem{d}" for d in kernel_report.cuda_include_dirs(NVCC)),
+    ]
     src = EMU_DIR / name
     if text is not None:
         src = tmp / f"{name}.cpp"
@@ -394,8 +428,9 @@ def emulation_compile(tmp: Path, name: str, text: str | None = None) -> subproce
 
 
 def emulation_link(tmp: Path, objects, exe: Path) -> Path:
-    proc = subprocess.run([shutil.which("g++"), "-pthread", *map(str, objects), "-o", str(exe)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [shutil.which("g++"), "-pthread", *map(str, objects), "-o", str(exe)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     return exe
 
@@ -430,8 +465,9 @@ class EmulationError(AssertionError):
     """The driver failed: an emulation error (race, protocol), a deadlock report or a timeout."""
 
 
-def emulate(exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None, ordered=False, schedule=1,
-            timeout=300):
+def emulate(
+    exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None, ordered=False, schedule=1, timeout=300
+):
     """Runs the driver (attention_host/driver.cpp) under the schedule `schedule`: forward -> (out, lse),
     bwd -> (dq, dk, dv). ordered: blocks take their tiles heaviest first (q_order.bin, k_order.bin),
     else in blockIdx order."""
@@ -500,32 +536,70 @@ def _gap_case():
 
 
 EMU_CASES = {  # name -> (mask builder, hq, hkv, d, dtype, strided)
-    "spans_cross_tiles-gqa-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 2, 1, 64,
-                                      torch.float16, False),
-    "several_documents-strided-d128-bf16": (lambda: (spans_mask_cpu(*LAYOUTS["several_documents"]), None), 2, 1, 128,
-                                            torch.bfloat16, True),
-    "sampling-batch-gqa-d64-bf16": (lambda: (tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], True), None), 4, 2, 64,
-                                torch.bfloat16, False),
+    "spans_cross_tiles-gqa-d64-f16": (
+        lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None),
+        2,
+        1,
+        64,
+        torch.float16,
+        False,
+    ),
+    "several_documents-strided-d128-bf16": (
+        lambda: (spans_mask_cpu(*LAYOUTS["several_documents"]), None),
+        2,
+        1,
+        128,
+        torch.bfloat16,
+        True,
+    ),
+    "sampling-batch-gqa-d64-bf16": (
+        lambda: (tk.HybridMask.cached([7, 0, 33, 64], [4, 1, 2, 40], True), None),
+        4,
+        2,
+        64,
+        torch.bfloat16,
+        False,
+    ),
     "nan-outside-empty-rows-d128-f16": (_nan_outside_case, 2, 1, 128, torch.float16, False),
-    "single-token-d128-bf16": (lambda: (spans_mask_cpu(*LAYOUTS["single_token"]), None), 2, 1, 128, torch.bfloat16,
-                               False),
+    "single-token-d128-bf16": (
+        lambda: (spans_mask_cpu(*LAYOUTS["single_token"]), None),
+        2,
+        1,
+        128,
+        torch.bfloat16,
+        False,
+    ),
     # 400 tokens, a long causal document: FULL tiles, and more key tiles than the wgmma forward's
     # two pipeline stages (stage refills, barrier phases flipping)
-    "long-documents-gqa-d64-bf16": (lambda: (spans_mask_cpu([0, 330, 400], [(200, 240), (340, 380)]), None), 2, 1, 64,
-                                    torch.bfloat16, False),
+    "long-documents-gqa-d64-bf16": (
+        lambda: (spans_mask_cpu([0, 330, 400], [(200, 240), (340, 380)]), None),
+        2,
+        1,
+        64,
+        torch.bfloat16,
+        False,
+    ),
     # 48 queries over a 1100-token cache: 9 key tiles of 128 in one query tile, so every stage of
     # the forwards' rings is refilled several times and its barrier phases wrap
-    "ring-wraps-cache-d64-f16": (lambda: (tk.HybridMask.cached([1100], [48], True), None), 1, 1, 64, torch.float16,
-                                 False),
+    "ring-wraps-cache-d64-f16": (
+        lambda: (tk.HybridMask.cached([1100], [48], True), None),
+        1,
+        1,
+        64,
+        torch.float16,
+        False,
+    ),
     "gap-in-query-range-d64-f16": (_gap_case, 2, 1, 64, torch.float16, False),
     # 8 query heads on one K/V head: the backward accumulates dK, dV over the group's steps
-    "gqa-8to1-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 8, 1, 64, torch.float16,
-                         False),
+    "gqa-8to1-d64-f16": (lambda: (spans_mask_cpu(*LAYOUTS["spans_cross_tiles"]), None), 8, 1, 64, torch.float16, False),
 }
 # Cases whose blocks take their tiles heaviest first (the order cuda.prepare passes), the others
 # in blockIdx order.
-ORDERED_EMU_CASES = {"spans_cross_tiles-gqa-d64-f16", "several_documents-strided-d128-bf16",
-                     "long-documents-gqa-d64-bf16"}
+ORDERED_EMU_CASES = {
+    "spans_cross_tiles-gqa-d64-f16",
+    "several_documents-strided-d128-bf16",
+    "long-documents-gqa-d64-bf16",
+}
 
 
 def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300, ordered=False, scale=None):
@@ -535,7 +609,7 @@ def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300, or
     build, hq, hkv, d, dtype, strided = EMU_CASES[case]
     mask, seen = build()
     nq, nk = mask.num_queries, mask.num_keys
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     if strided:
         assert nq == nk
         q, k, v = _strided_qkv(nq, hq, hkv, d, dtype)
@@ -547,8 +621,8 @@ def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300, or
     if seen is not None:  # rows nobody sees hold NaN; the oracle gets the clean values
         k, v = k.clone(), v.clone()
         for t in (k, v):
-            t[:seen[0]] = float("nan")
-            t[seen[1]:] = float("nan")
+            t[: seen[0]] = float("nan")
+            t[seen[1] :] = float("nan")
     allowed = mask.to_dense()
     ref_in = [t.detach().double().requires_grad_() for t in (q, clean_k, clean_v)]
     low_in = [t.detach().clone().requires_grad_() for t in (q, clean_k, clean_v)]
@@ -570,7 +644,7 @@ def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300, or
         low_g = torch.autograd.grad(low_out, low_in, dout, retain_graph=True)
         for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
             if seen is not None and name != "dq":  # a NaN key row only reaches its own dk, dv
-                g, rg, lg = g[seen[0]:seen[1]], rg[seen[0]:seen[1]], lg[seen[0]:seen[1]]
+                g, rg, lg = g[seen[0] : seen[1]], rg[seen[0] : seen[1]], lg[seen[0] : seen[1]]
             assert_rule(f"{mode} {name}", g, rg, lg, floor)
         if seen is not None:
             assert torch.all(grads[0][~allowed.any(1)] == 0), f"{mode}: dq of a row that sees nothing"
@@ -600,25 +674,85 @@ def test_kernels_at_negative_and_zero_scale(emulator, tmp_path, case, scale, see
 
 # ---- bindings: argument checks before any device work ----------------------------------------
 def _bwd_args(**change):
-    ok = dict(dq=16, dk=32, dv=48, scratch=64, dout=80, q=96, k=112, v=128, out=144, lse=160, kv_start=176,
-              kv_end=192, q_tiles=208, k_tiles=224, nq=10, nk=12, hq=4, hkv=2, head_dim=64, q_strides=(256, 64),
-              k_strides=(128, 64), v_strides=(128, 64), o_strides=(256, 64), do_strides=(256, 64), scale=0.125,
-              dtype="bfloat16", stream=0)
+    ok = dict(
+        dq=16,
+        dk=32,
+        dv=48,
+        scratch=64,
+        dout=80,
+        q=96,
+        k=112,
+        v=128,
+        out=144,
+        lse=160,
+        kv_start=176,
+        kv_end=192,
+        q_tiles=208,
+        k_tiles=224,
+        nq=10,
+        nk=12,
+        hq=4,
+        hkv=2,
+        head_dim=64,
+        q_strides=(256, 64),
+        k_strides=(128, 64),
+        v_strides=(128, 64),
+        o_strides=(256, 64),
+        do_strides=(256, 64),
+        scale=0.125,
+        dtype="bfloat16",
+        stream=0,
+    )
     return {**ok, **change}
 
 
-@pytest.mark.parametrize("change", [
-    dict(head_dim=96), dict(dtype="float32"), dict(dtype="int8"), dict(hq=3), dict(hkv=0), dict(nq=-1),
-    dict(q_strides=(100, 64)), dict(do_strides=(256, 4)), dict(q=8), dict(dk=0), dict(scratch=0), dict(k_tiles=0),
-], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(head_dim=96),
+        dict(dtype="float32"),
+        dict(dtype="int8"),
+        dict(hq=3),
+        dict(hkv=0),
+        dict(nq=-1),
+        dict(q_strides=(100, 64)),
+        dict(do_strides=(256, 4)),
+        dict(q=8),
+        dict(dk=0),
+        dict(scratch=0),
+        dict(k_tiles=0),
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
 def test_bindings_reject_bad_arguments(extension, change):
     if not hasattr(extension, "attention_bwd"):
         pytest.skip("the installed extension predates the attention backward: rebuild it (pip install -e .)")
     with pytest.raises(ValueError):
         extension.attention_bwd(**_bwd_args(**change))
-    fwd = {k: v for k, v in _bwd_args(**change).items()
-           if k in ("q", "k", "v", "kv_start", "kv_end", "q_tiles", "nq", "nk", "hq", "hkv", "head_dim", "q_strides",
-                    "k_strides", "v_strides", "scale", "dtype", "stream")}
+    fwd = {
+        k: v
+        for k, v in _bwd_args(**change).items()
+        if k
+        in (
+            "q",
+            "k",
+            "v",
+            "kv_start",
+            "kv_end",
+            "q_tiles",
+            "nq",
+            "nk",
+            "hq",
+            "hkv",
+            "head_dim",
+            "q_strides",
+            "k_strides",
+            "v_strides",
+            "scale",
+            "dtype",
+            "stream",
+        )
+    }
     if set(change) <= set(fwd):
         for launch in (extension.attention_fwd, extension.attention_fwd_sm90):
             with pytest.raises(ValueError):
@@ -642,8 +776,9 @@ def test_bindings_without_work_or_device(extension):
 def poison(monkeypatch):
     from transfusion_kernels.attention import cuda as tkc
 
-    monkeypatch.setattr(tkc, "_empty",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(
+        tkc, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
 
 
 FWD_KERNELS = ["mma", "wgmma"]
@@ -689,10 +824,12 @@ def run_cuda(q, k, v, mask, scale, dout=None):
 
 def check(mask, *, hq=8, hkv=2, d=64, dtype=torch.bfloat16, allowed=None, scale=None, inputs=None, grads=True):
     allowed = (mask.to_dense() if allowed is None else allowed).cuda()
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     if inputs is None:
-        inputs = tuple(torch.randn(n, h, d, device="cuda").to(dtype)
-                       for n, h in ((mask.num_queries, hq), (mask.num_keys, hkv), (mask.num_keys, hkv)))
+        inputs = tuple(
+            torch.randn(n, h, d, device="cuda").to(dtype)
+            for n, h in ((mask.num_queries, hq), (mask.num_keys, hkv), (mask.num_keys, hkv))
+        )
     q, k, v = inputs
     dout = torch.randn(q.shape, device="cuda").to(q.dtype) if grads else None
     out, lse, kgrads = run_cuda(q, k, v, mask, scale, dout)
@@ -715,8 +852,10 @@ def check(mask, *, hq=8, hkv=2, d=64, dtype=torch.bfloat16, allowed=None, scale=
 
 
 def spans_mask(cu, spans):
-    return tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32, device="cuda"),
-                                    torch.tensor(spans, dtype=torch.int32, device="cuda").reshape(-1, 2))
+    return tk.HybridMask.from_spans(
+        torch.tensor(cu, dtype=torch.int32, device="cuda"),
+        torch.tensor(spans, dtype=torch.int32, device="cuda").reshape(-1, 2),
+    )
 
 
 # ---- the cases of tests/attention/test_attention_triton.py ----------------------------------
@@ -748,8 +887,13 @@ def test_long_random_layouts_and_gqa(heads, d, fwd_kernel, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "cache_lens,query_lens,bidirectional",
-    [([37], [16], True), ([50], [1], False), ([7, 0, 33, 64], [4, 1, 2, 40], True),
-     ([7, 0, 33, 64], [4, 1, 2, 40], False), ([300, 5, 129], [64, 65, 1], False)],
+    [
+        ([37], [16], True),
+        ([50], [1], False),
+        ([7, 0, 33, 64], [4, 1, 2, 40], True),
+        ([7, 0, 33, 64], [4, 1, 2, 40], False),
+        ([300, 5, 129], [64, 65, 1], False),
+    ],
     ids=["image_chunk", "single_query", "batch_bidirectional", "batch_causal", "batch_long_cache"],
 )
 def test_sampling_masks(cache_lens, query_lens, bidirectional, fwd_kernel, seed):
@@ -774,7 +918,7 @@ def test_empty_rows_and_unsorted_intervals(fwd_kernel, seed):
     assert torch.all(out[64:128] == 0) and torch.all(lse[:, 64:128] == float("-inf"))
     assert torch.all(dq[64:128] == 0) and torch.all(dq[3] == 0)
     unseen = ~mask.to_dense().any(0)
-    assert unseen[nk - 20:].all()
+    assert unseen[nk - 20 :].all()
     assert torch.all(dk[unseen] == 0) and torch.all(dv[unseen] == 0)
 
 
@@ -789,11 +933,11 @@ def test_keys_outside_the_intervals_are_never_used(fwd_kernel, seed):
     q = torch.randn(nq, 4, d, device="cuda").half()
     k, v = torch.randn(nk, 2, d, device="cuda").half(), torch.randn(nk, 2, d, device="cuda").half()
     dout = torch.randn_like(q)
-    c_out, c_lse, (c_dq, c_dk, c_dv) = run_cuda(q, k, v, mask, d ** -0.5, dout)
+    c_out, c_lse, (c_dq, c_dk, c_dv) = run_cuda(q, k, v, mask, d**-0.5, dout)
     for t in (k, v):
         t[:100] = float("nan")
         t[200:] = float("nan")
-    out, lse, (dq, dk, dv) = run_cuda(q, k, v, mask, d ** -0.5, dout)
+    out, lse, (dq, dk, dv) = run_cuda(q, k, v, mask, d**-0.5, dout)
     seen = slice(100, 200)
     for got, want in ((out, c_out), (lse, c_lse), (dq, c_dq), (dk[seen], c_dk[seen]), (dv[seen], c_dv[seen])):
         assert torch.isfinite(want).all()
@@ -812,8 +956,8 @@ def test_strided_and_misaligned_inputs(fwd_kernel, seed):
     assert not q.is_contiguous() and not k.is_contiguous()
     check(mask, d=d, dtype=torch.float16, inputs=(q, k, v), allowed=naive_dense(cu, spans))
     dout = torch.randn(8, n, d, device="cuda").to(torch.float16).transpose(0, 1)
-    out, lse, grads = run_cuda(q, k, v, mask, d ** -0.5, dout)
-    c_out, c_lse, c_grads = run_cuda(q.contiguous(), k.contiguous(), v.contiguous(), mask, d ** -0.5, dout.contiguous())
+    out, lse, grads = run_cuda(q, k, v, mask, d**-0.5, dout)
+    c_out, c_lse, c_grads = run_cuda(q.contiguous(), k.contiguous(), v.contiguous(), mask, d**-0.5, dout.contiguous())
     for got, want in zip((out, lse, *grads), (c_out, c_lse, *c_grads)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     flat = torch.randn(1 + n * 8 * d, device="cuda").half()
@@ -842,7 +986,7 @@ def test_through_dispatcher(fwd_kernel, seed):
     mask = spans_mask(cu, spans)
     q, k, v = (torch.randn(mask.num_queries, h, 64, device="cuda").bfloat16() for h in (8, 2, 2))
     dout = torch.randn_like(q)
-    out, lse, grads = run_cuda(q, k, v, mask, 64 ** -0.5, dout)
+    out, lse, grads = run_cuda(q, k, v, mask, 64**-0.5, dout)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     d_out, d_lse = tk.hybrid_attention(qg, kg, vg, mask, return_lse=True, backend="cuda")
     torch.testing.assert_close(d_out, out, rtol=0, atol=0)

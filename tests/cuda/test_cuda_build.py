@@ -1,5 +1,6 @@
 """The CUDA extension: it builds, records what it was built for, is not stale, imports without a
 GPU, and its bindings reject bad arguments before touching the device. No GPU needed."""
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,21 @@ def test_import_needs_no_gpu():
 
 
 def test_binding_rejects_bad_arguments(extension):
-    ok = dict(out=16, sample=32, model_output=0, coef=48, noise=0, noise_out=0, numel=12, rows=3,
-              dtype="float16", seed=1, draw_noise=True, clip_range=None, stream=0)
+    ok = dict(
+        out=16,
+        sample=32,
+        model_output=0,
+        coef=48,
+        noise=0,
+        noise_out=0,
+        numel=12,
+        rows=3,
+        dtype="float16",
+        seed=1,
+        draw_noise=True,
+        clip_range=None,
+        stream=0,
+    )
     bad = [
         dict(numel=10),  # rows must divide numel
         dict(rows=0),
@@ -71,9 +85,19 @@ def test_bindings_compile_without_warnings():
 
     cuda_includes = [f"-isystem{d}" for d in kernel_report.cuda_include_dirs(NVCC)]
     assert cuda_includes, "could not find the CUDA include directory from nvcc --dryrun"
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}",
-           f"-isystem{pybind11.get_include()}", f"-isystem{sysconfig.get_paths()['include']}",
-           *cuda_includes, str(CSRC / "bindings.cpp")]
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        f"-I{CSRC}",
+        f"-isystem{pybind11.get_include()}",
+        f"-isystem{sysconfig.get_paths()['include']}",
+        *cuda_includes,
+        str(CSRC / "bindings.cpp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 

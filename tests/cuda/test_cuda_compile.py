@@ -2,6 +2,7 @@
 kernel spills registers, and the sm_90a attention kernels have the structure they are built for
 (scripts/kernel_report.py reads it from the SASS). No GPU needed; each source is compiled once
 per test session, two at a time."""
+
 from __future__ import annotations
 
 import re
@@ -37,9 +38,13 @@ def test_compiles_without_warnings_and_spills(builds, source):
     assert b.kernels, f"ptxas reported no kernels for {source}"
     assert {k.arch for k in b.kernels} == {f"sm_{a}" for a in kernel_report.DEFAULT_ARCHS}
     for k in b.kernels:
-        print(f"{k.name} {k.arch}: {k.registers} registers, {k.smem} B smem, {k.stack} B stack, "
-              f"spills {k.spill_stores}/{k.spill_loads} B")
-    spilling = [f"{k.name} ({k.arch}): {k.spill_stores} B stores, {k.spill_loads} B loads" for k in b.kernels if k.spills]
+        print(
+            f"{k.name} {k.arch}: {k.registers} registers, {k.smem} B smem, {k.stack} B stack, "
+            f"spills {k.spill_stores}/{k.spill_loads} B"
+        )
+    spilling = [
+        f"{k.name} ({k.arch}): {k.spill_stores} B stores, {k.spill_loads} B loads" for k in b.kernels if k.spills
+    ]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
 
 
@@ -66,8 +71,10 @@ def test_sm90_forward_is_warp_specialised(builds, attention_rows):
     (bar.sync 0) inside its main loop."""
     sources = [s for s in sm90_sources("fwd") if re.search(r"setmaxnreg", s.read_text())]
     if not sources:
-        pytest.skip("the sm_90a forward has no producer/consumer split yet (no setmaxnreg in "
-                    "csrc/attention/attention_fwd_sm90*.cu)")
+        pytest.skip(
+            "the sm_90a forward has no producer/consumer split yet (no setmaxnreg in "
+            "csrc/attention/attention_fwd_sm90*.cu)"
+        )
     for s in sources:
         assert builds[s].returncode == 0, builds[s].output
     rel = {str(s.relative_to(CSRC.parent)) for s in sources}

@@ -1,5 +1,6 @@
 """The CUDA fused affine diffusion step against the reference backend and a float64 oracle.
 Needs a CUDA device and the built extension; skipped otherwise."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,9 @@ SHAPES = [(1,), (3, 7), (5, 1, 3), (100, 3), (4, 1000), (17, 4097), (2, 4, 32, 3
 def poison(monkeypatch):
     """Every output of the cuda backend starts as NaN, so an unwritten element fails."""
     monkeypatch.setattr(
-        diffusion_cuda, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        diffusion_cuda,
+        "_empty",
+        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device),
     )
 
 
@@ -130,7 +133,7 @@ def test_drawn_noise_statistics(seed):
     out, drawn = diffusion_cuda.affine_step(sample, None, coef, None, seed, None, True)
     assert torch.equal(out, drawn)
     z = out.flatten().double()
-    se = n ** -0.5
+    se = n**-0.5
     assert abs(z.mean().item()) < 5 * se
     assert abs(z.var().item() - 1.0) < 5 * 2**0.5 * se
     assert abs((z.abs() > 2).double().mean().item() - 0.0455) < 0.002  # Gaussian tails
@@ -199,5 +202,5 @@ def test_more_than_2_to_the_31_elements(seed):
     flat = out.flatten()
     for start in (0, 2**31 - 2048, numel - 4096):
         ref = philox.randn(seed, 4096, device="cuda", offset=start).half()
-        got = flat[start:start + 4096]
+        got = flat[start : start + 4096]
         assert torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=1e-3), start

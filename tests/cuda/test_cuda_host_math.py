@@ -1,6 +1,7 @@
 """The __host__ __device__ math of csrc/common/ (Philox, Box-Muller, sinusoid, interval mask),
 compiled with g++ into tests/cuda/host/host_math.cpp and checked against the Python references.
 The kernels include the same headers, so this pins down their math without a GPU."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,19 @@ def host_math(tmp_path_factory):
         pytest.skip("no host C++ compiler (g++)")
     exe = tmp_path_factory.mktemp("host_math") / "host_math"
     # -ffp-contract=off: no fused multiply-add, as nvcc's sinusoid arguments (no adds to fuse).
-    cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", f"-I{CSRC}", str(HOST_SRC), "-o", str(exe)]
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-ffp-contract=off",
+        f"-I{CSRC}",
+        str(HOST_SRC),
+        "-o",
+        str(exe),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -40,8 +53,11 @@ def host_math(tmp_path_factory):
 KAT = [
     ((0x00000000,) * 4, (0x00000000,) * 2, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -77,19 +93,31 @@ def _sinusoid_oracle(t, dim, flip, shift, scale, max_period):
 
 @pytest.mark.parametrize(
     "dim,flip,shift,scale,max_period",
-    [(256, True, 0.0, 1.0, 10000.0), (320, False, 1.0, 1.0, 10000.0), (33, True, 0.5, 1000.0, 10000.0),
-     (8, False, 1.0, 2.5, 100.0), (3, True, 0.0, 1.0, 10000.0), (64, True, 0.0, 0.25, 1e6)],
+    [
+        (256, True, 0.0, 1.0, 10000.0),
+        (320, False, 1.0, 1.0, 10000.0),
+        (33, True, 0.5, 1000.0, 10000.0),
+        (8, False, 1.0, 2.5, 100.0),
+        (3, True, 0.0, 1.0, 10000.0),
+        (64, True, 0.0, 0.25, 1e6),
+    ],
 )
 def test_sinusoid_matches_diffusers(host_math, seed, dim, flip, shift, scale, max_period):
     from diffusers.models.embeddings import get_timestep_embedding
 
     gen = torch.Generator().manual_seed(seed)
-    t = torch.cat([torch.tensor([0.0, 1.0, 999.0, 1000.0]), torch.rand(12, generator=gen) * 1000,
-                   torch.randint(0, 1000, (8,), generator=gen).float()])
+    t = torch.cat(
+        [
+            torch.tensor([0.0, 1.0, 999.0, 1000.0]),
+            torch.rand(12, generator=gen) * 1000,
+            torch.randint(0, 1000, (8,), generator=gen).float(),
+        ]
+    )
     out = host_math("sinusoid", dim, int(flip), shift, scale, max_period, *[repr(float(x)) for x in t])
     got = torch.tensor([[float(x) for x in line.split()] for line in out.splitlines()], dtype=torch.float64)
-    ref = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, scale=scale,
-                                 max_period=max_period).double()
+    ref = get_timestep_embedding(
+        t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, scale=scale, max_period=max_period
+    ).double()
     oracle = _sinusoid_oracle(t, dim, flip, shift, scale, max_period)
     assert got.shape == ref.shape == (len(t), dim)
     # Hold ours to 2x diffusers' own float32 error against the float64 oracle, per timestep, plus
@@ -125,9 +153,18 @@ def _random_intervals(rng: random.Random, nq: int, nk: int, monotone: bool):
     return starts, ends
 
 
-@pytest.mark.parametrize("nq,nk,block,monotone", [(1, 1, 16, True), (17, 17, 16, True), (130, 130, 32, True),
-                                                  (65, 100, 16, False), (200, 77, 64, False), (129, 129, 64, True),
-                                                  (300, 300, 16, True)])
+@pytest.mark.parametrize(
+    "nq,nk,block,monotone",
+    [
+        (1, 1, 16, True),
+        (17, 17, 16, True),
+        (130, 130, 32, True),
+        (65, 100, 16, False),
+        (200, 77, 64, False),
+        (129, 129, 64, True),
+        (300, 300, 16, True),
+    ],
+)
 def test_interval_mask_and_tile_classes(host_math, seed, nq, nk, block, monotone):
     rng = random.Random(seed)
     starts, ends = _random_intervals(rng, nq, nk, monotone)
@@ -176,7 +213,9 @@ def test_affine_step_and_velocity_match_reference(host_math, seed, clip):
     z[0, 3] = float("inf")
     args = [repr(float(c)) for c in coef[0]] + [int(clip is not None), repr(float(clip or 0.0))]
     stdin = "".join(f"{float(a)!r} {float(b)!r} {float(c)!r}\n" for a, b, c in zip(s[0], m[0], z[0]))
-    got = torch.tensor([[float(x) for x in line.split()] for line in host_math("affine", *args, stdin=stdin).splitlines()])
+    got = torch.tensor(
+        [[float(x) for x in line.split()] for line in host_math("affine", *args, stdin=stdin).splitlines()]
+    )
     out, target = reference.affine_step(s, m, coef, z, 0, clip, False, velocity=True)
     assert got.shape == (300, 2)
     assert torch.equal(got[:, 0].isnan(), out[0].isnan()) and torch.equal(got[:, 1].isnan(), target[0].isnan())

@@ -1,6 +1,7 @@
 """The CUDA timestep kernels (csrc/timestep/) against a float64 oracle, with the fp32 reference
 backend as the PyTorch baseline of the 2x rule (tests/timestep/common.py). Needs a CUDA device
 and the built extension; every buffer the kernels write starts NaN-filled."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,9 @@ LAYOUTS = ["text", "image", "several", "empty", "random"]
 def poison(monkeypatch):
     from transfusion_kernels.timestep import cuda as tkc
 
-    monkeypatch.setattr(tkc, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(
+        tkc, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
 
 
 def _check(seed, layout, P, D, M, dtype, *, with_mlp=True, F=32, H=48, cfg=CONFIGS[0], bias=True):
@@ -115,5 +118,6 @@ def test_segment_sum_is_deterministic(layout, seed):
     b = tkc.segment_sum(dy, idx, M)
     assert torch.equal(a, b)
     oracle = torch.zeros(M + 1, D, dtype=torch.float64, device="cuda").index_add_(
-        0, torch.where(idx >= 0, idx, M).long(), dy.double())[:M]
+        0, torch.where(idx >= 0, idx, M).long(), dy.double()
+    )[:M]
     assert_rule("segment_sum", a, oracle, reference.segment_sum(dy, idx, M), grad_floor(oracle))

@@ -4,6 +4,7 @@ attention_sm90_supported reads tk_attention_sm90a_image from the loaded image in
 the sm_90a image. This checks, from the compiled cubins (no GPU), that the flag and the kernel
 bodies differ between the two targets, and that the sm_90a kernels have the producer / consumer
 structure (register hand-off, TMA, wgmma, named barriers)."""
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ def _cuobjdump() -> str | None:
 def elf_symbol_bytes(image: bytes, name: str) -> bytes | None:
     """The initial bytes of a data symbol in an ELF64 image; zeros for one in a NOBITS section
     (.nv.global: zero-initialised); None when the symbol is absent."""
-    shoff, = struct.unpack_from("<Q", image, 0x28)
+    (shoff,) = struct.unpack_from("<Q", image, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", image, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", image, shoff + i * shentsize) for i in range(shnum)]
     for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
@@ -44,12 +45,12 @@ def elf_symbol_bytes(image: bytes, name: str) -> bytes | None:
         for at in range(offset, offset + size, entsize):
             st_name, _, _, shndx, value, st_size = struct.unpack_from("<IBBHQQ", image, at)
             end = image.index(b"\0", strtab_off + st_name)
-            if image[strtab_off + st_name:end].decode() != name:
+            if image[strtab_off + st_name : end].decode() != name:
                 continue
             sec = sections[shndx]
             if sec[1] == 8:  # SHT_NOBITS
                 return bytes(st_size)
-            return image[sec[4] + value:sec[4] + value + st_size]
+            return image[sec[4] + value : sec[4] + value + st_size]
     return None
 
 
@@ -62,13 +63,25 @@ def images(tmp_path_factory):
     out = {}
     for arch in ("90", "90a"):
         cubin = tmp / f"fwd_sm_{arch}.cubin"
-        cmd = [NVCC, "-std=c++17", "-O3", f"-I{CSRC}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-               "--Werror", "all-warnings", "-cubin", str(SOURCE), "-o", str(cubin)]
+        cmd = [
+            NVCC,
+            "-std=c++17",
+            "-O3",
+            f"-I{CSRC}",
+            f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            "--Werror",
+            "all-warnings",
+            "-cubin",
+            str(SOURCE),
+            "-o",
+            str(cubin),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-4000:]
         sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-        kernels = dict(re.findall(r"Function : (\S*attention_fwd_sm90_kernel\S*)\n(.*?)(?=\n\s*Function : |\Z)", sass,
-                                  re.DOTALL))
+        kernels = dict(
+            re.findall(r"Function : (\S*attention_fwd_sm90_kernel\S*)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.DOTALL)
+        )
         out[arch] = (cubin.read_bytes(), kernels)
     return out
 
@@ -102,18 +115,23 @@ def test_elf_reader_on_a_handmade_image():
     # header, a PROGBITS section holding 7, a NOBITS one, a symtab of two symbols and its strings
     names = b"\0a\0b\0"
     data = struct.pack("<i", 7)
-    sym = struct.pack("<IBBHQQ", 0, 0, 0, 0, 0, 0) + struct.pack("<IBBHQQ", 1, 0, 0, 1, 0, 4) + \
-        struct.pack("<IBBHQQ", 3, 0, 0, 2, 0, 4)
+    sym = (
+        struct.pack("<IBBHQQ", 0, 0, 0, 0, 0, 0)
+        + struct.pack("<IBBHQQ", 1, 0, 0, 1, 0, 4)
+        + struct.pack("<IBBHQQ", 3, 0, 0, 2, 0, 4)
+    )
     data_off, names_off, sym_off = 64, 64 + len(data), 64 + len(data) + len(names)
     shoff = sym_off + len(sym)
     hdr = bytearray(64)
     struct.pack_into("<Q", hdr, 0x28, shoff)
     struct.pack_into("<HH", hdr, 0x3A, 64, 5)
-    sh = [struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-          struct.pack("<IIQQQQIIQQ", 0, 1, 0, 0, data_off, 4, 0, 0, 4, 0),
-          struct.pack("<IIQQQQIIQQ", 0, 8, 0, 0, 0, 4, 0, 0, 4, 0),
-          struct.pack("<IIQQQQIIQQ", 0, 2, 0, 0, sym_off, len(sym), 4, 0, 8, 24),
-          struct.pack("<IIQQQQIIQQ", 0, 3, 0, 0, names_off, len(names), 0, 0, 1, 0)]
+    sh = [
+        struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        struct.pack("<IIQQQQIIQQ", 0, 1, 0, 0, data_off, 4, 0, 0, 4, 0),
+        struct.pack("<IIQQQQIIQQ", 0, 8, 0, 0, 0, 4, 0, 0, 4, 0),
+        struct.pack("<IIQQQQIIQQ", 0, 2, 0, 0, sym_off, len(sym), 4, 0, 8, 24),
+        struct.pack("<IIQQQQIIQQ", 0, 3, 0, 0, names_off, len(names), 0, 0, 1, 0),
+    ]
     image = bytes(hdr) + data + names + sym + b"".join(sh)
     assert elf_symbol_bytes(image, "a") == data
     assert elf_symbol_bytes(image, "b") == bytes(4)

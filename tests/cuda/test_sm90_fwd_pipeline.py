@@ -4,14 +4,21 @@ FULL runs between masked steps, K/V rows outside the tile's [kv_lo, kv_hi) holdi
 first and a last step the producer zeroes (the last step's stage already reused), and negative
 and zero softmax scales. Against the float64 oracle under the 2x rule, like
 test_cuda_attention.py's emulated cases."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import transfusion_kernels as tk
-from tests.cuda.test_cuda_attention import (FLOOR, assert_rule, dense_attention, emulate, emulator,  # noqa: F401
-                                            spans_mask_cpu)
+from tests.cuda.test_cuda_attention import (
+    FLOOR,
+    assert_rule,
+    dense_attention,
+    emulate,
+    emulator,  # noqa: F401
+    spans_mask_cpu,
+)
 
 
 def _nan_outside_long():
@@ -45,14 +52,14 @@ def test_long_tiles_under_emulation(emulator, tmp_path, case, seed):  # noqa: F8
     build, hq, hkv, d, dtype, scale = CASES[case]
     mask, seen = build()
     nq, nk = mask.num_queries, mask.num_keys
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     q, k, v = (torch.randn(n, h, d).to(dtype) for n, h in ((nq, hq), (nk, hkv), (nk, hkv)))
     clean_k, clean_v = k, v
     if seen is not None:
         k, v = k.clone(), v.clone()
         for t in (k, v):
-            t[:seen[0]] = float("nan")
-            t[seen[1]:] = float("nan")
+            t[: seen[0]] = float("nan")
+            t[seen[1] :] = float("nan")
     allowed = mask.to_dense()
     ref_out, ref_lse = dense_attention(*(t.double() for t in (q, clean_k, clean_v)), allowed, scale)
     low_out, low_lse = dense_attention(q, clean_k, clean_v, allowed, scale)

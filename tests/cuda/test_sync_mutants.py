@@ -1,6 +1,7 @@
 """scripts/sync_mutants.py: the call-site finder and mutation, and today's shard of the mutants
 (deleting a synchronisation call of csrc/attention/*.cu must make an emulated run fail). The
 shard rotates by date, so consecutive days cover every site; SYNC_MUTANTS_SHARD=I/N picks one."""
+
 from __future__ import annotations
 
 import datetime
@@ -32,24 +33,31 @@ def test_finds_the_call_sites():
         assert any(s.file == kernel for s in sites), kernel
     for s in sites:
         text = (ROOT / "csrc" / "attention" / s.file).read_text()
-        call = text[s.start:s.end]
+        call = text[s.start : s.end]
         assert call.endswith(")") and s.call in call, (s.where, call)
         assert sync_mutants.mutate(text, s).count(s.call) == text.count(s.call) - 1
     for file, call, nth in (*sync_mutants.SCHEDULING_ONLY, *sync_mutants.KNOWN_GAPS):  # each names a site
-        assert sum(sync_mutants.listed(s, {(file, call, nth): "x"}, sites) is not None for s in sites) == 1, (file, call)
+        assert sum(sync_mutants.listed(s, {(file, call, nth): "x"}, sites) is not None for s in sites) == 1, (
+            file,
+            call,
+        )
 
 
 def test_the_daily_shards_cover_every_site():
     sites = sync_mutants.find_sites(ROOT / "csrc")
     shards = math.ceil(len(sites) / SITES_PER_RUN)
     start = datetime.date.today().toordinal()
-    covered = {(s.file, s.line) for day in range(start, start + shards)
-               for s in sync_mutants.select(sites, None, 0, shard_of_day(len(sites), day))}
+    covered = {
+        (s.file, s.line)
+        for day in range(start, start + shards)
+        for s in sync_mutants.select(sites, None, 0, shard_of_day(len(sites), day))
+    }
     assert covered == {(s.file, s.line) for s in sites}
 
 
-needs_emulation = pytest.mark.skipif(shutil.which("g++") is None or NVCC is None,
-                                     reason="needs g++ and the CUDA headers (nvcc)")
+needs_emulation = pytest.mark.skipif(
+    shutil.which("g++") is None or NVCC is None, reason="needs g++ and the CUDA headers (nvcc)"
+)
 
 
 @needs_emulation
@@ -68,7 +76,8 @@ def test_todays_mutants_are_caught():
     sites = sync_mutants.find_sites(ROOT / "csrc")
     shard = os.environ.get("SYNC_MUTANTS_SHARD") or shard_of_day(len(sites), datetime.date.today().toordinal())
     chosen = sync_mutants.select(sites, None, 0, shard)
-    results = sync_mutants.run(chosen, sync_mutants.CASES, sync_mutants.SCHEDULES, sync_mutants.TIMEOUT_S, 2,
-                               sys.stderr)
+    results = sync_mutants.run(
+        chosen, sync_mutants.CASES, sync_mutants.SCHEDULES, sync_mutants.TIMEOUT_S, 2, sys.stderr
+    )
     bad = [r for r in results if sync_mutants.failed(r)]  # known gaps: reported by the full run
     assert not bad, f"shard {shard}:\n" + sync_mutants.markdown(bad)

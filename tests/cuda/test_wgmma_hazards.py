@@ -3,6 +3,7 @@
 The checker on fixed SASS (group tracking, control flow), then on every sm_90a kernel built
 from csrc (one arch, only the sources that use wgmma), and on the backward with the dS^T
 store put back behind the dK wgmma that reads it (the hazard the check exists for)."""
+
 from __future__ import annotations
 
 import sys
@@ -31,49 +32,78 @@ RS = "HGMMA.64x128x16.F32.BF16 R24, R184, gdesc[UR8].tnspB, R24, gsb0"
 
 
 def test_store_of_a_pending_a_operand_is_found():
-    found = hazards("WARPGROUP.ARRIVE", RS, "STS [R17+UR5], R186", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
-                    "STS [R17+UR5], R187", "EXIT")
+    found = hazards(
+        "WARPGROUP.ARRIVE", RS, "STS [R17+UR5], R186", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "STS [R17+UR5], R187", "EXIT"
+    )
     assert [(h.addr, h.register, h.hgmma) for h in found] == [(0x20, 186, 0x10)]
 
 
 def test_accumulator_reads_and_writes_are_found_until_the_wait_retires_the_group():
-    found = hazards("WARPGROUP.ARRIVE", "HGMMA.64x64x16.F32.BF16 R152, gdesc[UR8], RZ, !UPT, gsb0",
-                    "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0",
-                    "WARPGROUP.DEPBAR.LE gsb0, 0x1",  # retires the R152 group only
-                    "FMUL R152, R152, 0.5", "FMUL R87, R87, 2", "CS2R R22, SRZ", "STS.64 [R2], R86",
-                    "WARPGROUP.DEPBAR.LE gsb0, 0x0", "FMUL R87, R87, 2", "EXIT")
+    found = hazards(
+        "WARPGROUP.ARRIVE",
+        "HGMMA.64x64x16.F32.BF16 R152, gdesc[UR8], RZ, !UPT, gsb0",
+        "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0",
+        "WARPGROUP.DEPBAR.LE gsb0, 0x1",  # retires the R152 group only
+        "FMUL R152, R152, 0.5",
+        "FMUL R87, R87, 2",
+        "CS2R R22, SRZ",
+        "STS.64 [R2], R86",
+        "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+        "FMUL R87, R87, 2",
+        "EXIT",
+    )
     # R87 (last of R24..R87), the pair R22/R23 misses R24, STS.64 of R86/R87
     assert [(h.addr, h.register) for h in found] == [(0x50, 87), (0x70, 86), (0x70, 87)]
 
 
 def test_open_groups_and_later_wgmma_on_the_same_accumulator():
     # a second wgmma onto the in-flight accumulator is allowed; an FADD between them is not
-    found = hazards("WARPGROUP.ARRIVE", "HGMMA.64x64x16.F32.BF16 R152, gdesc[UR8], RZ, !UPT",
-                    "FADD R153, R153, 1", "HGMMA.64x64x16.F32.BF16 R152, gdesc[UR8], R152, gsb0",
-                    "WARPGROUP.DEPBAR.LE gsb0, 0x0", "EXIT")
+    found = hazards(
+        "WARPGROUP.ARRIVE",
+        "HGMMA.64x64x16.F32.BF16 R152, gdesc[UR8], RZ, !UPT",
+        "FADD R153, R153, 1",
+        "HGMMA.64x64x16.F32.BF16 R152, gdesc[UR8], R152, gsb0",
+        "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+        "EXIT",
+    )
     assert [(h.addr, h.register) for h in found] == [(0x20, 153)]
 
 
 def test_state_follows_the_control_flow():
     # the wait is skipped on one path into the store, and the back edge carries a pending group
-    found = hazards("WARPGROUP.ARRIVE", RS, "@P0 BRA 0x40", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
-                    "STS [R17], R184", "@P1 BRA 0x10", "EXIT")
+    found = hazards(
+        "WARPGROUP.ARRIVE",
+        RS,
+        "@P0 BRA 0x40",
+        "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+        "STS [R17], R184",
+        "@P1 BRA 0x10",
+        "EXIT",
+    )
     assert [(h.addr, h.register) for h in found] == [(0x40, 184)]
-    loop = hazards("WARPGROUP.ARRIVE", "STS [R17], R184", RS, "@P1 BRA 0x10", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
-                   "EXIT")
+    loop = hazards("WARPGROUP.ARRIVE", "STS [R17], R184", RS, "@P1 BRA 0x10", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "EXIT")
     assert [(h.addr, h.register) for h in loop] == [(0x10, 184)]
 
 
 def test_calls_are_followed_into_the_callee():
-    found = hazards("WARPGROUP.ARRIVE", RS, "CALL.REL.NOINC 0x50", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "EXIT",
-                    "FADD R30, R30, 1", "RET.REL.NODEC R6 0x0")
+    found = hazards(
+        "WARPGROUP.ARRIVE",
+        RS,
+        "CALL.REL.NOINC 0x50",
+        "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+        "EXIT",
+        "FADD R30, R30, 1",
+        "RET.REL.NODEC R6 0x0",
+    )
     assert [(h.addr, h.register) for h in found] == [(0x50, 30)]
 
 
 @pytest.fixture(scope="module")
 def sources():
     found = wh.wgmma_sources()
-    assert CSRC / "attention" / "attention_bwd_sm90.cu" in found and CSRC / "attention" / "attention_fwd_sm90.cu" in found
+    assert (
+        CSRC / "attention" / "attention_bwd_sm90.cu" in found and CSRC / "attention" / "attention_fwd_sm90.cu" in found
+    )
     return found
 
 

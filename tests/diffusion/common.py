@@ -4,6 +4,7 @@ Error rule (docs/design.md §5, tests/oracles.py): a kernel's max error against 
 twice the error of the same computation done by PyTorch (here: diffusers' own scheduler) in the
 input dtype, plus a small floor relative to the output's magnitude. NaN never passes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -120,7 +121,11 @@ def diffusers_ddim_rows(config: dict, model_output, sample, rows, noise, eta, us
     for r, (t, spacing) in enumerate(rows):
         sched.num_inference_steps = inference_steps_for(sched.config.num_train_timesteps, spacing)
         out = sched.step(
-            model_output[r : r + 1], t, sample[r : r + 1], eta=eta, use_clipped_model_output=use_clipped,
+            model_output[r : r + 1],
+            t,
+            sample[r : r + 1],
+            eta=eta,
+            use_clipped_model_output=use_clipped,
             variance_noise=noise[r : r + 1],
         ).prev_sample
         outs.append(out)

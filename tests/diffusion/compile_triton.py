@@ -6,6 +6,7 @@ and report registers and stack (spill) bytes. Run as a module in a process witho
 This catches what the interpreter does not check (e.g. non-constexpr globals, libdevice calls,
 type errors in the lowering) on machines with no GPU.
 """
+
 import json
 import os
 import re
@@ -44,15 +45,43 @@ def variants():
     for arch in (80, 90):
         for dtype in ("fp32", "bf16", "fp16"):
             ptr = f"*{dtype}"
-            sig = {"sample_ptr": ptr, "mo_ptr": ptr, "coef_ptr": "*fp32", "noise_ptr": ptr, "out_ptr": ptr,
-                   "noise_out_ptr": ptr, "R": "i32", "L": "i32", "seed_lo": "i64", "seed_hi": "i64", "clip": "fp32"}
+            sig = {
+                "sample_ptr": ptr,
+                "mo_ptr": ptr,
+                "coef_ptr": "*fp32",
+                "noise_ptr": ptr,
+                "out_ptr": ptr,
+                "noise_out_ptr": ptr,
+                "R": "i32",
+                "L": "i32",
+                "seed_lo": "i64",
+                "seed_hi": "i64",
+                "clip": "fp32",
+            }
             # the noise-in variant also writes the flow velocity (a superset of the plain step's code)
             for name, draw, block in (("affine_draw", True, 512), ("affine_noise_in_velocity", False, 2048)):
-                flags = dict(HAS_MO=True, NOISE_IN=not draw, DRAW=draw, STORE_NOISE=draw, VELOCITY=not draw, CLIP=True,
-                             ACCURATE=True, BLOCK_R=1, BLOCK_L=block)
+                flags = dict(
+                    HAS_MO=True,
+                    NOISE_IN=not draw,
+                    DRAW=draw,
+                    STORE_NOISE=draw,
+                    VELOCITY=not draw,
+                    CLIP=True,
+                    ACCURATE=True,
+                    BLOCK_R=1,
+                    BLOCK_L=block,
+                )
                 yield name, arch, dtype, tkt._affine_kernel, {**sig, **{k: "constexpr" for k in flags}}, flags
-            sig = {"pred_ptr": ptr, "target_ptr": ptr, "minus_ptr": ptr, "w_ptr": "*fp32", "partial_ptr": "*fp32",
-                   "grad_ptr": ptr, "P": "i32", "C": "i32"}
+            sig = {
+                "pred_ptr": ptr,
+                "target_ptr": ptr,
+                "minus_ptr": ptr,
+                "w_ptr": "*fp32",
+                "partial_ptr": "*fp32",
+                "grad_ptr": ptr,
+                "P": "i32",
+                "C": "i32",
+            }
             flags = dict(MINUS=True, GRAD=True, BLOCK_P=8, BLOCK_C=128)  # with the flow loss's minus operand
             yield "loss_minus", arch, dtype, tkt._loss_kernel, {**sig, **{k: "constexpr" for k in flags}}, flags
 

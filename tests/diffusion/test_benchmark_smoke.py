@@ -1,5 +1,6 @@
 """The DDPM and flow benchmarks' --smoke mode runs end to end and writes its JSON (harness check),
 and the correctness column compares each backend with the reference rather than with itself."""
+
 import json
 import math
 
@@ -14,8 +15,12 @@ import transfusion_kernels as tk
 # same numbers as the reference: no noise drawn)
 SUITES = {
     "diffusion": (diffusion, {"add_noise", "ddpm_step", "ddim_step"}, ("tk", "kernel"), {"ddim_step": "diffusers"}),
-    "flow": (flow, {"add_noise", "euler_step", "euler_cfg", "loss"}, ("tk",),
-             {"euler_step": "diffusers", "euler_cfg": "diffusers", "loss": "eager"}),
+    "flow": (
+        flow,
+        {"add_noise", "euler_step", "euler_cfg", "loss"},
+        ("tk",),
+        {"euler_step": "diffusers", "euler_cfg": "diffusers", "loss": "eager"},
+    ),
 }
 
 

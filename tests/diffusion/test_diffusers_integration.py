@@ -1,5 +1,6 @@
 """The diffusers drop-ins in a denoising loop with a tiny randomly initialised UNet2DModel:
 stock scheduler with a generator vs the fused one fed the identical noise tensors."""
+
 import warnings
 
 import numpy as np
@@ -29,8 +30,13 @@ def unet():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
     )
     yield model.to(DEVICE).eval()
@@ -52,20 +58,34 @@ def denoise(unet, scheduler, x, steps, step_kw):
 CONFIGS = {
     "ddpm_eps_clip": (DDPMScheduler, FusedDDPMScheduler, dict(), None),
     "ddpm_v_large_trailing": (
-        DDPMScheduler, FusedDDPMScheduler,
-        dict(prediction_type="v_prediction", variance_type="fixed_large", timestep_spacing="trailing",
-             beta_schedule="squaredcos_cap_v2"),
+        DDPMScheduler,
+        FusedDDPMScheduler,
+        dict(
+            prediction_type="v_prediction",
+            variance_type="fixed_large",
+            timestep_spacing="trailing",
+            beta_schedule="squaredcos_cap_v2",
+        ),
         None,
     ),
     "ddim_eta0": (DDIMScheduler, FusedDDIMScheduler, dict(), 0.0),
     "ddim_eta_half_sample_noalpha1": (
-        DDIMScheduler, FusedDDIMScheduler,
-        dict(prediction_type="sample", set_alpha_to_one=False, beta_schedule="scaled_linear",
-             beta_start=0.00085, beta_end=0.012),
+        DDIMScheduler,
+        FusedDDIMScheduler,
+        dict(
+            prediction_type="sample",
+            set_alpha_to_one=False,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+        ),
         0.5,
     ),
     "ddim_eta1_v_noclip": (
-        DDIMScheduler, FusedDDIMScheduler, dict(prediction_type="v_prediction", clip_sample=False), 1.0
+        DDIMScheduler,
+        FusedDDIMScheduler,
+        dict(prediction_type="v_prediction", clip_sample=False),
+        1.0,
     ),
 }
 
@@ -158,8 +178,9 @@ def test_pipeline_save_load_and_construct(unet, tmp_path):
     with torch.no_grad():
         got = loaded(batch_size=1, generator=gen, num_inference_steps=3, output_type="np").images
         want_pipe = DDPMPipeline(unet, stock)
-        want = want_pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
-                         output_type="np").images
+        want = want_pipe(
+            batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np"
+        ).images
     assert got.shape == want.shape == (1, 8, 8, 3) and bool(torch.isfinite(torch.from_numpy(got)).all())
 
 
@@ -192,8 +213,12 @@ def test_stock_config_values_behave_as_in_diffusers():
     noise = torch.randn(2, 3, 4, 4)
     odd = FusedDDPMScheduler(variance_type="some_future_type")
     small = FusedDDPMScheduler()
-    torch.testing.assert_close(odd.step(m, 500, x, variance_noise=noise).prev_sample,
-                               small.step(m, 500, x, variance_noise=noise).prev_sample, rtol=0, atol=0)
+    torch.testing.assert_close(
+        odd.step(m, 500, x, variance_noise=noise).prev_sample,
+        small.step(m, 500, x, variance_noise=noise).prev_sample,
+        rtol=0,
+        atol=0,
+    )
     stock, fused = DDPMScheduler(beta_end=1.5), FusedDDPMScheduler(beta_end=1.5)
     with pytest.warns(UserWarning, match=r"betas outside \(0, 1\]"):
         got = fused.step(m, 1, x, generator=torch.Generator().manual_seed(0)).prev_sample
@@ -216,9 +241,14 @@ def test_reassigned_alphas_cumprod_takes_effect():
     torch.testing.assert_close(fused.step(m, 500, x, variance_noise=noise).prev_sample, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make", [lambda: FusedDDPMScheduler(num_train_timesteps=20),
-                                  lambda: FusedDDIMScheduler(num_train_timesteps=20, backend="reference"),
-                                  lambda: DDPMScheduler(num_train_timesteps=20)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FusedDDPMScheduler(num_train_timesteps=20),
+        lambda: FusedDDIMScheduler(num_train_timesteps=20, backend="reference"),
+        lambda: DDPMScheduler(num_train_timesteps=20),
+    ],
+)
 def test_ddim_pipeline_converts_any_scheduler_as_diffusers_does(unet, make):
     """DDIMPipeline(unet, scheduler) makes a stock DDIMScheduler from the scheduler's config (a
     fused one included, which once kept a DDPM step that died on eta=): the images are the stock
@@ -229,10 +259,12 @@ def test_ddim_pipeline_converts_any_scheduler_as_diffusers_does(unet, make):
     assert type(pipe.scheduler) is DDIMScheduler
     want_pipe = DDIMPipeline(unet, DDIMScheduler.from_config(DDPMScheduler(num_train_timesteps=20).config))
     with torch.no_grad():
-        got = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=4, eta=0.5,
-                   output_type="np").images
-        want = want_pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=4, eta=0.5,
-                         output_type="np").images
+        got = pipe(
+            batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=4, eta=0.5, output_type="np"
+        ).images
+        want = want_pipe(
+            batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=4, eta=0.5, output_type="np"
+        ).images
     assert got.shape == (2, 8, 8, 3)
     np.testing.assert_array_equal(got, want)
 
@@ -245,10 +277,12 @@ def test_ddim_pipeline_runs_a_fused_scheduler_set_with_diffusers_idiom(unet):
     pipe = DDIMPipeline(unet, DDPMScheduler(num_train_timesteps=20))
     pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config, backend="reference")
     with torch.no_grad():
-        got = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=4, eta=0.0,
-                   output_type="np").images
+        got = pipe(
+            batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=4, eta=0.0, output_type="np"
+        ).images
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         assert type(pipe.scheduler) is DDIMScheduler
-        want = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=4, eta=0.0,
-                    output_type="np").images
+        want = pipe(
+            batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=4, eta=0.0, output_type="np"
+        ).images
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)

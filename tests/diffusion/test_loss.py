@@ -1,5 +1,6 @@
 """diffusion_loss: per-image MSE averaged over images, forward and backward, on every backend,
 against a plain per-image loop in float64."""
+
 import pytest
 import torch
 
@@ -37,7 +38,13 @@ def layout(name, P):
     return idx.to(torch.int32)
 
 
-CASES = [("all_images", 64, 16), ("mixed", 37, 3), ("sparse_ids", 130, 48), ("one_patch_images", 5, 1), ("mixed", 9, 1030)]
+CASES = [
+    ("all_images", 64, 16),
+    ("mixed", 37, 3),
+    ("sparse_ids", 130, 48),
+    ("one_patch_images", 5, 1),
+    ("mixed", 9, 1030),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,7 +90,9 @@ def test_dtypes(seed, backend, dtype):
 def test_no_image_gives_zero_with_zero_gradient(backend):
     for P in (0, 6):
         p = torch.randn(P, 4, device=DEVICE, requires_grad=True)
-        loss = tk.diffusion_loss(p, torch.randn(P, 4, device=DEVICE), torch.full((P,), -1, device=DEVICE), backend=backend)
+        loss = tk.diffusion_loss(
+            p, torch.randn(P, 4, device=DEVICE), torch.full((P,), -1, device=DEVICE), backend=backend
+        )
         loss.backward()
         assert loss.item() == 0.0 and torch.equal(p.grad, torch.zeros_like(p))
 

@@ -1,4 +1,5 @@
 """DiffusionSchedule against diffusers' own tables."""
+
 import pytest
 import torch
 

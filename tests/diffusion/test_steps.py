@@ -104,16 +104,28 @@ def test_ddpm_matches_diffusers(seed, backend, beta_schedule, prediction_type, v
     # sqrt(beta_t), which is what diffusers' fixed_large computes: use it as the formula.
     ref_variance = "fixed_large" if variance_type == "fixed_large_log" else variance_type
     config = dict(
-        **beta_kwargs(beta_schedule), prediction_type=prediction_type, variance_type=ref_variance,
-        clip_sample=clip, clip_sample_range=1.5,
+        **beta_kwargs(beta_schedule),
+        prediction_type=prediction_type,
+        variance_type=ref_variance,
+        clip_sample=clip,
+        clip_sample_range=1.5,
     )
     sample, model_output, noise = inputs(DDPM_ROWS)
     t = torch.tensor([r[0] for r in DDPM_ROWS])
     prev = torch.tensor([r[1] for r in DDPM_ROWS])
     s_d, m_d, n_d, t_d, p_d = on_device(sample, model_output, noise, t, prev)
     out = tk.ddpm_step(
-        m_d, t_d, s_d, sched, prev_timestep=p_d, prediction_type=prediction_type, variance_type=variance_type,
-        clip_sample=clip, clip_sample_range=1.5, noise=n_d, backend=backend,
+        m_d,
+        t_d,
+        s_d,
+        sched,
+        prev_timestep=p_d,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+        clip_sample=clip,
+        clip_sample_range=1.5,
+        noise=n_d,
+        backend=backend,
     )
     oracle = diffusers_ddpm_rows(config, model_output, sample, DDPM_ROWS, noise, oracle=True)
     same = diffusers_ddpm_rows(config, model_output, sample, DDPM_ROWS, noise, oracle=False)
@@ -129,15 +141,28 @@ def test_ddpm_matches_diffusers(seed, backend, beta_schedule, prediction_type, v
 def test_ddim_matches_diffusers(seed, backend, beta_schedule, prediction_type, clip, eta, use_clipped):
     sched = tk.DiffusionSchedule(**beta_kwargs(beta_schedule))
     config = dict(
-        **beta_kwargs(beta_schedule), prediction_type=prediction_type, clip_sample=clip, clip_sample_range=1.5,
+        **beta_kwargs(beta_schedule),
+        prediction_type=prediction_type,
+        clip_sample=clip,
+        clip_sample_range=1.5,
     )
     sample, model_output, noise = inputs(DDIM_ROWS)
     t = torch.tensor([r[0] for r in DDIM_ROWS])
     prev = t - torch.tensor([r[1] for r in DDIM_ROWS])
     s_d, m_d, n_d, t_d, p_d = on_device(sample, model_output, noise, t, prev)
     out = tk.ddim_step(
-        m_d, t_d, s_d, sched, prev_timestep=p_d, eta=eta, prediction_type=prediction_type, clip_sample=clip,
-        clip_sample_range=1.5, use_clipped_model_output=use_clipped, noise=n_d, backend=backend,
+        m_d,
+        t_d,
+        s_d,
+        sched,
+        prev_timestep=p_d,
+        eta=eta,
+        prediction_type=prediction_type,
+        clip_sample=clip,
+        clip_sample_range=1.5,
+        use_clipped_model_output=use_clipped,
+        noise=n_d,
+        backend=backend,
     )
     oracle = diffusers_ddim_rows(config, model_output, sample, DDIM_ROWS, noise, eta, use_clipped, oracle=True)
     same = diffusers_ddim_rows(config, model_output, sample, DDIM_ROWS, noise, eta, use_clipped, oracle=False)
@@ -160,7 +185,9 @@ def test_dtypes_against_float64(seed, backend, dtype):
     oracle.alphas_cumprod = oracle.alphas_cumprod.double()
     out, _ = tk.add_noise(s_d, t_d, sched, noise=n_d, backend=backend)
     assert out.dtype == dtype
-    assert_rule(out, oracle.add_noise(sample.double(), noise.double(), t), stock.add_noise(sample, noise, t), "add_noise")
+    assert_rule(
+        out, oracle.add_noise(sample.double(), noise.double(), t), stock.add_noise(sample, noise, t), "add_noise"
+    )
 
     config = dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=True)
     rows = [(r[0], r[0] - 1) for r in DDPM_ROWS]
@@ -243,7 +270,9 @@ def test_same_seed_same_output_across_backends(seed, dtype):
     runs = {
         "add_noise": lambda b: tk.add_noise(sample, t, sched, seed=77, backend=b)[0],
         "ddpm": lambda b: tk.ddpm_step(model_output, t, sample, sched, seed=77, clip_sample=True, backend=b),
-        "ddim": lambda b: tk.ddim_step(model_output, t, sample, sched, prev_timestep=t - 10, eta=1.0, seed=77, backend=b),
+        "ddim": lambda b: tk.ddim_step(
+            model_output, t, sample, sched, prev_timestep=t - 10, eta=1.0, seed=77, backend=b
+        ),
     }
     eps = torch.finfo(dtype).eps
     for what, run in runs.items():
@@ -318,8 +347,18 @@ def test_gradients_match_diffusers(seed, backend):
     sample, model_output, noise = inputs(range(1))
     w = torch.randn_like(sample)
     ours = [x.clone().to(DEVICE).requires_grad_() for x in (sample, model_output, noise)]
-    out = tk.ddim_step(ours[1], 500, ours[0], sched, prev_timestep=480, eta=0.8, prediction_type="v_prediction",
-                       clip_sample=True, noise=ours[2], backend=backend)
+    out = tk.ddim_step(
+        ours[1],
+        500,
+        ours[0],
+        sched,
+        prev_timestep=480,
+        eta=0.8,
+        prediction_type="v_prediction",
+        clip_sample=True,
+        noise=ours[2],
+        backend=backend,
+    )
     (out * w.to(DEVICE)).sum().backward()
     theirs = [x.double().requires_grad_() for x in (sample, model_output, noise)]  # not ours: fresh leaves
     ref = stock.step(theirs[1], 500, theirs[0], eta=0.8, variance_noise=theirs[2]).prev_sample
@@ -418,8 +457,12 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
 @pytest.mark.parametrize(
     "shape,dtype,per_row",
-    [((16, 4, 64, 64), torch.bfloat16, False), ((64, 4, 256, 256), torch.float32, False),
-     ((1 << 20, 64), torch.bfloat16, True), ((3, 1000003), torch.float16, True)],
+    [
+        ((16, 4, 64, 64), torch.bfloat16, False),
+        ((64, 4, 256, 256), torch.float32, False),
+        ((1 << 20, 64), torch.bfloat16, True),
+        ((3, 1000003), torch.float16, True),
+    ],
     ids=["latents-bf16", "64MB-fp32", "packed-bf16", "odd-rows-fp16"],
 )
 def test_gpu_large_against_reference(seed, shape, dtype, per_row):
@@ -430,10 +473,28 @@ def test_gpu_large_against_reference(seed, shape, dtype, per_row):
     prev = (t - 37) if per_row else 576
     runs = {
         "add_noise": lambda b: tk.add_noise(sample, t, sched, seed=seed, backend=b),
-        "ddpm": lambda b: tk.ddpm_step(model_output, t, sample, sched, prev_timestep=prev, clip_sample=True,
-                                       variance_type="fixed_small_log", seed=seed, backend=b),
-        "ddim": lambda b: tk.ddim_step(model_output, t, sample, sched, prev_timestep=prev, eta=0.3,
-                                       prediction_type="v_prediction", seed=seed, backend=b),
+        "ddpm": lambda b: tk.ddpm_step(
+            model_output,
+            t,
+            sample,
+            sched,
+            prev_timestep=prev,
+            clip_sample=True,
+            variance_type="fixed_small_log",
+            seed=seed,
+            backend=b,
+        ),
+        "ddim": lambda b: tk.ddim_step(
+            model_output,
+            t,
+            sample,
+            sched,
+            prev_timestep=prev,
+            eta=0.3,
+            prediction_type="v_prediction",
+            seed=seed,
+            backend=b,
+        ),
     }
     eps = torch.finfo(dtype).eps
     names = [n for n, info in tk.available_backends(DEVICE).items() if info.available and n != "reference"]
@@ -442,5 +503,10 @@ def test_gpu_large_against_reference(seed, shape, dtype, per_row):
         for name in names:
             got = run(name)
             for g, r in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
-                torch.testing.assert_close(g, r, rtol=2 * eps, atol=2e-5 if dtype == torch.float32 else 2 * eps,
-                                           msg=lambda m: f"{what} on {name}: {m}")
+                torch.testing.assert_close(
+                    g,
+                    r,
+                    rtol=2 * eps,
+                    atol=2e-5 if dtype == torch.float32 else 2 * eps,
+                    msg=lambda m: f"{what} on {name}: {m}",
+                )

@@ -2,6 +2,7 @@
 programs along both grid axes, every row with its own coefficients (its own timestep), and row
 lengths that are not a multiple of the tile. Oracle: the contract in float64 (tests/oracles.py);
 baseline of the 2x rule: the reference backend (same fp32 math in PyTorch)."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """Shared helpers of the flow tests: float64 oracles written from the definitions, and diffusers'
 FlowMatchEulerDiscreteScheduler run as oracle (float64) or as the same-dtype baseline."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,7 @@
 """FusedFlowMatchEulerDiscreteScheduler against diffusers' FlowMatchEulerDiscreteScheduler: full
 sampling loops (deterministic and stochastic with the same noise) through the set_timesteps
 variants, scale_noise, generators, the fallback, and save/load alone and inside a pipeline."""
+
 import contextlib
 import warnings
 
@@ -39,8 +40,16 @@ def velocity(x, t):
 def sample_loop(scheduler, x, set_kw, noises=None, **step_kw):
     scheduler.set_timesteps(**set_kw)
     for i, t in enumerate(scheduler.timesteps):
-        noise_ctx = flow_noise(noises[i]) if noises is not None and not isinstance(scheduler, FusedFlowMatchEulerDiscreteScheduler) else contextlib.nullcontext()
-        extra = dict(variance_noise=noises[i]) if noises is not None and isinstance(scheduler, FusedFlowMatchEulerDiscreteScheduler) else {}
+        noise_ctx = (
+            flow_noise(noises[i])
+            if noises is not None and not isinstance(scheduler, FusedFlowMatchEulerDiscreteScheduler)
+            else contextlib.nullcontext()
+        )
+        extra = (
+            dict(variance_noise=noises[i])
+            if noises is not None and isinstance(scheduler, FusedFlowMatchEulerDiscreteScheduler)
+            else {}
+        )
         with noise_ctx:
             x = scheduler.step(velocity(x, t), t, x, **extra, **step_kw).prev_sample
     return x
@@ -83,10 +92,14 @@ def test_scale_noise_matches_stock(seed):
         s.set_timesteps(10)
     t = stock.timesteps[[0, 4, 9]]
     torch.testing.assert_close(fused.scale_noise(x0, t, noise), stock.scale_noise(x0, t, noise), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(fused.scale_noise(x0, t[1:2], noise), stock.scale_noise(x0, t[1:2], noise), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        fused.scale_noise(x0, t[1:2], noise), stock.scale_noise(x0, t[1:2], noise), rtol=1e-6, atol=1e-6
+    )
     for s in (fused, stock):  # img2img: the begin index decides
         s.set_begin_index(3)
-    torch.testing.assert_close(fused.scale_noise(x0, t[:1], noise), stock.scale_noise(x0, t[:1], noise), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        fused.scale_noise(x0, t[:1], noise), stock.scale_noise(x0, t[:1], noise), rtol=1e-6, atol=1e-6
+    )
     fused.step(noise, stock.timesteps[3], x0)  # after a step: the current index
     stock.step(noise, stock.timesteps[3], x0)
     torch.testing.assert_close(fused.scale_noise(x0, t, noise), stock.scale_noise(x0, t, noise), rtol=1e-6, atol=1e-6)

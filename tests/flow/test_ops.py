@@ -2,10 +2,19 @@
 FlowMatchEulerDiscreteScheduler, on every backend that runs here (Triton under the interpreter
 on the CPU), in fp32 / fp16 / bf16. The 2x rule (tests/oracles.py) against diffusers run in the
 input dtype, or against the same math in PyTorch in that dtype."""
+
 import pytest
 import torch
 
-from tests.diffusion.common import BACKENDS, DEVICE, DTYPES, LOSS_BACKENDS, assert_rule, poison_outputs, requires_diffusers
+from tests.diffusion.common import (
+    BACKENDS,
+    DEVICE,
+    DTYPES,
+    LOSS_BACKENDS,
+    assert_rule,
+    poison_outputs,
+    requires_diffusers,
+)
 from tests.flow.common import add_noise64, diffusers_step, euler64, flow_loss64, rows_of
 
 import transfusion_kernels as tk
@@ -47,8 +56,12 @@ def test_add_noise_matches_scale_noise(seed, backend, dtype):
     x0, noise = rand(len(index), dtype, 1.5), rand(len(index), dtype)
     x_t, target = tk.flow_add_noise(x0, sig.to(DEVICE), noise=noise, backend=backend)
     assert x_t.dtype == target.dtype == dtype and x_t.shape == target.shape == x0.shape
-    same = torch.cat([stock.scale_noise(x0[r : r + 1].cpu(), stock.timesteps[i : i + 1], noise[r : r + 1].cpu())
-                      for r, i in enumerate(index.clamp(max=7).tolist())])
+    same = torch.cat(
+        [
+            stock.scale_noise(x0[r : r + 1].cpu(), stock.timesteps[i : i + 1], noise[r : r + 1].cpu())
+            for r, i in enumerate(index.clamp(max=7).tolist())
+        ]
+    )
     same[3] = x0[3].cpu()  # scale_noise has no timestep for the terminal sigma 0: x_t = x0 there
     want, want_target = add_noise64(x0, sig, noise)
     assert_rule(x_t, want, same, "x_t")
@@ -78,15 +91,32 @@ def test_fused_guidance_equals_combine_then_step(seed, backend, dtype):
     cond, uncond, sample = rand(4, dtype), rand(4, dtype), rand(4, dtype, 1.5)
     g = 4.5
     for index in (0, 6):
-        want, s, s_next = diffusers_step({"shift": 3.0}, uncond.cpu().double() + g * (cond.cpu().double() - uncond.cpu().double()),
-                                         sample.cpu(), index, None, oracle=True)
-        same, _, _ = diffusers_step({"shift": 3.0}, uncond.cpu() + g * (cond.cpu() - uncond.cpu()), sample.cpu(), index, None, oracle=False)
+        want, s, s_next = diffusers_step(
+            {"shift": 3.0},
+            uncond.cpu().double() + g * (cond.cpu().double() - uncond.cpu().double()),
+            sample.cpu(),
+            index,
+            None,
+            oracle=True,
+        )
+        same, _, _ = diffusers_step(
+            {"shift": 3.0}, uncond.cpu() + g * (cond.cpu() - uncond.cpu()), sample.cpu(), index, None, oracle=False
+        )
         got = tk.flow_euler_step(cond, s, s_next, sample, guidance_scale=g, uncond_output=uncond, backend=backend)
         assert_rule(got, want, same, f"guided step {index}")
     # stochastic: combined with one lerp, then the stochastic step, exactly
     noise = rand(4, dtype)
-    got = tk.flow_euler_step(cond, 0.6, 0.4, sample, stochastic_sampling=True, noise=noise, guidance_scale=g,
-                             uncond_output=uncond, backend=backend)
+    got = tk.flow_euler_step(
+        cond,
+        0.6,
+        0.4,
+        sample,
+        stochastic_sampling=True,
+        noise=noise,
+        guidance_scale=g,
+        uncond_output=uncond,
+        backend=backend,
+    )
     combined = torch.lerp(uncond, cond, g)
     want = tk.flow_euler_step(combined, 0.6, 0.4, sample, stochastic_sampling=True, noise=noise, backend=backend)
     assert torch.equal(got, want)
@@ -108,8 +138,17 @@ def test_per_row_sigmas_against_float64(seed, backend, dtype, R):
 
     x_t, target = tk.flow_add_noise(sample, dev(s), noise=noise, backend=backend)
     want, want_t = add_noise64(sample, s, noise)
-    assert_rule(x_t, want, in_dtype(lambda x, n: (1 - rows_of(s, x).to(dtype)) * x + rows_of(s, x).to(dtype) * n, dtype,
-                                    sample.cpu(), noise.cpu()), "x_t")
+    assert_rule(
+        x_t,
+        want,
+        in_dtype(
+            lambda x, n: (1 - rows_of(s, x).to(dtype)) * x + rows_of(s, x).to(dtype) * n,
+            dtype,
+            sample.cpu(),
+            noise.cpu(),
+        ),
+        "x_t",
+    )
     assert_rule(target, want_t, noise.cpu() - sample.cpu(), "target")
 
     sd, snd = rows_of(s, sample).to(dtype), rows_of(s_next, sample).to(dtype)
@@ -120,7 +159,9 @@ def test_per_row_sigmas_against_float64(seed, backend, dtype, R):
     assert_rule(got, euler64(v, s, s_next, sample, True, noise), same, "stochastic")
     got = tk.flow_euler_step(v, dev(s), dev(s_next), sample, guidance_scale=2.0, uncond_output=u, backend=backend)
     guided = u.cpu().double() + 2.0 * (v.cpu().double() - u.cpu().double())
-    assert_rule(got, euler64(guided, s, s_next, sample), sample.cpu() + (snd - sd) * (u.cpu() + 2 * (v.cpu() - u.cpu())), "cfg")
+    assert_rule(
+        got, euler64(guided, s, s_next, sample), sample.cpu() + (snd - sd) * (u.cpu() + 2 * (v.cpu() - u.cpu())), "cfg"
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,8 +174,10 @@ def test_scalar_sigma_is_every_row(seed, backend):
     for sigma in (0.375, torch.tensor(0.375, device=DEVICE), rows.double()):
         got = tk.flow_add_noise(sample, sigma, noise=noise, backend=backend)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert torch.equal(tk.flow_euler_step(v, 0.375, 0.125, sample, backend=backend),
-                       tk.flow_euler_step(v, rows, rows / 3, sample, backend=backend))
+    assert torch.equal(
+        tk.flow_euler_step(v, 0.375, 0.125, sample, backend=backend),
+        tk.flow_euler_step(v, rows, rows / 3, sample, backend=backend),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,7 +219,9 @@ def test_seeded_noise_across_backends_and_target(seed, dtype):
     key = 2**64 - 999
     eps = torch.finfo(dtype).eps
     noise = philox.randn(key, x0.numel(), device=DEVICE).to(dtype).reshape(x0.shape)
-    tol = dict(rtol=2 * eps, atol=2e-5 if dtype == torch.float32 else 2 * eps)  # float32 noise may differ in the last bits
+    tol = dict(
+        rtol=2 * eps, atol=2e-5 if dtype == torch.float32 else 2 * eps
+    )  # float32 noise may differ in the last bits
     for name in names:
         x_t, target = tk.flow_add_noise(x0, s, seed=key, backend=name)
         # x_t and the target of the noise the seed defines (exactly so on the reference)
@@ -234,8 +279,13 @@ def test_loss_edge_cases(backend):
     empty = torch.zeros(0, 3, device=DEVICE)
     assert tk.flow_loss(empty, empty, empty, torch.zeros(0, dtype=torch.long, device=DEVICE), backend=backend) == 0
     x = torch.randn(1, 3, device=DEVICE, requires_grad=True)
-    loss = tk.flow_loss(x, torch.ones(1, 3, device=DEVICE), torch.zeros(1, 3, device=DEVICE), torch.tensor([7], device=DEVICE),
-                        backend=backend)
+    loss = tk.flow_loss(
+        x,
+        torch.ones(1, 3, device=DEVICE),
+        torch.zeros(1, 3, device=DEVICE),
+        torch.tensor([7], device=DEVICE),
+        backend=backend,
+    )
     loss.backward()
     torch.testing.assert_close(loss, ((x.detach() + 1) ** 2).mean())
     torch.testing.assert_close(x.grad, 2 * (x.detach() + 1) / 3)
@@ -260,14 +310,26 @@ def test_gradients_against_autograd_of_the_oracle(seed, backend):
     s, s_next = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.6, 0.3, 0.0])
     w1, w2 = torch.randn(3, *SHAPE), torch.randn(3, *SHAPE)
     cases = {
-        "add_noise": (lambda a, b, c, d: tk.flow_add_noise(a, s.to(DEVICE), noise=c, backend=backend),
-                      lambda a, b, c, d: add_noise64_autograd(a, s, c)),
-        "ode": (lambda a, b, c, d: (tk.flow_euler_step(b, s.to(DEVICE), s_next.to(DEVICE), a, backend=backend),),
-                lambda a, b, c, d: (a + rows_of(s_next - s, a) * b,)),
-        "stochastic": (lambda a, b, c, d: (tk.flow_euler_step(b, 0.7, 0.4, a, stochastic_sampling=True, noise=c, backend=backend),),
-                       lambda a, b, c, d: (0.6 * (a - 0.7 * b) + 0.4 * c,)),
-        "cfg": (lambda a, b, c, d: (tk.flow_euler_step(b, 0.7, 0.4, a, guidance_scale=3.0, uncond_output=d, backend=backend),),
-                lambda a, b, c, d: (a - 0.3 * (d + 3.0 * (b - d)),)),
+        "add_noise": (
+            lambda a, b, c, d: tk.flow_add_noise(a, s.to(DEVICE), noise=c, backend=backend),
+            lambda a, b, c, d: add_noise64_autograd(a, s, c),
+        ),
+        "ode": (
+            lambda a, b, c, d: (tk.flow_euler_step(b, s.to(DEVICE), s_next.to(DEVICE), a, backend=backend),),
+            lambda a, b, c, d: (a + rows_of(s_next - s, a) * b,),
+        ),
+        "stochastic": (
+            lambda a, b, c, d: (
+                tk.flow_euler_step(b, 0.7, 0.4, a, stochastic_sampling=True, noise=c, backend=backend),
+            ),
+            lambda a, b, c, d: (0.6 * (a - 0.7 * b) + 0.4 * c,),
+        ),
+        "cfg": (
+            lambda a, b, c, d: (
+                tk.flow_euler_step(b, 0.7, 0.4, a, guidance_scale=3.0, uncond_output=d, backend=backend),
+            ),
+            lambda a, b, c, d: (a - 0.3 * (d + 3.0 * (b - d)),),
+        ),
     }
     for name, (ours, oracle) in cases.items():
         mine = [x.clone().requires_grad_() for x in (sample, v, noise, u)]
@@ -308,8 +370,7 @@ def test_torch_compile_fullgraph_reference(seed):
 def test_torch_compile_traces_autograd_without_graph_breaks():
     def f(x0, noise, pred, idx):
         x_t, target = tk.flow_add_noise(x0, 0.3, noise=noise, backend="reference")
-        return (x_t.square().sum() + target.sum()
-                + tk.flow_loss(pred, x0, noise, idx, backend="reference"))
+        return x_t.square().sum() + target.sum() + tk.flow_loss(pred, x0, noise, idx, backend="reference")
 
     x0, noise, pred = (torch.randn(4, 6, requires_grad=True) for _ in range(3))
     idx = torch.tensor([0, 1, 1, -1])
@@ -327,7 +388,11 @@ def test_bad_inputs_raise_clear_errors():
     cases = [
         (lambda: tk.flow_add_noise(x, 1.5), ValueError, r"sigmas must be in \[0, 1\], got 1.5"),
         (lambda: tk.flow_add_noise(x, torch.tensor([0.1, -0.2, 0.3])), ValueError, r"sigmas must be in \[0, 1\]"),
-        (lambda: tk.flow_add_noise(x, torch.tensor([0.1, float("nan"), 0.3])), ValueError, r"sigmas must be in \[0, 1\]"),
+        (
+            lambda: tk.flow_add_noise(x, torch.tensor([0.1, float("nan"), 0.3])),
+            ValueError,
+            r"sigmas must be in \[0, 1\]",
+        ),
         (lambda: tk.flow_add_noise(x, torch.tensor([0.1, 0.2])), ValueError, r"shape \[3\]"),
         (lambda: tk.flow_add_noise(x, torch.tensor([1, 0, 1])), TypeError, "floating-point"),
         (lambda: tk.flow_add_noise(x, "0.5"), TypeError, "python float"),
@@ -336,11 +401,19 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: tk.flow_add_noise(x, 0.5, seed=-1), ValueError, "seed"),
         (lambda: tk.flow_euler_step(x, 0.5, 0.3, x[:2]), ValueError, "shape of sample"),
         (lambda: tk.flow_euler_step(x, 0.5, 1.3, x), ValueError, r"sigma_next must be in \[0, 1\]"),
-        (lambda: tk.flow_euler_step(x, torch.tensor([0.5, 2.0, 0.1]), 0.3, x), ValueError, r"sigma must be in \[0, 1\] in every row"),
+        (
+            lambda: tk.flow_euler_step(x, torch.tensor([0.5, 2.0, 0.1]), 0.3, x),
+            ValueError,
+            r"sigma must be in \[0, 1\] in every row",
+        ),
         (lambda: tk.flow_euler_step(x, 0.5, 0.3, x, guidance_scale=3.0), ValueError, "pass uncond_output"),
         (lambda: tk.flow_euler_step(x, 0.5, 0.3, x, uncond_output=x), ValueError, "pass guidance_scale"),
         (lambda: tk.flow_euler_step(x, 0.5, 0.3, x, guidance_scale="7", uncond_output=x), TypeError, "guidance_scale"),
-        (lambda: tk.flow_euler_step(x, 0.5, 0.3, x, guidance_scale=2.0, uncond_output=x[:, :2]), ValueError, "uncond_output"),
+        (
+            lambda: tk.flow_euler_step(x, 0.5, 0.3, x, guidance_scale=2.0, uncond_output=x[:, :2]),
+            ValueError,
+            "uncond_output",
+        ),
         (lambda: tk.flow_euler_step(x, 0.5, 0.3, x, stochastic_sampling=1), TypeError, "stochastic_sampling"),
         (lambda: tk.flow_loss(x, x, x[:, :2], idx), ValueError, "noise must have the shape of pred"),
         (lambda: tk.flow_loss(x, x.half(), x, idx), TypeError, "x0 must have the dtype of pred"),

@@ -5,6 +5,7 @@ diffusers computes in float32 (and numpy float64 from float32 inputs); the sched
 They agree to a few float32 ulps of each value: rtol 1e-6 (about 8 ulps), and an absolute floor
 of one float32 ulp of 1 for sigmas near 0 (1000x that for timesteps, which are sigma * 1000).
 """
+
 import logging
 
 import pytest

@@ -1,4 +1,5 @@
 """Shared pieces of the fuzz tests: the example budget, the backends to compare, poisoned outputs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -40,9 +41,18 @@ def poisoned(op: str):
 # Tiles small enough that the fuzzed sizes cross tile edges and run as many programs under the
 # interpreter (on a GPU the real tiles run: the sizes there are the kernels' own).
 SMALL_TILES = {
-    "timestep": dict(ADD_BLOCK=128, ADD_MAX_BLOCK_D=32, PIECE_ROWS=8, SUM_BLOCK_R=4, SUM_BLOCK_D=16,
-                     IMAGE_SUM_BLOCK_T=2, HIDDEN_BLOCK_H=16, HIDDEN_BLOCK_K=16, SINUSOID_BLOCK_M=4,
-                     SINUSOID_MAX_BLOCK_D=16),
+    "timestep": dict(
+        ADD_BLOCK=128,
+        ADD_MAX_BLOCK_D=32,
+        PIECE_ROWS=8,
+        SUM_BLOCK_R=4,
+        SUM_BLOCK_D=16,
+        IMAGE_SUM_BLOCK_T=2,
+        HIDDEN_BLOCK_H=16,
+        HIDDEN_BLOCK_K=16,
+        SINUSOID_BLOCK_M=4,
+        SINUSOID_MAX_BLOCK_D=16,
+    ),
     "diffusion": dict(INTERPRET_TILE=16, INTERPRET_MAX_BLOCK_C=8),
 }
 

@@ -9,6 +9,7 @@ Each test states its ``ci`` example count through :func:`tests.fuzz.common.budge
 supplies everything else (and the multiplier). The profiles are applied per test, so they do not
 change the settings of hypothesis tests elsewhere in the suite.
 """
+
 import os
 
 from hypothesis import HealthCheck, settings

@@ -2,6 +2,7 @@
 backend against a float64 dense oracle, forward and backward, with the rule of the op tests
 (tests/attention/test_attention_triton.py): error <= 2 x the same-dtype PyTorch error + floor.
 Plus random malformed calls, which must raise ValueError / TypeError and nothing else."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,9 @@ def small_attention_tiles():
         return contextlib.nullcontext()
     from transfusion_kernels.attention import triton as tkt
 
-    small = tkt.AttentionConfig(fwd=tkt.KernelConfig(16, 16, 1, 1), dkdv=tkt.KernelConfig(16, 16, 1, 1),
-                                dq=tkt.KernelConfig(16, 16, 1, 1))
+    small = tkt.AttentionConfig(
+        fwd=tkt.KernelConfig(16, 16, 1, 1), dkdv=tkt.KernelConfig(16, 16, 1, 1), dq=tkt.KernelConfig(16, 16, 1, 1)
+    )
     return mock.patch.object(tkt, "INTERPRET_CONFIG", small)
 
 
@@ -45,8 +47,10 @@ def masks(draw):
     if kind in ("spans", "causal"):
         cu, spans = draw(layouts(max_tokens=130))
         spans = spans if kind == "spans" else []
-        mask = tk.HybridMask.from_spans(torch.tensor(cu, dtype=torch.int32, device=DEVICE),
-                                        torch.tensor(spans, dtype=torch.int32, device=DEVICE).reshape(-1, 2))
+        mask = tk.HybridMask.from_spans(
+            torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+            torch.tensor(spans, dtype=torch.int32, device=DEVICE).reshape(-1, 2),
+        )
         return mask, naive_dense(cu, spans), True
     if kind == "cached":
         b = draw(st.integers(1, 3))
@@ -106,8 +110,10 @@ def fp32_bounds(q, k, v, dout, allowed, scale):
     delta = (dout * out).sum(-1).t()[..., None]
     eps = 4 * torch.finfo(torch.float32).eps
     rel_p = eps * (s.abs().nan_to_num(0.0, posinf=0.0) + lse.abs().nan_to_num(0.0, posinf=0.0)[..., None] + 1)
-    ds = p * (rel_p * (dp - delta).abs() + eps * (torch.einsum("ihd,jhd->hij", dout.abs(), vr.abs())
-                                                   + (dout.abs() * out.abs()).sum(-1).t()[..., None]))
+    ds = p * (
+        rel_p * (dp - delta).abs()
+        + eps * (torch.einsum("ihd,jhd->hij", dout.abs(), vr.abs()) + (dout.abs() * out.abs()).sum(-1).t()[..., None])
+    )
     return (
         torch.einsum("hij,jhd->ihd", p * rel_p, vr.abs()),
         (rel_p.amax(-1) if rel_p.shape[-1] else rel_p.sum(-1)) * allowed.any(-1),
@@ -128,8 +134,15 @@ def inputs(mask, hq, hkv, d, dtype, packed, seed):
     return q, k, v
 
 
-COMMON = dict(case=masks(), dtype=st.sampled_from(DTYPES), hkv=st.integers(1, 2), group=st.integers(1, 3),
-              d=st.sampled_from([8, 16, 24, 32, 64, 80, 128]), packed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+COMMON = dict(
+    case=masks(),
+    dtype=st.sampled_from(DTYPES),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 3),
+    d=st.sampled_from([8, 16, 24, 32, 64, 80, 128]),
+    packed=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
 
 
 @budget(20)
@@ -151,7 +164,7 @@ def check_backends(case, dtype, hkv, group, d, scale, packed, seed):
     hq = hkv * group
     q, k, v = inputs(mask, hq, hkv, d, dtype, packed and self_attention, seed)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    s = d ** -0.5 if scale is None else scale
+    s = d**-0.5 if scale is None else scale
 
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -168,8 +181,10 @@ def check_backends(case, dtype, hkv, group, d, scale, packed, seed):
     # FlashAttention does, which under cancellation (few keys, peaked softmax) moves a gradient
     # by many of its ulps. That cost is computed exactly, in float64, from the backend's out.
     eps = torch.finfo(dtype).eps
-    math = [b.max().item() if b.numel() else 0.0
-            for b in fp32_bounds(*(t.detach() for t in ref_in), dout.double(), allowed, s)]
+    math = [
+        b.max().item() if b.numel() else 0.0
+        for b in fp32_bounds(*(t.detach() for t in ref_in), dout.double(), allowed, s)
+    ]
 
     def floor(oracle, extra=0.0):
         finite = oracle[torch.isfinite(oracle)]
@@ -189,8 +204,10 @@ def check_backends(case, dtype, hkv, group, d, scale, packed, seed):
         stored = stored_out_effect(*ref_in, dout.double(), out.detach().double(), allowed, s)
         assert out.shape == q.shape and out.dtype == dtype and lse.shape == (hq, mask.num_queries), backend
         checks = [("out", out, ref_out, low_out, math[0]), ("lse", lse, ref_lse, low_lse, math[1])]
-        checks += [(n, g, o, lo, m + (e.abs().max().item() if e.numel() else 0.0))
-                   for n, g, o, lo, e, m in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads, stored, math[2:])]
+        checks += [
+            (n, g, o, lo, m + (e.abs().max().item() if e.numel() else 0.0))
+            for n, g, o, lo, e, m in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads, stored, math[2:])
+        ]
         for name, got, oracle, same, extra in checks:
             assert got.shape == oracle.shape and got.dtype in (dtype, torch.float32), f"{backend} {name}"
             try:
@@ -247,14 +264,22 @@ def test_malformed_calls_raise_value_or_type_errors(call, backend):
     """Shapes, dtypes and scales around a valid call: it runs when the inputs make sense (and
     then gives out of q's shape) and raises ValueError or TypeError otherwise, never anything else."""
     nq, nk, (q_shape, k_shape, v_shape), dtypes, scale = call
-    mask = tk.HybridMask.from_intervals(torch.zeros(nq, dtype=torch.int32, device=DEVICE),
-                                        torch.full((nq,), nk, dtype=torch.int32, device=DEVICE), num_keys=nk)
+    mask = tk.HybridMask.from_intervals(
+        torch.zeros(nq, dtype=torch.int32, device=DEVICE),
+        torch.full((nq,), nk, dtype=torch.int32, device=DEVICE),
+        num_keys=nk,
+    )
     q, k, v = (torch.ones(shape, device=DEVICE).to(dt) for shape, dt in zip((q_shape, k_shape, v_shape), dtypes))
     valid = (
-        len(q_shape) == len(k_shape) == len(v_shape) == 3 and dtypes[0] == dtypes[1] == dtypes[2]
-        and dtypes[0] in (torch.float16, torch.bfloat16, torch.float32) and k_shape == v_shape
-        and q_shape[0] == nq and k_shape[0] == nk and min(q_shape[1:] + k_shape[1:]) >= 1
-        and q_shape[2] == k_shape[2] and q_shape[1] % k_shape[1] == 0
+        len(q_shape) == len(k_shape) == len(v_shape) == 3
+        and dtypes[0] == dtypes[1] == dtypes[2]
+        and dtypes[0] in (torch.float16, torch.bfloat16, torch.float32)
+        and k_shape == v_shape
+        and q_shape[0] == nq
+        and k_shape[0] == nk
+        and min(q_shape[1:] + k_shape[1:]) >= 1
+        and q_shape[2] == k_shape[2]
+        and q_shape[1] % k_shape[1] == 0
         and (scale is None or type(scale) is float and abs(scale) < float("inf"))
     )
     event(f"valid call: {valid}")

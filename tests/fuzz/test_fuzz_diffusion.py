@@ -3,6 +3,7 @@ variance types, clipping, eta, per-row timesteps, shapes and dtypes: every backe
 diffusers run in float64 (the oracle) under the 2x rule against diffusers run in the input dtype
 (tests/diffusion/common.py); seeded noise against the Philox definition; the loss against a
 per-image loop."""
+
 from __future__ import annotations
 
 import torch
@@ -123,17 +124,29 @@ def ddpm_rows(draw, T, R):
 
 @requires_diffusers
 @budget(80)
-@given(sched=schedules(), xs=tensors(), data=st.data(), prediction_type=st.sampled_from(PREDICTION_TYPES),
-       variance_type=st.sampled_from(VARIANCE_TYPES), clip=st.booleans(), clip_range=st.sampled_from([0.5, 1.0, 3.0]))
+@given(
+    sched=schedules(),
+    xs=tensors(),
+    data=st.data(),
+    prediction_type=st.sampled_from(PREDICTION_TYPES),
+    variance_type=st.sampled_from(VARIANCE_TYPES),
+    clip=st.booleans(),
+    clip_range=st.sampled_from([0.5, 1.0, 3.0]),
+)
 def test_ddpm_step(sched, xs, data, prediction_type, variance_type, clip, clip_range):
     T, kw = sched
     sample, model_output, noise = xs
     rows, form = data.draw(ddpm_rows(T, sample.shape[0]))
     # diffusers 0.42 takes sqrt(log(beta)) for fixed_large_log (NaN); the intended sigma is
     # sqrt(beta_t), diffusers' fixed_large (as tests/diffusion/test_steps.py)
-    config = dict(num_train_timesteps=T, **kw, prediction_type=prediction_type, clip_sample=clip,
-                  clip_sample_range=clip_range,
-                  variance_type="fixed_large" if variance_type == "fixed_large_log" else variance_type)
+    config = dict(
+        num_train_timesteps=T,
+        **kw,
+        prediction_type=prediction_type,
+        clip_sample=clip,
+        clip_sample_range=clip_range,
+        variance_type="fixed_large" if variance_type == "fixed_large_log" else variance_type,
+    )
     oracle = diffusers_ddpm_rows(config, model_output, sample, rows, noise, oracle=True)
     same = diffusers_ddpm_rows(config, model_output, sample, rows, noise, oracle=False)
     if form == "ints":
@@ -146,26 +159,44 @@ def test_ddpm_step(sched, xs, data, prediction_type, variance_type, clip, clip_r
     coef, _ = ddpm_coef(t, sample.shape[0], schedule, DEVICE, prev, prediction_type, variance_type)
     for backend in STEP_BACKENDS:
         with poisoned("diffusion"), small_tiles("diffusion"):
-            out = tk.ddpm_step(m_d, t, s_d, schedule, prev_timestep=prev, prediction_type=prediction_type,
-                               variance_type=variance_type, clip_sample=clip, clip_sample_range=clip_range,
-                               noise=n_d, backend=backend)
+            out = tk.ddpm_step(
+                m_d,
+                t,
+                s_d,
+                schedule,
+                prev_timestep=prev,
+                prediction_type=prediction_type,
+                variance_type=variance_type,
+                clip_sample=clip,
+                clip_sample_range=clip_range,
+                noise=n_d,
+                backend=backend,
+            )
         assert out.dtype == sample.dtype
         assert_rule(out, oracle, same, f"ddpm_step on {backend} (rows {rows})", coef, xs)
 
 
 @requires_diffusers
 @budget(80)
-@given(sched=schedules(), xs=tensors(), data=st.data(), prediction_type=st.sampled_from(PREDICTION_TYPES),
-       eta=st.sampled_from([0.0, 0.3, 1.0]), use_clipped=st.booleans(), clip=st.booleans(),
-       clip_range=st.sampled_from([0.5, 1.0, 3.0]))
+@given(
+    sched=schedules(),
+    xs=tensors(),
+    data=st.data(),
+    prediction_type=st.sampled_from(PREDICTION_TYPES),
+    eta=st.sampled_from([0.0, 0.3, 1.0]),
+    use_clipped=st.booleans(),
+    clip=st.booleans(),
+    clip_range=st.sampled_from([0.5, 1.0, 3.0]),
+)
 def test_ddim_step(sched, xs, data, prediction_type, eta, use_clipped, clip, clip_range):
     T, kw = sched
     sample, model_output, noise = xs
     R = sample.shape[0]
     # (t, spacing): diffusers' prev = t - T // num_inference_steps
     rows = [(data.draw(st.integers(0, T - 1)), T // data.draw(st.integers(1, T))) for _ in range(R)]
-    config = dict(num_train_timesteps=T, **kw, prediction_type=prediction_type, clip_sample=clip,
-                  clip_sample_range=clip_range)
+    config = dict(
+        num_train_timesteps=T, **kw, prediction_type=prediction_type, clip_sample=clip, clip_sample_range=clip_range
+    )
     oracle = diffusers_ddim_rows(config, model_output, sample, rows, noise, eta, use_clipped, oracle=True)
     same = diffusers_ddim_rows(config, model_output, sample, rows, noise, eta, use_clipped, oracle=False)
     t = torch.tensor([r[0] for r in rows], device=DEVICE)
@@ -175,9 +206,20 @@ def test_ddim_step(sched, xs, data, prediction_type, eta, use_clipped, clip, cli
     coef, _ = ddim_coef(t, R, schedule, DEVICE, prev, eta, prediction_type, use_clipped)
     for backend in STEP_BACKENDS:
         with poisoned("diffusion"), small_tiles("diffusion"):
-            out = tk.ddim_step(m_d, t, s_d, schedule, prev_timestep=prev, eta=eta, prediction_type=prediction_type,
-                               clip_sample=clip, clip_sample_range=clip_range, use_clipped_model_output=use_clipped,
-                               noise=n_d, backend=backend)
+            out = tk.ddim_step(
+                m_d,
+                t,
+                s_d,
+                schedule,
+                prev_timestep=prev,
+                eta=eta,
+                prediction_type=prediction_type,
+                clip_sample=clip,
+                clip_sample_range=clip_range,
+                use_clipped_model_output=use_clipped,
+                noise=n_d,
+                backend=backend,
+            )
         assert_rule(out, oracle, same, f"ddim_step on {backend} (rows {rows})", coef, xs)
 
 
@@ -215,8 +257,14 @@ def loss_cases(draw):
     idx = draw(st.lists(st.sampled_from(ids), min_size=P, max_size=P))
     if draw(st.booleans()):
         idx = sorted(idx)
-    return P, C, idx, draw(st.sampled_from([torch.int32, torch.int64])), draw(st.sampled_from(DTYPES)), \
-        draw(st.integers(0, 2**31 - 1))
+    return (
+        P,
+        C,
+        idx,
+        draw(st.sampled_from([torch.int32, torch.int64])),
+        draw(st.sampled_from(DTYPES)),
+        draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 @budget(80)

@@ -2,6 +2,7 @@
 malformed input: a valid input gives the mask of a naive double loop (and tile plans that hold
 on it), unions of K > 1 intervals included; anything else raises ValueError, never another
 exception."""
+
 from __future__ import annotations
 
 import bisect
@@ -91,8 +92,13 @@ INTEGER_KINDS = ("list", "int32", "int64")  # converted once; floats are refused
 
 
 @budget(300)
-@given(layout=st.one_of(layouts(), mutated_layouts()), cu_kind=st.sampled_from(KINDS), span_kind=st.sampled_from(KINDS),
-       bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]))
+@given(
+    layout=st.one_of(layouts(), mutated_layouts()),
+    cu_kind=st.sampled_from(KINDS),
+    span_kind=st.sampled_from(KINDS),
+    bm=st.sampled_from([16, 32, 64]),
+    bn=st.sampled_from([16, 32, 64]),
+)
 def test_from_spans(layout, cu_kind, span_kind, bm, bn):
     cu, spans = layout
     valid = layout_is_valid(cu, spans) and cu_kind in INTEGER_KINDS and span_kind in INTEGER_KINDS
@@ -130,8 +136,13 @@ def test_from_spans_wrong_shapes(layout, shape):
 # arbitrary intervals
 # ----------------------------------------------------------------------------------------------
 @budget(200)
-@given(data=st.data(), nq=st.integers(0, 70), nk=st.integers(0, 70), num_keys=st.one_of(st.none(), st.integers(-2, 75)),
-       kind=st.sampled_from(["list", "int32", "int32", "int64"]))
+@given(
+    data=st.data(),
+    nq=st.integers(0, 70),
+    nk=st.integers(0, 70),
+    num_keys=st.one_of(st.none(), st.integers(-2, 75)),
+    kind=st.sampled_from(["list", "int32", "int32", "int64"]),
+)
 def test_from_intervals(data, nq, nk, num_keys, kind):
     s = data.draw(st.lists(st.integers(-2, nk + 2), min_size=nq, max_size=nq))
     e = data.draw(st.lists(st.integers(-2, nk + 2), min_size=nq, max_size=nq))
@@ -160,8 +171,12 @@ def test_from_intervals(data, nq, nk, num_keys, kind):
 # KV-cache masks (sampling)
 # ----------------------------------------------------------------------------------------------
 @budget(150)
-@given(cache=st.lists(st.integers(-1, 40), max_size=4), new=st.lists(st.integers(-1, 20), max_size=4),
-       bidirectional=st.booleans(), kind=st.sampled_from(["list", "int32", "int64", "float"]))
+@given(
+    cache=st.lists(st.integers(-1, 40), max_size=4),
+    new=st.lists(st.integers(-1, 20), max_size=4),
+    bidirectional=st.booleans(),
+    kind=st.sampled_from(["list", "int32", "int64", "float"]),
+)
 def test_cached(cache, new, bidirectional, kind):
     valid = len(cache) == len(new) and min(cache + new, default=0) >= 0 and kind != "float"
     if kind == "float":
@@ -182,7 +197,7 @@ def test_cached(cache, new, bidirectional, kind):
     q = k0 = 0
     for c, n in zip(cache, new):
         for j in range(n):
-            expect[q, k0:k0 + c + (n if bidirectional else j + 1)] = True
+            expect[q, k0 : k0 + c + (n if bidirectional else j + 1)] = True
             q += 1
         k0 += c + n
     assert torch.equal(mask.to_dense(), expect)
@@ -195,8 +210,14 @@ def test_cached(cache, new, bidirectional, kind):
 # unions of K intervals
 # ----------------------------------------------------------------------------------------------
 @budget(150)
-@given(data=st.data(), nq=st.integers(1, 40), nk=st.integers(1, 60), k=st.integers(1, 9),
-       kind=st.sampled_from(["list", "int32", "int64"]), broken=st.booleans())
+@given(
+    data=st.data(),
+    nq=st.integers(1, 40),
+    nk=st.integers(1, 60),
+    k=st.integers(1, 9),
+    kind=st.sampled_from(["list", "int32", "int64"]),
+    broken=st.booleans(),
+)
 def test_from_intervals_union(data, nq, nk, k, kind, broken):
     """[Nq, K] endpoints: accepted iff every row's s0 <= e0 <= s1 <= ... <= e_{K-1} lies in [0, Nk]."""
     rows = [sorted(data.draw(st.lists(st.integers(0, nk), min_size=2 * k, max_size=2 * k))) for _ in range(nq)]
@@ -216,8 +237,9 @@ def test_from_intervals_union(data, nq, nk, k, kind, broken):
             return
         raise AssertionError(f"accepted invalid intervals s={s}, e={e} with num_keys={nk}")
     mask = HybridMask.from_intervals(*args)
-    naive = torch.tensor([[any(a <= j < b for a, b in zip(s[i], e[i])) for j in range(nk)] for i in range(nq)],
-                         dtype=torch.bool)
+    naive = torch.tensor(
+        [[any(a <= j < b for a, b in zip(s[i], e[i])) for j in range(nk)] for i in range(nq)], dtype=torch.bool
+    )
     assert mask.num_intervals == k
     assert torch.equal(mask.to_dense(), naive)
     assert mask.visible_pairs() == int(naive.sum())
@@ -239,8 +261,7 @@ def as_mask(result, oracle):
 @st.composite
 def split_layouts(draw):
     """BAGEL samples (noise splits anywhere, consecutive, empty or one token), sometimes broken."""
-    samples = draw(st.lists(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(mc.MODES)), max_size=9),
-                            max_size=3))
+    samples = draw(st.lists(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(mc.MODES)), max_size=9), max_size=3))
     lens = [[n for n, _ in sample] for sample in samples]
     modes = [[m for _, m in sample] for sample in samples]
     if samples and any(samples) and draw(st.booleans()):
@@ -270,8 +291,11 @@ def test_from_splits(layout, kind):
 
 
 @budget(150)
-@given(layout=layouts(max_tokens=50), hidden=st.one_of(layouts(max_tokens=50), mutated_layouts()),
-       kind=st.sampled_from(["list", "int64"]))
+@given(
+    layout=layouts(max_tokens=50),
+    hidden=st.one_of(layouts(max_tokens=50), mutated_layouts()),
+    kind=st.sampled_from(["list", "int64"]),
+)
 def test_from_spans_hidden(layout, hidden, kind):
     """Hidden spans drawn over the same documents (valid) or from another, possibly broken, layout."""
     cu, images = layout
@@ -290,7 +314,9 @@ def test_from_spans_hidden(layout, hidden, kind):
 
 
 @budget(100)
-@given(data=st.data(), nq=st.integers(0, 30), nk=st.integers(0, 30), max_intervals=st.one_of(st.none(), st.integers(1, 6)))
+@given(
+    data=st.data(), nq=st.integers(0, 30), nk=st.integers(0, 30), max_intervals=st.one_of(st.none(), st.integers(1, 6))
+)
 def test_from_dense(data, nq, nk, max_intervals):
     rows = data.draw(st.lists(st.lists(st.booleans(), min_size=nk, max_size=nk), min_size=nq, max_size=nq))
     dense = torch.tensor(rows, dtype=torch.bool).reshape(nq, nk)

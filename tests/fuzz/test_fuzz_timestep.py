@@ -3,6 +3,7 @@ configurations: every kernel backend against a float64 oracle with the reference
 PyTorch baseline of the 2x rule (as tests/timestep/test_timestep_triton.py), forward and the
 gradients in x and the MLP weights; the reference itself against the oracle with diffusers'
 eager modules as the baseline (as tests/timestep/test_timestep_reference.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,9 +42,17 @@ def cases(draw):
     else:
         t = draw(st.lists(st.integers(0, int(t_max) - 1 if t_max > 1 else 0), min_size=M, max_size=M))
     return dict(
-        P=P, M=M, D=D, F=F, idx=idx, t=torch.tensor(t, dtype=t_dtype), cfg=(flip, shift, scale, max_period),
-        H=draw(st.integers(1, 64)) if with_mlp else None, bias=draw(st.booleans()),
-        x_dtype=draw(st.sampled_from(X_DTYPES)), w_dtype=draw(st.sampled_from(X_DTYPES)),
+        P=P,
+        M=M,
+        D=D,
+        F=F,
+        idx=idx,
+        t=torch.tensor(t, dtype=t_dtype),
+        cfg=(flip, shift, scale, max_period),
+        H=draw(st.integers(1, 64)) if with_mlp else None,
+        bias=draw(st.booleans()),
+        x_dtype=draw(st.sampled_from(X_DTYPES)),
+        w_dtype=draw(st.sampled_from(X_DTYPES)),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -140,8 +149,9 @@ def test_reference_against_float64(c):
     e = get_timestep_embedding(t, c["F"], *c["cfg"])
     if wl is not None:
         w1, b1, w2, b2 = wl
-        e = torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(
-            e.to(w1.dtype), w1, b1)), w2, b2)
+        e = torch.nn.functional.linear(
+            torch.nn.functional.silu(torch.nn.functional.linear(e.to(w1.dtype), w1, b1)), w2, b2
+        )
     rows = e.to(x.dtype)[idx.long().clamp(min=0)] if c["M"] else torch.zeros_like(x)
     y_base = x + torch.where((idx >= 0)[:, None], rows, torch.zeros((), dtype=x.dtype, device=DEVICE))
     assert_rule("y", y, y64, y_base, FLOOR[c["x_dtype"]])

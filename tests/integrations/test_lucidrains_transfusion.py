@@ -14,6 +14,7 @@ kernels do; the loss reads such a row (the last token of a not-attended item sti
 next one), so the oracle takes the FlexAttention convention. Loss, transformer outputs and every
 parameter gradient then follow the 2x rule (docs/design.md §5) against it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,10 +41,13 @@ SOFTCAP = 50.0  # the model's default, on
 def make_model():
     torch.manual_seed(0)
     # 'grouped': the default 'auto' times several strategies on first use, drawing random numbers
-    return lt.Transfusion(num_text_tokens=32, dim_latent=16, modality_default_shape=(4,),
-                          transformer=dict(dim=32, depth=2, dim_head=8, heads=4,
-                                           attn_kwargs=dict(softcap_value=SOFTCAP)),
-                          modality_processing="grouped")
+    return lt.Transfusion(
+        num_text_tokens=32,
+        dim_latent=16,
+        modality_default_shape=(4,),
+        transformer=dict(dim=32, depth=2, dim_head=8, heads=4, attn_kwargs=dict(softcap_value=SOFTCAP)),
+        modality_processing="grouped",
+    )
 
 
 def make_batch(dtype):
@@ -51,8 +55,7 @@ def make_batch(dtype):
     g = torch.Generator().manual_seed(1)
     text = lambda n: torch.randint(0, 32, (n,), generator=g)
     image = lambda n: torch.randn(n, 16, generator=g, dtype=torch.float64).to(dtype)
-    return [[text(5), image(4), text(3), (image(3), False), text(4)],
-            [text(6), (text(3), False), image(5), text(2)]]
+    return [[text(5), image(4), text(3), (image(3), False), text(4)], [text(6), (text(3), False), image(5), text(2)]]
 
 
 # ---------------------------------------------------------------------------------------------- the oracle
@@ -84,8 +87,18 @@ _EINSUM = lt.einsum
 
 # ---------------------------------------------------------------------------------------------- the swap
 def _swapped_forward(route: str, masks: dict):
-    def forward(self, x, attn_mask=None, rotary_emb=None, cache=None, causal=False, block_mask=None,
-                return_kv_cache=False, return_values=False, value_residual=None):
+    def forward(
+        self,
+        x,
+        attn_mask=None,
+        rotary_emb=None,
+        cache=None,
+        causal=False,
+        block_mask=None,
+        return_kv_cache=False,
+        return_values=False,
+        value_residual=None,
+    ):
         assert cache is None and not causal and not self.laser, "a training forward"
         q, k = self.to_qk(x)
         v = self.to_v(x)
@@ -98,12 +111,15 @@ def _swapped_forward(route: str, masks: dict):
         if rotary_emb is not None:
             q, k = (lt.apply_rotary_emb(rotary_emb, t, freqs_seq_dim=-2) for t in (q, k))
         if route == "flex_attention":
-            out = tk.flex_attention(q, k, v, block_mask=masks["block_mask"], scale=self.scale, softcap=self.softcap_value)
+            out = tk.flex_attention(
+                q, k, v, block_mask=masks["block_mask"], scale=self.scale, softcap=self.softcap_value
+            )
         else:
             if "hybrid" not in masks:  # once per batch, shared by the layers
                 masks["hybrid"] = HybridMask.from_dense(attn_mask)
-            out = tk.hybrid_attention(q, k, v, masks["hybrid"], softmax_scale=self.scale, layout="bhnd",
-                                      softcap=self.softcap_value)
+            out = tk.hybrid_attention(
+                q, k, v, masks["hybrid"], softmax_scale=self.scale, layout="bhnd", softcap=self.softcap_value
+            )
         if self.to_gates is not None:
             out = out * self.to_gates(x).sigmoid()
         out = self.to_out(out)
@@ -127,16 +143,23 @@ def run(model, dtype, route=None):
     def after(module, args, kwargs, out):
         captured["out"] = out[0]
 
-    hooks = [model.transformer.register_forward_pre_hook(before, with_kwargs=True),
-             model.transformer.register_forward_hook(after, with_kwargs=True)]
+    hooks = [
+        model.transformer.register_forward_pre_hook(before, with_kwargs=True),
+        model.transformer.register_forward_hook(after, with_kwargs=True),
+    ]
     if route is None:
-        patches = [mock.patch.object(lt, "einx", _EmptyRowsGiveZero()),
-                   mock.patch.object(lt, "einsum", _einsum_empty_rows_zero)]
+        patches = [
+            mock.patch.object(lt, "einx", _EmptyRowsGiveZero()),
+            mock.patch.object(lt, "einsum", _einsum_empty_rows_zero),
+        ]
     else:
         patches = [mock.patch.object(lt.Attention, "forward", _swapped_forward(route, masks))]
     # the flow noise: the same numbers in float32 and float64
-    patches.append(mock.patch("torch.randn_like", lambda t: torch.randn(
-        t.shape, generator=torch.Generator().manual_seed(t.numel())).to(t)))
+    patches.append(
+        mock.patch(
+            "torch.randn_like", lambda t: torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel())).to(t)
+        )
+    )
     try:
         for p in patches:
             p.start()
@@ -178,17 +201,18 @@ def test_its_masks_convert_exactly():
     """Its mask_mod, its dense mask and its BlockMask give one HybridMask; from_padded on the same
     spans agrees on every row of a real, attended token and hides the not-attended ones."""
     batch, n = 3, 40
-    positions = torch.tensor([[[0, 3, 6], [0, 14, 5], [0, 30, 4]],
-                              [[0, 2, 8], [0, 0, 0], [0, 0, 0]],
-                              [[0, 10, 3], [0, 20, 9], [0, 0, 0]]])  # (type, offset, length), zero-padded
+    positions = torch.tensor(
+        [[[0, 3, 6], [0, 14, 5], [0, 30, 4]], [[0, 2, 8], [0, 0, 0], [0, 0, 0]], [[0, 10, 3], [0, 20, 9], [0, 0, 0]]]
+    )  # (type, offset, length), zero-padded
     excluded = torch.tensor([[[12, 20], [29, 35]], [[11, 16], [0, 0]], [[0, 0], [0, 0]]])  # zero-padded
     lengths = [38, 25, 40]
 
     dense = lt.naive_attn_mask(n, positions, excluded_spans=excluded)
     by_dense = HybridMask.from_dense(dense)
     by_mask_mod = HybridMask.from_mask_mod(lt.transfusion_attn_mask(positions, excluded), batch_size=batch, seq_len=n)
-    block_mask = flex.create_block_mask(lt.transfusion_attn_mask(positions, excluded), batch, None, n, n,
-                                        device="cpu", BLOCK_SIZE=16)
+    block_mask = flex.create_block_mask(
+        lt.transfusion_attn_mask(positions, excluded), batch, None, n, n, device="cpu", BLOCK_SIZE=16
+    )
     by_block_mask = HybridMask.from_block_mask(block_mask)
     for mask in (by_mask_mod, by_block_mask):
         assert torch.equal(mask.starts, by_dense.starts) and torch.equal(mask.ends, by_dense.ends)

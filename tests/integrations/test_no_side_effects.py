@@ -1,5 +1,6 @@
 """Importing the package changes nothing in diffusers, transformers or torch; the integrations act
 only through their explicit, undoable calls (README, "Drop-in integrations")."""
+
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # In a fresh process: snapshot diffusers', transformers' and torch's state, import every module of
 # the package, snapshot again. Printed as JSON: {"before": ..., "after": ..., "imported": [...]}.
-PROBE = r'''
+PROBE = r"""
 import importlib, json, pkgutil, sys
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ for name in names:
     importlib.import_module(name)
 after = snapshot()
 print(json.dumps({"before": before, "after": after, "imported": names}))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,10 @@ def test_importing_every_module_changes_nothing(probe):
 
 def test_import_is_lazy():
     """``import transfusion_kernels`` imports neither triton nor torch._dynamo (seconds each)."""
-    code = ("import sys, torch, transfusion_kernels; "
-            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
+    code = (
+        "import sys, torch, transfusion_kernels; "
+        "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "[]"

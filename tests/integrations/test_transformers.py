@@ -3,6 +3,7 @@ attention and the equivalent dense 4-D additive mask.
 
 Rule: the error of the 'transfusion' model's logits and gradients against a float64 run of the
 eager model is at most twice that of the float32 eager model, plus a small floor."""
+
 import copy
 
 import pytest
@@ -20,8 +21,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def tiny_llama(seed):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     cfg._attn_implementation = "eager"
     eager = LlamaForCausalLM(cfg)
     with torch.no_grad():  # non-zero everywhere, so every parameter has a real gradient
@@ -53,7 +61,8 @@ def assert_rule(name, got, oracle, baseline, floor=1e-6):
     err = (got - oracle).abs().max().item()
     base = (baseline - oracle).abs().max().item()
     assert err <= 2 * base + floor * max(1.0, oracle.abs().max().item()), (
-        f"{name}: error {err:.3g} > 2 x eager fp32 error {base:.3g} + floor")
+        f"{name}: error {err:.3g} > 2 x eager fp32 error {base:.3g} + floor"
+    )
 
 
 def compare(eager, ours, oracle, allowed, labels, ids, position_ids, **ours_inputs):
@@ -86,8 +95,7 @@ def test_packed_batch_matches_dense_mask_eager(backend, seed):
     eager, ours, oracle = tiny_llama(seed)
     cu, mask, ids, labels = packed_case(seed)
     pos = tk_hf.packed_position_ids(cu)[None]
-    compare(eager, ours, oracle, mask.to_dense(), labels, ids, pos, transfusion_mask=mask,
-            transfusion_backend=backend)
+    compare(eager, ours, oracle, mask.to_dense(), labels, ids, pos, transfusion_mask=mask, transfusion_backend=backend)
 
 
 def test_context_manager_and_keyword_agree(seed):
@@ -130,8 +138,9 @@ def test_mismatched_or_wrong_mask(seed):
     with pytest.raises(TypeError, match="HybridMask"):
         ours(input_ids=ids, transfusion_mask=mask.to_dense())
     n = mask.num_queries  # a union of two intervals per query: refused in one line
-    union = tk.HybridMask.from_intervals(torch.zeros(n, 2, dtype=torch.int32, device=DEVICE),
-                                         torch.zeros(n, 2, dtype=torch.int32, device=DEVICE), n)
+    union = tk.HybridMask.from_intervals(
+        torch.zeros(n, 2, dtype=torch.int32, device=DEVICE), torch.zeros(n, 2, dtype=torch.int32, device=DEVICE), n
+    )
     with pytest.raises(ValueError, match="2 intervals per query"):
         ours(input_ids=ids, transfusion_mask=union)
 

@@ -1,5 +1,6 @@
 """The transformers mask path under torch.compile(fullgraph=True) and across threads: no host
 reads of tensor values, no id()-keyed state, use_mask per thread."""
+
 import threading
 
 import pytest
@@ -16,8 +17,15 @@ VOCAB = 97
 
 def tiny_llama(seed):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.set_attn_implementation(tk_hf.register())
     return model
@@ -35,8 +43,9 @@ def test_llama_forward_compiles_with_fullgraph():
     image_ids[1, 12:20] = 3
 
     def forward(ids, attention_mask, image_ids):
-        return model(input_ids=ids, attention_mask=attention_mask, transfusion_image_ids=image_ids,
-                     use_cache=False).logits
+        return model(
+            input_ids=ids, attention_mask=attention_mask, transfusion_image_ids=image_ids, use_cache=False
+        ).logits
 
     compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
     with torch.no_grad():

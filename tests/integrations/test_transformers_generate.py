@@ -1,6 +1,7 @@
 """The 'transfusion' attention as a drop-in for stock attention in transformers: no mask argument,
 padding, packed position_ids, sliding windows, images and generate() with a KV cache on tiny
 random Llama, Mistral, Qwen2 and Gemma-2 models, against the same models with eager attention."""
+
 import copy
 
 import pytest
@@ -11,21 +12,38 @@ transformers = pytest.importorskip("transformers")
 import transfusion_kernels as tk  # noqa: E402
 from transfusion_kernels.integrations import transformers as tk_hf  # noqa: E402
 from transformers import (  # noqa: E402
-    Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 VOCAB = 61
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+)
 MODELS = {
     "llama": (LlamaForCausalLM, LlamaConfig, {}),
     # windows shorter than prompt + new tokens, so they cut keys both in the prefill and from the cache
     "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=5)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     # logit softcap on the attention scores (small enough to bend them), a sliding and a full layer
-    "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=2.0,
-                                                      sliding_window=4)),
+    "gemma2": (
+        Gemma2ForCausalLM,
+        Gemma2Config,
+        dict(head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=2.0, sliding_window=4),
+    ),
 }
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -52,15 +70,22 @@ def padded_batch(seed, side, lengths=(9, 6)):
     ids = torch.randint(1, VOCAB, (len(lengths), S), generator=gen)
     am = torch.zeros(len(lengths), S, dtype=torch.long)
     for b, n in enumerate(lengths):
-        am[b, S - n:] = 1 if side == "left" else 0
+        am[b, S - n :] = 1 if side == "left" else 0
         am[b, :n] = 1 if side == "right" else am[b, :n]
     return ids * am, am
 
 
 def generate(model, ids, am, sample, **kw):
     torch.manual_seed(7)
-    return model.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=sample, output_logits=True,
-                          return_dict_in_generate=True, **kw)
+    return model.generate(
+        ids,
+        attention_mask=am,
+        max_new_tokens=6,
+        do_sample=sample,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
@@ -175,16 +200,21 @@ def test_images_survive_generate(seed):
     image_ids = torch.full(ids.shape, -1)
     image_ids[0, 2:5], image_ids[0, 5:8], image_ids[1, 4:8] = 0, 1, 0  # two adjacent images in row 0
     with torch.no_grad(), tk_hf.use_mask(image_ids=image_ids):
-        got = ours.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False,
-                            output_logits=True, return_dict_in_generate=True)
+        got = ours.generate(
+            ids, attention_mask=am, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     seq = ids
     with torch.no_grad():
         for step in range(4):
             n = seq.shape[1]
             full_am = torch.nn.functional.pad(am, (0, n - am.shape[1]), value=1)
             pos = (full_am.cumsum(-1) - 1).clamp_min(0)
-            logits = eager(seq, attention_mask=dense_additive(image_oracle_mask(am, image_ids, n)),
-                           position_ids=pos, use_cache=False).logits[:, -1]
+            logits = eager(
+                seq,
+                attention_mask=dense_additive(image_oracle_mask(am, image_ids, n)),
+                position_ids=pos,
+                use_cache=False,
+            ).logits[:, -1]
             torch.testing.assert_close(got.logits[step], logits, **TOL)
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(got.sequences, seq)

@@ -14,8 +14,16 @@ def tok():
 
 
 def tiny_model_config(vocab_size, **kw):
-    base = dict(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, patch_size=2,
-                timestep_freq_dim=32, unet_channels=(8, 16))
+    base = dict(
+        vocab_size=vocab_size,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        patch_size=2,
+        timestep_freq_dim=32,
+        unet_channels=(8, 16),
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -28,7 +36,6 @@ def tiny_config(vocab_size, steps=4, **model_kw):
     )
 
 
-
 def digit_trainer(cfg, tok, digits, metrics=None):
     """A Trainer of a fresh reference-backend model on 64 training digits and 100 text lines."""
     from transfusion.data import MixedBatches, text_corpus
@@ -37,8 +44,9 @@ def digit_trainer(cfg, tok, digits, metrics=None):
 
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend="reference")
-    batches = MixedBatches(digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data,
-                           cfg.model.patch_size)
+    batches = MixedBatches(
+        digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data, cfg.model.patch_size
+    )
     return Trainer(model, cfg, tok, batches, metrics_path=metrics)
 
 

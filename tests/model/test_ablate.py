@@ -1,5 +1,6 @@
 """``transfusion ablate``: the harness (quick grid end to end, resume, argument errors) and the
 Frechet distance against an independent float64 computation. No claims about the ablations."""
+
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,12 @@ def test_frechet_distance_matches_float64_oracle():
         w, v = np.linalg.eigh(sa)
         ra = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
         inner = np.linalg.eigvalsh(ra @ sb @ ra)
-        want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+        want = (
+            ((a.mean(0) - b.mean(0)) ** 2).sum()
+            + np.trace(sa)
+            + np.trace(sb)
+            - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+        )
         assert ablate.frechet_distance(a, b) == pytest.approx(want, rel=1e-6, abs=1e-9)
     x = rng.normal(size=(30, 4))
     assert ablate.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
@@ -34,7 +40,13 @@ def test_variants_are_distinct_and_cover_the_groups():
     cfgs = [ablate.variant_config(base, v, 0).to_dict() for v in ablate.VARIANTS]
     assert all(cfgs.count(c) == 1 for c in cfgs)  # a shared config is one run
     assert base.model.patch_size == 4 and base.model.image_attention == "bidirectional"
-    assert {g for v in ablate.VARIANTS for g in v.groups} == {"attention", "encoder", "noise_cap", "lambda", "objective"}
+    assert {g for v in ablate.VARIANTS for g in v.groups} == {
+        "attention",
+        "encoder",
+        "noise_cap",
+        "lambda",
+        "objective",
+    }
     c = ablate.variant_config(base, ablate.VARIANTS[0], 2)
     assert c.train.seed == c.data.seed == 2
     assert [v.name for v in ablate.VARIANTS if not v.in_grid] == ["linear_p1", "unet_p1"]  # opt-in: --only
@@ -75,8 +87,9 @@ def test_quick_grid_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
         assert f"## {group}" in table
         assert (out / f"{group}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| causal_p2 | 1 |" in table
-    assert quiet.out.rstrip().endswith(f"(0 already done); results in {out}: runs/, summary.md, summary.json, "
-                                       f"{len(summary['groups'])} plots (*.png)")
+    assert quiet.out.rstrip().endswith(
+        f"(0 already done); results in {out}: runs/, summary.md, summary.json, {len(summary['groups'])} plots (*.png)"
+    )
 
     # a second call finds every run done and only rewrites the table; without matplotlib it says
     # so before any run, and writes the summary without plots
@@ -86,11 +99,16 @@ def test_quick_grid_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert ablate.run(_args(out, "--quick", "--jobs", "1", "--threads", "1")) == 0
     cap = capsys.readouterr()
-    assert cap.err.startswith("transfusion ablate: note: matplotlib is not installed, so summary.md and "
-                              "summary.json are written without plots; pip install 'transfusion-kernels[bench]'")
+    assert cap.err.startswith(
+        "transfusion ablate: note: matplotlib is not installed, so summary.md and "
+        "summary.json are written without plots; pip install 'transfusion-kernels[bench]'"
+    )
     assert "0 runs to do, 3 already done" in cap.err
-    assert cap.out.rstrip().endswith("(3 already done); results in " + str(out)
-                                     + ": runs/, summary.md, summary.json; no plots (matplotlib is not installed)")
+    assert cap.out.rstrip().endswith(
+        "(3 already done); results in "
+        + str(out)
+        + ": runs/, summary.md, summary.json; no plots (matplotlib is not installed)"
+    )
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps and not list(out.glob("*.png"))
 
     # results made with other settings are not silently mixed in
@@ -106,14 +124,17 @@ def test_default_grid_and_opt_in_variants(tmp_path):
     assert [v.name for v in pool] == ["baseline", "unet_p1"]
 
 
-@pytest.mark.parametrize("extra, match", [
-    (("--seeds", "0"), "--seeds must be >= 1"),
-    (("--jobs", "0"), "--jobs must be >= 1"),
-    (("--steps", "0"), "--steps must be >= 1"),
-    (("--threads", "0"), "--threads must be >= 1"),
-    (("--only", "baseline,nope"), "unknown variant nope"),
-    (("--only", ","), "unknown variant"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (("--seeds", "0"), "--seeds must be >= 1"),
+        (("--jobs", "0"), "--jobs must be >= 1"),
+        (("--steps", "0"), "--steps must be >= 1"),
+        (("--threads", "0"), "--threads must be >= 1"),
+        (("--only", "baseline,nope"), "unknown variant nope"),
+        (("--only", ","), "unknown variant"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(tmp_path, extra, match):
     with pytest.raises(UserError, match=match) as e:
         ablate.run(_args(tmp_path / "o", *extra))

@@ -1,5 +1,6 @@
 """`transfusion bench` results say what produced them: a row the reference ran in place of a
 backend that cannot run here is labelled so, and the recorded command is the one typed."""
+
 import os
 import subprocess
 import sys
@@ -11,9 +12,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stand_in_rows_name_the_reference():
-    data = {"rows": [{"case": "c", "copy_GBps": 1.0, "ops": {"add_noise": {"bytes": 3 * 2**20, "impls": {
-        "reference": {"median_ms": 1.0}, "tk:triton": {"median_ms": 1.0, "note": "reference standing in"},
-        "tk:cuda": {"median_ms": 0.5}}}}}]}
+    data = {
+        "rows": [
+            {
+                "case": "c",
+                "copy_GBps": 1.0,
+                "ops": {
+                    "add_noise": {
+                        "bytes": 3 * 2**20,
+                        "impls": {
+                            "reference": {"median_ms": 1.0},
+                            "tk:triton": {"median_ms": 1.0, "note": "reference standing in"},
+                            "tk:cuda": {"median_ms": 0.5},
+                        },
+                    }
+                },
+            }
+        ]
+    }
     rows, cols = summarize("diffusion", data)
     assert [r["impl"] for r in rows] == ["reference", "reference, standing in for tk:triton", "tk:cuda"]
     model = {"rows": [{"method": "triton", "note": "reference standing in: no GPU"}, {"method": "reference"}]}

@@ -1,6 +1,7 @@
 """Checkpoints under faults: pickles are never loaded, bad configs are refused, a process killed
 while saving leaves the previous checkpoint loadable, and a run resumed after the kill follows
 the uninterrupted loss curve."""
+
 import json
 import os
 import pickle
@@ -39,8 +40,9 @@ def _trainer(cfg, tok, digits=None):
     digits = digits or load_digits_split(0.2, 0, 8)
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend="reference")
-    batches = MixedBatches(digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data,
-                           cfg.model.patch_size)
+    batches = MixedBatches(
+        digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data, cfg.model.patch_size
+    )
     return Trainer(model, cfg, tok, batches)
 
 
@@ -114,16 +116,19 @@ def _edit_config(ck: Path, edit) -> None:
     (ck / "config.json").write_text(json.dumps(d))
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda d: d.pop("format_version"), "format"),
-    (lambda d: d.update(format_version=99), "format 99"),
-    (lambda d: d["model"].update(bogus=1), "unknown ModelConfig fields"),
-    (lambda d: d["train"].update(unknown_knob=True), "unknown TrainConfig fields"),
-    (lambda d: d["model"].update(n_heads=5), "divisible by n_heads"),
-    (lambda d: d["model"].update(image_encoder="vit"), "image_encoder"),
-    (lambda d: d["data"].update(text_fraction=1.5), "text_fraction"),
-    (lambda d: d["train"].update(lr=-1.0), "lr"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d.pop("format_version"), "format"),
+        (lambda d: d.update(format_version=99), "format 99"),
+        (lambda d: d["model"].update(bogus=1), "unknown ModelConfig fields"),
+        (lambda d: d["train"].update(unknown_knob=True), "unknown TrainConfig fields"),
+        (lambda d: d["model"].update(n_heads=5), "divisible by n_heads"),
+        (lambda d: d["model"].update(image_encoder="vit"), "image_encoder"),
+        (lambda d: d["data"].update(text_fraction=1.5), "text_fraction"),
+        (lambda d: d["train"].update(lr=-1.0), "lr"),
+    ],
+)
 def test_bad_config_is_refused(saved, tmp_path, edit, match):
     ck = _copy(saved[0], tmp_path / "ck")
     _edit_config(ck, edit)
@@ -201,8 +206,9 @@ def test_error_while_writing_removes_the_temporary_folder(saved, tmp_path, monke
     umask = os.umask(0)
     os.umask(umask)
     tr.save(ck)
-    assert {p.name: oct(p.stat().st_mode & 0o777) for p in ck.iterdir()} == \
-        {p.name: oct(0o666 & ~umask) for p in ck.iterdir()}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in ck.iterdir()} == {
+        p.name: oct(0o666 & ~umask) for p in ck.iterdir()
+    }
 
 
 CHILD = textwrap.dedent("""
@@ -232,11 +238,13 @@ def test_sigkill_during_save_then_resume_follows_the_curve(tok, tmp_path):
     steps, kill_after = 6, 3
     tok.save(tmp_path / "tok.model")
     ck = tmp_path / "run" / "checkpoint"
-    code = CHILD.format(tests=str(HERE), tok=str(tmp_path / "tok.model"), steps=steps, kill_after=kill_after,
-                        ck=str(ck))
+    code = CHILD.format(
+        tests=str(HERE), tok=str(tmp_path / "tok.model"), steps=steps, kill_after=kill_after, ck=str(ck)
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=str(HERE))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(HERE)
+    )
     try:
         saves = 0
         deadline = time.time() + 60

@@ -2,6 +2,7 @@
 status 2 and no traceback, before any work is done or any file is written. One case per command
 runs ``python -m transfusion`` in a subprocess (the real entry point); the rest call ``main`` in
 this process (the same code path, without a torch import per case)."""
+
 import json
 import os
 import shutil
@@ -14,8 +15,21 @@ import torch
 from transfusion.cli import main
 from transfusion.config import UserError
 
-TINY = ["--dim", "16", "--layers", "1", "--heads", "2", "--patch-size", "4", "--docs-per-batch", "4",
-        "--no-progress", "--device", "cpu"]
+TINY = [
+    "--dim",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--patch-size",
+    "4",
+    "--docs-per-batch",
+    "4",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +57,9 @@ def _cli(argv, capsys) -> str:
 def _subprocess(argv, cwd) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRANSFUSION_DEBUG", None)
-    r = subprocess.run([sys.executable, "-m", "transfusion", *argv], capture_output=True, text=True, cwd=cwd,
-                       env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "transfusion", *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
     assert r.returncode == 2, r.stderr
     return _one_line_error(r.stderr, argv[0])
 
@@ -66,11 +81,14 @@ def test_one_case_per_command_through_the_real_entry_point(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "notimage.png"]  # nothing written
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--tokenizer", "{notimage}"], "not a SentencePiece model"),
-    (["--holdout", "0"], "--holdout"),
-    (["--image-size", "0"], "--image-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--tokenizer", "{notimage}"], "not a SentencePiece model"),
+        (["--holdout", "0"], "--holdout"),
+        (["--image-size", "0"], "--image-size must be >= 1"),
+    ],
+)
 def test_prepare_refuses_before_writing(tmp_path, capsys, args, expect):
     (tmp_path / "notimage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
     args = [a.format(notimage=tmp_path / "notimage.png") for a in args]
@@ -85,7 +103,7 @@ def _with(base, args):
     while i < len(base):
         takes_value = i + 1 < len(base) and not base[i + 1].startswith("--")
         if base[i] not in given:
-            kept += base[i:i + 1 + takes_value]
+            kept += base[i : i + 1 + takes_value]
         i += 1 + takes_value
     return [*kept, *args]
 
@@ -94,12 +112,15 @@ def _train(run, out, *args):
     return ["train", "--data", str(run / "data"), "--out", str(out), *_with(TINY, args)]
 
 
-@pytest.mark.parametrize("config, expect", [
-    ('{"train": {"steps": "ten"}}', "train.steps must be int, got 'ten'"),
-    ('{"model": {"dim": 16.5}}', "model.dim must be int"),
-    ('{"model": {"dimension": 16}}', "dimension"),
-    ('{"train":\n  {"steps": 1\n}', "not valid JSON at line 3 column 2"),
-])
+@pytest.mark.parametrize(
+    "config, expect",
+    [
+        ('{"train": {"steps": "ten"}}', "train.steps must be int, got 'ten'"),
+        ('{"model": {"dim": 16.5}}', "model.dim must be int"),
+        ('{"model": {"dimension": 16}}', "dimension"),
+        ('{"train":\n  {"steps": 1\n}', "not valid JSON at line 3 column 2"),
+    ],
+)
 def test_train_config_file_errors_name_the_file_and_field(run, tmp_path, capsys, config, expect):
     f = tmp_path / "c.json"
     f.write_text(config)
@@ -129,31 +150,58 @@ def test_resume_with_another_shape_is_refused_before_training(run, tmp_path, cap
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_missing_device_and_backend(run, tmp_path, capsys):
     assert "torch sees 0 CUDA devices" in _cli(_train(run, tmp_path / "r", "--device", "cuda"), capsys)
-    msg = _cli(["sample", "--checkpoint", str(run / "run" / "checkpoint"), "--prompt", "a two",
-                "--out", str(tmp_path / "s"), "--device", "cpu", "--backend", "cuda"], capsys)
+    msg = _cli(
+        [
+            "sample",
+            "--checkpoint",
+            str(run / "run" / "checkpoint"),
+            "--prompt",
+            "a two",
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            "cpu",
+            "--backend",
+            "cuda",
+        ],
+        capsys,
+    )
     assert "--backend cuda cannot run on cpu" in msg
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--steps", "2000"], "--steps 2000 is more than the 1000 timesteps"),
-    (["--num-images", "0"], "--num-images must be >= 1, got 0"),
-    (["--num-images", "-3"], "--num-images must be >= 1, got -3"),
-    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
-    (["--png-scale", "0"], "--png-scale must be >= 1, got 0"),
-    (["--image-size", "10"], "--image-size 10 does not fit the model: it must be a multiple of 4"),
-    (["--image-size", "16"], "--image-size 16: this model was trained on 8x8 images only"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--steps", "2000"], "--steps 2000 is more than the 1000 timesteps"),
+        (["--num-images", "0"], "--num-images must be >= 1, got 0"),
+        (["--num-images", "-3"], "--num-images must be >= 1, got -3"),
+        (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+        (["--png-scale", "0"], "--png-scale must be >= 1, got 0"),
+        (["--image-size", "10"], "--image-size 10 does not fit the model: it must be a multiple of 4"),
+        (["--image-size", "16"], "--image-size 16: this model was trained on 8x8 images only"),
+    ],
+)
 def test_sample_argument_errors_write_nothing(run, tmp_path, capsys, args, expect):
-    argv = ["sample", "--checkpoint", str(run / "run" / "checkpoint"), "--prompt", "a two",
-            "--out", str(tmp_path / "s"), *args]
+    argv = [
+        "sample",
+        "--checkpoint",
+        str(run / "run" / "checkpoint"),
+        "--prompt",
+        "a two",
+        "--out",
+        str(tmp_path / "s"),
+        *args,
+    ]
     assert expect in _cli(argv, capsys)
     assert not (tmp_path / "s").exists()
 
 
 def test_bad_checkpoints(run, tmp_path, capsys):
-    msg = _cli(["sample", "--checkpoint", str(tmp_path / "none"), "--prompt", "a", "--out", str(tmp_path / "s")], capsys)
+    msg = _cli(
+        ["sample", "--checkpoint", str(tmp_path / "none"), "--prompt", "a", "--out", str(tmp_path / "s")], capsys
+    )
     assert "not a checkpoint directory" in msg and "--checkpoint" in msg
     ck = tmp_path / "ck"
     shutil.copytree(run / "run" / "checkpoint", ck)
@@ -182,13 +230,35 @@ def test_debug_shows_the_traceback(run, tmp_path, monkeypatch):
 
 def test_valid_config_file_still_trains(run, tmp_path):
     f = tmp_path / "c.json"
-    f.write_text(json.dumps({"train": {"steps": 1, "lr": 1e-3, "betas": [0.9, 0.99]}, "model": {"dim": 16, "n_heads": 2}}))
+    f.write_text(
+        json.dumps({"train": {"steps": 1, "lr": 1e-3, "betas": [0.9, 0.99]}, "model": {"dim": 16, "n_heads": 2}})
+    )
     assert main(_train(run, tmp_path / "r", "--config", str(f))) == 0
 
 
 def _sample(run, out, *args):
-    return ["sample", *_with(["--checkpoint", str(run / "run" / "checkpoint"), "--prompt", "a two", "--out", str(out),
-                              "--num-images", "1", "--steps", "2", "--max-new-tokens", "2", "--png-scale", "1"], args)]
+    return [
+        "sample",
+        *_with(
+            [
+                "--checkpoint",
+                str(run / "run" / "checkpoint"),
+                "--prompt",
+                "a two",
+                "--out",
+                str(out),
+                "--num-images",
+                "1",
+                "--steps",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--png-scale",
+                "1",
+            ],
+            args,
+        ),
+    ]
 
 
 def test_sample_refuses_a_non_empty_out_folder_before_loading(run, tmp_path, capsys):
@@ -196,8 +266,10 @@ def test_sample_refuses_a_non_empty_out_folder_before_loading(run, tmp_path, cap
     out.mkdir()
     (out / "sample_000_0.png").write_bytes(b"old")
     msg = _cli(_sample(run, out, "--checkpoint", str(tmp_path / "none")), capsys)  # the checkpoint is not read
-    assert msg.endswith(f"--out {out} is not empty: it holds an earlier `transfusion sample` output "
-                        "(sample_000_0.png); pass --overwrite or another --out")
+    assert msg.endswith(
+        f"--out {out} is not empty: it holds an earlier `transfusion sample` output "
+        "(sample_000_0.png); pass --overwrite or another --out"
+    )
     assert [(p.name, p.read_bytes()) for p in out.iterdir()] == [("sample_000_0.png", b"old")]
 
 
@@ -214,13 +286,19 @@ def test_progress_bars_quiet_and_overwrite(run, tmp_path, capsys, monkeypatch):
     assert main(_sample(run, out, "--overwrite", "--quiet")) == 0
     quiet = capsys.readouterr()
     assert quiet.err == "" and quiet.out == loud.out  # same outputs, no bars
-    assert sorted(p.name for p in out.iterdir()) == [".transfusion.json", "grid.png", "sample_000_0.png",
-                                                     "samples.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".transfusion.json",
+        "grid.png",
+        "sample_000_0.png",
+        "samples.json",
+    ]
     png = str(out / "sample_000_0.png")
     assert main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), png, "--max-new-tokens", "2"]) == 0
     loud = capsys.readouterr()
     assert "caption: 100%" in loud.err
-    assert main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), png, "--max-new-tokens", "2", "--quiet"]) == 0
+    assert (
+        main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), png, "--max-new-tokens", "2", "--quiet"]) == 0
+    )
     quiet = capsys.readouterr()
     assert quiet.err == "" and quiet.out == loud.out
 
@@ -239,9 +317,12 @@ def _tokenizer_cases(run, tmp_path, tok):
     rec = json.loads((src / "config.json").read_text())["tokenizer"]
     size = rec["vocab_size"]
     cases = {}
-    for name, expect in (("other", f"gives {tok.vocab_size} token ids but the model was trained with {size}"),
-                         ("truncated", "tokenizer.model"), ("special", f"boi_id {rec['boi_id']} (file) vs 1 (config.json)"),
-                         ("bytes", "is not the tokenizer this checkpoint was saved with")):
+    for name, expect in (
+        ("other", f"gives {tok.vocab_size} token ids but the model was trained with {size}"),
+        ("truncated", "tokenizer.model"),
+        ("special", f"boi_id {rec['boi_id']} (file) vs 1 (config.json)"),
+        ("bytes", "is not the tokenizer this checkpoint was saved with"),
+    ):
         ck = tmp_path / name
         shutil.copytree(src, ck)
         cfg = json.loads((ck / "config.json").read_text())
@@ -297,12 +378,18 @@ def test_non_empty_output_folders_are_refused_even_with_overwrite(run, tmp_path,
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     msg = _subprocess(["demo", "--out", str(out), "--quick", "--overwrite"], tmp_path)  # before any work
-    assert msg.endswith(f"--out {out} holds files `transfusion demo` did not write (keep.txt); --overwrite "
-                        "replaces only an earlier `transfusion demo` output, so nothing was changed: pass a new "
-                        "or empty --out")
-    for argv in (["prepare", "--out", str(out)], ["prepare", "--out", str(out), "--overwrite"],
-                 _train(run, out, "--steps", "1", "--overwrite"), _train(run, out, "--steps", "1", "--resume"),
-                 _sample(run, out, "--overwrite")):
+    assert msg.endswith(
+        f"--out {out} holds files `transfusion demo` did not write (keep.txt); --overwrite "
+        "replaces only an earlier `transfusion demo` output, so nothing was changed: pass a new "
+        "or empty --out"
+    )
+    for argv in (
+        ["prepare", "--out", str(out)],
+        ["prepare", "--out", str(out), "--overwrite"],
+        _train(run, out, "--steps", "1", "--overwrite"),
+        _train(run, out, "--steps", "1", "--resume"),
+        _sample(run, out, "--overwrite"),
+    ):
         assert "(keep.txt)" in _cli(argv, capsys)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # --overwrite of prepare's own folder replaces its content as a whole (the folder itself
@@ -312,8 +399,13 @@ def test_non_empty_output_folders_are_refused_even_with_overwrite(run, tmp_path,
     inode = data.stat().st_ino
     assert "pass --overwrite or another --out" in _cli(["prepare", "--out", str(data)], capsys)
     assert main(["prepare", "--out", str(data), "--vocab-size", "64", "--overwrite"]) == 0
-    assert sorted(p.name for p in data.iterdir()) == [".transfusion.json", "corpus.txt", "digits.safetensors",
-                                                      "prepare.json", "tokenizer.model"]
+    assert sorted(p.name for p in data.iterdir()) == [
+        ".transfusion.json",
+        "corpus.txt",
+        "digits.safetensors",
+        "prepare.json",
+        "tokenizer.model",
+    ]
     assert data.stat().st_ino == inode and not _leftovers(tmp_path)
 
 
@@ -330,8 +422,9 @@ def _interrupt(argv, cwd, started: str):
     env.pop("TRANSFUSION_DEBUG", None)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns, as a terminal has
-    p = subprocess.Popen([sys.executable, "-m", "transfusion", *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                         stderr=slave)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "transfusion", *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=slave
+    )
     os.close(slave)
     err, signalled = b"", False
     while True:
@@ -353,8 +446,10 @@ def _interrupt(argv, cwd, started: str):
 def test_ctrl_c_leaves_nothing_behind(run, tmp_path, capsys, monkeypatch):
     rc, err = _interrupt(_sample(run, "s", "--steps", "1000", "--num-images", "2"), tmp_path, "denoise:")
     assert rc == 130 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].split("\r")[-1] == \
-        "transfusion sample: interrupted; no half-written output was left"
+    assert (
+        err.strip().splitlines()[-1].split("\r")[-1]
+        == "transfusion sample: interrupted; no half-written output was left"
+    )
     assert list(tmp_path.iterdir()) == []
     # train (in this process: the same path, without another torch import), before its first checkpoint
     from transfusion.train import Trainer
@@ -406,14 +501,34 @@ def test_paper_preset_and_its_sampling_defaults(run, tmp_path, capsys):
 
     assert main(_train(run, tmp_path / "r", "--steps", "1", "--preset", "paper")) == 0
     cfg = read_config(tmp_path / "r" / "checkpoint")
-    assert (cfg.train.diffusion_weight, cfg.model.num_train_timesteps, cfg.model.beta_schedule,
-            cfg.model.prediction_type, cfg.data.image_first_fraction, cfg.data.image_first_max_timestep,
-            cfg.model.image_attention, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay) == \
-        (5.0, 1000, "squaredcos_cap_v2", "epsilon", 0.2, 500, "bidirectional", 3e-4, (0.9, 0.95), 0.1)
+    assert (
+        cfg.train.diffusion_weight,
+        cfg.model.num_train_timesteps,
+        cfg.model.beta_schedule,
+        cfg.model.prediction_type,
+        cfg.data.image_first_fraction,
+        cfg.data.image_first_max_timestep,
+        cfg.model.image_attention,
+        cfg.train.lr,
+        cfg.train.betas,
+        cfg.train.weight_decay,
+    ) == (5.0, 1000, "squaredcos_cap_v2", "epsilon", 0.2, 500, "bidirectional", 3e-4, (0.9, 0.95), 0.1)
     assert (cfg.model.image_encoder, cfg.model.patch_size) == ("unet", 4)  # --patch-size 4 overrides the paper's 2
     assert (cfg.sample.sampler, cfg.sample.steps) == ("ddpm", 250)
-    base = ["sample", "--checkpoint", str(tmp_path / "r" / "checkpoint"), "--prompt", "a two", "--num-images", "1",
-            "--max-new-tokens", "1", "--png-scale", "1", "--quiet"]
+    base = [
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "r" / "checkpoint"),
+        "--prompt",
+        "a two",
+        "--num-images",
+        "1",
+        "--max-new-tokens",
+        "1",
+        "--png-scale",
+        "1",
+        "--quiet",
+    ]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     assert "tokens" not in json.loads((tmp_path / "a" / "samples.json").read_text())
     used = json.loads((tmp_path / "a" / "samples.json").read_text())["sampler"]
@@ -444,7 +559,15 @@ def test_help_of_every_option(capsys):
             if a.default not in (None, False, argparse.SUPPRESS) and not a.required:
                 assert "default" in a.help, f"{name} {a.option_strings}: default {a.default!r} not in its help"
     caption = {o for a in subs["caption"]._actions for o in a.option_strings}
-    assert not caption & {"--steps", "--sampler", "--eta", "--cfg-scale", "--clip-sample", "--image-size", "--max-images"}
+    assert not caption & {
+        "--steps",
+        "--sampler",
+        "--eta",
+        "--cfg-scale",
+        "--clip-sample",
+        "--image-size",
+        "--max-images",
+    }
     assert "``" not in ap.format_help()
     assert "(default: the number of cores, at most 4)" in " ".join(subs["demo"].format_help().split())
     with pytest.raises(SystemExit) as e:
@@ -475,14 +598,17 @@ def test_caption_checks_every_file_and_inverts_a_light_background(run, tmp_path,
     save_png(digit, dark, scale=4)
     save_png(-digit, light, scale=4)  # dark ink on white paper, as a user would draw it
     (tmp_path / "notes.txt").write_text("not an image")
-    msg = _cli(["caption", "--checkpoint", ck, str(dark), str(tmp_path / "notes.txt"), str(tmp_path / "gone.png")],
-               capsys)
+    msg = _cli(
+        ["caption", "--checkpoint", ck, str(dark), str(tmp_path / "notes.txt"), str(tmp_path / "gone.png")], capsys
+    )
     assert "2 of 3 files cannot be read as images" in msg and "notes.txt (not an image file)" in msg
     assert "gone.png (No such file or directory)" in msg
     assert main(["caption", "--checkpoint", ck, str(dark), str(light), "--max-new-tokens", "3", "--quiet"]) == 0
     res = capsys.readouterr()
-    assert res.err.strip() == (f"transfusion caption: note: {light} has a light background; captioned inverted "
-                               "(light on dark, as the model was trained)")
+    assert res.err.strip() == (
+        f"transfusion caption: note: {light} has a light background; captioned inverted "
+        "(light on dark, as the model was trained)"
+    )
     caps = [line.split("\t")[1] for line in res.out.strip().splitlines()]
     assert caps[0] == caps[1]
 
@@ -507,11 +633,17 @@ def test_prompt_repeats_and_other_options_refuse_a_second_value(run, tmp_path, c
     assert main(["caption", "--checkpoint", str(run / "run" / "checkpoint"), *pngs, "--max-new-tokens", "2"]) == 0
     res = capsys.readouterr()
     assert [line.split("\t")[0] for line in res.out.strip().splitlines()] == [p for p in pngs if "grid" not in p]
-    assert res.err.splitlines()[0] == \
-        f"transfusion caption: note: skipped {out / 'grid.png'}: a grid of samples, not one image"
-    for argv in (_sample(run, tmp_path / "t") + ["--steps", "5"], _train(run, tmp_path / "r", "--lr", "1e-3", "--lr", "2e-3"),
-                 ["prepare", "--out", "a", "--out", "b"], ["demo", "--out", "d", "--steps", "5", "--steps", "50"],
-                 ["bench", "--backend", "reference", "--backend", "triton"]):
+    assert (
+        res.err.splitlines()[0]
+        == f"transfusion caption: note: skipped {out / 'grid.png'}: a grid of samples, not one image"
+    )
+    for argv in (
+        _sample(run, tmp_path / "t") + ["--steps", "5"],
+        _train(run, tmp_path / "r", "--lr", "1e-3", "--lr", "2e-3"),
+        ["prepare", "--out", "a", "--out", "b"],
+        ["demo", "--out", "d", "--steps", "5", "--steps", "50"],
+        ["bench", "--backend", "reference", "--backend", "triton"],
+    ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -554,8 +686,10 @@ def test_resume_cuts_metrics_back_and_ctrl_c_names_the_checkpoint(run, tmp_path,
     assert main(_train(run, r2, "--steps", "4", "--save-every", "1", "--warmup-steps", "1")) == 130
     err = capsys.readouterr().err.strip().splitlines()
     argv = _train(run, r2, "--steps", "4", "--save-every", "1", "--warmup-steps", "1", "--resume")
-    assert err == [f"transfusion train: interrupted; kept the checkpoint of step 2 in {r2 / 'checkpoint'}; "
-                   f"continue with: {shlex.join(['transfusion', *argv])}"]
+    assert err == [
+        f"transfusion train: interrupted; kept the checkpoint of step 2 in {r2 / 'checkpoint'}; "
+        f"continue with: {shlex.join(['transfusion', *argv])}"
+    ]
     monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(shlex.split(err[0].split("continue with: ")[1])[1:]) == 0
     assert [json.loads(line)["step"] for line in (r2 / "metrics.jsonl").read_text().splitlines()] == [4]

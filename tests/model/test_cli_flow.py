@@ -1,4 +1,5 @@
 """``transfusion train --objective flow`` and ``transfusion sample`` end to end on the digits."""
+
 import json
 
 from transfusion.checkpoint import read_config
@@ -14,12 +15,31 @@ def test_train_and_sample_a_flow_model(tmp_path, capsys):
     ck = run / "checkpoint"
     cfg = read_config(ck)
     assert cfg.model.objective == "flow" and cfg.sample.sampler is None  # sampled with the objective's own
-    assert main(["sample", "--checkpoint", str(ck), "--prompt", "a handwritten two", "--num-images", "2",
-                 "--steps", "3", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(ck),
+                "--prompt",
+                "a handwritten two",
+                "--num-images",
+                "2",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "samples.json").read_text())
     assert summary["sampler"]["sampler"] == "euler" and len(summary["samples"]) == 2
-    msg = _cli(["sample", "--checkpoint", str(ck), "--prompt", "two", "--sampler", "ddim", "--out",
-                str(tmp_path / "other")], capsys)
+    msg = _cli(
+        ["sample", "--checkpoint", str(ck), "--prompt", "two", "--sampler", "ddim", "--out", str(tmp_path / "other")],
+        capsys,
+    )
     assert "--sampler 'ddim' does not fit objective 'flow'; use 'euler'" in msg
     assert not (tmp_path / "other").exists()
 
@@ -33,5 +53,22 @@ def test_a_config_whose_sampler_does_not_fit_its_objective_is_refused(tmp_path, 
     assert "sample.sampler 'ddpm' does not fit objective 'flow'" in msg
     assert not (tmp_path / "run").exists()
     # --objective on a preset whose sampler belongs to the other objective: the objective's own sampler
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "paper"), "--preset", "paper", "--steps", "1",
-                 "--objective", "flow", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "paper"),
+                "--preset",
+                "paper",
+                "--steps",
+                "1",
+                "--objective",
+                "flow",
+                *TINY,
+            ]
+        )
+        == 0
+    )

@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from transfusion.data import (IGNORE, CAPTION_TEMPLATES, WORDS, Image, MixedBatches, load_digits_split, pack_documents,
-                              parse_digit, text_corpus)
+from transfusion.data import (
+    IGNORE,
+    CAPTION_TEMPLATES,
+    WORDS,
+    Image,
+    MixedBatches,
+    load_digits_split,
+    pack_documents,
+    parse_digit,
+    text_corpus,
+)
 from transfusion.config import DataConfig
 
 
@@ -35,12 +44,12 @@ def test_pack_layout_and_mask(tok):
     n2 = 1 + 1 + 1 + 1 + len(cap) + 1 + 6 + 1 + 1
     assert batch.cu_seqlens.tolist() == [0, n0, n0 + n1, n0 + n1 + n2]
     o1, o2 = n0, n0 + n1
-    assert ids[o1:o1 + 1 + len(cap) + 1] == [tok.bos_id] + cap + [tok.boi_id]
+    assert ids[o1 : o1 + 1 + len(cap) + 1] == [tok.bos_id] + cap + [tok.boi_id]
     s1 = o1 + 1 + len(cap) + 1
-    assert ids[s1:s1 + 6] == [P] * 6 and ids[s1 + 6:s1 + 8] == [tok.eoi_id, tok.eos_id]
+    assert ids[s1 : s1 + 6] == [P] * 6 and ids[s1 + 6 : s1 + 8] == [tok.eoi_id, tok.eos_id]
     s2 = o2 + 2
     s3 = s2 + 1 + 1 + len(cap) + 1
-    assert ids[o2:o2 + 2] == [tok.bos_id, tok.boi_id] and ids[s2 + 1] == tok.eoi_id
+    assert ids[o2 : o2 + 2] == [tok.bos_id, tok.boi_id] and ids[s2 + 1] == tok.eoi_id
     assert batch.image_spans.tolist() == [[s1, s1 + 6], [s2, s2 + 1], [s3, s3 + 6]]
     assert batch.image_spans.dtype == torch.int32 and batch.cu_seqlens.dtype == torch.int32
     # positions restart per document
@@ -149,8 +158,17 @@ def test_tokenizer_any_sentencepiece_model(tmp_path):
     from transfusion.tokenizer import Tokenizer
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text_corpus(1, 300)), model_writer=buf, vocab_size=60,
-                                   bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text_corpus(1, 300)),
+        model_writer=buf,
+        vocab_size=60,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        unk_id=0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     (tmp_path / "x.model").write_bytes(buf.getvalue())
     t = Tokenizer.load(tmp_path / "x.model")
     n = t.sp.get_piece_size()

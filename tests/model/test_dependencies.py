@@ -2,6 +2,7 @@
 naming the extra that installs it, before any work. The modules are hidden the way a missing
 install looks to Python (``sys.modules[name] = None``: the import raises ImportError), in one
 subprocess so that this test process keeps them."""
+
 import json
 import os
 import subprocess
@@ -58,33 +59,43 @@ RUNNER = textwrap.dedent("""
 
 
 def _argv(command, tmp):
-    return {"prepare": ["prepare", "--out", f"{tmp}/p"],
-            "train": ["train", "--data", f"{tmp}/p", "--out", f"{tmp}/r"],
-            "sample": ["sample", "--checkpoint", f"{tmp}/r/checkpoint", "--prompt", "a two", "--out", f"{tmp}/s"],
-            "caption": ["caption", "--checkpoint", f"{tmp}/r/checkpoint", f"{tmp}/x.png"],
-            "demo": ["demo", "--out", f"{tmp}/d", "--quick"],
-            "ablate": ["ablate", "--out", f"{tmp}/a", "--quick"]}[command]
+    return {
+        "prepare": ["prepare", "--out", f"{tmp}/p"],
+        "train": ["train", "--data", f"{tmp}/p", "--out", f"{tmp}/r"],
+        "sample": ["sample", "--checkpoint", f"{tmp}/r/checkpoint", "--prompt", "a two", "--out", f"{tmp}/s"],
+        "caption": ["caption", "--checkpoint", f"{tmp}/r/checkpoint", f"{tmp}/x.png"],
+        "demo": ["demo", "--out", f"{tmp}/d", "--quick"],
+        "ablate": ["ablate", "--out", f"{tmp}/a", "--quick"],
+    }[command]
 
 
 def test_each_missing_dependency_is_one_line_naming_its_extra(tmp_path):
     cases = [(name, _argv(command, tmp_path)) for command, names in NEEDS.items() for name in names]
     vae = tmp_path / "vae"
     vae.mkdir()
-    cases += [("diffusers", ["prepare", "--out", f"{tmp_path}/p", "--vae", str(vae)]),
-              ("diffusers", ["train-vae"])]  # found only when the data says VAE latents
+    cases += [
+        ("diffusers", ["prepare", "--out", f"{tmp_path}/p", "--vae", str(vae)]),
+        ("diffusers", ["train-vae"]),
+    ]  # found only when the data says VAE latents
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRANSFUSION_DEBUG", None)
-    r = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases), str(tmp_path / "w")], capture_output=True,
-                       text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", RUNNER, json.dumps(cases), str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     results = json.loads(r.stdout.strip().splitlines()[-1])
     for (name, argv), (rc, err) in zip(cases, results):
         command = "train" if argv[0] == "train-vae" else argv[0]
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1, (name, argv, err)
-        assert lines[0].startswith(f"transfusion {command}: error: `transfusion {command}` needs "
-                                   f"{PIP.get(name, name)}, which is not installed: pip install 'transfusion-kernels[model]'"), \
-            lines[0]
+        assert lines[0].startswith(
+            f"transfusion {command}: error: `transfusion {command}` needs "
+            f"{PIP.get(name, name)}, which is not installed: pip install 'transfusion-kernels[model]'"
+        ), lines[0]
     # nothing was written: every check ran before the command's work
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae", "w"]
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["data"]

@@ -4,6 +4,7 @@ Tolerance: the ranks compute the same math as one process on different tensor sh
 documents each), so float reductions run in another order; the per-step losses agree to a
 relative 1e-5 (fp32 on the CPU, a few steps of AdamW).
 """
+
 import json
 import os
 import socket
@@ -38,8 +39,9 @@ def _setup(tok, cfg_steps=STEPS):
     cfg.train.ema_decay = 0.9
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend="reference")
-    batches = MixedBatches(digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data,
-                           cfg.model.patch_size)
+    batches = MixedBatches(
+        digits.train_images[:64], digits.train_labels[:64], text_corpus(0, 100), tok, cfg.data, cfg.model.patch_size
+    )
     return cfg, model, batches
 
 
@@ -75,15 +77,19 @@ def single(tok):
 def _fsdp_available():
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
+
         return True
     except ImportError:
         return False
 
 
-@pytest.mark.parametrize("strategy", [
-    "ddp",
-    pytest.param("fsdp", marks=pytest.mark.skipif(not _fsdp_available(), reason="torch without FSDP2 fully_shard")),
-])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "ddp",
+        pytest.param("fsdp", marks=pytest.mark.skipif(not _fsdp_available(), reason="torch without FSDP2 fully_shard")),
+    ],
+)
 def test_two_ranks_match_one_process(tok, single, tmp_path, strategy):
     tok.save(tmp_path / "tokenizer.model")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), strategy), nprocs=2, join=True)
@@ -109,8 +115,9 @@ def test_two_ranks_match_one_process(tok, single, tmp_path, strategy):
     tr2.resume(tmp_path / f"ckpt-{strategy}")
     assert tr2.step == STEPS and tr2.batches.step == STEPS
     assert len(tr2.opt.state) == len(ref_tr.opt.state)
-    for (_, a), (_, b) in zip(sorted(tr2.opt.state_dict()["state"].items()),
-                              sorted(ref_tr.opt.state_dict()["state"].items())):
+    for (_, a), (_, b) in zip(
+        sorted(tr2.opt.state_dict()["state"].items()), sorted(ref_tr.opt.state_dict()["state"].items())
+    ):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-3, atol=1e-7)
 
 
@@ -147,14 +154,15 @@ def test_shards_cover_the_global_batch(tok, world):
 def test_shard_pads_an_image_free_rank(tok):
     cfg, model, batches = _setup(tok)
     g = batches.batch(0)
-    text_doc = next(d for d in range(len(g.cu_seqlens) - 1)
-                    if not (g.image_index[g.cu_seqlens[d]:g.cu_seqlens[d + 1]] >= 0).any())
+    text_doc = next(
+        d for d in range(len(g.cu_seqlens) - 1) if not (g.image_index[g.cu_seqlens[d] : g.cu_seqlens[d + 1]] >= 0).any()
+    )
     local, imgs, real = shard_batch(g, text_doc, text_doc + 1, pad_image=True)
     assert real == 0 and len(imgs) >= 1 and len(local.cu_seqlens) == 3
     # the padding document adds no text target
     n0 = int(local.cu_seqlens[1])
     assert (local.labels[n0:] == -100).all()
-    assert torch.equal(local.labels[:n0], g.labels[g.cu_seqlens[text_doc]:g.cu_seqlens[text_doc + 1]])
+    assert torch.equal(local.labels[:n0], g.labels[g.cu_seqlens[text_doc] : g.cu_seqlens[text_doc + 1]])
 
 
 def test_more_ranks_than_documents_is_an_error():

@@ -1,4 +1,5 @@
 """The flow-matching objective of the model: its training inputs, its sampler, and training."""
+
 import pytest
 import torch
 
@@ -34,10 +35,15 @@ def test_flow_sampling_steps_match_diffusers():
         ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
         ref.set_timesteps(n)
         assert len(steps) == n
-        torch.testing.assert_close(torch.tensor([s for _, s, _ in steps] + [steps[-1][2]], dtype=torch.float64),
-                                   ref.sigmas.double(), rtol=0, atol=1e-6)
-        torch.testing.assert_close(torch.tensor([m for m, _, _ in steps], dtype=torch.float64),
-                                   ref.timesteps.double(), rtol=0, atol=1e-3)
+        torch.testing.assert_close(
+            torch.tensor([s for _, s, _ in steps] + [steps[-1][2]], dtype=torch.float64),
+            ref.sigmas.double(),
+            rtol=0,
+            atol=1e-6,
+        )
+        torch.testing.assert_close(
+            torch.tensor([m for m, _, _ in steps], dtype=torch.float64), ref.timesteps.double(), rtol=0, atol=1e-3
+        )
     assert steps[0][1] == 1.0 and steps[-1][2] == 0.0
 
 
@@ -76,9 +82,13 @@ def test_flow_model_trains_and_samples(tok):
     assert hist[-1]["ddpm_loss"] < 0.7 * hist[0]["ddpm_loss"]
     assert hist[-1]["lm_loss"] < 0.5 * hist[0]["lm_loss"]
     model.eval()
-    res = generate(model, tok, ["two", "a handwritten seven"],
-                   SampleConfig(sampler="euler", steps=3, cfg_scale=2.0, image_size=(4, 6), max_new_tokens=2),
-                   open_image=True)
+    res = generate(
+        model,
+        tok,
+        ["two", "a handwritten seven"],
+        SampleConfig(sampler="euler", steps=3, cfg_scale=2.0, image_size=(4, 6), max_new_tokens=2),
+        open_image=True,
+    )
     assert [r["images"][0].shape for r in res] == [(1, 4, 6)] * 2
     assert all(torch.isfinite(r["images"][0]).all() for r in res)
     assert len(caption(model, tok, torch.zeros(2, 1, 4, 4), SampleConfig(max_new_tokens=2))) == 2

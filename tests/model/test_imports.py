@@ -1,5 +1,6 @@
 """The transfusion package has no import cycles, counting function-local imports (they only hide
 a cycle), and every module imports in a fresh interpreter."""
+
 import ast
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def _cycle(graph):
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt, path + [nxt])):
                 return found
         state[node] = 2

@@ -1,4 +1,5 @@
 """The model: shapes, exact attention splitting, and the KV cache against the full forward."""
+
 import pytest
 import torch
 
@@ -103,8 +104,9 @@ def test_causal_image_attention_drops_only_the_image_spans(tok):
             for p in model.image.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         mask = b.mask(cfg.bidirectional_images)
-        assert (mask.kv_end[b.image_index >= 0] == torch.arange(len(b.input_ids))[b.image_index >= 0] + 1).all() \
-            == (attn == "causal")
+        assert (mask.kv_end[b.image_index >= 0] == torch.arange(len(b.input_ids))[b.image_index >= 0] + 1).all() == (
+            attn == "causal"
+        )
         with torch.no_grad():
             _, full = model(b.input_ids, b.positions, b.image_index, mask, list(x_t), t)
             cache = KVCache(cfg, 1, "cpu", capacity=8)
@@ -122,7 +124,9 @@ def test_cached_text_decoding_equals_full_forward(tok):
     img = torch.randn(1, 4, 4)
     b = pack_documents([[ids[1:], Image(img), tok.encode("four")]], tok, 2)
     with torch.no_grad():
-        logits_full, _ = model(b.input_ids, b.positions, b.image_index, b.mask(), [img], torch.zeros(1, dtype=torch.long))
+        logits_full, _ = model(
+            b.input_ids, b.positions, b.image_index, b.mask(), [img], torch.zeros(1, dtype=torch.long)
+        )
         cache = KVCache(cfg, 1, "cpu", capacity=8)
         out = [_text_step(model, cache, [0], [ids + [tok.boi_id]])]
         _image_step(model, cache, [0], img[None], torch.zeros(1, dtype=torch.long), commit=True)
@@ -186,8 +190,16 @@ def test_unet_downsampling_split_keeps_the_small_patch_sizes():
     size splits into two factors whose convolutions shrink an exact multiple k-fold."""
     from transfusion.image import UNetPatches, down_factors
 
-    assert [down_factors(k) for k in (1, 2, 3, 4, 6, 8, 9, 16)] == \
-        [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2), (4, 2), (3, 3), (4, 4)]
+    assert [down_factors(k) for k in (1, 2, 3, 4, 6, 8, 9, 16)] == [
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (2, 2),
+        (3, 2),
+        (4, 2),
+        (3, 3),
+        (4, 4),
+    ]
     for k, convs in ((1, 0), (2, 1), (4, 2)):
         u = UNetPatches(1, k, 16, (8, 16), 32)
         pools = [m for m in (u.pool1, u.pool2) if isinstance(m, torch.nn.Conv2d)]

@@ -1,4 +1,5 @@
 """Sampling: token and patch structure of generated sequences, guidance, samplers, captions."""
+
 import pytest
 import torch
 
@@ -30,8 +31,9 @@ def test_sampling_steps_ddpm_trailing_spacing():
 def test_generate_structure(tok, model, sampler, cfg_scale):
     """Prompt + BOI: one image of the requested size per sequence, EOI right after it, then text
     up to EOS or the token limit; prompts of different lengths in one batch."""
-    scfg = SampleConfig(steps=3, sampler=sampler, cfg_scale=cfg_scale, image_size=(4, 6), max_new_tokens=5,
-                        temperature=1.0, seed=0)
+    scfg = SampleConfig(
+        steps=3, sampler=sampler, cfg_scale=cfg_scale, image_size=(4, 6), max_new_tokens=5, temperature=1.0, seed=0
+    )
     prompts = ["a handwritten seven", "two", "the digit 3, written by hand"]
     res = generate(model, tok, prompts, scfg, open_image=True)
     assert len(res) == 3

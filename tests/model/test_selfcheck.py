@@ -1,5 +1,6 @@
 """``python -m transfusion_kernels.selfcheck`` says which backends ran and which did not (why,
 and the command that enables them); its verdict covers only the ones that ran; stderr is empty."""
+
 import os
 import subprocess
 import sys
@@ -12,8 +13,13 @@ from transfusion_kernels.selfcheck import verdict
 def _selfcheck(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "transfusion_kernels.selfcheck", "--repeats", "1", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "transfusion_kernels.selfcheck", "--repeats", "1", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_only_the_reference_is_not_called_agreement():
@@ -36,7 +42,9 @@ def test_triton_under_the_interpreter_is_checked_and_named():
 
 
 def test_verdict_lists_what_ran_and_what_did_not():
-    assert verdict({"reference": 9, "triton": 9, "cuda": 8}, [], 0, ["hybrid_attention on cuda"]) == \
-        "Agree with the reference: triton (9 ops), cuda (8 ops). Not covered: hybrid_attention on cuda."
+    assert (
+        verdict({"reference": 9, "triton": 9, "cuda": 8}, [], 0, ["hybrid_attention on cuda"])
+        == "Agree with the reference: triton (9 ops), cuda (8 ops). Not covered: hybrid_attention on cuda."
+    )
     assert verdict({"reference": 9}, ["triton", "cuda"], 0, []).startswith("Only the reference ran")
     assert verdict({"reference": 9, "triton": 9}, ["cuda"], 2, []) == "2 mismatches. Not run here: cuda (see above)."

@@ -1,4 +1,5 @@
 """Training: the loss falls, resumed runs follow the same curve, checkpoints round-trip."""
+
 import json
 
 import pytest
@@ -70,8 +71,14 @@ def test_checkpoint_round_trip(tok, digits, tmp_path):
     tr.fit(progress=False)
     path = tr.save(tmp_path / "ck")
     names = sorted(p.name for p in path.iterdir())
-    assert names == ["config.json", "ema.safetensors", "model.safetensors", "optimizer.safetensors",
-                     "tokenizer.model", "trainer_state.json"]
+    assert names == [
+        "config.json",
+        "ema.safetensors",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "tokenizer.model",
+        "trainer_state.json",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name != "ck"]  # no temp dirs left behind
     raw, cfg2, tok2 = load_checkpoint(path, use_ema=False)
     ema, _, _ = load_checkpoint(path)

@@ -1,4 +1,5 @@
 """AutoencoderKL latents (a tiny random VAE) and the command line end to end."""
+
 import json
 import subprocess
 import sys
@@ -14,9 +15,18 @@ def tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    ).eval()
 
 
 def test_vae_latents_encode_decode_scaling(tmp_path):
@@ -43,31 +53,87 @@ def test_vae_latents_encode_decode_scaling(tmp_path):
     assert p.encode(x) is x and p.decode(x * 3).abs().max() <= 1
 
 
-TINY = {"model": {"dim": 32, "n_layers": 2, "n_heads": 2, "timestep_freq_dim": 32, "unet_channels": [8, 16]},
-        "data": {"docs_per_batch": 6}, "train": {"warmup_steps": 1, "log_every": 1}}
+TINY = {
+    "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "timestep_freq_dim": 32, "unet_channels": [8, 16]},
+    "data": {"docs_per_batch": 6},
+    "train": {"warmup_steps": 1, "log_every": 1},
+}
 
 
 def test_cli_vae_pipeline(tmp_path, capsys):
     """prepare with a VAE, train, sample and caption: latents go through the autoencoder."""
     tiny_vae().save_pretrained(str(tmp_path / "vae"))
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    assert main(["prepare", "--out", str(tmp_path / "data"), "--image-size", "16", "--vae", str(tmp_path / "vae"),
-                 "--vocab-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--out",
+                str(tmp_path / "data"),
+                "--image-size",
+                "16",
+                "--vae",
+                str(tmp_path / "vae"),
+                "--vocab-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     info = json.loads((tmp_path / "data" / "prepare.json").read_text())
     assert info["latents"] == "vae" and info["latent_channels"] == 4 and info["latent_size"] == [8, 8]
-    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "2",
-                 "--config", str(tmp_path / "tiny.json"), "--no-progress", "--backend", "reference"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "run"),
+                "--steps",
+                "2",
+                "--config",
+                str(tmp_path / "tiny.json"),
+                "--no-progress",
+                "--backend",
+                "reference",
+            ]
+        )
+        == 0
+    )
     ck = tmp_path / "run" / "checkpoint"
     assert (ck / "vae" / "config.json").is_file()
-    assert main(["sample", "--checkpoint", str(ck), "--prompt", "a handwritten two", "--num-images", "2",
-                 "--out", str(tmp_path / "s"), "--steps", "2", "--png-scale", "1", "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(ck),
+                "--prompt",
+                "a handwritten two",
+                "--num-images",
+                "2",
+                "--out",
+                str(tmp_path / "s"),
+                "--steps",
+                "2",
+                "--png-scale",
+                "1",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     im = Image.open(tmp_path / "s" / "sample_000_0.png")
     assert im.size == (16, 16) and im.mode == "RGB"
     capsys.readouterr()
-    assert main(["caption", "--checkpoint", str(ck), str(tmp_path / "s" / "sample_000_0.png"),
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(["caption", "--checkpoint", str(ck), str(tmp_path / "s" / "sample_000_0.png"), "--max-new-tokens", "3"])
+        == 0
+    )
     assert capsys.readouterr().out.count("\n") == 1
 
 
@@ -82,8 +148,26 @@ def test_cli_prepare_train_resume_sample_caption(tmp_path, capsys):
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     out = tmp_path / "samples"
-    assert main(["sample", "--checkpoint", str(run / "checkpoint"), "--prompt", "a handwritten seven",
-                 "--num-images", "3", "--out", str(out), "--steps", "2", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run / "checkpoint"),
+                "--prompt",
+                "a handwritten seven",
+                "--num-images",
+                "3",
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "samples.json").read_text())
     assert rep["grid"] == "grid.png" and (out / "grid.png").is_file()
     assert len(rep["samples"]) == 3
@@ -118,8 +202,9 @@ def test_bench_passes_its_arguments_to_the_driver(monkeypatch):
     import transfusion.cli as cli
 
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call",
-                        lambda cmd, **kw: calls.append((cmd, kw["env"].get("TRANSFUSION_KERNELS_BACKEND"))) or 0)
+    monkeypatch.setattr(
+        cli.subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"].get("TRANSFUSION_KERNELS_BACKEND"))) or 0
+    )
     assert main(["bench", "--backend", "reference", "--smoke", "--only", "model"]) == 0
     cmd, backend = calls[0]
     assert cmd[1] == "-m" and cmd[2] in ("transfusion_kernels_bench", "benchmarks")  # installed, or the checkout's
@@ -139,8 +224,10 @@ def test_demo_quick_writes_report_grid_and_checkpoint(tmp_path, capsys, monkeypa
     out, err = capsys.readouterr()
     lines = out.splitlines()
     plan = next(i for i, l in enumerate(lines) if l.startswith("training 5 steps on 1 threads"))
-    assert lines[plan + 1].startswith("the machine is busy: ") and "over the 0.001 s budget; training 3 steps instead" \
-        in lines[plan + 1]
+    assert (
+        lines[plan + 1].startswith("the machine is busy: ")
+        and "over the 0.001 s budget; training 3 steps instead" in lines[plan + 1]
+    )
     assert "train: 100%" in err and "images: 100%" in err and "caption: 100%" in err  # progress bars
     rep = json.loads((tmp_path / "report.json").read_text())
     assert 0.0 <= rep["generation_accuracy"] <= 1.0 and 0.0 <= rep["caption_accuracy"] <= 1.0

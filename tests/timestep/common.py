@@ -1,6 +1,7 @@
 """Layouts, inputs and floors shared by the timestep tests; the oracles (checked against diffusers
 in test_timestep_reference.py) and the 2x rule are in tests/oracles.py. The baseline of the rule
 is diffusers' eager modules or the fp32 reference backend."""
+
 from __future__ import annotations
 
 import math
@@ -33,10 +34,19 @@ def grad_floor(oracle):
 def run(backend, x, t, idx, weights, freq_dim, cfg, dy):
     """y and the gradients in x and the weights, through the public op."""
     x = x.detach().clone().requires_grad_()
-    ws = None if weights is None else tuple(None if w is None else w.detach().clone().requires_grad_()
-                                            for w in weights)
-    y = tk.patch_timestep_embedding(x, t, idx, ws, freq_dim=freq_dim, flip_sin_to_cos=cfg[0],
-                                    downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3], backend=backend)
+    ws = None if weights is None else tuple(None if w is None else w.detach().clone().requires_grad_() for w in weights)
+    y = tk.patch_timestep_embedding(
+        x,
+        t,
+        idx,
+        ws,
+        freq_dim=freq_dim,
+        flip_sin_to_cos=cfg[0],
+        downscale_freq_shift=cfg[1],
+        scale=cfg[2],
+        max_period=cfg[3],
+        backend=backend,
+    )
     leaves = [x, *(w for w in (ws or ()) if w is not None)]
     return y, torch.autograd.grad(y, leaves, dy)
 
@@ -71,7 +81,7 @@ def make_layout(kind: str, P: int, M: int, gen: torch.Generator) -> torch.Tensor
     sizes = (weights / weights.sum() * budget).long().clamp(min=1).tolist()
     pos = int(torch.randint(1, 6, (1,), generator=gen))
     for m, n in zip(images, sizes):
-        idx[pos:pos + n] = m
+        idx[pos : pos + n] = m
         pos += n + int(torch.randint(1, 6, (1,), generator=gen))
     return idx
 

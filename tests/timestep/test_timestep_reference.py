@@ -1,5 +1,6 @@
 """The timestep API and its reference backend against diffusers and a float64 oracle; input
 validation; torch.compile and the custom-op registration."""
+
 import pytest
 import torch
 
@@ -83,8 +84,11 @@ def test_timestep_embedding_bad_input():
 def test_timestep_mlp_is_diffusers_timestep_embedding(seed):
     te = TimestepEmbedding(32, 48, out_dim=40).to(DEVICE)
     mlp = tk.TimestepMLP.from_diffusers(te)
-    assert set(mlp.state_dict()) == set(te.state_dict()) == {
-        "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert (
+        set(mlp.state_dict())
+        == set(te.state_dict())
+        == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    )
     assert (mlp.freq_dim, mlp.hidden_dim, mlp.out_dim) == (32, 48, 40)
     s = torch.randn(5, 32, device=DEVICE)
     assert torch.equal(mlp(s), te(s))
@@ -147,9 +151,18 @@ def test_patch_reference_vs_diffusers(layout, dtype, with_mlp, seed):
     dy = torch.randn(P, D, device=DEVICE).to(dtype)
 
     xs = [x.clone().requires_grad_() for _ in range(3)]
-    y = tk.patch_timestep_embedding(xs[0], t, idx, mlp, freq_dim=freq_dim, flip_sin_to_cos=cfg[0],
-                                    downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3],
-                                    backend="reference")
+    y = tk.patch_timestep_embedding(
+        xs[0],
+        t,
+        idx,
+        mlp,
+        freq_dim=freq_dim,
+        flip_sin_to_cos=cfg[0],
+        downscale_freq_shift=cfg[1],
+        scale=cfg[2],
+        max_period=cfg[3],
+        backend="reference",
+    )
     assert y.dtype == dtype and y.shape == (P, D)
     y_d = diffusers_patch(xs[1], t, idx, te, freq_dim, cfg)
     w64 = None if te is None else [p.detach().double().requires_grad_() for p in mlp.weights()]
@@ -228,10 +241,14 @@ def _with(**changes):
 
 
 BAD = {
-    "index out of range": (_with(image_index=torch.tensor([-1, 0, 0, 1, 1, 1, -1, 3, 2, -1], dtype=torch.int32)),
-                           "image_index"),
-    "index below -1": (_with(image_index=torch.tensor([-2, 0, 0, 1, 1, 1, -1, 2, 2, -1], dtype=torch.int32)),
-                       "image_index"),
+    "index out of range": (
+        _with(image_index=torch.tensor([-1, 0, 0, 1, 1, 1, -1, 3, 2, -1], dtype=torch.int32)),
+        "image_index",
+    ),
+    "index below -1": (
+        _with(image_index=torch.tensor([-2, 0, 0, 1, 1, 1, -1, 2, 2, -1], dtype=torch.int32)),
+        "image_index",
+    ),
     "index int64": (_with(image_index=torch.tensor([-1, 0, 0, 1, 1, 1, -1, 2, 2, -1])), "image_index"),
     "index length": (_with(image_index=torch.zeros(9, dtype=torch.int32)), "image_index"),
     "x int": (_with(x=torch.zeros(10, 16, dtype=torch.int64)), "x"),
@@ -255,8 +272,9 @@ BAD = {
 def test_bad_input_raises_value_error_naming_argument(case):
     kw, name = BAD[case]
     with pytest.raises(ValueError, match=name):
-        tk.patch_timestep_embedding(kw["x"], kw["timesteps"], kw["image_index"], kw["mlp"],
-                                    freq_dim=kw["freq_dim"], backend="reference")
+        tk.patch_timestep_embedding(
+            kw["x"], kw["timesteps"], kw["image_index"], kw["mlp"], freq_dim=kw["freq_dim"], backend="reference"
+        )
 
 
 def test_unknown_or_missing_backend():
@@ -303,12 +321,16 @@ def test_custom_op_registration():
     x = kw["x"].requires_grad_()
     cfg = (8, True, 0.0, 1.0, 10000.0, "reference")
     ops = torch.ops.transfusion_kernels
-    torch.library.opcheck(ops.patch_timestep_embedding.default,
-                          (x, kw["timesteps"], kw["image_index"], w1, b1, w2, b2, *cfg))
-    torch.library.opcheck(ops.patch_timestep_embedding.default,
-                          (x, kw["timesteps"], kw["image_index"], None, None, None, None, 16, *cfg[1:]))
+    torch.library.opcheck(
+        ops.patch_timestep_embedding.default, (x, kw["timesteps"], kw["image_index"], w1, b1, w2, b2, *cfg)
+    )
+    torch.library.opcheck(
+        ops.patch_timestep_embedding.default,
+        (x, kw["timesteps"], kw["image_index"], None, None, None, None, 16, *cfg[1:]),
+    )
     dy = torch.randn(10, 16)
     torch.library.opcheck(ops.patch_timestep_segment_sum.default, (dy, kw["image_index"], 3, "reference"))
     demb = torch.randn(3, 16)
-    torch.library.opcheck(ops.timestep_mlp_backward.default,
-                          (demb, kw["timesteps"], w1.detach(), b1.detach(), w2.detach(), *cfg))
+    torch.library.opcheck(
+        ops.timestep_mlp_backward.default, (demb, kw["timesteps"], w1.detach(), b1.detach(), w2.detach(), *cfg)
+    )

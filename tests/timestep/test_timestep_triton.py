@@ -5,6 +5,7 @@ On a CPU the kernels run under the Triton interpreter (small shapes); with CUDA 
 run on the GPU, plus the large GPU-only cases at the end. Every buffer the kernels write starts
 NaN-filled, so an element they forget to write fails.
 """
+
 import math
 import os
 
@@ -49,9 +50,18 @@ def poison(monkeypatch):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks small enough that tiny inputs span many programs, pieces and loop iterations."""
-    for name, value in dict(ADD_BLOCK=128, ADD_MAX_BLOCK_D=32, PIECE_ROWS=8, SUM_BLOCK_R=4, SUM_BLOCK_D=16,
-                            IMAGE_SUM_BLOCK_T=2, HIDDEN_BLOCK_H=16, HIDDEN_BLOCK_K=16, SINUSOID_BLOCK_M=4,
-                            SINUSOID_MAX_BLOCK_D=16).items():
+    for name, value in dict(
+        ADD_BLOCK=128,
+        ADD_MAX_BLOCK_D=32,
+        PIECE_ROWS=8,
+        SUM_BLOCK_R=4,
+        SUM_BLOCK_D=16,
+        IMAGE_SUM_BLOCK_T=2,
+        HIDDEN_BLOCK_H=16,
+        HIDDEN_BLOCK_K=16,
+        SINUSOID_BLOCK_M=4,
+        SINUSOID_MAX_BLOCK_D=16,
+    ).items():
         monkeypatch.setattr(tkt, name, value)
 
 
@@ -63,8 +73,22 @@ def timesteps(cfg, M, gen, integer=False):
     return (torch.rand(M, generator=gen) * 1000).to(DEVICE)
 
 
-def check(seed, layout, P, D, M, dtype, *, with_mlp=True, F=32, H=48, cfg=CONFIGS[0], bias=True,
-          wdtype=torch.float32, integer_t=False):
+def check(
+    seed,
+    layout,
+    P,
+    D,
+    M,
+    dtype,
+    *,
+    with_mlp=True,
+    F=32,
+    H=48,
+    cfg=CONFIGS[0],
+    bias=True,
+    wdtype=torch.float32,
+    integer_t=False,
+):
     gen = torch.Generator().manual_seed(seed)
     freq_dim = F if with_mlp else D
     t = timesteps(cfg, M, gen, integer_t)
@@ -212,8 +236,9 @@ def test_segment_sum_kernel(layout, small_blocks, seed):
     dy = torch.randn(P, D, generator=gen).to(DEVICE, torch.float16)
     got = tkt.segment_sum(dy, idx, M)
     oracle = segment_sum64(dy, idx, M)
-    baseline = torch.zeros(M, D, dtype=torch.float16, device=DEVICE).index_add_(0, idx.clamp(min=0).long()[idx >= 0],
-                                                                                dy[idx >= 0])
+    baseline = torch.zeros(M, D, dtype=torch.float16, device=DEVICE).index_add_(
+        0, idx.clamp(min=0).long()[idx >= 0], dy[idx >= 0]
+    )
     assert_rule("demb", got, oracle, baseline, 1e-5)
 
 
@@ -227,7 +252,7 @@ def test_add_kernel_rounds_once_to_nearest_even(dtype, seed):
     x[:4] = torch.tensor([1.0, 1.0 + eps, -1.0, -(1.0 + eps)], dtype=dtype).repeat_interleave(D).view(4, D).to(DEVICE)
     emb = torch.randn(M, D, generator=gen).to(DEVICE)
     emb[0, : D // 2] = eps / 2  # exact ties against rows 0-3
-    emb[0, D // 2:] = -eps / 2
+    emb[0, D // 2 :] = -eps / 2
     idx = make_layout("random", P, M, gen).to(DEVICE)
     idx[:4] = 0
     got = tkt.add_rows(x, emb, idx)
@@ -240,7 +265,9 @@ def test_add_kernel_rounds_once_to_nearest_even(dtype, seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("P,D,M,dtype", [(65536, 1024, 64, torch.bfloat16), (20000, 4096, 256, torch.float16),
-                                         (4097, 2048, 1, torch.float32)])
+@pytest.mark.parametrize(
+    "P,D,M,dtype",
+    [(65536, 1024, 64, torch.bfloat16), (20000, 4096, 256, torch.float16), (4097, 2048, 1, torch.float32)],
+)
 def test_gpu_transfusion_sizes(P, D, M, dtype, seed):
     check(seed, "several" if M > 1 else "image", P, D, M, dtype, F=256, H=D)

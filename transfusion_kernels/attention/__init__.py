@@ -14,6 +14,7 @@ starts and ends are the mask's int32 [Nq, K] intervals; softcap is 0.0 for none.
 take plain tensors (the plan as ``plan.op_args()``), so ``torch.compile`` traces them without
 graph breaks.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,16 @@ def _module(backend: str, q: torch.Tensor):
 
 @torch.library.custom_op("transfusion_kernels::hybrid_attention_fwd", mutates_args=())
 def _attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
-    plan_tensors: list[torch.Tensor], plan_ints: list[int], scale: float, softcap: float, backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    plan_tensors: list[torch.Tensor],
+    plan_ints: list[int],
+    scale: float,
+    softcap: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if _tokens(q) == 0:  # no queries (an empty batch, or no new tokens against a cache): no launch
         return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[-2], 0), dtype=torch.float32)
@@ -74,9 +83,19 @@ def _(q, k, v, starts, ends, plan_tensors, plan_ints, scale, softcap, backend):
 
 @torch.library.custom_op("transfusion_kernels::hybrid_attention_bwd", mutates_args=())
 def _attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, plan_tensors: list[torch.Tensor],
-    plan_ints: list[int], scale: float, softcap: float, backend: str,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    plan_tensors: list[torch.Tensor],
+    plan_ints: list[int],
+    scale: float,
+    softcap: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _tokens(q) == 0:  # no query sees any key
         return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -84,8 +103,9 @@ def _attention_bwd(
     plan = module.Plan.from_op_args(plan_tensors, plan_ints)
     if takes_batched:
         return module.backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap)
-    grads = module.backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse, starts, ends, plan, scale,
-                            softcap)
+    grads = module.backward(
+        _flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse, starts, ends, plan, scale, softcap
+    )
     # laid out as the fake implementation promises (empty_like of each input)
     return tuple(torch.empty_like(x).copy_(g.view(x.shape)) for x, g in zip((q, k, v), grads))
 
@@ -106,13 +126,23 @@ def _backward(ctx, dout, dlse):
     # lse is returned for inspection and merging partial results; it is not differentiated.
     q, k, v, out, lse, starts, ends, *plan_tensors = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(
-        dout.contiguous(), q, k, v, out, lse, starts, ends, plan_tensors, ctx.plan_ints, ctx.scale, ctx.softcap,
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        starts,
+        ends,
+        plan_tensors,
+        ctx.plan_ints,
+        ctx.scale,
+        ctx.softcap,
         ctx.backend,
     )
     # One entry per input, nested like the inputs: a list of Nones for the tensor list; the int
     # list is a single leaf, except when empty (then an empty list).
-    return (dq, dk, dv, None, None, [None] * len(plan_tensors), None if ctx.plan_ints else [], None, None,
-            None)
+    return (dq, dk, dv, None, None, [None] * len(plan_tensors), None if ctx.plan_ints else [], None, None, None)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -126,7 +156,9 @@ def _check_inputs(q, k, v, mask) -> None:
     dims = q.dim() if isinstance(q, torch.Tensor) and q.dim() in (3, 4) else 3
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != dims:
-            raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim], got {getattr(t, 'shape', type(t))}")
+            raise ValueError(
+                f"{name} must be a 3-D tensor [tokens, heads, head_dim], got {getattr(t, 'shape', type(t))}"
+            )
         if t.shape[-2] < 1 or t.shape[-1] < 1:
             raise ValueError(f"{name} must have at least one head and head_dim >= 1, got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
@@ -153,7 +185,7 @@ def _check_inputs(q, k, v, mask) -> None:
 
 def _check_scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
-        return head_dim ** -0.5
+        return head_dim**-0.5
     if isinstance(softmax_scale, torch.Tensor) and softmax_scale.numel() == 1 and not softmax_scale.is_complex():
         softmax_scale = softmax_scale.item()
     real = isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool)
@@ -170,8 +202,10 @@ def _check_softcap(softcap) -> float:
         softcap = softcap.item()
     real = isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
     if not real or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be None or a finite real number >= 0 (scores -> softcap * tanh(scores / "
-                         f"softcap); 0 or None: no cap), got {softcap!r}")
+        raise ValueError(
+            f"softcap must be None or a finite real number >= 0 (scores -> softcap * tanh(scores / "
+            f"softcap); 0 or None: no cap), got {softcap!r}"
+        )
     return float(softcap)
 
 
@@ -185,7 +219,9 @@ def _batched(q, k, v, layout: str):
     views = []
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D like q, got shape {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+            raise ValueError(
+                f"{name} must be 4-D like q, got shape {tuple(getattr(x, 'shape', ())) or type(x).__name__}"
+            )
         views.append(x if layout == "bnhd" else x.transpose(1, 2))
     try:
         return [y.view(-1, *y.shape[2:]) for y in views]
@@ -193,8 +229,9 @@ def _batched(q, k, v, layout: str):
         return views
 
 
-def hybrid_attention(q, k, v, mask: HybridMask, softmax_scale=None, return_lse=False, backend=None, *,
-                     softcap=None, layout=None):
+def hybrid_attention(
+    q, k, v, mask: HybridMask, softmax_scale=None, return_lse=False, backend=None, *, softcap=None, layout=None
+):
     """Attention where query i sees the keys of its intervals: ``[mask.kv_start[i], mask.kv_end[i])``,
     or their union over k for a mask of K > 1 intervals per query.
 

@@ -38,6 +38,7 @@ Inputs whose base address or row/head strides are not 16-byte multiples are copi
 contiguous layout first (the kernels move 16-byte chunks). Outputs are newly allocated and
 contiguous.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,10 @@ def kernel_supports(q: torch.Tensor) -> bool:
 
 
 def _uncovered(q) -> str:
-    return (f"the cuda attention kernels need float16 or bfloat16 q/k/v with head dim 64 or 128, got {q.dtype} "
-            f"with head dim {q.shape[-1]}")
+    return (
+        f"the cuda attention kernels need float16 or bfloat16 q/k/v with head dim 64 or 128, got {q.dtype} "
+        f"with head dim {q.shape[-1]}"
+    )
 
 
 def supports(q: torch.Tensor, scale: float, softcap: float = 0.0, num_intervals: int = 1) -> str | None:
@@ -78,8 +81,10 @@ def supports(q: torch.Tensor, scale: float, softcap: float = 0.0, num_intervals:
     scale is covered). With TRANSFUSION_CUDA_ATTENTION_FALLBACK=0 an uncovered dtype or head dim
     is a ValueError instead."""
     if num_intervals != 1:
-        return (f"masks of {num_intervals} intervals per query (the cuda kernels take one interval per query; "
-                "unions run on triton or the reference)")
+        return (
+            f"masks of {num_intervals} intervals per query (the cuda kernels take one interval per query; "
+            "unions run on triton or the reference)"
+        )
     if softcap:
         return "softcap (the cuda kernels have no logit cap yet; it runs on triton or the reference)"
     if kernel_supports(q):
@@ -204,7 +209,9 @@ class Plan(KernelPlan):
     @classmethod
     def config_from(cls, ints):
         if len(ints) != 3:
-            raise ValueError(f"cuda plan block sizes are 3 ints, got {list(ints)}; build the plan with prepare(mask, q, k)")
+            raise ValueError(
+                f"cuda plan block sizes are 3 ints, got {list(ints)}; build the plan with prepare(mask, q, k)"
+            )
         return BlockSizes(*(int(x) for x in ints))
 
 
@@ -213,8 +220,9 @@ def prepare(mask, q, k) -> Plan:
     ext = require_extension()
     _check_covered(q)
     if mask.num_intervals != 1:
-        raise ValueError(f"the cuda kernels take one interval per query, the mask has {mask.num_intervals}; "
-                         "use backend='triton'")
+        raise ValueError(
+            f"the cuda kernels take one interval per query, the mask has {mask.num_intervals}; use backend='triton'"
+        )
     fwd_bm = ext.ATTENTION_SM90_BLOCK_M if forward_kernel(q.device) == "wgmma" else ext.ATTENTION_BLOCK_M
     sizes = BlockSizes(fwd_bm, ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N)
     tables = [query_runs(mask, fwd_bm), query_runs(mask, sizes.bwd_block_m), key_tiles(mask, sizes.bwd_block_n)]
@@ -250,9 +258,25 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
     if nq:
         with torch.cuda.device(q.device):
             (ext.attention_fwd_sm90 if sm90 else ext.attention_fwd)(
-                out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                kv_start.data_ptr(), kv_end.data_ptr(), plan.fwd_tiles.data_ptr(), nq, nk, hq, hkv, d,
-                _strides(q), _strides(k), _strides(v), float(scale), _DTYPE_NAMES[q.dtype], _stream(q.device),
+                out.data_ptr(),
+                lse.data_ptr(),
+                q.data_ptr(),
+                k.data_ptr(),
+                v.data_ptr(),
+                kv_start.data_ptr(),
+                kv_end.data_ptr(),
+                plan.fwd_tiles.data_ptr(),
+                nq,
+                nk,
+                hq,
+                hkv,
+                d,
+                _strides(q),
+                _strides(k),
+                _strides(v),
+                float(scale),
+                _DTYPE_NAMES[q.dtype],
+                _stream(q.device),
                 plan.fwd_order.data_ptr(),
             )
     return out, lse
@@ -282,16 +306,41 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
     # The wgmma backward's workspace (sm_90a devices): fp32 dQ [nq, hq, D], then int32 semaphores.
     workspace = None
     if nq and sm90_supported(q.device):
-        workspace = torch.empty(nq * hq * d + hq * -(-nq // ext.ATTENTION_BWD_BLOCK_M), dtype=torch.float32,
-                                device=q.device)
+        workspace = torch.empty(
+            nq * hq * d + hq * -(-nq // ext.ATTENTION_BWD_BLOCK_M), dtype=torch.float32, device=q.device
+        )
     if nq or nk:
         with torch.cuda.device(q.device):
             ext.attention_bwd(
-                dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), dout.data_ptr(), q.data_ptr(),
-                k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), kv_start.data_ptr(),
-                kv_end.data_ptr(), plan.dq_tiles.data_ptr(), plan.dkdv_tiles.data_ptr(), nq, nk, hq, hkv, d,
-                _strides(q), _strides(k), _strides(v), _strides(out), _strides(dout), float(scale),
-                _DTYPE_NAMES[q.dtype], _stream(q.device), plan.dq_order.data_ptr(), plan.dkdv_order.data_ptr(),
+                dq.data_ptr(),
+                dk.data_ptr(),
+                dv.data_ptr(),
+                scratch.data_ptr(),
+                dout.data_ptr(),
+                q.data_ptr(),
+                k.data_ptr(),
+                v.data_ptr(),
+                out.data_ptr(),
+                lse.data_ptr(),
+                kv_start.data_ptr(),
+                kv_end.data_ptr(),
+                plan.dq_tiles.data_ptr(),
+                plan.dkdv_tiles.data_ptr(),
+                nq,
+                nk,
+                hq,
+                hkv,
+                d,
+                _strides(q),
+                _strides(k),
+                _strides(v),
+                _strides(out),
+                _strides(dout),
+                float(scale),
+                _DTYPE_NAMES[q.dtype],
+                _stream(q.device),
+                plan.dq_order.data_ptr(),
+                plan.dkdv_order.data_ptr(),
                 dq_workspace=0 if workspace is None else workspace.data_ptr(),
             )
     return dq, dk, dv

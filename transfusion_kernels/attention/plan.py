@@ -13,6 +13,7 @@ Key side, one row per key tile: ``(q_lo, q_hi, qfull_lo, qfull_hi)``: no query o
 Exact for monotone K = 1 masks (binary searches); otherwise built from the query-side runs at
 the granularity of query tiles of ``KEY_PLAN_GRANULE`` rows, O((Nq / granule) * (Nk / bn) * K).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -133,6 +134,8 @@ class KernelPlan:
     def from_op_args(cls, tensors: list[torch.Tensor], ints: list[int]):
         names = cls._tensor_fields()
         if len(tensors) != len(names):
-            raise ValueError(f"a {cls.__module__}.{cls.__name__} has {len(names)} tensors ({', '.join(names)}), "
-                             f"got {len(tensors)}; build it with prepare(mask, q, k)")
+            raise ValueError(
+                f"a {cls.__module__}.{cls.__name__} has {len(names)} tensors ({', '.join(names)}), "
+                f"got {len(tensors)}; build it with prepare(mask, q, k)"
+            )
         return cls(cls.config_from(ints), *tensors)

@@ -6,6 +6,7 @@ the key range its queries can see, so a packed batch of documents costs about th
 documents' L^2, not (sum L)^2, and a chunk's score block stays under ``_CHUNK_ELEMS`` floats
 (32k-token inputs never allocate an N x N tensor).
 """
+
 from __future__ import annotations
 
 import threading

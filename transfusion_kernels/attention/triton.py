@@ -21,6 +21,7 @@ Softmax runs in fp32 in base 2 (``log2(e)`` folded into the scale); ``lse`` is s
 log, ``-inf`` for a query that sees nothing (its output and gradients are 0). Head dims up to
 256 are padded to a power of two inside the kernels; any N; any strides with a unit last one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,9 +87,11 @@ class AttentionConfig:
     def from_list(cls, values) -> "AttentionConfig":
         values = [int(x) for x in values]
         if len(values) != 12:
-            raise ValueError(f"a triton attention config is 12 ints (fwd, dkdv, dq: block_m, block_n, warps, "
-                             f"stages), got {len(values)}; build it with prepare(mask, q, k)")
-        return cls(*(KernelConfig(*values[i:i + 4]) for i in (0, 4, 8)))
+            raise ValueError(
+                f"a triton attention config is 12 ints (fwd, dkdv, dq: block_m, block_n, warps, "
+                f"stages), got {len(values)}; build it with prepare(mask, q, k)"
+            )
+        return cls(*(KernelConfig(*values[i : i + 4]) for i in (0, 4, 8)))
 
 
 DELTA_BLOCK = 32  # rows per program of the delta = rowsum(dout * out) kernel
@@ -124,9 +127,13 @@ def load_configs(path: str) -> dict[tuple[str, int, str], AttentionConfig]:
             cfg = AttentionConfig(*(KernelConfig(*e[k]) for k in ("fwd", "dkdv", "dq")))
             table[(str(e["device"]), e["head_dim"], e["dtype"])] = cfg
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a usable triton attention config file ({what}); "
-                         f"fix or regenerate it (python -m benchmarks.tune --out FILE)") from None
+        what = (
+            f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        )
+        raise ValueError(
+            f"{path}: not a usable triton attention config file ({what}); "
+            f"fix or regenerate it (python -m benchmarks.tune --out FILE)"
+        ) from None
     return table
 
 
@@ -319,13 +326,47 @@ def _visible(cols, S, E, rows, row_ok, NI: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
-              s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_lh,
-              s_qb, s_kb, s_vb, s_ob, seq_q, seq_k,
-              Nq, qk_scale, cap_in, cap_out,
-              GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
-              SOFTCAP: tl.constexpr, BATCHED: tl.constexpr, SCALE_FIRST: tl.constexpr):
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KVS,
+    KVE,
+    TAB,
+    ORDER,
+    s_qn,
+    s_qh,
+    s_kn,
+    s_kh,
+    s_vn,
+    s_vh,
+    s_on,
+    s_oh,
+    s_lh,
+    s_qb,
+    s_kb,
+    s_vb,
+    s_ob,
+    seq_q,
+    seq_k,
+    Nq,
+    qk_scale,
+    cap_in,
+    cap_out,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    NI: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    PREC: tl.constexpr,
+    I64: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BATCHED: tl.constexpr,
+    SCALE_FIRST: tl.constexpr,
+):
     h = tl.program_id(0)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
     h64 = h.to(tl.int64)
@@ -335,8 +376,9 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
-    q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64, BATCHED, seq_q, s_qb), offs_m, 0, Nq, offs_d, D, DP,
-              True)
+    q = _load(
+        _ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64, BATCHED, seq_q, s_qb), offs_m, 0, Nq, offs_d, D, DP, True
+    )
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
 
@@ -397,16 +439,35 @@ def _attn_fwd(Q, K, V, O, LSE, KVS, KVE, TAB, ORDER,
 
 
 @triton.jit
-def _bwd_delta(O, DO, DELTA, s_on, s_oh, s_don, s_doh, s_dh, s_ob, s_dob, seq_q, Nq,
-               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, I64: tl.constexpr, BATCHED: tl.constexpr):
+def _bwd_delta(
+    O,
+    DO,
+    DELTA,
+    s_on,
+    s_oh,
+    s_don,
+    s_doh,
+    s_dh,
+    s_ob,
+    s_dob,
+    seq_q,
+    Nq,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BM: tl.constexpr,
+    I64: tl.constexpr,
+    BATCHED: tl.constexpr,
+):
     """delta[h, i] = sum_d dout[i, h, d] * out[i, h, d] (fp32)."""
     h64 = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, DP)
-    o = _load(_ptrs(O + h64 * s_oh, offs_m, s_on, offs_d, I64, BATCHED, seq_q, s_ob), offs_m, 0, Nq, offs_d, D, DP,
-              True)
-    do = _load(_ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64, BATCHED, seq_q, s_dob), offs_m, 0, Nq, offs_d, D,
-               DP, True)
+    o = _load(
+        _ptrs(O + h64 * s_oh, offs_m, s_on, offs_d, I64, BATCHED, seq_q, s_ob), offs_m, 0, Nq, offs_d, D, DP, True
+    )
+    do = _load(
+        _ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64, BATCHED, seq_q, s_dob), offs_m, 0, Nq, offs_d, D, DP, True
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + h64 * s_dh + offs_m, delta, mask=offs_m < Nq)
 
@@ -426,14 +487,57 @@ def _probs(qk, lse2, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
-                   s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh,
-                   s_dkn, s_dkh, s_dvn, s_dvh, s_lh,
-                   s_qb, s_kb, s_vb, s_dob, s_dkb, s_dvb, seq_q, seq_k,
-                   Nq, Nk, qk_scale, scale, cap_in, cap_out,
-                   GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
-                   SOFTCAP: tl.constexpr, BATCHED: tl.constexpr):
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    KVS,
+    KVE,
+    TAB,
+    ORDER,
+    DK,
+    DV,
+    s_qn,
+    s_qh,
+    s_kn,
+    s_kh,
+    s_vn,
+    s_vh,
+    s_don,
+    s_doh,
+    s_dkn,
+    s_dkh,
+    s_dvn,
+    s_dvh,
+    s_lh,
+    s_qb,
+    s_kb,
+    s_vb,
+    s_dob,
+    s_dkb,
+    s_dvb,
+    seq_q,
+    seq_k,
+    Nq,
+    Nk,
+    qk_scale,
+    scale,
+    cap_in,
+    cap_out,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    NI: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    PREC: tl.constexpr,
+    I64: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BATCHED: tl.constexpr,
+):
     kvh = tl.program_id(0)
     kvh64 = kvh.to(tl.int64)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
@@ -465,8 +569,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
         rc = tl.minimum(tl.maximum(rows, 0), Nq - 1)  # clamped: masked blocks may pass 0 or Nq
         h = (kvh * GROUP + g).to(tl.int64)
         q = _load(_ptrs(Q + h * s_qh, rc, s_qn, offs_d, I64, BATCHED, seq_q, s_qb), rc, 0, Nq, offs_d, D, DP, False)
-        do = _load(_ptrs(DO + h * s_doh, rc, s_don, offs_d, I64, BATCHED, seq_q, s_dob), rc, 0, Nq, offs_d, D, DP,
-                   False)
+        do = _load(
+            _ptrs(DO + h * s_doh, rc, s_don, offs_d, I64, BATCHED, seq_q, s_dob), rc, 0, Nq, offs_d, D, DP, False
+        )
         lse = tl.load(LSE + h * s_lh + rc)
         # rows that see nothing have lse = -inf: flip it so that p = exp2(-inf) = 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
@@ -483,20 +588,65 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DK, DV,
         dk = _dot(_cast(dsT, q.dtype, PREC), q, dk, PREC)
 
     col_ok = cols < Nk
-    _store(_ptrs(DK + kvh64 * s_dkh, cols, s_dkn, offs_d, I64, BATCHED, seq_k, s_dkb), dk * scale, col_ok, offs_d, D,
-           DP, PREC)
-    _store(_ptrs(DV + kvh64 * s_dvh, cols, s_dvn, offs_d, I64, BATCHED, seq_k, s_dvb), dv, col_ok, offs_d, D, DP,
-           PREC)
+    _store(
+        _ptrs(DK + kvh64 * s_dkh, cols, s_dkn, offs_d, I64, BATCHED, seq_k, s_dkb),
+        dk * scale,
+        col_ok,
+        offs_d,
+        D,
+        DP,
+        PREC,
+    )
+    _store(_ptrs(DV + kvh64 * s_dvh, cols, s_dvn, offs_d, I64, BATCHED, seq_k, s_dvb), dv, col_ok, offs_d, D, DP, PREC)
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
-                 s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_don, s_doh, s_dqn, s_dqh, s_lh,
-                 s_qb, s_kb, s_vb, s_dob, s_dqb, seq_q, seq_k,
-                 Nq, qk_scale, scale, cap_in, cap_out,
-                 GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NI: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
-                 SOFTCAP: tl.constexpr, BATCHED: tl.constexpr):
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    KVS,
+    KVE,
+    TAB,
+    ORDER,
+    DQ,
+    s_qn,
+    s_qh,
+    s_kn,
+    s_kh,
+    s_vn,
+    s_vh,
+    s_don,
+    s_doh,
+    s_dqn,
+    s_dqh,
+    s_lh,
+    s_qb,
+    s_kb,
+    s_vb,
+    s_dob,
+    s_dqb,
+    seq_q,
+    seq_k,
+    Nq,
+    qk_scale,
+    scale,
+    cap_in,
+    cap_out,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    NI: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    PREC: tl.constexpr,
+    I64: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BATCHED: tl.constexpr,
+):
     h = tl.program_id(0)
     h64 = h.to(tl.int64)
     kvh = (h // GROUP).to(tl.int64)
@@ -506,10 +656,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Nq
-    q = _load(_ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64, BATCHED, seq_q, s_qb), offs_m, 0, Nq, offs_d, D, DP,
-              True)
-    do = _load(_ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64, BATCHED, seq_q, s_dob), offs_m, 0, Nq, offs_d, D,
-               DP, True)
+    q = _load(
+        _ptrs(Q + h64 * s_qh, offs_m, s_qn, offs_d, I64, BATCHED, seq_q, s_qb), offs_m, 0, Nq, offs_d, D, DP, True
+    )
+    do = _load(
+        _ptrs(DO + h64 * s_doh, offs_m, s_don, offs_d, I64, BATCHED, seq_q, s_dob), offs_m, 0, Nq, offs_d, D, DP, True
+    )
     lse = tl.load(LSE + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: p = 0
     delta = tl.load(DELTA + h64 * s_lh + offs_m, mask=row_ok, other=0.0)
@@ -540,8 +692,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KVS, KVE, TAB, ORDER, DQ,
             if SOFTCAP:
                 ds = ds * dcap
             dq = _dot(_cast(ds, k.dtype, PREC), k, dq, PREC)
-    _store(_ptrs(DQ + h64 * s_dqh, offs_m, s_dqn, offs_d, I64, BATCHED, seq_q, s_dqb), dq * scale, row_ok, offs_d, D,
-           DP, PREC)
+    _store(
+        _ptrs(DQ + h64 * s_dqh, offs_m, s_dqn, offs_d, I64, BATCHED, seq_q, s_dqb),
+        dq * scale,
+        row_ok,
+        offs_d,
+        D,
+        DP,
+        PREC,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,11 +763,15 @@ def _check_table(t: torch.Tensor, order: torch.Tensor, n: int, block: int, k: in
     rows = triton.cdiv(n, block)
     shape = [rows, 4] if k is None else [rows, k, 4]
     if list(t.shape) != shape or t.dtype != torch.int32 or not t.is_contiguous():
-        raise ValueError(f"plan.{what} must be contiguous int32 {shape} for {n} tokens and block {block}, got "
-                         f"{t.dtype} {list(t.shape)}; build the plan with prepare(mask, q, k)")
+        raise ValueError(
+            f"plan.{what} must be contiguous int32 {shape} for {n} tokens and block {block}, got "
+            f"{t.dtype} {list(t.shape)}; build the plan with prepare(mask, q, k)"
+        )
     if list(order.shape) != [rows] or order.dtype != torch.int32:
-        raise ValueError(f"the tile order of plan.{what} must be int32 [{rows}], got {order.dtype} "
-                         f"{list(order.shape)}; build the plan with prepare(mask, q, k)")
+        raise ValueError(
+            f"the tile order of plan.{what} must be int32 [{rows}], got {order.dtype} "
+            f"{list(order.shape)}; build the plan with prepare(mask, q, k)"
+        )
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -681,13 +844,47 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
     (qn, qh, qb), (kn, kh, kb), (vn, vh, vb), (on, oh, ob) = (_strides(x) for x in (q, k, v, out))
     with _device_guard(q):
         _attn_fwd[(hq, triton.cdiv(nq, cfg.block_m))](
-            q, k, v, out, lse, kvs, kve, plan.fwd_runs, plan.fwd_order,
-            qn, qh, kn, kh, vn, vh, on, oh, lse.stride(0),
-            qb, kb, vb, ob, q.shape[1] if batched else 1, k.shape[1] if batched else 1,
-            nq, float(scale) * _LOG2E, cap_in, cap_out,
-            GROUP=hq // hkv, D=d, DP=_padded_head_dim(d), NI=ni, BM=cfg.block_m, BN=cfg.block_n,
-            PREC=_precision(q.dtype), I64=_needs_i64(q, k, v, out), SOFTCAP=cap, BATCHED=batched,
-            SCALE_FIRST=not cap and scale <= 0, num_warps=cfg.warps, num_stages=cfg.stages,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            kvs,
+            kve,
+            plan.fwd_runs,
+            plan.fwd_order,
+            qn,
+            qh,
+            kn,
+            kh,
+            vn,
+            vh,
+            on,
+            oh,
+            lse.stride(0),
+            qb,
+            kb,
+            vb,
+            ob,
+            q.shape[1] if batched else 1,
+            k.shape[1] if batched else 1,
+            nq,
+            float(scale) * _LOG2E,
+            cap_in,
+            cap_out,
+            GROUP=hq // hkv,
+            D=d,
+            DP=_padded_head_dim(d),
+            NI=ni,
+            BM=cfg.block_m,
+            BN=cfg.block_n,
+            PREC=_precision(q.dtype),
+            I64=_needs_i64(q, k, v, out),
+            SOFTCAP=cap,
+            BATCHED=batched,
+            SCALE_FIRST=not cap and scale <= 0,
+            num_warps=cfg.warps,
+            num_stages=cfg.stages,
         )
     return out, lse
 
@@ -723,24 +920,124 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
     (dqn, dqh, dqb), (dkn, dkh, dkb), (dvn, dvh, dvb) = (_strides(x) for x in (dq, dk, dv))
     with _device_guard(q):
         _bwd_delta[(hq, triton.cdiv(nq, DELTA_BLOCK))](
-            out, dout, delta, on, oh, don, doh, delta.stride(0), ob, dob, seq_q, nq,
-            D=d, DP=dp, BM=DELTA_BLOCK, I64=i64, BATCHED=batched,
+            out,
+            dout,
+            delta,
+            on,
+            oh,
+            don,
+            doh,
+            delta.stride(0),
+            ob,
+            dob,
+            seq_q,
+            nq,
+            D=d,
+            DP=dp,
+            BM=DELTA_BLOCK,
+            I64=i64,
+            BATCHED=batched,
         )
         if nk > 0:
             _attn_bwd_dkdv[(hkv, triton.cdiv(nk, cfg.dkdv.block_n))](
-                q, k, v, dout, lse, delta, kvs, kve, plan.dkdv_tiles, plan.dkdv_order, dk, dv,
-                qn, qh, kn, kh, vn, vh, don, doh, dkn, dkh, dvn, dvh, lse.stride(0),
-                qb, kb, vb, dob, dkb, dvb, seq_q, seq_k,
-                nq, nk, qk_scale, float(scale), cap_in, cap_out,
-                GROUP=group, D=d, DP=dp, NI=ni, BM=cfg.dkdv.block_m, BN=cfg.dkdv.block_n, PREC=prec, I64=i64,
-                SOFTCAP=cap, BATCHED=batched, num_warps=cfg.dkdv.warps, num_stages=cfg.dkdv.stages,
+                q,
+                k,
+                v,
+                dout,
+                lse,
+                delta,
+                kvs,
+                kve,
+                plan.dkdv_tiles,
+                plan.dkdv_order,
+                dk,
+                dv,
+                qn,
+                qh,
+                kn,
+                kh,
+                vn,
+                vh,
+                don,
+                doh,
+                dkn,
+                dkh,
+                dvn,
+                dvh,
+                lse.stride(0),
+                qb,
+                kb,
+                vb,
+                dob,
+                dkb,
+                dvb,
+                seq_q,
+                seq_k,
+                nq,
+                nk,
+                qk_scale,
+                float(scale),
+                cap_in,
+                cap_out,
+                GROUP=group,
+                D=d,
+                DP=dp,
+                NI=ni,
+                BM=cfg.dkdv.block_m,
+                BN=cfg.dkdv.block_n,
+                PREC=prec,
+                I64=i64,
+                SOFTCAP=cap,
+                BATCHED=batched,
+                num_warps=cfg.dkdv.warps,
+                num_stages=cfg.dkdv.stages,
             )
         _attn_bwd_dq[(hq, triton.cdiv(nq, cfg.dq.block_m))](
-            q, k, v, dout, lse, delta, kvs, kve, plan.dq_runs, plan.dq_order, dq,
-            qn, qh, kn, kh, vn, vh, don, doh, dqn, dqh, lse.stride(0),
-            qb, kb, vb, dob, dqb, seq_q, seq_k,
-            nq, qk_scale, float(scale), cap_in, cap_out,
-            GROUP=group, D=d, DP=dp, NI=ni, BM=cfg.dq.block_m, BN=cfg.dq.block_n, PREC=prec, I64=i64,
-            SOFTCAP=cap, BATCHED=batched, num_warps=cfg.dq.warps, num_stages=cfg.dq.stages,
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            kvs,
+            kve,
+            plan.dq_runs,
+            plan.dq_order,
+            dq,
+            qn,
+            qh,
+            kn,
+            kh,
+            vn,
+            vh,
+            don,
+            doh,
+            dqn,
+            dqh,
+            lse.stride(0),
+            qb,
+            kb,
+            vb,
+            dob,
+            dqb,
+            seq_q,
+            seq_k,
+            nq,
+            qk_scale,
+            float(scale),
+            cap_in,
+            cap_out,
+            GROUP=group,
+            D=d,
+            DP=dp,
+            NI=ni,
+            BM=cfg.dq.block_m,
+            BN=cfg.dq.block_n,
+            PREC=prec,
+            I64=i64,
+            SOFTCAP=cap,
+            BATCHED=batched,
+            num_warps=cfg.dq.warps,
+            num_stages=cfg.dq.stages,
         )
     return dq, dk, dv

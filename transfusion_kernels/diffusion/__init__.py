@@ -46,16 +46,33 @@ Layout: ``ops.py`` the custom ops and their backends, ``coefficients.py`` the pe
 coefficients, ``validation.py`` the argument checks, ``schedule.py`` the schedule; this module
 is the public API.
 """
+
 import torch
 
 from transfusion_kernels.backends import select
 from transfusion_kernels.diffusion.coefficients import add_noise_coef, ddim_coef, ddpm_coef
 from transfusion_kernels.diffusion.ops import AFFINE_STEP, LOSS, loss_op, run_affine_step
 from transfusion_kernels.diffusion.schedule import DiffusionSchedule
-from transfusion_kernels.diffusion.validation import check_like, check_loss_inputs, check_schedule, check_tensor, clip_range_of
+from transfusion_kernels.diffusion.validation import (
+    check_like,
+    check_loss_inputs,
+    check_schedule,
+    check_tensor,
+    clip_range_of,
+)
 
-__all__ = ["AFFINE_STEP", "LOSS", "DiffusionSchedule", "add_noise", "add_noise_coef", "ddim_coef", "ddim_step",
-           "ddpm_coef", "ddpm_step", "diffusion_loss"]
+__all__ = [
+    "AFFINE_STEP",
+    "LOSS",
+    "DiffusionSchedule",
+    "add_noise",
+    "add_noise_coef",
+    "ddim_coef",
+    "ddim_step",
+    "ddpm_coef",
+    "ddpm_step",
+    "diffusion_loss",
+]
 
 
 def add_noise(x0, timesteps, schedule, noise=None, seed=None, backend=None):
@@ -66,8 +83,9 @@ def add_noise(x0, timesteps, schedule, noise=None, seed=None, backend=None):
     check_tensor(x0, "x0")
     check_schedule(schedule)
     coef, _ = add_noise_coef(timesteps, x0.shape[0], schedule, x0.device)
-    return run_affine_step(select(AFFINE_STEP, backend, x0, caller="add_noise"), x0, None, coef, noise, seed, None, True,
-                           return_noise=True)
+    return run_affine_step(
+        select(AFFINE_STEP, backend, x0, caller="add_noise"), x0, None, coef, noise, seed, None, True, return_noise=True
+    )
 
 
 def ddpm_step(
@@ -137,7 +155,13 @@ def ddim_step(
     check_schedule(schedule)
     clip_range = clip_range_of(clip_sample, clip_sample_range)
     coef, has_noise = ddim_coef(
-        timestep, sample.shape[0], schedule, sample.device, prev_timestep, eta, prediction_type,
+        timestep,
+        sample.shape[0],
+        schedule,
+        sample.device,
+        prev_timestep,
+        eta,
+        prediction_type,
         use_clipped_model_output,
     )
     name = select(AFFINE_STEP, backend, sample, caller="ddim_step")

@@ -4,6 +4,7 @@ plain torch ops, so they trace. Coefficients that depend on t alone come from a 
 [T, 6] table built once per device; python-int (t, prev) pairs are memoised. The public functions
 and the benchmarks use them.
 """
+
 import numbers
 
 import torch
@@ -45,7 +46,9 @@ def add_noise_coef(timesteps, R, schedule, device):
     return _table_rows(schedule, "add_noise", lambda: add_noise_coefs(schedule.alphas_cumprod), t, R, device), True
 
 
-def ddpm_coef(timestep, R, schedule, device, prev_timestep=None, prediction_type="epsilon", variance_type="fixed_small"):
+def ddpm_coef(
+    timestep, R, schedule, device, prev_timestep=None, prediction_type="epsilon", variance_type="fixed_small"
+):
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if variance_type not in VARIANCE_TYPES:
@@ -72,8 +75,9 @@ def ddpm_coef(timestep, R, schedule, device, prev_timestep=None, prediction_type
     return build(), has_noise
 
 
-def ddim_coef(timestep, R, schedule, device, prev_timestep, eta=0.0, prediction_type="epsilon",
-              use_clipped_model_output=False):
+def ddim_coef(
+    timestep, R, schedule, device, prev_timestep, eta=0.0, prediction_type="epsilon", use_clipped_model_output=False
+):
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not 0.0 <= eta <= 1.0:

@@ -6,6 +6,7 @@ extension ``transfusion_kernels._C`` on torch's current stream. One pass over me
 sample (and model_output, noise when given), writes out (and the drawn noise when asked for);
 16-byte vector accesses when every pointer is 16-byte aligned.
 """
+
 from __future__ import annotations
 
 import torch

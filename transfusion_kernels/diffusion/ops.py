@@ -10,6 +10,7 @@ is ``noise - sample``, fp32 math rounded to the dtype, for given and drawn noise
 ``minus`` (loss: the error is ``pred - (target - minus)``). Both default to off, so the diffusion
 ops call the same schema as before.
 """
+
 from typing import Optional
 
 import torch
@@ -92,8 +93,9 @@ def _affine_backward(ctx, grad_out, grad_second):
 affine_step_op.register_autograd(_affine_backward, setup_context=_affine_setup_context)
 
 
-def run_affine_step(name, sample, model_output, coef, noise, seed, clip_range, has_noise, *, velocity=False,
-                    return_noise=False):
+def run_affine_step(
+    name, sample, model_output, coef, noise, seed, clip_range, has_noise, *, velocity=False, return_noise=False
+):
     """The affine-step op with the public functions' noise rules (every diffusion and flow op
     runs through it): a given ``noise`` is checked against ``sample``; without it a seed is drawn
     from torch's default generator (under torch.compile, ``torch.randn_like`` noise, which

@@ -11,6 +11,7 @@ the noise returned with ``return_noise=True``, passed back in as ``noise``, give
 With ``velocity=True`` the second output is instead the flow-matching target ``noise - sample``
 (fp32 math, rounded to ``sample.dtype``), for given and drawn noise alike.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ diffusers does (betas in float32, ``alphas_cumprod`` as a float32 cumulative pro
 numbers are the ones diffusers uses) and turns timesteps into those coefficients in float64
 with plain torch ops, so the math traces under ``torch.compile``.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,11 @@ class DiffusionSchedule:
             num_train_timesteps = betas.numel()
             beta_schedule = "trained"
         else:
-            if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            if (
+                isinstance(num_train_timesteps, bool)
+                or not isinstance(num_train_timesteps, int)
+                or num_train_timesteps < 1
+            ):
                 raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
             if beta_schedule in ("linear", "scaled_linear"):
                 for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
@@ -172,7 +177,9 @@ def x0_coefs(abar_t: torch.Tensor, prediction_type: str):
     if prediction_type == "epsilon":
         # At zero terminal SNR (abar_t = 0) x0 = (sample - eps) / 0: +-2**100 instead of inf keeps
         # inf * sample - inf * eps from turning into NaN, so clipping gives diffusers' +-bound.
-        return (1.0 / abar_t.sqrt()).clamp(max=2.0**100), (-(1.0 - abar_t).sqrt() / abar_t.sqrt()).clamp(min=-(2.0**100))
+        return (1.0 / abar_t.sqrt()).clamp(max=2.0**100), (-(1.0 - abar_t).sqrt() / abar_t.sqrt()).clamp(
+            min=-(2.0**100)
+        )
     if prediction_type == "sample":
         return torch.zeros_like(abar_t), torch.ones_like(abar_t)
     if prediction_type == "v_prediction":

@@ -16,6 +16,7 @@ upstream gradient is a scalar, so the backward is a scale of it). The per-patch 
 1 / (patches of its image * C * images) come from a sort of ``image_index`` (static shapes, no
 host sync). The partial sums are reduced in a fixed order: the result is deterministic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,6 +41,7 @@ def supports(sample) -> str | None:
 def supports_loss(pred) -> str | None:
     """The loss kernel covers every input diffusion_loss accepts."""
     return None
+
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -96,10 +98,26 @@ def _philox_randn(offs, seed_lo, seed_hi, ACCURATE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _affine_kernel(
-    sample_ptr, mo_ptr, coef_ptr, noise_ptr, out_ptr, noise_out_ptr,
-    R, L, seed_lo, seed_hi, clip,
-    HAS_MO: tl.constexpr, NOISE_IN: tl.constexpr, DRAW: tl.constexpr, STORE_NOISE: tl.constexpr,
-    VELOCITY: tl.constexpr, CLIP: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    sample_ptr,
+    mo_ptr,
+    coef_ptr,
+    noise_ptr,
+    out_ptr,
+    noise_out_ptr,
+    R,
+    L,
+    seed_lo,
+    seed_hi,
+    clip,
+    HAS_MO: tl.constexpr,
+    NOISE_IN: tl.constexpr,
+    DRAW: tl.constexpr,
+    STORE_NOISE: tl.constexpr,
+    VELOCITY: tl.constexpr,
+    CLIP: tl.constexpr,
+    ACCURATE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -179,12 +197,27 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
     grid = (triton.cdiv(R, block_r), triton.cdiv(L, block_l))
     seed = int(seed) if draw else 0
     _affine_kernel[grid](
-        sample, model_output if model_output is not None else sample, coef,
-        noise if noise is not None else sample, out, noise_out if noise_out is not None else out,
-        R, L, seed & 0xFFFFFFFF, seed >> 32, float(clip_range) if clip_range is not None else 0.0,
-        HAS_MO=model_output is not None, NOISE_IN=noise is not None, DRAW=draw,
-        STORE_NOISE=store_noise, VELOCITY=velocity, CLIP=clip_range is not None, ACCURATE=not interp,
-        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=4,
+        sample,
+        model_output if model_output is not None else sample,
+        coef,
+        noise if noise is not None else sample,
+        out,
+        noise_out if noise_out is not None else out,
+        R,
+        L,
+        seed & 0xFFFFFFFF,
+        seed >> 32,
+        float(clip_range) if clip_range is not None else 0.0,
+        HAS_MO=model_output is not None,
+        NOISE_IN=noise is not None,
+        DRAW=draw,
+        STORE_NOISE=store_noise,
+        VELOCITY=velocity,
+        CLIP=clip_range is not None,
+        ACCURATE=not interp,
+        BLOCK_R=block_r,
+        BLOCK_L=block_l,
+        num_warps=4,
     )
     return out, noise_out
 
@@ -196,8 +229,18 @@ def affine_step(sample, model_output, coef, noise, seed, clip_range, return_nois
 
 @triton.jit
 def _loss_kernel(
-    pred_ptr, target_ptr, minus_ptr, w_ptr, partial_ptr, grad_ptr, P, C,
-    MINUS: tl.constexpr, GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    pred_ptr,
+    target_ptr,
+    minus_ptr,
+    w_ptr,
+    partial_ptr,
+    grad_ptr,
+    P,
+    C,
+    MINUS: tl.constexpr,
+    GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -246,7 +289,18 @@ def diffusion_loss(pred, target, image_index, compute_grad, minus=None):
     nblocks = triton.cdiv(P, block_p)
     partial = _empty((nblocks,), torch.float32, pred.device)
     _loss_kernel[(nblocks,)](
-        pred, target, minus if minus is not None else target, w, partial, grad if grad is not None else pred, P, C,
-        MINUS=minus is not None, GRAD=compute_grad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
+        pred,
+        target,
+        minus if minus is not None else target,
+        w,
+        partial,
+        grad if grad is not None else pred,
+        P,
+        C,
+        MINUS=minus is not None,
+        GRAD=compute_grad,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        num_warps=4,
     )
     return partial.sum(), grad

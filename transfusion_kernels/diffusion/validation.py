@@ -1,4 +1,5 @@
 """Argument checks of the public diffusion functions: one clear error per mistake."""
+
 import numbers
 
 import torch
@@ -121,7 +122,9 @@ def check_loss_inputs(pred, image_index, **like_pred) -> None:
     if image_index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"image_index must be int32 or int64, got {image_index.dtype}")
     if image_index.shape != (pred.shape[0],):
-        raise ValueError(f"image_index must have shape [{pred.shape[0]}] (one per row of pred), got {tuple(image_index.shape)}")
+        raise ValueError(
+            f"image_index must have shape [{pred.shape[0]}] (one per row of pred), got {tuple(image_index.shape)}"
+        )
     if image_index.device != pred.device:
         raise ValueError(f"image_index must be on the device of pred ({pred.device}), got {image_index.device}")
     if not torch.compiler.is_compiling() and bool((image_index < -1).any()):

@@ -22,6 +22,7 @@ in [0, 1]; a tensor is range-checked with one host sync per call (none for CPU t
 under torch.compile). Results match diffusers' ``FlowMatchEulerDiscreteScheduler`` given the
 same noise (``step``, ``scale_noise``).
 """
+
 import numbers
 
 import torch
@@ -104,5 +105,7 @@ def flow_loss(pred, x0, noise, image_index, backend=None):
     check_loss_inputs(pred, image_index, x0=x0, noise=noise)
     name = select(LOSS, backend, pred, caller="flow_loss")
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (pred, x0, noise))
-    loss, _ = loss_op(pred.contiguous(), noise.contiguous(), image_index.contiguous(), compute_grad, name, x0.contiguous())
+    loss, _ = loss_op(
+        pred.contiguous(), noise.contiguous(), image_index.contiguous(), compute_grad, name, x0.contiguous()
+    )
     return loss

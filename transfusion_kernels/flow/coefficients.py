@@ -2,6 +2,7 @@
 the contract in ``transfusion_kernels.diffusion``), computed in float64 with plain torch ops so
 they trace. A sigma is a python float (every row) or a float tensor of shape ``[]`` or ``[R]``.
 """
+
 import numbers
 
 import torch
@@ -60,8 +61,10 @@ def coef_rows(kind: str, columns, R: int, device) -> torch.Tensor:
                 _MEMO.clear()
             _MEMO[key] = coef
         return coef
-    cols = [c.to(device) if isinstance(c, torch.Tensor) else torch.full((1,), c, dtype=torch.float64, device=device)
-            for c in columns]
+    cols = [
+        c.to(device) if isinstance(c, torch.Tensor) else torch.full((1,), c, dtype=torch.float64, device=device)
+        for c in columns
+    ]
     return torch.stack(torch.broadcast_tensors(*cols), dim=1).float().expand(R, 6).contiguous()
 
 

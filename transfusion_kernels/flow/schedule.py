@@ -16,6 +16,7 @@ Timesteps are ``sigma * num_train_timesteps`` (the given timesteps, if any, unle
 The ends of the training schedule are the ones diffusers uses: sigma 1 and the sigma of
 timestep 1 (``1 / num_train_timesteps``, shifted by ``shift`` unless shifting is dynamic).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,19 @@ import torch
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 _CONFIG_KEYS = (
-    "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
-    "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
-    "use_beta_sigmas", "time_shift_type",
+    "num_train_timesteps",
+    "shift",
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "base_image_seq_len",
+    "max_image_seq_len",
+    "invert_sigmas",
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "time_shift_type",
 )
 
 
@@ -134,14 +145,18 @@ class FlowMatchSchedule:
             return lo + q * (hi - lo)
         return s
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *, mu: float | None = None, sigmas=None, timesteps=None):
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, *, mu: float | None = None, sigmas=None, timesteps=None
+    ):
         """``(timesteps [n], sigmas [n + 1])``, float64 on the CPU, as diffusers'
         ``set_timesteps(num_inference_steps, sigmas=, mu=, timesteps=)``."""
         if self.use_dynamic_shifting and mu is None:
             raise ValueError("use_dynamic_shifting needs mu (FlowMatchSchedule.mu_for(image_seq_len) computes it)")
         if mu is not None:
             mu = _real(mu, "mu")
-        given = [torch.as_tensor(x, dtype=torch.float64).reshape(-1) if x is not None else None for x in (sigmas, timesteps)]
+        given = [
+            torch.as_tensor(x, dtype=torch.float64).reshape(-1) if x is not None else None for x in (sigmas, timesteps)
+        ]
         sig, ts = given
         if sig is not None and ts is not None and len(sig) != len(ts):
             raise ValueError(f"sigmas and timesteps must have the same length, got {len(sig)} and {len(ts)}")
@@ -151,7 +166,11 @@ class FlowMatchSchedule:
                 raise ValueError("pass num_inference_steps, sigmas or timesteps")
             n = lengths.pop()
         else:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            if (
+                isinstance(num_inference_steps, bool)
+                or not isinstance(num_inference_steps, int)
+                or num_inference_steps < 1
+            ):
                 raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
             n = num_inference_steps
             if lengths and lengths != {n}:
@@ -161,7 +180,11 @@ class FlowMatchSchedule:
         T = self.num_train_timesteps
         if sig is None:
             if ts is None:
-                lo = 1.0 / T if self.use_dynamic_shifting else float(self._shifted(torch.tensor(1.0 / T, dtype=torch.float64), mu))
+                lo = (
+                    1.0 / T
+                    if self.use_dynamic_shifting
+                    else float(self._shifted(torch.tensor(1.0 / T, dtype=torch.float64), mu))
+                )
                 ts_base = torch.linspace(T * 1.0, lo * T, n, dtype=torch.float64)
             else:
                 ts_base = ts
@@ -171,8 +194,10 @@ class FlowMatchSchedule:
         s = self._shifted(s, mu)
         if self.shift_terminal is not None:
             if not s[-1] < 1.0:  # diffusers returns NaN sigmas here
-                raise ValueError("shift_terminal cannot stretch a schedule that ends at sigma 1 (e.g. one step from "
-                                 "sigma 1): take more steps or leave shift_terminal unset")
+                raise ValueError(
+                    "shift_terminal cannot stretch a schedule that ends at sigma 1 (e.g. one step from "
+                    "sigma 1): take more steps or leave shift_terminal unset"
+                )
             stretch = (1.0 - s[-1]) / (1.0 - self.shift_terminal)
             s = 1.0 - (1.0 - s) / stretch
         s = self._respaced(s, n)

@@ -45,6 +45,7 @@ Differences from the stock schedulers:
 - ``scheduler.backend`` picks the kernel backend (None: ``tk.use_backend`` / the environment); it
   is part of the config, so it is saved and loaded with it.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -55,8 +56,10 @@ import torch
 try:
     from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 except ImportError as e:
-    raise ImportError(f"transfusion_kernels.integrations.diffusers needs diffusers ({e}): "
-                      "pip install 'transfusion-kernels[diffusers]'") from None
+    raise ImportError(
+        f"transfusion_kernels.integrations.diffusers needs diffusers ({e}): "
+        "pip install 'transfusion-kernels[diffusers]'"
+    ) from None
 from diffusers import SchedulerMixin  # noqa: F401  diffusers' loader looks the loading class up in this module
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
@@ -212,10 +215,18 @@ class FusedDDPMScheduler(_Fused, DDPMScheduler):
         # diffusers' _get_variance treats a variance_type it does not know as fixed_small
         variance_type = self.variance_type if self.variance_type in VARIANCE_TYPES else "fixed_small"
         prev_sample = tkd.ddpm_step(
-            model_output, t, sample, self.fused_schedule, prev_timestep=prev_t,
-            prediction_type=self.config.prediction_type, variance_type=variance_type,
-            clip_sample=self.config.clip_sample, clip_sample_range=self.config.clip_sample_range,
-            noise=noise, seed=seed, backend=self.backend,
+            model_output,
+            t,
+            sample,
+            self.fused_schedule,
+            prev_timestep=prev_t,
+            prediction_type=self.config.prediction_type,
+            variance_type=variance_type,
+            clip_sample=self.config.clip_sample,
+            clip_sample_range=self.config.clip_sample_range,
+            noise=noise,
+            seed=seed,
+            backend=self.backend,
         )
         x0 = self._pred_original_sample(model_output, t, sample)
         if not return_dict:
@@ -228,8 +239,15 @@ class FusedDDIMScheduler(_Fused, DDIMScheduler):
     """``DDIMScheduler`` whose ``step`` and ``add_noise`` are one fused kernel each (module docstring)."""
 
     def step(
-        self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
-        generator=None, variance_noise=None, return_dict: bool = True,
+        self,
+        model_output,
+        timestep,
+        sample,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator=None,
+        variance_noise=None,
+        return_dict: bool = True,
     ):
         if self.num_inference_steps is None:
             raise ValueError(
@@ -241,8 +259,14 @@ class FusedDDIMScheduler(_Fused, DDIMScheduler):
         if reason is not None:
             self._fallback(reason)
             return super().step(
-                model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                generator=generator, variance_noise=variance_noise, return_dict=return_dict,
+                model_output,
+                timestep,
+                sample,
+                eta=eta,
+                use_clipped_model_output=use_clipped_model_output,
+                generator=generator,
+                variance_noise=variance_noise,
+                return_dict=return_dict,
             )
         t = int(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
@@ -250,10 +274,19 @@ class FusedDDIMScheduler(_Fused, DDIMScheduler):
             prev_t = 0  # final_alpha_cumprod is alphas_cumprod[0]
         noise, seed = self._noise_and_seed(generator, variance_noise, sample) if eta > 0 else (None, None)
         prev_sample = tkd.ddim_step(
-            model_output, t, sample, self.fused_schedule, prev_timestep=prev_t, eta=float(eta),
-            prediction_type=self.config.prediction_type, clip_sample=self.config.clip_sample,
-            clip_sample_range=self.config.clip_sample_range, use_clipped_model_output=use_clipped_model_output,
-            noise=noise, seed=seed, backend=self.backend,
+            model_output,
+            t,
+            sample,
+            self.fused_schedule,
+            prev_timestep=prev_t,
+            eta=float(eta),
+            prediction_type=self.config.prediction_type,
+            clip_sample=self.config.clip_sample,
+            clip_sample_range=self.config.clip_sample_range,
+            use_clipped_model_output=use_clipped_model_output,
+            noise=noise,
+            seed=seed,
+            backend=self.backend,
         )
         x0 = self._pred_original_sample(model_output, t, sample)
         if not return_dict:
@@ -286,11 +319,28 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteSch
         return "sigmas outside [0, 1]" if bool((sigmas < 0).any() or (sigmas > 1).any()) else None
 
     def step(
-        self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-        s_noise: float = 1.0, generator=None, per_token_timesteps=None, return_dict: bool = True, variance_noise=None,
+        self,
+        model_output,
+        timestep,
+        sample,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator=None,
+        per_token_timesteps=None,
+        return_dict: bool = True,
+        variance_noise=None,
     ):
-        stock = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator,
-                     per_token_timesteps=per_token_timesteps, return_dict=return_dict)
+        stock = dict(
+            s_churn=s_churn,
+            s_tmin=s_tmin,
+            s_tmax=s_tmax,
+            s_noise=s_noise,
+            generator=generator,
+            per_token_timesteps=per_token_timesteps,
+            return_dict=return_dict,
+        )
         if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
             return super().step(model_output, timestep, sample, **stock)  # diffusers' error for step indices
         if per_token_timesteps is not None:
@@ -313,7 +363,13 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteSch
         stochastic = bool(self.config.stochastic_sampling)
         noise, seed = self._noise_and_seed(generator, variance_noise, sample) if stochastic else (None, None)
         prev_sample = tkf.flow_euler_step(
-            model_output, sigma, sigma_next, sample, stochastic_sampling=stochastic, noise=noise, seed=seed,
+            model_output,
+            sigma,
+            sigma_next,
+            sample,
+            stochastic_sampling=stochastic,
+            noise=noise,
+            seed=seed,
             backend=self.backend,
         )
         self._step_index += 1
@@ -343,4 +399,3 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteSch
         sigma = self._cpu("sigmas")[index]
         sigma = float(sigma) if len(index) == 1 else sigma
         return tkf.flow_add_noise(sample, sigma, noise=noise, backend=self.backend)[0]
-

@@ -60,6 +60,7 @@ Refused with an error: attention dropout, chunked or bidirectional
 Version notes: transformers 5.x (the mask builder interface). On 4.48-4.50 the attention function
 is registered in ``ALL_ATTENTION_FUNCTIONS`` and needs ``transfusion_mask``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -144,8 +145,10 @@ class MaskRequest:
 
     def hybrid(self, Sq, Sk, explicit, position_ids, image_ids, device) -> HybridMask:
         if (Sq, Sk) != (self.q_length, self.kv_length):
-            raise ValueError(f"the layer has {Sq} queries x {Sk} keys but transformers built its mask for "
-                             f"{self.q_length} x {self.kv_length}: the cache layout is not supported")
+            raise ValueError(
+                f"the layer has {Sq} queries x {Sk} keys but transformers built its mask for "
+                f"{self.q_length} x {self.kv_length}: the cache layout is not supported"
+            )
         for e, pos, ids, mask in self._masks:
             if e is explicit and pos is position_ids and ids is image_ids:
                 return mask
@@ -179,17 +182,21 @@ class MaskRequest:
         if image_ids is not None:
             ids = torch.as_tensor(image_ids, device=device)
             if ids.dim() != 2 or ids.shape[0] != B or ids.dtype.is_floating_point:
-                raise ValueError(f"transfusion_image_ids must be integers of shape [batch={B}, L], got "
-                                 f"{ids.dtype} {tuple(ids.shape)}")
+                raise ValueError(
+                    f"transfusion_image_ids must be integers of shape [batch={B}, L], got "
+                    f"{ids.dtype} {tuple(ids.shape)}"
+                )
             L = ids.shape[1]
             ids = ids.long()
             new_run = torch.ones_like(ids, dtype=torch.bool)
             new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
             # an id that starts two runs of a row: equal neighbours among the sorted run starts
             run_ids = torch.where(new_run & (ids >= 0), ids, -1).sort(-1).values
-            _check(~((run_ids[:, 1:] == run_ids[:, :-1]) & (run_ids[:, 1:] >= 0)),
-                   "transfusion_image_ids: an image id occurs in two separate runs of a row; "
-                   "give each image its own id and one contiguous span")
+            _check(
+                ~((run_ids[:, 1:] == run_ids[:, :-1]) & (run_ids[:, 1:] >= 0)),
+                "transfusion_image_ids: an image id occurs in two separate runs of a row; "
+                "give each image its own id and one contiguous span",
+            )
             run_start, run_end = _run_bounds(new_run)
             inside = p < L
             pc = p.clamp(max=L - 1)
@@ -203,8 +210,10 @@ class MaskRequest:
             new_doc[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
             doc_start, doc_end = _run_bounds(new_doc)
             if block_start is not None:
-                _check(hi <= doc_end.gather(1, p), "transfusion_image_ids: an image crosses a document boundary "
-                       "(position_ids restart inside it)")
+                _check(
+                    hi <= doc_end.gather(1, p),
+                    "transfusion_image_ids: an image crosses a document boundary (position_ids restart inside it)",
+                )
             lo = doc_start
         if self.window is not None:
             w_lo = p - self.window + 1
@@ -217,9 +226,11 @@ def _rows_of(mask: HybridMask, B, Sq, Sk, device):
     if not isinstance(mask, HybridMask):
         raise TypeError(f"transfusion_mask must be a tk.HybridMask, got {type(mask).__name__}")
     if mask.num_intervals != 1:
-        raise ValueError(f"transfusion_mask has {mask.num_intervals} intervals per query; the transformers integration "
-                         "folds padding and windows into one interval per query: call tk.hybrid_attention with the "
-                         "mask directly for unions")
+        raise ValueError(
+            f"transfusion_mask has {mask.num_intervals} intervals per query; the transformers integration "
+            "folds padding and windows into one interval per query: call tk.hybrid_attention with the "
+            "mask directly for unions"
+        )
     if mask.num_queries != B * Sq or mask.num_keys != B * Sk:
         raise ValueError(
             f"transfusion_mask covers {mask.num_queries} queries x {mask.num_keys} keys, but the layer has "
@@ -229,8 +240,11 @@ def _rows_of(mask: HybridMask, B, Sq, Sk, device):
     base = (torch.arange(B, device=device) * Sk)[:, None]
     lo = mask.kv_start.to(device).long().view(B, Sq) - base
     hi = mask.kv_end.to(device).long().view(B, Sq) - base
-    _check((hi <= lo) | ((lo >= 0) & (hi <= Sk)), "transfusion_mask lets a query see keys of another row of the "
-           "batch; put a document boundary at every row start")
+    _check(
+        (hi <= lo) | ((lo >= 0) & (hi <= Sk)),
+        "transfusion_mask lets a query see keys of another row of the "
+        "batch; put a document boundary at every row start",
+    )
     return lo, hi
 
 
@@ -246,9 +260,12 @@ def _fold_padding(lo, hi, valid, real_q):
     n = count.gather(1, hi) - count.gather(1, lo)
     f, l = first_from.gather(1, lo), last_before.gather(1, hi)
     gap = (n > 0) & (l - f + 1 != n)
-    _check(~(gap & real_q), "attention_mask leaves a gap in the keys of a real query (padding between real "
-           "tokens, e.g. right padding followed by generated tokens): the transfusion attention sees one key "
-           "interval per query; pad on the left (tokenizer.padding_side = 'left')")
+    _check(
+        ~(gap & real_q),
+        "attention_mask leaves a gap in the keys of a real query (padding between real "
+        "tokens, e.g. right padding followed by generated tokens): the transfusion attention sees one key "
+        "interval per query; pad on the left (tokenizer.padding_side = 'left')",
+    )
     keep = (n > 0) & ~gap
     return torch.where(keep, f, lo), torch.where(keep, l + 1, lo)
 
@@ -267,32 +284,54 @@ def _from_dense(mask: torch.Tensor, B, Sq, Sk) -> HybridMask:
     m = mask[:, 0].expand(B, Sq, Sk)
     if m.dtype != torch.bool:
         allowed = m > torch.finfo(m.dtype).min / 2
-        _check(~allowed | (m == 0), "a 4-D additive attention_mask with values other than 0 and -inf (a bias) "
-               "is not supported by the transfusion attention")
+        _check(
+            ~allowed | (m == 0),
+            "a 4-D additive attention_mask with values other than 0 and -inf (a bias) "
+            "is not supported by the transfusion attention",
+        )
         m = allowed
     n = m.sum(-1)
     lo = m.long().argmax(-1)
     hi = Sk - m.flip(-1).long().argmax(-1)
-    _check((n == 0) | (hi - lo == n), "the 4-D attention_mask is not one key interval per query; the transfusion "
-           "attention supports interval masks only")
+    _check(
+        (n == 0) | (hi - lo == n),
+        "the 4-D attention_mask is not one key interval per query; the transfusion "
+        "attention supports interval masks only",
+    )
     return _flatten(torch.where(n > 0, lo, 0), torch.where(n > 0, hi, 0), Sk)
 
 
-def transfusion_mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                               attention_mask=None, local_size=None, use_vmap=False, config=None, **kwargs):
+def transfusion_mask_interface(
+    batch_size,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask=None,
+    local_size=None,
+    use_vmap=False,
+    config=None,
+    **kwargs,
+):
     """The ``AttentionMaskInterface`` function: a :class:`MaskRequest` instead of a dense mask."""
     if isinstance(attention_mask, MaskRequest):
         return attention_mask  # built by generate() for a static cache and passed back in
     if use_vmap:
-        raise ValueError("attention implementation 'transfusion': this model adds its own mask functions "
-                         "(or_mask_function / and_mask_function), which are not interval masks here; pass "
-                         "transfusion_mask= or transfusion_image_ids= instead")
+        raise ValueError(
+            "attention implementation 'transfusion': this model adds its own mask functions "
+            "(or_mask_function / and_mask_function), which are not interval masks here; pass "
+            "transfusion_mask= or transfusion_image_ids= instead"
+        )
     if "allow_is_bidirectional_skip" in kwargs:
-        raise ValueError("attention implementation 'transfusion' is causal; bidirectional masks "
-                         "(is_causal=False) are not supported")
+        raise ValueError(
+            "attention implementation 'transfusion' is causal; bidirectional masks (is_causal=False) are not supported"
+        )
     if local_size is not None and local_size != getattr(config, "sliding_window", None):
-        raise ValueError(f"attention implementation 'transfusion' does not support chunked attention (local size "
-                         f"{local_size}); only the sliding window config.sliding_window")
+        raise ValueError(
+            f"attention implementation 'transfusion' does not support chunked attention (local size "
+            f"{local_size}); only the sliding window config.sliding_window"
+        )
     # Folded in even when it is all ones: testing that would read it on the host every forward.
     padding = attention_mask.to(torch.bool) if isinstance(attention_mask, torch.Tensor) else None
     return MaskRequest(batch_size, q_length, kv_length, q_offset, kv_offset, padding, local_size)
@@ -312,36 +351,50 @@ def transfusion_attention_forward(
     (transformers' layout) -> (attn_output [B, Sq, Hq, D], None)."""
     stack = _stack()
     opts = dict(stack[-1]) if stack else {}
-    opts.update({k: kwargs[k] for k in ("transfusion_mask", "transfusion_backend", "transfusion_image_ids")
-                 if kwargs.get(k) is not None})
+    opts.update(
+        {
+            k: kwargs[k]
+            for k in ("transfusion_mask", "transfusion_backend", "transfusion_image_ids")
+            if kwargs.get(k) is not None
+        }
+    )
     explicit, image_ids = opts.get("transfusion_mask"), opts.get("transfusion_image_ids")
     if dropout:
-        raise ValueError(f"attention implementation 'transfusion' has no attention dropout (got dropout={dropout}); "
-                         "set the model's attention_dropout to 0")
+        raise ValueError(
+            f"attention implementation 'transfusion' has no attention dropout (got dropout={dropout}); "
+            "set the model's attention_dropout to 0"
+        )
     B, Hq, Sq, D = query.shape
     Hkv, Sk = key.shape[1], key.shape[2]
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         if explicit is not None or image_ids is not None:
-            raise ValueError("a 4-D attention_mask is the whole mask: leave transfusion_mask and "
-                             "transfusion_image_ids out, or pass a 2-D attention_mask")
+            raise ValueError(
+                "a 4-D attention_mask is the whole mask: leave transfusion_mask and "
+                "transfusion_image_ids out, or pass a 2-D attention_mask"
+            )
         mask = _from_dense(attention_mask, B, Sq, Sk)
     else:
         if attention_mask is None:  # model code that builds no mask: no cache, the layer's own window
             if Sq != Sk and explicit is None:
-                raise ValueError("attention implementation 'transfusion': this model built no attention mask for "
-                                 f"{Sq} queries against {Sk} keys; pass transfusion_mask=tk.HybridMask")
+                raise ValueError(
+                    "attention implementation 'transfusion': this model built no attention mask for "
+                    f"{Sq} queries against {Sk} keys; pass transfusion_mask=tk.HybridMask"
+                )
             attention_mask = MaskRequest(B, Sq, Sk, Sk - Sq, 0, None, kwargs.get("sliding_window"))
         elif not isinstance(attention_mask, MaskRequest):
-            raise TypeError(f"attention implementation 'transfusion' got an attention_mask of type "
-                            f"{type(attention_mask).__name__}; pass a 2-D padding mask or a 4-D mask")
+            raise TypeError(
+                f"attention implementation 'transfusion' got an attention_mask of type "
+                f"{type(attention_mask).__name__}; pass a 2-D padding mask or a 4-D mask"
+            )
         mask = attention_mask.hybrid(Sq, Sk, explicit, kwargs.get("position_ids"), image_ids, query.device)
     # [B, H, S, D] -> [B * S, H, D]: a view when B == 1 (the packed case), one copy otherwise.
     q = query.transpose(1, 2).reshape(B * Sq, Hq, D)
     k = key.transpose(1, 2).reshape(B * Sk, Hkv, D)
     v = value.transpose(1, 2).reshape(B * Sk, Hkv, value.shape[-1])
     # softcap: Gemma-2's attn_logit_softcapping, applied to the scaled scores as its eager attention does
-    out = hybrid_attention(q, k, v, mask, softmax_scale=scaling, backend=opts.get("transfusion_backend"),
-                           softcap=kwargs.get("softcap"))
+    out = hybrid_attention(
+        q, k, v, mask, softmax_scale=scaling, backend=opts.get("transfusion_backend"), softcap=kwargs.get("softcap")
+    )
     return out.view(B, Sq, Hq, out.shape[-1]), None
 
 
@@ -354,8 +407,9 @@ def _registries(name: str) -> list[tuple[dict, object]]:
     try:
         import transformers
     except ImportError as e:
-        raise ImportError(f"the '{name}' attention needs transformers ({e}): "
-                          "pip install 'transfusion-kernels[transformers]'") from None
+        raise ImportError(
+            f"the '{name}' attention needs transformers ({e}): pip install 'transfusion-kernels[transformers]'"
+        ) from None
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
@@ -363,11 +417,15 @@ def _registries(name: str) -> list[tuple[dict, object]]:
         try:
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         except ImportError:
-            raise RuntimeError(f"transformers {transformers.__version__} has no pluggable attention functions; the "
-                               f"'{name}' attention needs transformers >= 4.48 (mask building: >= 5.0)") from None
+            raise RuntimeError(
+                f"transformers {transformers.__version__} has no pluggable attention functions; the "
+                f"'{name}' attention needs transformers >= 4.48 (mask building: >= 5.0)"
+            ) from None
         return [(ALL_ATTENTION_FUNCTIONS, transfusion_attention_forward)]
-    return [(AttentionInterface._global_mapping, transfusion_attention_forward),
-            (AttentionMaskInterface._global_mapping, transfusion_mask_interface)]
+    return [
+        (AttentionInterface._global_mapping, transfusion_attention_forward),
+        (AttentionMaskInterface._global_mapping, transfusion_mask_interface),
+    ]
 
 
 def register(name: str = ATTN_IMPLEMENTATION) -> str:
@@ -395,5 +453,13 @@ def unregister(name: str = ATTN_IMPLEMENTATION) -> None:
             registry[name] = old
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "MaskRequest", "packed_position_ids", "register", "transfusion_attention_forward",
-           "transfusion_mask_interface", "unregister", "use_mask"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "MaskRequest",
+    "packed_position_ids",
+    "register",
+    "transfusion_attention_forward",
+    "transfusion_mask_interface",
+    "unregister",
+    "use_mask",
+]

@@ -40,6 +40,7 @@ reason ``backends.select`` raises for a named backend and passes it over under "
 else is required: dx = dy is handled here, and so are the casts of the gradients to the weights'
 dtypes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -80,8 +81,9 @@ class TimestepMLP(nn.Module):
     Pass it as ``mlp=`` to :func:`patch_timestep_embedding`; calling it directly maps
     [N, freq_dim] -> [N, out_dim] exactly as the diffusers module does."""
 
-    def __init__(self, freq_dim: int, hidden_dim: int, out_dim: int | None = None, *, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, freq_dim: int, hidden_dim: int, out_dim: int | None = None, *, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         out_dim = hidden_dim if out_dim is None else out_dim
         for name, n in (("freq_dim", freq_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
@@ -105,8 +107,9 @@ class TimestepMLP(nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         if not isinstance(sample, torch.Tensor) or sample.dim() < 1 or sample.shape[-1] != self.freq_dim:
-            raise ValueError(f"TimestepMLP: sample must be a tensor [..., freq_dim = {self.freq_dim}], "
-                             f"got {describe(sample)}")
+            raise ValueError(
+                f"TimestepMLP: sample must be a tensor [..., freq_dim = {self.freq_dim}], got {describe(sample)}"
+            )
         return self.linear_2(self.act(self.linear_1(sample)))
 
     def weights(self):
@@ -125,8 +128,9 @@ class TimestepMLP(nn.Module):
             raise ValueError(f"TimestepMLP.from_diffusers: te.act must be SiLU, got {getattr(te, 'act', None)!r}")
         l1, l2 = te.linear_1, te.linear_2
         w = l1.weight
-        mod = cls(l1.in_features, l1.out_features, l2.out_features, bias=l1.bias is not None,
-                  device=w.device, dtype=w.dtype)
+        mod = cls(
+            l1.in_features, l1.out_features, l2.out_features, bias=l1.bias is not None, device=w.device, dtype=w.dtype
+        )
         if copy:
             mod.load_state_dict({k: v for k, v in te.state_dict().items() if k.startswith(("linear_1.", "linear_2."))})
         else:
@@ -159,11 +163,24 @@ def patch_timestep_embedding(
     The range of image_index is checked when the op runs (one small device-to-host read)."""
     w1, b1, w2, b2 = _mlp_weights(mlp)
     freq_dim = check_inputs(x, timesteps, image_index, w1, b1, w2, b2, freq_dim)
-    shift, scale, max_period = check_config(freq_dim, downscale_freq_shift, scale, max_period,
-                                            "patch_timestep_embedding")
+    shift, scale, max_period = check_config(
+        freq_dim, downscale_freq_shift, scale, max_period, "patch_timestep_embedding"
+    )
     name = select(TIMESTEP, backend, x)
     return torch.ops.transfusion_kernels.patch_timestep_embedding(
-        x, timesteps, image_index, w1, b1, w2, b2, freq_dim, bool(flip_sin_to_cos), shift, scale, max_period, name,
+        x,
+        timesteps,
+        image_index,
+        w1,
+        b1,
+        w2,
+        b2,
+        freq_dim,
+        bool(flip_sin_to_cos),
+        shift,
+        scale,
+        max_period,
+        name,
     )
 
 
@@ -173,8 +190,10 @@ def _mlp_weights(mlp):
     if isinstance(mlp, TimestepMLP):
         return mlp.weights()
     if isinstance(mlp, nn.Module):
-        raise err(f"mlp must be a TimestepMLP (use TimestepMLP.from_diffusers for a diffusers "
-                  f"TimestepEmbedding) or a (w1, b1, w2, b2) tuple, got {type(mlp).__name__}")
+        raise err(
+            f"mlp must be a TimestepMLP (use TimestepMLP.from_diffusers for a diffusers "
+            f"TimestepEmbedding) or a (w1, b1, w2, b2) tuple, got {type(mlp).__name__}"
+        )
     if not isinstance(mlp, (tuple, list)) or len(mlp) != 4:
         raise err(f"mlp must be None, a TimestepMLP or a (w1, b1, w2, b2) tuple, got {type(mlp).__name__}")
     return tuple(mlp)

@@ -11,6 +11,7 @@ the order of a stable sort of image_index, in pieces of ``PIECE_ROWS`` rows, the
 order), atomic-free: same inputs, bitwise the same gradient. The MLP backward is M-row work and
 uses the reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,24 +57,49 @@ def sinusoid(timesteps, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scal
     if M and freq_dim:
         freq = _frequencies(freq_dim // 2, float(downscale_freq_shift), float(max_period), t.device)
         with torch.cuda.device(t.device):
-            ext.timestep_sinusoid(out.data_ptr(), t.data_ptr(), freq.data_ptr(), M, freq_dim, bool(flip_sin_to_cos),
-                                  float(downscale_freq_shift), float(scale), float(max_period), _stream(t.device))
+            ext.timestep_sinusoid(
+                out.data_ptr(),
+                t.data_ptr(),
+                freq.data_ptr(),
+                M,
+                freq_dim,
+                bool(flip_sin_to_cos),
+                float(downscale_freq_shift),
+                float(scale),
+                float(max_period),
+                _stream(t.device),
+            )
     return out
 
 
-def forward(x, timesteps, image_index, w1, b1, w2, b2, *, freq_dim, flip_sin_to_cos, downscale_freq_shift,
-            scale, max_period):
+def forward(
+    x, timesteps, image_index, w1, b1, w2, b2, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period
+):
     ext = require_extension()
-    emb = sinusoid(timesteps, freq_dim=freq_dim, flip_sin_to_cos=flip_sin_to_cos,
-                   downscale_freq_shift=downscale_freq_shift, scale=scale, max_period=max_period)
+    emb = sinusoid(
+        timesteps,
+        freq_dim=freq_dim,
+        flip_sin_to_cos=flip_sin_to_cos,
+        downscale_freq_shift=downscale_freq_shift,
+        scale=scale,
+        max_period=max_period,
+    )
     if w1 is not None:
         h = F.silu(F.linear(emb, w1.float(), None if b1 is None else b1.float()))
         emb = F.linear(h, w2.float(), None if b2 is None else b2.float()).contiguous()
     P, D = x.shape
     y = _empty((P, D), x.dtype, x.device)
     with torch.cuda.device(x.device):
-        ext.timestep_add_rows(y.data_ptr(), x.data_ptr(), emb.data_ptr(), image_index.data_ptr(), P, D,
-                              _DTYPE_NAMES[x.dtype], _stream(x.device))
+        ext.timestep_add_rows(
+            y.data_ptr(),
+            x.data_ptr(),
+            emb.data_ptr(),
+            image_index.data_ptr(),
+            P,
+            D,
+            _DTYPE_NAMES[x.dtype],
+            _stream(x.device),
+        )
     return y
 
 
@@ -93,14 +119,34 @@ def segment_sum(dy, image_index, num_images):
     max_pieces = P // PIECE_ROWS + M  # >= sum over images of ceil(rows / PIECE_ROWS)
     partial = torch.empty((max_pieces, D), dtype=torch.float32, device=dy.device)
     with torch.cuda.device(dy.device):
-        ext.timestep_segment_sum(demb.data_ptr(), partial.data_ptr(), dy.data_ptr(), order.data_ptr(),
-                                 seg.data_ptr(), piece_offsets.data_ptr(), M, D, max_pieces, PIECE_ROWS,
-                                 _DTYPE_NAMES[dy.dtype], _stream(dy.device))
+        ext.timestep_segment_sum(
+            demb.data_ptr(),
+            partial.data_ptr(),
+            dy.data_ptr(),
+            order.data_ptr(),
+            seg.data_ptr(),
+            piece_offsets.data_ptr(),
+            M,
+            D,
+            max_pieces,
+            PIECE_ROWS,
+            _DTYPE_NAMES[dy.dtype],
+            _stream(dy.device),
+        )
     return demb
 
 
-def mlp_backward(demb, timesteps, w1, b1, w2, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale,
-                 max_period):
+def mlp_backward(demb, timesteps, w1, b1, w2, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
     # M-row work (a few small GEMMs): the reference's cuBLAS calls are what a kernel would do.
-    return reference.mlp_backward(demb, timesteps, w1, b1, w2, freq_dim=freq_dim, flip_sin_to_cos=flip_sin_to_cos,
-                                  downscale_freq_shift=downscale_freq_shift, scale=scale, max_period=max_period)
+    return reference.mlp_backward(
+        demb,
+        timesteps,
+        w1,
+        b1,
+        w2,
+        freq_dim=freq_dim,
+        flip_sin_to_cos=flip_sin_to_cos,
+        downscale_freq_shift=downscale_freq_shift,
+        scale=scale,
+        max_period=max_period,
+    )

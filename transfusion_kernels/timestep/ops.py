@@ -1,6 +1,7 @@
 """The timestep custom ops: ``transfusion_kernels::patch_timestep_embedding`` with its fake and its
 autograd (dx = dy; the MLP weights' gradients through ``patch_timestep_segment_sum`` and
 ``timestep_mlp_backward``), each calling the backend module chosen by the public function."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,8 +20,13 @@ TIMESTEP = Op("patch_timestep_embedding", _IMPLS)
 
 
 def _cfg(freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
-    return dict(freq_dim=freq_dim, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=downscale_freq_shift,
-                scale=scale, max_period=max_period)
+    return dict(
+        freq_dim=freq_dim,
+        flip_sin_to_cos=flip_sin_to_cos,
+        downscale_freq_shift=downscale_freq_shift,
+        scale=scale,
+        max_period=max_period,
+    )
 
 
 def _c(t):
@@ -29,22 +35,51 @@ def _c(t):
 
 @torch.library.custom_op("transfusion_kernels::patch_timestep_embedding", mutates_args=())
 def _patch_op(
-    x: torch.Tensor, timesteps: torch.Tensor, image_index: torch.Tensor,
-    w1: Optional[torch.Tensor], b1: Optional[torch.Tensor], w2: Optional[torch.Tensor], b2: Optional[torch.Tensor],
-    freq_dim: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: float, max_period: float,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    image_index: torch.Tensor,
+    w1: Optional[torch.Tensor],
+    b1: Optional[torch.Tensor],
+    w2: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+    freq_dim: int,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: float,
+    scale: float,
+    max_period: float,
     backend: str,
 ) -> torch.Tensor:
     check_index_range(image_index, timesteps.shape[0])
     if x.shape[0] == 0:
         return torch.empty_like(x)
     return TIMESTEP.module(backend).forward(
-        x.contiguous(), timesteps.contiguous(), image_index.contiguous(), _c(w1), _c(b1), _c(w2), _c(b2),
-        **_cfg(freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period))
+        x.contiguous(),
+        timesteps.contiguous(),
+        image_index.contiguous(),
+        _c(w1),
+        _c(b1),
+        _c(w2),
+        _c(b2),
+        **_cfg(freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period),
+    )
 
 
 @_patch_op.register_fake
-def _(x, timesteps, image_index, w1, b1, w2, b2, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale,
-      max_period, backend):
+def _(
+    x,
+    timesteps,
+    image_index,
+    w1,
+    b1,
+    w2,
+    b2,
+    freq_dim,
+    flip_sin_to_cos,
+    downscale_freq_shift,
+    scale,
+    max_period,
+    backend,
+):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -62,21 +97,38 @@ def _(dy, image_index, num_images, backend):
 
 @torch.library.custom_op("transfusion_kernels::timestep_mlp_backward", mutates_args=())
 def _mlp_backward_op(
-    demb: torch.Tensor, timesteps: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-    freq_dim: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: float, max_period: float,
+    demb: torch.Tensor,
+    timesteps: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    freq_dim: int,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: float,
+    scale: float,
+    max_period: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = TIMESTEP.module(backend).mlp_backward(
-        demb.contiguous(), timesteps.contiguous(), w1.contiguous(), _c(b1), w2.contiguous(),
-        **_cfg(freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period))
+        demb.contiguous(),
+        timesteps.contiguous(),
+        w1.contiguous(),
+        _c(b1),
+        w2.contiguous(),
+        **_cfg(freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period),
+    )
     return tuple(g.contiguous() for g in grads)
 
 
 @_mlp_backward_op.register_fake
 def _(demb, timesteps, w1, b1, w2, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period, backend):
     f32 = dict(dtype=torch.float32)
-    return (demb.new_empty(w1.shape, **f32), demb.new_empty(w1.shape[0], **f32),
-            demb.new_empty(w2.shape, **f32), demb.new_empty(w2.shape[0], **f32))
+    return (
+        demb.new_empty(w1.shape, **f32),
+        demb.new_empty(w1.shape[0], **f32),
+        demb.new_empty(w2.shape, **f32),
+        demb.new_empty(w2.shape[0], **f32),
+    )
 
 
 def _setup_context(ctx, inputs, output):

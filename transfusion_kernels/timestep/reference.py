@@ -11,6 +11,7 @@ This is the oracle the fast backends are tested against, and the readable statem
 Backward: dx = dy; demb[m] = sum of dy[p] over the patches p of image m; then the MLP backward
 on the M rows of demb.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,10 +69,21 @@ def gather_rows(emb: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
     return padded[torch.where(image_index >= 0, image_index, m).long()]
 
 
-def forward(x, timesteps, image_index, w1, b1, w2, b2, *, freq_dim, flip_sin_to_cos,
-            downscale_freq_shift, scale, max_period):
-    emb = embed(timesteps, w1, b1, w2, b2, freq_dim=freq_dim, flip_sin_to_cos=flip_sin_to_cos,
-                downscale_freq_shift=downscale_freq_shift, scale=scale, max_period=max_period)
+def forward(
+    x, timesteps, image_index, w1, b1, w2, b2, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period
+):
+    emb = embed(
+        timesteps,
+        w1,
+        b1,
+        w2,
+        b2,
+        freq_dim=freq_dim,
+        flip_sin_to_cos=flip_sin_to_cos,
+        downscale_freq_shift=downscale_freq_shift,
+        scale=scale,
+        max_period=max_period,
+    )
     return (x.float() + gather_rows(emb, image_index)).to(x.dtype)
 
 
@@ -83,8 +95,7 @@ def segment_sum(dy: torch.Tensor, image_index: torch.Tensor, num_images: int) ->
     return out.index_add_(0, target, dy.float())[:num_images]
 
 
-def mlp_backward(demb, timesteps, w1, b1, w2, *, freq_dim, flip_sin_to_cos, downscale_freq_shift,
-                 scale, max_period):
+def mlp_backward(demb, timesteps, w1, b1, w2, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
     """Gradients (fp32) of sum(demb * linear_2(silu(linear_1(s)))) in w1, b1, w2, b2."""
     s = sinusoid(timesteps, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)
     h = F.linear(s, w1.float(), _f32(b1))

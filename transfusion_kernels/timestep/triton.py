@@ -24,6 +24,7 @@ arguments (timesteps reach 1000 rad); the reduction is exact for |argument| < 2*
 (~4e5 rad) and degrades gracefully beyond. The frequency table is diffusers' own fp32 computation
 (reference.frequencies), cached per device, so arguments match diffusers bit for bit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,9 +34,9 @@ import triton.language as tl
 from transfusion_kernels.timestep import reference
 
 # Block sizes (module-level so tests can shrink them to exercise multi-block paths on tiny inputs).
-ADD_BLOCK = 4096        # elements of x per program in the add pass
+ADD_BLOCK = 4096  # elements of x per program in the add pass
 ADD_MAX_BLOCK_D = 512
-PIECE_ROWS = 128        # patches per partial sum in the backward reduction
+PIECE_ROWS = 128  # patches per partial sum in the backward reduction
 SUM_BLOCK_D = 128
 SUM_BLOCK_R = 32
 IMAGE_SUM_BLOCK_T = 16  # partial rows per step of the per-image sum
@@ -46,13 +47,15 @@ SINUSOID_MAX_BLOCK_D = 256
 def supports(x) -> str | None:
     """The kernels cover every input the op accepts (README, "Supported shapes and dtypes")."""
     return None
-HIDDEN_BLOCK_M = 16     # tl.dot needs >= 16 rows
+
+
+HIDDEN_BLOCK_M = 16  # tl.dot needs >= 16 rows
 HIDDEN_BLOCK_H = 64
 HIDDEN_BLOCK_K = 32
 
 _INV_2PI = 0.15915494309189535
-_2PI_HI = 6.28125                 # 8 significant bits: k * _2PI_HI is exact for |k| < 2**16
-_2PI_LO = 0.0019353071693331003   # 2*pi - _2PI_HI, rounded to fp32 (residual ~1e-11)
+_2PI_HI = 6.28125  # 8 significant bits: k * _2PI_HI is exact for |k| < 2**16
+_2PI_LO = 0.0019353071693331003  # 2*pi - _2PI_HI, rounded to fp32 (residual ~1e-11)
 
 
 def _empty(shape, dtype, device):
@@ -94,8 +97,9 @@ def _sinusoid_tile(t, freq_ptr, cols, half, scale, FLIP: tl.constexpr):
 
 
 @triton.jit
-def _sinusoid_kernel(t_ptr, freq_ptr, out_ptr, M, DIM, half, scale,
-                     FLIP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+def _sinusoid_kernel(
+    t_ptr, freq_ptr, out_ptr, M, DIM, half, scale, FLIP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr
+):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     t = tl.load(t_ptr + rm, mask=rm < M, other=0).to(tl.float32)
@@ -105,9 +109,25 @@ def _sinusoid_kernel(t_ptr, freq_ptr, out_ptr, M, DIM, half, scale,
 
 
 @triton.jit
-def _hidden_kernel(t_ptr, freq_ptr, w1_ptr, b1_ptr, a_ptr, ds_ptr, M, H, F, half, scale,
-                   FLIP: tl.constexpr, HAS_B1: tl.constexpr, STORE_DSILU: tl.constexpr,
-                   BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+def _hidden_kernel(
+    t_ptr,
+    freq_ptr,
+    w1_ptr,
+    b1_ptr,
+    a_ptr,
+    ds_ptr,
+    M,
+    H,
+    F,
+    half,
+    scale,
+    FLIP: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    STORE_DSILU: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+):
     """a = silu(sinusoid(t) @ w1^T + b1) [M, H] fp32; optionally silu'(h) for the backward."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rh = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -143,8 +163,7 @@ def _round_to(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _add_kernel(x_ptr, idx_ptr, e_ptr, y_ptr, P, D, M, stride_x, stride_y,
-                BP: tl.constexpr, BD: tl.constexpr):
+def _add_kernel(x_ptr, idx_ptr, e_ptr, y_ptr, P, D, M, stride_x, stride_y, BP: tl.constexpr, BD: tl.constexpr):
     rp = tl.program_id(0) * BP + tl.arange(0, BP)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     pmask = rp < P
@@ -160,8 +179,7 @@ def _add_kernel(x_ptr, idx_ptr, e_ptr, y_ptr, P, D, M, stride_x, stride_y,
 
 
 @triton.jit
-def _piece_sum_kernel(dy_ptr, order_ptr, start_ptr, end_ptr, partial_ptr, D,
-                      BR: tl.constexpr, BD: tl.constexpr):
+def _piece_sum_kernel(dy_ptr, order_ptr, start_ptr, end_ptr, partial_ptr, D, BR: tl.constexpr, BD: tl.constexpr):
     """partial[p] = sum of dy rows order[start[p]:end[p]] (one image's patches)."""
     p = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -174,8 +192,9 @@ def _piece_sum_kernel(dy_ptr, order_ptr, start_ptr, end_ptr, partial_ptr, D,
             r = r0 + tl.arange(0, BR)
             rmask = r < end
             src = tl.load(order_ptr + r, mask=rmask, other=0).to(tl.int64)
-            acc += tl.load(dy_ptr + src[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                           other=0.0).to(tl.float32)
+            acc += tl.load(
+                dy_ptr + src[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+            ).to(tl.float32)
         tl.store(partial_ptr + p.to(tl.int64) * D + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
@@ -190,8 +209,11 @@ def _image_sum_kernel(partial_ptr, off_ptr, out_ptr, D, BT: tl.constexpr, BD: tl
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for p0 in range(lo, hi, BT):
         p = p0 + tl.arange(0, BT)
-        acc += tl.load(partial_ptr + p.to(tl.int64)[:, None] * D + cols[None, :],
-                       mask=(p < hi)[:, None] & cmask[None, :], other=0.0)
+        acc += tl.load(
+            partial_ptr + p.to(tl.int64)[:, None] * D + cols[None, :],
+            mask=(p < hi)[:, None] & cmask[None, :],
+            other=0.0,
+        )
     tl.store(out_ptr + m.to(tl.int64) * D + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
@@ -216,8 +238,7 @@ def sinusoid(timesteps, dim, *, flip_sin_to_cos, downscale_freq_shift, scale, ma
     return out
 
 
-def hidden(timesteps, w1, b1, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period,
-           with_dsilu=False):
+def hidden(timesteps, w1, b1, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period, with_dsilu=False):
     """a = silu(linear_1(sinusoid)) fp32 [M, H], and silu'(h) when with_dsilu."""
     M, H = timesteps.shape[0], w1.shape[0]
     dev = timesteps.device
@@ -227,9 +248,25 @@ def hidden(timesteps, w1, b1, *, freq_dim, flip_sin_to_cos, downscale_freq_shift
         freq = _frequencies(freq_dim // 2, downscale_freq_shift, max_period, dev)
         BM, BH, BK = HIDDEN_BLOCK_M, min(_pow2(H, 16), HIDDEN_BLOCK_H), min(_pow2(freq_dim, 16), HIDDEN_BLOCK_K)
         grid = (triton.cdiv(M, BM), triton.cdiv(H, BH))
-        _hidden_kernel[grid](timesteps, freq, w1, w1 if b1 is None else b1, a, ds, M, H, freq_dim,
-                             freq_dim // 2, scale, FLIP=flip_sin_to_cos, HAS_B1=b1 is not None,
-                             STORE_DSILU=with_dsilu, BM=BM, BH=BH, BK=BK)
+        _hidden_kernel[grid](
+            timesteps,
+            freq,
+            w1,
+            w1 if b1 is None else b1,
+            a,
+            ds,
+            M,
+            H,
+            freq_dim,
+            freq_dim // 2,
+            scale,
+            FLIP=flip_sin_to_cos,
+            HAS_B1=b1 is not None,
+            STORE_DSILU=with_dsilu,
+            BM=BM,
+            BH=BH,
+            BK=BK,
+        )
     return (a, ds) if with_dsilu else a
 
 
@@ -251,8 +288,9 @@ def add_rows(x, emb, image_index):
     BD = min(_pow2(D), ADD_MAX_BLOCK_D)
     BP = max(1, ADD_BLOCK // BD)
     grid = (triton.cdiv(P, BP), triton.cdiv(D, BD))
-    _add_kernel[grid](x, image_index, emb, y, P, D, M, x.stride(0), y.stride(0), BP=BP, BD=BD,
-                      num_warps=8 if BP * BD >= 4096 else 4)
+    _add_kernel[grid](
+        x, image_index, emb, y, P, D, M, x.stride(0), y.stride(0), BP=BP, BD=BD, num_warps=8 if BP * BD >= 4096 else 4
+    )
     return y
 
 
