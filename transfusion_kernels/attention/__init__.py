@@ -1,4 +1,7 @@
-"""Hybrid-mask attention: dispatch, torch.library custom ops and autograd.
+"""Hybrid-mask attention. The op's folder, as every op's: this public function (checks, then
+dispatch), ``ops.py`` (the custom ops, their fakes and autograd), ``validation.py`` (the one layer
+of argument checks), and the backends ``reference.py``, ``triton.py``, ``cuda.py``; ``plan.py``
+builds the tile plans the kernels read and ``flex.py`` is the FlexAttention-style entry point.
 
 Backend modules (reference.py, triton.py, cuda.py) each define (the kernel backends also
 ``supports(q, scale, softcap, num_intervals) -> reason or None``, what their kernels cover, for
@@ -17,216 +20,12 @@ graph breaks.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
-from transfusion_kernels.backends import Op, select
+from transfusion_kernels.attention.ops import ATTENTION, _attention_fwd
+from transfusion_kernels.attention.validation import _LAYOUTS, _batched, _check_inputs, _check_scale, _check_softcap
+from transfusion_kernels.backends import select
 from transfusion_kernels.masks import HybridMask
-
-ATTENTION = Op(
-    "hybrid_attention",
-    {
-        "reference": "transfusion_kernels.attention.reference",
-        "triton": "transfusion_kernels.attention.triton",
-        "cuda": "transfusion_kernels.attention.cuda",
-    },
-)
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _tokens(x: torch.Tensor) -> int:
-    """Tokens of a [tokens, H, D] or batched [B, N, H, D] tensor."""
-    return x.shape[0] * x.shape[1] if x.dim() == 4 else x.shape[0]
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """[B, N, H, D] as [B * N, H, D] (a copy when the strides do not allow a view)."""
-    return x.reshape(-1, *x.shape[2:]) if x.dim() == 4 else x
-
-
-def _module(backend: str, q: torch.Tensor):
-    """The backend's module, and whether it takes batched [B, N, H, D] inputs as they are."""
-    module = ATTENTION.module(backend)
-    return module, q.dim() == 3 or getattr(module, "BATCHED_INPUTS", False)
-
-
-@torch.library.custom_op("transfusion_kernels::hybrid_attention_fwd", mutates_args=())
-def _attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    starts: torch.Tensor,
-    ends: torch.Tensor,
-    plan_tensors: list[torch.Tensor],
-    plan_ints: list[int],
-    scale: float,
-    softcap: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if _tokens(q) == 0:  # no queries (an empty batch, or no new tokens against a cache): no launch
-        return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[-2], 0), dtype=torch.float32)
-    module, takes_batched = _module(backend, q)
-    plan = module.Plan.from_op_args(plan_tensors, plan_ints)
-    if takes_batched:
-        return module.forward(q, k, v, starts, ends, plan, scale, softcap)
-    out, lse = module.forward(_flat(q), _flat(k), _flat(v), starts, ends, plan, scale, softcap)
-    return out.view(q.shape[:-1] + v.shape[-1:]), lse
-
-
-@_attention_fwd.register_fake
-def _(q, k, v, starts, ends, plan_tensors, plan_ints, scale, softcap, backend):
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[-2], _tokens(q)), dtype=torch.float32)
-
-
-@torch.library.custom_op("transfusion_kernels::hybrid_attention_bwd", mutates_args=())
-def _attention_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    starts: torch.Tensor,
-    ends: torch.Tensor,
-    plan_tensors: list[torch.Tensor],
-    plan_ints: list[int],
-    scale: float,
-    softcap: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _tokens(q) == 0:  # no query sees any key
-        return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    module, takes_batched = _module(backend, q)
-    plan = module.Plan.from_op_args(plan_tensors, plan_ints)
-    if takes_batched:
-        return module.backward(dout, q, k, v, out, lse, starts, ends, plan, scale, softcap)
-    grads = module.backward(
-        _flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse, starts, ends, plan, scale, softcap
-    )
-    # laid out as the fake implementation promises (empty_like of each input)
-    return tuple(torch.empty_like(x).copy_(g.view(x.shape)) for x, g in zip((q, k, v), grads))
-
-
-@_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, starts, ends, plan_tensors, plan_ints, scale, softcap, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, starts, ends, plan_tensors, plan_ints, scale, softcap, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, starts, ends, *plan_tensors)
-    ctx.plan_ints, ctx.scale, ctx.softcap, ctx.backend = plan_ints, scale, softcap, backend
-
-
-def _backward(ctx, dout, dlse):
-    # lse is returned for inspection and merging partial results; it is not differentiated.
-    q, k, v, out, lse, starts, ends, *plan_tensors = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(
-        dout.contiguous(),
-        q,
-        k,
-        v,
-        out,
-        lse,
-        starts,
-        ends,
-        plan_tensors,
-        ctx.plan_ints,
-        ctx.scale,
-        ctx.softcap,
-        ctx.backend,
-    )
-    # One entry per input, nested like the inputs: a list of Nones for the tensor list; the int
-    # list is a single leaf, except when empty (then an empty list).
-    return (dq, dk, dv, None, None, [None] * len(plan_tensors), None if ctx.plan_ints else [], None, None, None)
-
-
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _check_inputs(q, k, v, mask) -> None:
-    """q, k, v: [tokens, heads, head_dim] alike, or (batched, read through their strides) [B, N,
-    heads, head_dim] alike."""
-    if not isinstance(mask, HybridMask):
-        raise TypeError(f"mask must be a tk.HybridMask, got {type(mask).__name__}")
-    dims = q.dim() if isinstance(q, torch.Tensor) and q.dim() in (3, 4) else 3
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != dims:
-            raise ValueError(
-                f"{name} must be a 3-D tensor [tokens, heads, head_dim], got {getattr(t, 'shape', type(t))}"
-            )
-        if t.shape[-2] < 1 or t.shape[-1] < 1:
-            raise ValueError(f"{name} must have at least one head and head_dim >= 1, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have unit stride in its last (head_dim) dimension, got strides {t.stride()}")
-        if t.device != mask.device:
-            raise ValueError(f"{name} is on {t.device} but the mask is on {mask.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if dims == 4 and q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
-    if q.shape[-2] % k.shape[-2]:
-        raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads ({k.shape[-2]})")
-    if _tokens(q) != mask.num_queries:
-        raise ValueError(f"q has {_tokens(q)} tokens but the mask has {mask.num_queries} queries")
-    if _tokens(k) != mask.num_keys:
-        raise ValueError(f"k has {_tokens(k)} tokens but the mask has {mask.num_keys} keys")
-
-
-def _check_scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim**-0.5
-    if isinstance(softmax_scale, torch.Tensor) and softmax_scale.numel() == 1 and not softmax_scale.is_complex():
-        softmax_scale = softmax_scale.item()
-    real = isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool)
-    if not real or not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be a finite real number or None, got {softmax_scale!r}")
-    return float(softmax_scale)
-
-
-def _check_softcap(softcap) -> float:
-    """0.0 for no cap (None or 0, as FlashAttention), else the positive cap."""
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, torch.Tensor) and softcap.numel() == 1 and not softcap.is_complex():
-        softcap = softcap.item()
-    real = isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
-    if not real or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(
-            f"softcap must be None or a finite real number >= 0 (scores -> softcap * tanh(scores / "
-            f"softcap); 0 or None: no cap), got {softcap!r}"
-        )
-    return float(softcap)
-
-
-_LAYOUTS = ("bnhd", "bhnd")
-
-
-def _batched(q, k, v, layout: str):
-    """4-D [B, N, H, D] ("bnhd") or [B, H, N, D] ("bhnd") tensors as [B * N, H, D] views when the
-    strides of all three allow it, else as [B, N, H, D] views that the kernels read through their
-    strides (the triton kernels; the other backends flatten them with one copy)."""
-    views = []
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(
-                f"{name} must be 4-D like q, got shape {tuple(getattr(x, 'shape', ())) or type(x).__name__}"
-            )
-        views.append(x if layout == "bnhd" else x.transpose(1, 2))
-    try:
-        return [y.view(-1, *y.shape[2:]) for y in views]
-    except RuntimeError:
-        return views
 
 
 def hybrid_attention(
@@ -246,8 +45,10 @@ def hybrid_attention(
     for 4-D inputs). Differentiable in q, k and v; lse is not differentiated. A query that sees no
     key gets output 0 and lse -inf.
 
-    Inputs a backend's kernels do not cover (see README, "Supported shapes and dtypes") run on
-    the next backend (cuda -> triton -> reference) with one warning per reason.
+    ``backend``: None or "auto" picks on a GPU the first of triton, cuda whose kernels cover the
+    inputs, else the reference, and on the CPU the reference (``tk.explain`` says which and why). A named backend whose kernels do not cover
+    the inputs (README, "Supported shapes and dtypes") raises ``BackendUnavailableError`` naming
+    the reason.
 
     Non-finite inputs: a NaN/inf in query row i or in a key that row i sees makes out[i] and
     lse[i] NaN, and leaves every other row as it would be without it. A non-finite value in v

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from transfusion_kernels.attention import _tokens
+from transfusion_kernels.attention.ops import _tokens
 from transfusion_kernels.attention.plan import KernelPlan, heaviest_first, key_tiles, query_runs
 
 _LOG2E = 1.4426950408889634
