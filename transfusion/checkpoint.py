@@ -106,7 +106,8 @@ def check_tokenizer(path, tokenizer, model_vocab_size: int, record: dict | None)
     if tokenizer.vocab_size != model_vocab_size:
         raise ValueError(
             f"{f} gives {tokenizer.vocab_size} token ids but the model was trained with "
-            f"{model_vocab_size} (config.json model.vocab_size): the file was replaced or damaged; {fix}"
+            f"{model_vocab_size} (config.json model.vocab_size, less its model.image_codes): the file was "
+            f"replaced or damaged; {fix}"
         )
     if record is None:
         return
@@ -246,7 +247,7 @@ def load_checkpoint(path, device="cpu", backend: str | None = None, use_ema: boo
         tok = Tokenizer.load(path / "tokenizer.model")
     except RuntimeError as e:  # sentencepiece's error for a file that is not a model
         raise ValueError(f"{path / 'tokenizer.model'}: not a SentencePiece model ({e})") from e
-    check_tokenizer(path, tok, cfg.model.vocab_size, record)
+    check_tokenizer(path, tok, cfg.model.text_vocab_size, record)
     model = TransfusionModel(cfg.model, backend=backend)
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors")
     model.load_state_dict(_load_tensors(weights))

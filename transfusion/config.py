@@ -66,6 +66,12 @@ class ModelConfig:
     # "bidirectional": every image attends to all of its own patches (the paper's mask);
     # "causal": no image spans, patches see only earlier patches (the ablation baseline)
     image_attention: str = "bidirectional"
+    # "continuous": images as latent patches under the diffusion loss (Transfusion); "discrete":
+    # images as the codes of a k-means codebook over patch_size x patch_size latent patches, ids
+    # appended after the text vocabulary (vocab_size counts them), LM loss only (Chameleon-style)
+    image_recipe: str = "continuous"
+    image_codes: int = 0  # codebook size; discrete only
+    codebook_seed: int = 0  # seed of the codebook's k-means; discrete only
 
     def __post_init__(self) -> None:
         self.unet_channels = tuple(self.unet_channels)
@@ -99,6 +105,31 @@ class ModelConfig:
             self.prediction_type in ("epsilon", "v_prediction", "sample"),
             f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}",
         )
+        _check(
+            self.image_recipe in ("continuous", "discrete"),
+            f"image_recipe must be 'continuous' or 'discrete', got {self.image_recipe!r}",
+        )
+        if self.image_recipe == "discrete":
+            _check(self.image_codes >= 2, f"the discrete image recipe needs image_codes >= 2, got {self.image_codes}")
+            _check(
+                self.vocab_size > self.image_codes,
+                f"vocab_size ({self.vocab_size}) must count the text vocabulary and the {self.image_codes} image codes",
+            )
+            _check(
+                self.image_encoder == "linear",
+                "image_encoder 'unet' belongs to the continuous image recipe; the discrete one has no encoder",
+            )
+        else:
+            _check(self.image_codes == 0, f"image_codes ({self.image_codes}) is for the discrete image recipe only")
+
+    @property
+    def discrete_images(self) -> bool:
+        return self.image_recipe == "discrete"
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids below this are text (and special) tokens; a discrete model's image codes follow."""
+        return self.vocab_size - self.image_codes
 
     @property
     def bidirectional_images(self) -> bool:
@@ -172,6 +203,10 @@ class SampleDefaults:
         _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
 
 
+# Fields added after checkpoints existed: a checkpoint without them has their defaults.
+ADDED_LATER = {"ModelConfig": {"image_recipe", "image_codes", "codebook_seed"}}
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -203,7 +238,7 @@ class Config:
             unknown = set(sub) - names
             if unknown:
                 raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
-            missing = names - set(sub)
+            missing = names - set(sub) - ADDED_LATER.get(kind.__name__, set())
             if strict and missing and (sub or kind is not SampleDefaults):
                 raise ValueError(f"{kind.__name__} fields missing: {sorted(missing)}")
             for f in dataclasses.fields(kind):

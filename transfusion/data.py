@@ -263,6 +263,9 @@ class MixedBatches:
     Document mix: ``text_fraction`` text-only documents; the rest image-caption pairs, of which
     ``image_first_fraction`` put the image first (timestep capped at ``image_first_max_timestep``)
     and the others put the caption first, dropping it with probability ``caption_dropout``.
+    ``image_tokens`` (the discrete image recipe): each image's token ids ``[n_images, n]``; an
+    image is then the text segment ``[BOI] tokens [EOI]`` (same documents, same order; no
+    timesteps, so the noise cap has no effect).
     """
 
     def __init__(
@@ -274,9 +277,17 @@ class MixedBatches:
         data_cfg,
         patch_size: int,
         num_train_timesteps: int = 1000,
+        image_tokens: torch.Tensor | None = None,
     ):
         if len(images) != len(labels):
             raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
+        if image_tokens is not None and len(image_tokens) != len(images):
+            raise ValueError(f"image_tokens ({len(image_tokens)}) and images ({len(images)}) differ in length")
+        self.image_tokens = (
+            None
+            if image_tokens is None
+            else [[tokenizer.boi_id, *map(int, t), tokenizer.eoi_id] for t in image_tokens.tolist()]
+        )
         self.images, self.labels = images, labels
         self.tokenizer, self.cfg = tokenizer, data_cfg
         self.patch_size, self.T = patch_size, num_train_timesteps
@@ -305,12 +316,17 @@ class MixedBatches:
             digit = int(self.labels[i])
             cap = self.caption_ids[(digit, rng.randrange(len(CAPTION_TEMPLATES)))]
             if rng.random() < cfg.image_first_fraction:
-                docs.append([Image(self.images[i], cfg.image_first_max_timestep), list(cap)])
+                docs.append([self._image(i, cfg.image_first_max_timestep), list(cap)])
             elif rng.random() < cfg.caption_dropout:
-                docs.append([Image(self.images[i])])
+                docs.append([self._image(i)])
             else:
-                docs.append([list(cap), Image(self.images[i])])
+                docs.append([list(cap), self._image(i)])
         return docs
+
+    def _image(self, i: int, max_timestep: int | None = None):
+        if self.image_tokens is not None:
+            return list(self.image_tokens[i])
+        return Image(self.images[i], max_timestep)
 
     def batch(self, step: int) -> PackedBatch:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)

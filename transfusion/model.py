@@ -149,13 +149,16 @@ class TransfusionModel(nn.Module):
         # "auto": 128 when the attention backend is the reference); see split_attention_blocks
         self.attention_block_tokens: int | str | None = "auto"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        if cfg.image_encoder == "linear":
+        if cfg.discrete_images:  # images are codes in the vocabulary: no image encoder, head or timesteps
+            self.register_buffer("codebook", torch.zeros(cfg.image_codes, cfg.patch_dim))
+        elif cfg.image_encoder == "linear":
             self.image = LinearPatches(cfg.latent_channels, cfg.patch_size, cfg.dim)
         else:
             self.image = UNetPatches(
                 cfg.latent_channels, cfg.patch_size, cfg.dim, cfg.unet_channels, cfg.timestep_freq_dim
             )
-        self.t_mlp = tk.TimestepMLP(cfg.timestep_freq_dim, cfg.dim, cfg.dim)
+        if not cfg.discrete_images:
+            self.t_mlp = tk.TimestepMLP(cfg.timestep_freq_dim, cfg.dim, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -177,6 +180,21 @@ class TransfusionModel(nn.Module):
             beta_start=c.beta_start,
             beta_end=c.beta_end,
         )
+
+    # -- discrete images ---------------------------------------------------------------------
+    def image_tokens(self, latents):
+        """Token ids ``[N, n]`` of latents ``[N, C, H, W]`` (a discrete model): their codebook
+        codes, offset past the text vocabulary."""
+        from transfusion.codebook import encode_codes
+
+        return encode_codes(self.codebook, latents, self.cfg.patch_size) + self.cfg.text_vocab_size
+
+    def token_images(self, tokens, shape):
+        """Latents ``[N, C, H, W]`` of image token ids ``[N, n]`` (the inverse of ``image_tokens``
+        up to the codebook's quantisation)."""
+        from transfusion.codebook import decode_codes
+
+        return decode_codes(self.codebook, tokens - self.cfg.text_vocab_size, shape, self.cfg.patch_size)
 
     # -- pieces ------------------------------------------------------------------------------
     def embed_images(self, images, timesteps):

@@ -31,6 +31,8 @@ class SampleConfig:
     max_new_tokens: int = 32
     max_images: int = 1  # per sequence; BOI is masked once reached
     temperature: float = 0.0  # 0: greedy
+    # a discrete model's image codes are sampled at this temperature (0: greedy), guided as above
+    image_temperature: float = 1.0
     seed: int = 0
     clip_sample: bool = False  # clip the predicted clean image to [-1, 1] (pixel latents)
     bf16: bool | None = None  # bf16 autocast for the transformer (None: on CUDA only)
@@ -94,7 +96,7 @@ def generate(
 
 def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
     mc = model.cfg
-    if cfg.max_images > 0 or open_image:
+    if (cfg.max_images > 0 or open_image) and not mc.discrete_images:
         check_sampler(mc, cfg.sampler)
     dtype = next(model.parameters()).dtype
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -118,6 +120,9 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
                     raise ValueError(
                         f"prompt images must be [C={mc.latent_channels}, H, W] latents, got {tuple(seg.shape)}"
                     )
+                if mc.discrete_images:  # the image's codes, read as tokens
+                    text += [tokenizer.boi_id, *model.image_tokens(seg[None].to(dev))[0].tolist(), tokenizer.eoi_id]
+                    continue
                 seq.append(text + [tokenizer.boi_id])
                 seq.append(seg)
                 text = [tokenizer.eoi_id]
@@ -138,8 +143,9 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
             sb = [b for b in ib if tuple(chunks[b][j].shape) == shape]
             imgs = torch.stack([chunks[b][j] for b in sb]).to(dev, dtype)
             _image_step(model, cache, sb, imgs, torch.zeros(len(sb), dtype=torch.long, device=dev), commit=True)
+    uncond = None
     if guided:  # unconditional contexts for guidance: [BOS] [BOI]
-        _text_step(model, cache, list(range(B, 2 * B)), [[tokenizer.bos_id, tokenizer.boi_id]] * B)
+        uncond = _text_step(model, cache, list(range(B, 2 * B)), [[tokenizer.bos_id, tokenizer.boi_id]] * B)
 
     last = [c[-1][-1] for c in chunks]
     done = [False] * B
@@ -147,7 +153,10 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
     n_img = [0] * B
     segs = [[] for _ in range(B)]
     toks = [[] for _ in range(B)]
-    banned = torch.tensor([tokenizer.pad_id, tokenizer.bos_id, tokenizer.eoi_id], device=dev)
+    # (a discrete model's image codes too: they are written only between BOI and EOI)
+    banned = torch.tensor(
+        [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eoi_id, *range(mc.text_vocab_size, mc.vocab_size)], device=dev
+    )
     bar = tqdm(
         total=B * cfg.max_images,
         desc="images",
@@ -158,11 +167,16 @@ def _generate(model, tokenizer, prompts, cfg, open_image, dev, progress):
     while not all(done):
         need = [b for b in range(B) if not done[b] and last[b] == tokenizer.boi_id]
         if need:
-            imgs = _diffuse(model, cache, need, B if guided else None, cfg, sched, g, dev, dtype, progress)
+            if mc.discrete_images:
+                imgs, codes = _sample_codes(model, cache, need, uncond, logits[need], cfg, g, dev)
+            else:
+                imgs = _diffuse(model, cache, need, B if guided else None, cfg, sched, g, dev, dtype, progress)
+                codes = [[] for _ in need]
             bar.update(len(need))
-            for b, x in zip(need, imgs):
+            for b, x, c in zip(need, imgs, codes):
                 segs[b].append(("image", x.float().cpu()))
                 n_img[b] += 1
+                toks[b] += c
                 toks[b].append(tokenizer.eoi_id)
                 last[b] = tokenizer.eoi_id
             out = _text_step(model, cache, need, [[tokenizer.eoi_id]] * len(need))
@@ -252,6 +266,41 @@ def _diffuse(model, cache, seq_ids, uncond_offset, cfg: SampleConfig, sched, g, 
         x = unpatchify(rows, S, mc.latent_channels, H, W, k).to(dtype)
     _image_step(model, cache, seq_ids, x, torch.zeros(S, dtype=torch.long, device=dev), commit=True)
     return x
+
+
+def _sample_codes(model, cache, seq_ids, uncond, logits, cfg: SampleConfig, g, dev):
+    """A discrete model's images, one per sequence in ``seq_ids`` (whose caches end with BOI):
+    the codes of the patch grid one by one, each drawn at ``cfg.image_temperature`` from the
+    code logits, guided as the continuous recipe is (``uncond``: the logits after ``[BOS] [BOI]``
+    of the unconditional copies, rows ``B..2B``, or None without guidance), and written into the
+    caches. Returns the decoded latents ``[S, C, H, W]`` and each image's token ids."""
+    mc = model.cfg
+    k, base = mc.patch_size, mc.text_vocab_size
+    H, W = cfg.image_size
+    if H % k or W % k:
+        raise ValueError(f"image_size {cfg.image_size} must be divisible by patch_size={k}")
+    ids = list(seq_ids)
+    if uncond is not None:
+        u_ids = [len(uncond) + b for b in seq_ids]
+        cache.lens[u_ids] = 2  # each image's unconditional context is [BOS] [BOI] again
+        ids += u_ids
+        u = uncond[seq_ids]
+    picked = []
+    for _ in range((H // k) * (W // k)):
+        lg = logits[:, base:].float()
+        if uncond is not None:
+            lg = u[:, base:] + cfg.cfg_scale * (lg - u[:, base:])
+        if cfg.image_temperature > 0:
+            p = torch.softmax(lg.cpu() / cfg.image_temperature, -1)
+            code = torch.multinomial(p, 1, generator=g)[:, 0]
+        else:
+            code = lg.argmax(-1).cpu()
+        picked.append(code)
+        toks = (code + base).tolist()
+        out = _text_step(model, cache, ids, [[t] for t in toks + (toks if uncond is not None else [])])
+        logits, u = out.chunk(2) if uncond is not None else (out, None)
+    tokens = torch.stack(picked, 1) + base
+    return model.token_images(tokens, (mc.latent_channels, H, W)).to(dev), tokens.tolist()
 
 
 @torch.no_grad()
