@@ -20,6 +20,7 @@ import transfusion_kernels as tk
 
 from transfusion.checkpoint import load_trainer_state, save_checkpoint
 from transfusion.data import IGNORE, PackedBatch
+from transfusion.flops import batch_counts, training_flops
 from transfusion.image import patchify, unpatchify
 from transfusion.objective import training_inputs
 
@@ -128,6 +129,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": None if gnorm is None else float(gnorm),
             "tokens": int(batch.input_ids.numel()),
+            "flops": training_flops(self.model.cfg, batch_counts(batch, self.model.cfg.bidirectional_images)),
             "step_time": time.perf_counter() - t0,
         }
 
