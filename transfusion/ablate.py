@@ -46,7 +46,11 @@ class Variant:
     name: str
     groups: tuple[str, ...]  # the plots and tables it appears in
     overrides: dict  # "section.field" -> value, on top of the baseline config
-    in_grid: bool = True  # False: run only when --only names it
+    in_grid: bool = True  # False: run only when --only or --group names it
+    # training FLOPs (transfusion/flops.py): the run's steps are this over the FLOPs of an
+    # average step of its config (None: the grid's --steps)
+    budget: float | None = None
+    heldout_text: bool = False  # train on the corpus less HELDOUT_TEXT's lines, score on those
 
 
 # One line per variant. A config shared by several groups is one variant (one run per seed).
@@ -69,6 +73,23 @@ VARIANTS = [
     Variant("lambda_5", ("lambda",), {"train.diffusion_weight": 5.0}),
     Variant("flow", ("objective",), {"model.objective": "flow"}),  # sampled with Euler steps
 ]
+
+# Transfusion against a Chameleon-style discrete-token model at matched compute (docs/ablations.md,
+# "Transfusion vs Chameleon"): the baseline (continuous 4x4 patches, 4 per digit) and the same
+# transformer on k-means codes of 2x2 patches (16 per digit, 256 codes: the image is 4x the
+# tokens, as Chameleon's 1024 against Transfusion's 256 in the paper), each at the same FLOP
+# budgets; the budgets are 1 : 3 : 9, the largest sized so the 18 runs take about half an hour on
+# two busy cores (docs/ablations.md, "Budget").
+DISCRETE = {"model.image_recipe": "discrete", "model.image_codes": 256, "model.patch_size": 2}
+BUDGETS = (1.2e11, 3.6e11, 1.08e12)
+BUDGET_NAMES = ("1x", "3x", "9x")
+VARIANTS += [
+    Variant(f"{name}_{tag}", ("chameleon",), overrides, in_grid=False, budget=b, heldout_text=True)
+    for b, tag in zip(BUDGETS, BUDGET_NAMES)
+    for name, overrides in (("transfusion", {}), ("chameleon", DISCRETE))
+]
+QUICK_BUDGET_SCALE = 1 / 150  # --quick: the budgets scaled down to a few steps each
+HELDOUT_FRACTION = 0.2  # of the text generator's distinct lines, held out of training (heldout_text)
 
 TRAIN_STEPS = 1200  # per run, every variant (chosen to fit the grid's time budget: docs/ablations.md)
 SEEDS = 3
@@ -110,7 +131,35 @@ def variant_config(base, variant: Variant, seed: int):
             raise KeyError(f"variant {variant.name}: {key} is not a config field")
         parts[section][name] = value
     parts["data"]["seed"] = parts["train"]["seed"] = seed
+    if parts["model"]["image_recipe"] == "discrete":  # the codes follow the text vocabulary
+        parts["model"]["vocab_size"] += parts["model"]["image_codes"]
     return Config.from_dict(parts)
+
+
+def heldout_text_lines() -> list[str]:
+    """``HELDOUT_FRACTION`` of the distinct lines the training corpus's generator makes (seed 0,
+    as ``prepare`` draws the corpus), drawn with seed 0, sorted: the ``heldout_text`` variants are
+    trained on the corpus without them and scored on them (arithmetic facts and counting lines
+    the model has not seen)."""
+    import random
+
+    from transfusion.data import text_corpus
+
+    distinct = sorted(set(text_corpus(0)))
+    return sorted(random.Random(0).sample(distinct, round(HELDOUT_FRACTION * len(distinct))))
+
+
+_CODEBOOKS = {}
+
+
+def codebook(data_dir, size: int, patch: int, seed: int):
+    """The k-means codebook of the prepared training latents (fitted once per process)."""
+    from transfusion.codebook import fit_codebook
+
+    key = (str(data_dir), size, patch, seed)
+    if key not in _CODEBOOKS:
+        _CODEBOOKS[key] = fit_codebook(_yardsticks(data_dir).prepared.train_latents, size, patch, seed)
+    return _CODEBOOKS[key]
 
 
 # -- yardsticks ------------------------------------------------------------------------------
@@ -198,7 +247,9 @@ def generate_images(model, tokenizer, prompts, steps: int):
     from transfusion.objective import SAMPLERS
     from transfusion.sample import SampleConfig, generate
 
-    sampler = SAMPLERS[model.cfg.objective][0]  # DDIM, or Euler for a flow model
+    # DDIM, or Euler for a flow model; a discrete model ignores both (its codes are sampled one by
+    # one at temperature 1, guided alike)
+    sampler = SAMPLERS[model.cfg.objective][0]
     scfg = SampleConfig(steps=steps, sampler=sampler, cfg_scale=CFG_SCALE, image_size=(8, 8), max_new_tokens=0, seed=0)
     return torch.stack([r["images"][0] for r in generate(model, tokenizer, prompts, scfg, open_image=True)])
 
@@ -228,9 +279,19 @@ def text_perplexity(model, tokenizer, lines, batch_docs: int = 128) -> float:
 
 
 def evaluate(
-    model, tokenizer, ys: Yardsticks, step_counts, templates: int, caption_n: int | None, text_lines: int | None
+    model,
+    tokenizer,
+    ys: Yardsticks,
+    step_counts,
+    templates: int,
+    caption_n: int | None,
+    text_lines: int | None,
+    heldout_text: list[str] | None = None,
 ) -> dict:
-    """All yardsticks for one trained model (see the module docstring)."""
+    """All yardsticks for one trained model (see the module docstring). A discrete model's images
+    are sampled once, under the key ``"ar"`` (autoregressive) in place of the sampling step
+    counts. ``heldout_text``: lines left out of its training corpus, scored as
+    ``heldout_text_perplexity`` (and left out of the training-text lines)."""
     from transfusion.data import CAPTION_TEMPLATES, WORDS, parse_digit, to_pixels8
     from transfusion.sample import SampleConfig, caption
 
@@ -239,9 +300,9 @@ def evaluate(
     digits = [d for d in range(10) for _ in range(templates)]
     prompts = [CAPTION_TEMPLATES[j].format(word=WORDS[d], num=d) for d in range(10) for j in range(templates)]
     out = {"generation": {}, "timings_s": {}}
-    for steps in step_counts:
+    for steps in ("ar",) if model.cfg.discrete_images else step_counts:
         t = time.perf_counter()
-        gen = generate_images(model, tokenizer, prompts, steps)
+        gen = generate_images(model, tokenizer, prompts, 1 if steps == "ar" else steps)
         pred = ys.svc.predict(to_pixels8(gen))
         out["generation"][str(steps)] = {
             "accuracy": float((pred == np.array(digits)).mean()),
@@ -258,7 +319,13 @@ def evaluate(
     out["caption_examples"] = [{"label": int(v), "caption": c} for c, v in list(zip(caps, y))[:5]]
     out["timings_s"]["caption"] = time.perf_counter() - t
     t = time.perf_counter()
-    lines = ys.text_lines[:text_lines] if text_lines is not None else ys.text_lines
+    lines = ys.text_lines
+    if heldout_text is not None:
+        held = set(heldout_text)
+        lines = [s for s in lines if s not in held]
+        out["heldout_text_perplexity"] = text_perplexity(model, tokenizer, heldout_text[:text_lines])
+        out["heldout_text_lines"] = len(heldout_text[:text_lines])
+    lines = lines[:text_lines]
     out["text_perplexity"] = text_perplexity(model, tokenizer, lines)
     out["text_lines"] = len(lines)
     out["timings_s"]["perplexity"] = time.perf_counter() - t
@@ -297,14 +364,22 @@ def run_one(task: dict) -> dict:
     cfg = Config.from_dict(task["config"])
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend=cfg.train.backend)
+    image_tokens = None
+    if cfg.model.discrete_images:
+        m = cfg.model
+        model.codebook.copy_(codebook(task["data"], m.image_codes, m.patch_size, m.codebook_seed))
+        image_tokens = model.image_tokens(p.train_latents)
+    held = heldout_text_lines() if task["heldout_text"] else None
+    corpus = training_corpus(p, held)
     batches = MixedBatches(
         p.train_latents,
         p.train_labels,
-        p.corpus,
+        corpus,
         p.tokenizer,
         cfg.data,
         cfg.model.patch_size,
         cfg.model.num_train_timesteps,
+        image_tokens=image_tokens,
     )
     trainer = Trainer(model, cfg, p.tokenizer, batches)
     t = time.perf_counter()
@@ -313,7 +388,7 @@ def run_one(task: dict) -> dict:
     tail = hist[-max(1, len(hist) // 10) :]
     t = time.perf_counter()
     metrics = evaluate(
-        model, p.tokenizer, ys, task["step_counts"], task["templates"], task["caption_n"], task["text_lines"]
+        model, p.tokenizer, ys, task["step_counts"], task["templates"], task["caption_n"], task["text_lines"], held
     )
     result = {
         "variant": task["variant"],
@@ -328,6 +403,12 @@ def run_one(task: dict) -> dict:
             "final_ddpm_loss": float(np.mean([h["ddpm_loss"] for h in tail])),
             "tokens_per_step": float(np.mean([h["tokens"] for h in hist])) if hist else 0.0,
             "parameters": sum(q.numel() for q in model.parameters()),
+            # every step's count (transfusion/flops.py, the formula); None for the U-Net encoder
+            "flops": None if any(h["flops"] is None for h in hist) else float(sum(h["flops"] for h in hist)),
+            "flops_formula": "6 * (P_layers * tokens + d * V * logits + 2 * p * d * image_tokens "
+            "+ (f * d + d * d) * images) + 12 * L * d_attn * attention_pairs (transfusion/flops.py)",
+            "budget": task["budget"],
+            "corpus_lines": len(corpus),
         },
         "wall_s": {"train": train_s, "evaluate": time.perf_counter() - t, "total": time.perf_counter() - t0},
         "threads": torch.get_num_threads(),
@@ -408,6 +489,19 @@ def plan(args) -> tuple[list[Variant], list[int], dict]:
                 f"--only: unknown variant {', '.join(unknown) or repr(args.only)}; choose from {', '.join(names)}"
             )
         pool = [v for v in VARIANTS if v.name in wanted]
+    if args.group:
+        groups = sorted({g for v in VARIANTS for g in v.groups})
+        if args.only:
+            raise UserError(f"--group {args.group} and --only both choose the runs; give one of them")
+        if args.group not in groups:
+            raise UserError(f"--group: unknown group {args.group!r}; choose from {', '.join(groups)}")
+        pool = [v for v in VARIANTS if args.group in v.groups]
+    budgeted = [v.name for v in pool if v.budget is not None]
+    if budgeted and args.steps is not None:
+        raise UserError(
+            f"--steps does not apply to {', '.join(budgeted)}: their steps follow from their FLOP budgets; "
+            "leave --steps out"
+        )
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else SEEDS)))
     ev = (
         dict(
@@ -425,9 +519,46 @@ def plan(args) -> tuple[list[Variant], list[int], dict]:
     return pool, seeds, ev
 
 
+def training_corpus(prepared, held: list[str] | None) -> list[str]:
+    """The prepared corpus, less the ``held`` lines (``heldout_text`` variants)."""
+    if held is None:
+        return prepared.corpus
+    drop = set(held)
+    return [s for s in prepared.corpus if s not in drop]
+
+
+def mean_step_flops(cfg, prepared, corpus, n: int = 64) -> float:
+    """The mean training FLOPs (transfusion/flops.py) of the first ``n`` batches of a run's
+    stream. The counts depend only on the documents' lengths, so a discrete run's image codes are
+    stood in for by one code of the right number per patch."""
+    import torch
+
+    from transfusion.data import MixedBatches
+    from transfusion.flops import batch_counts, training_flops
+
+    m = cfg.model
+    tokens = None
+    if m.discrete_images:
+        s = prepared.train_latents.shape
+        tokens = torch.full((s[0], (s[2] // m.patch_size) * (s[3] // m.patch_size)), m.text_vocab_size)
+    b = MixedBatches(
+        prepared.train_latents,
+        prepared.train_labels,
+        corpus,
+        prepared.tokenizer,
+        cfg.data,
+        m.patch_size,
+        m.num_train_timesteps,
+        image_tokens=tokens,
+    )
+    return float(np.mean([training_flops(m, batch_counts(b.batch(i), m.bidirectional_images)) for i in range(n)]))
+
+
 def _cost(v: Variant, base) -> float:
     """Rough relative training cost: runs go cheapest first, so an interrupted grid has whole
-    groups done before the costly patch-1 runs."""
+    groups done before the costly patch-1 runs (and the small budgets before the large ones)."""
+    if v.budget is not None:
+        return v.budget / BUDGETS[0]
     k = v.overrides.get("model.patch_size", base.model.patch_size)
     return (64 / k**2) * (2.0 if v.overrides.get("model.image_encoder", base.model.image_encoder) == "unet" else 1.0)
 
@@ -468,9 +599,16 @@ def run(args) -> int:
     as_module = Path(sys.argv[0]).name == "ablate.py"
     command = shlex.join((["python", "-m", "transfusion.ablate"] if as_module else ["transfusion"]) + sys.argv[1:])
     tasks, skipped = [], 0
+    held = heldout_text_lines()
+    scale = QUICK_BUDGET_SCALE if args.quick else 1.0
     for v in sorted(pool, key=lambda v: _cost(v, base)):
         for seed in seeds:
-            cfg = json.loads(variant_config(base, v, seed).to_json())  # as stored: lists, not tuples
+            config = variant_config(base, v, seed)
+            budget = None if v.budget is None else v.budget * scale
+            if budget is not None:
+                corpus = training_corpus(prepared, held if v.heldout_text else None)
+                config.train.steps = max(1, round(budget / mean_step_flops(config, prepared, corpus)))
+            cfg = json.loads(config.to_json())  # as stored: lists, not tuples
             path = out / "runs" / f"{v.name}__seed{seed}.json"
             if path.is_file():
                 try:
@@ -501,12 +639,15 @@ def run(args) -> int:
                     "quick": args.quick,
                     "commit": commit,
                     "command": command,
+                    "budget": budget,
+                    "heldout_text": v.heldout_text,
                 }
             )
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(
-        f"ablate: {len(tasks)} runs to do, {skipped} already done; {ev['steps']} training steps each; "
-        f"{args.jobs} jobs x {threads} threads"
+        f"ablate: {len(tasks)} runs to do, {skipped} already done; "
+        + ("steps from the FLOP budgets; " if any(v.budget for v in pool) else f"{ev['steps']} training steps each; ")
+        + f"{args.jobs} jobs x {threads} threads"
     )
     t0 = time.perf_counter()
     bar = tqdm(
@@ -530,7 +671,7 @@ def run(args) -> int:
                 bar.set_postfix_str(f"{r['variant']} seed {r['seed']}: {r['wall_s']['total']:.0f} s")
     bar.close()
     elapsed = time.perf_counter() - t0
-    summary = aggregate(out, _yardsticks(data_dir).floors(ev["templates"]), ev, elapsed if tasks else None)
+    summary = aggregate(out, _yardsticks(data_dir).floors(ev["templates"]), ev, elapsed if tasks else None, data_dir)
     write_table(out, summary)
     if no_plots is None:
         plot(out, summary)
@@ -576,6 +717,16 @@ def variant_stats(runs: list[dict]) -> dict:
             "fd": {s: _stats([r["metrics"]["generation"][s]["fd"] for r in rs]) for s in counts},
             "caption_accuracy": _stats([r["metrics"]["caption_accuracy"] for r in rs]),
             "text_perplexity": _stats([r["metrics"]["text_perplexity"] for r in rs]),
+            **(
+                {"heldout_text_perplexity": _stats([r["metrics"]["heldout_text_perplexity"] for r in rs])}
+                if "heldout_text_perplexity" in rs[0]["metrics"]
+                else {}
+            ),
+            **(
+                {"train_flops": _stats([r["training"]["flops"] for r in rs])}
+                if rs[0]["training"].get("flops") is not None
+                else {}
+            ),
             "train_s": _stats([r["wall_s"]["train"] for r in rs]),
             "run_s": _stats([r["wall_s"]["total"] for r in rs]),
             "tokens_per_step": rs[0]["training"]["tokens_per_step"],
@@ -587,9 +738,25 @@ def variant_stats(runs: list[dict]) -> dict:
     return variants
 
 
-def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None) -> dict:
+def tokenizer_ceiling(data_dir) -> dict:
+    """The discrete recipe's tokenizer (``DISCRETE``'s codebook, seed 0) scored on the held-out
+    digits: ``transfusion.codebook.ceiling``."""
+    from transfusion.codebook import ceiling
+
+    p = _yardsticks(data_dir).prepared
+    size, patch = DISCRETE["model.image_codes"], DISCRETE["model.patch_size"]
+    cb = codebook(data_dir, size, patch, 0)
+    return {
+        **ceiling(cb, patch, p.train_latents, p.train_labels, p.test_latents, p.test_labels),
+        "seed": 0,
+        "method": "k-means (scikit-learn KMeans, n_init 1, max_iter 100) over the training digits' patches",
+    }
+
+
+def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None, data_dir=None) -> dict:
     """Mean and std over seeds of every variant's metrics and the verdicts, from the run files in
-    ``out/runs``."""
+    ``out/runs``; with chameleon runs, their compute ratios and (from ``data_dir``) the
+    tokenizer's ceiling."""
     runs = load_runs(out)
     variants = variant_stats(runs)
     groups = {}
@@ -606,6 +773,12 @@ def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None) -> dict:
         "last_invocation_wall_s": elapsed,
         "runs": len(runs),
     }
+    if "chameleon" in groups:
+        from transfusion import chameleon
+
+        summary["chameleon_ratios"] = chameleon.ratios(variants)
+        if data_dir is not None:
+            summary["tokenizer"] = tokenizer_ceiling(data_dir)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -688,14 +861,30 @@ VERDICTS = [
     Verdict("lambda", "lambda 0.5 vs 1, generation", "lambda_0.5", "baseline", "generation_accuracy", None),
     Verdict("objective", "flow vs DDPM, generation", "flow", "baseline", "generation_accuracy", None),
     Verdict("objective", "flow vs DDPM, captioning", "flow", "baseline", "caption_accuracy", None),
+] + [
+    Verdict(
+        "chameleon",
+        f"continuous vs discrete images at {tag} FLOPs, {what}",
+        f"transfusion_{tag}",
+        f"chameleon_{tag}",
+        metric,
+        expect,
+    )
+    for tag in BUDGET_NAMES
+    for what, metric, expect in (
+        ("generation", "generation_accuracy", ">"),
+        ("FD", "fd", "<"),
+        ("captioning", "caption_accuracy", ">"),
+        ("held-out text perplexity", "heldout_text_perplexity", "<"),
+    )
 ]
 
 
 def _metric(v: dict, metric: str) -> dict:
     """The stats of ``metric``; generation and FD at the most sampling steps evaluated (25 in the
-    grid)."""
+    grid; a discrete model's one autoregressive pass, ``"ar"``)."""
     m = v[metric]
-    return m if "mean" in m else m[max(m, key=int)]
+    return m if "mean" in m else m[max(m, key=lambda s: int(s) if s.isdigit() else 0)]
 
 
 def judge(a: dict, b: dict, expect: str | None) -> dict:
@@ -732,7 +921,7 @@ def verdicts(variants: dict) -> list[dict]:
 
 def verdict_line(r: dict) -> str:
     """A verdict as one table row (summary.md and docs/ablations.md quote it verbatim)."""
-    fmt = ".2f" if r["metric"].startswith(("fd", "text")) else ".3f"
+    fmt = ".2f" if r["metric"].startswith(("fd", "text", "heldout")) else ".3f"
     claim = {">": "higher", "<": "lower", None: "(no claim)"}.get(
         r["expect"]
     ) or f"within {float(r['expect'].split(':')[1]):g}"
@@ -766,6 +955,11 @@ def write_table(out: Path, summary: dict) -> None:
         "",
     ]
     for group, names in summary["groups"].items():
+        if group == "chameleon":  # against FLOPs, not sampling steps
+            from transfusion.chameleon import table_lines
+
+            lines += table_lines(summary)
+            continue
         counts = list(summary["variants"][names[0]]["generation_accuracy"])
         head = (
             ["variant", "seeds"]
@@ -808,6 +1002,11 @@ def plot(out: Path, summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     for group, names in summary["groups"].items():
+        if group == "chameleon":  # against FLOPs, not sampling steps
+            from transfusion import chameleon
+
+            chameleon.plot(out, summary)
+            continue
         fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
         for n in names:
             v = summary["variants"][n]
@@ -855,6 +1054,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="a tiny grid (few steps, one seed, few variants) to check the harness; no claims",
+    )
+    parser.add_argument(
+        "--group",
+        default=None,
+        help="run the variants of one group, those outside the default grid included: e.g. chameleon "
+        "(Transfusion against a discrete-token model at matched FLOP budgets)",
     )
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per variant (default {SEEDS}; --quick: 1)")
     parser.add_argument(
