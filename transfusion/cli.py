@@ -175,6 +175,7 @@ def cmd_train(args) -> int:
     from transfusion.runner import build_config, run_training, warmup_warning
 
     out = Path(args.out)
+    _check_recipe_args(args)
     check_out(out, "train", args.overwrite or args.resume, also=", --resume", legacy=_is_legacy_run)
     if args.distributed:
         from transfusion.distributed import train as train_distributed
@@ -227,6 +228,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+DIFFUSION_TRAIN_OPTIONS = ("objective", "diffusion_weight", "image_encoder")
+DIFFUSION_SAMPLE_OPTIONS = ("steps", "sampler", "eta")
+
+
+def _check_recipe_args(args) -> None:
+    """UserError for options the chosen image recipe has no use for (``--image-recipe``, or the
+    ``--config`` file's ``model.image_recipe``)."""
+    from transfusion.runner import read_config_file
+
+    recipe = args.image_recipe or (read_config_file(args.config).model.image_recipe if args.config else "continuous")
+    if recipe != "discrete":
+        _require(
+            args.codebook_size is None,
+            "--codebook-size applies to --image-recipe discrete only; add it or leave --codebook-size out",
+        )
+        return
+    given = [f"--{n.replace('_', '-')}" for n in DIFFUSION_TRAIN_OPTIONS if getattr(args, n) is not None]
+    _require(
+        not given,
+        f"{', '.join(given)} set{'s' * (len(given) == 1)} the continuous image recipe's diffusion side; "
+        "the discrete recipe has none (images are codes, trained with the LM loss): leave "
+        f"{'it' if len(given) == 1 else 'them'} out, or drop --image-recipe discrete",
+    )
+    _require(
+        not args.distributed,
+        "--distributed trains the continuous image recipe only; train --image-recipe discrete in one process",
+    )
+
+
 def resume_command(args) -> str:
     """The command line that continues this training run: the same options, --resume instead of
     --overwrite."""
@@ -252,6 +282,7 @@ def _check_sampling_args(args) -> None:
         ("max_images", 0),
         ("image_size", 1),
         ("temperature", 0),
+        ("image_temperature", 0),
         ("eta", 0),
         ("num_images", 1),
         ("png_scale", 1),
@@ -290,7 +321,25 @@ def _sample_cfg(args, cfg, latents):
     from transfusion.sample import SampleConfig
 
     base = SampleConfig()
-    opt = {name: getattr(args, name, getattr(base, name)) for name in ("eta", "cfg_scale", "max_images", "clip_sample")}
+    given = getattr(args, "_given", set())
+    if cfg.model.discrete_images:
+        wrong = [f"--{n.replace('_', '-')}" for n in DIFFUSION_SAMPLE_OPTIONS if n in given]
+        wrong += ["--clip-sample"] if getattr(args, "clip_sample", False) else []
+        _require(
+            not wrong,
+            f"{', '.join(wrong)}: this checkpoint's images are discrete codes sampled token by token, "
+            "not denoised; leave the diffusion options out (--image-temperature sets the codes' temperature)",
+        )
+    else:
+        _require(
+            "image_temperature" not in given,
+            "--image-temperature applies to a discrete-recipe checkpoint (its image codes); this one denoises "
+            "its images: leave it out",
+        )
+    opt = {
+        name: getattr(args, name, getattr(base, name))
+        for name in ("eta", "cfg_scale", "max_images", "clip_sample", "image_temperature")
+    }
     steps = args.steps if getattr(args, "steps", None) is not None else cfg.sample.steps
     sampler = getattr(args, "sampler", None) or cfg.sample.sampler or SAMPLERS[cfg.model.objective][0]
     if getattr(args, "sampler", None) is not None:
@@ -542,6 +591,12 @@ def _diffusion_args(p):
         "checkpoint's sampling default: ddim, the paper preset's ddpm, euler for flow)",
     )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0: deterministic (default 0)")
+    p.add_argument(
+        "--image-temperature",
+        type=float,
+        default=1.0,
+        help="a discrete-recipe checkpoint's image codes are sampled at this temperature; 0: greedy (default 1)",
+    )
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1: off (default 3)")
     p.add_argument("--clip-sample", action="store_true", help="clip the predicted clean image to [-1, 1]")
     p.add_argument("--max-images", type=int, default=1, help="most images per generated sequence (default 1)")
@@ -686,6 +741,20 @@ def parser() -> argparse.ArgumentParser:
             "model",
             "objective",
         ),
+    )
+    p.add_argument(
+        "--image-recipe",
+        choices=("continuous", "discrete"),
+        default=None,
+        help="images as continuous latent patches with the diffusion loss (Transfusion), or as the codes of a "
+        "k-means codebook over --patch-size patches of the training images, LM loss only (Chameleon-style) "
+        "(default: --config's, else continuous)",
+    )
+    p.add_argument(
+        "--codebook-size",
+        type=int,
+        default=None,
+        help="codes of the discrete recipe's codebook, added to the vocabulary (default: --config's, else 256)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -41,6 +41,9 @@ def read_config_file(path) -> Config:
         raise UserError(f"{path}: {e}; fix the config file") from e
 
 
+DEFAULT_CODEBOOK = 256  # codes of the discrete image recipe when neither --codebook-size nor --config says
+
+
 def build_config(info: dict, args):
     """The run's Config: the base (``--config`` or preset) with the data's settings and the
     command-line overrides; UserError when a value is out of range or does not fit the data."""
@@ -78,6 +81,13 @@ def build_config(info: dict, args):
         v = getattr(args, key, None)
         if v is not None:
             dest[{"layers": "n_layers", "heads": "n_heads"}.get(key, key)] = v
+    if getattr(args, "image_recipe", None) is not None:
+        m["image_recipe"] = args.image_recipe
+    if m["image_recipe"] == "discrete":
+        m["image_codes"] = getattr(args, "codebook_size", None) or m["image_codes"] or DEFAULT_CODEBOOK
+        m["vocab_size"] += m["image_codes"]  # the codes follow the text vocabulary
+    else:
+        m["image_codes"] = 0
     if getattr(args, "heads", None) is not None and base.model.n_kv_heads == base.model.n_heads:
         m["n_kv_heads"] = None  # no GQA in the base config: follow the new head count
     if args.backend:
@@ -136,6 +146,16 @@ def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=N
         write_marker(out, "train")
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, backend=cfg.train.backend).to(device)
+    image_tokens = None
+    if cfg.model.discrete_images:  # the codebook of the training images (a resumed run reloads the same)
+        from transfusion.codebook import fit_codebook
+
+        m = cfg.model
+        try:
+            model.codebook.copy_(fit_codebook(prepared.train_latents, m.image_codes, m.patch_size, m.codebook_seed))
+        except ValueError as e:
+            raise UserError(f"{e}; pass a smaller --codebook-size") from e
+        image_tokens = model.image_tokens(prepared.train_latents.to(device)).cpu()
     batches = MixedBatches(
         prepared.train_latents,
         prepared.train_labels,
@@ -144,6 +164,7 @@ def build_trainer(prepared, cfg, out, *, device, resume: bool = False, latents=N
         cfg.data,
         cfg.model.patch_size,
         cfg.model.num_train_timesteps,
+        image_tokens=image_tokens,
     )
     trainer = Trainer(
         model, cfg, prepared.tokenizer, batches, device=device, metrics_path=out / "metrics.jsonl", latents=latents
