@@ -527,15 +527,22 @@ def training_corpus(prepared, held: list[str] | None) -> list[str]:
     return [s for s in prepared.corpus if s not in drop]
 
 
+_STEP_FLOPS = {}
+
+
 def mean_step_flops(cfg, prepared, corpus, n: int = 64) -> float:
     """The mean training FLOPs (transfusion/flops.py) of the first ``n`` batches of a run's
-    stream. The counts depend only on the documents' lengths, so a discrete run's image codes are
-    stood in for by one code of the right number per patch."""
+    stream (once per model and data config: the budgets of a recipe share it). The counts depend
+    only on the documents' lengths, so a discrete run's image codes are stood in for by one code
+    of the right number per patch."""
     import torch
 
     from transfusion.data import MixedBatches
     from transfusion.flops import batch_counts, training_flops
 
+    key = json.dumps([cfg.model.__dict__, cfg.data.__dict__, len(corpus), n], sort_keys=True, default=list)
+    if key in _STEP_FLOPS:
+        return _STEP_FLOPS[key]
     m = cfg.model
     tokens = None
     if m.discrete_images:
@@ -551,7 +558,10 @@ def mean_step_flops(cfg, prepared, corpus, n: int = 64) -> float:
         m.num_train_timesteps,
         image_tokens=tokens,
     )
-    return float(np.mean([training_flops(m, batch_counts(b.batch(i), m.bidirectional_images)) for i in range(n)]))
+    _STEP_FLOPS[key] = float(
+        np.mean([training_flops(m, batch_counts(b.batch(i), m.bidirectional_images)) for i in range(n)])
+    )
+    return _STEP_FLOPS[key]
 
 
 def _cost(v: Variant, base) -> float:
@@ -743,11 +753,12 @@ def tokenizer_ceiling(data_dir) -> dict:
     digits: ``transfusion.codebook.ceiling``."""
     from transfusion.codebook import ceiling
 
-    p = _yardsticks(data_dir).prepared
+    ys = _yardsticks(data_dir)
+    p = ys.prepared
     size, patch = DISCRETE["model.image_codes"], DISCRETE["model.patch_size"]
     cb = codebook(data_dir, size, patch, 0)
     return {
-        **ceiling(cb, patch, p.train_latents, p.train_labels, p.test_latents, p.test_labels),
+        **ceiling(cb, patch, p.train_latents, p.train_labels, p.test_latents, p.test_labels, ys.svc),
         "seed": 0,
         "method": "k-means (scikit-learn KMeans, n_init 1, max_iter 100) over the training digits' patches",
     }

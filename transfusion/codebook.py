@@ -20,11 +20,14 @@ def fit_codebook(latents: torch.Tensor, size: int, patch: int, seed: int = 0) ->
     """``[size, C * patch * patch]`` centroids of k-means over the patches of ``latents``
     ``[N, C, H, W]`` (the training split)."""
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     rows = patchify(latents.float(), patch).numpy().astype(np.float64)
     if len(np.unique(rows, axis=0)) < size:
         raise ValueError(f"a codebook of {size} codes needs as many distinct patches; the images have fewer")
-    km = KMeans(size, n_init=1, max_iter=100, random_state=seed).fit(rows)
+    # one thread: the same sums in the same order on any machine (and no OpenMP spinning on a busy one)
+    with threadpool_limits(1):
+        km = KMeans(size, n_init=1, max_iter=100, random_state=seed).fit(rows)
     return torch.tensor(km.cluster_centers_, dtype=torch.float32)
 
 
@@ -43,15 +46,17 @@ def decode_codes(codebook: torch.Tensor, codes: torch.Tensor, shape, patch: int)
     return unpatchify(rows, len(codes), c, h, w, patch)
 
 
-def ceiling(codebook: torch.Tensor, patch: int, train_images, train_labels, test_images, test_labels) -> dict:
+def ceiling(codebook: torch.Tensor, patch: int, train_images, train_labels, test_images, test_labels, svc=None) -> dict:
     """The discrete recipe's ceiling on the held-out digits: the reconstruction error (mean
     squared, in [-1, 1] pixels) and the digit classifier's (the yardsticks' SVC, fitted on the
-    real training digits) accuracy on the reconstructions, beside its accuracy on the originals."""
+    real training digits; ``svc``: one already fitted so) accuracy on the reconstructions, beside
+    its accuracy on the originals."""
     from sklearn.svm import SVC
 
     from transfusion.data import to_pixels8
 
-    svc = SVC(gamma=0.001).fit(to_pixels8(train_images), np.asarray(train_labels))
+    if svc is None:
+        svc = SVC(gamma=0.001).fit(to_pixels8(train_images), np.asarray(train_labels))
     rec = decode_codes(codebook, encode_codes(codebook, test_images, patch), tuple(test_images.shape[1:]), patch)
     y = np.asarray(test_labels)
     return {
