@@ -25,7 +25,6 @@ log, ``-inf`` for a query that sees nothing (its output and gradients are 0). He
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -47,15 +46,25 @@ LN2 = tl.constexpr(0.6931471805599453)
 # ----------------------------------------------------------------------------------------------
 # Block configuration
 # ----------------------------------------------------------------------------------------------
+TMA = 1  # KernelConfig.flags bit: K/V (forward) or Q/dO (dk/dv) tiles come in through TMA
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile shape and launch parameters of one kernel: ``block_m`` query rows and ``block_n`` key
-    rows per tile or loop step (which of the two is the program's tile depends on the kernel)."""
+    rows per tile or loop step (which of the two is the program's tile depends on the kernel),
+    and ``flags`` (``TMA``: the loop's tiles are loaded through tensor descriptors, on Hopper,
+    and the interpreter, whenever the inputs allow it; pointer loads otherwise)."""
 
     block_m: int
     block_n: int
     warps: int
     stages: int
+    flags: int = 0
+
+    def to_list(self) -> list[int]:
+        """block_m, block_n, warps, stages, then flags when set (flags < 16 <= any block size)."""
+        return [self.block_m, self.block_n, self.warps, self.stages] + ([self.flags] if self.flags else [])
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -66,6 +75,8 @@ class KernelConfig:
             raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {self.warps!r}")
         if not isinstance(self.stages, int) or not 1 <= self.stages <= 8:
             raise ValueError(f"stages must be in [1, 8], got {self.stages!r}")
+        if not isinstance(self.flags, int) or self.flags & ~TMA:
+            raise ValueError(f"flags must be 0 or TMA ({TMA}), got {self.flags!r}")
 
 
 @dataclass(frozen=True)
@@ -79,27 +90,34 @@ class AttentionConfig:
     dq: KernelConfig
 
     def to_list(self) -> list[int]:
-        """12 ints (fwd, dkdv, dq; each block_m, block_n, warps, stages): the ``blocks`` that
-        ``prepare`` hands to ``forward``/``backward`` through the custom ops."""
-        return [x for c in (self.fwd, self.dkdv, self.dq) for x in dataclasses.astuple(c)]
+        """12 ints (fwd, dkdv, dq; each block_m, block_n, warps, stages), each kernel's four
+        followed by its flags when it has any: the ``blocks`` that ``prepare`` hands to
+        ``forward``/``backward`` through the custom ops."""
+        return [x for c in (self.fwd, self.dkdv, self.dq) for x in c.to_list()]
 
     @classmethod
     def from_list(cls, values) -> "AttentionConfig":
         values = [int(x) for x in values]
-        if len(values) != 12:
+        kernels, i = [], 0
+        while i + 4 <= len(values) and len(kernels) < 3:
+            n = 5 if i + 4 < len(values) and values[i + 4] < 16 else 4  # a flags int, not a block size
+            kernels.append(values[i : i + n])
+            i += n
+        if len(kernels) != 3 or i != len(values):
             raise ValueError(
                 f"a triton attention config is 12 ints (fwd, dkdv, dq: block_m, block_n, warps, "
-                f"stages), got {len(values)}; build it with prepare(mask, q, k)"
+                f"stages; each kernel's optionally followed by its flags), got {len(values)}; build "
+                f"it with prepare(mask, q, k)"
             )
-        return cls(*(KernelConfig(*values[i : i + 4]) for i in (0, 4, 8)))
+        return cls(*(KernelConfig(*k) for k in kernels))
 
 
 DELTA_BLOCK = 32  # rows per program of the delta = rowsum(dout * out) kernel
 
 # Small tiles under the interpreter: fast enough on a CPU, and every test layout spans several
-# programs on each grid axis.
+# programs on each grid axis; TMA as on Hopper (the interpreter reads tensor descriptors).
 INTERPRET_CONFIG = AttentionConfig(
-    fwd=KernelConfig(32, 16, 1, 1), dkdv=KernelConfig(16, 32, 1, 1), dq=KernelConfig(32, 16, 1, 1)
+    fwd=KernelConfig(32, 16, 1, 1, TMA), dkdv=KernelConfig(16, 32, 1, 1), dq=KernelConfig(32, 16, 1, 1)
 )
 
 # GPU configs: the shipped defaults (configs.json, next to this file; chosen from compiled code,
@@ -326,6 +344,13 @@ def _visible(cols, S, E, rows, row_ok, NI: tl.constexpr):
 
 
 @triton.jit
+def _run_desc(base, lo, hi, stride, D: tl.constexpr, B: tl.constexpr, DP: tl.constexpr):
+    """A TMA descriptor over rows [lo, hi) of a [tokens, D] head (row lo at coordinate 0): a
+    block of B rows reads the rows outside as 0, and padded head-dim columns too."""
+    return tl.make_tensor_descriptor(base + lo.to(tl.int64) * stride, [tl.maximum(hi - lo, 1), D], [stride, 1], [B, DP])
+
+
+@triton.jit
 def _attn_fwd(
     Q,
     K,
@@ -366,6 +391,7 @@ def _attn_fwd(
     SOFTCAP: tl.constexpr,
     BATCHED: tl.constexpr,
     SCALE_FIRST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     h = tl.program_id(0)
     tile = tl.load(ORDER + tl.program_id(1))  # heaviest tiles first
@@ -396,14 +422,22 @@ def _attn_fwd(
         kvs = tl.load(KVS + offs_m * NI + r, mask=row_ok, other=0)
         kve = tl.load(KVE + offs_m * NI + r, mask=row_ok, other=0)
         start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
+        if TMA:  # the run's rows only: TMA reads the rows outside [kv_lo, kv_hi) as 0
+            k_desc = _run_desc(k_base, kv_lo, kv_hi, s_kn, D, BN, DP)
+            v_desc = _run_desc(v_base, kv_lo, kv_hi, s_vn, D, BN, DP)
         # One loop over key blocks (one software pipeline); only PARTIAL blocks branch into the
-        # interval test. Key rows are clamped into [kv_lo, kv_hi): nothing outside is ever read,
-        # the loads need no predicates, and the clamped duplicates fail the interval test.
+        # interval test. Without TMA, key rows are clamped into [kv_lo, kv_hi): nothing outside
+        # is ever read, the loads need no predicates, and the clamped duplicates fail the
+        # interval test.
         for n0 in range(start, kv_hi, BN):
             cols = n0 + offs_n
-            kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
-            k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, 0, offs_d, D, DP, False)
-            v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, 0, offs_d, D, DP, False)
+            if TMA:
+                k = k_desc.load([n0 - kv_lo, 0])
+                v = v_desc.load([n0 - kv_lo, 0])
+            else:
+                kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
+                k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, 0, offs_d, D, DP, False)
+                v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, 0, offs_d, D, DP, False)
             qk = _dot(q, tl.trans(k), None, PREC)
             if SOFTCAP or SCALE_FIRST:  # base-2 logits, masked after the cap or the scale (<= 0)
                 if SOFTCAP:  # cap * tanh(scale * qk / cap) * log2(e)
@@ -806,6 +840,43 @@ def _device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _use_tma(flags: int, *tensors: torch.Tensor) -> bool:
+    """Whether a kernel with these flags reads these [tokens, H, D] (or [B, N, H, D]) tensors
+    through TMA: Hopper or newer (or the interpreter), 16-byte aligned bases and strides, and
+    batches laid out back to back (the descriptors address flat token rows)."""
+    if not flags & TMA:
+        return False
+    if tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+        if t.dim() == 4 and t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1):
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def _descriptor_scratch(on: bool):
+    """Kernels that build TMA descriptors need a little global scratch at launch: lend them
+    torch's allocator unless the caller set one (triton.set_allocator)."""
+    from triton.runtime import _allocation
+
+    if not on or _INTERPRETED or _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+        yield
+        return
+    token = _allocation._allocator.set(_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
+
+
 def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads ({k.shape[-2]})")
@@ -842,7 +913,11 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
         return out, lse
     cap, cap_in, cap_out = _softcap_args(scale, softcap)
     (qn, qh, qb), (kn, kh, kb), (vn, vh, vb), (on, oh, ob) = (_strides(x) for x in (q, k, v, out))
-    with _device_guard(q):
+    tma = _use_tma(cfg.flags, k, v)
+    block_n = cfg.block_n
+    if cfg.flags & TMA and block_n > 64 and (not tma or (cap and ni > 1)):
+        block_n //= 2  # a 128-key step spills without TMA, or with softcap and several intervals
+    with _device_guard(q), _descriptor_scratch(tma):
         _attn_fwd[(hq, triton.cdiv(nq, cfg.block_m))](
             q,
             k,
@@ -877,12 +952,13 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
             DP=_padded_head_dim(d),
             NI=ni,
             BM=cfg.block_m,
-            BN=cfg.block_n,
+            BN=block_n,
             PREC=_precision(q.dtype),
             I64=_needs_i64(q, k, v, out),
             SOFTCAP=cap,
             BATCHED=batched,
             SCALE_FIRST=not cap and scale <= 0,
+            TMA=tma,
             num_warps=cfg.warps,
             num_stages=cfg.stages,
         )
