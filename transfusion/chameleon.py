@@ -140,12 +140,18 @@ def table_lines(summary: dict) -> list[str]:
         "| yardstick | Transfusion budget (FLOPs) | Transfusion score | ratio | paper |",
         "|---|---|---|---|---|",
     ]
-    for metric, m in summary.get("chameleon_ratios", {}).items():
-        for r in m["rows"]:
-            lines.append(
-                f"| {metric} | {r['transfusion_flops']:.3g} | {r['transfusion_score']:.3f} | {ratio_text(r)} | {m['paper']} |"
-            )
-    return lines + [""]
+    return lines + ratio_lines(summary) + [""]
+
+
+def ratio_lines(summary: dict) -> list[str]:
+    """The compute-ratio table's rows (summary.md and docs/ablations.md quote them verbatim)."""
+    fmt = {"fd": ".2f", "heldout_text_perplexity": ".2f"}
+    return [
+        f"| {metric} | {r['transfusion_flops']:.3g} | {r['transfusion_score']:{fmt.get(metric, '.3f')}} | "
+        f"{ratio_text(r)} | {m['paper']} |"
+        for metric, m in summary.get("chameleon_ratios", {}).items()
+        for r in m["rows"]
+    ]
 
 
 def plot(out: Path, summary: dict) -> None:
