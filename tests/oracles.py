@@ -35,9 +35,10 @@ def assert_2x(name, got, oracle, baseline, floor, *, neg_inf_exact=False):
 
 
 # ---------------------------------------------------------------------------------- attention
-def dense_attention(q, k, v, allowed, scale, softcap=None):
+def dense_attention(q, k, v, allowed, scale, softcap=None, lse_dtype=None):
     """Plain softmax attention in the inputs' dtype (float64 inputs: the oracle), GQA by head
-    repetition; ``allowed`` bool [Nq, Nk]; ``softcap`` c maps scores s to c * tanh(s / c).
+    repetition; ``allowed`` bool [Nq, Nk]; ``softcap`` c maps scores s to c * tanh(s / c);
+    ``lse_dtype``: the log-sum-exp's dtype when not the inputs' (kernels keep it in float32).
     Returns (out [Nq, Hq, D], lse [Hq, Nq]); empty rows give 0 and -inf."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -45,7 +46,7 @@ def dense_attention(q, k, v, allowed, scale, softcap=None):
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
+    lse = torch.logsumexp(s if lse_dtype is None else s.to(lse_dtype), -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return torch.einsum("hij,jhd->ihd", p, v), lse
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fuzz.common import budget
+from tests.fuzzing import budget, layouts
 from tests.layouts import naive_dense
 from tests.test_mask_constructors import naive_canonical, spans_oracle, splits_oracle
 from tests.test_masks import check_tables
@@ -23,20 +23,6 @@ from transfusion_kernels import mask_constructors as mc
 # ----------------------------------------------------------------------------------------------
 # documents and images: valid layouts, then mutated ones
 # ----------------------------------------------------------------------------------------------
-@st.composite
-def layouts(draw, max_tokens=90):
-    """cu_seqlens and image spans obeying the rules (empty documents and images at edges too)."""
-    n = draw(st.integers(0, max_tokens))
-    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=4)))
-    cu = [0, *cuts, n]
-    spans = []
-    for a, b in zip(cu[:-1], cu[1:]):
-        points = sorted(draw(st.lists(st.integers(a, b), max_size=6, unique=True)))
-        pairs = list(zip(points[::2], points[1::2]))
-        spans += [p for p in pairs if p[0] < p[1] and draw(st.booleans())]
-    return cu, spans
-
-
 def layout_is_valid(cu, spans) -> bool:
     """The rules of docs/design.md §1, stated independently of masks.py."""
     if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):

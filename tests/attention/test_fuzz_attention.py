@@ -1,6 +1,6 @@
 """hybrid_attention on random masks, dtypes, head counts (GQA), head dims and layouts, every
 backend against a float64 dense oracle, forward and backward, with the rule of the op tests
-(tests/attention/test_attention_triton.py): error <= 2 x the same-dtype PyTorch error + floor.
+(tests/attention/common.py): error <= 2 x the same-dtype PyTorch error + floor.
 Plus random malformed calls, which must raise ValueError / TypeError and nothing else."""
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 
 import transfusion_kernels as tk
 from transfusion_kernels.attention import ATTENTION
-from tests.attention.test_attention_triton import FLOOR, assert_rule
-from tests.fuzz.common import DEVICE, FAST_BACKENDS, GPU, budget, poisoned
-from tests.fuzz.test_fuzz_masks import layouts
+from tests.attention.common import FLOOR, assert_rule
+from tests.fuzzing import DEVICE, FAST_BACKENDS, GPU, budget, layouts, poisoned
 from tests.layouts import naive_dense
 from tests.oracles import dense_attention
 

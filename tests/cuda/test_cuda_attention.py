@@ -5,11 +5,10 @@ g++, drives an emulation of ldmatrix / mma.m16n8k16 (the mma.sync kernels' fragm
 128-byte swizzle and wgmma's shared-memory descriptors (the sm_90a forward), and the split of
 every tile table row into masked and FULL steps is checked against the dense mask.
 
-GPU tests (need a CUDA device and the built extension): out, lse, dq, dk, dv against a float64
-dense softmax, with the same computation in the input dtype as the baseline of the 2x rule (as in
-FlashAttention's tests and tests/attention/test_attention_triton.py); kernel outputs start
-NaN-filled. The forward runs with both implementations where the device has them (wgmma on
-compute capability 9.0).
+Kernel sources under emulation (g++ and the CUDA headers): every kernel of csrc/attention/ against
+the float64 oracle under the 2x rule of tests/attention/common.py. Bindings: argument checks
+before any device work. GPU: the plan and policy checks of the cuda backend; its results on a
+device are the cuda parameter of tests/attention/test_attention.py.
 """
 
 from __future__ import annotations
@@ -28,15 +27,14 @@ import torch
 
 import transfusion_kernels as tk
 from tests.cuda.conftest import CSRC, NVCC, kernel_report
-from tests.oracles import assert_2x
-from tests.layouts import LAYOUTS, naive_dense, random_layout
+from tests.attention.common import FLOOR, assert_rule
+from tests.oracles import dense_attention
+from tests.layouts import LAYOUTS, random_layout
 from transfusion_kernels.backends import load_extension
 from transfusion_kernels.attention.plan import heaviest_first, key_tiles, query_runs
 
 GPU = torch.cuda.is_available() and load_extension()[0] is not None
 gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device and the built transfusion_kernels._C")
-
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
 def query_tiles(mask, block_m: int) -> torch.Tensor:
@@ -626,8 +624,8 @@ def emulation_check(exe, work, case, modes, schedule, data_seed, timeout=300, or
     allowed = mask.to_dense()
     ref_in = [t.detach().double().requires_grad_() for t in (q, clean_k, clean_v)]
     low_in = [t.detach().clone().requires_grad_() for t in (q, clean_k, clean_v)]
-    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale)
-    low_out, low_lse = dense_attention(*low_in, allowed, scale)
+    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale, lse_dtype=torch.float32)
+    low_out, low_lse = dense_attention(*low_in, allowed, scale, lse_dtype=torch.float32)
     floor = FLOOR[dtype]
     # The backward gets the forward's stored results as the oracle rounds them: its check does not
     # depend on a forward kernel.
@@ -769,233 +767,6 @@ def test_bindings_without_work_or_device(extension):
         assert extension.attention_sm90_supported(0) is False
 
 
-# ==============================================================================================
-# GPU: the kernels against a float64 dense softmax
-# ==============================================================================================
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    from transfusion_kernels.attention import cuda as tkc
-
-    monkeypatch.setattr(
-        tkc, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    )
-
-
-FWD_KERNELS = ["mma", "wgmma"]
-
-
-@pytest.fixture(params=FWD_KERNELS)
-def fwd_kernel(request, monkeypatch):
-    """Runs a GPU test with each forward implementation the device has."""
-    from transfusion_kernels.attention import cuda as tkc
-
-    if not GPU:
-        pytest.skip("needs a CUDA device and the built transfusion_kernels._C")
-    if request.param == "wgmma" and not tkc.sm90_supported("cuda"):
-        pytest.skip("the wgmma forward needs compute capability 9.0 and an sm_90a build")
-    monkeypatch.setenv(tkc.FWD_ENV, request.param)
-    return request.param
-
-
-def dense_attention(q, k, v, allowed, scale):
-    """Softmax attention in the inputs' dtype, GQA by head repetition; empty rows give 0."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.einsum("ihd,jhd->hij", q, k) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s.float(), -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return torch.einsum("hij,jhd->ihd", p, v), lse
-
-
-def assert_rule(name, got, oracle, same_dtype, floor):
-    assert_2x(name, got, oracle, same_dtype, floor, neg_inf_exact=name == "lse")
-
-
-def run_cuda(q, k, v, mask, scale, dout=None):
-    """Outputs (and gradients for dout) straight through the backend functions."""
-    from transfusion_kernels.attention import cuda as tkc
-
-    args = (mask.kv_start, mask.kv_end, tkc.prepare(mask, q, k), scale)
-    out, lse = tkc.forward(q, k, v, *args)
-    grads = None if dout is None else tkc.backward(dout, q, k, v, out, lse, *args)
-    return out, lse, grads
-
-
-def check(mask, *, hq=8, hkv=2, d=64, dtype=torch.bfloat16, allowed=None, scale=None, inputs=None, grads=True):
-    allowed = (mask.to_dense() if allowed is None else allowed).cuda()
-    scale = d**-0.5 if scale is None else scale
-    if inputs is None:
-        inputs = tuple(
-            torch.randn(n, h, d, device="cuda").to(dtype)
-            for n, h in ((mask.num_queries, hq), (mask.num_keys, hkv), (mask.num_keys, hkv))
-        )
-    q, k, v = inputs
-    dout = torch.randn(q.shape, device="cuda").to(q.dtype) if grads else None
-    out, lse, kgrads = run_cuda(q, k, v, mask, scale, dout)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale)
-    low_out, low_lse = dense_attention(*low_in, allowed, scale)
-    floor = FLOOR[q.dtype]
-    assert_rule("out", out, ref_out, low_out, floor)
-    assert_rule("lse", lse, ref_lse, low_lse, floor)
-    if grads:
-        ref_g = torch.autograd.grad(ref_out, ref_in, dout.double())
-        low_g = torch.autograd.grad(low_out, low_in, dout)
-        for name, g, rg, lg, x in zip(("dq", "dk", "dv"), kgrads, ref_g, low_g, (q, k, v)):
-            assert g.shape == x.shape and g.dtype == x.dtype and g.is_contiguous(), name
-            assert_rule(name, g, rg, lg, floor)
-    return out, lse, kgrads
-
-
-def spans_mask(cu, spans):
-    return tk.HybridMask.from_spans(
-        torch.tensor(cu, dtype=torch.int32, device="cuda"),
-        torch.tensor(spans, dtype=torch.int32, device="cuda").reshape(-1, 2),
-    )
-
-
-# ---- the cases of tests/attention/test_attention_triton.py ----------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layouts(name, dtype, d, fwd_kernel, seed):
-    cu, spans = LAYOUTS[name]
-    check(spans_mask(cu, spans), d=d, dtype=dtype, allowed=naive_dense(cu, spans))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_dtypes_and_scale(dtype, fwd_kernel, seed):
-    cu, spans = LAYOUTS["several_images"]
-    check(spans_mask(cu, spans), d=64, dtype=dtype, scale=0.3)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("heads", [(8, 8), (8, 2), (4, 1)])
-@pytest.mark.parametrize("d", [64, 128])
-def test_long_random_layouts_and_gqa(heads, d, fwd_kernel, seed):
-    gen = torch.Generator().manual_seed(seed)
-    cu, spans = random_layout(gen, 3000, max_docs=4, max_images=5)
-    check(spans_mask(cu, spans), hq=heads[0], hkv=heads[1], d=d, dtype=torch.float16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "cache_lens,query_lens,bidirectional",
-    [
-        ([37], [16], True),
-        ([50], [1], False),
-        ([7, 0, 33, 64], [4, 1, 2, 40], True),
-        ([7, 0, 33, 64], [4, 1, 2, 40], False),
-        ([300, 5, 129], [64, 65, 1], False),
-    ],
-    ids=["image_chunk", "single_query", "batch_bidirectional", "batch_causal", "batch_long_cache"],
-)
-def test_sampling_masks(cache_lens, query_lens, bidirectional, fwd_kernel, seed):
-    mask = tk.HybridMask.cached(cache_lens, query_lens, bidirectional=bidirectional, device="cuda")
-    assert mask.num_queries != mask.num_keys
-    check(mask, d=128, dtype=torch.bfloat16)
-
-
-@pytest.mark.gpu
-def test_empty_rows_and_unsorted_intervals(fwd_kernel, seed):
-    """Rows that see nothing (a whole 64-query tile of them too), intervals that are not
-    monotone (the key table is conservative there), keys nobody sees (dk, dv exactly 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    n, nk = 200, 230
-    s = torch.randint(0, nk, (n,), generator=gen)
-    e = torch.maximum(torch.minimum(s + torch.randint(0, 90, (n,), generator=gen), torch.tensor(nk - 20)), s)
-    s[64:128] = 5
-    e[64:128] = 5
-    s[3], e[3] = 17, 17
-    mask = tk.HybridMask.from_intervals(s.int().cuda(), e.int().cuda(), num_keys=nk)
-    out, lse, (dq, dk, dv) = check(mask, d=64, dtype=torch.float16)
-    assert torch.all(out[64:128] == 0) and torch.all(lse[:, 64:128] == float("-inf"))
-    assert torch.all(dq[64:128] == 0) and torch.all(dq[3] == 0)
-    unseen = ~mask.to_dense().any(0)
-    assert unseen[nk - 20 :].all()
-    assert torch.all(dk[unseen] == 0) and torch.all(dv[unseen] == 0)
-
-
-@pytest.mark.gpu
-def test_keys_outside_the_intervals_are_never_used(fwd_kernel, seed):
-    """Queries see only keys [100, 200): K/V rows outside are NaN and must not reach out, lse,
-    dq, nor the dk/dv of the keys that are seen (a key tile's block loads its own unseen rows)."""
-    nq, nk, d = 150, 300, 64
-    s = 100 + torch.arange(nq) * 60 // nq
-    e = torch.clamp(s + 1 + torch.arange(nq) % 70, max=200)
-    mask = tk.HybridMask.from_intervals(s.int().cuda(), e.int().cuda(), num_keys=nk)
-    q = torch.randn(nq, 4, d, device="cuda").half()
-    k, v = torch.randn(nk, 2, d, device="cuda").half(), torch.randn(nk, 2, d, device="cuda").half()
-    dout = torch.randn_like(q)
-    c_out, c_lse, (c_dq, c_dk, c_dv) = run_cuda(q, k, v, mask, d**-0.5, dout)
-    for t in (k, v):
-        t[:100] = float("nan")
-        t[200:] = float("nan")
-    out, lse, (dq, dk, dv) = run_cuda(q, k, v, mask, d**-0.5, dout)
-    seen = slice(100, 200)
-    for got, want in ((out, c_out), (lse, c_lse), (dq, c_dq), (dk[seen], c_dk[seen]), (dv[seen], c_dv[seen])):
-        assert torch.isfinite(want).all()
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@pytest.mark.gpu
-def test_strided_and_misaligned_inputs(fwd_kernel, seed):
-    """q, k, v as views into one packed qkv projection and a transposed dout: strides go to the
-    kernels (same bits as contiguous copies); a base 2 bytes past a 16-byte boundary is copied."""
-    cu, spans = LAYOUTS["several_documents"]
-    mask = spans_mask(cu, spans)
-    n, d = mask.num_queries, 64
-    qkv = torch.randn(n, 8 + 2 * 2, d, device="cuda").to(torch.float16)
-    q, k, v = qkv.split([8, 2, 2], dim=1)  # views: row stride 12 * D
-    assert not q.is_contiguous() and not k.is_contiguous()
-    check(mask, d=d, dtype=torch.float16, inputs=(q, k, v), allowed=naive_dense(cu, spans))
-    dout = torch.randn(8, n, d, device="cuda").to(torch.float16).transpose(0, 1)
-    out, lse, grads = run_cuda(q, k, v, mask, d**-0.5, dout)
-    c_out, c_lse, c_grads = run_cuda(q.contiguous(), k.contiguous(), v.contiguous(), mask, d**-0.5, dout.contiguous())
-    for got, want in zip((out, lse, *grads), (c_out, c_lse, *c_grads)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    flat = torch.randn(1 + n * 8 * d, device="cuda").half()
-    q_odd = flat[1:].view(n, 8, d)  # 2 bytes past a 16-byte boundary: copied before the kernel
-    check(mask, d=d, dtype=torch.float16, inputs=(q_odd, k, v), allowed=naive_dense(cu, spans))
-
-
-@pytest.mark.gpu
-def test_deterministic(fwd_kernel, seed):
-    gen = torch.Generator().manual_seed(seed)
-    cu, spans = random_layout(gen, 1500, max_docs=3, max_images=4)
-    mask = spans_mask(cu, spans)
-    q, k, v = (torch.randn(mask.num_queries, h, 128, device="cuda").bfloat16() for h in (8, 2, 2))
-    dout = torch.randn_like(q)
-    first = run_cuda(q, k, v, mask, 0.1, dout)
-    second = run_cuda(q, k, v, mask, 0.1, dout)
-    for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.gpu
-def test_through_dispatcher(fwd_kernel, seed):
-    """tk.hybrid_attention(..., backend="cuda"): the backend functions' results, and autograd
-    through the registered custom op gives the kernels' gradients."""
-    cu, spans = LAYOUTS["spans_cross_tiles"]
-    mask = spans_mask(cu, spans)
-    q, k, v = (torch.randn(mask.num_queries, h, 64, device="cuda").bfloat16() for h in (8, 2, 2))
-    dout = torch.randn_like(q)
-    out, lse, grads = run_cuda(q, k, v, mask, 64**-0.5, dout)
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    d_out, d_lse = tk.hybrid_attention(qg, kg, vg, mask, return_lse=True, backend="cuda")
-    torch.testing.assert_close(d_out, out, rtol=0, atol=0)
-    torch.testing.assert_close(d_lse, lse, rtol=0, atol=0)
-    d_grads = torch.autograd.grad(d_out, (qg, kg, vg), dout)
-    for g, dg in zip(grads, d_grads):
-        torch.testing.assert_close(dg, g, rtol=0, atol=0)
-
-
 # ---- policy: what the kernels do not cover -------------------------------------------------
 def test_policy_without_a_gpu(monkeypatch):
     """Environment switches are validated; inputs the kernels do not cover are named by supports
@@ -1041,15 +812,12 @@ def test_tile_orders_without_a_gpu():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 64), (torch.float16, 96)])
-def test_shapes_the_kernels_do_not_cover(dtype, d, monkeypatch, seed):
-    """By default they run on the fallback backend (forward and backward); with the fallback
-    off they raise ValueError naming the dtype and head dim."""
+def test_shapes_the_kernels_do_not_cover(dtype, d):
+    """Called directly, prepare raises ValueError naming the head dim (the dispatcher refuses them
+    before; tests/attention/test_attention.py runs them on the backends that cover them)."""
     from transfusion_kernels.attention import cuda as tkc
 
-    cu, spans = LAYOUTS["several_images"]
-    mask = spans_mask(cu, spans)
-    check(mask, d=d, dtype=dtype, allowed=naive_dense(cu, spans))
-    monkeypatch.setenv(tkc.FALLBACK_ENV, "0")
+    mask = tk.HybridMask.causal(torch.tensor([0, 70], dtype=torch.int32, device="cuda"))
     q = torch.randn(mask.num_queries, 2, d, device="cuda").to(dtype)
     with pytest.raises(ValueError, match="head dim"):
         tkc.prepare(mask, q, q[:, :1])
@@ -1075,20 +843,3 @@ def test_bad_tables_are_rejected():
         tkc.backward(q, q, k, k, out, lse, s, e, dataclasses.replace(plan, dkdv_order=plan.dkdv_order[:-1]), 0.125)
     with pytest.raises(ValueError, match="plan.dkdv_tiles"):
         tkc.backward(q, q, k, k, out, lse, s, e, dataclasses.replace(plan, dkdv_tiles=key_tiles(mask, 32)), 0.125)
-
-
-# ---- GPU only: large shapes ----------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_gpu_transfusion_mix(d, dtype, fwd_kernel, seed):
-    """4k tokens: two 2k documents with images of 256 and 1024 patches at odd offsets."""
-    cu = [0, 2048, 4096]
-    spans = [(5, 261), (300, 1324), (2048 + 77, 2048 + 333), (2048 + 900, 2048 + 1924)]
-    check(spans_mask(cu, spans), hq=16, hkv=4, d=d, dtype=dtype)
-
-
-@pytest.mark.gpu
-def test_gpu_sampling_batch(fwd_kernel, seed):
-    mask = tk.HybridMask.cached([1000, 4097, 17, 2500], [256, 1, 300, 1024], bidirectional=True, device="cuda")
-    check(mask, hq=16, hkv=4, d=128, dtype=torch.bfloat16)

@@ -18,7 +18,7 @@ from tests.diffusion.common import (
     to_oracle,
 )
 from tests.diffusion.test_loss import loop_loss
-from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned, small_tiles
+from tests.fuzzing import DEVICE, FAST_BACKENDS, budget, poisoned, small_tiles
 from transfusion_kernels import philox
 from transfusion_kernels.diffusion import add_noise_coef, ddim_coef, ddpm_coef
 from transfusion_kernels.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fuzz.common import DEVICE, FAST_BACKENDS, budget, poisoned, small_tiles
+from tests.fuzzing import DEVICE, FAST_BACKENDS, budget, poisoned, small_tiles
 from tests.timestep.common import FLOOR, assert_rule, grad_floor, patch_oracle, run, sinusoid64
 
 X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,10 +1,23 @@
-"""The timestep API and its reference backend against diffusers and a float64 oracle; input
-validation; torch.compile and the custom-op registration."""
+"""tk.patch_timestep_embedding and its building blocks.
+
+The reference backend against diffusers and a float64 oracle; input validation; torch.compile and
+the custom-op registration. Then the kernel backends (triton, cuda) against the float64 oracle,
+with the fp32 reference backend as the PyTorch baseline of the 2x rule (common.py): a backend
+that cannot run here is skipped with the dispatcher's reason. On a CPU triton runs under the
+interpreter (small shapes); with CUDA the same tests run on the GPU, plus the large GPU-only
+cases at the end. Every buffer the kernels write starts NaN-filled, so an element they forget
+to write fails.
+"""
+
+import math
 
 import pytest
 import torch
 
 import transfusion_kernels as tk
+from transfusion_kernels.timestep import reference
+from tests.backend_params import BACKENDS, GPU, KERNEL_BACKENDS, kernels, poison, require
+from tests.oracles import segment_sum64
 from tests.timestep.common import (
     CONFIGS,
     DEVICE,
@@ -14,6 +27,7 @@ from tests.timestep.common import (
     make_layout,
     make_mlp,
     patch_oracle,
+    run,
     sinusoid64,
 )
 
@@ -206,15 +220,6 @@ def test_patch_gradients_with_bf16_weights_and_no_bias(seed):
     assert_rule("w2", g2, o2, b2, grad_floor(o2))
 
 
-def test_patch_no_images(seed):
-    """M == 0: every token is text; y == x."""
-    x = torch.randn(20, 16, device=DEVICE)
-    idx = torch.full((20,), -1, dtype=torch.int32, device=DEVICE)
-    mlp = make_mlp(8, 12, 16)
-    y = tk.patch_timestep_embedding(x, torch.zeros(0, device=DEVICE), idx, mlp, freq_dim=8, backend="reference")
-    assert torch.equal(y, x)
-
-
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -334,3 +339,289 @@ def test_custom_op_registration():
     torch.library.opcheck(
         ops.timestep_mlp_backward.default, (demb, kw["timesteps"], w1.detach(), b1.detach(), w2.detach(), *cfg)
     )
+
+
+# ----------------------------------------------------------------------------- kernel backends
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["text", "image", "several", "empty", "random"]
+# Tiles small enough that tiny inputs span many triton programs, pieces and loop iterations.
+SMALL_BLOCKS = dict(
+    ADD_BLOCK=128,
+    ADD_MAX_BLOCK_D=32,
+    PIECE_ROWS=8,
+    SUM_BLOCK_R=4,
+    SUM_BLOCK_D=16,
+    IMAGE_SUM_BLOCK_T=2,
+    HIDDEN_BLOCK_H=16,
+    HIDDEN_BLOCK_K=16,
+    SINUSOID_BLOCK_M=4,
+    SINUSOID_MAX_BLOCK_D=16,
+)
+
+
+@pytest.fixture(params=BACKENDS)
+def any_backend(request, monkeypatch):
+    require(request.param)
+    poison("timestep", request.param, monkeypatch)
+    return request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request, monkeypatch):
+    """A kernel backend, held to the oracle with the reference backend as its baseline."""
+    require(request.param)
+    poison("timestep", request.param, monkeypatch)
+    return request.param
+
+
+@pytest.fixture
+def small_blocks(backend, monkeypatch):
+    """SMALL_BLOCKS on the triton backend (the cuda kernels' tiles are compiled in)."""
+    if backend == "triton":
+        for name, value in SMALL_BLOCKS.items():
+            monkeypatch.setattr(kernels("timestep", "triton"), name, value)
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    require("triton")
+    poison("timestep", "triton", monkeypatch)
+    return kernels("timestep", "triton")
+
+
+def sinusoid(backend, t, dim, cfg):
+    kw = dict(flip_sin_to_cos=cfg[0], downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3])
+    mod = kernels("timestep", backend)
+    return mod.sinusoid(t, freq_dim=dim, **kw) if backend == "cuda" else mod.sinusoid(t, dim, **kw)
+
+
+def timesteps(cfg, M, gen, integer=False):
+    if cfg[2] > 1:
+        return torch.rand(M, generator=gen).to(DEVICE)
+    if integer:
+        return torch.randint(0, 1000, (M,), generator=gen).to(DEVICE)
+    return (torch.rand(M, generator=gen) * 1000).to(DEVICE)
+
+
+def check(
+    backend,
+    seed,
+    layout,
+    P,
+    D,
+    M,
+    dtype,
+    *,
+    with_mlp=True,
+    F=32,
+    H=48,
+    cfg=CONFIGS[0],
+    bias=True,
+    wdtype=torch.float32,
+    integer_t=False,
+):
+    gen = torch.Generator().manual_seed(seed)
+    freq_dim = F if with_mlp else D
+    t = timesteps(cfg, M, gen, integer_t)
+    idx = make_layout(layout, P, M, gen).to(DEVICE)
+    x = torch.randn(P, D, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(P, D, generator=gen).to(DEVICE, dtype)
+    weights = make_mlp(F, H, D, wdtype, bias) if with_mlp else None
+
+    y, grads = run(backend, x, t, idx, weights, freq_dim, cfg, dy)
+    y_ref, grads_ref = run("reference", x, t, idx, weights, freq_dim, cfg, dy)
+    w64 = None if weights is None else [None if w is None else w.double().requires_grad_() for w in weights]
+    y64 = patch_oracle(x.double(), t, idx, w64, freq_dim, cfg)
+
+    assert y.dtype == dtype and y.shape == (P, D)
+    assert_rule("y", y, y64, y_ref, FLOOR[dtype])
+    assert torch.equal(grads[0], dy), "dx must be dy"
+    if with_mlp:
+        live = [w for w in w64 if w is not None]
+        oracle = torch.autograd.grad(y64, live, dy.double())
+        names = [n for n, w in zip(["w1", "b1", "w2", "b2"], w64) if w is not None]
+        for name, g, r, o, w in zip(names, grads[1:], grads_ref[1:], oracle, live):
+            assert g.dtype == wdtype and g.shape == w.shape, name
+            floor = grad_floor(o) if wdtype == torch.float32 else FLOOR[wdtype] * max(1.0, o.abs().max().item())
+            assert_rule(name, g, o, r, floor)
+    return y, grads
+
+
+# 100: not a multiple of the vector width; each width in one dtype, every dtype over the widths
+# (test_dtypes runs each dtype fully)
+WIDTHS = [64, 96, 128, 256] if not GPU else [64, 96, 100, 128, 256, 1024]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("D", WIDTHS)
+def test_layouts_and_widths(backend, layout, D, seed):
+    check(backend, seed, layout, 77 if not GPU else 333, D, 4, DTYPES[WIDTHS.index(D) % len(DTYPES)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["several", "random"])
+def test_dtypes(backend, dtype, layout, seed):
+    check(backend, seed, layout, 130, 96, 5, dtype)
+
+
+# (dtype, layout, config): every dtype and layout on the CPU, the configs rotating over them; on
+# a GPU every combination
+SINUSOID_CASES = [
+    (dtype, layout, CONFIGS[(i + j) % len(CONFIGS)] if not GPU else cfg)
+    for i, dtype in enumerate(DTYPES)
+    for j, layout in enumerate(["text", "image", "several"])
+    for cfg in (CONFIGS[:1] if not GPU else CONFIGS)
+]
+
+
+@pytest.mark.parametrize("dtype,layout,cfg", SINUSOID_CASES)
+def test_sinusoid_only(backend, dtype, layout, cfg, seed):
+    check(backend, seed, layout, 61 if not GPU else 200, 64, 3, dtype, with_mlp=False, cfg=cfg)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_configs_odd_freq_dim_integer_timesteps(backend, cfg, seed):
+    check(backend, seed, "several", 50, 64, 3, torch.float32, F=33, H=40, cfg=cfg, integer_t=True)
+
+
+def test_no_bias_and_bf16_weights(backend, seed):
+    check(backend, seed, "several", 90, 64, 3, torch.bfloat16, bias=False, wdtype=torch.bfloat16)
+
+
+def test_no_images(any_backend, seed):
+    """M == 0: every token is text; y == x and the weights' gradients are zero."""
+    x = torch.randn(33, 64, device=DEVICE, dtype=torch.float16)
+    idx = torch.full((33,), -1, dtype=torch.int32, device=DEVICE)
+    t = torch.zeros(0, device=DEVICE)
+    y = tk.patch_timestep_embedding(x, t, idx, None, freq_dim=64, backend=any_backend)
+    assert torch.equal(y, x)
+    w = tuple(w.requires_grad_() for w in make_mlp(16, 24, 64))
+    y = tk.patch_timestep_embedding(x, t, idx, w, freq_dim=16, backend=any_backend)
+    assert torch.equal(y, x)
+    grads = torch.autograd.grad(y, w, torch.randn_like(x))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_backward_is_deterministic(backend, seed):
+    gen = torch.Generator().manual_seed(seed)
+    P, D, M = 300, 64, 6
+    idx = make_layout("random", P, M, gen).to(DEVICE)
+    t = timesteps(CONFIGS[0], M, gen)
+    x = torch.randn(P, D, generator=gen).to(DEVICE)
+    dy = torch.randn(P, D, generator=gen).to(DEVICE, torch.bfloat16)
+    weights = make_mlp(32, 48, D)
+    first = run(backend, x.bfloat16(), t, idx, weights, 32, CONFIGS[0], dy)[1]
+    second = run(backend, x.bfloat16(), t, idx, weights, 32, CONFIGS[0], dy)[1]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_misaligned_rows(backend, seed):
+    """Rows 2 bytes past a 16-byte boundary (the cuda kernels take their scalar path)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(1 + 50 * 64, generator=gen).to(DEVICE, torch.float16)
+    x = base[1:].view(50, 64)  # contiguous, 2 bytes past a 16-byte boundary
+    t = torch.tensor([10.0, 500.0], device=DEVICE)
+    idx = make_layout("several", 50, 2, gen).to(DEVICE)
+    y = tk.patch_timestep_embedding(x, t, idx, None, freq_dim=64, backend=backend)
+    y_ref = tk.patch_timestep_embedding(x, t, idx, None, freq_dim=64, backend="reference")
+    y64 = patch_oracle(x.double(), t, idx, None, 64, CONFIGS[0])
+    assert_rule("y", y, y64, y_ref, FLOOR[torch.float16])
+
+
+# ----------------------------------------------------------------------------- building blocks
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("dim", [7, 64, 100] if not GPU else [1, 7, 64, 100, 320])
+def test_sinusoid_kernel(backend, cfg, dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.cat([torch.tensor([0.0, 1.0, 999.0] if cfg[2] <= 1 else []), timesteps(cfg, 19, gen).cpu()]).to(DEVICE)
+    got = sinusoid(backend, t, dim, cfg)
+    assert_rule("sinusoid", got, sinusoid64(t, dim, *cfg), reference.sinusoid(t, dim, *cfg), 1e-6)
+    if dim % 2:
+        assert (got[:, -1] == 0).all()
+
+
+def test_flip_sin_to_cos_order(backend):
+    """t = pi/2 with frequency 1 (column 0): sin = 1, cos = 0, so the first column says which
+    function comes first; flip_sin_to_cos=True puts cos first (DiT, Transfusion)."""
+    t = torch.tensor([math.pi / 2], device=DEVICE)
+    flip = sinusoid(backend, t, 8, (True, 0.0, 1.0, 10000.0))[0]
+    plain = sinusoid(backend, t, 8, (False, 0.0, 1.0, 10000.0))[0]
+    assert abs(flip[0].item()) < 1e-6 and abs(flip[4].item() - 1) < 1e-6, flip  # cos(pi/2), sin(pi/2)
+    assert abs(plain[0].item() - 1) < 1e-6 and abs(plain[4].item()) < 1e-6, plain
+
+
+@pytest.mark.parametrize("layout", ["trailing_text", *LAYOUTS])
+def test_segment_sum_kernel(backend, layout, small_blocks, seed):
+    """Sums per image against the float64 oracle, the same bits on a second run (no atomics)."""
+    gen = torch.Generator().manual_seed(seed)
+    P, D, M = (150, 40, 7) if not GPU else (5000, 96, 7)  # on a GPU images of hundreds of rows: several pieces
+    if layout == "trailing_text":
+        # text rows sort after every image, so a piece or image range read one row or one
+        # partial past its end reads real data (a wrong sum), never past the buffer
+        idx = make_layout("image", P - 9, M, gen)
+        idx = torch.cat([idx, torch.full((9,), -1, dtype=torch.int32)])[torch.randperm(P, generator=gen)].to(DEVICE)
+    else:
+        idx = make_layout(layout, P, M, gen).to(DEVICE)
+    dy = torch.randn(P, D, generator=gen).to(DEVICE, torch.float16)
+    mod = kernels("timestep", backend)
+    got = mod.segment_sum(dy, idx, M)
+    assert torch.equal(got, mod.segment_sum(dy, idx, M))
+    oracle = segment_sum64(dy, idx, M)
+    assert_rule("demb", got, oracle, reference.segment_sum(dy, idx, M), grad_floor(oracle))
+
+
+# ----------------------------------------------------------------------------- triton tiles
+@pytest.mark.parametrize("layout", ["image", "several", "random"])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1]], ids=["flip", "noflip"])
+def test_triton_small_blocks_many_programs(triton_kernels, layout, cfg, monkeypatch, seed):
+    # 20 images, each its own timestep: two row tiles of the hidden kernel; pieces of 8 patches;
+    # D spans 3 column blocks
+    for name, value in SMALL_BLOCKS.items():
+        monkeypatch.setattr(triton_kernels, name, value)
+    check("triton", seed, layout, 203, 40, 20, torch.bfloat16, F=24, H=40, cfg=cfg)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["flip", "noflip_shift", "flip_scaled", "noflip_period"])
+@pytest.mark.parametrize("dim", [7, 40])
+def test_triton_sinusoid_many_programs(triton_kernels, cfg, dim, monkeypatch, seed):
+    """Row and column tiles of 4 x 16: every program a different set of timesteps."""
+    for name, value in SMALL_BLOCKS.items():
+        monkeypatch.setattr(triton_kernels, name, value)
+    gen = torch.Generator().manual_seed(seed)
+    t = timesteps(cfg, 11, gen)
+    got = sinusoid("triton", t, dim, cfg)
+    assert_rule("sinusoid", got, sinusoid64(t, dim, *cfg), tk.timestep_embedding(t, dim, *cfg), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_add_rows_rounds_once_to_nearest_even(triton_kernels, dtype, seed):
+    """y = round(x + emb[idx]) exactly, ties included (1 + half an ulp of 1 must round to even)."""
+    gen = torch.Generator().manual_seed(seed)
+    P, D, M = 37, 64, 3
+    eps = torch.finfo(dtype).eps
+    x = torch.randn(P, D, generator=gen).to(DEVICE, dtype)
+    x[:4] = torch.tensor([1.0, 1.0 + eps, -1.0, -(1.0 + eps)], dtype=dtype).repeat_interleave(D).view(4, D).to(DEVICE)
+    emb = torch.randn(M, D, generator=gen).to(DEVICE)
+    emb[0, : D // 2] = eps / 2  # exact ties against rows 0-3
+    emb[0, D // 2 :] = -eps / 2
+    idx = make_layout("random", P, M, gen).to(DEVICE)
+    idx[:4] = 0
+    got = triton_kernels.add_rows(x, emb, idx)
+    want = (x.float() + torch.where((idx >= 0)[:, None], emb[idx.long().clamp(min=0)], 0)).to(dtype)
+    assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "P,D,M,dtype,F,bias",
+    [
+        (65536, 1024, 64, torch.bfloat16, 256, True),
+        (20000, 4096, 256, torch.float16, 256, True),
+        (4097, 2048, 1, torch.float32, 256, True),
+        *((20000, 256, 9, dtype, 256, False) for dtype in DTYPES),
+    ],
+)
+def test_gpu_transfusion_sizes(backend, P, D, M, dtype, F, bias, seed):
+    check(backend, seed, "several" if M > 1 else "image", P, D, M, dtype, F=F, H=D if bias else 2 * D, bias=bias)
