@@ -46,7 +46,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 # ----------------------------------------------------------------------------------------------
 # Block configuration
 # ----------------------------------------------------------------------------------------------
-TMA = 1  # KernelConfig.flags bit: K/V (forward) or Q/dO (dk/dv) tiles come in through TMA
+# KernelConfig.flags bits
+TMA = 1  # the forward's and dq's K/V tiles come in through TMA
+KT = 2  # dk/dv: scores [queries, keys] and dk^T, dv^T [D, keys] += Q^T, dO^T x dS, P: the wide
+# head dim is the GEMMs' M, shared by the warpgroups, so no GEMM is split to 16 columns or issued twice
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class KernelConfig:
     """Tile shape and launch parameters of one kernel: ``block_m`` query rows and ``block_n`` key
     rows per tile or loop step (which of the two is the program's tile depends on the kernel),
     and ``flags`` (``TMA``: the loop's tiles are loaded through tensor descriptors, on Hopper,
-    and the interpreter, whenever the inputs allow it; pointer loads otherwise)."""
+    and the interpreter, whenever the inputs allow it; pointer loads otherwise; ``KT``: the dk/dv
+    kernel accumulates transposed)."""
 
     block_m: int
     block_n: int
@@ -75,8 +79,8 @@ class KernelConfig:
             raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {self.warps!r}")
         if not isinstance(self.stages, int) or not 1 <= self.stages <= 8:
             raise ValueError(f"stages must be in [1, 8], got {self.stages!r}")
-        if not isinstance(self.flags, int) or self.flags & ~TMA:
-            raise ValueError(f"flags must be 0 or TMA ({TMA}), got {self.flags!r}")
+        if not isinstance(self.flags, int) or self.flags & ~(TMA | KT):
+            raise ValueError(f"flags must be a combination of TMA ({TMA}) and KT ({KT}), got {self.flags!r}")
 
 
 @dataclass(frozen=True)
@@ -115,9 +119,9 @@ class AttentionConfig:
 DELTA_BLOCK = 32  # rows per program of the delta = rowsum(dout * out) kernel
 
 # Small tiles under the interpreter: fast enough on a CPU, and every test layout spans several
-# programs on each grid axis; TMA as on Hopper (the interpreter reads tensor descriptors).
+# programs on each grid axis; the flags as on Hopper (the interpreter reads tensor descriptors).
 INTERPRET_CONFIG = AttentionConfig(
-    fwd=KernelConfig(32, 16, 1, 1, TMA), dkdv=KernelConfig(16, 32, 1, 1), dq=KernelConfig(32, 16, 1, 1)
+    fwd=KernelConfig(32, 16, 1, 1, TMA), dkdv=KernelConfig(16, 32, 1, 1, KT), dq=KernelConfig(32, 16, 1, 1)
 )
 
 # GPU configs: the shipped defaults (configs.json, next to this file; chosen from compiled code,
@@ -571,6 +575,7 @@ def _attn_bwd_dkdv(
     I64: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BATCHED: tl.constexpr,
+    KT: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     kvh64 = kvh.to(tl.int64)
@@ -588,8 +593,12 @@ def _attn_bwd_dkdv(
     kc = tl.minimum(cols, Nk - 1)
     k = _load(_ptrs(K + kvh64 * s_kh, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, Nk, offs_d, D, DP, False)
     v = _load(_ptrs(V + kvh64 * s_vh, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, Nk, offs_d, D, DP, False)
-    dk = tl.zeros([BN, DP], tl.float32)
-    dv = tl.zeros([BN, DP], tl.float32)
+    if KT:
+        dk = tl.zeros([DP, BN], tl.float32)
+        dv = tl.zeros([DP, BN], tl.float32)
+    else:
+        dk = tl.zeros([BN, DP], tl.float32)
+        dv = tl.zeros([BN, DP], tl.float32)
 
     # Query blocks: masked ones before f_start, FULL ones in [f_start, f_end), masked ones up to
     # q_hi; one flat loop over (query head of the group, query block) with a per-block branch
@@ -610,16 +619,31 @@ def _attn_bwd_dkdv(
         # rows that see nothing have lse = -inf: flip it so that p = exp2(-inf) = 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         delta = tl.load(DELTA + h * s_lh + rc)
-        qkT = _dot(k, tl.trans(q), None, PREC)  # [BN, BM]
-        pT, dcapT = _probs(qkT, lse2[None, :], qk_scale, cap_in, cap_out, SOFTCAP)
-        if (m0 < f_start) | (m0 >= f_end):  # PARTIAL block: the union test (clamped rows see nothing)
-            pT = tl.where(_visible(cols, KVS, KVE, rc, rows == rc, NI), pT, 0.0)
-        dv = _dot(_cast(pT, do.dtype, PREC), do, dv, PREC)
-        dpT = _dot(v, tl.trans(do), None, PREC)
-        dsT = pT * (dpT - delta[None, :])
-        if SOFTCAP:
-            dsT = dsT * dcapT
-        dk = _dot(_cast(dsT, q.dtype, PREC), q, dk, PREC)
+        if KT:  # [BM, BN] scores; dk^T, dv^T [DP, BN] += Q^T / dO^T [DP, BM] x dS / P [BM, BN]
+            qk = _dot(q, tl.trans(k), None, PREC)
+            p, dcap = _probs(qk, lse2[:, None], qk_scale, cap_in, cap_out, SOFTCAP)
+            if (m0 < f_start) | (m0 >= f_end):  # PARTIAL block: the union test (clamped rows see nothing)
+                p = tl.where(tl.trans(_visible(cols, KVS, KVE, rc, rows == rc, NI)), p, 0.0)
+            dv = _dot(tl.trans(do), _cast(p, do.dtype, PREC), dv, PREC)
+            dp = _dot(do, tl.trans(v), None, PREC)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * dcap
+            dk = _dot(tl.trans(q), _cast(ds, q.dtype, PREC), dk, PREC)
+        else:
+            qkT = _dot(k, tl.trans(q), None, PREC)  # [BN, BM]
+            pT, dcapT = _probs(qkT, lse2[None, :], qk_scale, cap_in, cap_out, SOFTCAP)
+            if (m0 < f_start) | (m0 >= f_end):  # PARTIAL block: the union test (clamped rows see nothing)
+                pT = tl.where(_visible(cols, KVS, KVE, rc, rows == rc, NI), pT, 0.0)
+            dv = _dot(_cast(pT, do.dtype, PREC), do, dv, PREC)
+            dpT = _dot(v, tl.trans(do), None, PREC)
+            dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                dsT = dsT * dcapT
+            dk = _dot(_cast(dsT, q.dtype, PREC), q, dk, PREC)
+    if KT:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
 
     col_ok = cols < Nk
     _store(
@@ -680,6 +704,7 @@ def _attn_bwd_dq(
     I64: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BATCHED: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     h = tl.program_id(0)
     h64 = h.to(tl.int64)
@@ -711,11 +736,18 @@ def _attn_bwd_dq(
         kvs = tl.load(KVS + offs_m * NI + r, mask=row_ok, other=0)  # once for every PARTIAL block
         kve = tl.load(KVE + offs_m * NI + r, mask=row_ok, other=0)
         start, f_start, f_end = _phases(kv_lo, kv_hi, full_lo, full_hi, BN)
-        for n0 in range(start, kv_hi, BN):  # as in the forward: one loop, clamped key rows
+        if TMA:
+            k_desc = _run_desc(k_base, kv_lo, kv_hi, s_kn, D, BN, DP)
+            v_desc = _run_desc(v_base, kv_lo, kv_hi, s_vn, D, BN, DP)
+        for n0 in range(start, kv_hi, BN):  # as in the forward: one loop, TMA or clamped key rows
             cols = n0 + offs_n
-            kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
-            k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, 0, offs_d, D, DP, False)
-            v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, 0, offs_d, D, DP, False)
+            if TMA:
+                k = k_desc.load([n0 - kv_lo, 0])
+                v = v_desc.load([n0 - kv_lo, 0])
+            else:
+                kc = tl.minimum(tl.maximum(cols, kv_lo), kv_hi - 1)
+                k = _load(_ptrs(k_base, kc, s_kn, offs_d, I64, BATCHED, seq_k, s_kb), kc, 0, 0, offs_d, D, DP, False)
+                v = _load(_ptrs(v_base, kc, s_vn, offs_d, I64, BATCHED, seq_k, s_vb), kc, 0, 0, offs_d, D, DP, False)
             qk = _dot(q, tl.trans(k), None, PREC)
             p, dcap = _probs(qk, lse2[:, None], qk_scale, cap_in, cap_out, SOFTCAP)
             if (n0 < f_start) | (n0 >= f_end):  # PARTIAL block
@@ -994,7 +1026,8 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
     (qn, qh, qb), (kn, kh, kb), (vn, vh, vb) = (_strides(x) for x in (q, k, v))
     (on, oh, ob), (don, doh, dob) = _strides(out), _strides(dout)
     (dqn, dqh, dqb), (dkn, dkh, dkb), (dvn, dvh, dvb) = (_strides(x) for x in (dq, dk, dv))
-    with _device_guard(q):
+    dq_tma = _use_tma(cfg.dq.flags, k, v)
+    with _device_guard(q), _descriptor_scratch(dq_tma):
         _bwd_delta[(hq, triton.cdiv(nq, DELTA_BLOCK))](
             out,
             dout,
@@ -1061,6 +1094,7 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
                 NI=ni,
                 BM=cfg.dkdv.block_m,
                 BN=cfg.dkdv.block_n,
+                KT=bool(cfg.dkdv.flags & KT),
                 PREC=prec,
                 I64=i64,
                 SOFTCAP=cap,
@@ -1113,6 +1147,7 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
             I64=i64,
             SOFTCAP=cap,
             BATCHED=batched,
+            TMA=dq_tma,
             num_warps=cfg.dq.warps,
             num_stages=cfg.dq.stages,
         )
