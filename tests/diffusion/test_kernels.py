@@ -166,6 +166,7 @@ def test_has_noise_false_draws_nothing(backend, seed):
     assert_rule(out, affine_step64(sample, None, coef, None, None), ref)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
 def test_runs_on_the_current_stream(backend, seed):
     gen = torch.Generator().manual_seed(seed)

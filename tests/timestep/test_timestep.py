@@ -17,6 +17,7 @@ import torch
 import transfusion_kernels as tk
 from transfusion_kernels.timestep import reference
 from tests.backend_params import BACKENDS, GPU, KERNEL_BACKENDS, kernels, poison, require
+from tests.fuzzing import SMALL_TILES
 from tests.oracles import segment_sum64
 from tests.timestep.common import (
     CONFIGS,
@@ -345,18 +346,7 @@ def test_custom_op_registration():
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["text", "image", "several", "empty", "random"]
 # Tiles small enough that tiny inputs span many triton programs, pieces and loop iterations.
-SMALL_BLOCKS = dict(
-    ADD_BLOCK=128,
-    ADD_MAX_BLOCK_D=32,
-    PIECE_ROWS=8,
-    SUM_BLOCK_R=4,
-    SUM_BLOCK_D=16,
-    IMAGE_SUM_BLOCK_T=2,
-    HIDDEN_BLOCK_H=16,
-    HIDDEN_BLOCK_K=16,
-    SINUSOID_BLOCK_M=4,
-    SINUSOID_MAX_BLOCK_D=16,
-)
+SMALL_BLOCKS = SMALL_TILES["timestep"]
 
 
 @pytest.fixture(params=BACKENDS)
