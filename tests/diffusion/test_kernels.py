@@ -100,8 +100,8 @@ DRAWN_SHAPES = SHAPES[:3] if not GPU else [(3, 7), (100, 3), (17, 4097), (2, 4, 
 @pytest.mark.parametrize("shape", DRAWN_SHAPES, ids=shape_id)
 def test_affine_step_drawn_noise(backend, seed, dtype, shape):
     """Noise drawn in the kernel: the Philox definition per element index, returned rounded to
-    the dtype; the output follows from exactly that noise (fed back, it gives the same bits); the
-    same seed draws the same noise, another seed other noise."""
+    the dtype; the output follows from exactly that noise (fed back, it gives the same bits); on a
+    GPU the same seed draws the same noise, another seed other noise."""
     gen = torch.Generator().manual_seed(seed)
     sample, mo = tensor(shape, dtype, gen), tensor(shape, dtype, gen)
     coef = per_row_coef(shape[0], gen)
@@ -120,18 +120,21 @@ def test_affine_step_drawn_noise(backend, seed, dtype, shape):
     assert torch.equal(again, out)
     same = reference.affine_step(sample, mo, coef, drawn, 0, None, False)[0]
     assert_rule(out, affine_step64(sample, mo, coef, drawn, None), same, f"affine drawn {dtype} {shape}")
-    out2, drawn2 = backend.affine_step(sample, mo, coef, None, key, None, True)
-    assert torch.equal(out2, out) and torch.equal(drawn2, drawn)
-    _, other = backend.affine_step(sample, mo, coef, None, key ^ 1, None, True)
-    assert not torch.equal(other, drawn)
+    if GPU:  # programs run concurrently (the interpreter runs them one at a time)
+        out2, drawn2 = backend.affine_step(sample, mo, coef, None, key, None, True)
+        assert torch.equal(out2, out) and torch.equal(drawn2, drawn)
+        _, other = backend.affine_step(sample, mo, coef, None, key ^ 1, None, True)
+        assert not torch.equal(other, drawn)
 
 
-VELOCITY_SHAPES = [(5, 37), (9, 2, 5)] if not GPU else [(3, 7), (17, 4097), (2, 4, 32, 32)]
+VELOCITY_SHAPES = [(9, 2, 5)] if not GPU else [(3, 7), (17, 4097), (2, 4, 32, 32)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", VELOCITY_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize(
+    "misaligned", [False, True] if GPU else [False], ids=lambda m: "misaligned" if m else "aligned"
+)
 def test_velocity_output(backend, seed, dtype, shape, misaligned):
     """velocity=True: the second output is noise - sample (fp32, rounded once) for given and
     drawn noise; the step's output is unchanged."""
