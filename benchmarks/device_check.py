@@ -10,7 +10,10 @@ Steps, in order (each in its own process, with a time cap; a failure does not st
   tune       benchmarks.tune --short (skipped while benchmarks/tune.py is absent); the later
              steps use its winners (TRANSFUSION_KERNELS_TUNED)
   attention  8k and 32k Transfusion mix, forward and forward + backward, every backend against
-             compiled FlexAttention, SDPA (naive dense-mask baseline) and FlashAttention varlen
+             compiled FlexAttention, SDPA (naive dense-mask baseline) and FlashAttention varlen;
+             then the cuda backend on 8k-token interval unions (BAGEL-style noise
+             splits and sink plus window: K = 2; random unions: K = 4) and with a softcap, each
+             checked against the reference backend before it is timed
   timestep, diffusion, model   the other suites at reduced sizes
 
 A global deadline (--budget-s) stops the run before the machine's time is up: a step that no
@@ -320,6 +323,133 @@ SUITE_ARGS = {
 }
 
 
+# The attention cases the suite's workloads do not cover: interval unions (K > 1) and softcap.
+# (GPU arguments, dry-run arguments) of union_cases; the dry run's reference stands in for the
+# kernel backends.
+UNION_ARGS = (["--tokens", "8192", "--heads", "16", "--gqa", "4", "--rep", "20"], ["--tokens", "300", "--heads", "2"])
+UNION_TIME = 45  # seconds of the attention step kept for them
+
+
+def union_masks(n: int, device) -> dict:
+    """name -> (mask, softcap): 8k-class masks with K = 2 and 4 intervals per query, and softcap."""
+    import transfusion_kernels as tk
+
+    from .attention import build_mask
+
+    sample = [n // 8, n // 4, n // 4, n // 8, n // 4]  # text, noised image, clean image, text, text
+    bagel = tk.HybridMask.from_splits(
+        [sample + [n - sum(sample)]], [["causal", "noise", "full", "causal", "causal", "causal"]], device=device
+    )
+    i = torch.arange(n, device=device)
+    win0 = torch.minimum(torch.clamp(i - n // 8 + 1, min=4), i + 1)  # 4 sinks, then a window of n / 8
+    sink = tk.HybridMask.from_intervals(
+        torch.stack([torch.zeros_like(i), win0], 1).int(), torch.stack([torch.clamp(i + 1, max=4), i + 1], 1).int(), n
+    )
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.sort(torch.randint(0, n + 1, (n, 8), generator=gen), 1).values.to(device)
+    rand4 = tk.HybridMask.from_intervals(pts[:, 0::2].int(), pts[:, 1::2].int(), n)
+    mix, _, _ = build_mask("mix", n, device)
+    return {
+        "bagel-k2": (bagel, 0.0),
+        "bagel-k2-softcap": (bagel, 50.0),
+        "sink-window-k2": (sink, 0.0),
+        "random-k4": (rand4, 0.0),
+        "mix-softcap": (mix, 50.0),
+    }
+
+
+def union_cases(argv: list[str]) -> int:
+    """Times hybrid_attention on the cuda backend over union_masks, forward and forward +
+    backward (CUDA events, median), after checking out, dq, dk, dv against the reference
+    backend; writes {--root}/attention_unions.json (rows as the attention suite's)."""
+    import transfusion_kernels as tk
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, required=True)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--gqa", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--rep", type=int, default=20)
+    p.add_argument("--root", type=Path, required=True)
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    n, hq, d = args.tokens, args.heads, args.head_dim
+    hkv = max(1, hq // args.gqa)
+    backend = "cuda" if gpu else "reference"  # the dry run: the reference standing in
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    args.root.mkdir(parents=True, exist_ok=True)
+    out_file = args.root / "attention_unions.json"
+    for name, (mask, cap) in union_masks(n, device).items():
+        q, k, v = (torch.randn(n, h, d, generator=gen, device=device, dtype=dtype) for h in (hq, hkv, hkv))
+        dout = torch.randn(n, hq, d, generator=gen, device=device, dtype=dtype)
+        flops = 4 * d * hq * mask.visible_pairs()
+        ins = [t.detach().requires_grad_() for t in (q, k, v)]
+
+        def run(backend, backward):
+            out = tk.hybrid_attention(*ins, mask, backend=backend, softcap=cap or None)
+            return (out, *torch.autograd.grad(out, ins, dout)) if backward else (out,)
+
+        ref = run("reference", True)
+        row = {"tokens": n, "hq": hq, "method": f"cuda:{name}", "num_intervals": mask.num_intervals}
+        if not gpu:
+            row["note"] = "reference standing in (no GPU)"
+        row["softcap"] = cap
+        try:
+            got = run(backend, True)
+            row["max_abs_diff"] = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref))
+            # relative to each result's largest value: bf16 rounding is about 4e-3 of it
+            rel = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(got, ref))
+            row["check"] = "ok" if rel <= 2e-2 else f"mismatch (relative error {rel:.3g})"
+            if row["check"] != "ok":  # no timing for a wrong result
+                raise ValueError(row["check"])
+            for key, backward in (("fwd", False), ("fwdbwd", True)):
+                times = []
+                for _ in range(2 + (args.rep if gpu else 0)):
+                    if gpu:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        run(backend, backward)
+                        end.record()
+                        torch.cuda.synchronize()
+                        times.append(start.elapsed_time(end))
+                    else:
+                        t0 = time.perf_counter()
+                        run(backend, backward)
+                        times.append((time.perf_counter() - t0) * 1e3)
+                ms = sorted(times[2:] or times)[len(times[2:] or times) // 2]
+                row[f"{key}_ms"] = round(ms, 3)
+                row[f"{key}_tflops"] = round(flops * (3.5 if backward else 1.0) / ms / 1e9, 1)
+        except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(row, flush=True)
+        out_file.write_text(json.dumps({"rows": rows}, indent=1))
+    return 0
+
+
+def step_attention(check: Check, timeout: float) -> dict:
+    """The attention suite, then union_cases in the time kept for them; their rows join the
+    suite's table."""
+    result = step_suite("attention")(check, max(timeout - UNION_TIME, MIN_START))
+    root = check.work / "attention_unions"
+    gpu_args, dry_args = UNION_ARGS
+    argv = (dry_args if check.dry_run else gpu_args) + ["--root", str(root)]
+    code = f"import sys; from {__package__}.device_check import union_cases; sys.exit(union_cases({argv!r}))"
+    left = max(check.remaining() - RESERVE, MIN_START) if check.dry_run else UNION_TIME
+    exit_code, _ = run_logged(check, [sys.executable, "-c", code], "bench", left)
+    found = root / "attention_unions.json"
+    rows = json.loads(found.read_text())["rows"] if found.exists() else []
+    if result.get("data") is not None:
+        result["data"]["rows"] += rows
+    else:
+        result["data"] = {"rows": rows}
+    result["detail"] += f"; unions and softcap: {len(rows)} rows" + (" (timed out)" if exit_code is None else "")
+    return result
+
+
 def step_suite(name: str):
     def run(check: Check, timeout: float) -> dict:
         gpu_args, dry_args = SUITE_ARGS[name]
@@ -345,6 +475,7 @@ STEP_FNS = {
     "tests": step_tests,
     "tune": step_tune,
     **{name: step_suite(name) for name in SUITE_ARGS},
+    "attention": step_attention,
 }
 
 

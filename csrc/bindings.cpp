@@ -10,6 +10,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <tuple>
@@ -184,7 +185,10 @@ using Strides = std::tuple<int64_t, int64_t>;  // (row, head) strides in element
 
 // Checks shared by the attention entry points; returns the element type.
 tk::DType check_attention(int64_t nq, int64_t nk, int hq, int hkv, int head_dim, const std::string& dtype,
-                          std::initializer_list<Strides> strides) {
+                          std::initializer_list<Strides> strides, int num_intervals, double softcap) {
+  require(num_intervals == 1 || num_intervals == 2 || num_intervals == 4,
+          "num_intervals must be 1, 2 or 4 (pad a mask of 3 intervals per query with an empty one)");
+  require(std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0 (0: none)");
   require(nq >= 0 && nk >= 0, "nq and nk must be >= 0");
   require(hq > 0 && hkv > 0 && hq % hkv == 0, "hq must be a positive multiple of hkv");
   require(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128");
@@ -200,8 +204,10 @@ tk::DType check_attention(int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
 void attention_fwd_impl(bool sm90, uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
                         uintptr_t kv_start, uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq,
                         int hkv, int head_dim, Strides q_strides, Strides k_strides, Strides v_strides, double scale,
-                        const std::string& dtype, uintptr_t stream, uintptr_t q_order) {
-  const tk::DType dt = check_attention(nq, nk, hq, hkv, head_dim, dtype, {q_strides, k_strides, v_strides});
+                        const std::string& dtype, uintptr_t stream, uintptr_t q_order, int num_intervals,
+                        double softcap) {
+  const tk::DType dt =
+      check_attention(nq, nk, hq, hkv, head_dim, dtype, {q_strides, k_strides, v_strides}, num_intervals, softcap);
   if (nq == 0) return;
   require(out != 0 && lse != 0 && q != 0 && kv_start != 0 && kv_end != 0 && q_tiles != 0,
           "out, lse, q, kv_start, kv_end and q_tiles must be non-null device pointers");
@@ -225,6 +231,8 @@ void attention_fwd_impl(bool sm90, uintptr_t out, uintptr_t lse, uintptr_t q, ui
   std::tie(a.k_row_stride, a.k_head_stride) = k_strides;
   std::tie(a.v_row_stride, a.v_head_stride) = v_strides;
   a.scale = static_cast<float>(scale);
+  a.num_intervals = num_intervals;
+  a.softcap = static_cast<float>(softcap);
   cudaError_t err;
   {
     py::gil_scoped_release release;
@@ -237,17 +245,18 @@ void attention_fwd_impl(bool sm90, uintptr_t out, uintptr_t lse, uintptr_t q, ui
 void attention_fwd(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start,
                    uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
                    Strides q_strides, Strides k_strides, Strides v_strides, double scale, const std::string& dtype,
-                   uintptr_t stream, uintptr_t q_order) {
+                   uintptr_t stream, uintptr_t q_order, int num_intervals, double softcap) {
   attention_fwd_impl(false, out, lse, q, k, v, kv_start, kv_end, q_tiles, nq, nk, hq, hkv, head_dim, q_strides,
-                     k_strides, v_strides, scale, dtype, stream, q_order);
+                     k_strides, v_strides, scale, dtype, stream, q_order, num_intervals, softcap);
 }
 
 void attention_fwd_sm90(uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start,
                         uintptr_t kv_end, uintptr_t q_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
                         Strides q_strides, Strides k_strides, Strides v_strides, double scale,
-                        const std::string& dtype, uintptr_t stream, uintptr_t q_order) {
+                        const std::string& dtype, uintptr_t stream, uintptr_t q_order, int num_intervals,
+                        double softcap) {
   attention_fwd_impl(true, out, lse, q, k, v, kv_start, kv_end, q_tiles, nq, nk, hq, hkv, head_dim, q_strides,
-                     k_strides, v_strides, scale, dtype, stream, q_order);
+                     k_strides, v_strides, scale, dtype, stream, q_order, num_intervals, softcap);
 }
 
 void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, uintptr_t dout, uintptr_t q,
@@ -255,9 +264,9 @@ void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, 
                    uintptr_t q_tiles, uintptr_t k_tiles, int64_t nq, int64_t nk, int hq, int hkv, int head_dim,
                    Strides q_strides, Strides k_strides, Strides v_strides, Strides o_strides, Strides do_strides,
                    double scale, const std::string& dtype, uintptr_t stream, uintptr_t q_order, uintptr_t k_order,
-                   uintptr_t dq_workspace) {
-  const tk::DType dt =
-      check_attention(nq, nk, hq, hkv, head_dim, dtype, {q_strides, k_strides, v_strides, o_strides, do_strides});
+                   uintptr_t dq_workspace, int num_intervals, double softcap) {
+  const tk::DType dt = check_attention(nq, nk, hq, hkv, head_dim, dtype,
+                                       {q_strides, k_strides, v_strides, o_strides, do_strides}, num_intervals, softcap);
   if (nk == 0 && nq == 0) return;
   require(nk == 0 || (dk != 0 && dv != 0 && k != 0 && v != 0 && k_tiles != 0),
           "dk, dv, k, v and k_tiles must be non-null device pointers");
@@ -294,6 +303,8 @@ void attention_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t scratch, 
   std::tie(a.o_row_stride, a.o_head_stride) = o_strides;
   std::tie(a.do_row_stride, a.do_head_stride) = do_strides;
   a.scale = static_cast<float>(scale);
+  a.num_intervals = num_intervals;
+  a.softcap = static_cast<float>(softcap);
   if (dq_workspace != 0 && nq > 0) {  // fp32 dQ [nq, hq, D], then the int32 semaphores
     require((dq_workspace & 15u) == 0, "dq_workspace must be a 16-byte aligned device pointer");
     a.dq_accum = as_ptr<float>(dq_workspace);
@@ -379,17 +390,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_fwd", &attention_fwd, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"), py::arg("hq"),
         py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
-        py::arg("scale"), py::arg("dtype"), py::arg("stream"), py::arg("q_order") = 0,
+        py::arg("scale"), py::arg("dtype"), py::arg("stream"), py::arg("q_order") = 0, py::arg("num_intervals") = 1,
+        py::arg("softcap") = 0.0,
         "Interval-mask attention forward on mma.sync (sm_80+; fp16/bf16, head_dim 64/128): out [nq, hq, D] "
-        "contiguous, lse [hq, nq] fp32; q_tiles = HybridMask.query_tiles(ATTENTION_BLOCK_M); strides as "
-        "(row, head) in elements; q_order: int32 [rows of q_tiles], the query tile of each block "
-        "(masks.heaviest_first(q_tiles)), 0 for blockIdx order.");
+        "contiguous, lse [hq, nq] fp32; kv_start, kv_end int32 [nq, num_intervals] (1, 2 or 4 sorted, "
+        "disjoint intervals per query, unused ones empty); q_tiles = plan.query_runs(mask, ATTENTION_BLOCK_M) "
+        "[tiles, num_intervals, 4]; strides as (row, head) in elements; q_order: int32 [tiles], the query tile "
+        "of each block (plan.heaviest_first(q_tiles)), 0 for blockIdx order; softcap: scores s -> softcap * "
+        "tanh(s / softcap), 0 for none.");
   m.def("attention_fwd_sm90", &attention_fwd_sm90, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("kv_start"), py::arg("kv_end"), py::arg("q_tiles"), py::arg("nq"), py::arg("nk"),
         py::arg("hq"), py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"), py::arg("k_strides"),
         py::arg("v_strides"), py::arg("scale"), py::arg("dtype"), py::arg("stream"), py::arg("q_order") = 0,
+        py::arg("num_intervals") = 1, py::arg("softcap") = 0.0,
         "The same forward on wgmma with TMA loads (compute capability 9.0 and an sm_90a build only: see "
-        "attention_sm90_supported); q_tiles = HybridMask.query_tiles(ATTENTION_SM90_BLOCK_M), q_order its "
+        "attention_sm90_supported); q_tiles = plan.query_runs(mask, ATTENTION_SM90_BLOCK_M), q_order its "
         "tile order.");
   m.def("attention_sm90_supported", &attention_sm90_supported, py::arg("device"),
         "Whether attention_fwd_sm90 can run on this CUDA device (compute capability 9.0, sm_90a code in this "
@@ -400,11 +415,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("nk"), py::arg("hq"), py::arg("hkv"), py::arg("head_dim"), py::arg("q_strides"),
         py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"), py::arg("do_strides"), py::arg("scale"),
         py::arg("dtype"), py::arg("stream"), py::arg("q_order") = 0, py::arg("k_order") = 0,
-        py::arg("dq_workspace") = 0,
+        py::arg("dq_workspace") = 0, py::arg("num_intervals") = 1, py::arg("softcap") = 0.0,
         "Interval-mask attention backward on mma.sync (fp16/bf16, head_dim 64/128): dq [nq, hq, D], dk, dv "
         "[nk, hkv, D] contiguous (dk, dv summed over each kv head's query heads); scratch fp32 [2, hq, nq]; "
-        "lse fp32 [hq, nq] contiguous; q_tiles = HybridMask.query_tiles(ATTENTION_BWD_BLOCK_M), k_tiles = "
-        "HybridMask.key_tiles(ATTENTION_BWD_BLOCK_N); q_order / k_order: int32 tile orders of q_tiles (dq "
+        "lse fp32 [hq, nq] contiguous; q_tiles = plan.query_runs(mask, ATTENTION_BWD_BLOCK_M), k_tiles = "
+        "plan.key_tiles(mask, ATTENTION_BWD_BLOCK_N); num_intervals, softcap as attention_fwd; q_order / k_order: int32 tile orders of q_tiles (dq "
         "blocks) and k_tiles (dk/dv blocks), 0 for blockIdx order."
         " dq_workspace: 0, or fp32 [nq * hq * head_dim + hq * ceil(nq / ATTENTION_BWD_BLOCK_M)] on the "
         "device: then devices that run the sm_90a code take the wgmma backward (attention_bwd_sm90).");

@@ -16,6 +16,9 @@
 // Per step, with P recomputed from lse: dV += P^T dO, dP = dO V^T, dS = P * (dP - delta),
 // dK += dS^T Q, dQ += dS K (dS in the scaled scores' units; dK, dQ scaled once at the end).
 // Q/dO (dk/dv) and K/V (dq) steps are double-buffered with cp.async.
+// K intervals per query: dk/dv's masked steps test the union of a query's slots; dq walks its
+// tile's K runs, testing slot k in run k (as the forward). Softcap: with t = tanh(s scale / cap),
+// P = exp2(t cap log2(e) - lse2) and dS = P (dP - delta) (1 - t^2).
 #include "attention/attention.h"
 
 #include <math.h>
@@ -23,6 +26,7 @@
 #include "attention/bwd_prep.cuh"
 #include "attention/dispatch.cuh"
 #include "attention/layouts.cuh"
+#include "attention/sm80.cuh"
 #include "attention/tile_io.cuh"
 #include "common/interval_mask.cuh"
 #include "common/mma.cuh"
@@ -54,20 +58,30 @@ __device__ __forceinline__ void store_rows(T* base, int heads, int head, int64_t
 // ---------------------------------------------------------------------------------------------
 // dk/dv
 // ---------------------------------------------------------------------------------------------
-template <int D>
+// Softcap factors: scores s become base-2 logits t cap log2(e), t = tanh(s cap_in), cap_in =
+// scale / cap; dS gets the derivative's 1 - t^2 (the scale is applied to dK, dQ at the end).
+struct Cap {
+  float in, out;
+};
+
+template <int D, int K, bool kCap>
 struct DkdvShape {
   static constexpr int kBN = kAttentionBwdBlockN;  // keys per block (16 per warp)
   static constexpr int kBM = D <= 64 ? 64 : 32;     // queries per step (D = 128: fewer live registers)
-  static constexpr bool kKVInRegs = D <= 64;        // K/V A fragments held in registers, else re-read
-  // k_s, v_s; two stages of q_s, do_s; two stages of lse2, delta, kv_start, kv_end (4 bytes each)
+  // K/V A fragments held in registers, else re-read (also for unions with softcap: the union test
+  // and the cap's factors would spill them)
+  static constexpr bool kKVInRegs = D <= 64 && !(K > 1 && kCap);
+  // k_s, v_s; two stages of q_s, do_s; two stages each of lse2, delta, then kv_start and kv_end
+  // of every slot (4 bytes each)
   static constexpr int kTileElems = kBN * D, kStepElems = kBM * D;
-  static constexpr size_t kSmem = (2 * kTileElems + 4 * kStepElems) * 2 + 2 * 4 * kBM * 4;
+  static constexpr int kScalarRows = 2 + 2 * K;
+  static constexpr size_t kSmem = (2 * kTileElems + 4 * kStepElems) * 2 + 2 * kScalarRows * kBM * 4;
 };
 static_assert(kAttentionBwdBlockN == 16 * kWarps, "one 16-key mma block per warp");
 
-template <typename T, int D>
+template <typename T, int K, bool kCap, int D>  // D last: the head dim ends the kernel's name
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionBwdArgs a) {
-  using S = DkdvShape<D>;
+  using S = DkdvShape<D, K, kCap>;
   constexpr int kBN = S::kBN, kBM = S::kBM;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* k_s = reinterpret_cast<T*>(smem_raw);
@@ -76,8 +90,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
   T* do_s = q_s + 2 * S::kStepElems;         // [2][kBM * D]
   float* lse2_s = reinterpret_cast<float*>(do_s + 2 * S::kStepElems);  // [2][kBM]
   float* delta_s = lse2_s + 2 * kBM;                                   // [2][kBM]
-  int32_t* kvs_s = reinterpret_cast<int32_t*>(delta_s + 2 * kBM);      // [2][kBM]
-  int32_t* kve_s = kvs_s + 2 * kBM;                                    // [2][kBM]
+  int32_t* kvs_s = reinterpret_cast<int32_t*>(delta_s + 2 * kBM);      // [K][2][kBM]
+  int32_t* kve_s = kvs_s + 2 * K * kBM;                                // [K][2][kBM]
 
   const int rank = blockIdx.x / a.hkv, hk = blockIdx.x % a.hkv;  // head fastest (see the header)
   const int tile = a.k_order != nullptr ? __ldg(a.k_order + rank) : rank;
@@ -108,15 +122,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
     attn::load_rows<T, D, kBM, kThreads>(do_s + buf * S::kStepElems,
                                          static_cast<const T*>(a.dout) + h * a.do_head_stride, a.do_row_stride, m0,
                                          row_lo, row_hi, tid);
-    for (int i = tid; i < 4 * kBM; i += kThreads) {
-      const int which = i / kBM, r = i % kBM;
+    for (int i = tid; i < S::kScalarRows * kBM; i += kThreads) {
+      const int which = i / kBM, r = i % kBM;  // lse2, delta, K starts, K ends
       const int64_t row = m0 + r;
       const bool valid = row_lo <= row && row < row_hi;
       const int64_t at = valid ? static_cast<int64_t>(h) * a.nq + row : 0;
-      const void* src = which == 0 ? static_cast<const void*>(a.lse2 + at)
-                        : which == 1 ? static_cast<const void*>(a.delta + at)
-                        : which == 2 ? static_cast<const void*>(a.kv_start + (valid ? row : 0))
-                                     : static_cast<const void*>(a.kv_end + (valid ? row : 0));
+      const int slot = (which - 2) % K;
+      const int64_t iv = valid ? row * K + slot : 0;
+      const void* src = which == 0       ? static_cast<const void*>(a.lse2 + at)
+                        : which == 1     ? static_cast<const void*>(a.delta + at)
+                        : which < 2 + K  ? static_cast<const void*>(a.kv_start + iv)
+                                         : static_cast<const void*>(a.kv_end + iv);
       attn::cp_async_4(lse2_s + which * 2 * kBM + buf * kBM + r, src, valid);
     }
   };
@@ -128,6 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
   const attn::FragLane fl = attn::make_frag_lane<D>(lane);
   const int key0 = static_cast<int>(n0) + warp * 16 + grp, key1 = key0 + 8;  // this thread's two keys
   const float scale_log2 = a.scale * kLog2e;
+  const Cap cap{kCap ? a.scale / a.softcap : 0.0f, kCap ? a.softcap * kLog2e : 0.0f};
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) {
@@ -182,19 +199,31 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
         mma_16816<T>(st[2 * np + 1], af, b[2], b[3]);
       }
     }
-    // P^T = exp2(S^T * scale * log2(e) - lse2[query]); masked steps drop invisible pairs.
+    // P^T = exp2(S^T * scale * log2(e) - lse2[query]); masked steps drop invisible pairs (the
+    // union of the query's slots). Softcap: pc = P^T (1 - t^2), dS^T's factor.
+    float pc[kCap ? kBM / 8 : 1][4];
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt) {
       const int col = nt * 8 + tig * 2;
       const float2 l2 = *reinterpret_cast<const float2*>(lse2b + col);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        float p = fast_exp2(st[nt][c] * scale_log2 - ((c & 1) ? l2.y : l2.x));
+        float p, t = 0.0f;
+        if constexpr (kCap) {
+          t = attn::fast_tanh(st[nt][c] * cap.in);
+          p = fast_exp2(t * cap.out - ((c & 1) ? l2.y : l2.x));
+        } else {
+          p = fast_exp2(st[nt][c] * scale_log2 - ((c & 1) ? l2.y : l2.x));
+        }
         if (!full) {
-          const int q = col + (c & 1);
-          p = interval_visible(kvsb[q], kveb[q], c < 2 ? key0 : key1) ? p : 0.0f;
+          const int q = col + (c & 1), key = c < 2 ? key0 : key1;
+          bool seen = false;
+#pragma unroll
+          for (int k = 0; k < K; ++k) seen = seen || interval_visible(kvsb[2 * kBM * k + q], kveb[2 * kBM * k + q], key);
+          p = seen ? p : 0.0f;
         }
         st[nt][c] = p;
+        if constexpr (kCap) pc[nt][c] = p * (1.0f - t * t);
       }
     }
     // dV += P^T dO
@@ -228,12 +257,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
         mma_16816<T>(dpt[2 * np + 1], af, b[2], b[3]);
       }
     }
-    // dS^T = P^T * (dP^T - delta[query])
+    // dS^T = P^T * (dP^T - delta[query]) (softcap: times 1 - t^2)
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt) {
       const float2 dl = *reinterpret_cast<const float2*>(deltab + nt * 8 + tig * 2);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) dpt[nt][c] = st[nt][c] * (dpt[nt][c] - ((c & 1) ? dl.y : dl.x));
+      for (int c = 0; c < 4; ++c) {
+        const float p = kCap ? pc[kCap ? nt : 0][c] : st[nt][c];
+        dpt[nt][c] = p * (dpt[nt][c] - ((c & 1) ? dl.y : dl.x));
+      }
     }
     // dK += dS^T Q
 #pragma unroll
@@ -271,7 +303,7 @@ struct DqShape {
 };
 static_assert(kAttentionBwdBlockM == 16 * kWarps, "one 16-row mma block per warp");
 
-template <typename T, int D>
+template <typename T, int K, bool kCap, int D>  // D last: the head dim ends the kernel's name
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionBwdArgs a) {
   using S = DqShape<D>;
   constexpr int kBM = S::kBM, kBN = S::kBN;
@@ -287,11 +319,30 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, grp = lane / 4, tig = lane % 4;
   const int64_t q0 = static_cast<int64_t>(tile) * kBM;
 
-  const int32_t* tt = a.q_tiles + 4 * tile;
-  const int kv_lo = __ldg(tt), kv_hi = __ldg(tt + 1), full_lo = __ldg(tt + 2), full_hi = __ldg(tt + 3);
-  const attn::Steps steps = attn::make_steps(kv_lo, kv_hi, full_lo, full_hi, kBN);
-  // Keys outside [kv_lo, kv_hi) are seen by no query of the tile: never read (zero-filled).
-  const int64_t key_lo = kv_lo > 0 ? kv_lo : 0, key_hi = kv_hi < a.nk ? kv_hi : a.nk;
+  // Run r of the tile (as the forward's): its steps and the keys it may load; keys outside its
+  // [kv_lo, kv_hi) are seen by no query of the tile through slot r: never read (zero-filled).
+  struct Run {
+    attn::Steps steps;
+    int key_lo, key_hi;
+  };
+  auto run_of = [&](int r) {
+    const int32_t* tt = a.q_tiles + 4 * (K * tile + r);
+    const int kv_lo = __ldg(tt), kv_hi = __ldg(tt + 1);
+    Run u;
+    u.steps = attn::make_steps(kv_lo, kv_hi, __ldg(tt + 2), __ldg(tt + 3), kBN);
+    u.key_lo = kv_lo > 0 ? kv_lo : 0;
+    u.key_hi = kv_hi < a.nk ? kv_hi : static_cast<int>(a.nk);
+    return u;
+  };
+  auto next_run = [&](int r) {  // the first run at or after r that has steps (K: none)
+    for (; r < K; ++r) {
+      const int32_t* tt = a.q_tiles + 4 * (K * tile + r);
+      if (__ldg(tt) < __ldg(tt + 1)) break;
+    }
+    return r;
+  };
+  const int first_run = next_run(0);
+  Run run = run_of(first_run < K ? first_run : 0);
   const T* kg = static_cast<const T*>(a.k) + hk * a.k_head_stride;
   const T* vg = static_cast<const T*>(a.v) + hk * a.v_head_stride;
 
@@ -299,25 +350,24 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
                                        a.nq, tid);
   attn::load_rows<T, D, kBM, kThreads>(do_s, static_cast<const T*>(a.dout) + h * a.do_head_stride, a.do_row_stride,
                                        q0, 0, a.nq, tid);
-  auto issue_step = [&](int j, int buf) {
-    const int n0 = steps.first + j * kBN;
-    attn::load_rows<T, D, kBN, kThreads>(k_s + buf * S::kStepElems, kg, a.k_row_stride, n0, key_lo, key_hi, tid);
-    attn::load_rows<T, D, kBN, kThreads>(v_s + buf * S::kStepElems, vg, a.v_row_stride, n0, key_lo, key_hi, tid);
+  auto issue_step = [&](const Run& u, int j, int buf) {
+    const int n0 = u.steps.first + j * kBN;
+    attn::load_rows<T, D, kBN, kThreads>(k_s + buf * S::kStepElems, kg, a.k_row_stride, n0, u.key_lo, u.key_hi, tid);
+    attn::load_rows<T, D, kBN, kThreads>(v_s + buf * S::kStepElems, vg, a.v_row_stride, n0, u.key_lo, u.key_hi, tid);
   };
-  if (steps.count > 0) issue_step(0, 0);
+  if (first_run < K) issue_step(run, 0, 0);
   cp_async_commit();  // Q, dO (and step 0)
 
-  // This thread's two query rows (grp and grp + 8 of its warp's 16): intervals, lse2, delta;
-  // rows past the end see nothing.
+  // This thread's two query rows (grp and grp + 8 of its warp's 16): lse2, delta, and (per run)
+  // the intervals of the run's slot; rows past the end see nothing.
   const int64_t row0 = q0 + warp * 16 + grp, row1 = row0 + 8;
   const bool ok0 = row0 < a.nq, ok1 = row1 < a.nq;
-  const int s0 = ok0 ? __ldg(a.kv_start + row0) : 0, e0 = ok0 ? __ldg(a.kv_end + row0) : 0;
-  const int s1 = ok1 ? __ldg(a.kv_start + row1) : 0, e1 = ok1 ? __ldg(a.kv_end + row1) : 0;
   const float l2_0 = ok0 ? a.lse2[static_cast<int64_t>(h) * a.nq + row0] : INFINITY;
   const float l2_1 = ok1 ? a.lse2[static_cast<int64_t>(h) * a.nq + row1] : INFINITY;
   const float dl_0 = ok0 ? a.delta[static_cast<int64_t>(h) * a.nq + row0] : 0.0f;
   const float dl_1 = ok1 ? a.delta[static_cast<int64_t>(h) * a.nq + row1] : 0.0f;
   const float scale_log2 = a.scale * kLog2e;
+  const Cap cap{kCap ? a.scale / a.softcap : 0.0f, kCap ? a.softcap * kLog2e : 0.0f};
   const attn::FragLane fl = attn::make_frag_lane<D>(lane);
 
   float dq[D / 8][4];
@@ -325,97 +375,127 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.0f;
   uint32_t qf[S::kQInRegs ? D / 16 : 1][4], dof[S::kQInRegs ? D / 16 : 1][4];
 
-  for (int it = 0; it < steps.count; ++it) {
-    const int buf = it & 1;
-    const int n0 = steps.first + it * kBN;
-    if (it + 1 < steps.count) {
-      issue_step(it + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    if constexpr (S::kQInRegs) {
-      if (it == 0) {
+  int buf = 0;
+  bool first_step = true;
+  // K = 1: one pass over the tile's row (run 0, maybe empty), as without unions.
+  for (int r = K == 1 ? 0 : first_run; r < K; r = next_run(r + 1)) {
+    if (K > 1 && r != first_run) run = run_of(r);
+    const attn::Steps steps = run.steps;
+    const int s0 = ok0 ? __ldg(a.kv_start + row0 * K + r) : 0, e0 = ok0 ? __ldg(a.kv_end + row0 * K + r) : 0;
+    const int s1 = ok1 ? __ldg(a.kv_start + row1 * K + r) : 0, e1 = ok1 ? __ldg(a.kv_end + row1 * K + r) : 0;
+    for (int it = 0; it < steps.count; ++it) {
+      const int n0 = steps.first + it * kBN;
+      // The step after: this run's next, else the first of the next run with steps (nr < K).
+      const bool more = it + 1 < steps.count;
+      int nr = K;
+      if constexpr (K > 1) nr = more ? r : next_run(r + 1);
+      if (more || nr < K) {
+        if (more) {
+          issue_step(run, it + 1, buf ^ 1);
+        } else {
+          issue_step(run_of(nr), 0, buf ^ 1);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      if constexpr (S::kQInRegs) {
+        if (first_step) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          ldmatrix_x4(qf[kk], q_s + attn::frag_a<D>(fl, warp * 16, kk));
-          ldmatrix_x4(dof[kk], do_s + attn::frag_a<D>(fl, warp * 16, kk));
+          for (int kk = 0; kk < D / 16; ++kk) {
+            ldmatrix_x4(qf[kk], q_s + attn::frag_a<D>(fl, warp * 16, kk));
+            ldmatrix_x4(dof[kk], do_s + attn::frag_a<D>(fl, warp * 16, kk));
+          }
         }
       }
-    }
-    const T* kb = k_s + buf * S::kStepElems;
-    const T* vb = v_s + buf * S::kStepElems;
-    const bool full = attn::step_is_full(steps, n0);
+      const T* kb = k_s + buf * S::kStepElems;
+      const T* vb = v_s + buf * S::kStepElems;
+      const bool full = attn::step_is_full(steps, n0);
 
-    // S = Q K^T
-    float s[kBN / 8][4];
+      // S = Q K^T
+      float s[kBN / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      for (int nt = 0; nt < kBN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t qa[4];
-      if constexpr (!S::kQInRegs) ldmatrix_x4(qa, q_s + attn::frag_a<D>(fl, warp * 16, kk));
-      const uint32_t(&af)[4] = S::kQInRegs ? qf[kk] : qa;
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t qa[4];
+        if constexpr (!S::kQInRegs) ldmatrix_x4(qa, q_s + attn::frag_a<D>(fl, warp * 16, kk));
+        const uint32_t(&af)[4] = S::kQInRegs ? qf[kk] : qa;
 #pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, kb + attn::frag_b<D>(fl, np * 16, kk));
-        mma_16816<T>(s[2 * np], af, b[0], b[1]);
-        mma_16816<T>(s[2 * np + 1], af, b[2], b[3]);
-      }
-    }
-    // P = exp2(S * scale * log2(e) - lse2[row]); masked steps drop invisible pairs.
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float p = fast_exp2(s[nt][c] * scale_log2 - (c < 2 ? l2_0 : l2_1));
-        if (!full) {
-          const int key = n0 + nt * 8 + tig * 2 + (c & 1);
-          p = (c < 2 ? interval_visible(s0, e0, key) : interval_visible(s1, e1, key)) ? p : 0.0f;
+        for (int np = 0; np < kBN / 16; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4(b, kb + attn::frag_b<D>(fl, np * 16, kk));
+          mma_16816<T>(s[2 * np], af, b[0], b[1]);
+          mma_16816<T>(s[2 * np + 1], af, b[2], b[3]);
         }
-        s[nt][c] = p;
       }
-    }
-    // dP = dO V^T
-    float dp[kBN / 8][4];
+      // P = exp2(S * scale * log2(e) - lse2[row]); masked steps drop invisible pairs (the run's
+      // slot). Softcap: pc = P (1 - t^2), dS's factor.
+      float pc[kCap ? kBN / 8 : 1][4];
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+      for (int nt = 0; nt < kBN / 8; ++nt) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t da[4];
-      if constexpr (!S::kQInRegs) ldmatrix_x4(da, do_s + attn::frag_a<D>(fl, warp * 16, kk));
-      const uint32_t(&af)[4] = S::kQInRegs ? dof[kk] : da;
-#pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, vb + attn::frag_b<D>(fl, np * 16, kk));
-        mma_16816<T>(dp[2 * np], af, b[0], b[1]);
-        mma_16816<T>(dp[2 * np + 1], af, b[2], b[3]);
+        for (int c = 0; c < 4; ++c) {
+          float p, t = 0.0f;
+          if constexpr (kCap) {
+            t = attn::fast_tanh(s[nt][c] * cap.in);
+            p = fast_exp2(t * cap.out - (c < 2 ? l2_0 : l2_1));
+          } else {
+            p = fast_exp2(s[nt][c] * scale_log2 - (c < 2 ? l2_0 : l2_1));
+          }
+          if (!full) {
+            const int key = n0 + nt * 8 + tig * 2 + (c & 1);
+            p = (c < 2 ? interval_visible(s0, e0, key) : interval_visible(s1, e1, key)) ? p : 0.0f;
+          }
+          s[nt][c] = p;
+          if constexpr (kCap) pc[nt][c] = p * (1.0f - t * t);
+        }
       }
-    }
-    // dS = P * (dP - delta[row]); dQ += dS K
+      // dP = dO V^T
+      float dp[kBN / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
+      for (int nt = 0; nt < kBN / 8; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) dp[nt][c] = s[nt][c] * (dp[nt][c] - (c < 2 ? dl_0 : dl_1));
-    }
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t da[4];
+        if constexpr (!S::kQInRegs) ldmatrix_x4(da, do_s + attn::frag_a<D>(fl, warp * 16, kk));
+        const uint32_t(&af)[4] = S::kQInRegs ? dof[kk] : da;
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t dsa[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
-                               pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                               pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-#pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, kb + attn::frag_bt<D>(fl, kk * 16, np));
-        mma_16816<T>(dq[2 * np], dsa, b[0], b[1]);
-        mma_16816<T>(dq[2 * np + 1], dsa, b[2], b[3]);
+        for (int np = 0; np < kBN / 16; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4(b, vb + attn::frag_b<D>(fl, np * 16, kk));
+          mma_16816<T>(dp[2 * np], af, b[0], b[1]);
+          mma_16816<T>(dp[2 * np + 1], af, b[2], b[3]);
+        }
       }
+      // dS = P * (dP - delta[row]) (softcap: times 1 - t^2); dQ += dS K
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const float p = kCap ? pc[kCap ? nt : 0][c] : s[nt][c];
+          dp[nt][c] = p * (dp[nt][c] - (c < 2 ? dl_0 : dl_1));
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        const uint32_t dsa[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+                                 pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                 pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+        for (int np = 0; np < D / 16; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, kb + attn::frag_bt<D>(fl, kk * 16, np));
+          mma_16816<T>(dq[2 * np], dsa, b[0], b[1]);
+          mma_16816<T>(dq[2 * np + 1], dsa, b[2], b[3]);
+        }
+      }
+      __syncthreads();  // every warp is done with buffer `buf` before the next step refills it
+      buf ^= 1;
+      first_step = false;
     }
-    __syncthreads();  // every warp is done with buffer `buf` before the next step refills it
   }
   cp_async_wait<0>();
 
@@ -430,7 +510,7 @@ cudaError_t set_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename T, int D>
+template <typename T, int D, int K, bool kCap>
 cudaError_t launch(const AttentionBwdArgs& a, cudaStream_t stream) {
   cudaError_t err;
   if (a.nq > 0) {
@@ -439,17 +519,17 @@ cudaError_t launch(const AttentionBwdArgs& a, cudaStream_t stream) {
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (a.nk > 0) {
-    constexpr size_t smem = DkdvShape<D>::kSmem;
-    if ((err = set_smem(attention_bwd_dkdv_kernel<T, D>, smem)) != cudaSuccess) return err;
+    constexpr size_t smem = DkdvShape<D, K, kCap>::kSmem;
+    if ((err = set_smem(attention_bwd_dkdv_kernel<T, K, kCap, D>, smem)) != cudaSuccess) return err;
     const unsigned blocks = static_cast<unsigned>((a.nk + kAttentionBwdBlockN - 1) / kAttentionBwdBlockN * a.hkv);
-    attention_bwd_dkdv_kernel<T, D><<<blocks, kThreads, smem, stream>>>(a);
+    attention_bwd_dkdv_kernel<T, K, kCap, D><<<blocks, kThreads, smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (a.nq > 0) {
     constexpr size_t smem = DqShape<D>::kSmem;
-    if ((err = set_smem(attention_bwd_dq_kernel<T, D>, smem)) != cudaSuccess) return err;
+    if ((err = set_smem(attention_bwd_dq_kernel<T, K, kCap, D>, smem)) != cudaSuccess) return err;
     const unsigned blocks = static_cast<unsigned>((a.nq + kAttentionBwdBlockM - 1) / kAttentionBwdBlockM * a.hq);
-    attention_bwd_dq_kernel<T, D><<<blocks, kThreads, smem, stream>>>(a);
+    attention_bwd_dq_kernel<T, K, kCap, D><<<blocks, kThreads, smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -466,7 +546,9 @@ cudaError_t attention_bwd(const AttentionBwdArgs& a, DType dtype, int head_dim, 
     return attention_bwd_sm90(a, dtype, head_dim, stream);
   }
   return attn::dispatch_dtype_head_dim(dtype, head_dim, [&](auto t, auto d) {
-    return launch<decltype(t), d()>(a, stream);
+    return attn::dispatch_mask(a.num_intervals, a.softcap, [&](auto k, auto cap) {
+      return launch<decltype(t), d(), k(), cap()>(a, stream);
+    });
   });
 }
 

@@ -20,6 +20,10 @@
 //          A key tile in that range whose query range misses the query tile passes its turn.
 //   dq:    dq = scale * accumulator, in T.
 //
+// K intervals per query: masked steps test the union of a query's slots (the key table is one
+// row per key tile); a query tile's key range (its semaphore's key tiles, the K/V rows loaded)
+// is the hull of its K runs. Softcap: P^T from t = tanh(S^T scale / cap), dS^T times 1 - t^2.
+//
 // Q/dO steps are double-buffered with cp.async into the 128-byte-swizzled wgmma layout. Not yet
 // here: TMA loads, warp specialisation (a producer warp and two consumer warpgroups), and a
 // dQ reduction through shared memory and bulk reductions (FA3).
@@ -69,15 +73,16 @@ __global__ void __launch_bounds__(kConvertThreads) attention_bwd_sm90_dq_kernel(
 // ---------------------------------------------------------------------------------------------
 // dk/dv (and the dQ contributions)
 // ---------------------------------------------------------------------------------------------
-template <int D>
+template <int D, int K>
 struct Smem {
   static constexpr uint32_t kKVBytes = kBN * D * 2;    // K or V tile
   static constexpr uint32_t kStepBytes = kBM * D * 2;  // Q or dO step tile
   // offsets from the 1024-byte aligned base: K, V, 2 stages of Q, 2 of dO, dS^T, then 2 stages
-  // of the step's lse2, delta, kv_start, kv_end (4 bytes each)
+  // of the step's lse2, delta, then kv_start and kv_end of every slot (4 bytes each)
   static constexpr uint32_t kK = 0, kV = kK + kKVBytes, kQ = kV + kKVBytes, kDO = kQ + 2 * kStepBytes;
   static constexpr uint32_t kDS = kDO + 2 * kStepBytes, kScalars = kDS + kBN * kBM * 2;
-  static constexpr uint32_t kCounts = kScalars + 4 * 2 * kBM * 4;  // 4 floats: per-warp counts of dq_rank
+  static constexpr int kScalarRows = 2 + 2 * K;
+  static constexpr uint32_t kCounts = kScalars + kScalarRows * 2 * kBM * 4;  // 4 floats: per-warp counts of dq_rank
   static constexpr size_t kBytes = kCounts + 4 * 4 + 1024;
 };
 
@@ -136,6 +141,21 @@ __device__ __forceinline__ int dq_rank(const AttentionBwdArgs& a, int pos, int t
   return rank;
 }
 
+// The key range [lo, hi) of query tile m: the hull of its K runs (K = 1: its table row).
+template <int K>
+__device__ __forceinline__ void tile_hull(const AttentionBwdArgs& a, int m, int& lo, int& hi) {
+  lo = __ldg(a.q_tiles + 4 * K * m), hi = __ldg(a.q_tiles + 4 * K * m + 1);
+#pragma unroll
+  for (int r = 1; r < K; ++r) {
+    const int r_lo = __ldg(a.q_tiles + 4 * (K * m + r)), r_hi = __ldg(a.q_tiles + 4 * (K * m + r) + 1);
+    if (r_lo < r_hi) {  // empty runs are (0, 0)
+      const bool have = lo < hi;
+      lo = have && lo < r_lo ? lo : r_lo;
+      hi = have && hi > r_hi ? hi : r_hi;
+    }
+  }
+}
+
 // Descriptor of k16 step kk from the step-0 descriptor (attn::desc_kmajor / desc_mnmajor with
 // kk = 0): only the start address field (bits 0-13, 16-byte units) moves, and shared memory
 // lies below 256 KiB, so it never carries into the next field.
@@ -146,9 +166,9 @@ __device__ __forceinline__ uint64_t desc_mnmajor_at(uint64_t desc0, int kk) {
   return desc0 + static_cast<uint32_t>(kk * 16 * 128 >> 4);
 }
 
-template <typename T, int D>
+template <typename T, int D, int K, bool kCap>
 __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
-  using S = Smem<D>;
+  using S = Smem<D, K>;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   unsigned char* base = smem_raw + (((raw + 1023u) & ~1023u) - raw);
@@ -156,8 +176,8 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
   unsigned char* ds_s = base + S::kDS;
   float* lse2_s = reinterpret_cast<float*>(base + S::kScalars);  // [2][kBM]
   float* delta_s = lse2_s + 2 * kBM;                              // [2][kBM]
-  int32_t* kvs_s = reinterpret_cast<int32_t*>(delta_s + 2 * kBM);  // [2][kBM]
-  int32_t* kve_s = kvs_s + 2 * kBM;                                // [2][kBM]
+  int32_t* kvs_s = reinterpret_cast<int32_t*>(delta_s + 2 * kBM);  // [K][2][kBM]
+  int32_t* kve_s = kvs_s + 2 * K * kBM;                            // [K][2][kBM]
   float* counts_s = reinterpret_cast<float*>(base + S::kCounts);  // [4]
 
   const int pos = blockIdx.x;
@@ -185,7 +205,8 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
     int lo = 0x7fffffff, hi = 0;
     #pragma unroll 1
     for (int m = m_first + tid; m < m_end; m += kThreads) {
-      const int t_lo = __ldg(a.q_tiles + 4 * m), t_hi = __ldg(a.q_tiles + 4 * m + 1);
+      int t_lo, t_hi;
+      tile_hull<K>(a, m, t_lo, t_hi);
       lo = t_lo < lo ? t_lo : lo;
       hi = t_hi > hi ? t_hi : hi;
     }
@@ -216,15 +237,16 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
                                static_cast<const T*>(a.dout) + h * a.do_head_stride, a.do_row_stride, m0, row_lo,
                                row_hi, tid);
     #pragma unroll 1
-    for (int i = tid; i < 4 * kBM; i += kThreads) {
-      const int which = i / kBM, r = i % kBM;
+    for (int i = tid; i < S::kScalarRows * kBM; i += kThreads) {
+      const int which = i / kBM, r = i % kBM;  // lse2, delta, K starts, K ends
       const int64_t row = m0 + r;
       const bool valid = row_lo <= row && row < row_hi;
       const int64_t at = valid ? static_cast<int64_t>(h) * a.nq + row : 0;
-      const void* src = which == 0 ? static_cast<const void*>(a.lse2 + at)
-                        : which == 1 ? static_cast<const void*>(a.delta + at)
-                        : which == 2 ? static_cast<const void*>(a.kv_start + (valid ? row : 0))
-                                     : static_cast<const void*>(a.kv_end + (valid ? row : 0));
+      const int64_t iv = valid ? row * K + (which - 2) % K : 0;
+      const void* src = which == 0      ? static_cast<const void*>(a.lse2 + at)
+                        : which == 1    ? static_cast<const void*>(a.delta + at)
+                        : which < 2 + K ? static_cast<const void*>(a.kv_start + iv)
+                                        : static_cast<const void*>(a.kv_end + iv);
       attn::cp_async_4(lse2_s + which * 2 * kBM + buf * kBM + r, src, valid);
     }
   };
@@ -233,6 +255,8 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
 
   const int key0 = n0 + 16 * warp + grp, key1 = key0 + 8;  // this thread's accumulator rows
   const float scale_log2 = a.scale * 1.4426950408889634f /* log2(e) */;
+  // Softcap: base-2 logits t cap log2(e), t = tanh(S^T cap_in), cap_in = scale / cap.
+  const float cap_in = kCap ? a.scale / a.softcap : 0.0f, cap_out = kCap ? a.softcap * 1.4426950408889634f : 0.0f;
   float dk[D / 2], dv[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.0f;
@@ -289,21 +313,45 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
     sm90::wgmma_wait<1>();
     sm90::fence_operands(st);
 
-    // P^T = exp2(S^T * scale * log2(e) - lse2[query]); masked steps drop invisible pairs and
-    // remember them (bit i of `hidden`: element i) for dS.
+    // P^T = exp2(S^T * scale * log2(e) - lse2[query]); masked steps drop invisible pairs (the
+    // union of the query's slots) and remember them (bit i of `hidden`: element i) for dS.
+    // Softcap: dS^T's factor 1 - t^2 kept in dcap.
     uint32_t hidden = 0;
+    if (K > 1 && !full) {  // the union, one slot at a time (unrolled over the slots it spills)
+      hidden = ~0u;
+#pragma unroll 1
+      for (int k = 0; k < K; ++k) {
+        const int32_t* s_k = kvsb + 2 * kBM * k;
+        const int32_t* e_k = kveb + 2 * kBM * k;
+#pragma unroll
+        for (int i = 0; i < kBM / 2; ++i) {  // element i: column 8 (i / 4) + 2 tig + i % 2, key row i % 4 / 2
+          const int q = 8 * (i / 4) + 2 * tig + (i & 1);
+          if (interval_visible(s_k[q], e_k[q], (i & 2) ? key1 : key0)) hidden &= ~(1u << i);
+        }
+      }
+    }
+    float dcap[kCap ? kBM / 2 : 1];
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt) {
       const int col = nt * 8 + tig * 2;
       const float2 l2 = *reinterpret_cast<const float2*>(lse2b + col);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        float p = fast_exp2(st[4 * nt + c] * scale_log2 - ((c & 1) ? l2.y : l2.x));
-        if (!full) {
+        float p;
+        if constexpr (kCap) {
+          const float t = attn::fast_tanh(st[4 * nt + c] * cap_in);
+          p = fast_exp2(t * cap_out - ((c & 1) ? l2.y : l2.x));
+          dcap[kCap ? 4 * nt + c : 0] = 1.0f - t * t;
+        } else {
+          p = fast_exp2(st[4 * nt + c] * scale_log2 - ((c & 1) ? l2.y : l2.x));
+        }
+        if (K == 1 && !full) {
           const int q = col + (c & 1);
           const bool seen = interval_visible(kvsb[q], kveb[q], c < 2 ? key0 : key1);
           p = seen ? p : 0.0f;
           hidden |= static_cast<uint32_t>(!seen) << (4 * nt + c);
+        } else if (K > 1) {
+          p = (hidden >> (4 * nt + c)) & 1u ? 0.0f : p;
         }
         st[4 * nt + c] = p;
       }
@@ -317,7 +365,8 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
       const float2 dl = *reinterpret_cast<const float2*>(deltab + nt * 8 + tig * 2);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const float ds = st[4 * nt + c] * (dpt[4 * nt + c] - ((c & 1) ? dl.y : dl.x));
+        float ds = st[4 * nt + c] * (dpt[4 * nt + c] - ((c & 1) ? dl.y : dl.x));
+        if constexpr (kCap) ds *= dcap[kCap ? 4 * nt + c : 0];
         dpt[4 * nt + c] = (hidden >> (4 * nt + c)) & 1u ? 0.0f : ds;
       }
     }
@@ -338,7 +387,8 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
     // A operand: an issued wgmma's registers may not be accessed until its wait (PTX; checked in
     // the SASS by scripts/wgmma_hazards.py), and waiting first would keep the dV / dK GEMMs from
     // overlapping the dQ GEMM.
-    const int kv_lo = __ldg(a.q_tiles + 4 * m), kv_hi = __ldg(a.q_tiles + 4 * m + 1);
+    int kv_lo, kv_hi;
+    tile_hull<K>(a, m, kv_lo, kv_hi);
     const bool step_dq = kv_lo < kv_hi && kv_lo < n0 + kBN && n0 < kv_hi;
     // Addresses from an opaque copy of the thread index, rebuilt here each step: hoisted, the
     // per-register offsets would be loop invariants held across the loop (spilled).
@@ -420,7 +470,8 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
   #pragma unroll 1
   for (int mm = tid; mm < n_qtiles; mm += kThreads) {
     if (m_first <= mm && mm < m_end) continue;
-    const int kv_lo = __ldg(a.q_tiles + 4 * mm), kv_hi = __ldg(a.q_tiles + 4 * mm + 1);
+    int kv_lo, kv_hi;
+    tile_hull<K>(a, mm, kv_lo, kv_hi);
     if (!(kv_lo < kv_hi && kv_lo < n0 + kBN && n0 < kv_hi)) continue;
     const int rank = dq_rank(a, pos, tile, kv_lo, kv_hi);
     #pragma unroll 1
@@ -447,16 +498,16 @@ __device__ __forceinline__ void dkdv_sm90(const AttentionBwdArgs& a) {
 }
 #endif  // TK_SM90_DEVICE_CODE
 
-template <typename T, int D>
+template <typename T, int K, bool kCap, int D>  // D last: the head dim ends the kernel's name
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_dkdv_kernel(const AttentionBwdArgs a) {
 #if defined(TK_SM90_DEVICE_CODE)
-  dkdv_sm90<T, D>(a);
+  dkdv_sm90<T, D, K, kCap>(a);
 #else
   (void)a;
 #endif
 }
 
-template <typename T, int D>
+template <typename T, int D, int K, bool kCap>
 cudaError_t launch(const AttentionBwdArgs& a, cudaStream_t stream) {
   cudaError_t err;
   if (a.nq > 0) {
@@ -465,13 +516,13 @@ cudaError_t launch(const AttentionBwdArgs& a, cudaStream_t stream) {
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (a.nk > 0) {
-    constexpr size_t smem = Smem<D>::kBytes;
-    if ((err = cudaFuncSetAttribute(attention_bwd_sm90_dkdv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem))) != cudaSuccess) {
+    constexpr size_t smem = Smem<D, K>::kBytes;
+    if ((err = cudaFuncSetAttribute(attention_bwd_sm90_dkdv_kernel<T, K, kCap, D>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) != cudaSuccess) {
       return err;
     }
     const dim3 grid(static_cast<unsigned>((a.nk + kBN - 1) / kBN), static_cast<unsigned>(a.hkv));
-    attention_bwd_sm90_dkdv_kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
+    attention_bwd_sm90_dkdv_kernel<T, K, kCap, D><<<grid, kThreads, smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (a.nq > 0) {
@@ -492,7 +543,9 @@ cudaError_t attention_bwd_sm90(const AttentionBwdArgs& a, DType dtype, int head_
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || !attention_sm90_supported(device)) return cudaErrorInvalidDeviceFunction;
   return attn::dispatch_dtype_head_dim(dtype, head_dim, [&](auto t, auto d) {
-    return launch<decltype(t), d()>(a, stream);
+    return attn::dispatch_mask(a.num_intervals, a.softcap, [&](auto k, auto cap) {
+      return launch<decltype(t), d(), k(), cap()>(a, stream);
+    });
   });
 }
 

@@ -29,6 +29,12 @@
 //     two steps. Warp 0 clamping boxes is not possible (a box has a fixed size per tensor map),
 //     and zeroing by the consumers would need a barrier between the ping-ponging warpgroups;
 //     this way the consumers never wait for each other and FULL steps never see the path.
+//     Warp 1 waits on "full" only after warp 0 has issued that step's load (a v_issued mbarrier
+//     per such step): then the stage's earlier use has completed, so the parity names this one.
+//   * K intervals per query: the tile's K runs (one table row each) follow one another through
+//     the same ring and ping-pong (the online softmax runs on across them); a masked step of run
+//     k tests slot k. Each run has its own first and last step to zero. Softcap: tanh of every
+//     score (tanh.approx) before the mask, the maxima then in base-2 logits.
 //   * Epilogue: O / l in T into the warpgroup's own rows of the Q buffer (only this
 //     warpgroup's wgmma read them), then one TMA store of those 64 rows (rows past nq are
 //     clipped by the tensor map); lse as the natural log.
@@ -53,6 +59,7 @@
 
 #include "attention/dispatch.cuh"
 #include "attention/layouts.cuh"
+#include "attention/sm80.cuh"
 #include "attention/sm90.cuh"
 #include "common/mma.cuh"
 
@@ -93,9 +100,8 @@ static_assert(kProducerRegs <= kLaunchRegs && kLaunchRegs <= kConsumerRegs, "the
 static_assert(kProducerRegs * (kThreads - kConsumerThreads) + kConsumerRegs * kConsumerThreads <= kLaunchRegs * kThreads,
               "setmaxnreg: the warpgroups' new counts exceed the registers the launch allocated");
 // Named barriers (0 is __syncthreads): consumer g may issue its GEMMs once it passes
-// kTurnBar + g; its epilogue staging uses kGroupBar + g; kZeroBar orders the
-// producer's last load before the zeroing of that step's V.
-enum NamedBarrier : int { kTurnBar = 1, kGroupBar = 3, kZeroBar = 5 };
+// kTurnBar + g; its epilogue staging uses kGroupBar + g.
+enum NamedBarrier : int { kTurnBar = 1, kGroupBar = 3 };
 
 template <int D>
 struct Smem {
@@ -145,7 +151,8 @@ struct Pipe {
   uint64_t* v_full;
   uint64_t* k_empty;
   uint64_t* v_empty;
-  uint64_t* v_zeroed;  // [2]: the first and the last step's V after the producer zeroed rows
+  uint64_t* v_zeroed;  // [2 K]: run r's first (2 r) and last (2 r + 1) step's V after the producer zeroed rows
+  uint64_t* v_issued;  // [2 K]: the same steps' V loads issued
 
   __device__ __forceinline__ uint32_t k_at(int stage) const { return k + stage * S::kKVBytes; }
   __device__ __forceinline__ uint32_t v_at(int stage) const { return v + stage * S::kKVBytes; }
@@ -171,9 +178,14 @@ struct RowState {
 // Online softmax of one step's scores s (m64 x kBN fragment) in place: s becomes P (fp32).
 // kMasked: keys outside a row's interval are -inf; lo / hi are the row's interval minus the
 // step start minus this thread's column 2 tig, so the columns are compile-time constants.
-template <bool kMasked>
-__device__ __forceinline__ void softmax_step(float (&s)[kBN / 2], RowState& st, float scale_log2, const int (&lo)[2],
-                                             const int (&hi)[2]) {
+// kCap: s becomes tanh(s cap_in) first (scale_log2 is then cap log2(e)).
+template <bool kMasked, bool kCap>
+__device__ __forceinline__ void softmax_step(float (&s)[kBN / 2], RowState& st, float scale_log2, float cap_in,
+                                             const int (&lo)[2], const int (&hi)[2]) {
+  if constexpr (kCap) {
+#pragma unroll
+    for (int i = 0; i < kBN / 2; ++i) s[i] = attn::fast_tanh(s[i] * cap_in);
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if constexpr (kMasked) {
@@ -245,9 +257,41 @@ __device__ __forceinline__ bool step_has_outside_rows(const attn::Steps& steps, 
   return n0 < kv_lo || n0 + kBN > kv_hi;
 }
 
-// Producer warp 0, one lane: Q once, then K and V of every step into the ring.
-template <int D>
-__device__ __forceinline__ void issue_loads(const Sm90Params& p, const Pipe<D>& pp, const attn::Steps& steps, int h,
+// Run r of a query tile (K = 1: the tile's one table row), split into steps.
+struct Run {
+  attn::Steps steps;
+  int kv_lo, kv_hi;
+};
+
+template <int K>
+__device__ __forceinline__ Run run_at(const AttentionFwdArgs& a, int tile, int r) {
+  const int32_t* tt = a.q_tiles + 4 * (K * tile + r);
+  Run u;
+  u.kv_lo = __ldg(tt), u.kv_hi = __ldg(tt + 1);
+  u.steps = attn::make_steps(u.kv_lo, u.kv_hi, __ldg(tt + 2), __ldg(tt + 3), kBN);
+  return u;
+}
+
+// The first run at or after r that has steps (K: none).
+template <int K>
+__device__ __forceinline__ int next_run(const AttentionFwdArgs& a, int tile, int r) {
+  for (; r < K; ++r) {
+    const int32_t* tt = a.q_tiles + 4 * (K * tile + r);
+    if (__ldg(tt) < __ldg(tt + 1)) break;
+  }
+  return r;
+}
+
+// Step j of run r (first or last) if it holds keys outside the run: its v_zeroed / v_issued
+// index (2 r for the first step, 2 r + 1 for a last one after it), else -1.
+__device__ __forceinline__ int zero_index(const Run& u, int r, int j) {
+  if (j != 0 && j + 1 != u.steps.count) return -1;
+  return step_has_outside_rows(u.steps, j, u.kv_lo, u.kv_hi) ? 2 * r + (j != 0) : -1;
+}
+
+// Producer warp 0, one lane: Q once, then K and V of every step of every run into the ring.
+template <int D, int K>
+__device__ __forceinline__ void issue_loads(const Sm90Params& p, const Pipe<D>& pp, int tile, int first_run, int h,
                                             int hk, int q0) {
   using S = Smem<D>;
   constexpr int kStages = S::kStages;
@@ -255,29 +299,45 @@ __device__ __forceinline__ void issue_loads(const Sm90Params& p, const Pipe<D>& 
   sm90::mbar_expect_tx(pp.bar_q, S::kQBytes);
 #pragma unroll
   for (int pn = 0; pn < kPanels; ++pn) p.q.load(pp.q + pn * kBM * 128, pn * 64, h, q0, pp.bar_q);
-  for (int it = 0; it < steps.count; ++it) {
-    const int stage = it % kStages;
-    const uint32_t parity = (it / kStages) & 1;
-    const int n0 = steps.first + it * kBN;
-    if (it >= kStages) sm90::mbar_wait(&pp.k_empty[stage], parity ^ 1);
-    sm90::mbar_expect_tx(&pp.k_full[stage], S::kKVBytes);
+  int it = 0;  // position in the ring, over all runs
+  for (int r = first_run; r < K; r = next_run<K>(p.a, tile, r + 1)) {
+    const Run u = run_at<K>(p.a, tile, r);
+    const int z_first = zero_index(u, r, 0), z_last = zero_index(u, r, u.steps.count - 1);
+    for (int j = 0; j < u.steps.count; ++j, ++it) {
+      const int stage = it % kStages;
+      const uint32_t parity = (it / kStages) & 1;
+      const int n0 = u.steps.first + j * kBN;
+      if (it >= kStages) sm90::mbar_wait(&pp.k_empty[stage], parity ^ 1);
+      sm90::mbar_expect_tx(&pp.k_full[stage], S::kKVBytes);
 #pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) p.k.load(pp.k_at(stage) + pn * kBN * 128, pn * 64, hk, n0, &pp.k_full[stage]);
-    if (it >= kStages) sm90::mbar_wait(&pp.v_empty[stage], parity ^ 1);
-    sm90::mbar_expect_tx(&pp.v_full[stage], S::kKVBytes);
+      for (int pn = 0; pn < kPanels; ++pn) {
+        p.k.load(pp.k_at(stage) + pn * kBN * 128, pn * 64, hk, n0, &pp.k_full[stage]);
+      }
+      if (it >= kStages) sm90::mbar_wait(&pp.v_empty[stage], parity ^ 1);
+      sm90::mbar_expect_tx(&pp.v_full[stage], S::kKVBytes);
 #pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) p.v.load(pp.v_at(stage) + pn * kBN * 128, pn * 64, hk, n0, &pp.v_full[stage]);
+      for (int pn = 0; pn < kPanels; ++pn) {
+        p.v.load(pp.v_at(stage) + pn * kBN * 128, pn * 64, hk, n0, &pp.v_full[stage]);
+      }
+      const int z = j == 0 ? z_first : j + 1 == u.steps.count ? z_last : -1;
+      if (z >= 0) sm90::mbar_arrive(&pp.v_issued[z]);
+    }
   }
 }
 
-// Producer warp 1: zeroes the V rows outside [kv_lo, kv_hi) of step `it` (the first or the last)
-// once TMA has written them, then signals v_zeroed[which] (the consumers wait there instead).
+// Producer warp 1: zeroes the V rows outside [kv_lo, kv_hi) of ring step `it` (a run's first
+// or last, starting at key n0) once TMA has written them, then signals v_zeroed[which] (the
+// consumers wait there instead).
 template <int D>
-__device__ __forceinline__ void zero_outside_v(const Pipe<D>& pp, const attn::Steps& steps, int it, int which,
-                                               int kv_lo, int kv_hi, int lane) {
+__device__ __forceinline__ void zero_outside_v(const Pipe<D>& pp, int it, int n0, int which, int kv_lo, int kv_hi,
+                                               int lane) {
   using S = Smem<D>;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  const int stage = it % S::kStages, n0 = steps.first + it * kBN;
+  const int stage = it % S::kStages;
+  // The lane's row offsets from an opaque copy, rebuilt per call: hoisted out of the caller's
+  // loop they would outlive the producer's 24 registers.
+  asm volatile("" : "+r"(lane));
+  sm90::mbar_wait(&pp.v_issued[which], 0);  // the stage's use before this one has completed
   sm90::mbar_wait(&pp.v_full[stage], (it / S::kStages) & 1);
   unsigned char* vt = pp.v_ptr + stage * S::kKVBytes;
   for (int i = lane; i < kBN * kChunks; i += 32) {
@@ -291,25 +351,30 @@ __device__ __forceinline__ void zero_outside_v(const Pipe<D>& pp, const attn::St
 }
 
 // A consumer warpgroup (cg = 0 or 1): query rows 64 cg .. 64 cg + 63 of the tile.
-template <typename T, int D>
-__device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, const attn::Steps& steps, int tile,
-                                        int h, int kv_lo, int kv_hi, int cg, int warp, int lane) {
+template <typename T, int D, int K, bool kCap>
+__device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, int tile, int h, int first_run, int cg,
+                                        int warp, int lane) {
   using S = Smem<D>;
   constexpr int kStages = S::kStages;
   const AttentionFwdArgs& a = p.a;
   const int grp = lane / 4, tig = lane % 4;
   const int tile_row0 = 64 * cg + 16 * warp + grp;  // and tile_row0 + 8
-  int kv_s[2], kv_e[2];                             // the rows' intervals; rows past the end see nothing
+  int kv_s[2], kv_e[2];  // the rows' intervals of the current run's slot; rows past the end see nothing
+  auto load_rows = [&](int r) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = static_cast<int64_t>(tile) * kBM + tile_row0 + 8 * r;
-    kv_s[r] = row < a.nq ? __ldg(a.kv_start + row) : 0;
-    kv_e[r] = row < a.nq ? __ldg(a.kv_end + row) : 0;
-  }
+    for (int i = 0; i < 2; ++i) {
+      const int64_t row = static_cast<int64_t>(tile) * kBM + tile_row0 + 8 * i;
+      kv_s[i] = row < a.nq ? __ldg(a.kv_start + row * K + r) : 0;
+      kv_e[i] = row < a.nq ? __ldg(a.kv_end + row * K + r) : 0;
+    }
+  };
   // scale log2(e), at least FLT_MIN so that a zero scale keeps masked scores at -inf (all
   // weights exp2(~0) = 1: uniform). The scale is >= 0 here: for a negative one the caller passes
   // -q and -scale (masked scores are -inf before scaling, so the sign cannot go into the scale).
-  const float scale_log2 = fmaxf(a.scale * kLog2e, kMinScaleLog2);
+  // Softcap: the scores become t = tanh(s scale / cap) (maxima in those units), the factor
+  // cap log2(e): one FMUL and one tanh per score beyond the plain step.
+  const float scale_log2 = kCap ? a.softcap * kLog2e : fmaxf(a.scale * kLog2e, kMinScaleLog2);
+  const float cap_in = kCap ? a.scale / a.softcap : 0.0f;
 
   RowState st{{-INFINITY, -INFINITY}, {0.0f, 0.0f}, {1.0f, 1.0f}};
   float o[D / 2];
@@ -317,11 +382,14 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   float s[kBN / 2];         // S of the current step, then its P in fp32
   uint32_t pf[kBN / 16][4];  // P of the previous step: the A operand of O += P V
-  const int count = steps.count;
 
-  if (count > 0) {
+  if (first_run < K) {
+    int r = K == 1 ? 0 : first_run;
+    Run u = run_at<K>(a, tile, r);
+    load_rows(r);
+    bool more = K > 1 && next_run<K>(a, tile, r + 1) < K;  // runs with steps after run r
     const int other = kTurnBar + 1 - cg;
-    const bool zero_first = step_has_outside_rows(steps, 0, kv_lo, kv_hi);
+    bool zero_first = step_has_outside_rows(u.steps, 0, u.kv_lo, u.kv_hi);
     // Descriptors of the k16 slices: the start address (>> 4) is the low word, so a slice is
     // the tile's descriptor plus a constant.
     const uint64_t q_desc = attn::desc_kmajor(pp.q, kBM, 64 * cg, 0);
@@ -343,7 +411,8 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
       }
       sm90::wgmma_commit();
     };
-    // O += P V of the step at `at`; `zeroed`: the first or last step, whose V the producer fixes.
+    // O += P V of the step at `at`; `zeroed`: a run's first or last step, whose V the producer
+    // fixes (v_zeroed[which]).
     auto issue_pv = [&](Ring<kStages> at, bool zeroed, int which) {
       sm90::mbar_wait(zeroed ? &pp.v_zeroed[which] : &pp.v_full[at.stage], zeroed ? 0 : at.phase);
       sm90::wgmma_fence();
@@ -354,19 +423,19 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
     };
     // The row intervals relative to the step start and this thread's first column.
     auto softmax = [&](auto masked, int it) {
-      const int n0 = steps.first + it * kBN;
+      const int n0 = u.steps.first + it * kBN;
       const int lo[2] = {kv_s[0] - n0 - 2 * tig, kv_s[1] - n0 - 2 * tig};
       const int hi[2] = {kv_e[0] - n0 - 2 * tig, kv_e[1] - n0 - 2 * tig};
-      softmax_step<decltype(masked)::value>(s, st, scale_log2, lo, hi);
+      softmax_step<decltype(masked)::value, kCap>(s, st, scale_log2, cap_in, lo, hi);
     };
-    // Steps 1 .. count - 1: S of step `it` (ring position `cur`) and P V of step it - 1 (`prev`)
-    // in flight together.
-    auto step = [&](auto masked, int it, Ring<kStages> prev, Ring<kStages> cur) {
+    // Step `it` of run r (ring position `cur`) with the P V of the step before (`prev`, of this
+    // run or the last one) in flight together; `zeroed`, `which`: that step's V, as issue_pv.
+    auto step = [&](auto masked, int it, Ring<kStages> prev, Ring<kStages> cur, bool zeroed, int which) {
       issue_qk(cur);
       rescale<D>(o, st);
-      issue_pv(prev, it == 1 && zero_first, 0);
+      issue_pv(prev, zeroed, which);
       // The second warpgroup's last turn is not passed on: nobody takes it.
-      if (cg == 0 || it + 1 < count) sm90::named_bar_arrive(other, kConsumerThreads);
+      if (cg == 0 || it + 1 < u.steps.count || more) sm90::named_bar_arrive(other, kConsumerThreads);
       sm90::wgmma_wait<1>();
       sm90::fence_operands(s);
       sm90::mbar_arrive(&pp.k_empty[cur.stage]);
@@ -384,27 +453,47 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
     if (cg == 0) sm90::named_bar_arrive(kTurnBar, kConsumerThreads);  // the first warpgroup goes first
     sm90::mbar_wait(pp.bar_q, 0);
     issue_qk(at);
-    if (cg == 0 || count > 1) sm90::named_bar_arrive(other, kConsumerThreads);
+    if (cg == 0 || u.steps.count > 1 || more) sm90::named_bar_arrive(other, kConsumerThreads);
     sm90::wgmma_wait<0>();
     sm90::fence_operands(s);
     sm90::mbar_arrive(&pp.k_empty[0]);
-    if (attn::step_is_full(steps, steps.first)) {
+    if (attn::step_is_full(u.steps, u.steps.first)) {
       softmax(Full{}, 0);
     } else {
       softmax(Masked{}, 0);
     }
     pack_p<T>(pf, s);
 
-    // Masked steps, the FULL run, masked steps (an empty FULL run may split anywhere).
-    const int full_begin = (steps.full_begin - steps.first) / kBN, full_end = (steps.full_end - steps.first) / kBN;
-    int it = 1;
-    for (; it < full_begin; ++it, at = at.next()) step(Masked{}, it, at, at.next());
-    for (; it < full_end; ++it, at = at.next()) step(Full{}, it, at, at.next());
-    for (; it < count; ++it, at = at.next()) step(Masked{}, it, at, at.next());
+    bool zero_prev;  // the last step's V is one the producer zeroes (v_zeroed[prev_which])
+    int prev_which;
+    for (;;) {
+      // Masked steps, the FULL run, masked steps (an empty FULL run may split anywhere).
+      const int count = u.steps.count;
+      const int full_begin = (u.steps.full_begin - u.steps.first) / kBN;
+      const int full_end = (u.steps.full_end - u.steps.first) / kBN;
+      int it = 1;
+      for (; it < full_begin; ++it, at = at.next()) step(Masked{}, it, at, at.next(), it == 1 && zero_first, 2 * r);
+      for (; it < full_end; ++it, at = at.next()) step(Full{}, it, at, at.next(), it == 1 && zero_first, 2 * r);
+      for (; it < count; ++it, at = at.next()) step(Masked{}, it, at, at.next(), it == 1 && zero_first, 2 * r);
+      zero_prev = (count == 1 && zero_first) || (count > 1 && step_has_outside_rows(u.steps, count - 1, u.kv_lo, u.kv_hi));
+      prev_which = 2 * r + (count == 1 ? 0 : 1);
+      if (!more) break;
+      // The next run's first step, with the P V of this run's last.
+      r = next_run<K>(a, tile, r + 1);
+      u = run_at<K>(a, tile, r);
+      load_rows(r);
+      more = next_run<K>(a, tile, r + 1) < K;
+      zero_first = step_has_outside_rows(u.steps, 0, u.kv_lo, u.kv_hi);
+      if (attn::step_is_full(u.steps, u.steps.first)) {
+        step(Full{}, 0, at, at.next(), zero_prev, prev_which);
+      } else {
+        step(Masked{}, 0, at, at.next(), zero_prev, prev_which);
+      }
+      at = at.next();
+    }
 
     rescale<D>(o, st);
-    issue_pv(at, (count == 1 && zero_first) || (count > 1 && step_has_outside_rows(steps, count - 1, kv_lo, kv_hi)),
-             count == 1 ? 0 : 1);
+    issue_pv(at, zero_prev, prev_which);
     sm90::wgmma_wait<0>();
     sm90::fence_operands(o);
   }
@@ -441,7 +530,7 @@ __device__ __forceinline__ void consume(const Sm90Params& p, const Pipe<D>& pp, 
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int K, bool kCap>
 __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
   using S = Smem<D>;
   constexpr int kStages = S::kStages;
@@ -451,7 +540,11 @@ __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
   __shared__ uint64_t v_full[kStages];
   __shared__ uint64_t k_empty[kStages];
   __shared__ uint64_t v_empty[kStages];
-  __shared__ uint64_t v_zeroed[2];
+  __shared__ uint64_t v_zeroed[2 * K];
+  __shared__ uint64_t v_issued[2 * K];
+  // The steps whose V rows producer warp 1 zeroes, by v_zeroed index: (ring step, first key,
+  // kv_lo, kv_hi) of the run, ring step -1 for none. Thread 0 writes them before the barrier.
+  __shared__ int4 zero_steps[2 * K];
   const AttentionFwdArgs& a = p.a;
 
   const uint32_t raw = smem_u32(smem_raw);
@@ -463,7 +556,8 @@ __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
   pp.q_ptr = smem_raw + (pp.q - raw);
   pp.v_ptr = smem_raw + (pp.v - raw);
   pp.bar_q = &bar_q;
-  pp.k_full = k_full, pp.v_full = v_full, pp.k_empty = k_empty, pp.v_empty = v_empty, pp.v_zeroed = v_zeroed;
+  pp.k_full = k_full, pp.v_full = v_full, pp.k_empty = k_empty, pp.v_empty = v_empty;
+  pp.v_zeroed = v_zeroed, pp.v_issued = v_issued;
 
   // Blocks run (tile rank, head) with the head fastest: with q_order the launch sequence is
   // heaviest first over every block, not per head, and the query heads of one K/V head run side
@@ -473,9 +567,7 @@ __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
   const int hk = h / (a.hq / a.hkv);
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int q0 = tile * kBM;
-  const int32_t* tt = a.q_tiles + 4 * tile;
-  const int kv_lo = __ldg(tt), kv_hi = __ldg(tt + 1);
-  const attn::Steps steps = attn::make_steps(kv_lo, kv_hi, __ldg(tt + 2), __ldg(tt + 3), kBN);
+  const int first_run = next_run<K>(a, tile, 0);
 
   if (tid == 0) {
     sm90::mbar_init(&bar_q, 1);
@@ -485,39 +577,48 @@ __device__ __forceinline__ void fwd_sm90(const Sm90Params& p) {
       sm90::mbar_init(&k_empty[s], kConsumerThreads);
       sm90::mbar_init(&v_empty[s], kConsumerThreads);
     }
-    sm90::mbar_init(&v_zeroed[0], 32);
-    sm90::mbar_init(&v_zeroed[1], 32);
+    for (int z = 0; z < 2 * K; ++z) {
+      sm90::mbar_init(&v_zeroed[z], 32);
+      sm90::mbar_init(&v_issued[z], 1);
+      zero_steps[z] = make_int4(-1, 0, 0, 0);
+    }
     sm90::mbar_fence_init();
+    int it = 0;  // ring position of the run's first step
+    for (int r = first_run; r < K; r = next_run<K>(a, tile, r + 1)) {
+      const Run u = run_at<K>(a, tile, r);
+      const int last = u.steps.count - 1;
+      for (int j = 0; j <= last; j = j < last ? last : last + 1) {  // the first step, then the last
+        const int z = zero_index(u, r, j);
+        if (z >= 0) zero_steps[z] = make_int4(it + j, u.steps.first + j * kBN, u.kv_lo, u.kv_hi);
+      }
+      it += u.steps.count;
+    }
   }
   __syncthreads();
 
   if (wg == 0) {
     sm90::setmaxnreg_dec<kProducerRegs>();
-    if (steps.count == 0) return;
-    const int last = steps.count - 1;
+    if (first_run == K) return;
     if (warp == 0) {
-      // Every load issued: the last step's V is the newest phase of its barrier.
-      if (lane == 0) issue_loads<D>(p, pp, steps, h, hk, q0);
-      sm90::named_bar_arrive(kZeroBar, 64);
+      if (lane == 0) issue_loads<D, K>(p, pp, tile, first_run, h, hk, q0);
     } else if (warp == 1) {
-      if (step_has_outside_rows(steps, 0, kv_lo, kv_hi)) zero_outside_v<D>(pp, steps, 0, 0, kv_lo, kv_hi, lane);
-      sm90::named_bar_sync(kZeroBar, 64);
-      if (last > 0 && step_has_outside_rows(steps, last, kv_lo, kv_hi)) {
-        zero_outside_v<D>(pp, steps, last, 1, kv_lo, kv_hi, lane);
+      for (int z = 0; z < 2 * K; ++z) {  // in ring order: runs in order, first step before last
+        const int4 zs = zero_steps[z];
+        if (zs.x >= 0) zero_outside_v<D>(pp, zs.x, zs.y, z, zs.z, zs.w, lane);
       }
     }
     return;
   }
   sm90::setmaxnreg_inc<kConsumerRegs>();
-  consume<T, D>(p, pp, steps, tile, h, kv_lo, kv_hi, wg - 1, warp, lane);
+  consume<T, D, K, kCap>(p, pp, tile, h, first_run, wg - 1, warp, lane);
 }
 
 #endif  // TK_SM90_DEVICE_CODE
 
-template <typename T, int D>
+template <typename T, int K, bool kCap, int D>  // D last: the head dim ends the kernel's name
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const __grid_constant__ Sm90Params p) {
 #if defined(TK_SM90_DEVICE_CODE)
-  fwd_sm90<T, D>(p);
+  fwd_sm90<T, D, K, kCap>(p);
 #else
   (void)p;
 #endif
@@ -570,7 +671,7 @@ cudaError_t make_map(TileMap& out, DType dtype, const void* ptr, int64_t rows, i
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int D>
+template <typename T, int D, int K, bool kCap>
 cudaError_t launch(const AttentionFwdArgs& a, DType dtype, cudaStream_t stream) {
   Sm90Params p{};
   p.a = a;
@@ -586,13 +687,13 @@ cudaError_t launch(const AttentionFwdArgs& a, DType dtype, cudaStream_t stream) 
     if (err != cudaSuccess) return err;
   }
   constexpr size_t smem = Smem<D>::kBytes;
-  if ((err = cudaFuncSetAttribute(attention_fwd_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem))) != cudaSuccess) {
+  if ((err = cudaFuncSetAttribute(attention_fwd_sm90_kernel<T, K, kCap, D>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) != cudaSuccess) {
     return err;
   }
   const int64_t blocks = (a.nq + kBM - 1) / kBM * a.hq;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;  // gridDim.x
-  attention_fwd_sm90_kernel<T, D><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  attention_fwd_sm90_kernel<T, K, kCap, D><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -632,7 +733,9 @@ cudaError_t attention_fwd_sm90(const AttentionFwdArgs& a, DType dtype, int head_
   if (cudaGetDevice(&device) != cudaSuccess || !attention_sm90_supported(device)) return cudaErrorInvalidDeviceFunction;
   if (a.nq >= (int64_t{1} << 31) || a.nk >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // int32 TMA coordinates
   return attn::dispatch_dtype_head_dim(dtype, head_dim, [&](auto t, auto d) {
-    return launch<decltype(t), d()>(a, dtype, stream);
+    return attn::dispatch_mask(a.num_intervals, a.softcap, [&](auto k, auto cap) {
+      return launch<decltype(t), d(), k(), cap()>(a, dtype, stream);
+    });
   });
 }
 

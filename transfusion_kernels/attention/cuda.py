@@ -25,8 +25,10 @@ Kernels (fp16 / bf16, head dims 64 and 128, GQA, any row/head strides):
 ``Plan``: the tile tables of the forward (query tiles), dq (query tiles of 64) and dk/dv (key
 tiles of 64), each with the order in which the kernel's blocks take them (``plan.heaviest_first``:
 longest first, so that the long tiles do not end in the last wave; block i of a head processes
-tile order[i]), and the block sizes. Masks of one interval per query and no softcap: ``supports``
-names a union or a softcap as not covered.
+tile order[i]), and the block sizes. Unions of up to ``MAX_INTERVALS`` intervals per query: the
+query tables hold one run per interval slot (``plan.query_runs``), the kernels are compiled for
+K = 1, 2 and 4 (a mask of 3 gets an empty fourth slot); more are named by ``supports``. Softcap
+(``c * tanh(s / c)``) costs one ``tanh.approx`` per score, forward and backward.
 
 Inputs the kernels do not cover (float32, head dims other than 64 and 128): ``supports`` names
 them, and ``backends.select`` runs the op on the next backend. Set
@@ -52,6 +54,8 @@ from transfusion_kernels.backends import require_extension
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _HEAD_DIMS = (64, 128)
+MAX_INTERVALS = 4
+_KERNEL_K = {1: 1, 2: 2, 3: 4, 4: 4}  # the mask's K -> the compiled kernels' K (empty slots added)
 FWD_ENV = "TRANSFUSION_CUDA_ATTENTION_FWD"
 FALLBACK_ENV = "TRANSFUSION_CUDA_ATTENTION_FALLBACK"
 
@@ -77,16 +81,14 @@ def _uncovered(q) -> str:
 
 
 def supports(q: torch.Tensor, scale: float, softcap: float = 0.0, num_intervals: int = 1) -> str | None:
-    """Why the kernels do not cover q, softcap and the mask's intervals (None when they do; any
-    scale is covered). With TRANSFUSION_CUDA_ATTENTION_FALLBACK=0 an uncovered dtype or head dim
-    is a ValueError instead."""
-    if num_intervals != 1:
+    """Why the kernels do not cover q and the mask's intervals (None when they do; any scale and
+    softcap are covered). With TRANSFUSION_CUDA_ATTENTION_FALLBACK=0 an uncovered dtype or head
+    dim is a ValueError instead."""
+    if num_intervals > MAX_INTERVALS:
         return (
-            f"masks of {num_intervals} intervals per query (the cuda kernels take one interval per query; "
-            "unions run on triton or the reference)"
+            f"masks of {num_intervals} intervals per query (the cuda kernels take up to {MAX_INTERVALS}; "
+            "more run on triton or the reference)"
         )
-    if softcap:
-        return "softcap (the cuda kernels have no logit cap yet; it runs on triton or the reference)"
     if kernel_supports(q):
         return None
     if os.environ.get(FALLBACK_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
@@ -154,11 +156,16 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _check_table(t: torch.Tensor, order: torch.Tensor, n: int, block: int, device, what: str) -> None:
+def _check_table(
+    t: torch.Tensor, order: torch.Tensor, n: int, block: int, device, what: str, runs: int | None = None
+) -> None:
+    """A key table [tiles, 4], or with ``runs`` a query table [tiles, runs, 4] ([tiles, 4] for one run)."""
     rows = -(-n // block)
-    if t.dim() != 2 or t.shape[0] != rows or t.shape[1] != 4 or t.dtype != torch.int32 or t.device != device:
+    shape = [rows, 4] if runs is None else [rows, runs, 4]
+    ok_shape = list(t.shape) == shape or (runs == 1 and list(t.shape) == [rows, 4])
+    if not ok_shape or t.dtype != torch.int32 or t.device != device or not t.is_contiguous():
         raise ValueError(
-            f"plan.{what} must be int32 [{rows}, 4] on {device} for {n} tokens and block {block}, got "
+            f"plan.{what} must be contiguous int32 {shape} on {device} for {n} tokens and block {block}, got "
             f"{t.dtype} {list(t.shape)} on {t.device}; build the plan with prepare(mask, q, k)"
         )
     if order.shape != (rows,) or order.dtype != torch.int32 or order.device != device or not order.is_contiguous():
@@ -168,12 +175,30 @@ def _check_table(t: torch.Tensor, order: torch.Tensor, n: int, block: int, devic
         )
 
 
-def _interval(x: torch.Tensor) -> torch.Tensor:
-    """The one interval per query as int32 [Nq] contiguous (the caller keeps it alive across the
-    launch: the kernels get its address)."""
-    if x.dim() == 2 and x.shape[1] != 1:
-        raise ValueError(f"the cuda kernels take one interval per query, got {x.shape[1]}; use backend='triton'")
-    return x.reshape(-1).to(torch.int32).contiguous()
+def _kernel_k(k: int) -> int:
+    if k not in _KERNEL_K:
+        raise ValueError(
+            f"the cuda kernels take 1 to {MAX_INTERVALS} intervals per query, got {k}; use backend='triton'"
+        )
+    return _KERNEL_K[k]
+
+
+def _pad_runs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Intervals [Nq, K] or query runs [tiles, K, 4] with empty slots (zeros) up to k."""
+    pad = k - x.shape[1]
+    if pad:
+        x = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], 1)
+    return x
+
+
+def _intervals(starts: torch.Tensor, ends: torch.Tensor):
+    """((kv_start, kv_end), K): the intervals as int32 [Nq, K] contiguous with the kernels' K
+    (unused slots empty; the caller keeps them alive across the launch: the kernels get their
+    addresses)."""
+    if starts.dim() == 1:
+        starts, ends = starts[:, None], ends[:, None]
+    k = _kernel_k(starts.shape[1])
+    return tuple(_pad_runs(x.to(torch.int32), k).contiguous() for x in (starts, ends)), k
 
 
 def _stream(device) -> int:
@@ -195,13 +220,13 @@ class BlockSizes:
 
 @dataclass(frozen=True)
 class Plan(KernelPlan):
-    """The cuda kernels' view of one (K = 1) mask: block sizes, and per kernel its tile table
-    and the order in which its blocks take the tiles (heaviest first)."""
+    """The cuda kernels' view of one mask: block sizes, and per kernel its tile table and the
+    order in which its blocks take the tiles (heaviest first)."""
 
     config: BlockSizes
-    fwd_tiles: torch.Tensor  # [Nq / fwd_block_m, 4] query tiles
+    fwd_tiles: torch.Tensor  # [Nq / fwd_block_m, K, 4] query runs (K: the kernels', 1, 2 or 4)
     fwd_order: torch.Tensor
-    dq_tiles: torch.Tensor  # [Nq / bwd_block_m, 4]
+    dq_tiles: torch.Tensor  # [Nq / bwd_block_m, K, 4]
     dq_order: torch.Tensor
     dkdv_tiles: torch.Tensor  # [Nk / bwd_block_n, 4] key tiles
     dkdv_order: torch.Tensor
@@ -219,23 +244,20 @@ def prepare(mask, q, k) -> Plan:
     """The mask's plan: tile tables and block sizes of the forward and backward kernels."""
     ext = require_extension()
     _check_covered(q)
-    if mask.num_intervals != 1:
-        raise ValueError(
-            f"the cuda kernels take one interval per query, the mask has {mask.num_intervals}; use backend='triton'"
-        )
+    k = _kernel_k(mask.num_intervals)
     fwd_bm = ext.ATTENTION_SM90_BLOCK_M if forward_kernel(q.device) == "wgmma" else ext.ATTENTION_BLOCK_M
     sizes = BlockSizes(fwd_bm, ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N)
-    tables = [query_runs(mask, fwd_bm), query_runs(mask, sizes.bwd_block_m), key_tiles(mask, sizes.bwd_block_n)]
-    tables = [t.reshape(t.shape[0], 4).to(device=q.device, dtype=torch.int32).contiguous() for t in tables]
-    fwd, dq, kv = tables
+    fwd, dq = (
+        _pad_runs(query_runs(mask, bm), k).to(device=q.device, dtype=torch.int32).contiguous()
+        for bm in (fwd_bm, sizes.bwd_block_m)
+    )
+    kv = key_tiles(mask, sizes.bwd_block_n).to(device=q.device, dtype=torch.int32).contiguous()
     return Plan(sizes, fwd, heaviest_first(fwd), dq, heaviest_first(dq), kv, heaviest_first(kv))
 
 
 def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
     ext = require_extension()
     _check_covered(q)
-    if softcap:
-        raise ValueError("the cuda kernels have no softcap yet; use backend='triton'")
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
     kernel = forward_kernel(q.device)
@@ -246,8 +268,8 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
             f"plan.config.fwd_block_m must be {block_m} (the {kernel} forward's query tile on {q.device}), got "
             f"{plan.config.fwd_block_m}; build the plan with prepare(mask, q, k)"
         )
-    _check_table(plan.fwd_tiles, plan.fwd_order, nq, block_m, q.device, "fwd_tiles")
-    kv_start, kv_end = _interval(starts), _interval(ends)
+    (kv_start, kv_end), runs = _intervals(starts, ends)
+    _check_table(plan.fwd_tiles, plan.fwd_order, nq, block_m, q.device, "fwd_tiles", runs)
     q, k, v = (_kernel_ready(t) for t in (q, k, v))
     if sm90:
         if scale < 0:  # the wgmma forward takes scale >= 0: softmax(scale q.k) = softmax(-scale (-q).k)
@@ -278,6 +300,8 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
                 _DTYPE_NAMES[q.dtype],
                 _stream(q.device),
                 plan.fwd_order.data_ptr(),
+                num_intervals=runs,
+                softcap=float(softcap),
             )
     return out, lse
 
@@ -285,8 +309,6 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
 def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0.0):
     ext = require_extension()
     _check_covered(q)
-    if softcap:
-        raise ValueError("the cuda kernels have no softcap yet; use backend='triton'")
     nq, hq, d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
     if [plan.config.bwd_block_m, plan.config.bwd_block_n] != [ext.ATTENTION_BWD_BLOCK_M, ext.ATTENTION_BWD_BLOCK_N]:
@@ -294,9 +316,9 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
             f"plan.config's backward blocks must be [{ext.ATTENTION_BWD_BLOCK_M}, {ext.ATTENTION_BWD_BLOCK_N}], got "
             f"{[plan.config.bwd_block_m, plan.config.bwd_block_n]}; build the plan with prepare(mask, q, k)"
         )
-    _check_table(plan.dq_tiles, plan.dq_order, nq, plan.config.bwd_block_m, q.device, "dq_tiles")
+    (kv_start, kv_end), runs = _intervals(starts, ends)
+    _check_table(plan.dq_tiles, plan.dq_order, nq, plan.config.bwd_block_m, q.device, "dq_tiles", runs)
     _check_table(plan.dkdv_tiles, plan.dkdv_order, nk, plan.config.bwd_block_n, q.device, "dkdv_tiles")
-    kv_start, kv_end = _interval(starts), _interval(ends)
     q, k, v, out, dout = (_kernel_ready(t) for t in (q, k, v, out, dout))
     lse = lse.to(torch.float32).contiguous()
     dq = _empty((nq, hq, d), q.dtype, q.device)
@@ -342,5 +364,7 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
                 plan.dq_order.data_ptr(),
                 plan.dkdv_order.data_ptr(),
                 dq_workspace=0 if workspace is None else workspace.data_ptr(),
+                num_intervals=runs,
+                softcap=float(softcap),
             )
     return dq, dk, dv

@@ -72,6 +72,11 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
   r.x = x, r.y = y, r.z = z, r.w = w;
   return r;
 }
+inline int4 make_int4(int x, int y, int z, int w) {
+  int4 r;
+  r.x = x, r.y = y, r.z = z, r.w = w;
+  return r;
+}
 
 namespace emu {
 

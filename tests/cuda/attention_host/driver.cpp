@@ -4,7 +4,8 @@
 //   attention_emu fwd_mma|fwd_sm90|bwd|bwd_sm90 DIR
 //
 // DIR/meta: nq nk hq hkv head_dim dtype(1 fp16, 2 bf16) scale, then (offset, row stride, head
-// stride) in elements for q, k, v, out, dout. DIR/{q,k,v,out,dout}.bin are the 16-bit buffers those
+// stride) in elements for q, k, v, out, dout, then optionally the number of intervals K and the
+// softcap (default 1 and 0: kv_start, kv_end [nq, K], q_tiles [tiles, K, 4]). DIR/{q,k,v,out,dout}.bin are the 16-bit buffers those
 // index into, DIR/{kv_start,kv_end}.bin int32, DIR/lse.bin fp32 [hq, nq] (bwd), DIR/q_tiles.bin
 // (forward table) or DIR/{q_tiles,k_tiles}.bin (backward tables) int32. Writes
 // DIR/{out,lse}_out.bin or DIR/{dq,dk,dv}_out.bin (contiguous). Outputs start NaN-filled between
@@ -79,6 +80,9 @@ int main(int argc, char** argv) {
   meta >> nq >> nk >> hq >> hkv >> d >> dt >> scale;
   for (View* v : {&q_v, &k_v, &v_v, &o_v, &do_v}) meta >> v->offset >> v->row_stride >> v->head_stride;
   if (!meta) return 2;
+  int num_intervals = 1;
+  float softcap = 0.0f;
+  if (!(meta >> num_intervals >> softcap)) num_intervals = 1, softcap = 0.0f;
   const tk::DType dtype = dt == 1 ? tk::DType::kFloat16 : tk::DType::kBFloat16;
   const uint8_t nan_byte = 0xFF;  // 0xFFFF: NaN in fp16, bf16 and fp32
 
@@ -112,6 +116,7 @@ int main(int argc, char** argv) {
     a.k_row_stride = k_v.row_stride, a.k_head_stride = k_v.head_stride;
     a.v_row_stride = v_v.row_stride, a.v_head_stride = v_v.head_stride;
     a.scale = scale;
+    a.num_intervals = num_intervals, a.softcap = softcap;
     if (mode == "fwd_sm90" && scale < 0.0f) {  // as cuda.forward calls it: -q and -scale
       for (size_t i = 1; i < q.bytes; i += 2) q.data()[i] ^= 0x80;  // fp16/bf16 sign bits (little-endian)
       a.scale = -scale;
@@ -159,6 +164,7 @@ int main(int argc, char** argv) {
     a.o_row_stride = o_v.row_stride, a.o_head_stride = o_v.head_stride;
     a.do_row_stride = do_v.row_stride, a.do_head_stride = do_v.head_stride;
     a.scale = scale;
+    a.num_intervals = num_intervals, a.softcap = softcap;
     if (mode == "bwd_sm90") {  // without the workspace, attention_bwd runs the mma.sync kernels
       a.dq_accum = reinterpret_cast<float*>(dq_accum.data());
       a.dq_semaphore = reinterpret_cast<int32_t*>(dq_sem.data());
