@@ -75,6 +75,58 @@ def test_steady_step_keeps_copies_and_stores():
     assert row["steady_per_element"] == round(4 * loop.steady * 128 / (2 * 64 * 128 * 16), 3)
 
 
+def test_lone_hgmma_groups_and_mac_ratio():
+    """A wgmma group of one HGMMA (arrive, one committing HGMMA, wait) is counted on the steady
+    step; the MAC ratio of a Triton kernel is its issued MACs over those of its own GEMMs."""
+    lone = SASS.replace(
+        "        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;\n",
+        "        /*0060*/                   WARPGROUP.ARRIVE ;\n",
+    ).replace(
+        "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;",
+        "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0 ;",
+    )
+    ((_, insns),) = kernel_report.parse_sass(lone).items()
+    (loop,) = kernel_report.main_loops(insns)
+    assert loop.steady_ops["lone_hgmma"] == 2  # the S HGMMA and the P.V one, each alone
+    ((_, insns),) = kernel_report.parse_sass(SASS).items()
+    (loop,) = kernel_report.main_loops(insns)
+    assert loop.steady_ops["lone_hgmma"] == 1  # the two S HGMMA commit together; P.V alone
+    row = {"arch": "sm_90a", "registers": 168, "smem": 0, "threads": 128, "setmaxnreg": 0, "d": 128}
+    # one warpgroup, a 64 x 128 x 128 step: S (2 x 64x128x16) and P.V (64x64x16) are 0.75 GEMM
+    fwd = kernel_report.analyse(dict(row, kernel="_attn_fwd"), insns, (64, 128, 128))
+    assert fwd["gemms_per_step"] == round((2 * 64 * 128 * 16 + 64 * 64 * 16) / (64 * 128 * 128), 3)
+    assert fwd["mac_ratio"] == round(fwd["gemms_per_step"] / 2, 3)
+    assert kernel_report.analyse(dict(row, kernel="other"), insns, (64, 128, 128))["mac_ratio"] is None
+
+
+def test_estimate_model_reproduces_its_fa3_calibration():
+    """The model gives FA3's D = 128 profile (forward 0.229, backward 0.475 warp-instr/elem) the
+    679 / 717 TFLOP/s that the anchor's calibration factors were taken against."""
+    assert round(kernel_report.model_tflops(128, 0.229, 2, 2)) == 679
+    assert round(kernel_report.model_tflops(128, 0.475, 5, 5)) == 717
+    # recomputed GEMMs cost tensor time but are not counted as work
+    assert kernel_report.model_tflops(128, 0.5, 7, 5) < kernel_report.model_tflops(128, 0.5, 5, 5)
+    rows = [
+        {
+            "backend": "triton",
+            "arch": "sm_90a",
+            "dtype": "bf16",
+            "d": 128,
+            "kernel": k,
+            "steady_per_element": e,
+            "gemms_per_step": g,
+        }
+        for k, e, g in (("_attn_fwd", 0.25, 2.0), ("_attn_bwd_dkdv", 0.6, 4.0), ("_attn_bwd_dq", 0.3, 3.0))
+    ]
+    fwd, bwd = kernel_report.estimates(rows)
+    assert (fwd["pass"], fwd["warp_instr_per_elem"], fwd["gemms"]) == ("forward", 0.25, 2.0)
+    assert (bwd["pass"], bwd["warp_instr_per_elem"], bwd["gemms"]) == ("backward", 0.9, 7.0)
+    model = kernel_report.model_tflops(128, 0.9, 7.0, 5)
+    assert bwd["model_tflops"] == round(model)
+    assert bwd["estimate_tflops"] == [round(model * 0.70), round(model * 0.77)]  # FA3's backward factors
+    assert "estimate" in kernel_report.estimates_markdown(rows)
+
+
 def test_no_loop_without_tensor_cores():
     text = SASS.replace("HGMMA.64x128x16.F32.BF16", "FFMA").replace("HGMMA.64x64x16.F32.BF16", "FFMA")
     ((_, insns),) = kernel_report.parse_sass(text).items()

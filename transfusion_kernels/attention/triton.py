@@ -840,12 +840,16 @@ def _check_table(t: torch.Tensor, order: torch.Tensor, n: int, block: int, k: in
         )
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype, head_dim: int) -> str:
     """tl.dot input precision. fp32 inputs (tests) get 3xTF32 on the GPU, near-fp32 accuracy on
-    the tensor cores; 16-bit inputs ignore it. Under the interpreter dots are numpy fp32."""
+    the tensor cores, up to head dim 128; at 256 the split operands of 3xTF32 spill the registers
+    of every tile shape, so there the dots are exact fp32 (FMA, no tensor cores). 16-bit inputs
+    ignore it. Under the interpreter dots are numpy fp32."""
     if dtype == torch.bfloat16 and _INTERPRETED:
         return "upcast"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return "ieee" if _padded_head_dim(head_dim) > 128 else "tf32x3"
+    return "tf32"
 
 
 def _needs_i64(*tensors: torch.Tensor) -> bool:
@@ -985,7 +989,7 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
             NI=ni,
             BM=cfg.block_m,
             BN=block_n,
-            PREC=_precision(q.dtype),
+            PREC=_precision(q.dtype, d),
             I64=_needs_i64(q, k, v, out),
             SOFTCAP=cap,
             BATCHED=batched,
@@ -1013,7 +1017,7 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
     _check_table(plan.dq_runs, plan.dq_order, nq, cfg.dq.block_m, ni, "dq_runs")
     dp = _padded_head_dim(d)
     group = hq // hkv
-    prec = _precision(q.dtype)
+    prec = _precision(q.dtype, d)
     dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
     i64 = _needs_i64(q, k, v, out, dout, dq, dk, dv)
     if hq == 0:
