@@ -370,7 +370,8 @@ def main(argv=None):
         "--triton-config",
         default=None,
         help="12 ints overriding the triton kernels' config for this head dim and dtype: "
-        "fwd, dk/dv, dq, each BM (query rows),BN (key rows),warps,stages",
+        "fwd, dk/dv, dq, each BM (query rows),BN (key rows),warps,stages, optionally followed by its "
+        "flags (1: TMA loads, 2: transposed dk/dv), e.g. 128,128,8,2,1,128,64,8,2,2,128,64,8,2,1",
     )
     p.add_argument(
         "--smoke",
