@@ -178,6 +178,9 @@ def plot(out: Path, summary: dict) -> None:
                     label=label,
                 )
         a.set_xscale("log")
+        ticks = [f for f, _ in curve(variants, "transfusion", metric)]
+        a.set_xticks(ticks, [f"{f:.2g}" for f in ticks])
+        a.minorticks_off()
         a.set(title=title, xlabel="training FLOPs")
     ax[1].axhline(summary["floors"]["fd_real_subset_vs_heldout_mean"], color="gray", ls="--", label="real floor")
     tok = summary.get("tokenizer")

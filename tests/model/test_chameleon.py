@@ -4,6 +4,7 @@ checkpoints, the command line's recipe options and ``transfusion ablate --group 
 --quick``."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,29 @@ def test_quick_comparison_writes_flops_ratios_and_verdicts(tmp_path):
     assert len([v for v in summary["verdicts"] if v["group"] == "chameleon"]) == 12
     assert (out / "chameleon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## chameleon" in (out / "summary.md").read_text()
+
+
+COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "chameleon"
+
+
+def test_committed_comparison_recomputes_from_the_run_jsons():
+    """The committed summary, docs/ablations.md and the README state exactly the verdicts and
+    compute ratios the code gives on the committed runs, and the grid is complete."""
+    runs = ablate.load_runs(COMMITTED)
+    counts = {}
+    for r in runs:
+        counts[r["variant"]] = counts.get(r["variant"], 0) + 1
+        assert r["training"]["flops"] > 0 and r["command"] and r["commit"]["commit"] and r["versions"]
+        assert not r["quick"] and r["config"]["train"]["steps"] == r["training"]["steps"]
+    assert counts == {f"{r}_{b}": 3 for r in ("transfusion", "chameleon") for b in ablate.BUDGET_NAMES}
+    variants = ablate.variant_stats(runs)
+    summary = json.loads((COMMITTED / "summary.json").read_text())
+    assert summary["variants"] == variants
+    rows = ablate.verdicts(variants)
+    assert len(rows) == 12
+    assert [(r["what"], r["verdict"]) for r in summary["verdicts"]] == [(r["what"], r["verdict"]) for r in rows]
+    assert summary["chameleon_ratios"] == chameleon.ratios(variants)
+    table = (COMMITTED / "summary.md").read_text()
+    docs = (COMMITTED.parents[2] / "docs" / "ablations.md").read_text()
+    for line in [ablate.verdict_line(r) for r in rows] + chameleon.ratio_lines(summary):
+        assert line in table and line in docs, line
