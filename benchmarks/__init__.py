@@ -1,1 +1,1 @@
-"""Benchmark suite: ``python -m benchmarks`` runs it; ``pytest benchmarks --benchmark-only`` the micro-benchmarks."""
+"""Benchmark suite: ``python -m benchmarks`` runs it; ``python -m benchmarks.<op>`` one op's part."""

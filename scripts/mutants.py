@@ -40,18 +40,18 @@ DF = "transfusion_kernels/diffusion/triton.py"
 ATT = "transfusion_kernels/attention/triton.py"
 PLAN = "transfusion_kernels/attention/plan.py"
 
-TS_KERNELS = ("tests/timestep/test_timestep_triton.py", "-k", "kernel or many_programs or flip")
-TS_PUBLIC = ("tests/timestep/test_timestep_triton.py", "-k", "many_programs or flip or segment or add_kernel")
+TS_KERNELS = ("tests/timestep/test_timestep.py", "-k", "triton and (kernel or many_programs or flip or add_rows)")
+TS_PUBLIC = ("tests/timestep/test_timestep.py", "-k", "triton and (many_programs or flip or segment or add_rows)")
 DF_AFFINE = (
-    "tests/diffusion/test_triton_kernels.py",
+    "tests/diffusion/test_kernels.py",
     "tests/diffusion/test_steps.py",
     "-k",
-    "affine or philox_high_counter",
+    "triton and (affine or philox_high_counter)",
 )
-TS_SEGMENT = ("tests/timestep/test_timestep_triton.py", "-k", "segment_sum_kernel")
-DF_LOSS = ("tests/diffusion/test_triton_kernels.py", "-k", "loss")
-ATT_TESTS = ("tests/attention/test_attention_triton.py", "-k", "layouts and not gpu and not compile")
-ATT_UNION = ("tests/attention/test_attention_triton.py", "-k", "union or softcap")
+TS_SEGMENT = ("tests/timestep/test_timestep.py", "-k", "triton and segment_sum_kernel")
+DF_LOSS = ("tests/diffusion/test_kernels.py", "-k", "triton and loss")
+ATT_TESTS = ("tests/attention/test_attention.py", "-k", "triton and layouts")
+ATT_UNION = ("tests/attention/test_attention.py", "-k", "triton and (union or softcap)")
 MASK_TESTS = ("tests/test_masks.py",)
 
 MUTANTS = [
