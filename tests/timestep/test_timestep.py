@@ -382,7 +382,7 @@ def triton_kernels(monkeypatch):
 def sinusoid(backend, t, dim, cfg):
     kw = dict(flip_sin_to_cos=cfg[0], downscale_freq_shift=cfg[1], scale=cfg[2], max_period=cfg[3])
     mod = kernels("timestep", backend)
-    return mod.sinusoid(t, freq_dim=dim, **kw) if backend == "cuda" else mod.sinusoid(t, dim, **kw)
+    return mod.sinusoid(t, dim, **kw)
 
 
 def timesteps(cfg, M, gen, integer=False):

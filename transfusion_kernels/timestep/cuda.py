@@ -48,21 +48,21 @@ def _frequencies(half: int, shift: float, max_period: float, device) -> torch.Te
     return f
 
 
-def sinusoid(timesteps, *, freq_dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
-    """fp32 [M, freq_dim], the same values as ``reference.sinusoid``."""
+def sinusoid(timesteps, dim, *, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
+    """fp32 [M, dim], the same values as ``reference.sinusoid``."""
     ext = require_extension()
     t = timesteps.float().contiguous()  # the conversion diffusers does (Tensor.float())
     M = t.shape[0]
-    out = _empty((M, freq_dim), torch.float32, t.device)
-    if M and freq_dim:
-        freq = _frequencies(freq_dim // 2, float(downscale_freq_shift), float(max_period), t.device)
+    out = _empty((M, dim), torch.float32, t.device)
+    if M and dim:
+        freq = _frequencies(dim // 2, float(downscale_freq_shift), float(max_period), t.device)
         with torch.cuda.device(t.device):
             ext.timestep_sinusoid(
                 out.data_ptr(),
                 t.data_ptr(),
                 freq.data_ptr(),
                 M,
-                freq_dim,
+                dim,
                 bool(flip_sin_to_cos),
                 float(downscale_freq_shift),
                 float(scale),
@@ -78,7 +78,7 @@ def forward(
     ext = require_extension()
     emb = sinusoid(
         timesteps,
-        freq_dim=freq_dim,
+        freq_dim,
         flip_sin_to_cos=flip_sin_to_cos,
         downscale_freq_shift=downscale_freq_shift,
         scale=scale,
