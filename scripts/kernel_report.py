@@ -1031,7 +1031,7 @@ def _arch_capability(arch: str) -> int:
     return int(re.sub(r"\D", "", arch))
 
 
-def record_triton_launches(d: int, dtype: str, capability: int):
+def record_triton_launches(d: int, dtype: str, capability: int, softcap: float = 0.0):
     """Run the package's triton forward and backward on CPU tensors with every kernel launch
     recorded, not executed: [(kernel name, JITFunction, args, kwargs)]. The package picks its
     config as for a CUDA device of this capability."""
@@ -1094,8 +1094,9 @@ def record_triton_launches(d: int, dtype: str, capability: int):
         starts, ends = (mask.starts, mask.ends) if hasattr(mask, "starts") else (mask.kv_start, mask.kv_end)
         plan = mod.prepare(mask, q, k)
         plan = plan if isinstance(plan, tuple) else (plan,)
-        out, lse = mod.forward(q, k, v, starts, ends, *plan, d**-0.5)
-        mod.backward(torch.empty_like(q), q, k, v, out, lse, starts, ends, *plan, d**-0.5)
+        cap = (softcap,) if softcap else ()  # checkouts before softcap take no such argument
+        out, lse = mod.forward(q, k, v, starts, ends, *plan, d**-0.5, *cap)
+        mod.backward(torch.empty_like(q), q, k, v, out, lse, starts, ends, *plan, d**-0.5, *cap)
     finally:
         for name, value in saved.items():
             setattr(mod, name, value)
@@ -1156,12 +1157,15 @@ def _ptxas_log(ptx: str, capability: int) -> str:
         ).stderr
 
 
-def triton_rows_for(d: int, dtype: str, arch: str, kernels: str | None = None, keep_ir: bool = False) -> list[dict]:
-    """Report rows of every kernel the package launches for (d, dtype) on arch."""
+def triton_rows_for(
+    d: int, dtype: str, arch: str, kernels: str | None = None, keep_ir: bool = False, softcap: float = 0.0
+) -> list[dict]:
+    """Report rows of every kernel the package launches for (d, dtype) on arch (with softcap:
+    the launches of a softcapped call)."""
     capability = _arch_capability(arch)
     cuobjdump = find_cuobjdump()
     rows = []
-    for name, fn, args, kwargs in record_triton_launches(d, dtype, capability):
+    for name, fn, args, kwargs in record_triton_launches(d, dtype, capability, softcap):
         if kernels and not re.search(kernels, name):
             continue
         kernel, log = compile_launch(fn, args, kwargs, capability)
@@ -1229,13 +1233,13 @@ def triton_dims() -> list[int]:
     return sorted(dims - {None}) or [32, 64, 128, 256]
 
 
-def triton_rows(archs, dims=None, dtypes=TRITON_DTYPES, kernels=None, jobs=2, keep_ir=False) -> list[dict]:
+def triton_rows(archs, dims=None, dtypes=TRITON_DTYPES, kernels=None, jobs=2, keep_ir=False, softcap=0.0) -> list[dict]:
     """All Triton rows, compiled in at most `jobs` (<= 2) worker processes (keep_ir: with each
     kernel's TTIR)."""
     import multiprocessing
 
     dims = dims or triton_dims()
-    work = [(d, t, a, kernels, keep_ir) for a in archs for t in dtypes for d in dims]
+    work = [(d, t, a, kernels, keep_ir, softcap) for a in archs for t in dtypes for d in dims]
     interpret = os.environ.get("TRITON_INTERPRET")
     if jobs <= 1 and not interpret:
         return [r for job in work for r in _triton_job(job)]

@@ -6,11 +6,12 @@ regresses from what benchmarks/results/static/triton-sm90a.md shows:
 * a wgmma split into 64x16x16 pieces, or more tensor-core MACs than the kernel's GEMMs need
   (MAC ratio above 1.0), or a register spill, at head dims 128 and 256 (bf16);
 * a head-dim-256 steady step that commits an HGMMA and waits on it alone;
+* a spill in the softcapped launches at head dim 256 (the most registers any launch needs);
 * the forward's steady step at D = 128 above 0.28 warp-instructions per score element (0.247
   when this was written; FlashAttention-3: 0.229), or the backward's dk/dv + dq above 1.12 (the
   shipped 128-key dk/dv tile; the transposed 64-key one compiles to 0.57 + 0.30 = 0.87).
 
-Only the gated kernels are compiled (six, in two worker processes)."""
+Only the gated kernels are compiled (nine, in two worker processes)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def rows():
         pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel)")
     rows = kernel_report.triton_rows(["90a"], dims=[128, 256], dtypes=("bf16",), kernels="_attn_", jobs=2)
     return {(r["kernel"], r["d"]): r for r in rows}
+
+
+def test_softcap_at_head_dim_256_does_not_spill(rows):
+    softcapped = kernel_report.triton_rows(["90a"], dims=[256], dtypes=("bf16",), kernels="_attn_", softcap=30.0)
+    assert {r["kernel"] for r in softcapped} == set(kernel_report.KERNEL_GEMMS)
+    for r in softcapped:
+        assert r["config"]["SOFTCAP"] is True
+        assert r["spill_stores"] == r["spill_loads"] == 0, f"{r['kernel']} softcap: {r['spill_stores']} B spilled"
+        assert "64x16x16" not in r["mma"] and (r["mac_ratio"] or 0) <= 1.0, f"{r['kernel']} softcap: {r['mma']}"
 
 
 def test_every_gated_kernel_was_compiled(rows):

@@ -950,9 +950,14 @@ def forward(q, k, v, starts, ends, plan: Plan, scale, softcap=0.0):
     cap, cap_in, cap_out = _softcap_args(scale, softcap)
     (qn, qh, qb), (kn, kh, kb), (vn, vh, vb), (on, oh, ob) = (_strides(x) for x in (q, k, v, out))
     tma = _use_tma(cfg.flags, k, v)
+    # The key step is a launch choice (the tables fix only the query tile): a 128-key step spills
+    # without TMA, or with softcap and several intervals; at head dim 256 softcap with pointer
+    # loads and several intervals needs 32-key steps.
     block_n = cfg.block_n
     if cfg.flags & TMA and block_n > 64 and (not tma or (cap and ni > 1)):
-        block_n //= 2  # a 128-key step spills without TMA, or with softcap and several intervals
+        block_n //= 2
+    if cap and ni > 1 and not tma and _padded_head_dim(d) > 128:
+        block_n = min(block_n, 32)
     with _device_guard(q), _descriptor_scratch(tma):
         _attn_fwd[(hq, triton.cdiv(nq, cfg.block_m))](
             q,
@@ -1031,6 +1036,12 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
     (on, oh, ob), (don, doh, dob) = _strides(out), _strides(dout)
     (dqn, dqh, dqb), (dkn, dkh, dkb), (dvn, dvh, dvb) = (_strides(x) for x in (dq, dk, dv))
     dq_tma = _use_tma(cfg.dq.flags, k, v)
+    # Loop steps and layout are launch choices (the tables fix only the program tiles). Softcap's
+    # tanh and its derivative take registers the head-dim-256 steps lack: dk/dv goes back to
+    # untransposed accumulators and at most 64-query steps, dq to 32-key steps.
+    dkdv_kt, dkdv_step, dq_step = bool(cfg.dkdv.flags & KT), cfg.dkdv.block_m, cfg.dq.block_n
+    if cap and dp > 128:
+        dkdv_kt, dkdv_step, dq_step = False, min(dkdv_step, 64), min(dq_step, 32)
     with _device_guard(q), _descriptor_scratch(dq_tma):
         _bwd_delta[(hq, triton.cdiv(nq, DELTA_BLOCK))](
             out,
@@ -1096,9 +1107,9 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
                 D=d,
                 DP=dp,
                 NI=ni,
-                BM=cfg.dkdv.block_m,
+                BM=dkdv_step,
                 BN=cfg.dkdv.block_n,
-                KT=bool(cfg.dkdv.flags & KT),
+                KT=dkdv_kt,
                 PREC=prec,
                 I64=i64,
                 SOFTCAP=cap,
@@ -1146,7 +1157,7 @@ def backward(dout, q, k, v, out, lse, starts, ends, plan: Plan, scale, softcap=0
             DP=dp,
             NI=ni,
             BM=cfg.dq.block_m,
-            BN=cfg.dq.block_n,
+            BN=dq_step,
             PREC=prec,
             I64=i64,
             SOFTCAP=cap,
