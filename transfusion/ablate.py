@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from transfusion import chameleon
+from transfusion.chameleon import metric_stats as _metric
+from transfusion.chameleon import pm as _pm
 from transfusion.config import UserError
 from transfusion.outdir import check_out, write_marker
 
@@ -785,8 +788,6 @@ def aggregate(out: Path, floors: dict, ev: dict, elapsed: float | None, data_dir
         "runs": len(runs),
     }
     if "chameleon" in groups:
-        from transfusion import chameleon
-
         summary["chameleon_ratios"] = chameleon.ratios(variants)
         if data_dir is not None:
             summary["tokenizer"] = tokenizer_ceiling(data_dir)
@@ -891,13 +892,6 @@ VERDICTS = [
 ]
 
 
-def _metric(v: dict, metric: str) -> dict:
-    """The stats of ``metric``; generation and FD at the most sampling steps evaluated (25 in the
-    grid; a discrete model's one autoregressive pass, ``"ar"``)."""
-    m = v[metric]
-    return m if "mean" in m else m[max(m, key=lambda s: int(s) if s.isdigit() else 0)]
-
-
 def judge(a: dict, b: dict, expect: str | None) -> dict:
     """The stated rule: a and b (mean, std, n) differ when the difference of the means is more
     than twice its standard error sqrt(s_a^2/n_a + s_b^2/n_b); otherwise they are within noise.
@@ -949,10 +943,6 @@ VERDICT_HEAD = [
 ]
 
 
-def _pm(s: dict, fmt: str) -> str:
-    return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s["n"] > 1 else f"{s['mean']:{fmt}}"
-
-
 def write_table(out: Path, summary: dict) -> None:
     """``summary.md``: one table per group, mean ± std (sample std over seeds)."""
     lines = ["# Ablations on the digits: mean ± std over seeds", ""]
@@ -967,9 +957,7 @@ def write_table(out: Path, summary: dict) -> None:
     ]
     for group, names in summary["groups"].items():
         if group == "chameleon":  # against FLOPs, not sampling steps
-            from transfusion.chameleon import table_lines
-
-            lines += table_lines(summary)
+            lines += chameleon.table_lines(summary)
             continue
         counts = list(summary["variants"][names[0]]["generation_accuracy"])
         head = (
@@ -1014,8 +1002,6 @@ def plot(out: Path, summary: dict) -> None:
 
     for group, names in summary["groups"].items():
         if group == "chameleon":  # against FLOPs, not sampling steps
-            from transfusion import chameleon
-
             chameleon.plot(out, summary)
             continue
         fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))

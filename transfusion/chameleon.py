@@ -24,12 +24,22 @@ METRICS = (
 RECIPES = (("transfusion", "Transfusion (continuous, diffusion)"), ("chameleon", "Chameleon-style (discrete, LM only)"))
 
 
+def metric_stats(v: dict, metric: str) -> dict:
+    """A variant's stats of ``metric`` (a summary key); generation and FD at the most sampling
+    steps evaluated (25 in the grid; a discrete model's one autoregressive pass, ``"ar"``)."""
+    m = v[metric]
+    return m if "mean" in m else m[max(m, key=lambda s: int(s) if s.isdigit() else 0)]
+
+
+def pm(s: dict, fmt: str) -> str:
+    """``mean ± std`` (the mean alone for one seed)."""
+    return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s["n"] > 1 else f"{s['mean']:{fmt}}"
+
+
 def curve(variants: dict, recipe: str, metric: str) -> list[tuple[float, dict]]:
     """``(mean training FLOPs, metric stats)`` of a recipe's budgets that have results, by FLOPs."""
-    from transfusion.ablate import _metric
-
     pts = [
-        (v["train_flops"]["mean"], _metric(v, metric))
+        (v["train_flops"]["mean"], metric_stats(v, metric))
         for name, v in variants.items()
         if name.startswith(recipe + "_") and "chameleon" in v["groups"]
     ]
@@ -91,8 +101,6 @@ def ratio_text(row: dict) -> str:
 
 def table_lines(summary: dict) -> list[str]:
     """The group's section of summary.md."""
-    from transfusion.ablate import _metric, _pm
-
     variants = {n: summary["variants"][n] for n in summary["groups"]["chameleon"]}
     lines = ["## chameleon", ""]
     tok = summary.get("tokenizer")
@@ -124,12 +132,12 @@ def table_lines(summary: dict) -> list[str]:
             str(len(v["seeds"])),
             str(v["train_steps"]),
             f"{v['train_flops']['mean']:.3g}",
-            _pm(_metric(v, "generation_accuracy"), ".3f"),
-            _pm(_metric(v, "fd"), ".2f"),
-            _pm(v["caption_accuracy"], ".3f"),
-            _pm(v["heldout_text_perplexity"], ".2f"),
-            _pm(v["text_perplexity"], ".3f"),
-            _pm(v["train_s"], ".0f"),
+            pm(metric_stats(v, "generation_accuracy"), ".3f"),
+            pm(metric_stats(v, "fd"), ".2f"),
+            pm(v["caption_accuracy"], ".3f"),
+            pm(v["heldout_text_perplexity"], ".2f"),
+            pm(v["text_perplexity"], ".3f"),
+            pm(v["train_s"], ".0f"),
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines += [

@@ -271,8 +271,8 @@ COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "ch
 
 
 def test_committed_comparison_recomputes_from_the_run_jsons():
-    """The committed summary, docs/ablations.md and the README state exactly the verdicts and
-    compute ratios the code gives on the committed runs, and the grid is complete."""
+    """The committed summary and docs/ablations.md state exactly the verdicts and compute ratios
+    the code gives on the committed runs, and the grid is complete (3 budgets x 3 seeds a recipe)."""
     runs = ablate.load_runs(COMMITTED)
     counts = {}
     for r in runs:
