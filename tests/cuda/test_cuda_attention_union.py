@@ -280,3 +280,39 @@ def test_gpu_unions_and_softcap(case, fwd, monkeypatch, seed):
     low_g = torch.autograd.grad(low_out, low_in, dout)
     for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
         assert_2x(name, g, rg, lg, floor)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(num_intervals=3), "num_intervals"),
+        (dict(num_intervals=0), "num_intervals"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(softcap=float("nan")), "softcap"),
+    ],
+)
+def test_bindings_reject_bad_masks(extension, change, match):
+    """num_intervals outside 1, 2, 4 and a negative or non-finite softcap are refused before any
+    device work (the pointers are never touched)."""
+    common = dict(q=96, k=112, v=128, kv_start=176, kv_end=192, q_tiles=208, nq=10, nk=12, hq=4, hkv=2, head_dim=64)
+    strides = dict(q_strides=(256, 64), k_strides=(128, 64), v_strides=(128, 64))
+    rest = dict(scale=0.125, dtype="bfloat16", stream=0, **change)
+    for launch in (extension.attention_fwd, extension.attention_fwd_sm90):
+        with pytest.raises(ValueError, match=match):
+            launch(out=16, lse=32, **common, **strides, **rest)
+    with pytest.raises(ValueError, match=match):
+        extension.attention_bwd(
+            dq=16,
+            dk=32,
+            dv=48,
+            scratch=64,
+            dout=80,
+            out=144,
+            lse=160,
+            k_tiles=224,
+            **common,
+            **strides,
+            o_strides=(256, 64),
+            do_strides=(256, 64),
+            **rest,
+        )
