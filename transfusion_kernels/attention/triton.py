@@ -15,7 +15,14 @@ The FULL run of blocks is anchored at ``full_lo`` (not at a multiple of the bloc
 document that starts mid-tile still gets unmasked blocks; the PARTIAL blocks before it end
 exactly at ``full_lo`` and may start below ``kv_lo``. Rows outside the visited range are clamped
 into it rather than masked: loads need no predicates, and the clamped duplicates fail the
-interval test of PARTIAL blocks (FULL blocks never contain any).
+interval test of PARTIAL blocks (FULL blocks never contain any). With the TMA flag (Hopper) the
+forward and dq read K/V through a tensor descriptor over the run's rows ``[kv_lo, kv_hi)``
+only, which reads every row outside as 0: the same guarantee, no row outside is ever read.
+
+Hopper configs (configs.json, benchmarks/results/static/triton-sm90a.md): TMA loads, 128 x 128
+forward tiles, and at head dims 64 and 256 dk/dv accumulated transposed (``KT``) so that no
+wgmma is split to 16 columns or issued twice. Triton 3.9's automatic warp specialisation is not
+used: it leaves a loop whose body branches (the PARTIAL masking) unpartitioned.
 
 Softmax runs in fp32 in base 2 (``log2(e)`` folded into the scale); ``lse`` is stored in natural
 log, ``-inf`` for a query that sees nothing (its output and gradients are 0). Head dims up to
