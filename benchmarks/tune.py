@@ -33,8 +33,7 @@ if ROOT not in sys.path:
 
 # Candidates per (arch, padded head dim), shared by float16 and bfloat16: (block_m, block_n,
 # warps, stages[, flags]), the shipped default first and, on sm90, the other contender second
-# (--short times these two: at D = 128 the transposed dk/dv tile, 0.57 warp-instr/elem against
-# 0.82 in the compiled code, is not shipped untimed because the 128-key tile is the tested default); flags (transfusion_kernels.attention.triton) TMA = 1 loads the
+# (--short times these two); flags (transfusion_kernels.attention.triton) TMA = 1 loads the
 # forward's and dq's K/V tiles through tensor descriptors, KT = 2 accumulates dk/dv transposed.
 # All compile without register spills for their arch (triton 3.9, sm_90a and sm_80, with the
 # JIT's divisibility specialisation). block_m is query rows, block_n key rows; the program tile is fwd/dq block_m and dk/dv block_n. Triton 3.9's
@@ -49,7 +48,7 @@ CANDIDATES = {
     },
     ("sm90", 128): {
         "fwd": [(128, 128, 8, 2, 1), (128, 64, 8, 3), (128, 64, 8, 3, 1)],
-        "dkdv": [(32, 128, 8, 3), (128, 64, 8, 2, 2), (128, 64, 8, 3, 2)],
+        "dkdv": [(128, 64, 8, 2, 2), (32, 128, 8, 3), (128, 64, 8, 3, 2)],
         "dq": [(128, 64, 8, 2, 1), (128, 64, 8, 2), (128, 64, 8, 3, 1)],
     },
     ("sm80", 64): {

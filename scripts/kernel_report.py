@@ -458,7 +458,7 @@ def _path_ops(insns: list[Insn]) -> dict[str, int]:
 
 
 def _steady_path(h, latch, body, succ, dom, block_insns):
-    """The steady step (FA3's counting, ../shared/anchors/fa3-hopper-sass.md): the head -> latch
+    """The steady step (FA3's counting, docs/fa3-profile.md): the head -> latch
     path over the loop's forward edges (inner loops taken once) that issues the most tensor-core
     instructions, then the most async copies (cp.async, TMA loads), then the most global stores
     and reductions, then has the fewest instructions. It skips masking branches but keeps the
@@ -1325,7 +1325,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Estimate calibrated on FlashAttention-3 (../shared/anchors/fa3-hopper-sass.md)
+# Estimate calibrated on FlashAttention-3 (docs/fa3-profile.md)
 # ----------------------------------------------------------------------------------------------
 H100 = {"sms": 132, "ghz": 1.83, "flop_per_clock": 4096, "schedulers": 4}  # SXM5, dense bf16/fp16
 FA3 = {"fwd": (0.229, 2, (0.88, 0.97)), "bwd": (0.475, 5, (0.70, 0.77))}  # warp-instr/elem, GEMMs, measured/model

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import kernel_report  # noqa: E402
 
 FWD_BUDGET = 0.28  # warp-instr/elem of the forward's steady step, D = 128
-BWD_BUDGET = 1.12  # dk/dv + dq, D = 128 (1.158 before TMA in dq)
+BWD_BUDGET = 0.95  # dk/dv + dq, D = 128 (1.158 before TMA in dq and the transposed dk/dv)
 
 
 @pytest.fixture(scope="module")
