@@ -128,9 +128,8 @@ def test_batched_views_are_not_copied():
         tk.hybrid_attention(x, x, x, tk.HybridMask.causal([0, 15]), layout="nhd")
 
 
-@pytest.mark.parametrize("what", ["union", "softcap"])
-def test_explicit_cuda_with_a_union_or_softcap_names_the_reason(what, monkeypatch):
-    """The cuda kernels take one interval per query and no softcap: an explicit request is an
+def test_explicit_cuda_with_more_intervals_than_its_kernels_names_the_reason(monkeypatch):
+    """The cuda kernels take up to 4 intervals per query: an explicit request with more is an
     error that says so, never a silent run elsewhere (here the backend is faked available)."""
     from transfusion_kernels import backends
 
@@ -140,10 +139,7 @@ def test_explicit_cuda_with_a_union_or_softcap_names_the_reason(what, monkeypatc
         "backend_info",
         lambda name, device: backends.BackendInfo(name, True, "faked") if name == "cuda" else real(name, device),
     )
-    q = torch.randn(4, 2, 64, dtype=torch.float16)
-    if what == "union":
-        mask, cap, reason = tk.HybridMask.from_intervals([[0, 2]] * 4, [[1, 4]] * 4), None, "one interval per query"
-    else:
-        mask, cap, reason = tk.HybridMask.causal([0, 4]), 2.0, "no logit cap"
-    with pytest.raises(tk.BackendUnavailableError, match=reason):
-        tk.hybrid_attention(q, q, q, mask, backend="cuda", softcap=cap)
+    q = torch.randn(10, 2, 64, dtype=torch.float16)
+    mask = tk.HybridMask.from_intervals([[0, 2, 4, 6, 8]] * 10, [[1, 3, 5, 7, 9]] * 10, num_keys=10)
+    with pytest.raises(tk.BackendUnavailableError, match="5 intervals per query"):
+        tk.hybrid_attention(q, q, q, mask, backend="cuda", softcap=2.0)
