@@ -158,8 +158,15 @@ def test_union_mask_bagel_like(backend, seed):
     check(backend, mask, d=64, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("cap,k", [(2.0, 1), (0.5, 3)])
-def test_softcap(backend, cap, k, seed):
+@pytest.mark.parametrize(
+    "cap,k,d,dtypes",
+    [
+        (2.0, 1, 32, (torch.float32, torch.bfloat16)),
+        (0.5, 3, 32, (torch.float32, torch.bfloat16)),
+        (1.5, 2, 64, (torch.bfloat16,)),
+    ],  # the last one a shape the cuda kernels cover
+)
+def test_softcap(backend, cap, k, d, dtypes, seed):
     """scores -> cap * tanh(scores / cap): a cap the scores reach (they are larger than it) in
     forward and backward, with one interval per query and with unions."""
     gen = torch.Generator().manual_seed(seed)
@@ -168,8 +175,8 @@ def test_softcap(backend, cap, k, seed):
         mask = spans_mask(cu, spans)
     else:
         mask = union_mask(70, 70, k, gen)
-    for dtype in (torch.float32, torch.bfloat16):
-        check(backend, mask, d=32, dtype=dtype, softcap=cap, scale=0.5)
+    for dtype in dtypes:
+        check(backend, mask, d=d, dtype=dtype, softcap=cap, scale=0.5)
 
 
 def test_softcap_through_dispatcher_and_reference(kernel_backend, seed):

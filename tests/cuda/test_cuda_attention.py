@@ -3,7 +3,10 @@
 Host tests (no GPU; g++ and numpy): the index math of csrc/attention/layouts.cuh, compiled with
 g++, drives an emulation of ldmatrix / mma.m16n8k16 (the mma.sync kernels' fragments) and of TMA's
 128-byte swizzle and wgmma's shared-memory descriptors (the sm_90a forward), and the split of
-every tile table row into masked and FULL steps is checked against the dense mask.
+every tile table row into masked and FULL steps is checked against the dense mask. The kernel
+sources also run whole on the host against the emulated device (attention_host/): K = 1 masks,
+and interval unions (K = 2, 3 padded to 4, and 4: BAGEL-style noise splits, sinks plus windows,
+random unions) with and without a logit softcap, every output under the 2x rule.
 
 Kernel sources under emulation (g++ and the CUDA headers): every kernel of csrc/attention/ against
 the float64 oracle under the 2x rule of tests/attention/common.py. Bindings: argument checks
@@ -30,6 +33,7 @@ from tests.cuda.conftest import CSRC, NVCC, kernel_report
 from tests.attention.common import FLOOR, assert_rule
 from tests.oracles import dense_attention
 from tests.layouts import LAYOUTS, random_layout
+from transfusion_kernels.attention import cuda as tkc
 from transfusion_kernels.backends import load_extension
 from transfusion_kernels.attention.plan import heaviest_first, key_tiles, query_runs
 
@@ -464,26 +468,41 @@ class EmulationError(AssertionError):
 
 
 def emulate(
-    exe, work, mode, mask, q, k, v, scale, out=None, lse=None, dout=None, ordered=False, schedule=1, timeout=300
+    exe,
+    work,
+    mode,
+    mask,
+    q,
+    k,
+    v,
+    scale,
+    out=None,
+    lse=None,
+    dout=None,
+    ordered=False,
+    schedule=1,
+    timeout=300,
+    softcap=0.0,
 ):
     """Runs the driver (attention_host/driver.cpp) under the schedule `schedule`: forward -> (out, lse),
-    bwd -> (dq, dk, dv). ordered: blocks take their tiles heaviest first (q_order.bin, k_order.bin),
-    else in blockIdx order."""
+    bwd -> (dq, dk, dv), with the intervals and tables as cuda.py passes them (K padded to the
+    kernels' 1, 2 or 4). ordered: blocks take their tiles heaviest first (q_order.bin,
+    k_order.bin), else in blockIdx order."""
     nq, hq, d = q.shape
     nk, hkv = k.shape[:2]
     views = []
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)):
-        if t is None:
-            t = q
-        data, offset, (rs, hs) = _storage(t)
+        data, offset, (rs, hs) = _storage(q if t is None else t)
         (work / f"{name}.bin").write_bytes(data)
         views.append(f"{offset} {rs} {hs}")
-    for name, t in (("kv_start", mask.kv_start), ("kv_end", mask.kv_end)):
-        (work / f"{name}.bin").write_bytes(t.to(torch.int32).numpy().tobytes())
-    block = EMU_BLOCK_M[mode]
-    (work / "q_tiles.bin").write_bytes(query_tiles(mask, block).numpy().tobytes())
-    (work / "k_tiles.bin").write_bytes(key_tiles(mask, 64).numpy().tobytes())
-    for name, table in (("q_order", query_tiles(mask, block)), ("k_order", key_tiles(mask, 64))):
+    (kv_start, kv_end), runs = tkc._intervals(mask.starts, mask.ends)
+    (work / "kv_start.bin").write_bytes(kv_start.numpy().tobytes())
+    (work / "kv_end.bin").write_bytes(kv_end.numpy().tobytes())
+    q_tiles = tkc._pad_runs(query_runs(mask, EMU_BLOCK_M[mode]), runs).contiguous()
+    k_tiles = key_tiles(mask, 64)
+    (work / "q_tiles.bin").write_bytes(q_tiles.numpy().tobytes())
+    (work / "k_tiles.bin").write_bytes(k_tiles.numpy().tobytes())
+    for name, table in (("q_order", q_tiles), ("k_order", k_tiles)):
         if ordered:
             (work / f"{name}.bin").write_bytes(heaviest_first(table).numpy().tobytes())
         else:
@@ -491,7 +510,8 @@ def emulate(
     if lse is not None:
         (work / "lse.bin").write_bytes(lse.contiguous().numpy().tobytes())
     dt = 1 if q.dtype == torch.float16 else 2
-    (work / "meta").write_text(f"{nq} {nk} {hq} {hkv} {d} {dt} {scale!r}\n" + "\n".join(views) + "\n")
+    meta = f"{nq} {nk} {hq} {hkv} {d} {dt} {scale!r}\n" + "\n".join(views) + f"\n{runs} {softcap!r}\n"
+    (work / "meta").write_text(meta)
     env = {**os.environ, "EMU_SEED": str(schedule)}
     try:
         proc = subprocess.run([str(exe), mode, str(work)], capture_output=True, text=True, timeout=timeout, env=env)
@@ -843,3 +863,208 @@ def test_bad_tables_are_rejected():
         tkc.backward(q, q, k, k, out, lse, s, e, dataclasses.replace(plan, dkdv_order=plan.dkdv_order[:-1]), 0.125)
     with pytest.raises(ValueError, match="plan.dkdv_tiles"):
         tkc.backward(q, q, k, k, out, lse, s, e, dataclasses.replace(plan, dkdv_tiles=key_tiles(mask, 32)), 0.125)
+
+
+# ==============================================================================================
+# emulation: interval unions (K > 1 intervals per query) and logit softcap
+# ==============================================================================================
+UNION_MODES = ("fwd_mma", "fwd_sm90", "bwd", "bwd_sm90")
+
+
+def bagel_mask():
+    """Two BAGEL-style samples: text, a noised image copy, its clean copy, text; later queries see
+    their sample minus the noise split before them (K = 2)."""
+    return tk.HybridMask.from_splits(
+        [[37, 70, 70, 21], [45, 64, 9]], [["causal", "noise", "full", "causal"], ["causal", "noise", "causal"]]
+    )
+
+
+def sink_window_mask(n=300, sink=5, window=70):
+    """Attention sinks plus a causal sliding window: [0, sink) and [i - window + 1, i + 1),
+    merged into one interval where they touch (the second slot then empty)."""
+    i = torch.arange(n)
+    w0 = torch.clamp(i - window + 1, min=0)
+    merged = w0 <= sink
+    s = torch.stack([torch.zeros_like(i), torch.where(merged, i + 1, w0)], 1)
+    e = torch.stack([torch.where(merged, i + 1, torch.full_like(i, sink)), i + 1], 1)
+    s[:, 1] = torch.where(merged, e[:, 0], s[:, 1])  # empty second slot
+    e[:, 1] = torch.where(merged, e[:, 0], e[:, 1])
+    return tk.HybridMask.from_intervals(s.int(), e.int(), num_keys=n)
+
+
+def random_union_mask(nq, nk, k, lo, hi, gen):
+    """K sorted, disjoint intervals per query inside [lo, hi) (keys outside: seen by no query),
+    some empty, some long enough to cover whole key tiles; a few rows see nothing."""
+    pts = torch.sort(torch.randint(lo, hi + 1, (nq, 2 * k), generator=gen), 1).values
+    wide = torch.rand(nq, generator=gen) < 0.5  # half the rows: one interval stretched over the others
+    pts[wide, 1 : 2 * k - 1] = pts[wide, 2 * k - 2 : 2 * k - 1]
+    s, e = pts[:, 0::2].contiguous(), pts[:, 1::2].contiguous()
+    empty = torch.rand(nq, generator=gen) < 0.05
+    e[empty] = s[empty]
+    return tk.HybridMask.from_intervals(s.int(), e.int(), num_keys=nk)
+
+
+UNION_CASES = {  # name -> (mask builder(gen), hq, hkv, d, dtype, softcap, unseen keys hold NaN)
+    "bagel-splits-k2-gqa-d64-bf16": (lambda g: bagel_mask(), 4, 2, 64, torch.bfloat16, 0.0, False),
+    "bagel-splits-k2-softcap-d128-f16": (lambda g: bagel_mask(), 2, 1, 128, torch.float16, 2.0, False),
+    "sink-window-k2-softcap-d64-f16": (lambda g: sink_window_mask(), 2, 1, 64, torch.float16, 1.5, False),
+    "random-k4-nan-outside-d64-f16": (
+        lambda g: random_union_mask(200, 260, 4, 20, 240, g),
+        2,
+        1,
+        64,
+        torch.float16,
+        0.0,
+        True,
+    ),
+    "random-k3-softcap-nan-outside-d128-bf16": (
+        lambda g: random_union_mask(150, 190, 3, 9, 180, g),
+        2,
+        2,
+        128,
+        torch.bfloat16,
+        3.0,
+        True,
+    ),
+    "random-k2-gqa-d128-bf16": (
+        lambda g: random_union_mask(270, 270, 2, 0, 270, g),
+        4,
+        1,
+        128,
+        torch.bfloat16,
+        0.0,
+        False,
+    ),
+    "spans-k1-softcap-d64-bf16": (
+        lambda g: tk.HybridMask.from_spans(torch.tensor([0, 150, 290]), torch.tensor([[20, 90], [170, 250]])),
+        2,
+        1,
+        64,
+        torch.bfloat16,
+        1.0,
+        False,
+    ),
+}
+UNION_ORDERED = {"bagel-splits-k2-gqa-d64-bf16", "random-k4-nan-outside-d64-f16"}  # blocks take tiles heaviest first
+
+
+def union_check(exe, work, case, modes, seed, schedule=1, scale=None):
+    gen = torch.Generator().manual_seed(seed)
+    build, hq, hkv, d, dtype, softcap, nan_outside = UNION_CASES[case]
+    mask = build(gen)
+    nq, nk = mask.num_queries, mask.num_keys
+    scale = d**-0.5 if scale is None else scale
+    q, k, v = (torch.randn(n, h, d, generator=gen).to(dtype) for n, h in ((nq, hq), (nk, hkv), (nk, hkv)))
+    dout = torch.randn(nq, hq, d, generator=gen).to(dtype)
+    allowed = mask.to_dense()
+    seen = allowed.any(0)
+    if nan_outside:  # keys no query sees: NaN for the kernels, the clean values for the oracle
+        assert not seen.all()
+        k_in, v_in = k.clone(), v.clone()
+        k_in[~seen] = float("nan")
+        v_in[~seen] = float("nan")
+    else:
+        k_in, v_in = k, v
+    cap = softcap or None
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = dense_attention(*ref_in, allowed, scale, cap)
+    low_out, low_lse = dense_attention(*low_in, allowed, scale, cap, lse_dtype=torch.float32)
+    floor = FLOOR[dtype]
+    out, lse = ref_out.detach().to(dtype), ref_lse.detach().float()
+    run = dict(ordered=case in UNION_ORDERED, schedule=schedule)
+    for mode in modes:
+        if not mode.startswith("bwd"):
+            got_out, got_lse = emulate(exe, work, mode, mask, q, k_in, v_in, scale, softcap=softcap, **run)
+            assert_rule(f"{mode} out", got_out, ref_out, low_out, floor)
+            assert_rule("lse", got_lse, ref_lse, low_lse, floor)
+            continue
+        grads = emulate(
+            exe, work, mode, mask, q, k_in, v_in, scale, out=out, lse=lse, dout=dout, softcap=softcap, **run
+        )
+        ref_g = torch.autograd.grad(ref_out, ref_in, dout.double(), retain_graph=True)
+        low_g = torch.autograd.grad(low_out, low_in, dout, retain_graph=True)
+        for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
+            if name != "dq":  # a NaN key row reaches only its own dk, dv
+                g, rg, lg = g[seen], rg[seen], lg[seen]
+            assert_rule(f"{mode} {name}", g, rg, lg, floor)
+        assert torch.all(grads[0][~allowed.any(1)] == 0), f"{mode}: dq of a row that sees nothing"
+
+
+def test_cases_are_unions_over_several_tiles():
+    """The cases cover what they claim: K of each, several query and key tiles per grid."""
+    gen = torch.Generator().manual_seed(0)
+    ks = {name: case[0](gen).num_intervals for name, case in UNION_CASES.items()}
+    assert ks["bagel-splits-k2-gqa-d64-bf16"] == 2 and ks["random-k3-softcap-nan-outside-d128-bf16"] == 3
+    assert sorted(set(ks.values())) == [1, 2, 3, 4]
+    for name, case in UNION_CASES.items():
+        mask = case[0](gen)
+        assert mask.num_queries > 128 and mask.num_keys > 128, name
+        if mask.num_intervals > 1:  # both slots used somewhere
+            assert (mask.ends[:, 1] > mask.starts[:, 1]).any(), name
+
+
+@pytest.mark.parametrize("case", list(UNION_CASES))
+def test_unions_and_softcap_under_emulation(emulator, tmp_path, case, seed):
+    """Forward and backward kernels on K > 1 masks and softcap: out, lse, dq, dk, dv against the
+    float64 oracle under the 2x rule."""
+    union_check(emulator, tmp_path, case, UNION_MODES, seed)
+
+
+@pytest.mark.parametrize(
+    "case,scale", [("sink-window-k2-softcap-d64-f16", -0.2), ("bagel-splits-k2-gqa-d64-bf16", 0.0)]
+)
+def test_negative_and_zero_scale(emulator, tmp_path, case, scale, seed):
+    """A negative scale (the forwards negate Q; the softcap's tanh is odd) and a zero one."""
+    union_check(emulator, tmp_path, case, UNION_MODES, seed, schedule=2, scale=scale)
+
+
+def test_padding_and_refusals():
+    """K = 3 gets an empty fourth slot in the intervals and the runs; K > 4 is named by supports
+    and refused by the plan; softcap is covered."""
+    mask = random_union_mask(70, 80, 3, 0, 80, torch.Generator().manual_seed(1))
+    (s, e), runs = tkc._intervals(mask.starts, mask.ends)
+    assert runs == 4 and s.shape == (70, 4) and torch.equal(s[:, :3], mask.starts) and torch.equal(s[:, 3], e[:, 3])
+    table = tkc._pad_runs(query_runs(mask, 64), runs)
+    assert table.shape == (2, 4, 4) and not table[:, 3].any()
+    q = torch.zeros(70, 2, 64, dtype=torch.float16)
+    assert tkc.supports(q, 0.1, 5.0, 4) is None
+    assert "5 intervals" in tkc.supports(q, 0.1, 0.0, 5)
+    with pytest.raises(ValueError, match="1 to 4 intervals"):
+        tkc._intervals(torch.zeros(3, 5, dtype=torch.int32), torch.zeros(3, 5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(num_intervals=3), "num_intervals"),
+        (dict(num_intervals=0), "num_intervals"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(softcap=float("nan")), "softcap"),
+    ],
+)
+def test_bindings_reject_bad_masks(extension, change, match):
+    """num_intervals outside 1, 2, 4 and a negative or non-finite softcap are refused before any
+    device work (the pointers are never touched)."""
+    common = dict(q=96, k=112, v=128, kv_start=176, kv_end=192, q_tiles=208, nq=10, nk=12, hq=4, hkv=2, head_dim=64)
+    strides = dict(q_strides=(256, 64), k_strides=(128, 64), v_strides=(128, 64))
+    rest = dict(scale=0.125, dtype="bfloat16", stream=0, **change)
+    for launch in (extension.attention_fwd, extension.attention_fwd_sm90):
+        with pytest.raises(ValueError, match=match):
+            launch(out=16, lse=32, **common, **strides, **rest)
+    with pytest.raises(ValueError, match=match):
+        extension.attention_bwd(
+            dq=16,
+            dk=32,
+            dv=48,
+            scratch=64,
+            dout=80,
+            out=144,
+            lse=160,
+            k_tiles=224,
+            **common,
+            **strides,
+            o_strides=(256, 64),
+            do_strides=(256, 64),
+            **rest,
+        )
