@@ -251,7 +251,21 @@ MUTANTS = [
         "v = (cols[:, None] > s[None, :]) & (cols[:, None] < e[None, :])",
         ATT_TESTS,
     ),
-    Mutant("attention dq: ds without delta", ATT, "ds = p * (dp - delta[:, None])", "ds = p * dp", ATT_TESTS),
+    # the two backward kernels compute ds alike: each patch names the kernel by the GEMM after it
+    Mutant(
+        "attention dq: ds without delta",
+        ATT,
+        "ds = p * (dp - delta[:, None])\n            if SOFTCAP:\n                ds = ds * dcap\n            dq = _dot(",
+        "ds = p * dp\n            if SOFTCAP:\n                ds = ds * dcap\n            dq = _dot(",
+        ATT_TESTS,
+    ),
+    Mutant(
+        "attention dk/dv transposed: ds without delta",
+        ATT,
+        "ds = p * (dp - delta[:, None])\n            if SOFTCAP:\n                ds = ds * dcap\n            dk = _dot(tl.trans(q)",
+        "ds = p * dp\n            if SOFTCAP:\n                ds = ds * dcap\n            dk = _dot(tl.trans(q)",
+        ATT_TESTS,
+    ),
     # ---- attention over unions of intervals, softcap
     Mutant(
         "attention fwd union: every run tests slot 0's interval",

@@ -126,9 +126,10 @@ class AttentionConfig:
 DELTA_BLOCK = 32  # rows per program of the delta = rowsum(dout * out) kernel
 
 # Small tiles under the interpreter: fast enough on a CPU, and every test layout spans several
-# programs on each grid axis; the flags as on Hopper (the interpreter reads tensor descriptors).
+# programs on each grid axis; the flags as on Hopper (the interpreter reads tensor descriptors);
+# tests that pass their own tiles (flags 0) run the pointer loads and the untransposed dk/dv.
 INTERPRET_CONFIG = AttentionConfig(
-    fwd=KernelConfig(32, 16, 1, 1, TMA), dkdv=KernelConfig(16, 32, 1, 1, KT), dq=KernelConfig(32, 16, 1, 1)
+    fwd=KernelConfig(32, 16, 1, 1, TMA), dkdv=KernelConfig(16, 32, 1, 1, KT), dq=KernelConfig(32, 16, 1, 1, TMA)
 )
 
 # GPU configs: the shipped defaults (configs.json, next to this file; chosen from compiled code,
