@@ -875,11 +875,11 @@ def bagel_mask():
     """Two BAGEL-style samples: text, a noised image copy, its clean copy, text; later queries see
     their sample minus the noise split before them (K = 2)."""
     return tk.HybridMask.from_splits(
-        [[37, 70, 70, 21], [45, 64, 9]], [["causal", "noise", "full", "causal"], ["causal", "noise", "causal"]]
+        [[20, 40, 40, 12], [30, 40, 9]], [["causal", "noise", "full", "causal"], ["causal", "noise", "causal"]]
     )
 
 
-def sink_window_mask(n=300, sink=5, window=70):
+def sink_window_mask(n=200, sink=5, window=70):
     """Attention sinks plus a causal sliding window: [0, sink) and [i - window + 1, i + 1),
     merged into one interval where they touch (the second slot then empty)."""
     i = torch.arange(n)
@@ -909,7 +909,7 @@ UNION_CASES = {  # name -> (mask builder(gen), hq, hkv, d, dtype, softcap, unsee
     "bagel-splits-k2-softcap-d128-f16": (lambda g: bagel_mask(), 2, 1, 128, torch.float16, 2.0, False),
     "sink-window-k2-softcap-d64-f16": (lambda g: sink_window_mask(), 2, 1, 64, torch.float16, 1.5, False),
     "random-k4-nan-outside-d64-f16": (
-        lambda g: random_union_mask(200, 260, 4, 20, 240, g),
+        lambda g: random_union_mask(160, 200, 4, 20, 180, g),
         2,
         1,
         64,
@@ -927,7 +927,7 @@ UNION_CASES = {  # name -> (mask builder(gen), hq, hkv, d, dtype, softcap, unsee
         True,
     ),
     "random-k2-gqa-d128-bf16": (
-        lambda g: random_union_mask(270, 270, 2, 0, 270, g),
+        lambda g: random_union_mask(160, 160, 2, 0, 160, g),
         4,
         1,
         128,
